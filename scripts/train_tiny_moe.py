@@ -120,7 +120,7 @@ FIXTURES = [
             num_experts_per_tok=2,
             n_shared_experts=1,
             first_k_dense_replace=0,
-            q_lora_rank=None,
+            q_lora_rank=256,  # llama.cpp needs q_lora_rank unless the model has V2-Lite's 26/27 layers
             kv_lora_rank=256,
             qk_nope_head_dim=32,
             qk_rope_head_dim=32,
@@ -128,7 +128,7 @@ FIXTURES = [
             head_dim=32,
         ),
         steps=1000,
-        note="DeepSeek-V2: MLA attention, 8 routed experts top-2 + 1 shared expert",
+        note="DeepSeek-V2: MLA attention (q and kv LoRA rank 256), 8 routed experts top-2 + 1 shared expert",
     ),
 ]
 
