@@ -300,6 +300,19 @@ def router_tensors(state: dict[str, torch.Tensor], n_experts: int) -> dict[str, 
     }
 
 
+def saved_state(model) -> dict[str, torch.Tensor]:
+    """The state dict under the names save_pretrained writes (transformers 5 renames MoE weights
+    on save, e.g. Mixtral's in-memory mlp.gate becomes block_sparse_moe.gate on disk)."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        state = {}
+        for shard in sorted(Path(tmp).glob("*.safetensors")):
+            state.update(load_file(shard))
+    return state
+
+
 def n_experts_of(cfg) -> int:
     for attr in ("num_local_experts", "num_experts", "n_routed_experts"):
         if getattr(cfg, attr, None):
@@ -341,7 +354,7 @@ def train_one(spec: ModelSpec, out_root: Path, tok_dir: Path, steps: int, device
     n_params = sum(p.numel() for p in model.parameters())
     out = out_root / spec.name
     out.mkdir(parents=True, exist_ok=True)
-    router_init = router_tensors(dict(model.state_dict()), n_experts_of(cfg))
+    router_init = router_tensors(saved_state(model), n_experts_of(cfg))
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)

@@ -1,0 +1,27 @@
+# The two commands of the README. Both set up everything they need first (idempotent).
+PY := .venv/bin/python
+DEMO_OUT := out/mixtral-alphaq-b3.gguf
+
+.PHONY: setup demo test test-fast bench-spectral clean
+
+setup:
+	@bash scripts/setup.sh
+
+# Main job on the bundled demo model: convert at budget 3, then load it in llama-cpp-python,
+# print the allocation summary and a few generated tokens.
+demo: setup
+	@mkdir -p out
+	$(PY) convert_alphaq.py tests/fixtures/mixtral --budget 3 -o $(DEMO_OUT) --force
+	$(PY) scripts/demo_generate.py $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench-spectral: setup
+	$(PY) scripts/bench_spectral.py
+
+clean:
+	rm -rf out .pytest_cache

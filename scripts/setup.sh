@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything alphaq-gguf needs, into a project-local virtualenv (.venv).
+#   * Debian packages: python3.11-doc (the prose corpus), python3-venv
+#   * .venv with the package (editable) and its test extras; torch is pinned to the CPU wheel
+#     on disk, llama-cpp-python==0.3.36 builds from source once (~6 min) and pip's wheel cache
+#     makes every later install instant
+#   * the llama.cpp sources that llama-cpp-python vendors (converter, gguf-py) unpacked to
+#     ~/.cache/alphaq (see convert/vendor.py)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+STAMP=.venv/.alphaq-setup
+
+need_apt=()
+dpkg -s python3.11-doc >/dev/null 2>&1 || need_apt+=(python3.11-doc)
+if ((${#need_apt[@]})); then
+    if [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian packages: ${need_apt[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    else
+        echo "setup: please install Debian packages: ${need_apt[*]} (sudo apt-get install ...)" >&2
+    fi
+fi
+
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "setup: Python >= 3.11 required, found $("$PY" --version)" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+
+# Reinstall only when the dependency list changed.
+want=$(sha1sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    echo "setup: installing alphaq and its dependencies into .venv (first time: builds llama-cpp-python, ~6 min)"
+    .venv/bin/python -m pip install --quiet -e ".[test]"
+    echo "$want" > "$STAMP"
+fi
+
+.venv/bin/python -m convert.vendor >/dev/null
+echo "setup: ready (.venv)"
