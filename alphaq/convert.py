@@ -1,0 +1,228 @@
+"""The main job: HF checkpoint or float GGUF -> calibration-free mixed-type GGUF.
+
+    input ──(llama.cpp converter, HF only)──> float GGUF ──spectral──> alphas ──plan──> types
+          ──llama_model_quantize(overrides)──> quantised GGUF ──+alphaq.* keys──> output
+
+Everything is written under temporary names in the output's directory and renamed at the very
+end, so a failed or interrupted run leaves nothing behind, and nothing existing is replaced
+without ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf import GGUFReader, GGUFValueType
+
+from alphaq import __version__
+from alphaq.analyze import analyze_model
+from alphaq.errors import AlphaQError
+from alphaq.gguf_io import FLOAT_TYPES, copy_with_metadata, header_bytes, read_tensors
+from alphaq.plan import Plan, PlanConfig, TensorInfo, make_plan
+from alphaq.qtypes import padded, tensor_bytes
+from alphaq.quantize import STOCK_MIXES, quantize_gguf, stock_mix_types
+from alphaq.spectral import SpectralConfig
+from alphaq.weights import open_model
+
+log = logging.getLogger(__name__)
+
+# Bytes llama_model_quantize adds to a float GGUF's header (general.quantization_version and the
+# rewritten general.file_type) — a small safety margin for --target-size before the exact re-check.
+_QUANT_KV_MARGIN = 256
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    model: Path  # HF checkpoint directory or F32/F16/BF16 GGUF
+    output: Path  # the .gguf to write; plan JSON and tensor-type file go next to it
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
+    force: bool = False  # replace existing outputs
+    nthread: int = 0  # quantiser threads; 0 = all cores
+    cache_dir: Path | None = None  # spectral cache; None = default
+    use_cache: bool = True
+    compare_stock: bool = True  # size of llama.cpp's stock mixes for the summary (dry runs)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    output: Path
+    plan_json: Path
+    tensor_type_file: Path | None
+    plan: Plan
+    file_bytes: int
+    tensor_counts: dict[str, int]  # written type -> number of quantised tensors
+    tokenizer_fallback: str | None
+    stock_sizes: dict[str, int] = field(default_factory=dict)  # mix -> predicted file bytes
+    runtime: str = "stock llama.cpp"
+
+
+def side_paths(output: Path) -> tuple[Path, Path]:
+    stem = output.name[:-5] if output.name.endswith(".gguf") else output.name
+    return output.with_name(stem + ".plan.json"), output.with_name(stem + ".tensor-types.txt")
+
+
+def check_output(output: Path, force: bool, granularity: str) -> None:
+    if output.suffix != ".gguf":
+        raise AlphaQError(f"output {output} must end in .gguf")
+    if not output.parent.is_dir():
+        raise AlphaQError(f"output directory {output.parent} does not exist")
+    plan_json, tt_file = side_paths(output)
+    targets = [output, plan_json] + ([tt_file] if granularity == "tensor" else [])
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not force:
+        raise AlphaQError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+
+
+def check_float_gguf(path: Path) -> None:
+    for t in read_tensors(path):
+        if len(t.shape) >= 2 and t.type not in FLOAT_TYPES:
+            raise AlphaQError(
+                f"{path} is already quantised ({t.name} is {t.type.name}); "
+                "alphaq needs an F32/F16/BF16 GGUF or an HF checkpoint")
+
+
+def tensor_infos(path: Path) -> list[TensorInfo]:
+    return [TensorInfo(t.name, t.shape, t.type.name) for t in read_tensors(path)]
+
+
+def alphaq_metadata(plan: Plan, cfg: ConvertConfig, tokenizer_fallback: str | None) -> dict:
+    p = cfg.plan
+    meta = {
+        "alphaq.version": (__version__, GGUFValueType.STRING),
+        "alphaq.budget_mode": (p.budget_mode, GGUFValueType.STRING),
+        "alphaq.budget": (float(p.budget), GGUFValueType.FLOAT64),
+        "alphaq.gamma": (float(plan.settings.get("gamma_used", float("nan"))), GGUFValueType.FLOAT64),
+        "alphaq.types": (",".join(p.types), GGUFValueType.STRING),
+        "alphaq.granularity": (p.granularity, GGUFValueType.STRING),
+        "alphaq.scope": (p.scope, GGUFValueType.STRING),
+        "alphaq.noise": (p.noise, GGUFValueType.STRING),
+        "alphaq.plan": (plan.to_json(), GGUFValueType.STRING),
+    }
+    if tokenizer_fallback:
+        meta["alphaq.tokenizer_fallback"] = (tokenizer_fallback, GGUFValueType.STRING)
+    return meta
+
+
+def metadata_bytes(meta: dict) -> int:
+    """Serialised size of extra string/float key-values in GGUF v3."""
+    n = 0
+    for key, (value, vtype) in meta.items():
+        n += 8 + len(key.encode()) + 4
+        n += 8 + len(str(value).encode()) if vtype == GGUFValueType.STRING else 8
+    return n
+
+
+def stock_sizes(float_gguf: Path, header: int, alignment: int) -> dict[str, int]:
+    """Predicted file size of each llama.cpp stock mix, from llama.cpp's own dry-run decisions."""
+    from gguf import GGMLQuantizationType
+
+    shapes = {t.name: t.shape for t in read_tensors(float_gguf)}
+    out = {}
+    for mix in STOCK_MIXES:
+        types = stock_mix_types(float_gguf, mix)
+        data = sum(padded(tensor_bytes(GGMLQuantizationType[t], shapes[n]), alignment) for n, t in types.items())
+        out[mix] = header + data
+    return out
+
+
+def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, tokenizer_fallback) -> Plan:
+    """Solve; for --target-size, re-solve once with the exact size of the alphaq keys."""
+    plan = make_plan(stats, tensors, cfg.plan, fixed_bytes=padded(base_header + _QUANT_KV_MARGIN, cfg.plan.alignment))
+    if cfg.plan.budget_mode != "size":
+        return plan
+    extra = metadata_bytes(alphaq_metadata(plan, cfg, tokenizer_fallback))
+    return make_plan(stats, tensors, cfg.plan,
+                     fixed_bytes=padded(base_header + _QUANT_KV_MARGIN + extra + 4096, cfg.plan.alignment))
+
+
+def run_convert(cfg: ConvertConfig) -> ConvertResult:
+    check_output(cfg.output, cfg.force, cfg.plan.granularity)
+    if cfg.plan.granularity != "tensor":
+        raise AlphaQError(
+            "granularity 'expert' needs the patched llama.cpp runtime (ggml-patches/), which is not "
+            "built yet; use 'alphaq plan --granularity expert' to inspect such plans")
+    with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
+        source = model.source
+    out_dir = cfg.output.parent
+    plan_json, tt_file = side_paths(cfg.output)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=out_dir))
+    try:
+        tokenizer_fallback = None
+        if source == "hf":
+            from convert.hf_to_gguf import convert_hf
+
+            log.info("converting %s to a BF16 GGUF with llama.cpp's converter", cfg.model)
+            conv = convert_hf(cfg.model, tmp_dir / "float.gguf", outtype="bf16")
+            float_gguf, tokenizer_fallback = conv.path, conv.tokenizer_fallback
+        else:
+            check_float_gguf(cfg.model)
+            float_gguf = cfg.model
+
+        stats = analyze_model(float_gguf, cfg.spectral, cache_dir=cfg.cache_dir,
+                              use_cache=cfg.use_cache, progress=cfg.progress)
+        tensors = tensor_infos(float_gguf)
+        base_header = header_bytes(float_gguf)
+        plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback)
+        types = plan.tensor_types()
+
+        log.info("quantising %d tensors with llama.cpp's quantiser", len(types))
+        quantised = tmp_dir / "quantised.gguf"
+        quantize_gguf(float_gguf, quantised, types, nthread=cfg.nthread, progress=cfg.progress)
+        final = tmp_dir / "final.gguf"
+        copy_with_metadata(quantised, final, alphaq_metadata(plan, cfg, tokenizer_fallback))
+        quantised.unlink()
+        _verify(final, plan, types)
+
+        stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
+        plan_tmp = tmp_dir / "plan.json"
+        plan_tmp.write_text(plan.to_json())
+        tt_tmp = None
+        if cfg.plan.granularity == "tensor":
+            tt_tmp = tmp_dir / "tensor-types.txt"
+            tt_tmp.write_text("\n".join(plan.tensor_type_lines()) + "\n")
+        check_output(cfg.output, cfg.force, cfg.plan.granularity)  # nothing appeared meanwhile
+        os.replace(plan_tmp, plan_json)
+        if tt_tmp is not None:
+            os.replace(tt_tmp, tt_file)
+        os.replace(final, cfg.output)  # the model last: its presence means the run completed
+    finally:
+        for p in sorted(tmp_dir.glob("*")):
+            p.unlink()
+        tmp_dir.rmdir()
+
+    counts = Counter(t.name for t in types.values())
+    return ConvertResult(
+        output=cfg.output, plan_json=plan_json, tensor_type_file=tt_file if tt_tmp else None, plan=plan,
+        file_bytes=cfg.output.stat().st_size, tensor_counts=dict(sorted(counts.items())),
+        tokenizer_fallback=tokenizer_fallback, stock_sizes=stock)
+
+
+def _verify(path: Path, plan: Plan, types: dict) -> None:
+    """The written file has exactly the planned types and the planned tensor bytes (a mismatch is a
+    bug in our model of llama.cpp, never a user error)."""
+    written = {t.name: t for t in read_tensors(path)}
+    wrong = [f"{n}: planned {t.name}, written {written[n].type.name}" for n, t in types.items()
+             if written[n].type != t]
+    if wrong:
+        raise RuntimeError("llama.cpp wrote other types than planned: " + "; ".join(wrong[:5]))
+    align = plan.settings.get("alignment", 32)
+    data = sum(padded(t.n_bytes, align) for t in written.values())
+    planned = plan.totals.allocated_bytes + plan.totals.fixed_tensor_bytes
+    if data != planned:
+        raise RuntimeError(f"tensor bytes {data} differ from the plan's prediction {planned}")
+
+
+def load_plan_from_gguf(path: Path) -> dict:
+    """The plan JSON embedded in an AlphaQ GGUF (alphaq.plan)."""
+    field_ = GGUFReader(path).get_field("alphaq.plan")
+    if field_ is None:
+        raise AlphaQError(f"{path} has no alphaq.plan key: not written by alphaq convert")
+    return json.loads(field_.contents())

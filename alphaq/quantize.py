@@ -1,0 +1,226 @@
+"""Quantise a BF16/F16/F32 GGUF with llama.cpp's own quantiser, one planned type per tensor.
+
+We drive ``llama_model_quantize`` (src/llama-quant.cpp) through llama-cpp-python's ctypes
+bindings with one anchored ``tt_overrides`` pattern per tensor, so every byte of every quantised
+tensor comes from llama.cpp itself, its shape fallbacks included.
+
+Importance matrix: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S (and Q2_K in a Q2_K_S file) refuse to
+quantise without one. AlphaQ is calibration-free, so those tensors get an all-ones vector (equal
+importance for every column), which llama.cpp accepts. Tensors of other types get *no* imatrix,
+so they are byte-identical to a stock ``llama-quantize`` run without calibration data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+
+from alphaq.errors import AlphaQError
+
+log = logging.getLogger(__name__)
+
+# ggml types whose quantiser needs an importance matrix (llama-quant.cpp tensor_requires_imatrix)
+NEEDS_IMATRIX = frozenset({
+    GGMLQuantizationType.IQ1_S, GGMLQuantizationType.IQ1_M,
+    GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS, GGMLQuantizationType.IQ2_S,
+})
+
+# llama_ftype used for general.file_type, chosen by the type holding most of the planned weights.
+# Every quantisable tensor has an explicit override, so the ftype changes no tensor.
+_FTYPE_BY_TYPE = {
+    "IQ1_S": "LLAMA_FTYPE_MOSTLY_IQ1_S", "IQ1_M": "LLAMA_FTYPE_MOSTLY_IQ1_M",
+    "IQ2_XXS": "LLAMA_FTYPE_MOSTLY_IQ2_XXS", "IQ2_XS": "LLAMA_FTYPE_MOSTLY_IQ2_XS",
+    "IQ2_S": "LLAMA_FTYPE_MOSTLY_IQ2_S", "IQ3_XXS": "LLAMA_FTYPE_MOSTLY_IQ3_XXS",
+    "IQ3_S": "LLAMA_FTYPE_MOSTLY_IQ3_S", "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+    "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
+    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K", "Q3_K": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+}
+
+# llama.cpp's stock mixes, for baselines and for the summary's "nearest stock mix"
+STOCK_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")
+
+
+def tensor_pattern(name: str) -> str:
+    """Anchored, escaped pattern: llama.cpp uses std::regex_search (unanchored, first match wins),
+    so a bare 'blk.1.ffn_up_exps' would also hit 'blk.11.ffn_up_exps'."""
+    return "^" + re.escape(name) + "$"
+
+
+def _llama():
+    import llama_cpp
+
+    return llama_cpp
+
+
+def ftype_for(tensor_types: dict[str, GGMLQuantizationType], n_elements: dict[str, int]) -> int:
+    llama_cpp = _llama()
+    weight: dict[str, int] = {}
+    for name, t in tensor_types.items():
+        weight[t.name] = weight.get(t.name, 0) + n_elements[name]
+    dominant = max(sorted(weight), key=weight.get) if weight else "Q4_K"
+    return int(getattr(llama_cpp, _FTYPE_BY_TYPE.get(dominant, "LLAMA_FTYPE_MOSTLY_Q4_K_M")))
+
+
+@dataclass
+class _Keepalive:
+    """ctypes buffers that must outlive the llama_model_quantize call."""
+
+    objects: list
+
+
+def _build_params(ftype: int, nthread: int, overrides: dict[str, GGMLQuantizationType] | None,
+                  imatrix: dict[str, np.ndarray] | None, dry_run: bool = False):
+    llama_cpp = _llama()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = nthread
+    params.dry_run = dry_run
+    keep = _Keepalive([])
+    if overrides:
+        arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (name, t) in enumerate(sorted(overrides.items())):
+            pat = tensor_pattern(name).encode()
+            keep.objects.append(pat)
+            arr[i].pattern = pat
+            arr[i].type = int(t)
+        arr[len(overrides)].pattern = None  # NULL-terminated
+        params.tt_overrides = arr
+        keep.objects.append(arr)
+    if imatrix:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, vec) in enumerate(sorted(imatrix.items())):
+            vec = np.ascontiguousarray(vec, dtype=np.float32)
+            keep.objects.append(vec)
+            bname = name.encode()
+            keep.objects.append(bname)
+            arr[i].name = bname
+            arr[i].data = vec.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = vec.size
+        arr[len(imatrix)].name = None
+        params.imatrix = arr
+        keep.objects.append(arr)
+    return params, keep
+
+
+def ones_imatrix(src: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """All-ones importance vectors: for a merged 3-D expert tensor size = ne0 * n_expert."""
+    reader = GGUFReader(src)
+    shapes = {t.name: [int(x) for x in t.shape] for t in reader.tensors}  # ggml order, ne0 first
+    out = {}
+    for name in names:
+        ne = shapes[name]
+        n_expert = ne[2] if len(ne) >= 3 else 1
+        out[name] = np.ones(ne[0] * n_expert, dtype=np.float32)
+    return out
+
+
+def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantizationType], *,
+                  nthread: int = 0, progress: bool = False) -> None:
+    """Quantise ``src`` into ``dst`` with exactly ``tensor_types`` (GGUF name -> written type)."""
+    llama_cpp = _llama()
+    reader = GGUFReader(src)
+    n_elements = {t.name: int(t.n_elements) for t in reader.tensors}
+    del reader
+    unknown = sorted(set(tensor_types) - set(n_elements))
+    if unknown:
+        raise AlphaQError(f"plan names tensors that are not in {src.name}: {', '.join(unknown[:5])}")
+    needs = [n for n, t in tensor_types.items() if t in NEEDS_IMATRIX]
+    imatrix = ones_imatrix(src, needs) if needs else None
+    params, keep = _build_params(ftype_for(tensor_types, n_elements), nthread, tensor_types, imatrix)
+    from tqdm import tqdm
+
+    with tqdm(total=len(n_elements), desc="quantise", unit="tensor", disable=not progress,
+              dynamic_ncols=True) as bar, _captured_log(lambda line: bar.update(1) if _PROGRESS_LINE.match(line) else None):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    del keep
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed with code {rc} for {src}")
+
+
+def quantize_stock(src: Path, dst: Path, mix: str, *, nthread: int = 0,
+                   imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama.cpp's own mix (e.g. "Q3_K_M") with its heuristics, as ``llama-quantize`` would."""
+    llama_cpp = _llama()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}", None)
+    if ftype is None:
+        raise AlphaQError(f"unknown llama.cpp mix {mix!r}; allowed: {', '.join(STOCK_MIXES)}")
+    params, keep = _build_params(int(ftype), nthread, None, imatrix)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    del keep
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({mix}) failed with code {rc} for {src}")
+
+
+_DRY_RUN_LINE = re.compile(r"\]\s+(\S+)\s+- \[.*?\], type =\s*(\S+), size = .*?(?:\((\S+)\))?\s*$")
+
+
+def stock_mix_types(src: Path, mix: str) -> dict[str, str]:
+    """Per-tensor target types of a stock mix, from llama.cpp's own ``dry_run`` (no quantising).
+
+    llama.cpp reports the decision only through its log, so we capture the log lines
+    '[ i/ n] NAME - [shape], type = SRC, size = a MiB -> b MiB (NEW)' for the duration."""
+    llama_cpp = _llama()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}", None)
+    if ftype is None:
+        raise AlphaQError(f"unknown llama.cpp mix {mix!r}; allowed: {', '.join(STOCK_MIXES)}")
+    lines: list[str] = []
+    # dry-run needs no imatrix data, but llama.cpp refuses IQ mixes without one; not used for those
+    params, keep = _build_params(int(ftype), 1, None, None, dry_run=True)
+    with _captured_log(lines.append):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), b"/dev/null", ctypes.byref(params))
+    del keep
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize dry run ({mix}) failed with code {rc}")
+    types = {}
+    for line in lines:
+        m = _DRY_RUN_LINE.search(line.rstrip("\n"))
+        if m:
+            name, cur, new = m.group(1), m.group(2), m.group(3)
+            types[name] = (new or cur).upper()
+    return types
+
+
+_PROGRESS_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]")
+
+
+@contextlib.contextmanager
+def _captured_log(on_line):
+    """Route llama.cpp's log to ``on_line`` (whole lines) for the duration; llama.cpp reports
+    per-tensor progress and dry-run decisions only through its log."""
+    llama_cpp = _llama()
+    partial: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):
+        s = text.decode(errors="replace")
+        partial.append(s)
+        if s.endswith("\n"):
+            on_line("".join(partial))
+            partial.clear()
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        _restore_llama_log()
+
+
+def _restore_llama_log() -> None:
+    """Hand llama.cpp's log back to llama-cpp-python's own callback."""
+    llama_cpp = _llama()
+    try:
+        from llama_cpp._logger import llama_log_callback as default_cb
+
+        llama_cpp.llama_log_set(default_cb, ctypes.c_void_p(0))
+    except ImportError:  # older layouts: silence instead of leaving a dangling pointer
+        llama_cpp.llama_log_set(llama_cpp.llama_log_callback(lambda *a: None), ctypes.c_void_p(0))
