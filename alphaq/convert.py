@@ -99,7 +99,7 @@ def alphaq_metadata(plan: Plan, cfg: ConvertConfig, tokenizer_fallback: str | No
         "alphaq.version": (__version__, GGUFValueType.STRING),
         "alphaq.budget_mode": (p.budget_mode, GGUFValueType.STRING),
         "alphaq.budget": (float(p.budget), GGUFValueType.FLOAT64),
-        "alphaq.gamma": (float(plan.settings.get("gamma_used", float("nan"))), GGUFValueType.FLOAT64),
+        "alphaq.gamma": (float(plan.settings["gamma"]), GGUFValueType.FLOAT64),
         "alphaq.types": (",".join(p.types), GGUFValueType.STRING),
         "alphaq.granularity": (p.granularity, GGUFValueType.STRING),
         "alphaq.scope": (p.scope, GGUFValueType.STRING),

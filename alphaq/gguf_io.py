@@ -7,6 +7,7 @@ by re-writing the quantised file: same tensors, same bytes, one more group of ke
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def copy_with_metadata(src: Path, dst: Path, extra: dict[str, tuple[object, GGUF
         writer.add_key_value(key, value, vtype)
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # it logs every file at INFO
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from alphaq.commands.plan import add_plan_arguments, config_from_args
+from alphaq.commands import plan as _plan_cmd
 from alphaq.errors import AlphaQError
 from alphaq.plan import format_size
 from alphaq.spectral import XMIN_WINDOWS, SpectralConfig
@@ -26,7 +26,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, metavar="MODEL", help="HF checkpoint directory or F32/F16/BF16 GGUF")
     p.add_argument("-o", "--output", type=Path,
                    help="output .gguf (default: ./<model>-alphaq-<budget>.gguf); plan JSON and tensor-type file go beside it")
-    add_plan_arguments(p, budget_required=False)
+    _plan_cmd.add_plan_arguments(p, budget_required=False)
     p.add_argument("--xmin-window", choices=XMIN_WINDOWS, default=SpectralConfig.xmin_window,
                    help="PL_Alpha_Hill tail window (default: %(default)s, the reference code's effective one)")
     p.add_argument("--threads", type=int, default=0, help="quantiser threads (default: all cores)")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise AlphaQError(f"--threads {args.threads} must be >= 0 (0 = all cores)")
     output = args.output or default_output(args.model, args)
     cfg = ConvertConfig(
-        model=args.model, output=output, plan=config_from_args(args),
+        model=args.model, output=output, plan=_plan_cmd.config_from_args(args),
         spectral=SpectralConfig(xmin_window=args.xmin_window), force=args.force, nthread=args.threads,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, compare_stock=not args.no_stock_compare,
         progress=not args.no_progress,
@@ -73,8 +73,8 @@ def summary(r) -> str:
             "size": "bytes, whole file"}[s["budget_mode"]]
     lines = [
         f"wrote {r.output}  ({format_size(r.file_bytes)})",
-        f"  budget      {s['budget']:g} {mode}; gamma {s.get('gamma_used', float('nan')):.4g}"
-        f" ({'given' if s.get('gamma') is not None else 'App. A.7 default'}); granularity {s['granularity']},"
+        f"  budget      {s['budget']:g} {mode}; gamma {s['gamma']:.4g} ({s['gamma_source']});"
+        f" granularity {s['granularity']},"
         f" scope {s['scope']}, noise {s['noise']}",
         f"  allocated   {t.allocated_params:,} weights: {t.nominal_bits:.3f} nominal bits, {t.true_bpw:.3f} true bpw"
         + (f"; {t.n_fallback_items} item(s) on llama.cpp's shape fallback" if t.n_fallback_items else ""),

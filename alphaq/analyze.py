@@ -1,0 +1,209 @@
+"""Model-level driver of the spectral stage: weights -> list[MatrixStats] -> CSV.
+
+`analyze_model` streams every quantisable matrix / expert slice of an HF checkpoint or a float
+GGUF file (`alphaq.weights`), one in memory at a time, through `alphaq.spectral.analyze_matrix`.
+Results are cached on disk, keyed by a BLAKE2 hash of the float32 matrix bytes and shape plus the
+estimator settings (`SpectralConfig.cache_fields`), so a changed tensor or setting never reuses a
+stale alpha. The CSV (`write_csv` / `read_csv`) has one row per MatrixStats.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from alphaq.errors import AlphaQError
+from alphaq.records import MatrixStats
+from alphaq.spectral import SpectralConfig, SpectralResult, analyze_matrix
+from alphaq.weights import WeightMatrix, open_model
+
+logger = logging.getLogger(__name__)
+
+CSV_COLUMNS = [f.name for f in fields(MatrixStats)]  # tensor, block, expert, kind, rows, ...
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/alphaq/spectral (or $XDG_CACHE_HOME/alphaq/spectral), read at call time."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "alphaq" / "spectral"
+
+
+class SpectralCache:
+    """One small JSON file per (tensor content, estimator settings) key."""
+
+    def __init__(self, root: Path, cfg: SpectralConfig):
+        self.root = Path(root)
+        self._settings = json.dumps(cfg.cache_fields(), sort_keys=True).encode()
+
+    def key(self, w: np.ndarray) -> str:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(self._settings)
+        h.update(repr((w.dtype.str, w.shape)).encode())
+        h.update(memoryview(np.ascontiguousarray(w)).cast("B"))
+        return h.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> SpectralResult | None:
+        p = self._path(key)
+        try:
+            data = json.loads(p.read_text())
+            return SpectralResult(**data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:  # corrupt entry: recompute
+            logger.warning("ignoring unreadable cache entry %s (%s)", p, exc)
+            return None
+
+    def put(self, key: str, result: SpectralResult) -> None:
+        p = self._path(key)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(p, json.dumps(asdict(result)))
+        except OSError as exc:
+            logger.warning("could not write cache entry %s (%s)", p, exc)
+
+
+def analyze_weight(m: WeightMatrix, cfg: SpectralConfig, cache: SpectralCache | None) -> MatrixStats:
+    w = m.load()  # (rows, cols) float32
+    key = cache.key(w) if cache else None
+    res = cache.get(key) if cache else None
+    if res is None:
+        res = analyze_matrix(w, name=m.label, cfg=cfg)
+        if cache:
+            cache.put(key, res)
+    return MatrixStats(
+        tensor=m.tensor,
+        block=m.block,
+        expert=m.expert,
+        kind=m.kind,
+        rows=m.rows,
+        cols=m.cols,
+        params=m.params,
+        alpha=res.alpha,
+        variance=res.variance,
+        k=res.k,
+        n_eigs=res.n_eigs,
+        signal=res.signal,
+    )
+
+
+def analyze_model(
+    path: str | Path,
+    cfg: SpectralConfig = SpectralConfig(),
+    *,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> list[MatrixStats]:
+    """MatrixStats of every quantisable matrix / expert slice of ``path``, in model order.
+
+    ``cache_dir`` defaults to `default_cache_dir()`; ``use_cache=False`` neither reads nor writes.
+    """
+    cache = SpectralCache(Path(cache_dir) if cache_dir else default_cache_dir(), cfg) if use_cache else None
+    out: list[MatrixStats] = []
+    with open_model(path) as model:
+        mats = model.matrices()
+        if not mats:
+            raise AlphaQError(f"{path}: no quantisable weight matrices found")
+        for m in tqdm(mats, desc="alpha", unit="matrix", disable=not progress, dynamic_ncols=True):
+            out.append(analyze_weight(m, cfg, cache))
+    n_bad = sum(not s.signal for s in out)
+    if n_bad:
+        logger.warning("%d of %d matrices have no spectral signal (alpha = NaN)", n_bad, len(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# CSV
+# --------------------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return repr(v)  # round-trips exactly; "nan" for no signal
+    return str(v)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_csv(stats: list[MatrixStats], path: str | Path, force: bool = False) -> None:
+    """Write one row per MatrixStats; refuses to overwrite without ``force``; atomic."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise AlphaQError(f"{path} exists; pass --force (force=True) to overwrite it")
+    if not path.parent.is_dir():
+        raise AlphaQError(f"directory {path.parent} does not exist")
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for s in stats:
+        writer.writerow([_fmt(getattr(s, c)) for c in CSV_COLUMNS])
+    _atomic_write_text(path, buf.getvalue())
+    logger.info("wrote %d rows to %s", len(stats), path)
+
+
+def _parse_opt_int(v: str) -> int | None:
+    return None if v == "" else int(v)
+
+
+def read_csv(path: str | Path) -> list[MatrixStats]:
+    path = Path(path)
+    if not path.exists():
+        raise AlphaQError(f"alpha CSV {path} does not exist")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        required = [c for c in CSV_COLUMNS if c != "signal"]
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise AlphaQError(f"{path} lacks column(s) {', '.join(missing)}")
+        out = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                alpha = float(row["alpha"]) if row["alpha"] != "" else math.nan
+                signal = row.get("signal", "")
+                out.append(
+                    MatrixStats(
+                        tensor=row["tensor"],
+                        block=_parse_opt_int(row["block"]),
+                        expert=_parse_opt_int(row["expert"]),
+                        kind=row["kind"],
+                        rows=int(row["rows"]),
+                        cols=int(row["cols"]),
+                        params=int(row["params"]),
+                        alpha=alpha,
+                        variance=float(row["variance"]),
+                        k=int(row["k"]),
+                        n_eigs=int(row["n_eigs"]),
+                        signal=(signal in ("1", "True", "true")) if signal != "" else math.isfinite(alpha),
+                    )
+                )
+            except (ValueError, KeyError) as exc:
+                raise AlphaQError(f"{path}:{line}: bad row ({exc})") from exc
+    return out

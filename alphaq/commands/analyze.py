@@ -1,0 +1,72 @@
+"""`alphaq analyze MODEL --csv alphas.csv [--plots DIR]`: PL_Alpha_Hill of every matrix."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+from alphaq.errors import AlphaQError
+from alphaq.spectral import DEVICES, XMIN_WINDOWS, SpectralConfig
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="PL_Alpha_Hill of every quantisable matrix / expert slice (spectral stage)",
+        description=__doc__,
+    )
+    p.add_argument("model", metavar="MODEL", help="HF checkpoint directory or F32/F16/BF16 GGUF file")
+    p.add_argument("--csv", required=True, type=Path, help="output CSV, one row per matrix")
+    p.add_argument("--plots", type=Path, metavar="DIR", help="also write box plots and heatmaps here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing CSV")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the alpha cache")
+    p.add_argument("--cache-dir", type=Path, help="alpha cache (default ~/.cache/alphaq/spectral)")
+    p.add_argument("--block-size", type=int, default=SpectralConfig.block_size, help="FARMS block side")
+    p.add_argument("--bins", type=int, default=SpectralConfig.bins, help="log10 histogram bins")
+    p.add_argument(
+        "--xmin-window",
+        choices=XMIN_WINDOWS,
+        default=SpectralConfig.xmin_window,
+        help="'reference' keeps the reference code's effective window; 'corrected' uses "
+        "0.95*peak <= xmin <= 1.5*peak",
+    )
+    p.add_argument("--device", choices=DEVICES, default=SpectralConfig.device)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from alphaq.analyze import analyze_model, write_csv
+
+    if args.csv.exists() and not args.force:  # fail before the long part
+        raise AlphaQError(f"{args.csv} exists; pass --force to overwrite it")
+    cfg = SpectralConfig(
+        block_size=args.block_size, bins=args.bins, xmin_window=args.xmin_window, device=args.device
+    )
+    stats = analyze_model(
+        args.model,
+        cfg,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        progress=not args.no_progress,
+    )
+    write_csv(stats, args.csv, force=args.force)
+    alphas = [s.alpha for s in stats if s.signal and math.isfinite(s.alpha)]
+    summary = f"{len(stats)} matrices -> {args.csv}"
+    if alphas:
+        summary += (
+            f"; alpha min {min(alphas):.3f} median {statistics.median(alphas):.3f} "
+            f"max {max(alphas):.3f}"
+        )
+    n_bad = len(stats) - len(alphas)
+    if n_bad:
+        summary += f"; {n_bad} without spectral signal"
+    print(summary)
+    if args.plots:
+        from alphaq.plots import write_plots
+
+        for p in write_plots(stats, args.plots, title=f"PL_Alpha_Hill per block: {args.model}"):
+            print(f"plot: {p}")
+    return 0

@@ -1,0 +1,186 @@
+"""`alphaq plan MODEL --budget 3 --json plan.json [--tensor-type-file tt.txt]`.
+
+Analyses MODEL (alphaq.analyze), solves the allocation (alphaq.plan) and writes the plan JSON and,
+for tensor granularity, a llama-quantize --tensor-type-file. MODEL is best the F16/BF16/F32 GGUF
+that llama-quantize will read: then every tensor and the output header size are known exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from alphaq.costs import NOISE_MODELS, measure_noise
+from alphaq.errors import AlphaQError
+from alphaq.plan import (
+    ALLOCATE,
+    GRANULARITIES,
+    SCOPES,
+    PlanConfig,
+    TensorInfo,
+    format_size,
+    gguf_output_header_bytes,
+    gguf_tensor_infos,
+    make_plan,
+    measurement_requests,
+    parse_size,
+)
+from alphaq.qtypes import DEFAULT_CANDIDATES
+from alphaq.records import MatrixStats
+from alphaq.solver import DEFAULT_SOLVER, SOLVERS
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="choose a GGUF quant type per tensor (or expert) under a bit budget",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("model", help="model to plan for (a GGUF file, or anything `alphaq analyze` reads)")
+    add_plan_arguments(p)
+    p.add_argument("--fixed-bytes", type=int, help="exact non-tensor bytes of the output file (default: from the GGUF)")
+    p.add_argument("--alphas", type=Path, help="statistics from `alphaq analyze --csv` instead of analysing again")
+    p.add_argument("--cache-dir", type=Path, help="spectral statistics cache")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the spectral cache")
+    p.add_argument("--json", dest="json_path", type=Path, required=True, help="plan JSON to write")
+    p.add_argument("--tensor-type-file", type=Path, help="also write llama-quantize --tensor-type-file lines")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(func=run)
+
+
+def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = True) -> None:
+    """The allocation options (shared with `alphaq convert`); `config_from_args` reads them back."""
+    budget = p.add_mutually_exclusive_group(required=budget_required)
+    budget.add_argument("--budget", type=float, help="average NOMINAL bits over the allocated weights (paper)")
+    budget.add_argument("--bpw", type=float, help="average TRUE bits per weight over the allocated tensors")
+    budget.add_argument("--target-size", help="whole output file, e.g. 12GiB (B, KB/KiB, MB/MiB, GB/GiB)")
+    p.add_argument("--types", default=",".join(DEFAULT_CANDIDATES), help="candidate types (default: %(default)s)")
+    p.add_argument("--gamma", type=float, help="importance exponent (default: App. A.7 formula)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="tensor", help="default: %(default)s")
+    p.add_argument("--scope", choices=SCOPES, default="global", help="default: %(default)s")
+    p.add_argument("--allocate", choices=ALLOCATE, default="experts", help="default: %(default)s")
+    p.add_argument("--noise", choices=NOISE_MODELS, default="paper", help="noise model (default: %(default)s)")
+    p.add_argument("--mse-rows", type=int, default=128, help="measured noise: rows per matrix, 0 = all (default: %(default)s)")
+    p.add_argument("--weight-by-params", action="store_true", help="scale each matrix's cost by its parameter count")
+    p.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER, help="default: %(default)s")
+    p.add_argument("--non-expert-type", default="Q4_K", help="attention / shared experts / dense FFN (default: %(default)s)")
+    p.add_argument("--token-embd-type", default="Q4_K", help="default: %(default)s")
+    p.add_argument("--output-type", default="Q6_K", help="default: %(default)s")
+
+
+def config_from_args(args: argparse.Namespace) -> PlanConfig:
+    if args.budget is not None:
+        mode, value = "bits", args.budget
+    elif args.bpw is not None:
+        mode, value = "bpw", args.bpw
+    elif args.target_size is not None:
+        mode, value = "size", parse_size(args.target_size)
+    else:
+        raise AlphaQError("give one of --budget, --bpw or --target-size")
+    if args.mse_rows < 0:
+        raise AlphaQError(f"--mse-rows {args.mse_rows} must be >= 0 (0 = all rows)")
+    return PlanConfig(
+        budget_mode=mode,
+        budget=value,
+        types=tuple(t for t in args.types.split(",") if t.strip()),
+        gamma=args.gamma,
+        granularity=args.granularity,
+        scope=args.scope,
+        allocate=args.allocate,
+        noise=args.noise,
+        mse_rows=args.mse_rows or None,
+        weight_by_params=args.weight_by_params,
+        solver=args.solver,
+        non_expert_type=args.non_expert_type,
+        token_embd_type=args.token_embd_type,
+        output_type=args.output_type,
+    )
+
+
+def _analyze(model: Path, cache_dir: Path | None, use_cache: bool = True) -> list[MatrixStats]:
+    """The spectral stage (alphaq.analyze), with its default configuration."""
+    from alphaq import analyze, spectral
+
+    return analyze.analyze_model(model, spectral.SpectralConfig(), cache_dir=cache_dir, use_cache=use_cache, progress=True)
+
+
+def _read_alphas(path: Path) -> list[MatrixStats]:
+    from alphaq import analyze
+
+    return analyze.read_csv(path)
+
+
+def _measure(model: Path, requests, max_rows):
+    from alphaq.weights import open_model
+
+    with open_model(model) as weights:  # the matrices load lazily from the open files
+        return measure_noise(weights.matrices(), requests, max_rows=max_rows, progress=True)
+
+
+def _tensors_from_stats(stats: list[MatrixStats]) -> list[TensorInfo]:
+    """Fallback when MODEL is not a GGUF: the analysed matrices only (no norms, no router)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    n_expert: dict[str, int] = {}
+    for s in stats:
+        if s.expert is None:
+            shapes[s.tensor] = (s.rows, s.cols)
+        else:
+            n_expert[s.tensor] = max(n_expert.get(s.tensor, 0), s.expert + 1)
+            shapes[s.tensor] = (s.rows, s.cols)
+    return [TensorInfo(n, ((n_expert[n],) if n in n_expert else ()) + shp, "F16") for n, shp in shapes.items()]
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    # refuse early, before the (long) analysis
+    for path in (args.json_path, args.tensor_type_file):
+        if path is not None and path.exists() and not args.force:
+            raise AlphaQError(f"{path} exists; pass --force to overwrite")
+    if args.tensor_type_file is not None and cfg.granularity != "tensor":
+        raise AlphaQError("--tensor-type-file needs --granularity tensor (stock llama.cpp: one type per tensor)")
+    model = Path(args.model)
+    if not model.exists():
+        raise AlphaQError(f"model {model} does not exist")
+
+    tensors: list[TensorInfo] | None = None
+    header = args.fixed_bytes
+    if model.is_file() and model.suffix.lower() == ".gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(model)
+        tensors = gguf_tensor_infos(reader)
+        if header is None:
+            header = gguf_output_header_bytes(reader, cfg.alignment)
+
+    stats = _read_alphas(args.alphas) if args.alphas is not None else _analyze(model, args.cache_dir, not args.no_cache)
+    if tensors is None:
+        if cfg.budget_mode == "size":
+            raise AlphaQError("--target-size needs a GGUF model (every tensor must be known); use --budget or --bpw")
+        logger.warning("%s is not a GGUF: sizes cover the analysed matrices only", model)
+        tensors = _tensors_from_stats(stats)
+
+    noise_table = None
+    if cfg.noise == "measured":
+        noise_table = _measure(model, measurement_requests(stats, tensors, cfg), cfg.mse_rows)
+
+    plan = make_plan(stats, tensors, cfg, fixed_bytes=header, noise_table=noise_table)
+    plan.write_json(args.json_path, force=args.force)
+    if args.tensor_type_file is not None:
+        plan.write_tensor_type_file(args.tensor_type_file, force=args.force)
+
+    t = plan.totals
+    print(
+        f"{t.n_items} items ({plan.settings['granularity']}), {t.allocated_params} allocated weights: "
+        f"{t.nominal_bits:.4f} nominal bits, {t.true_bpw:.4f} true bpw; "
+        f"{t.n_fallback_items} items on a fallback type"
+    )
+    print(
+        f"predicted file {format_size(t.predicted_file_bytes)}"
+        f"{' (header estimated)' if t.header_estimated else ''}, {t.file_bpw:.4f} bpw over the whole model; "
+        f"objective {t.objective:.6g} (lower bound {t.lower_bound:.6g}{'' if t.proven_optimal else ', NOT proven optimal'})"
+    )
+    print(f"wrote {args.json_path}" + (f" and {args.tensor_type_file}" if args.tensor_type_file else ""))
+    return 0

@@ -1,0 +1,852 @@
+"""Allocation stage: spectral statistics -> one GGUF quant type per tensor (or per expert slice).
+
+Input: the spectral stage's `MatrixStats` (one per analysed matrix / expert slice) and a
+`TensorInfo` for *every* tensor of the model. Output: a `Plan` holding, for every allocation item,
+its cost per candidate type (Eq. 4), the chosen type (the exact optimum of Eq. 5 as a
+multiple-choice knapsack, see alphaq.solver) and its bytes; the policy types of the tensors that
+are not allocated; and the predicted file size. See docs/ALLOCATION.md for every rule used here.
+
+Types are always the type *written*: a candidate whose block does not divide a tensor's row
+length is replaced by llama.cpp's fallback (qtypes.effective_type) before costs and sizes are
+computed, and the plan records which items fell back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from alphaq import __version__
+from alphaq.costs import NOISE_MODELS, importance_weights, paper_noise
+from alphaq.errors import AlphaQError
+from alphaq.qtypes import (
+    DEFAULT_CANDIDATES,
+    effective_type,
+    nominal_bits,
+    padded,
+    resolve_type,
+    resolve_types,
+    tensor_bytes,
+)
+from alphaq.records import MatrixStats
+from alphaq.solver import SOLVERS, solve_mckp
+
+logger = logging.getLogger(__name__)
+
+BUDGET_MODES = ("bits", "bpw", "size")  # --budget, --bpw, --target-size
+GRANULARITIES = ("tensor", "expert")
+SCOPES = ("global", "block")
+ALLOCATE = ("experts", "all")
+
+TOKEN_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+OUTPUT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
+
+# KV metadata allowance when the caller gives no header size: typical tokenizer metadata
+# (tokens, scores/types, BPE merges) of a 32k-150k vocabulary is 1-6 MB.
+DEFAULT_KV_METADATA_BYTES = 4 * 1024 * 1024
+
+# llama-quant.cpp `tensor_allows_quantization`: name substrings / exact names never quantised
+# (norms, the MoE router, small special tensors). Mirrored literally because llama.cpp matches
+# these substrings, not tensor roles; the arch-specific GLM5_NEXT list is left out.
+_NEVER_QUANTISED_SUBSTRINGS = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "time_mix_first.weight",
+    "time_mix_w0.weight",
+    "time_mix_w1.weight",
+    "time_mix_w2.weight",
+    "time_mix_v0.weight",
+    "time_mix_v1.weight",
+    "time_mix_v2.weight",
+    "time_mix_a0.weight",
+    "time_mix_a1.weight",
+    "time_mix_a2.weight",
+    "time_mix_g1.weight",
+    "time_mix_g2.weight",
+    "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight",
+    "time_mix_lerp_fused.weight",
+    "attn_rel_b.weight",
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
+)
+_NEVER_QUANTISED_NAMES = (
+    gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD] + ".weight",
+    gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_TYPES] + ".weight",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str  # GGUF tensor name, e.g. "blk.0.ffn_down_exps.weight"
+    shape: tuple[int, ...]  # numpy order: (n_expert, rows, cols), (rows, cols) or (n,); GGUF ne reversed
+    dtype: str  # GGML type name of the source tensor: "F32", "F16", "BF16", ...
+
+    @property
+    def cols(self) -> int:  # row length = ggml ne0
+        return int(self.shape[-1])
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(int(s) for s in self.shape)
+
+
+def ggml_n_dims(shape: Sequence[int]) -> int:
+    """ggml_n_dims for a numpy-order shape: trailing (ggml-order) dims of size 1 do not count."""
+    ne = list(reversed([int(s) for s in shape]))
+    for i in range(len(ne) - 1, 0, -1):
+        if ne[i] > 1:
+            return i + 1
+    return 1
+
+
+def llama_quantizes(name: str, shape: Sequence[int]) -> bool:
+    """Whether llama_model_quantize re-types this tensor (llama-quant.cpp tensor_allows_quantization,
+    with quantize_output_tensor on). Everything else is copied in its source type."""
+    if ggml_n_dims(shape) < 2:
+        return False
+    if not name.endswith("weight"):
+        return False
+    if name in _NEVER_QUANTISED_NAMES:
+        return False
+    return not any(s in name for s in _NEVER_QUANTISED_SUBSTRINGS)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    # what the budget counts: "bits" = parameter-weighted average NOMINAL bits of the allocated
+    # weights (the paper's "bits per layer", --budget); "bpw" = their average TRUE bits per weight
+    # after fallback (--bpw); "size" = the whole output file in bytes (--target-size)
+    budget_mode: str = "bits"
+    budget: float = 3.0  # in the mode's unit: bits, bits per weight, or bytes
+    types: tuple[str, ...] = DEFAULT_CANDIDATES  # candidate quant types (paper: 1/2/3/4 bits)
+    gamma: float | None = None  # importance exponent; None = App. A.7 default from the alphas
+    granularity: str = "tensor"  # "tensor": one type per GGUF tensor (stock llama.cpp); "expert": per slice
+    scope: str = "global"  # "global": one budget; "block": the same budget inside every block (Table 4)
+    allocate: str = "experts"  # "experts": routed experts only; "all": every analysed in-block weight
+    noise: str = "paper"  # "paper": Var * 2^-2b; "measured": ggml quantise/dequantise MSE
+    mse_rows: int | None = 128  # measured noise: rows sampled per matrix (evenly spaced); None = all
+    weight_by_params: bool = False  # multiply eta by the matrix's parameter count (total noise energy)
+    solver: str = "dp"  # "dp" (exact, fast), "highs" (scipy.optimize.milp), "cbc" (PuLP, as the paper)
+    non_expert_type: str = "Q4_K"  # attention, shared experts, dense FFN (paper: 4-bit)
+    token_embd_type: str = "Q4_K"  # token embeddings
+    output_type: str = "Q6_K"  # output head (llama.cpp's choice); also token_embd when tied
+    alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT  # GGUF tensor-data alignment (bytes)
+
+    def __post_init__(self) -> None:
+        def one_of(name, value, allowed):
+            if value not in allowed:
+                raise AlphaQError(f"{name} {value!r} is not one of: {', '.join(allowed)}")
+
+        one_of("budget mode", self.budget_mode, BUDGET_MODES)
+        one_of("granularity", self.granularity, GRANULARITIES)
+        one_of("scope", self.scope, SCOPES)
+        one_of("allocate", self.allocate, ALLOCATE)
+        one_of("noise model", self.noise, NOISE_MODELS)
+        one_of("solver", self.solver, SOLVERS)
+        if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and self.budget > 0):
+            raise AlphaQError(f"budget {self.budget} must be a positive finite number")
+        resolve_types(self.types)
+        for t in (self.non_expert_type, self.token_embd_type, self.output_type):
+            resolve_type(t)
+        if self.gamma is not None and not math.isfinite(self.gamma):
+            raise AlphaQError(f"gamma {self.gamma} must be finite")
+        if self.mse_rows is not None and self.mse_rows < 1:
+            raise AlphaQError(f"mse_rows {self.mse_rows} must be >= 1 (or None for all rows)")
+        if self.alignment < 1 or self.alignment & (self.alignment - 1):
+            raise AlphaQError(f"alignment {self.alignment} must be a power of two")
+
+    @property
+    def candidates(self) -> tuple[GGMLQuantizationType, ...]:
+        return resolve_types(self.types)
+
+
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """"12GiB" -> bytes. Units B, KB/KiB, MB/MiB, GB/GiB, TB/TiB (case-insensitive); none = bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in ("", *_SIZE_UNITS):
+        raise AlphaQError(f"size {text!r} is not a number with an optional unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)")
+    value = Fraction(m.group(1)) * _SIZE_UNITS.get(m.group(2).lower(), 1)
+    if value <= 0:
+        raise AlphaQError(f"size {text!r} must be positive")
+    return math.floor(value)
+
+
+def format_size(n_bytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n_bytes) >= scale:
+            return f"{n_bytes / scale:.3f} {unit} ({int(n_bytes)} B)"
+    return f"{int(n_bytes)} B"
+
+
+def estimate_header_bytes(
+    tensors: Sequence[TensorInfo], kv_bytes: int = DEFAULT_KV_METADATA_BYTES, alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
+) -> int:
+    """GGUF bytes before the tensor data: header, KV metadata (estimated), tensor-info table (exact).
+
+    GGUF v3: magic, version, n_tensors, n_kv (24 B); per tensor: name (u64 length + bytes), n_dims
+    (u32), ne (u64 each), type (u32), offset (u64); then padding to `alignment`.
+    """
+    infos = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in tensors)
+    return padded(24 + kv_bytes + infos, alignment)
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceStats:
+    expert: int | None
+    alpha: float  # NaN without signal
+    variance: float
+    signal: bool
+    importance: float  # (alpha_tilde / alpha)^gamma, 1 without signal
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    tensor: str
+    expert: int | None  # None: the whole tensor (tensor granularity, or a 2-D tensor)
+    block: int | None
+    kind: str
+    shape: tuple[int, ...]  # numpy order of what this item covers
+    params: int
+    slices: tuple[SliceStats, ...]  # the analysed matrices summed into this item's cost
+    costs: dict[str, float]  # candidate name -> eta of the type written for it
+    written: dict[str, str]  # candidate name -> type written for it (differs on fallback)
+    type: GGMLQuantizationType  # chosen, as written
+    bytes: int  # bytes of this item in the chosen type (no padding)
+
+    @property
+    def fell_back(self) -> list[str]:
+        """Candidates whose type could not be used for this item's row length."""
+        return [c for c, w in self.written.items() if c != w]
+
+    @property
+    def is_fallback(self) -> bool:
+        """The chosen type is not a candidate itself but some candidate's fallback."""
+        return self.written.get(self.type.name) != self.type.name
+
+    @property
+    def alpha(self) -> float:
+        a = [s.alpha for s in self.slices if s.signal]
+        return float(np.median(a)) if a else float("nan")
+
+    @property
+    def variance(self) -> float:
+        return float(np.mean([s.variance for s in self.slices]))
+
+
+@dataclass(frozen=True)
+class FixedTensor:
+    tensor: str
+    shape: tuple[int, ...]
+    type: GGMLQuantizationType  # as written
+    bytes: int  # no padding
+    quantised: bool  # False: llama.cpp copies it in its source type
+    reason: str  # why it has this type
+    requested: GGMLQuantizationType | None = None  # policy type before fallback
+
+
+@dataclass(frozen=True)
+class PlanTotals:
+    n_items: int
+    allocated_params: int
+    nominal_bits: float  # parameter-weighted average nominal bits over allocated weights
+    true_bpw: float  # average stored bits per allocated weight (after fallback, no padding)
+    allocated_bytes: int  # allocated tensors, padded to the alignment
+    fixed_tensor_bytes: int  # every other tensor, padded
+    header_bytes: int  # everything before the tensor data
+    header_estimated: bool  # True when header_bytes is an estimate (no fixed_bytes given)
+    predicted_file_bytes: int
+    model_params: int  # all tensors
+    file_bpw: float  # predicted_file_bytes * 8 / model_params
+    objective: float  # sum of eta over the chosen types
+    lower_bound: float  # LP bound (certificate): objective - lower_bound >= suboptimality
+    proven_optimal: bool
+    n_fallback_items: int  # items whose chosen type is a fallback
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: dict
+    items: tuple[PlanItem, ...]
+    fixed: tuple[FixedTensor, ...]
+    totals: PlanTotals
+    tensor_order: tuple[str, ...] = field(repr=False, default=())
+
+    # -- types ---------------------------------------------------------------------------------
+
+    def tensor_types(self, *, mixed: str = "error") -> dict[str, GGMLQuantizationType]:
+        """Final written type of every tensor llama.cpp quantises, in model order.
+
+        For expert granularity a merged expert tensor whose slices got different types has no
+        single type: mixed="error" raises, mixed="skip" leaves it out (use expert_types()).
+        """
+        per_tensor: dict[str, set[GGMLQuantizationType]] = defaultdict(set)
+        for it in self.items:
+            per_tensor[it.tensor].add(it.type)
+        for f in self.fixed:
+            if f.quantised:
+                per_tensor[f.tensor].add(f.type)
+        out: dict[str, GGMLQuantizationType] = {}
+        for name in self.tensor_order or sorted(per_tensor):
+            types = per_tensor.get(name)
+            if not types:
+                continue
+            if len(types) > 1:
+                if mixed == "skip":
+                    continue
+                raise AlphaQError(
+                    f"{name} has {len(types)} types across its experts (expert granularity); use expert_types()"
+                )
+            out[name] = next(iter(types))
+        return out
+
+    def expert_types(self) -> dict[tuple[str, int], GGMLQuantizationType]:
+        """Written type of every allocated expert slice (both granularities)."""
+        out: dict[tuple[str, int], GGMLQuantizationType] = {}
+        for it in self.items:
+            for s in it.slices:
+                if s.expert is not None:
+                    out[(it.tensor, s.expert)] = it.type
+        return out
+
+    # -- output --------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": self.settings,
+            "items": [_item_json(it) for it in self.items],
+            "fixed": [_fixed_json(f) for f in self.fixed],
+            "totals": _clean(self.totals.__dict__),
+        }
+
+    def to_json(self) -> str:
+        """Deterministic JSON: sorted keys, items in model order, NaN written as null."""
+        return json.dumps(_clean(self.to_dict()), sort_keys=True, indent=1, allow_nan=False) + "\n"
+
+    def write_json(self, path: str | os.PathLike, force: bool = False) -> None:
+        _atomic_write(Path(path), self.to_json(), force)
+
+    def tensor_type_lines(self) -> list[str]:
+        """`pattern=type` lines for llama-quantize --tensor-type-file (tools/quantize/quantize.cpp
+        parses whitespace-separated entries, splits at the first '='; llama-quant.cpp matches with
+        std::regex_search and the first match wins), one anchored exact-name pattern per tensor."""
+        if self.settings["granularity"] != "tensor":
+            raise AlphaQError(
+                "a tensor-type file needs tensor granularity: stock llama.cpp has one type per tensor, "
+                f"this plan is {self.settings['granularity']}-granular"
+            )
+        return [f"^{_regex_escape(name)}$={t.name.lower()}" for name, t in self.tensor_types().items()]
+
+    def write_tensor_type_file(self, path: str | os.PathLike, force: bool = False) -> None:
+        _atomic_write(Path(path), "\n".join(self.tensor_type_lines()) + "\n", force)
+
+
+def _regex_escape(name: str) -> str:
+    # escape ECMAScript regex metacharacters only (std::regex rejects some of re.escape's escapes)
+    return re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\1", name)
+
+
+def _clean(obj):
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, GGMLQuantizationType):
+        return obj.name
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    return obj
+
+
+def _item_json(it: PlanItem) -> dict:
+    d = {
+        "tensor": it.tensor,
+        "expert": it.expert,
+        "block": it.block,
+        "kind": it.kind,
+        "shape": list(it.shape),
+        "params": it.params,
+        "alpha": it.alpha,
+        "variance": it.variance,
+        "costs": it.costs,
+        "type": it.type.name,
+        "bytes": it.bytes,
+        "fallback": {c: it.written[c] for c in it.fell_back},
+    }
+    if len(it.slices) == 1:
+        d["importance"] = it.slices[0].importance
+        d["signal"] = it.slices[0].signal
+    else:
+        d["slices"] = [s.__dict__ for s in it.slices]
+    return d
+
+
+def _fixed_json(f: FixedTensor) -> dict:
+    return {
+        "tensor": f.tensor,
+        "shape": list(f.shape),
+        "type": f.type.name,
+        "bytes": f.bytes,
+        "quantised": f.quantised,
+        "reason": f.reason,
+        "fallback_from": f.requested.name if f.requested is not None and f.requested != f.type else None,
+    }
+
+
+def _atomic_write(path: Path, text: str, force: bool) -> None:
+    if path.exists() and not force:
+        raise AlphaQError(f"{path} exists; pass --force to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# making a plan
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One allocation item before solving."""
+
+    tensor: TensorInfo
+    stats: tuple[MatrixStats, ...]  # slices it covers (one for expert granularity / 2-D tensors)
+    expert: int | None
+    shape: tuple[int, ...]
+
+
+def _block_of(name: str, stats: Sequence[MatrixStats]) -> int | None:
+    for s in stats:
+        if s.block is not None:
+            return s.block
+    m = re.match(r"blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _index(stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo]):
+    by_name: dict[str, TensorInfo] = {}
+    for t in tensors:
+        if t.name in by_name:
+            raise AlphaQError(f"tensor {t.name} listed twice")
+        by_name[t.name] = t
+    by_tensor: dict[str, list[MatrixStats]] = defaultdict(list)
+    for s in stats:
+        t = by_name.get(s.tensor)
+        if t is None:
+            raise AlphaQError(f"statistics for {s.tensor}, which is not a tensor of this model")
+        if len(t.shape) < 2 or (s.rows, s.cols) != tuple(t.shape[-2:]):
+            raise AlphaQError(f"{s.tensor}: stats say {s.rows}x{s.cols}, the tensor is {t.shape}")
+        if s.expert is not None and not (len(t.shape) == 3 and 0 <= s.expert < t.shape[0]):
+            raise AlphaQError(f"{s.tensor}: expert {s.expert} is outside the tensor's shape {t.shape}")
+        if s.expert is None and len(t.shape) != 2:
+            raise AlphaQError(f"{s.tensor}: whole-tensor stats for a tensor of shape {t.shape}")
+        by_tensor[s.tensor].append(s)
+    for name, ss in by_tensor.items():
+        keys = [s.expert for s in ss]
+        if len(set(keys)) != len(keys):
+            raise AlphaQError(f"{name}: duplicate statistics for the same expert")
+        ss.sort(key=lambda s: -1 if s.expert is None else s.expert)
+    return by_name, by_tensor
+
+
+def _select(by_name, by_tensor, cfg: PlanConfig) -> tuple[list[str], str]:
+    """Names of the allocated tensors (model order kept by the caller) and the effective policy."""
+    quantised = {n for n, t in by_name.items() if llama_quantizes(n, t.shape)}
+    experts = [n for n, ss in by_tensor.items() if n in quantised and any(s.expert is not None for s in ss)]
+    allocate = cfg.allocate
+    if allocate == "experts" and not experts:
+        logger.info("no routed-expert statistics: dense model, allocating over all analysed linear layers (App. A.4)")
+        allocate = "all"
+    if allocate == "experts":
+        chosen = experts
+    else:
+        chosen = [
+            n for n, ss in by_tensor.items() if n in quantised and _block_of(n, ss) is not None
+        ]
+    for n in chosen:
+        t, ss = by_name[n], by_tensor[n]
+        if len(t.shape) == 3 and len(ss) != t.shape[0]:
+            missing = sorted(set(range(t.shape[0])) - {s.expert for s in ss})
+            raise AlphaQError(f"{n}: statistics missing for experts {missing[:8]}{'...' if len(missing) > 8 else ''}")
+    skipped = [n for n in by_tensor if n not in quantised]
+    if skipped:
+        logger.debug("statistics for tensors llama.cpp does not quantise are ignored: %s", skipped)
+    return chosen, allocate
+
+
+def _units(chosen, by_name, by_tensor, cfg: PlanConfig) -> list[_Unit]:
+    units = []
+    for n in chosen:
+        t, ss = by_name[n], by_tensor[n]
+        if cfg.granularity == "expert" and len(t.shape) == 3:
+            units.extend(_Unit(t, (s,), s.expert, tuple(t.shape[1:])) for s in ss)
+        else:
+            units.append(_Unit(t, tuple(ss), None, tuple(t.shape)))
+    return units
+
+
+def measurement_requests(
+    stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo], cfg: PlanConfig
+) -> dict[tuple[str, int | None], tuple[GGMLQuantizationType, ...]]:
+    """For the measured noise model: which written types to measure for which (tensor, expert)."""
+    by_name, by_tensor = _index(stats, tensors)
+    chosen, _ = _select(by_name, by_tensor, cfg)
+    out = {}
+    for n in chosen:
+        written = tuple(dict.fromkeys(effective_type(c, by_name[n].cols) for c in cfg.candidates))
+        for s in by_tensor[n]:
+            out[(n, s.expert)] = written
+    return out
+
+
+def _policy_type(name: str, cfg: PlanConfig, tied: bool) -> tuple[GGMLQuantizationType, str]:
+    if name == OUTPUT:
+        return resolve_type(cfg.output_type), "policy: output"
+    if name == TOKEN_EMBD:
+        if tied:  # llama.cpp gives tied embeddings the output tensor's treatment
+            return resolve_type(cfg.output_type), "policy: token_embd (tied to output)"
+        return resolve_type(cfg.token_embd_type), "policy: token_embd"
+    return resolve_type(cfg.non_expert_type), "policy: non-expert"
+
+
+def make_plan(
+    stats: Sequence[MatrixStats],
+    tensors: Sequence[TensorInfo],
+    cfg: PlanConfig,
+    *,
+    fixed_bytes: int | None = None,
+    noise_table: Mapping[tuple[str, int | None], Mapping[GGMLQuantizationType, float]] | None = None,
+) -> Plan:
+    """Solve the allocation.
+
+    stats: spectral statistics (one per analysed matrix / expert slice).
+    tensors: every tensor of the model (TensorInfo), in model order.
+    fixed_bytes: bytes of the output file that are not tensor data (GGUF header, KV metadata,
+      tensor-info table, padding before the data section). None: estimated (estimate_header_bytes).
+      The bytes of non-allocated tensors are computed here from `tensors`, not passed in.
+    noise_table: for cfg.noise == "measured": MSE per (tensor, expert) per written type, as
+      returned by alphaq.costs.measure_noise for measurement_requests(...).
+    """
+    by_name, by_tensor = _index(stats, tensors)
+    chosen, allocate = _select(by_name, by_tensor, cfg)
+    if not chosen:
+        raise AlphaQError("nothing to allocate: no analysed tensor that llama.cpp quantises")
+    cands = cfg.candidates
+    units = _units(chosen, by_name, by_tensor, cfg)
+    order = {t.name: i for i, t in enumerate(tensors)}
+    units.sort(key=lambda u: (order[u.tensor.name], -1 if u.expert is None else u.expert))
+
+    # importance over the target matrices (every slice of every allocated tensor)
+    targets = [s for n in chosen for s in by_tensor[n]]
+    imp = importance_weights(targets, cfg.gamma)
+    weight = {(s.tensor, s.expert): w for s, w in zip(targets, imp.weights)}
+
+    # options: candidates mapped to their written type, duplicates (same written type) merged
+    n, m = len(units), len(cands)
+    costs = np.full((n, m), np.inf)
+    sizes = np.zeros((n, m), dtype=np.int64)
+    written_t: list[list[GGMLQuantizationType]] = []
+    cand_costs: list[dict[str, float]] = []
+    unit_bytes = np.zeros((n, m), dtype=np.int64)
+    params = np.array([math.prod(u.shape) for u in units], dtype=np.int64)
+    for i, u in enumerate(units):
+        w_types = [effective_type(c, u.tensor.cols) for c in cands]
+        written_t.append(w_types)
+        cc: dict[str, float] = {}
+        seen: set[GGMLQuantizationType] = set()
+        for j, (c, wt) in enumerate(zip(cands, w_types)):
+            eta = 0.0
+            for s in u.stats:
+                if cfg.noise == "paper":
+                    noise = float(paper_noise(s.variance, nominal_bits(wt)))
+                else:
+                    noise = _lookup_noise(noise_table, s, wt)
+                eta += weight[(s.tensor, s.expert)] * noise * (s.params if cfg.weight_by_params else 1)
+            cc[c.name] = eta
+            b = tensor_bytes(wt, u.shape)
+            unit_bytes[i, j] = b
+            if wt in seen:
+                continue  # same written type as an earlier candidate: one option
+            seen.add(wt)
+            costs[i, j] = eta
+            if cfg.budget_mode == "bits":
+                sizes[i, j] = params[i] * nominal_bits(wt)
+            elif cfg.budget_mode == "bpw":
+                sizes[i, j] = 8 * b
+            else:
+                sizes[i, j] = padded(b, cfg.alignment) if cfg.granularity == "tensor" or u.expert is None else b
+        cand_costs.append(cc)
+
+    # fixed (non-allocated) tensors
+    allocated_names = set(chosen)
+    tied = OUTPUT not in by_name
+    fixed: list[FixedTensor] = []
+    for t in tensors:
+        if t.name in allocated_names:
+            continue
+        if not llama_quantizes(t.name, t.shape):
+            src = _source_type(t)
+            fixed.append(FixedTensor(t.name, t.shape, src, tensor_bytes(src, t.shape), False, "not quantised by llama.cpp"))
+            continue
+        req, reason = _policy_type(t.name, cfg, tied)
+        if t.name not in by_tensor and reason == "policy: non-expert":
+            reason = "policy: non-expert (not analysed)"
+        wt = effective_type(req, t.cols)
+        fixed.append(FixedTensor(t.name, t.shape, wt, tensor_bytes(wt, t.shape), True, reason, req))
+    fixed_tensor_bytes = sum(padded(f.bytes, cfg.alignment) for f in fixed)
+    header = estimate_header_bytes(tensors, alignment=cfg.alignment) if fixed_bytes is None else int(fixed_bytes)
+    if header < 0:
+        raise AlphaQError(f"fixed_bytes {fixed_bytes} must be >= 0")
+
+    # capacity per group (one group, or one per block)
+    n_expert_tensors = len({u.tensor.name for u in units if u.expert is not None})
+    reserve = n_expert_tensors * (cfg.alignment - 1)  # expert granularity: worst-case padding
+    groups: dict[int | None, list[int]] = defaultdict(list)
+    for i, u in enumerate(units):
+        groups[_block_of(u.tensor.name, u.stats) if cfg.scope == "block" else None].append(i)
+    total_params = int(params.sum())
+    alloc_cap = header + fixed_tensor_bytes + reserve
+    choice = np.zeros(n, dtype=np.int64)
+    objective = lower = 0.0
+    proven = True
+    for g, idx in sorted(groups.items(), key=lambda kv: (-1 if kv[0] is None else kv[0])):
+        idx = np.array(idx)
+        g_params = int(params[idx].sum())
+        budget = Fraction(repr(float(cfg.budget)))  # the decimal the user typed, exactly
+        if cfg.budget_mode == "size":
+            cap = math.floor((math.floor(budget) - alloc_cap) * Fraction(g_params, total_params))
+        else:
+            cap = math.floor(budget * g_params)
+        sub_c, sub_s = costs[idx], sizes[idx]
+        lo = int(np.where(np.isfinite(sub_c), sub_s, np.iinfo(np.int64).max).min(axis=1).sum())
+        hi = int(np.where(np.isfinite(sub_c), sub_s, 0).max(axis=1).sum())
+        if cap < lo:
+            raise AlphaQError(_infeasible_message(cfg, g, cap, lo, hi, g_params, alloc_cap, total_params))
+        if cap >= hi:
+            logger.info("budget is not binding%s: every item gets its lowest-noise type", "" if g is None else f" in block {g}")
+        res = solve_mckp(sub_c, sub_s, cap, solver=cfg.solver)
+        logger.info(
+            "solved %s%d items x %d types in %.3fs (%s, gap %.3g, core %d)",
+            "" if g is None else f"block {g}: ",
+            len(idx),
+            m,
+            res.seconds,
+            res.solver,
+            res.gap,
+            res.core_items,
+        )
+        choice[idx] = res.choice
+        objective += res.objective
+        lower += res.lower_bound
+        proven &= res.proven_optimal
+    if not proven:
+        logger.warning("the solver could not prove optimality; see totals.lower_bound for the gap")
+
+    items = []
+    for i, u in enumerate(units):
+        j = int(choice[i])
+        slices = tuple(
+            SliceStats(s.expert, s.alpha if s.signal else float("nan"), s.variance, s.signal, weight[(s.tensor, s.expert)])
+            for s in u.stats
+        )
+        items.append(
+            PlanItem(
+                tensor=u.tensor.name,
+                expert=u.expert,
+                block=_block_of(u.tensor.name, u.stats),
+                kind=u.stats[0].kind,
+                shape=u.shape,
+                params=int(params[i]),
+                slices=slices,
+                costs=cand_costs[i],
+                written={c.name: wt.name for c, wt in zip(cands, written_t[i])},
+                type=written_t[i][j],
+                bytes=int(unit_bytes[i, j]),
+            )
+        )
+
+    totals = _totals(items, fixed, tensors, cfg, header, fixed_bytes is None, objective, lower, proven)
+    settings = {
+        "alphaq_version": __version__,
+        "budget_mode": cfg.budget_mode,
+        "budget": cfg.budget,
+        "types": [c.name for c in cands],
+        "gamma": imp.gamma,
+        "gamma_source": "default (App. A.7)" if imp.gamma_is_default else "user",
+        "alpha_tilde": imp.alpha_tilde,
+        "granularity": cfg.granularity,
+        "scope": cfg.scope,
+        "allocate": cfg.allocate,
+        "allocate_effective": allocate,
+        "noise": cfg.noise,
+        "mse_rows": cfg.mse_rows if cfg.noise == "measured" else None,
+        "weight_by_params": cfg.weight_by_params,
+        "solver": cfg.solver,
+        "policy": {
+            "non_expert": resolve_type(cfg.non_expert_type).name,
+            "token_embd": resolve_type(cfg.token_embd_type).name,
+            "output": resolve_type(cfg.output_type).name,
+        },
+        "alignment": cfg.alignment,
+    }
+    return Plan(settings, tuple(items), tuple(fixed), totals, tuple(t.name for t in tensors))
+
+
+def _lookup_noise(table, s: MatrixStats, t: GGMLQuantizationType) -> float:
+    if table is None:
+        raise AlphaQError("the measured noise model needs a noise table (alphaq.costs.measure_noise)")
+    try:
+        return float(table[(s.tensor, s.expert)][t])
+    except KeyError:
+        raise AlphaQError(f"no measured noise for {s.tensor} expert {s.expert} type {t.name}") from None
+
+
+def _source_type(t: TensorInfo) -> GGMLQuantizationType:
+    try:
+        return GGMLQuantizationType[t.dtype.upper()]
+    except KeyError:
+        raise AlphaQError(f"{t.name}: unknown source dtype {t.dtype!r}") from None
+
+
+def _infeasible_message(cfg, g, cap, lo, hi, g_params, alloc_cap, total_params) -> str:
+    where = "" if g is None else f" in block {g} (scope=block)"
+    if cfg.budget_mode == "bits":
+        return (
+            f"budget {cfg.budget} nominal bits is below the smallest achievable {lo / g_params:.4f}{where}; "
+            f"achievable range for these types: {lo / g_params:.4f} .. {hi / g_params:.4f} nominal bits"
+        )
+    if cfg.budget_mode == "bpw":
+        return (
+            f"bpw {cfg.budget} is below the smallest achievable {lo / g_params:.4f}{where}; "
+            f"achievable range for these types: {lo / g_params:.4f} .. {hi / g_params:.4f} bits per weight"
+        )
+    if g is None:
+        lo_f, hi_f = lo + alloc_cap, hi + alloc_cap
+    else:  # the block's share scaled back to a whole file
+        lo_f = alloc_cap + lo * total_params / g_params
+        hi_f = alloc_cap + hi * total_params / g_params
+    return (
+        f"target size {format_size(int(cfg.budget))} is below the smallest achievable "
+        f"{format_size(lo_f)}{where}; achievable range for this model and these types: "
+        f"{format_size(lo_f)} .. {format_size(hi_f)}"
+    )
+
+
+def _totals(items, fixed, tensors, cfg, header, estimated, objective, lower, proven) -> PlanTotals:
+    a_params = sum(it.params for it in items)
+    nominal = sum(it.params * nominal_bits(it.type) for it in items) / a_params
+    true_bits = sum(8 * it.bytes for it in items) / a_params
+    per_tensor: dict[str, int] = defaultdict(int)
+    for it in items:
+        per_tensor[it.tensor] += it.bytes
+    allocated_bytes = sum(padded(b, cfg.alignment) for b in per_tensor.values())
+    fixed_bytes = sum(padded(f.bytes, cfg.alignment) for f in fixed)
+    file_bytes = header + allocated_bytes + fixed_bytes
+    model_params = sum(t.n_elements for t in tensors)
+    return PlanTotals(
+        n_items=len(items),
+        allocated_params=a_params,
+        nominal_bits=nominal,
+        true_bpw=true_bits,
+        allocated_bytes=allocated_bytes,
+        fixed_tensor_bytes=fixed_bytes,
+        header_bytes=header,
+        header_estimated=estimated,
+        predicted_file_bytes=file_bytes,
+        model_params=model_params,
+        file_bpw=file_bytes * 8 / model_params,
+        objective=objective,
+        lower_bound=lower,
+        proven_optimal=proven,
+        n_fallback_items=sum(1 for it in items if it.is_fallback),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a GGUF input (what the `plan` command needs besides the statistics)
+# ----------------------------------------------------------------------------------------------
+
+
+def gguf_tensor_infos(reader: gguf.GGUFReader) -> list[TensorInfo]:
+    """TensorInfo of every tensor in a GGUF file, in file order (GGUF ne reversed to numpy order)."""
+    return [
+        TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name) for t in reader.tensors
+    ]
+
+
+def gguf_output_header_bytes(reader: gguf.GGUFReader, alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT) -> int:
+    """Bytes before the tensor data of the file llama_model_quantize writes from this input.
+
+    llama-quant.cpp copies every KV pair and sets general.quantization_version and
+    general.file_type (u32 each, added when absent); the tensor-info table keeps its names and
+    dimensions. Exact unless the input has split keys (which are removed: then an overestimate).
+    """
+    if not reader.tensors:
+        raise AlphaQError("the GGUF file has no tensors")
+    kv_end = min(t.field.offset for t in reader.tensors)  # tensor infos follow the KV section
+    infos = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in reader.tensors)
+    added = 0
+    for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
+        if key not in reader.fields:
+            added += 8 + len(key.encode()) + 4 + 4  # key string, value type, u32 value
+    return padded(kv_end + added + infos, alignment)

@@ -1,0 +1,445 @@
+"""Weights stage input: the quantisable matrices of an HF checkpoint or a float GGUF file.
+
+`open_model(path)` returns a `ModelWeights` whose `.matrices()` lists one `WeightMatrix` per
+2-D weight and per expert slice of a merged expert tensor, named with GGUF tensor names
+(gguf-py's `TensorNameMap`), in a deterministic order: token_embd, then blocks ascending
+(tensors by name, experts ascending), then output. Nothing is read until `WeightMatrix.load()`,
+which returns one float32 ``(rows, cols)`` array from a memory-mapped file.
+
+Both sources present the *same* matrices, as llama.cpp's converter would write them
+(vendor/llama.cpp/convert_hf_to_gguf.py + conversion/*.py of llama-cpp-python 0.3.36):
+
+- HF per-expert tensors ``...experts.E.<proj>.weight`` are slices ``expert=E`` of the merged
+  GGUF tensor (``blk.N.ffn_gate_exps.weight``); fused 3-D ``...experts.gate_up_proj`` is split
+  in two halves along the rows as ``conversion/qwen.py`` does.
+- DeepSeek-V2 ``kv_b_proj`` becomes ``attn_k_b`` and ``attn_v_b`` (``conversion/deepseek.py``).
+- llama-style converters permute Q/K rows for RoPE (``LlamaModel.permute``); the GGUF reader
+  undoes it, so HF and GGUF input give identical matrices, hence identical alpha.
+- A non-expert tensor with more than two dims (attn_k_b, attn_v_b) is analysed as the
+  matrix ggml quantises: ``(prod(outer dims), ne0)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
+
+from alphaq.errors import AlphaQError
+
+logger = logging.getLogger(__name__)
+
+# HF `architectures[0]` -> gguf-py architecture: the one place that lists what we support.
+SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
+    "MixtralForCausalLM": MODEL_ARCH.LLAMA,  # llama.cpp converts Mixtral as LLAMA
+    "Qwen2MoeForCausalLM": MODEL_ARCH.QWEN2MOE,
+    "Qwen3MoeForCausalLM": MODEL_ARCH.QWEN3MOE,
+    "OlmoeForCausalLM": MODEL_ARCH.OLMOE,
+    "DeepseekV2ForCausalLM": MODEL_ARCH.DEEPSEEK2,
+    "LlamaForCausalLM": MODEL_ARCH.LLAMA,
+    "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
+    "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
+}
+SUPPORTED_GGUF_ARCHS: frozenset[MODEL_ARCH] = frozenset(SUPPORTED_ARCHITECTURES.values())
+
+# Converters that permute Q/K rows for RoPE: conversion/llama.py `LlamaModel` (undo_permute).
+QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA})
+
+# GGUF float types we can read as weights; anything else is already quantised.
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+_HF_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+
+# Merged expert tensors are the gguf-py tensors named "..._exps".
+EXPERT_TENSORS: frozenset[MODEL_TENSOR] = frozenset(
+    t for t, name in gguf.TENSOR_NAMES.items() if name.endswith("_exps")
+)
+
+_HF_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<rest>[^.]+)$")
+_GGUF_BLOCK = re.compile(r"^blk\.(?P<bid>\d+)\.(?P<kind>.+)\.weight$")
+
+
+def llama_quantizes(name: str, n_dims: int) -> bool:
+    """Would llama.cpp quantise this GGUF tensor? Mirrors ``tensor_allows_quantization`` in
+    src/llama-quant.cpp for the rules that can apply to the supported architectures
+    (output.weight counts as quantisable, like the default ``quantize_output_tensor``)."""
+    if n_dims < 2:  # ggml_n_dims: trailing ne of 1 do not count
+        return False
+    if not name.endswith("weight") or "_norm.weight" in name:
+        return False
+    excluded = (
+        "ffn_gate_inp.weight",  # expert router
+        "ffn_gate_tid2eid.weight",
+        "altup",
+        "laurel",
+        "per_layer_model_proj",
+        "ssm_conv1d",
+        "shortconv.conv.weight",
+        "attn_rel_b.weight",
+        ".position_embd",
+    )
+    if any(s in name for s in excluded):
+        return False
+    return name not in ("position_embd.weight", "token_types.weight")
+
+
+def ggml_n_dims(np_shape: tuple[int, ...]) -> int:
+    """ggml_n_dims of a tensor with numpy shape ``np_shape`` (ggml ne is the reverse)."""
+    ne = list(reversed(np_shape))
+    n = 1
+    for i, d in enumerate(ne):
+        if d > 1:
+            n = i + 1
+    return n
+
+
+def _kind(tensor: str) -> tuple[int | None, str]:
+    m = _GGUF_BLOCK.match(tensor)
+    if m:
+        return int(m["bid"]), m["kind"]
+    return None, tensor.removesuffix(".weight")
+
+
+@dataclass(frozen=True)
+class WeightMatrix:
+    tensor: str  # GGUF tensor name, e.g. "blk.0.ffn_down_exps.weight"
+    block: int | None  # None for token_embd / output
+    expert: int | None  # slice of a merged expert tensor, None otherwise
+    kind: str  # GGUF name without "blk.N." and ".weight": "ffn_down_exps", "attn_q", ...
+    rows: int  # numpy rows (GGUF ne1)
+    cols: int  # row length seen by ggml (GGUF ne0)
+    _loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def label(self) -> str:
+        return self.tensor if self.expert is None else f"{self.tensor}[expert {self.expert}]"
+
+    def load(self) -> np.ndarray:
+        """The matrix as a new float32 array (rows, cols)."""
+        w = self._loader()
+        if w.shape != (self.rows, self.cols):
+            raise AlphaQError(f"{self.label}: loaded shape {w.shape} != ({self.rows}, {self.cols})")
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _order(m: WeightMatrix) -> tuple:
+    group = 1 if m.block is not None else (0 if m.kind == "token_embd" else 2)
+    return (group, m.block if m.block is not None else -1, m.tensor, -1 if m.expert is None else m.expert)
+
+
+@dataclass
+class ModelWeights:
+    path: Path
+    source: str  # "hf" | "gguf"
+    arch: str  # gguf architecture name as in general.architecture, e.g. "qwen2moe"
+    model_arch: MODEL_ARCH
+    n_blocks: int
+    _matrices: list[WeightMatrix] = field(repr=False)
+    _close: Callable[[], None] = field(repr=False, default=lambda: None)
+
+    def matrices(self) -> list[WeightMatrix]:
+        """Every analysable matrix / expert slice, in deterministic order (lazy loads)."""
+        return list(self._matrices)
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> "ModelWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_model(path: str | Path) -> ModelWeights:
+    """Open an HF checkpoint directory or a float (F32/F16/BF16) GGUF file."""
+    path = Path(path)
+    if not path.exists():
+        raise AlphaQError(f"model path {path} does not exist")
+    if path.is_dir():
+        return _open_hf(path)
+    if path.suffix.lower() == ".gguf":
+        return _open_gguf(path)
+    raise AlphaQError(f"{path} is neither an HF checkpoint directory nor a .gguf file")
+
+
+def supported_list() -> str:
+    return ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+
+
+# --------------------------------------------------------------------------------------
+# HF checkpoints (safetensors)
+# --------------------------------------------------------------------------------------
+
+
+def _hf_shards(path: Path) -> dict[str, Path]:
+    """tensor name -> shard file, from model.safetensors.index.json or model.safetensors.
+
+    Other *.safetensors files in the directory (e.g. a saved router init) are not weights.
+    """
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({s for s in weight_map.values() if not (path / s).exists()})
+        if missing:
+            raise AlphaQError(f"{index} names missing shard(s): {', '.join(missing)}")
+        return {name: path / shard for name, shard in sorted(weight_map.items())}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise AlphaQError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in sorted(f.keys())}
+
+
+class _HFFiles:
+    """Open safetensors handles (memory-mapped), one per shard, opened on first use."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, object] = {}
+
+    def get(self, shard: Path):
+        if shard not in self._open:
+            from safetensors import safe_open
+
+            self._open[shard] = safe_open(shard, framework="pt")
+        return self._open[shard]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _to_f32(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.float32).numpy()
+
+
+def _open_hf(path: Path) -> ModelWeights:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise AlphaQError(f"{path} is a directory without config.json, not an HF checkpoint")
+    config = json.loads(cfg_path.read_text())
+    archs = config.get("architectures") or []
+    if not archs:
+        raise AlphaQError(f"{cfg_path} has no 'architectures'; supported: {supported_list()}")
+    hf_arch = archs[0]
+    if hf_arch not in SUPPORTED_ARCHITECTURES:
+        raise AlphaQError(f"unsupported architecture {hf_arch}; supported: {supported_list()}")
+    model_arch = SUPPORTED_ARCHITECTURES[hf_arch]
+    text_cfg = config.get("text_config", config)
+    n_blocks = int(text_cfg["num_hidden_layers"])
+    tmap = gguf.get_tensor_name_map(model_arch, n_blocks)
+    shards = _hf_shards(path)
+    files = _HFFiles()
+    mats: list[WeightMatrix] = []
+
+    def add(tensor: str, expert: int | None, rows: int, cols: int, loader) -> None:
+        block, kind = _kind(tensor)
+        mats.append(WeightMatrix(tensor, block, expert, kind, rows, cols, loader))
+
+    for name, shard in shards.items():
+        sl = files.get(shard).get_slice(name)
+        shape = tuple(sl.get_shape())
+        dtype = sl.get_dtype()
+        if len(shape) < 2:
+            continue
+        layer = re.match(r"^model\.layers\.(\d+)\.", name)
+        if layer and int(layer[1]) >= n_blocks:
+            continue  # multi-token-prediction layers; the converter skips them too
+        key = name.removesuffix(".weight")
+        if not name.endswith(".weight") and not key.endswith(("experts.gate_up_proj", "experts.down_proj", "experts.gate_proj", "experts.up_proj")):
+            continue  # biases, scales, buffers
+        if dtype not in _HF_FLOAT_DTYPES:
+            raise AlphaQError(f"{path}: tensor {name} has dtype {dtype}; expected BF16/F16/F32")
+
+        def slice_loader(shard=shard, name=name, index=None, rows_sl=slice(None)):
+            def load():
+                s = files.get(shard).get_slice(name)
+                t = s[index] if index is not None else s[:]
+                return _to_f32(t[rows_sl])
+            return load
+
+        m = _HF_EXPERT.match(key)
+        if m:  # legacy per-expert 2-D tensor: one slice of the merged GGUF tensor
+            gname = tmap.get_name(f"{m['prefix']}.{m['rest']}")
+            if gname is None:
+                logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
+                continue
+            tensor = gname + ".weight"
+            if llama_quantizes(tensor, 3):
+                add(tensor, int(m["expert"]), shape[0], shape[1], slice_loader())
+            continue
+
+        if key.endswith("experts.gate_up_proj") and len(shape) == 3:
+            # transformers-5 fused (n_expert, 2*n_ff, n_embd): gate = first half of the rows,
+            # up = second half, as conversion/qwen.py Qwen2MoeModel.modify_tensors splits it.
+            n_ff = shape[1] // 2
+            base = key.removesuffix(".gate_up_proj")
+            for proj, rows_sl in (("gate_proj", slice(0, n_ff)), ("up_proj", slice(n_ff, 2 * n_ff))):
+                gname = tmap.get_name(f"{base}.{proj}")
+                if gname is not None and not llama_quantizes(gname + ".weight", 3):
+                    continue
+                if gname is None:
+                    logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, proj)
+                    continue
+                for e in range(shape[0]):
+                    add(gname + ".weight", e, n_ff, shape[2], slice_loader(index=e, rows_sl=rows_sl))
+            continue
+
+        if model_arch == MODEL_ARCH.DEEPSEEK2 and key.endswith("kv_b_proj"):
+            for tensor, rows, cols, loader in _deepseek2_kv_b(tmap, key, shape, text_cfg, slice_loader()):
+                if llama_quantizes(tensor, 3):
+                    add(tensor, None, rows, cols, loader)
+            continue
+
+        gname = tmap.get_name(key)
+        if gname is None:
+            logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
+            continue
+        tensor = gname + ".weight"
+        if not llama_quantizes(tensor, ggml_n_dims(shape)):
+            continue
+        if len(shape) == 3 and tmap.get_type(key) in EXPERT_TENSORS:  # fused (n_expert, rows, cols)
+            for e in range(shape[0]):
+                add(tensor, e, shape[1], shape[2], slice_loader(index=e))
+        else:
+            rows = math.prod(shape[:-1])
+            base_loader = slice_loader()
+            add(tensor, None, rows, shape[-1], lambda f=base_loader, r=rows: f().reshape(r, -1))
+
+    mats.sort(key=_order)
+    _check_unique(mats, path)
+    logger.info("%s: %s (%s), %d blocks, %d matrices", path, hf_arch, MODEL_ARCH_NAMES[model_arch], n_blocks, len(mats))
+    return ModelWeights(path, "hf", MODEL_ARCH_NAMES[model_arch], model_arch, n_blocks, mats, files.close)
+
+
+def _deepseek2_kv_b(tmap, key: str, shape, cfg: dict, load_kv_b):
+    """conversion/deepseek.py DeepseekV2Model.modify_tensors: kv_b_proj -> k_b (transposed), v_b."""
+    n_head_kv = int(cfg["num_key_value_heads"])
+    v_dim = int(cfg["v_head_dim"])
+    nope = int(cfg["qk_nope_head_dim"])
+    rank = shape[1]
+    if shape[0] != n_head_kv * (v_dim + nope):
+        raise AlphaQError(f"{key}: shape {shape} does not match {n_head_kv} heads x ({nope}+{v_dim})")
+
+    def heads() -> np.ndarray:
+        return load_kv_b().reshape(n_head_kv, nope + v_dim, rank)
+
+    def k_b() -> np.ndarray:  # (n_head, rank, nope) -> ggml rows (n_head*rank, nope)
+        return heads()[:, :nope, :].transpose(0, 2, 1).reshape(n_head_kv * rank, nope)
+
+    def v_b() -> np.ndarray:  # (n_head, v_dim, rank) -> (n_head*v_dim, rank)
+        return heads()[:, nope:, :].reshape(n_head_kv * v_dim, rank)
+
+    out = []
+    for proj, rows, cols, loader in (("k_b_proj", n_head_kv * rank, nope, k_b), ("v_b_proj", n_head_kv * v_dim, rank, v_b)):
+        gname = tmap.get_name(key.replace("kv_b_proj", proj))
+        if gname is None:
+            raise AlphaQError(f"gguf-py has no tensor name for {key.replace('kv_b_proj', proj)}")
+        out.append((gname + ".weight", rows, cols, loader))
+    return out
+
+
+def _check_unique(mats: list[WeightMatrix], path: Path) -> None:
+    seen: set[tuple[str, int | None]] = set()
+    for m in mats:
+        k = (m.tensor, m.expert)
+        if k in seen:
+            raise AlphaQError(f"{path}: {m.label} appears twice (conflicting tensor names)")
+        seen.add(k)
+
+
+# --------------------------------------------------------------------------------------
+# GGUF files
+# --------------------------------------------------------------------------------------
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_to_f32(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Float GGUF tensor data (as GGUFReader exposes it) -> float32, same numpy shape."""
+    if qtype == GGMLQuantizationType.BF16:
+        # the reader exposes BF16 as raw bytes (uint8, last axis 2x) or uint16
+        u16 = data.view(np.uint16) if data.dtype == np.uint8 else data.astype(np.uint16, copy=False)
+        return (u16.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(data, dtype=np.float32)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of conversion/llama.py ``LlamaModel.permute`` for a (rows, cols) matrix."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _open_gguf(path: Path) -> ModelWeights:
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise AlphaQError(f"{path}: not a readable GGUF file ({exc})") from exc
+    arch_name = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    names_to_arch = {MODEL_ARCH_NAMES[a]: a for a in SUPPORTED_GGUF_ARCHS}
+    if arch_name not in names_to_arch:
+        raise AlphaQError(
+            f"{path}: unsupported GGUF architecture {arch_name!r}; supported: {sorted(names_to_arch)}"
+        )
+    model_arch = names_to_arch[arch_name]
+    n_blocks = _field(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch_name))
+    if n_blocks is None:
+        raise AlphaQError(f"{path}: missing {gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch_name)}")
+    n_blocks = int(n_blocks)
+    n_head = _field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch_name))
+    n_head_kv = _field(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch_name), n_head)
+    tmap = gguf.get_tensor_name_map(model_arch, n_blocks)
+
+    for t in reader.tensors:
+        if ggml_n_dims(tuple(reversed([int(d) for d in t.shape]))) >= 2 and t.tensor_type not in FLOAT_TYPES:
+            raise AlphaQError(
+                f"{path}: tensor {t.name} is {t.tensor_type.name}; only F32/F16/BF16 GGUF "
+                "weights can be analysed (a quantised file measures the quantiser, not the model)"
+            )
+
+    mats: list[WeightMatrix] = []
+    for t in reader.tensors:
+        ne = [int(d) for d in t.shape]  # GGUF ne = (cols, rows[, n_expert])
+        np_shape = tuple(reversed(ne))
+        if not llama_quantizes(t.name, ggml_n_dims(np_shape)):
+            continue
+        block, kind = _kind(t.name)
+        qtype = t.tensor_type
+        is_expert = len(ne) == 3 and tmap.get_type(t.name.removesuffix(".weight")) in EXPERT_TENSORS
+        perm_heads = None
+        if model_arch in QK_PERMUTED_ARCHS and kind in ("attn_q", "attn_k"):
+            perm_heads = int(n_head) if kind == "attn_q" else int(n_head_kv)
+        if is_expert:
+            for e in range(ne[2]):
+                def load(t=t, e=e, qtype=qtype):
+                    return gguf_to_f32(np.asarray(t.data[e]), qtype)  # (rows, cols) of expert e
+                mats.append(WeightMatrix(t.name, block, e, kind, ne[1], ne[0], load))
+        else:
+            rows = math.prod(np_shape[:-1])
+
+            def load(t=t, qtype=qtype, rows=rows, heads=perm_heads):
+                w = gguf_to_f32(np.asarray(t.data), qtype).reshape(rows, -1)
+                return unpermute_qk(w, heads) if heads else w
+
+            mats.append(WeightMatrix(t.name, block, None, kind, rows, ne[0], load))
+
+    mats.sort(key=_order)
+    _check_unique(mats, path)
+    logger.info("%s: GGUF %s, %d blocks, %d matrices", path, arch_name, n_blocks, len(mats))
+    return ModelWeights(path, "gguf", arch_name, model_arch, n_blocks, mats)

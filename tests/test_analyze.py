@@ -1,0 +1,220 @@
+"""alphaq.analyze / alphaq analyze: fixtures, CSV, cache, CLI, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import alphaq.analyze as analyze_mod
+from alphaq.analyze import analyze_model, read_csv, write_csv
+from alphaq.cli import main as cli_main
+from alphaq.errors import AlphaQError
+from alphaq.plots import expert_alpha_grid, write_plots
+from alphaq.records import MatrixStats
+from alphaq.spectral import SpectralConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_DIRS = sorted(p.parent for p in FIXTURES.glob("*/config.json"))
+
+
+def median_expert_alpha(stats: list[MatrixStats]) -> float:
+    alphas = [s.alpha for s in stats if s.is_expert and s.signal]
+    assert len(alphas) >= 8, "too few expert slices with a spectral signal"
+    return statistics.median(alphas)
+
+
+@pytest.mark.parametrize(
+    "model_dir",
+    FIXTURE_DIRS or [pytest.param(None, id="no-fixtures")],
+    ids=lambda p: p.name if isinstance(p, Path) else str(p),
+)
+def test_trained_fixture_alpha_below_init(model_dir, tmp_path):
+    """HT-SR: training makes expert spectra heavier-tailed, i.e. lowers PL_Alpha_Hill. The same
+    architecture freshly initialised by transformers is the control."""
+    if model_dir is None:
+        pytest.fail(f"no trained fixtures under {FIXTURES}/*/config.json (scripts/train_tiny_moe.py)")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trained = analyze_model(model_dir, use_cache=False, progress=False)
+    config = AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    init_model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)  # fixtures are BF16
+    init_dir = tmp_path / "init"
+    init_model.save_pretrained(init_dir)
+    init = analyze_model(init_dir, use_cache=False, progress=False)
+    assert [(s.tensor, s.expert) for s in init] == [(s.tensor, s.expert) for s in trained]
+    med_trained, med_init = median_expert_alpha(trained), median_expert_alpha(init)
+    assert med_trained < med_init, (model_dir.name, med_trained, med_init)
+
+
+# --------------------------------------------------------------------------------------
+# CSV
+# --------------------------------------------------------------------------------------
+
+
+def sample_stats() -> list[MatrixStats]:
+    return [
+        MatrixStats("token_embd.weight", None, None, "token_embd", 1024, 256, 262144, 2.5, 4e-4, 80, 256),
+        MatrixStats("blk.0.ffn_down_exps.weight", 0, 3, "ffn_down_exps", 256, 96, 24576, 1.0 / 3.0, 1e-5, 30, 96),
+        MatrixStats("blk.0.attn_q.weight", 0, None, "attn_q", 1, 256, 256, math.nan, 0.0, 0, 0, False),
+    ]
+
+
+def same_stats(a: list[MatrixStats], b: list[MatrixStats]) -> bool:
+    def key(s):
+        d = dataclasses.asdict(s)
+        d["alpha"] = "nan" if math.isnan(s.alpha) else s.alpha
+        return d
+
+    return [key(s) for s in a] == [key(s) for s in b]
+
+
+def test_csv_roundtrip_exact_and_refuses_overwrite(tmp_path):
+    p = tmp_path / "alphas.csv"
+    stats = sample_stats()
+    write_csv(stats, p)
+    header = p.read_text().splitlines()[0].split(",")
+    assert header[:11] == ["tensor", "block", "expert", "kind", "rows", "cols", "params", "alpha",
+                           "variance", "k", "n_eigs"]
+    assert same_stats(read_csv(p), stats)
+    row = p.read_text().splitlines()[1].split(",")
+    assert row[1] == "" and row[2] == ""  # block/expert empty for non-block, non-expert
+    with pytest.raises(AlphaQError, match="exists"):
+        write_csv(stats[:1], p)
+    assert same_stats(read_csv(p), stats)  # untouched
+    write_csv(stats[:1], p, force=True)
+    assert same_stats(read_csv(p), stats[:1])
+    assert [q.name for q in tmp_path.iterdir()] == ["alphas.csv"]  # no temp files left
+
+
+def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
+    p = tmp_path / "alphas.csv"
+    write_csv(sample_stats(), p)
+    before = p.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(analyze_mod.os, "replace", boom)
+    with pytest.raises(OSError):
+        write_csv(sample_stats()[:1], p, force=True)
+    assert p.read_bytes() == before
+    assert [q.name for q in tmp_path.iterdir()] == ["alphas.csv"]
+
+
+def test_read_csv_errors(tmp_path):
+    with pytest.raises(AlphaQError, match="does not exist"):
+        read_csv(tmp_path / "none.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("tensor,alpha\nx,1.0\n")
+    with pytest.raises(AlphaQError, match="lacks column"):
+        read_csv(bad)
+
+
+# --------------------------------------------------------------------------------------
+# cache
+# --------------------------------------------------------------------------------------
+
+
+def test_cache_reuses_results_and_never_serves_stale_alpha(tmp_path, monkeypatch):
+    src = FIXTURE_DIRS[0] if FIXTURE_DIRS else pytest.fail("no fixtures")
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in ("config.json",):
+        (model / f).write_bytes((src / f).read_bytes())
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(raw, model / "model.safetensors")
+    cache = tmp_path / "cache"
+    first = analyze_model(model, cache_dir=cache, progress=False)
+    assert any(cache.rglob("*.json"))
+
+    calls = []
+    real = analyze_mod.analyze_matrix
+
+    def counting(w, *, name, cfg):
+        calls.append(name)
+        return real(w, name=name, cfg=cfg)
+
+    monkeypatch.setattr(analyze_mod, "analyze_matrix", counting)
+    again = analyze_model(model, cache_dir=cache, progress=False)
+    assert calls == [] and same_stats(again, first)
+
+    # change one expert's weights: exactly that slice is recomputed
+    key = next(k for k in raw if ".experts.1." in k and "layers.1." in k)
+    raw[key] = raw[key] * 1.5 + 0.01
+    save_file(raw, model / "model.safetensors")
+    changed = analyze_model(model, cache_dir=cache, progress=False)
+    assert len(calls) == 1 and "[expert 1]" in calls[0] and "blk.1." in calls[0]
+    diff = [(a.tensor, a.expert) for a, b in zip(first, changed) if a.variance != b.variance]
+    assert len(diff) == 1
+
+    # other estimator settings: nothing reused
+    calls.clear()
+    analyze_model(model, SpectralConfig(xmin_window="corrected"), cache_dir=cache, progress=False)
+    assert len(calls) == len(first)
+    calls.clear()
+    analyze_model(model, cache_dir=cache, use_cache=False, progress=False)
+    assert len(calls) == len(first)
+
+
+# --------------------------------------------------------------------------------------
+# CLI and plots
+# --------------------------------------------------------------------------------------
+
+
+def test_cli_analyze_writes_csv_and_plots(tmp_path, capsys):
+    model = FIXTURE_DIRS[-1] if FIXTURE_DIRS else pytest.fail("no fixtures")
+    out = tmp_path / "alphas.csv"
+    plots = tmp_path / "plots"
+    argv = ["analyze", str(model), "--csv", str(out), "--plots", str(plots),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert cli_main(argv) == 0
+    stats = read_csv(out)
+    assert same_stats(stats, analyze_model(model, cache_dir=tmp_path / "cache", progress=False))
+    pngs = sorted(p.name for p in plots.glob("*.png"))
+    assert "alpha_blocks_boxplot.png" in pngs and "heatmap_ffn_down_exps.png" in pngs
+    assert all((plots / p).stat().st_size > 5000 for p in pngs)
+    capsys.readouterr()
+    assert cli_main(argv) == 2  # refuses to overwrite
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--force" in err
+    assert cli_main(argv + ["--force"]) == 0
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda d: d / "missing", "does not exist"),
+    (lambda d: d, "without config.json"),
+    (lambda d: (d / "config.json").write_text('{"architectures": ["BertModel"]}') and d, "unsupported architecture BertModel"),
+])
+def test_cli_bad_model_is_one_line_exit_2(make, msg, tmp_path, capsys):
+    model = make(tmp_path)
+    assert cli_main(["analyze", str(model), "--csv", str(tmp_path / "a.csv"), "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and err.count("\n") == 0
+    assert not (tmp_path / "a.csv").exists()
+
+
+def test_expert_grid_and_plots(tmp_path):
+    stats = []
+    for b in range(3):
+        for e in range(4):
+            for kind in ("ffn_up_exps", "ffn_down_exps"):
+                stats.append(MatrixStats(f"blk.{b}.{kind}.weight", b, e, kind, 8, 8, 64,
+                                         2.0 + b + 0.1 * e, 1.0, 5, 8))
+    stats.append(MatrixStats("blk.0.attn_q.weight", 0, None, "attn_q", 8, 8, 64, 9.0, 1.0, 5, 8))
+    blocks, grid = expert_alpha_grid(stats, "ffn_up_exps")
+    assert blocks == [0, 1, 2]
+    np.testing.assert_allclose(grid, 2.0 + np.arange(3)[:, None] + 0.1 * np.arange(4)[None, :])
+    paths = write_plots(stats, tmp_path / "p")
+    assert sorted(p.name for p in paths) == ["alpha_blocks_boxplot.png", "heatmap_ffn_down_exps.png",
+                                             "heatmap_ffn_up_exps.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

@@ -1,0 +1,232 @@
+"""convert_alphaq.py end to end, against llama.cpp's own converter, quantiser and runtime."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from alphaq.cli import main as cli_main
+from alphaq.convert import ConvertConfig, load_plan_from_gguf, run_convert
+from alphaq.evaluate import perplexity
+from alphaq.gguf_io import read_tensors
+from alphaq.plan import PlanConfig
+from alphaq.qtypes import effective_type, nominal_bits, resolve_type
+from alphaq.quantize import quantize_stock
+from conftest import FIXTURES, MODEL_FIXTURES
+
+ROOT = Path(__file__).resolve().parents[1]
+HELDOUT = (FIXTURES / "heldout" / "prose.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def float_ggufs(tmp_path_factory) -> dict[str, Path]:
+    """Each fixture converted once to BF16 GGUF by llama.cpp's converter (through our glue)."""
+    from convert.hf_to_gguf import convert_hf
+
+    out = tmp_path_factory.mktemp("bf16")
+    return {name: convert_hf(FIXTURES / name, out / f"{name}-bf16.gguf").path for name in MODEL_FIXTURES}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("alpha-cache")
+
+
+def _convert(model: Path, out: Path, cache_dir: Path, **plan) -> object:
+    cfg = ConvertConfig(model=model, output=out, plan=PlanConfig(**plan), cache_dir=cache_dir,
+                        compare_stock=False, progress=False, nthread=2)
+    return run_convert(cfg)
+
+
+def _expert_tensors(path: Path):
+    return [t for t in read_tensors(path) if t.name.endswith("_exps.weight")]
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 3.5])
+@pytest.mark.parametrize("name", MODEL_FIXTURES)
+def test_every_fixture_converts_runs_and_keeps_budget(name, budget, float_ggufs, cache_dir, tmp_path):
+    out = tmp_path / f"{name}.gguf"
+    result = _convert(float_ggufs[name], out, cache_dir, budget=budget)
+    plan = load_plan_from_gguf(out)
+
+    # types: allocated tensors use a candidate or llama.cpp's shape fallback of one
+    candidates = [resolve_type(t) for t in plan["settings"]["types"]]
+    written = {t.name: t for t in read_tensors(out)}
+    for t in _expert_tensors(out):
+        allowed = {effective_type(c, t.shape[-1]) for c in candidates}
+        assert t.type in allowed, (t.name, t.type.name)
+
+    # budget, recomputed from the GGUF alone: parameter-weighted nominal bits of the candidate
+    # each expert tensor was written as (for a fallback type, the *largest* candidate that falls
+    # back to it, so the check is conservative)
+    bits, params = 0.0, 0
+    for t in _expert_tensors(out):
+        nb = max(nominal_bits(c) for c in candidates if effective_type(c, t.shape[-1]) == t.type)
+        bits += nb * t.n_elements
+        params += t.n_elements
+    assert bits / params <= budget + 1e-9, (bits / params, budget)
+
+    # predicted bytes == the GGUF's tensor bytes, tensor by tensor
+    predicted = {it["tensor"]: 0 for it in plan["items"]}
+    for it in plan["items"]:
+        predicted[it["tensor"]] += it["bytes"]
+    for f in plan["fixed"]:
+        predicted[f["tensor"]] = f["bytes"]
+    assert predicted == {n: t.n_bytes for n, t in written.items()}
+    assert result.file_bytes == out.stat().st_size
+
+    # runs in llama.cpp: generates, finite perplexity on held-out text
+    ppl = perplexity(out, HELDOUT, n_ctx=256, max_windows=4)
+    assert math.isfinite(ppl.ppl) and ppl.ppl < 200, ppl
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, seed=0, verbose=False)
+    text = llm("def ", max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert llm.tokenize(text.encode(), add_bos=False), "generated no tokens"
+
+
+def test_all_q4k_plan_is_byte_identical_to_llama_quantize(float_ggufs, cache_dir, tmp_path):
+    """Real quantiser: with every allocated tensor at Q4_K, expert tensors equal a stock
+    llama.cpp Q4_K quantisation of the same BF16 GGUF byte for byte."""
+    src = float_ggufs["mixtral"]
+    ours = tmp_path / "ours.gguf"
+    _convert(src, ours, cache_dir, budget=4.0, types=("Q4_K",))
+    stock = tmp_path / "stock.gguf"
+    quantize_stock(src, stock, "Q4_K_M")  # Q4_K_M puts these experts at Q4_K (checked below)
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(stock).tensors}
+    compared = 0
+    for name in a:
+        if name.endswith("_exps.weight") and b[name].tensor_type == gguf.GGMLQuantizationType.Q4_K:
+            assert a[name].tensor_type == gguf.GGMLQuantizationType.Q4_K
+            assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+            compared += 1
+    assert compared >= 4
+
+
+def test_hf_and_bf16_gguf_inputs_give_the_same_allocation(float_ggufs, cache_dir, tmp_path):
+    a = _convert(FIXTURES / "qwen2moe", tmp_path / "from-hf.gguf", cache_dir, budget=3.0)
+    b = _convert(float_ggufs["qwen2moe"], tmp_path / "from-gguf.gguf", cache_dir, budget=3.0)
+    assert a.tokenizer_fallback and "SentencePiece" in a.tokenizer_fallback
+    pa, pb = load_plan_from_gguf(a.output), load_plan_from_gguf(b.output)
+    assert [(i["tensor"], i["type"]) for i in pa["items"]] == [(i["tensor"], i["type"]) for i in pb["items"]]
+    assert [i["alpha"] for i in pa["items"]] == [i["alpha"] for i in pb["items"]]
+
+
+def test_output_is_deterministic(float_ggufs, cache_dir, tmp_path):
+    a = _convert(float_ggufs["qwen3moe"], tmp_path / "a.gguf", cache_dir, budget=2.5).output.read_bytes()
+    b = _convert(float_ggufs["qwen3moe"], tmp_path / "b.gguf", cache_dir, budget=2.5).output.read_bytes()
+    assert a == b
+
+
+def test_side_files_and_metadata(float_ggufs, cache_dir, tmp_path):
+    out = tmp_path / "m.gguf"
+    r = _convert(float_ggufs["mixtral"], out, cache_dir, budget=3.0)
+    assert r.plan_json == tmp_path / "m.plan.json" and r.plan_json.exists()
+    assert r.tensor_type_file == tmp_path / "m.tensor-types.txt"
+    lines = r.tensor_type_file.read_text().split()
+    assert all(ln.startswith("^blk\\.") or ln.startswith("^token_embd") or ln.startswith("^output")
+               for ln in lines)
+    reader = gguf.GGUFReader(out)
+    for key in ("alphaq.version", "alphaq.budget", "alphaq.budget_mode", "alphaq.gamma", "alphaq.types",
+                "alphaq.granularity", "alphaq.plan", "general.file_type"):
+        assert reader.get_field(key) is not None, key
+    assert json.loads(r.plan_json.read_text()) == load_plan_from_gguf(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2, no traceback, nothing written
+# ----------------------------------------------------------------------------------------------
+
+
+def _corrupt_copy(tmp_path: Path) -> Path:
+    d = tmp_path / "corrupt"
+    shutil.copytree(FIXTURES / "mixtral", d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return d
+
+
+def _nan_copy(tmp_path: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "nan"
+    shutil.copytree(FIXTURES / "mixtral", d)
+    t = load_file(d / "model.safetensors")
+    t["model.layers.1.block_sparse_moe.experts.3.w2.weight"][0, 5] = float("nan")
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def _unsupported_copy(tmp_path: Path) -> Path:
+    d = tmp_path / "gpt2ish"
+    shutil.copytree(FIXTURES / "mixtral", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+BAD_CASES = {
+    "missing path": (lambda tp, g: [str(tp / "nope"), "--budget", "3"], "does not exist"),
+    "dir without config": (lambda tp, g: [str(tp), "--budget", "3"], "config.json"),
+    "corrupt safetensors": (lambda tp, g: [str(_corrupt_copy(tp)), "--budget", "3"], "safetensors"),
+    "unsupported arch": (lambda tp, g: [str(_unsupported_copy(tp)), "--budget", "3"], "GPT2LMHeadModel"),
+    "infeasible budget": (lambda tp, g: [str(g["mixtral"]), "--budget", "0.5"], "0.5"),
+    "unknown type": (lambda tp, g: [str(g["mixtral"]), "--budget", "3", "--types", "Q3_K,Q9_Z"], "Q9_Z"),
+    "nan weights": (lambda tp, g: [str(_nan_copy(tp)), "--budget", "3"], "blk.1.ffn_down_exps"),
+    "missing output dir": (lambda tp, g: [str(g["mixtral"]), "-o", str(tp / "no" / "x.gguf")], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_is_one_line_and_writes_nothing(case, float_ggufs, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args, needle = BAD_CASES[case]
+    argv = args(tmp_path, float_ggufs)
+    if "-o" not in argv:
+        argv += ["-o", str(work / "out.gguf")]
+    code = cli_main(["convert", *argv, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) >= 1 and "Traceback" not in "\n".join(err)
+    assert needle in err[-1], err[-1]
+    assert sorted(p.name for p in work.iterdir()) == [], "nothing may be written"
+
+
+def test_quantised_gguf_input_is_refused(float_ggufs, tmp_path, capsys):
+    q = tmp_path / "q.gguf"
+    quantize_stock(float_ggufs["mixtral"], q, "Q4_K_M")
+    out = tmp_path / "out.gguf"
+    code = cli_main(["convert", str(q), "--budget", "3", "-o", str(out), "--no-progress"])
+    assert code == 2 and "already quantised" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_existing_output_needs_force(float_ggufs, cache_dir, tmp_path, capsys):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"keep me")
+    code = cli_main(["convert", str(float_ggufs["mixtral"]), "-o", str(out), "--no-progress"])
+    assert code == 2 and "--force" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+
+
+def test_convert_alphaq_script_runs_as_documented(tmp_path):
+    out = tmp_path / "demo.gguf"
+    proc = subprocess.run([sys.executable, str(ROOT / "convert_alphaq.py"), str(FIXTURES / "mixtral"),
+                           "--budget", "3", "-o", str(out), "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.exists()
+    for needle in ("true bpw", "types", "nearest is llama.cpp", "runtime"):
+        assert needle in proc.stdout, proc.stdout

@@ -1,0 +1,261 @@
+"""alphaq.weights: HF and GGUF sources give the matrices llama.cpp's converter writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from alphaq.analyze import analyze_model
+from alphaq.errors import AlphaQError
+from alphaq.weights import ggml_n_dims, llama_quantizes, open_model, unpermute_qk
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fixture(name: str) -> Path:
+    p = FIXTURES / name
+    if not (p / "config.json").exists():
+        pytest.fail(f"fixture {p} is missing (scripts/train_tiny_moe.py --zoo fixtures)")
+    return p
+
+
+def hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def same_matrices(a, b) -> None:
+    ma, mb = a.matrices(), b.matrices()
+    assert [(m.tensor, m.expert, m.kind, m.rows, m.cols) for m in ma] == [
+        (m.tensor, m.expert, m.kind, m.rows, m.cols) for m in mb
+    ]
+    for x, y in zip(ma, mb):
+        np.testing.assert_array_equal(x.load(), y.load(), err_msg=x.label)
+
+
+# --------------------------------------------------------------------------------------
+# against llama.cpp's own converter
+# --------------------------------------------------------------------------------------
+
+
+def convert_with_llama_cpp(model: Path, out: Path) -> Path:
+    sys.path.insert(0, str(REPO))
+    from convert.vendor import ensure_vendor
+
+    try:
+        vendor = ensure_vendor()
+    except AlphaQError as exc:  # no network and no cached sdist
+        pytest.skip(f"llama.cpp converter unavailable: {exc}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.run_upstream", str(vendor), str(model), "--outtype", "bf16",
+         "--outfile", str(out)],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+# mixtral: Q/K rows permuted by LlamaModel; deepseek2: kv_b_proj split into attn_k_b/attn_v_b
+@pytest.mark.parametrize("name", ["mixtral", "deepseek2"])
+def test_hf_and_converted_gguf_give_identical_matrices_and_alpha(name, tmp_path):
+    hf_dir = fixture(name)
+    gguf_path = convert_with_llama_cpp(hf_dir, tmp_path / f"{name}.gguf")
+    with open_model(hf_dir) as hf, open_model(gguf_path) as gg:
+        assert (hf.source, gg.source) == ("hf", "gguf")
+        assert hf.arch == gg.arch and hf.n_blocks == gg.n_blocks
+        same_matrices(hf, gg)
+    a = analyze_model(hf_dir, use_cache=False, progress=False)
+    b = analyze_model(gguf_path, use_cache=False, progress=False)
+    assert [s.tensor for s in a] == [s.tensor for s in b]
+    assert [s.alpha for s in a] == [s.alpha for s in b]  # same bits in, same alpha out
+
+
+# --------------------------------------------------------------------------------------
+# HF naming and layouts
+# --------------------------------------------------------------------------------------
+
+
+def test_mixtral_per_expert_names_map_to_merged_gguf_tensor():
+    path = fixture("mixtral")
+    raw = hf_tensors(path)
+    with open_model(path) as mw:
+        assert mw.arch == "llama" and mw.source == "hf"
+        by_key = {(m.tensor, m.expert): m for m in mw.matrices()}
+        m = by_key[("blk.1.ffn_gate_exps.weight", 2)]
+        assert (m.block, m.kind) == (1, "ffn_gate_exps")
+        want = raw["model.layers.1.block_sparse_moe.experts.2.w1.weight"].float().numpy()
+        np.testing.assert_array_equal(m.load(), want)
+        assert by_key[("blk.0.ffn_down_exps.weight", 7)].load().shape == tuple(
+            raw["model.layers.0.block_sparse_moe.experts.7.w2.weight"].shape
+        )
+        kinds = {m.kind for m in mw.matrices()}
+    assert kinds == {"token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output",
+                     "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}  # no router, no norms
+    order = [m.kind for m in open_model(path).matrices()]
+    assert order[0] == "token_embd" and order[-1] == "output"
+
+
+def test_fused_expert_tensors_equal_per_expert_ones(tmp_path):
+    """transformers-5 fused (n_expert, 2*n_ff, n_embd) gate_up_proj and (n_expert, n_embd, n_ff)
+    down_proj are sliced like conversion/qwen.py splits them."""
+    src = fixture("qwen3moe")
+    raw = hf_tensors(src)
+    cfg = json.loads((src / "config.json").read_text())
+    fused = {}
+    for k, v in raw.items():
+        if ".mlp.experts." not in k:
+            fused[k] = v
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}.mlp.experts"
+        E = len([k for k in raw if k.startswith(f"{p}.") and k.endswith(".gate_proj.weight")])
+        gate = torch.stack([raw[f"{p}.{e}.gate_proj.weight"] for e in range(E)])
+        up = torch.stack([raw[f"{p}.{e}.up_proj.weight"] for e in range(E)])
+        fused[f"{p}.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
+        fused[f"{p}.down_proj"] = torch.stack([raw[f"{p}.{e}.down_proj.weight"] for e in range(E)])
+    out = tmp_path / "fused"
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    save_file(fused, out / "model.safetensors")
+    with open_model(src) as a, open_model(out) as b:
+        same_matrices(a, b)
+
+
+def test_sharded_checkpoint_equals_single_file(tmp_path):
+    src = fixture("qwen2moe")
+    raw = hf_tensors(src)
+    names = sorted(raw)
+    half = len(names) // 2
+    out = tmp_path / "sharded"
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    shutil.copy(src / "router_init.safetensors", out / "router_init.safetensors")  # not weights
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: raw[k] for k in part}, out / shard)
+        weight_map.update({k: shard for k in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with open_model(src) as a, open_model(out) as b:
+        same_matrices(a, b)
+
+
+def test_llama_quantizes_mirrors_llama_quant_rules():
+    assert llama_quantizes("blk.0.ffn_down_exps.weight", 3)
+    assert llama_quantizes("blk.0.attn_q.weight", 2)
+    assert llama_quantizes("token_embd.weight", 2) and llama_quantizes("output.weight", 2)
+    assert not llama_quantizes("blk.0.ffn_gate_inp.weight", 2)  # router
+    assert not llama_quantizes("blk.0.attn_norm.weight", 2)
+    assert not llama_quantizes("blk.0.attn_q.bias", 2)
+    assert not llama_quantizes("blk.0.attn_q.weight", 1)
+    # Qwen2-MoE shared_expert_gate is (1, n_embd): ggml_n_dims 1, so never quantised
+    assert ggml_n_dims((1, 2048)) == 1 and ggml_n_dims((8, 1, 64)) == 3
+    assert not llama_quantizes("blk.0.ffn_gate_inp_shexp.weight", ggml_n_dims((1, 2048)))
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    # verbatim logic of conversion/llama.py LlamaModel.permute (llama-cpp-python 0.3.36)
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (32, 8)])
+def test_unpermute_inverts_llama_cpp_permute(heads):
+    n_head, n_kv = heads
+    rng = np.random.default_rng(0)
+    head_dim = 16
+    w = rng.standard_normal((n_kv * head_dim, 48)).astype(np.float32)
+    p = llama_cpp_permute(w, n_head, n_kv)
+    assert not np.array_equal(p, w)
+    np.testing.assert_array_equal(unpermute_qk(p, n_kv), w)
+
+
+# --------------------------------------------------------------------------------------
+# GGUF input written with gguf-py
+# --------------------------------------------------------------------------------------
+
+
+def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, QT]], arch: str = "qwen3moe", blocks: int = 1):
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(blocks)
+    w.add_head_count(2)
+    for name, (data, qtype) in tensors.items():
+        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16])
+def test_gguf_float_types_and_expert_slices(qtype, tmp_path):
+    rng = np.random.default_rng(1)
+    exps = rng.standard_normal((4, 96, 64)).astype(np.float32)  # (n_expert, rows, cols)
+    attn = rng.standard_normal((64, 64)).astype(np.float32)
+    norm = np.ones(64, np.float32)
+    path = write_gguf(tmp_path / "m.gguf", {
+        "blk.0.ffn_up_exps.weight": (exps, qtype),
+        "blk.0.attn_q.weight": (attn, qtype),
+        "blk.0.attn_norm.weight": (norm, QT.F32),
+    })
+    # what the file holds, decoded by gguf-py itself
+    want_exps = gguf.quants.dequantize(gguf.quants.quantize(exps, qtype), qtype)
+    want_attn = gguf.quants.dequantize(gguf.quants.quantize(attn, qtype), qtype)
+    with open_model(path) as mw:
+        mats = mw.matrices()
+        assert [(m.tensor, m.expert) for m in mats] == [("blk.0.attn_q.weight", None)] + [
+            ("blk.0.ffn_up_exps.weight", e) for e in range(4)
+        ]
+        np.testing.assert_array_equal(mats[0].load(), want_attn)
+        for e in range(4):
+            assert (mats[1 + e].rows, mats[1 + e].cols) == (96, 64)
+            np.testing.assert_array_equal(mats[1 + e].load(), want_exps[e])
+
+
+def test_quantised_gguf_is_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    path = write_gguf(tmp_path / "q.gguf", {
+        "blk.0.attn_q.weight": (rng.standard_normal((64, 64)).astype(np.float32), QT.F32),
+        "blk.0.ffn_down_exps.weight": (rng.standard_normal((2, 64, 96)).astype(np.float32), QT.Q8_0),
+    })
+    with pytest.raises(AlphaQError, match=r"blk\.0\.ffn_down_exps\.weight is Q8_0"):
+        open_model(path)
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    path = write_gguf(tmp_path / "g.gguf", {"blk.0.attn_q.weight": (np.ones((4, 32), np.float32), QT.F32)}, arch="gpt2")
+    with pytest.raises(AlphaQError, match="unsupported GGUF architecture 'gpt2'"):
+        open_model(path)
+
+
+# --------------------------------------------------------------------------------------
+# bad HF input
+# --------------------------------------------------------------------------------------
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(AlphaQError, match="does not exist"):
+        open_model(tmp_path / "nope")
+    with pytest.raises(AlphaQError, match="without config.json"):
+        open_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(AlphaQError, match=r"unsupported architecture GPT2LMHeadModel; supported: .*MixtralForCausalLM"):
+        open_model(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"x")
+    with pytest.raises(AlphaQError, match="neither an HF checkpoint directory nor a .gguf"):
+        open_model(tmp_path / "w.safetensors")
