@@ -51,12 +51,18 @@ def default_gamma(alphas: Sequence[float]) -> float:
     return float(a.min() * (a.max() - a.min()) / v)
 
 
+# Beyond this |log weight| a large gamma would overflow float64 (e^709); the weights are then all
+# divided by e^max(log w), which leaves the optimum unchanged (Eq. 5 is invariant to scaling eta).
+_MAX_LOG_WEIGHT = 600.0
+
+
 @dataclass(frozen=True)
 class Importance:
     alpha_tilde: float  # median alpha over target matrices with a signal (NaN if none)
     gamma: float  # exponent used
     gamma_is_default: bool  # True when gamma came from App. A.7, False when given
-    weights: np.ndarray  # (n_stats,) (alpha_tilde / alpha_l)^gamma; 1 where there is no signal
+    weights: np.ndarray  # (n_stats,) (alpha_tilde / alpha_l)^gamma * e^-log_scale; e^-log_scale without signal
+    log_scale: float = 0.0  # weights were divided by e^log_scale to stay finite (0 unless gamma is huge)
 
 
 def importance_weights(stats: Sequence[MatrixStats], gamma: float | None = None) -> Importance:
@@ -75,12 +81,22 @@ def importance_weights(stats: Sequence[MatrixStats], gamma: float | None = None)
         return Importance(float("nan"), 0.0 if gamma is None else float(gamma), gamma is None, np.ones(len(stats)))
     alpha_tilde = float(np.median(alphas[has]))
     g = default_gamma(alphas[has].tolist()) if gamma is None else float(gamma)
-    w = np.ones(len(stats), dtype=np.float64)
-    w[has] = (alpha_tilde / alphas[has]) ** g
+    log_w = np.zeros(len(stats), dtype=np.float64)
+    log_w[has] = g * (np.log(alpha_tilde) - np.log(alphas[has]))
+    log_scale = 0.0
+    if np.abs(log_w).max() > _MAX_LOG_WEIGHT:
+        log_scale = float(log_w.max())
+        logger.warning(
+            "gamma %.4g makes importance weights span e^%.0f; all costs are divided by e^%.1f (optimum unchanged)",
+            g,
+            float(log_w.max() - log_w.min()),
+            log_scale,
+        )
+    w = np.exp(log_w - log_scale)
     n_neutral = int((~has).sum())
     if n_neutral:
         logger.info("%d target matrices have no spectral signal; importance weight 1 (neutral)", n_neutral)
-    return Importance(alpha_tilde, g, gamma is None, w)
+    return Importance(alpha_tilde, g, gamma is None, w, log_scale)
 
 
 def paper_noise(variance: float, bits: int | np.ndarray) -> float | np.ndarray:

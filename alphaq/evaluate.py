@@ -40,9 +40,7 @@ def window_logprobs(llm, tokens: list[int]) -> np.ndarray:
     return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
 
 
-def perplexity(path: Path, text: str, *, n_ctx: int = 256, max_windows: int | None = None,
-               llm=None) -> Perplexity:
-    llm = llm or load_llama(path, n_ctx)
+def windows(llm, text: str, n_ctx: int, max_windows: int | None) -> list[list[int]]:
     tokens = llm.tokenize(text.encode(), add_bos=False)
     n_windows = len(tokens) // n_ctx
     if max_windows is not None:
@@ -50,15 +48,64 @@ def perplexity(path: Path, text: str, *, n_ctx: int = 256, max_windows: int | No
     if n_windows < 1:
         raise AlphaQError(f"text has {len(tokens)} tokens, fewer than one window of n_ctx={n_ctx}")
     bos = llm.token_bos()
-    first = n_ctx // 2
-    nll, count = 0.0, 0
+    out = []
     for w in range(n_windows):
         chunk = list(tokens[w * n_ctx:(w + 1) * n_ctx])
         if bos >= 0:
             chunk[0] = bos
+        out.append(chunk)
+    return out
+
+
+def perplexity(path: Path, text: str, *, n_ctx: int = 256, max_windows: int | None = None,
+               llm=None) -> Perplexity:
+    llm = llm or load_llama(path, n_ctx)
+    first = n_ctx // 2
+    nll, count = 0.0, 0
+    chunks = windows(llm, text, n_ctx, max_windows)
+    for chunk in chunks:
         lp = window_logprobs(llm, chunk)
         targets = np.asarray(chunk[first:], dtype=np.int64)
         nll -= float(lp[np.arange(first - 1, n_ctx - 1), targets].sum())
         count += len(targets)
     mean = nll / count
-    return Perplexity(math.exp(mean), mean, count, n_windows)
+    return Perplexity(math.exp(mean), mean, count, len(chunks))
+
+
+@dataclass(frozen=True)
+class TextReport:
+    text: str  # file name
+    ppl: float
+    n_scored: int
+    n_windows: int
+    ref_ppl: float | None = None
+    kl: float | None = None  # mean KL(ref || model) per scored token, nats
+    top1: float | None = None  # fraction of scored positions where both argmax tokens agree
+
+
+def evaluate_text(llm, text: str, *, name: str, n_ctx: int, max_windows: int | None = None,
+                  ref=None, progress: bool = False) -> TextReport:
+    """Perplexity of ``llm`` on ``text``; with ``ref`` also KL divergence and top-1 agreement
+    against the reference model's logits on the very same token windows."""
+    from tqdm import tqdm
+
+    first = n_ctx // 2
+    chunks = windows(ref or llm, text, n_ctx, max_windows)
+    nll = ref_nll = kl = 0.0
+    agree = count = 0
+    for chunk in tqdm(chunks, desc=f"eval {name}", unit="window", disable=not progress, dynamic_ncols=True):
+        targets = np.asarray(chunk[first:], dtype=np.int64)
+        pos = np.arange(first - 1, n_ctx - 1)
+        lp = window_logprobs(llm, chunk)[pos]
+        nll -= float(lp[np.arange(len(targets)), targets].sum())
+        if ref is not None:
+            lq = window_logprobs(ref, chunk)[pos]
+            ref_nll -= float(lq[np.arange(len(targets)), targets].sum())
+            kl += float((np.exp(lq) * (lq - lp)).sum())
+            agree += int((lq.argmax(1) == lp.argmax(1)).sum())
+        count += len(targets)
+    return TextReport(
+        text=name, ppl=math.exp(nll / count), n_scored=count, n_windows=len(chunks),
+        ref_ppl=math.exp(ref_nll / count) if ref is not None else None,
+        kl=kl / count if ref is not None else None,
+        top1=agree / count if ref is not None else None)

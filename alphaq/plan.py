@@ -494,12 +494,13 @@ def _index(stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo]):
         t = by_name.get(s.tensor)
         if t is None:
             raise AlphaQError(f"statistics for {s.tensor}, which is not a tensor of this model")
-        if len(t.shape) < 2 or (s.rows, s.cols) != tuple(t.shape[-2:]):
+        if s.expert is not None:  # one slice of a merged (n_expert, rows, cols) tensor
+            if not (len(t.shape) == 3 and 0 <= s.expert < t.shape[0] and (s.rows, s.cols) == tuple(t.shape[1:])):
+                raise AlphaQError(f"{s.tensor}: expert {s.expert} of {s.rows}x{s.cols} does not fit the tensor {t.shape}")
+        elif len(t.shape) < 2 or (s.rows, s.cols) != (math.prod(t.shape[:-1]), t.shape[-1]):
+            # a whole tensor; one with more dims (DeepSeek-V2 attn_k_b: (n_head, rows, cols)) is
+            # analysed as its (prod of leading dims, cols) matrix
             raise AlphaQError(f"{s.tensor}: stats say {s.rows}x{s.cols}, the tensor is {t.shape}")
-        if s.expert is not None and not (len(t.shape) == 3 and 0 <= s.expert < t.shape[0]):
-            raise AlphaQError(f"{s.tensor}: expert {s.expert} is outside the tensor's shape {t.shape}")
-        if s.expert is None and len(t.shape) != 2:
-            raise AlphaQError(f"{s.tensor}: whole-tensor stats for a tensor of shape {t.shape}")
         by_tensor[s.tensor].append(s)
     for name, ss in by_tensor.items():
         keys = [s.expert for s in ss]
@@ -525,7 +526,9 @@ def _select(by_name, by_tensor, cfg: PlanConfig) -> tuple[list[str], str]:
         ]
     for n in chosen:
         t, ss = by_name[n], by_tensor[n]
-        if len(t.shape) == 3 and len(ss) != t.shape[0]:
+        if any(s.expert is None for s in ss) and len(ss) > 1:
+            raise AlphaQError(f"{n}: whole-tensor and per-expert statistics mixed")
+        if ss[-1].expert is not None and len(ss) != t.shape[0]:
             missing = sorted(set(range(t.shape[0])) - {s.expert for s in ss})
             raise AlphaQError(f"{n}: statistics missing for experts {missing[:8]}{'...' if len(missing) > 8 else ''}")
     skipped = [n for n in by_tensor if n not in quantised]
@@ -538,7 +541,7 @@ def _units(chosen, by_name, by_tensor, cfg: PlanConfig) -> list[_Unit]:
     units = []
     for n in chosen:
         t, ss = by_name[n], by_tensor[n]
-        if cfg.granularity == "expert" and len(t.shape) == 3:
+        if cfg.granularity == "expert" and ss[0].expert is not None:
             units.extend(_Unit(t, (s,), s.expert, tuple(t.shape[1:])) for s in ss)
         else:
             units.append(_Unit(t, tuple(ss), None, tuple(t.shape)))
@@ -734,6 +737,7 @@ def make_plan(
         "gamma": imp.gamma,
         "gamma_source": "default (App. A.7)" if imp.gamma_is_default else "user",
         "alpha_tilde": imp.alpha_tilde,
+        "importance_log_scale": imp.log_scale,  # eta in this plan = true eta * e^-importance_log_scale
         "granularity": cfg.granularity,
         "scope": cfg.scope,
         "allocate": cfg.allocate,

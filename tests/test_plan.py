@@ -578,3 +578,35 @@ def test_plan_command(tmp_path, monkeypatch, capsys):
                      "--tensor-type-file", str(tmp_path / "e.txt")]) == 2
     assert cli.main(["plan", str(src), "--target-size", "2MiB", "--json", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["totals"]["predicted_file_bytes"] <= 2 * 2**20
+
+
+def test_multi_dim_non_expert_tensor_is_one_item():
+    """DeepSeek-V2 attn_k_b is (n_head, rows, cols) but not an expert tensor: the spectral stage
+    analyses it as one (n_head * rows, cols) matrix, and llama.cpp gives it one type."""
+    tensors, stats = moe_model(n_blocks=1)
+    tensors.append(TensorInfo("blk.0.attn_k_b.weight", (4, 256, 32), "F16"))
+    stats.append(MatrixStats("blk.0.attn_k_b.weight", 0, None, "attn_k_b", 1024, 32, 1024 * 32, 3.0, 1e-3, 10, 100))
+    for gran in ("tensor", "expert"):
+        plan = make_plan(stats, tensors, PlanConfig(budget=3, allocate="all", granularity=gran), fixed_bytes=0)
+        kb = [it for it in plan.items if it.tensor == "blk.0.attn_k_b.weight"]
+        assert len(kb) == 1 and kb[0].expert is None and kb[0].shape == (4, 256, 32)
+        assert kb[0].written["Q4_K"] == "Q5_0"  # ne0 = 32
+        assert kb[0].bytes == tensor_bytes(kb[0].type, (4, 256, 32))
+    plan = make_plan(stats, tensors, PlanConfig(budget=3), fixed_bytes=0)  # default: policy type
+    assert plan.tensor_types()["blk.0.attn_k_b.weight"] is T.Q5_0
+    bad = stats[:-1] + [MatrixStats("blk.0.attn_k_b.weight", 0, None, "attn_k_b", 256, 32, 256 * 32, 3.0, 1e-3, 10, 100)]
+    with pytest.raises(AlphaQError, match="stats say 256x32"):
+        make_plan(bad, tensors, PlanConfig(budget=3), fixed_bytes=0)
+
+
+def test_huge_gamma_stays_finite_and_optimal():
+    """(alpha_tilde/alpha)^gamma overflows float64 for gamma ~ 1e3; costs are rescaled, not inf."""
+    tensors, stats = moe_model(seed=7)
+    plan = make_plan(stats, tensors, PlanConfig(budget=2.5, granularity="expert", gamma=3000.0), fixed_bytes=0)
+    assert plan.settings["importance_log_scale"] > 600
+    assert all(np.isfinite(v) for it in plan.items for v in it.costs.values())
+    # the most important matrix (lowest alpha) gets the most bits
+    top = min(plan.items, key=lambda it: it.slices[0].alpha)
+    assert top.type is T.Q4_K
+    ref = make_plan(stats, tensors, PlanConfig(budget=2.5, granularity="expert", gamma=3.0), fixed_bytes=0)
+    assert ref.settings["importance_log_scale"] == 0.0

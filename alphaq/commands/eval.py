@@ -1,0 +1,63 @@
+"""`alphaq eval MODEL.gguf --text FILE [--text FILE ...] [--ref REF.gguf] [--json OUT]`.
+
+Perplexity through llama.cpp (llama-perplexity style: non-overlapping n_ctx windows, second half
+scored) and, against a reference GGUF, mean KL divergence and top-1 token agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from alphaq.errors import AlphaQError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="perplexity / KL / top-1 of a GGUF through llama.cpp",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("model", type=Path, metavar="MODEL.gguf")
+    p.add_argument("--text", type=Path, action="append", required=True, help="held-out text file (repeatable)")
+    p.add_argument("--ref", type=Path, help="reference GGUF (e.g. the BF16 model) for KL and top-1")
+    p.add_argument("--n-ctx", type=int, default=256, help="window length (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, help="at most this many windows per text")
+    p.add_argument("--json", dest="json_path", type=Path, help="write the report as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite an existing JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from alphaq.evaluate import evaluate_text, load_llama
+
+    for path in [args.model, *( [args.ref] if args.ref else [] )]:
+        if not path.is_file():
+            raise AlphaQError(f"model {path} does not exist")
+    for t in args.text:
+        if not t.is_file():
+            raise AlphaQError(f"text {t} does not exist")
+    if args.n_ctx < 8:
+        raise AlphaQError(f"--n-ctx {args.n_ctx} must be at least 8")
+    if args.json_path and args.json_path.exists() and not args.force:
+        raise AlphaQError(f"{args.json_path} exists; pass --force to overwrite")
+    if args.json_path and not args.json_path.parent.is_dir():
+        raise AlphaQError(f"output directory {args.json_path.parent} does not exist")
+    llm = load_llama(args.model, args.n_ctx)
+    ref = load_llama(args.ref, args.n_ctx) if args.ref else None
+    reports = []
+    for t in args.text:
+        r = evaluate_text(llm, t.read_text(errors="replace"), name=t.name, n_ctx=args.n_ctx,
+                          max_windows=args.max_windows, ref=ref, progress=not args.no_progress)
+        reports.append(r)
+        line = f"{t.name}: ppl {r.ppl:.4f} over {r.n_scored} tokens"
+        if ref is not None:
+            line += f"; ref ppl {r.ref_ppl:.4f}, KL {r.kl:.5f} nats/token, top-1 agreement {r.top1:.2%}"
+        print(line)
+    if args.json_path:
+        doc = {"model": str(args.model), "ref": str(args.ref) if args.ref else None, "n_ctx": args.n_ctx,
+               "texts": [dataclasses.asdict(r) for r in reports]}
+        tmp = args.json_path.with_name(args.json_path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        tmp.replace(args.json_path)
+    return 0
