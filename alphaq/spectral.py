@@ -178,7 +178,7 @@ def farms_eigenvalues(w: np.ndarray, cfg: SpectralConfig | None = None) -> np.nd
             # one block: its squared singular values (min(rows, cols) of them) straight from an
             # SVD, which is as cheap as Gram + eigvalsh and more accurate for small ones
             one = w if grid is None else w[:b, :b]
-            x = torch.from_numpy(np.ascontiguousarray(one)).to(dev, torch.float64)
+            x = torch.from_numpy(np.ascontiguousarray(one)).to(torch.float64)  # CPU: see below
             eig = torch.linalg.svdvals(x).square()
         else:
             eig = _blocked_eigs(w, grid, b, dev, cfg.zero_rel_tol, n_workers)
@@ -191,13 +191,18 @@ def _block(w: np.ndarray, r: int, c: int, b: int) -> np.ndarray:
 
 
 def _block_row_eigs(w: np.ndarray, r0: int, r1: int, nc: int, b: int, dev: torch.device):
-    """Gram eigenvalues of the blocks in block-rows r0..r1: (n_blocks, b), ascending."""
+    """Gram eigenvalues of the blocks in block-rows r0..r1: (n_blocks, b), ascending, on CPU.
+
+    The Gram products run on ``dev``; the eigensolver always runs on the CPU: cuSOLVER has no
+    batched float64 solver for 256x256 and loops at ~2 ms per matrix on an H100, no faster
+    than one CPU core (docs/SPECTRAL.md), while the CPU thread pool scales with the cores.
+    """
     x = torch.from_numpy(np.ascontiguousarray(w[r0 * b : r1 * b, : nc * b]))
     x = x.to(dev, torch.float64)
     # (rr*b, nc*b) -> (rr, b, nc, b) -> (rr*nc, b, b): block (r, c) at index r*nc + c
     blocks = x.reshape(r1 - r0, b, nc, b).permute(0, 2, 1, 3).reshape(-1, b, b)
     gram = blocks.mT @ blocks  # (n_blocks, b, b) = B^T B
-    return torch.linalg.eigvalsh(gram)
+    return torch.linalg.eigvalsh(gram.cpu())
 
 
 def _blocked_eigs(
@@ -207,9 +212,10 @@ def _blocked_eigs(
     # ~32 blocks (16 MiB of float64 Gram matrices) per task keeps memory flat for big experts
     rows_per_task = max(1, 32 // nc)
     tasks = [(r0, min(nr, r0 + rows_per_task)) for r0 in range(0, nr, rows_per_task)]
-    if dev.type == "cpu" and n_workers > 1 and len(tasks) > 1:
+    if n_workers > 1 and len(tasks) > 1:
         # one single-threaded block batch per core: LAPACK's syevd on 256x256 matrices scales
         # poorly across intra-op threads (docs/SPECTRAL.md); torch releases the GIL inside.
+        # (CUDA kernels issued from several threads share the default stream: still correct.)
         with ThreadPoolExecutor(n_workers) as pool:
             parts = list(pool.map(lambda t: _block_row_eigs(w, *t, nc, b, dev), tasks))
     else:
@@ -230,7 +236,7 @@ def _blocked_eigs(
     redo = torch.nonzero(near.any(dim=1)).flatten().tolist()
     for idx in redo:
         r, c = divmod(idx, nc)
-        blk = torch.from_numpy(np.ascontiguousarray(_block(w, r, c, b))).to(dev, torch.float64)
+        blk = torch.from_numpy(np.ascontiguousarray(_block(w, r, c, b))).to(torch.float64)
         eig[idx] = torch.linalg.svdvals(blk).square().flip(0)
     if len(redo) > 1:
         logger.debug("recomputed %d of %d FARMS blocks with SVD", len(redo), nr * nc)
