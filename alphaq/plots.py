@@ -27,6 +27,10 @@ def _expert_stats(stats: list[MatrixStats]) -> list[MatrixStats]:
     return [s for s in stats if s.is_expert and s.signal and math.isfinite(s.alpha)]
 
 
+def _block_stats(stats: list[MatrixStats]) -> list[MatrixStats]:
+    return [s for s in stats if s.block is not None and s.signal and math.isfinite(s.alpha)]
+
+
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=120)
@@ -35,12 +39,19 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def plot_block_boxplots(stats: list[MatrixStats], path: str | Path, title: str = "") -> Path:
-    """Fig. 3: distribution of alpha over all expert projections, one box per block."""
+    """Fig. 3: distribution of alpha over all expert projections, one box per block.
+
+    A dense model (no experts) gets the same view over all of a block's matrices (Fig. 9).
+    """
+    sel = _expert_stats(stats)
+    what = "expert projections"
+    if not sel:
+        sel, what = _block_stats(stats), "matrices"
     per_block: dict[int, list[float]] = defaultdict(list)
-    for s in _expert_stats(stats):
+    for s in sel:
         per_block[s.block].append(s.alpha)
     if not per_block:
-        raise AlphaQError("no expert matrices with a spectral signal to plot")
+        raise AlphaQError("no block matrices with a spectral signal to plot")
     blocks = sorted(per_block)
     fig = Figure(figsize=(max(6.0, 0.35 * len(blocks) + 2), 4.0))
     ax = fig.add_subplot()
@@ -48,7 +59,7 @@ def plot_block_boxplots(stats: list[MatrixStats], path: str | Path, title: str =
     ax.set_xticks(range(1, len(blocks) + 1), [str(b) for b in blocks])
     ax.set_xlabel("block")
     ax.set_ylabel("PL_Alpha_Hill")
-    ax.set_title(title or "PL_Alpha_Hill of expert projections per block (min/Q1/median/Q3/max)")
+    ax.set_title(title or f"PL_Alpha_Hill of {what} per block (min/Q1/median/Q3/max)", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
 
@@ -95,5 +106,6 @@ def write_plots(stats: list[MatrixStats], out_dir: str | Path, title: str = "") 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [plot_block_boxplots(stats, out_dir / "alpha_blocks_boxplot.png", title)]
-    paths += plot_expert_heatmaps(stats, out_dir)
+    if _expert_stats(stats):
+        paths += plot_expert_heatmaps(stats, out_dir)
     return paths

@@ -178,7 +178,7 @@ def farms_eigenvalues(w: np.ndarray, cfg: SpectralConfig | None = None) -> np.nd
             # one block: its squared singular values (min(rows, cols) of them) straight from an
             # SVD, which is as cheap as Gram + eigvalsh and more accurate for small ones
             one = w if grid is None else w[:b, :b]
-            x = torch.from_numpy(np.ascontiguousarray(one)).to(torch.float64)  # CPU: see below
+            x = torch.from_numpy(np.ascontiguousarray(one)).to(torch.float64)  # CPU, as below
             eig = torch.linalg.svdvals(x).square()
         else:
             eig = _blocked_eigs(w, grid, b, dev, cfg.zero_rel_tol, n_workers)
@@ -190,18 +190,17 @@ def _block(w: np.ndarray, r: int, c: int, b: int) -> np.ndarray:
     return w[r * b : (r + 1) * b, c * b : (c + 1) * b]
 
 
-def _block_row_eigs(w: np.ndarray, r0: int, r1: int, nc: int, b: int, dev: torch.device):
-    """Gram eigenvalues of the blocks in block-rows r0..r1: (n_blocks, b), ascending, on CPU.
+def _blocks_eigs(w: np.ndarray, first: int, last: int, nc: int, b: int, dev: torch.device):
+    """Gram eigenvalues of FARMS blocks first..last-1 (row-major over the block grid):
+    (n_blocks, b), ascending, on the CPU.
 
     The Gram products run on ``dev``; the eigensolver always runs on the CPU: cuSOLVER has no
     batched float64 solver for 256x256 and loops at ~2 ms per matrix on an H100, no faster
     than one CPU core (docs/SPECTRAL.md), while the CPU thread pool scales with the cores.
     """
-    x = torch.from_numpy(np.ascontiguousarray(w[r0 * b : r1 * b, : nc * b]))
-    x = x.to(dev, torch.float64)
-    # (rr*b, nc*b) -> (rr, b, nc, b) -> (rr*nc, b, b): block (r, c) at index r*nc + c
-    blocks = x.reshape(r1 - r0, b, nc, b).permute(0, 2, 1, 3).reshape(-1, b, b)
-    gram = blocks.mT @ blocks  # (n_blocks, b, b) = B^T B
+    blocks = np.stack([_block(w, *divmod(i, nc), b) for i in range(first, last)])  # (n, b, b)
+    x = torch.from_numpy(blocks).to(dev, torch.float64)
+    gram = x.mT @ x  # (n, b, b) = B^T B
     return torch.linalg.eigvalsh(gram.cpu())
 
 
@@ -209,17 +208,18 @@ def _blocked_eigs(
     w: np.ndarray, grid: tuple[int, int], b: int, dev: torch.device, zero_rel_tol: float, n_workers: int
 ) -> torch.Tensor:
     nr, nc = grid
-    # ~32 blocks (16 MiB of float64 Gram matrices) per task keeps memory flat for big experts
-    rows_per_task = max(1, 32 // nc)
-    tasks = [(r0, min(nr, r0 + rows_per_task)) for r0 in range(0, nr, rows_per_task)]
+    n_blocks = nr * nc
+    # at least one task per worker, at most 32 blocks (16 MiB of float64 Gram) per task
+    per = max(1, min(32, -(-n_blocks // max(1, n_workers))))
+    tasks = [(i, min(n_blocks, i + per)) for i in range(0, n_blocks, per)]
     if n_workers > 1 and len(tasks) > 1:
         # one single-threaded block batch per core: LAPACK's syevd on 256x256 matrices scales
         # poorly across intra-op threads (docs/SPECTRAL.md); torch releases the GIL inside.
         # (CUDA kernels issued from several threads share the default stream: still correct.)
-        with ThreadPoolExecutor(n_workers) as pool:
-            parts = list(pool.map(lambda t: _block_row_eigs(w, *t, nc, b, dev), tasks))
+        with ThreadPoolExecutor(min(n_workers, len(tasks))) as pool:
+            parts = list(pool.map(lambda t: _blocks_eigs(w, *t, nc, b, dev), tasks))
     else:
-        parts = [_block_row_eigs(w, r0, r1, nc, b, dev) for r0, r1 in tasks]
+        parts = [_blocks_eigs(w, i, j, nc, b, dev) for i, j in tasks]
     eig = torch.cat(parts)  # (nr*nc, b)
 
     # A Gram eigenvalue is accurate to ~b*eps*lam_max absolute only. The global minimum sets

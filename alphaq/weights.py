@@ -63,6 +63,8 @@ EXPERT_TENSORS: frozenset[MODEL_TENSOR] = frozenset(
     t for t, name in gguf.TENSOR_NAMES.items() if name.endswith("_exps")
 )
 
+# transformers-5 fused expert parameters carry no ".weight" suffix
+_FUSED_EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj", "experts.gate_proj", "experts.up_proj")
 _HF_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<rest>[^.]+)$")
 _GGUF_BLOCK = re.compile(r"^blk\.(?P<bid>\d+)\.(?P<kind>.+)\.weight$")
 
@@ -259,7 +261,7 @@ def _open_hf(path: Path) -> ModelWeights:
         if layer and int(layer[1]) >= n_blocks:
             continue  # multi-token-prediction layers; the converter skips them too
         key = name.removesuffix(".weight")
-        if not name.endswith(".weight") and not key.endswith(("experts.gate_up_proj", "experts.down_proj", "experts.gate_proj", "experts.up_proj")):
+        if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
             continue  # biases, scales, buffers
         if dtype not in _HF_FLOAT_DTYPES:
             raise AlphaQError(f"{path}: tensor {name} has dtype {dtype}; expected BF16/F16/F32")
@@ -321,7 +323,9 @@ def _open_hf(path: Path) -> ModelWeights:
 
     mats.sort(key=_order)
     _check_unique(mats, path)
-    logger.info("%s: %s (%s), %d blocks, %d matrices", path, hf_arch, MODEL_ARCH_NAMES[model_arch], n_blocks, len(mats))
+    logger.info(
+        "%s: %s (%s), %d blocks, %d matrices", path, hf_arch, MODEL_ARCH_NAMES[model_arch], n_blocks, len(mats)
+    )
     return ModelWeights(path, "hf", MODEL_ARCH_NAMES[model_arch], model_arch, n_blocks, mats, files.close)
 
 
@@ -344,7 +348,8 @@ def _deepseek2_kv_b(tmap, key: str, shape, cfg: dict, load_kv_b):
         return heads()[:, nope:, :].reshape(n_head_kv * v_dim, rank)
 
     out = []
-    for proj, rows, cols, loader in (("k_b_proj", n_head_kv * rank, nope, k_b), ("v_b_proj", n_head_kv * v_dim, rank, v_b)):
+    parts = (("k_b_proj", n_head_kv * rank, nope, k_b), ("v_b_proj", n_head_kv * v_dim, rank, v_b))
+    for proj, rows, cols, loader in parts:
         gname = tmap.get_name(key.replace("kv_b_proj", proj))
         if gname is None:
             raise AlphaQError(f"gguf-py has no tensor name for {key.replace('kv_b_proj', proj)}")

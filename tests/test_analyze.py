@@ -218,3 +218,5 @@ def test_expert_grid_and_plots(tmp_path):
     assert sorted(p.name for p in paths) == ["alpha_blocks_boxplot.png", "heatmap_ffn_down_exps.png",
                                              "heatmap_ffn_up_exps.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    dense = [s for s in stats if not s.is_expert]  # a dense model: box plot only (paper Fig. 9)
+    assert [p.name for p in write_plots(dense, tmp_path / "d")] == ["alpha_blocks_boxplot.png"]

@@ -16,6 +16,7 @@ from alphaq.spectral import (
     analyze_matrix,
     farms_eigenvalues,
     hill_alpha,
+    population_variance,
     xmin_window,
 )
 
@@ -249,6 +250,12 @@ def test_degenerate_matrices_have_no_signal(case, caplog):
     assert math.isnan(res.alpha) and res.k == 0
     assert res.variance == pytest.approx(float(np.var(w.astype(np.float64))), abs=1e-12)
     assert any(f"t.{case}" in r.getMessage() and "no spectral signal" in r.getMessage() for r in caplog.records)
+
+
+def test_population_variance_chunked_matches_numpy():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((2100, 2048)) * 0.02 + 0.5).astype(np.float32)  # > one 4M chunk
+    assert population_variance(w) == pytest.approx(float(np.var(w.astype(np.float64))), rel=1e-12)
 
 
 def test_config_rejects_bad_values():
