@@ -51,6 +51,7 @@ def copy_with_metadata(src: Path, dst: Path, extra: dict[str, tuple[object, GGUF
     """Write ``dst`` = ``src`` plus the ``extra`` keys (replacing same-named ones)."""
     reader = GGUFReader(src)
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # it logs every file at INFO
     writer = GGUFWriter(dst, arch=arch, endianess=reader.endianess)
     for field in reader.fields.values():
         # GGUF.* are virtual (version, counts); the writer adds general.architecture itself
@@ -64,7 +65,6 @@ def copy_with_metadata(src: Path, dst: Path, extra: dict[str, tuple[object, GGUF
         writer.add_key_value(key, value, vtype)
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # it logs every file at INFO
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
