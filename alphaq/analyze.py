@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -158,8 +159,6 @@ def write_csv(stats: list[MatrixStats], path: str | Path, force: bool = False) -
         raise AlphaQError(f"{path} exists; pass --force (force=True) to overwrite it")
     if not path.parent.is_dir():
         raise AlphaQError(f"directory {path.parent} does not exist")
-    import io
-
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)

@@ -109,3 +109,49 @@ def evaluate_text(llm, text: str, *, name: str, n_ctx: int, max_windows: int | N
         ref_ppl=math.exp(ref_nll / count) if ref is not None else None,
         kl=kl / count if ref is not None else None,
         top1=agree / count if ref is not None else None)
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """A reference model's log-probabilities on fixed windows, computed once and reused for
+    every quantised model (the reference forward dominates a sweep's runtime otherwise)."""
+
+    name: str  # text name
+    n_ctx: int
+    chunks: tuple[tuple[int, ...], ...]  # the token windows (BOS first)
+    logprobs: tuple[np.ndarray, ...]  # per window: (n_ctx - n_ctx//2, n_vocab) log-softmax at scored positions
+
+
+def reference_run(ref, text: str, *, name: str, n_ctx: int, max_windows: int | None = None,
+                  progress: bool = False) -> ReferenceRun:
+    from tqdm import tqdm
+
+    first = n_ctx // 2
+    pos = np.arange(first - 1, n_ctx - 1)
+    chunks = windows(ref, text, n_ctx, max_windows)
+    lps = tuple(window_logprobs(ref, c)[pos] for c in tqdm(chunks, desc=f"ref {name}", unit="window",
+                                                              disable=not progress, dynamic_ncols=True))
+    return ReferenceRun(name, n_ctx, tuple(tuple(c) for c in chunks), lps)
+
+
+def evaluate_vs_reference(llm, run: ReferenceRun, *, progress: bool = False) -> TextReport:
+    """Same numbers as ``evaluate_text(llm, ..., ref=...)`` with the reference precomputed."""
+    from tqdm import tqdm
+
+    n_ctx = run.n_ctx
+    first = n_ctx // 2
+    pos = np.arange(first - 1, n_ctx - 1)
+    nll = ref_nll = kl = 0.0
+    agree = count = 0
+    for chunk, lq in tqdm(list(zip(run.chunks, run.logprobs)), desc=f"eval {run.name}", unit="window",
+                          disable=not progress, dynamic_ncols=True):
+        targets = np.asarray(chunk[first:], dtype=np.int64)
+        lp = window_logprobs(llm, list(chunk))[pos]
+        rows = np.arange(len(targets))
+        nll -= float(lp[rows, targets].sum())
+        ref_nll -= float(lq[rows, targets].sum())
+        kl += float((np.exp(lq) * (lq - lp)).sum())
+        agree += int((lq.argmax(1) == lp.argmax(1)).sum())
+        count += len(targets)
+    return TextReport(text=run.name, ppl=math.exp(nll / count), n_scored=count, n_windows=len(run.chunks),
+                      ref_ppl=math.exp(ref_nll / count), kl=kl / count, top1=agree / count)

@@ -56,6 +56,9 @@ DEVICES = ("auto", "cpu", "cuda")
 ESTIMATOR_VERSION = 1
 
 _EPS64 = float(np.finfo(np.float64).eps)
+# a spectrum whose max/min - 1 is below this is flat up to rounding; its Hill alpha would be
+# 1 + n / (rounding noise), i.e. meaningless
+_FLAT_REL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,8 @@ def hill_alpha(eigs: np.ndarray, cfg: SpectralConfig | None = None) -> tuple[flo
         return math.nan, 0, math.nan
     if np.any(np.diff(lam) < 0):
         raise AlphaQError("hill_alpha expects eigenvalues sorted ascending")
+    if lam[-1] <= lam[0] * (1.0 + _FLAT_REL):
+        return math.nan, 0, math.nan  # flat spectrum (e.g. a scaled orthogonal matrix): no tail
     lower, upper = xmin_window(lam, cfg)
     idx = np.arange(n_all - 1)  # the largest eigenvalue is never a candidate (reference)
     cand = idx[(lam[:-1] >= lower) & (lam[:-1] <= upper)]

@@ -233,7 +233,7 @@ def test_non_finite_weights_raise_naming_tensor(bad):
 
 @pytest.mark.parametrize(
     "case",
-    ["zeros", "constant", "one_row", "rank_one", "two_by_two"],
+    ["zeros", "constant", "one_row", "rank_one", "two_by_two", "scaled_orthogonal"],
 )
 def test_degenerate_matrices_have_no_signal(case, caplog):
     rng = np.random.default_rng(0)
@@ -243,6 +243,8 @@ def test_degenerate_matrices_have_no_signal(case, caplog):
         "one_row": rng.standard_normal((1, 4096)).astype(np.float32),
         "rank_one": np.outer(rng.standard_normal(512), rng.standard_normal(512)).astype(np.float32),
         "two_by_two": rng.standard_normal((2, 2)).astype(np.float32),
+        # every singular value equal: a flat spectrum has no tail to fit
+        "scaled_orthogonal": (0.1 * np.linalg.qr(rng.standard_normal((256, 256)))[0]),
     }[case]
     with caplog.at_level(logging.WARNING, logger="alphaq.spectral"):
         res = analyze_matrix(w, name=f"t.{case}")

@@ -51,7 +51,8 @@ def same_matrices(a, b) -> None:
 
 
 def convert_with_llama_cpp(model: Path, out: Path) -> Path:
-    sys.path.insert(0, str(REPO))
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     from convert.vendor import ensure_vendor
 
     try:

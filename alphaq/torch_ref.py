@@ -1,0 +1,186 @@
+"""Torch reference forward for quantised plans, including expert-granular ones no stock runtime runs.
+
+The HF model (transformers) is loaded and each quantisable weight is replaced by its dequantised
+GGUF counterpart. Two sources for those weights:
+
+* ``from_gguf``: the tensors of a quantised GGUF (gguf-py ``dequantize``), mapped back to HF
+  names; Q/K rows of llama-style models are un-permuted (``alphaq.weights.unpermute_qk``, the
+  inverse of the converter's ``LlamaModel.permute``).
+* ``from_types``: per (GGUF tensor, expert) types, quantised here with ggml's own quantiser
+  (``alphaq.ggml.quantize``) and dequantised with gguf-py. Because k-quants and legacy quants
+  quantise every row independently, quantising the HF layout gives the same values as the GGUF
+  (Q/K permutation only reorders rows), so a tensor-granular plan gives the same weights through
+  both paths (tested); an expert-granular plan just uses a different type per slice.
+
+Activations stay float32 here, while llama.cpp quantises activations to Q8_K / Q8_0 for its
+quantised dot products, so perplexities agree only to a tolerance (see tests/test_torch_ref.py).
+HF parameter ↔ GGUF name mapping: nn.Linear via gguf-py's ``TensorNameMap``; transformers-5 fused
+experts ``gate_up_proj`` (n_expert, 2·inter, hidden) → ffn_gate_exps rows [0, inter) and
+ffn_up_exps rows [inter, 2·inter); ``down_proj`` (n_expert, hidden, inter) → ffn_down_exps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from alphaq.errors import AlphaQError
+from alphaq.imatrix import _arch_of, _expert_name
+from alphaq.weights import QK_PERMUTED_ARCHS  # Mixtral is arch 'llama' in GGUF
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a GGUF matrix lives in the HF model: parameter, expert index, row range."""
+
+    param: str  # HF parameter name
+    expert: int | None  # index into a fused (n_expert, rows, cols) parameter
+    rows: slice  # row range inside that parameter (or its expert slice)
+
+
+def hf_targets(model, gguf_names: set[str], arch: gguf.MODEL_ARCH, n_blocks: int) -> dict[str, Target]:
+    """GGUF tensor name -> HF location, for every quantisable matrix of ``model``."""
+    from torch import nn
+
+    tmap = gguf.get_tensor_name_map(arch, n_blocks)
+    out: dict[str, Target] = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            mapped = tmap.get_name(mod_name)
+            if mapped is not None and mapped + ".weight" in gguf_names:
+                out[mapped + ".weight"] = Target(mod_name + ".weight", None, slice(None))
+        elif isinstance(mod, nn.Embedding):
+            mapped = tmap.get_name(mod_name)
+            if mapped is not None and mapped + ".weight" in gguf_names:
+                out[mapped + ".weight"] = Target(mod_name + ".weight", None, slice(None))
+        elif hasattr(mod, "gate_up_proj") and isinstance(getattr(mod, "down_proj", None), nn.Parameter):
+            block = int(_LAYER.search(mod_name + ".").group(1))
+            inter = mod.gate_up_proj.shape[1] // 2  # (n_expert, 2*inter, hidden)
+            out[_expert_name(gguf.MODEL_TENSOR.FFN_GATE_EXP, block)] = Target(mod_name + ".gate_up_proj", -1, slice(0, inter))
+            out[_expert_name(gguf.MODEL_TENSOR.FFN_UP_EXP, block)] = Target(mod_name + ".gate_up_proj", -1, slice(inter, 2 * inter))
+            out[_expert_name(gguf.MODEL_TENSOR.FFN_DOWN_EXP, block)] = Target(mod_name + ".down_proj", -1, slice(None))
+    return out
+
+
+def load_hf(hf_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def _assign(params: dict, tgt: Target, expert: int | None, w: np.ndarray) -> None:
+    import torch
+
+    p = params[tgt.param]
+    with torch.no_grad():
+        view = p[expert] if expert is not None else p
+        view = view[tgt.rows]
+        if tuple(view.shape) != w.shape:
+            raise AlphaQError(f"{tgt.param}[{expert}] rows {tgt.rows}: shape {tuple(view.shape)} != {w.shape}")
+        view.copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+
+
+def from_gguf(hf_dir: Path, quantised: Path):
+    """HF model with every quantisable weight replaced by the dequantised tensor of ``quantised``."""
+    from gguf.quants import dequantize
+
+    model = load_hf(hf_dir)
+    arch, n_blocks = _arch_of(quantised)
+    reader = gguf.GGUFReader(quantised)
+    n_head = int(reader.get_field(f"{gguf.MODEL_ARCH_NAMES[arch]}.attention.head_count").contents())
+    kv = reader.get_field(f"{gguf.MODEL_ARCH_NAMES[arch]}.attention.head_count_kv")
+    n_head_kv = int(kv.contents()) if kv is not None else n_head
+    names = {t.name for t in reader.tensors}
+    targets = hf_targets(model, names, arch, n_blocks)
+    params = dict(model.named_parameters())
+    from alphaq.weights import unpermute_qk
+
+    for t in reader.tensors:
+        tgt = targets.get(t.name)
+        if tgt is None:
+            continue
+        w = dequantize(np.asarray(t.data), GGMLQuantizationType(int(t.tensor_type))).astype(np.float32)
+        ne = [int(x) for x in t.shape]
+        w = w.reshape(tuple(reversed(ne)))  # numpy order (n_expert, rows, cols) / (rows, cols)
+        if arch in QK_PERMUTED_ARCHS and (t.name.endswith("attn_q.weight") or t.name.endswith("attn_k.weight")):
+            w = unpermute_qk(w, n_head if "attn_q" in t.name else n_head_kv)
+        if tgt.expert is None:
+            _assign(params, tgt, None, w)
+        else:
+            for e in range(w.shape[0]):
+                _assign(params, tgt, e, w[e])
+    return model
+
+
+def quant_dequant(w: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """(rows, cols) float32 -> quantised by ggml (no imatrix; all-ones where ggml requires one,
+    as alphaq.quantize does) -> dequantised by gguf-py."""
+    from gguf.quants import dequantize
+
+    from alphaq import ggml
+
+    if qtype == GGMLQuantizationType.F32:
+        return w.astype(np.float32)
+    data = ggml.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)  # imatrix "auto": as alphaq.quantize
+    return dequantize(data, qtype).reshape(w.shape).astype(np.float32)
+
+
+def from_types(hf_dir: Path, float_gguf: Path, types: dict[tuple[str, int | None], GGMLQuantizationType]):
+    """HF model with each (GGUF tensor, expert) in ``types`` quantised to its type (the written
+    type, after any shape fallback) with ggml and dequantised; expert None = the whole tensor."""
+    import torch
+
+    model = load_hf(hf_dir)
+    arch, n_blocks = _arch_of(float_gguf)
+    names = {n for n, _ in types}
+    targets = hf_targets(model, names, arch, n_blocks)
+    missing = sorted(names - set(targets))
+    if missing:
+        raise AlphaQError(f"no HF parameter for {missing[0]} (and {len(missing) - 1} more)")
+    params = dict(model.named_parameters())
+    for (name, expert), qt in types.items():
+        tgt = targets[name]
+        p = params[tgt.param]
+        experts = [expert] if expert is not None else ([None] if tgt.expert is None else range(p.shape[0]))
+        for e in experts:
+            with torch.no_grad():
+                cur = (p[e] if e is not None else p)[tgt.rows].detach().numpy()
+            rows = math.prod(cur.shape[:-1])
+            _assign(params, tgt, e, quant_dequant(cur.reshape(rows, -1), qt).reshape(cur.shape))
+    return model
+
+
+def perplexity(model, tokens: list[int], n_ctx: int, max_windows: int | None, bos: int | None) -> float:
+    """Same windows and scoring as alphaq.evaluate (BOS first, second half of each window scored)."""
+    import torch
+
+    n = len(tokens) // n_ctx
+    if max_windows is not None:
+        n = min(n, max_windows)
+    x = torch.tensor(tokens[: n * n_ctx]).view(n, n_ctx)
+    if bos is not None and bos >= 0:
+        x[:, 0] = bos
+    first = n_ctx // 2
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(n):
+            logits = model(input_ids=x[i:i + 1]).logits[0].double()
+            lp = torch.log_softmax(logits, -1)[first - 1:n_ctx - 1]
+            tgt = x[i, first:]
+            nll -= float(lp[torch.arange(len(tgt)), tgt].sum())
+            count += len(tgt)
+    return math.exp(nll / count)

@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Evaluation harness: AlphaQ vs llama.cpp's own mixes and other baselines, at equal size.
+
+    python scripts/bench_eval.py [--models mixtral-bench qwen2moe-bench] [--windows 12]
+    python scripts/bench_eval.py --report-only          # rebuild bench/RESULTS.md and figures
+
+For each benchmark model (.cache/zoo/NAME, HF) it converts to a BF16 GGUF once, writes every
+variant with llama.cpp's quantiser under .cache/bench/NAME/, and evaluates it with llama.cpp
+(llama-cpp-python) on both held-out domains (tests/fixtures/heldout/{prose,code}.txt, test split)
+against the BF16 reference: perplexity, mean KL(ref || model) per token, top-1 agreement.
+Each variant's result is cached as JSON (.cache/bench/NAME/results/VARIANT.json), so an
+interrupted run resumes. bench/results.json, bench/RESULTS.md and bench/NAME.png are rebuilt at
+the end from all cached results; bench/notes.md (hand-written), if present, heads RESULTS.md.
+
+Variants (all from the same BF16 GGUF, all written by llama_model_quantize):
+  stock-MIX             llama.cpp mixes Q2_K … Q4_K_M, uncalibrated
+  stock-MIX+imatrix     the same with an importance matrix from val-split text (alphaq.imatrix)
+  uniform-T             every routed expert tensor T, non-experts on AlphaQ's policy (Q4_K)
+  alphaq-bB             AlphaQ at nominal budget B bits (defaults: γ from App. A.7, paper noise)
+  alphaq@MIX            AlphaQ with target size = the stock mix's actual file size
+  random@MIX            same knapsack and size, log-normal random importance (seed 0)
+  freq@MIX              PMQ-style calibrated: routing frequency x measured MSE, per-block budget
+  alphaq-b3-ABLATION    noise measured, scope block, γ in {0, 0.5, 1, 2}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alphaq import baselines  # noqa: E402
+from alphaq.errors import AlphaQError  # noqa: E402
+from alphaq.plan import PlanConfig  # noqa: E402
+from alphaq.quantize import STOCK_MIXES  # noqa: E402
+
+DOMAINS = ("prose", "code")
+CAL_MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")  # matched-size comparisons for random/freq/imatrix
+NOMINAL = (2.5, 3.0, 3.5)
+GAMMAS = (0.0, 0.5, 1.0, 2.0)
+
+log = logging.getLogger("bench_eval")
+
+
+def family(name: str) -> str:
+    if name.startswith("stock-") and name.endswith("+imatrix"):
+        return "stock+imatrix"
+    for prefix in ("stock", "uniform", "random", "freq"):
+        if name.startswith(prefix):
+            return prefix
+    if name.startswith("alphaq@"):
+        return "alphaq (matched size)"
+    if name.startswith("alphaq-b") and name.count("-") == 1:
+        return "alphaq (nominal)"
+    return "alphaq ablation"
+
+
+class Bench:
+    def __init__(self, model_dir: Path, work: Path, n_ctx: int, n_windows: int, threads: int):
+        self.model_dir, self.work, self.n_ctx, self.n_windows, self.threads = model_dir, work, n_ctx, n_windows, threads
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "results").mkdir(exist_ok=True)
+        self.bf16 = work / "bf16.gguf"
+        if not self.bf16.exists():
+            from convert.hf_to_gguf import convert_hf
+
+            convert_hf(model_dir, self.bf16)
+        self.fm = baselines.FloatModel.open(self.bf16)
+        from alphaq.analyze import analyze_model
+
+        self.stats = analyze_model(self.bf16, progress=False)
+        self._refs = None
+        self._imatrix = None
+        self._measured = None
+
+    # ---- cached inputs -------------------------------------------------------------------------
+    def refs(self):
+        if self._refs is None:
+            from alphaq.evaluate import load_llama, reference_run
+
+            ref = load_llama(self.bf16, self.n_ctx, n_threads=self.threads)
+            self._refs = {d: reference_run(ref, (ROOT / "tests/fixtures/heldout" / f"{d}.txt").read_text(errors="replace"),
+                                           name=d, n_ctx=self.n_ctx, max_windows=self.n_windows) for d in DOMAINS}
+            del ref
+        return self._refs
+
+    def imatrix(self):
+        if self._imatrix is None:
+            path = self.work / "imatrix.npz"
+            if path.exists():
+                z = np.load(path)
+                self._imatrix = ({k[2:]: z[k] for k in z.files if k.startswith("d:")},
+                                 {k[2:]: z[k] for k in z.files if k.startswith("e:")})
+            else:
+                from alphaq.corpus import read_text
+                from alphaq.imatrix import ImatrixConfig, compute_imatrix
+
+                text = read_text("prose", "val", max_chars=80_000) + "\n\n" + read_text("code", "val", max_chars=80_000)
+                res = compute_imatrix(self.model_dir, self.bf16, text, ImatrixConfig(max_windows=64))
+                baselines.check_imatrix(self.fm, res.data)
+                np.savez(path, **{f"d:{k}": v for k, v in res.data.items()},
+                         **{f"e:{k}": v for k, v in res.expert_tokens.items()})
+                self._imatrix = (res.data, res.expert_tokens)
+        return self._imatrix
+
+    def measured(self):
+        if self._measured is None:
+            self._measured = baselines.measure_table(self.fm, self.stats, PlanConfig(noise="measured"))
+        return self._measured
+
+    def stock_size(self, mix: str) -> int:
+        out = self.work / f"stock-{mix}.gguf"
+        if not out.exists():
+            baselines.stock(self.fm, out, mix, nthread=self.threads)
+        return out.stat().st_size
+
+    # ---- variants ------------------------------------------------------------------------------
+    def produce(self, name: str) -> tuple[Path, dict]:
+        """Write variant ``name``; returns its path and a description."""
+        out = self.work / f"{name}.gguf"
+        info: dict = {}
+        if name.startswith("stock-"):
+            mix = name[len("stock-"):].removesuffix("+imatrix")
+            imat = self.imatrix()[0] if name.endswith("+imatrix") else None
+            if not out.exists():
+                baselines.stock(self.fm, out, mix, imatrix=imat, nthread=self.threads)
+            return out, {"mix": mix, "imatrix": imat is not None}
+        plan = None
+        if name.startswith("uniform-"):
+            plan = baselines.uniform_plan(self.fm, self.stats, name[len("uniform-"):])
+        elif "@" in name:
+            kind, mix = name.split("@")
+            cfg = PlanConfig(budget_mode="size", budget=float(self.stock_size(mix)))
+            info["target_bytes"] = int(cfg.budget)
+            if kind == "alphaq":
+                plan = baselines.solve(self.fm, self.stats, cfg)
+            elif kind == "random":
+                plan = baselines.random_plan(self.fm, self.stats, cfg, seed=0)
+            elif kind == "freq":
+                plan = baselines.frequency_plan(self.fm, self.stats, cfg, self.imatrix()[1], self.measured())
+        elif name.startswith("alphaq-b"):
+            parts = name[len("alphaq-b"):].split("-")
+            cfg = PlanConfig(budget=float(parts[0]))
+            table = None
+            for p in parts[1:]:
+                if p == "measured":
+                    cfg = PlanConfig(budget=cfg.budget, noise="measured")
+                    table = self.measured()
+                elif p == "block":
+                    cfg = PlanConfig(budget=cfg.budget, scope="block")
+                elif p.startswith("g"):
+                    cfg = PlanConfig(budget=cfg.budget, gamma=float(p[1:]))
+            plan = baselines.solve(self.fm, self.stats, cfg, table)
+        if plan is None:
+            raise ValueError(f"unknown variant {name}")
+        if not out.exists():
+            baselines.write_plan(self.fm, plan, out, nthread=self.threads)
+        counts: dict[str, int] = {}
+        for it in plan.items:
+            counts[it.type.name] = counts.get(it.type.name, 0) + 1
+        info.update(gamma=plan.settings["gamma"], expert_types=counts,
+                    expert_nominal_bits=plan.totals.nominal_bits, expert_true_bpw=plan.totals.true_bpw)
+        return out, info
+
+    def run(self, name: str) -> dict:
+        cache = self.work / "results" / f"{name}.json"
+        if cache.exists():
+            return json.loads(cache.read_text())
+        from alphaq.evaluate import evaluate_vs_reference, load_llama
+
+        t0 = time.time()
+        try:
+            path, info = self.produce(name)
+        except AlphaQError as e:
+            res = {"variant": name, "family": family(name), "error": str(e)}
+            cache.write_text(json.dumps(res, indent=1))
+            return res
+        refs = self.refs()
+        llm = load_llama(path, self.n_ctx, n_threads=self.threads)
+        reports = {d: evaluate_vs_reference(llm, refs[d]) for d in DOMAINS}
+        del llm
+        n_weights = sum(t.n_elements for t in self.fm.tensors)
+        size = path.stat().st_size
+        res = {"variant": name, "family": family(name), "file_bytes": size, "bpw": 8 * size / n_weights,
+               "info": info, "seconds": time.time() - t0,
+               "domains": {d: {"ppl": r.ppl, "ref_ppl": r.ref_ppl, "kl": r.kl, "top1": r.top1,
+                               "n_scored": r.n_scored} for d, r in reports.items()}}
+        cache.write_text(json.dumps(res, indent=1))
+        return res
+
+
+def variants(ablations: bool, calibrated: bool) -> list[str]:
+    v = [f"stock-{m}" for m in STOCK_MIXES]
+    v += [f"alphaq-b{b:g}" for b in NOMINAL]
+    v += [f"alphaq@{m}" for m in STOCK_MIXES]
+    v += [f"uniform-{t}" for t in baselines.UNIFORM_TYPES]
+    v += [f"random@{m}" for m in CAL_MIXES]
+    if calibrated:
+        v += [f"stock-{m}+imatrix" for m in CAL_MIXES]
+    if ablations:
+        v += ["alphaq-b3-block"] + [f"alphaq-b3-g{g:g}" for g in GAMMAS] + ["alphaq-b3-measured"]
+    if calibrated:
+        v += [f"freq@{m}" for m in CAL_MIXES]
+    return v
+
+
+# ---- report ------------------------------------------------------------------------------------
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (smaller size and smaller ppl)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    best, front = math.inf, []
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def write_report(out_dir: Path, all_results: dict[str, list[dict]], meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "models": all_results}, indent=1) + "\n")
+    lines = []
+    notes = out_dir / "notes.md"
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
+    lines += ["## Tables (generated by scripts/bench_eval.py)", "",
+              f"Evaluation: llama.cpp via llama-cpp-python 0.3.36, n_ctx {meta['n_ctx']}, {meta['windows']} "
+              f"non-overlapping windows per domain, second half of each window scored "
+              f"({meta['n_ctx'] // 2 * meta['windows']} tokens per domain); KL = mean KL(BF16 || model) "
+              "per scored token in nats; top-1 = agreement of argmax tokens with BF16. Sizes are the "
+              "true file sizes; bpw = 8·file bytes / all weights in the file.", ""]
+    colors = {}
+    for model, rows in all_results.items():
+        ok = [r for r in rows if "error" not in r]
+        ok.sort(key=lambda r: r["file_bytes"])
+        ref = ok[0]["domains"] if ok else {}
+        lines += [f"### {model}", ""]
+        if ok:
+            lines += ["BF16 reference ppl: " + ", ".join(f"{d} {ref[d]['ref_ppl']:.3f}" for d in DOMAINS), ""]
+        lines += ["| variant | family | size (B) | bpw | " + " | ".join(f"{d} ppl | {d} KL | {d} top-1" for d in DOMAINS) + " |",
+                  "|---|---|---|---|" + "---|---|---|" * len(DOMAINS)]
+        for r in ok:
+            cells = []
+            for d in DOMAINS:
+                x = r["domains"][d]
+                cells += [f"{x['ppl']:.3f}", f"{x['kl']:.4f}", f"{x['top1']:.3f}"]
+            lines.append(f"| {r['variant']} | {r['family']} | {r['file_bytes']:,} | {r['bpw']:.3f} | " + " | ".join(cells) + " |")
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | {r['family']} | — | — | not possible: {r['error']} |")
+        lines.append("")
+        # matched-size head-to-head
+        by = {r["variant"]: r for r in ok}
+        head = []
+        for mix in STOCK_MIXES:
+            s, a = by.get(f"stock-{mix}"), by.get(f"alphaq@{mix}")
+            if s and a:
+                cells = [mix, f"{s['file_bytes']:,}", f"{a['file_bytes']:,}"]
+                for d in DOMAINS:
+                    cells += [f"{s['domains'][d]['ppl']:.3f}", f"{a['domains'][d]['ppl']:.3f}"]
+                    for fam in ("random", "stock", "freq"):
+                        pass
+                for key in (f"random@{mix}", f"stock-{mix}+imatrix", f"freq@{mix}"):
+                    o = by.get(key)
+                    cells.append(" / ".join(f"{o['domains'][d]['ppl']:.3f}" for d in DOMAINS) if o else "—")
+                head.append("| " + " | ".join(cells) + " |")
+        if head:
+            lines += ["Matched size (AlphaQ's target = the stock mix's file size): perplexity",
+                      "", "| mix | stock bytes | alphaq bytes | stock prose | alphaq prose | stock code | alphaq code | "
+                      "random prose / code | stock+imatrix prose / code | freq prose / code |",
+                      "|---|---|---|---|---|---|---|---|---|---|", *head, ""]
+        # figure
+        fig, axes = plt.subplots(1, len(DOMAINS), figsize=(12, 4.5))
+        for ax, d in zip(axes, DOMAINS):
+            pts = [(r["file_bytes"] / 2**20, r["domains"][d]["ppl"]) for r in ok]
+            for fam in sorted({r["family"] for r in ok}):
+                xs = [p for p, r in zip(pts, ok) if r["family"] == fam]
+                c = colors.setdefault(fam, f"C{len(colors)}")
+                ax.scatter([p[0] for p in xs], [p[1] for p in xs], label=fam, color=c, s=25)
+            front = pareto(pts)
+            fx = [pts[i] for i in front]
+            ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=0.8, label="Pareto front")
+            for i in front:
+                ax.annotate(ok[i]["variant"], pts[i], fontsize=6, xytext=(3, 3), textcoords="offset points")
+            if ok:
+                ax.axhline(ok[0]["domains"][d]["ref_ppl"], color="grey", lw=0.6, ls=":", label="BF16")
+            ax.set_xlabel("file size (MiB)")
+            ax.set_ylabel(f"perplexity ({d})")
+            ax.set_title(f"{model}: {d}")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{model}.png", dpi=120)
+        plt.close(fig)
+        lines += [f"![{model}]({model}.png)", ""]
+    (out_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["mixtral-bench", "qwen2moe-bench"])
+    p.add_argument("--zoo", type=Path, default=ROOT / ".cache/zoo")
+    p.add_argument("--work", type=Path, default=ROOT / ".cache/bench")
+    p.add_argument("--out", type=Path, default=ROOT / "bench")
+    p.add_argument("--n-ctx", type=int, default=256)
+    p.add_argument("--windows", type=int, default=12, help="windows per domain (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--no-calibrated", action="store_true")
+    p.add_argument("--only", nargs="*", help="run only these variants")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    names = args.only or variants(not args.no_ablations, not args.no_calibrated)
+    if not args.report_only:
+        for m in args.models:
+            bench = Bench(args.zoo / m, args.work / m, args.n_ctx, args.windows, args.threads)
+            for v in names:
+                t = time.time()
+                r = bench.run(v)
+                msg = r.get("error") or " ".join(f"{d} ppl {r['domains'][d]['ppl']:.3f} KL {r['domains'][d]['kl']:.4f}" for d in DOMAINS)
+                print(f"{m} {v}: {r.get('file_bytes', '-')} B {msg} ({time.time() - t:.0f}s)", flush=True)
+    all_results = {}
+    for m in sorted(p.name for p in args.work.iterdir() if (p / "results").is_dir()):
+        all_results[m] = [json.loads(f.read_text()) for f in sorted((args.work / m / "results").glob("*.json"))]
+    args.out.mkdir(exist_ok=True)
+    write_report(args.out, all_results, {"n_ctx": args.n_ctx, "windows": args.windows})
+    print(f"wrote {args.out / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

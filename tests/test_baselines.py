@@ -1,0 +1,141 @@
+"""Baselines for the evaluation: importance matrix, calibrated stock mix, uniform and random plans.
+
+All on the committed Mixtral fixture (real trained weights), converted once by llama.cpp's own
+converter; every GGUF here is written by llama.cpp's quantiser.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader
+
+from alphaq import baselines
+from alphaq.errors import AlphaQError
+from alphaq.plan import PlanConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+Q = GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    from alphaq.analyze import analyze_model
+    from convert.hf_to_gguf import convert_hf
+
+    out = tmp_path_factory.mktemp("baselines")
+    bf16 = convert_hf(FIXTURES / "mixtral", out / "mixtral-bf16.gguf").path
+    fm = baselines.FloatModel.open(bf16)
+    stats = analyze_model(bf16, progress=False, use_cache=False)
+    return fm, stats, out
+
+
+@pytest.fixture(scope="module")
+def imatrix(mixtral):
+    from alphaq.corpus import read_text
+    from alphaq.imatrix import ImatrixConfig, compute_imatrix
+
+    fm, _, _ = mixtral
+    text = read_text("prose", "val", max_chars=30_000)
+    return compute_imatrix(FIXTURES / "mixtral", fm.path, text, ImatrixConfig(n_ctx=128, max_windows=4, batch=4))
+
+
+def test_imatrix_names_sizes_and_routing_counts(mixtral, imatrix):
+    fm, _, _ = mixtral
+    cfg = json.loads((FIXTURES / "mixtral" / "config.json").read_text())
+    shapes = {t.name: t.shape for t in fm.tensors}
+    # every matrix llama.cpp multiplies activations with: all 2-D/3-D weights but the embedding
+    # lookup (get_rows) and the router, which llama.cpp never quantises
+    want = {n for n, s in shapes.items() if len(s) >= 2 and n != "token_embd.weight" and "ffn_gate_inp" not in n}
+    assert set(imatrix.data) == want
+    baselines.check_imatrix(fm, imatrix.data)  # sizes ne0 * n_expert, finite, >= 0
+    for name, vec in imatrix.data.items():
+        s = shapes[name]
+        assert vec.shape == (s[-1] * (s[0] if len(s) == 3 else 1),)
+        assert (vec >= 0).all() and vec.max() > 0
+    # each token is routed to exactly top_k experts in every block
+    assert imatrix.n_tokens == 4 * 128
+    for name, counts in imatrix.expert_tokens.items():
+        assert counts.shape == (cfg["num_local_experts"],)
+        assert counts.sum() == imatrix.n_tokens * cfg["num_experts_per_tok"], name
+    # gate and up of the same expert see the same routed inputs; down sees different ones
+    g, u, d = (imatrix.data[f"blk.0.ffn_{k}_exps.weight"] for k in ("gate", "up", "down"))
+    np.testing.assert_array_equal(g, u)
+    assert not np.allclose(g, d)
+
+
+def test_imatrix_matches_hidden_states_oracle(mixtral, imatrix):
+    """attn_q of block 0 sees RMSNorm(embeddings): recompute it without hooks."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alphaq.corpus import read_text
+
+    fm, _, _ = mixtral
+    model = AutoModelForCausalLM.from_pretrained(FIXTURES / "mixtral", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(FIXTURES / "mixtral")
+    ids = tok(read_text("prose", "val", max_chars=30_000), add_special_tokens=False)["input_ids"]
+    x = torch.tensor(ids[: 4 * 128]).view(4, 128)
+    x[:, 0] = tok.bos_token_id
+    with torch.no_grad():
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(x))
+    expect = h.reshape(-1, h.shape[-1]).pow(2).mean(0).numpy()
+    np.testing.assert_allclose(imatrix.data["blk.0.attn_q.weight"], expect, rtol=1e-4)
+
+
+def test_calibrated_stock_differs_from_uncalibrated(mixtral, imatrix):
+    fm, _, out = mixtral
+    plain, cal = out / "q3km.gguf", out / "q3km-imat.gguf"
+    baselines.stock(fm, plain, "Q3_K_M", nthread=1)
+    baselines.stock(fm, cal, "Q3_K_M", imatrix=imatrix.data, nthread=1)
+    a = {t.name: t for t in GGUFReader(plain).tensors}
+    b = {t.name: t for t in GGUFReader(cal).tensors}
+    assert {n: t.tensor_type for n, t in a.items()} == {n: t.tensor_type for n, t in b.items()}
+    assert plain.stat().st_size == cal.stat().st_size  # same types, same bytes
+    changed = [n for n in a if a[n].tensor_type != Q.F32 and not np.array_equal(a[n].data, b[n].data)]
+    assert "blk.0.ffn_down_exps.weight" in changed
+    unchanged = [n for n in a if a[n].tensor_type in (Q.F32,) and not np.array_equal(a[n].data, b[n].data)]
+    assert unchanged == []
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q4_K"])
+def test_uniform_baseline_has_the_single_type(mixtral, qtype, tmp_path):
+    fm, stats, _ = mixtral
+    plan = baselines.uniform_plan(fm, stats, qtype)
+    out = tmp_path / "u.gguf"
+    size = baselines.write_plan(fm, plan, out, nthread=1)
+    written = baselines.file_types(out)
+    exps = {n: t for n, t in written.items() if "_exps" in n}
+    assert exps and set(exps.values()) == {Q[qtype]}  # width 256: no shape fallback
+    assert written["blk.0.attn_q.weight"] == Q.Q4_K and written["output.weight"] == Q.Q6_K
+    assert size == plan.totals.predicted_file_bytes
+
+
+def test_random_baseline_respects_the_budget_and_the_seed(mixtral):
+    fm, stats, _ = mixtral
+    target = baselines.solve(fm, stats, PlanConfig(budget=3.0)).totals.predicted_file_bytes
+    cfg = PlanConfig(budget_mode="size", budget=float(target))
+    plans = [baselines.random_plan(fm, stats, cfg, seed=s) for s in (0, 0, 1, 2)]
+    for p in plans:
+        assert p.totals.predicted_file_bytes <= target
+        assert p.totals.predicted_file_bytes >= 0.95 * target  # the budget is used, not wasted
+    types = [tuple(it.type for it in p.items) for p in plans]
+    assert types[0] == types[1]  # seeded
+    assert len(set(types[1:])) > 1  # different seeds, different allocations
+    with pytest.raises(AlphaQError):
+        baselines.random_plan(fm, stats, PlanConfig(budget_mode="size", budget=1e5), seed=0)
+
+
+def test_check_imatrix_rejects_wrong_sizes(mixtral, imatrix):
+    fm, _, _ = mixtral
+    bad = dict(imatrix.data)
+    bad["blk.0.ffn_up_exps.weight"] = bad["blk.0.ffn_up_exps.weight"][:256]
+    with pytest.raises(AlphaQError, match="entries"):
+        baselines.check_imatrix(fm, bad)
+    neg = dict(imatrix.data)
+    neg["blk.0.attn_q.weight"] = -neg["blk.0.attn_q.weight"]
+    with pytest.raises(AlphaQError, match="negative"):
+        baselines.check_imatrix(fm, neg)
