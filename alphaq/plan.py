@@ -35,6 +35,7 @@ from alphaq.errors import AlphaQError
 from alphaq.qtypes import (
     DEFAULT_CANDIDATES,
     effective_type,
+    llama_quantizes,
     nominal_bits,
     padded,
     resolve_type,
@@ -58,50 +59,6 @@ OUTPUT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
 # (tokens, scores/types, BPE merges) of a 32k-150k vocabulary is 1-6 MB.
 DEFAULT_KV_METADATA_BYTES = 4 * 1024 * 1024
 
-# llama-quant.cpp `tensor_allows_quantization`: name substrings / exact names never quantised
-# (norms, the MoE router, small special tensors). Mirrored literally because llama.cpp matches
-# these substrings, not tensor roles; the arch-specific GLM5_NEXT list is left out.
-_NEVER_QUANTISED_SUBSTRINGS = (
-    "_norm.weight",
-    "ffn_gate_inp.weight",
-    "ffn_gate_tid2eid.weight",
-    "altup",
-    "laurel",
-    "per_layer_model_proj",
-    "ssm_conv1d",
-    "shortconv.conv.weight",
-    "indexer.k_proj.weight",
-    "indexer.q_proj.weight",
-    "time_mix_first.weight",
-    "time_mix_w0.weight",
-    "time_mix_w1.weight",
-    "time_mix_w2.weight",
-    "time_mix_v0.weight",
-    "time_mix_v1.weight",
-    "time_mix_v2.weight",
-    "time_mix_a0.weight",
-    "time_mix_a1.weight",
-    "time_mix_a2.weight",
-    "time_mix_g1.weight",
-    "time_mix_g2.weight",
-    "time_mix_decay_w1.weight",
-    "time_mix_decay_w2.weight",
-    "time_mix_lerp_fused.weight",
-    "attn_rel_b.weight",
-    ".position_embd",
-    "sam.pos_embd",
-    "sam.neck.",
-    "sam.net_",
-    ".rel_pos",
-    ".patch_embd",
-    ".patch_merger",
-    "a.rvq.codebook",
-    "mm.a.code_embd",
-)
-_NEVER_QUANTISED_NAMES = (
-    gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD] + ".weight",
-    gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_TYPES] + ".weight",
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,27 +79,6 @@ class TensorInfo:
     @property
     def n_elements(self) -> int:
         return math.prod(int(s) for s in self.shape)
-
-
-def ggml_n_dims(shape: Sequence[int]) -> int:
-    """ggml_n_dims for a numpy-order shape: trailing (ggml-order) dims of size 1 do not count."""
-    ne = list(reversed([int(s) for s in shape]))
-    for i in range(len(ne) - 1, 0, -1):
-        if ne[i] > 1:
-            return i + 1
-    return 1
-
-
-def llama_quantizes(name: str, shape: Sequence[int]) -> bool:
-    """Whether llama_model_quantize re-types this tensor (llama-quant.cpp tensor_allows_quantization,
-    with quantize_output_tensor on). Everything else is copied in its source type."""
-    if ggml_n_dims(shape) < 2:
-        return False
-    if not name.endswith("weight"):
-        return False
-    if name in _NEVER_QUANTISED_NAMES:
-        return False
-    return not any(s in name for s in _NEVER_QUANTISED_SUBSTRINGS)
 
 
 @dataclass(frozen=True)

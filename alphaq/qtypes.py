@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import gguf
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from alphaq.errors import AlphaQError
@@ -186,3 +187,72 @@ def tensor_bytes(t: GGMLQuantizationType, shape: Sequence[int]) -> int:
 def padded(n_bytes: int, alignment: int) -> int:
     """Bytes a tensor occupies in a GGUF data section: its size rounded up to `alignment`."""
     return -(-n_bytes // alignment) * alignment
+
+
+# llama-quant.cpp `tensor_allows_quantization`: name substrings / exact names never quantised
+# (norms, the MoE router, small special tensors). Mirrored literally because llama.cpp matches
+# these substrings, not tensor roles; the arch-specific GLM5_NEXT list is left out.
+_NEVER_QUANTISED_SUBSTRINGS = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "time_mix_first.weight",
+    "time_mix_w0.weight",
+    "time_mix_w1.weight",
+    "time_mix_w2.weight",
+    "time_mix_v0.weight",
+    "time_mix_v1.weight",
+    "time_mix_v2.weight",
+    "time_mix_a0.weight",
+    "time_mix_a1.weight",
+    "time_mix_a2.weight",
+    "time_mix_g1.weight",
+    "time_mix_g2.weight",
+    "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight",
+    "time_mix_lerp_fused.weight",
+    "attn_rel_b.weight",
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
+)
+_NEVER_QUANTISED_NAMES = (
+    gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD] + ".weight",
+    gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_TYPES] + ".weight",
+)
+
+
+def ggml_n_dims(shape: Sequence[int]) -> int:
+    """ggml_n_dims for a numpy-order shape: trailing (ggml-order) dims of size 1 do not count."""
+    ne = list(reversed([int(s) for s in shape]))
+    for i in range(len(ne) - 1, 0, -1):
+        if ne[i] > 1:
+            return i + 1
+    return 1
+
+
+def quantisable_name(name: str) -> bool:
+    """The name part of llama-quant.cpp's rule: ends with 'weight', not excluded by substring."""
+    if not name.endswith("weight") or name in _NEVER_QUANTISED_NAMES:
+        return False
+    return not any(s in name for s in _NEVER_QUANTISED_SUBSTRINGS)
+
+
+def llama_quantizes(name: str, shape: Sequence[int]) -> bool:
+    """Whether llama_model_quantize re-types this tensor (llama-quant.cpp tensor_allows_quantization,
+    with quantize_output_tensor on). Everything else is copied in its source type.
+    tests/test_convert.py pins this to llama.cpp's own dry-run decisions on every fixture."""
+    return ggml_n_dims(shape) >= 2 and quantisable_name(name)

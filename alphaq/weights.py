@@ -35,6 +35,7 @@ import torch
 from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
 
 from alphaq.errors import AlphaQError
+from alphaq.qtypes import ggml_n_dims, quantisable_name
 
 logger = logging.getLogger(__name__)
 
@@ -70,37 +71,8 @@ _GGUF_BLOCK = re.compile(r"^blk\.(?P<bid>\d+)\.(?P<kind>.+)\.weight$")
 
 
 def llama_quantizes(name: str, n_dims: int) -> bool:
-    """Would llama.cpp quantise this GGUF tensor? Mirrors ``tensor_allows_quantization`` in
-    src/llama-quant.cpp for the rules that can apply to the supported architectures
-    (output.weight counts as quantisable, like the default ``quantize_output_tensor``)."""
-    if n_dims < 2:  # ggml_n_dims: trailing ne of 1 do not count
-        return False
-    if not name.endswith("weight") or "_norm.weight" in name:
-        return False
-    excluded = (
-        "ffn_gate_inp.weight",  # expert router
-        "ffn_gate_tid2eid.weight",
-        "altup",
-        "laurel",
-        "per_layer_model_proj",
-        "ssm_conv1d",
-        "shortconv.conv.weight",
-        "attn_rel_b.weight",
-        ".position_embd",
-    )
-    if any(s in name for s in excluded):
-        return False
-    return name not in ("position_embd.weight", "token_types.weight")
-
-
-def ggml_n_dims(np_shape: tuple[int, ...]) -> int:
-    """ggml_n_dims of a tensor with numpy shape ``np_shape`` (ggml ne is the reverse)."""
-    ne = list(reversed(np_shape))
-    n = 1
-    for i, d in enumerate(ne):
-        if d > 1:
-            n = i + 1
-    return n
+    """Would llama.cpp quantise a GGUF tensor of this name and ggml_n_dims? (rule in alphaq.qtypes)"""
+    return n_dims >= 2 and quantisable_name(name)
 
 
 def _kind(tensor: str) -> tuple[int | None, str]:

@@ -230,3 +230,15 @@ def test_convert_alphaq_script_runs_as_documented(tmp_path):
     assert out.exists()
     for needle in ("true bpw", "types", "nearest is llama.cpp", "runtime"):
         assert needle in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("name", MODEL_FIXTURES)
+def test_quantisable_rule_matches_llama_cpp_dry_run(name, float_ggufs):
+    """Which tensors llama.cpp re-types (our qtypes.llama_quantizes) equals its own decisions."""
+    from alphaq.qtypes import llama_quantizes
+    from alphaq.quantize import stock_mix_types
+
+    src = float_ggufs[name]
+    decided = stock_mix_types(src, "Q4_K_M")
+    for t in read_tensors(src):
+        assert llama_quantizes(t.name, t.shape) == (decided[t.name] != t.type.name), t.name

@@ -3,8 +3,10 @@ matrices whose power-law exponent is known."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,27 @@ from alphaq.spectral import (
     population_variance,
     xmin_window,
 )
+
+def _single_threaded_openblas() -> None:
+    """Pin numpy's bundled OpenBLAS to one thread for the oracle's SVDs.
+
+    Its worker threads spin-wait; on the project's shared 2-core box, with the other core busy,
+    that made each 256x256 SVD 3-15x slower and these tests take minutes. There is no numpy API
+    for it (threadpoolctl is not a dependency), so call the library's own setter if it is there.
+    """
+    libs = Path(np.__file__).parent.parent.glob("numpy.libs/*openblas*")
+    for lib in libs:
+        try:
+            dll = ctypes.CDLL(str(lib))
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(dll, sym):
+                getattr(dll, sym)(1)
+                return
+
+
+_single_threaded_openblas()
 
 # --------------------------------------------------------------------------------------
 # The oracle: deliberately simple, float64, one numpy SVD per block, a Python loop over
