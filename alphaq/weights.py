@@ -173,10 +173,18 @@ def _hf_shards(path: Path) -> dict[str, Path]:
     single = path / "model.safetensors"
     if not single.exists():
         raise AlphaQError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-    from safetensors import safe_open
-
-    with safe_open(single, framework="pt") as f:
+    with _safe_open(single) as f:
         return {name: single for name in sorted(f.keys())}
+
+
+def _safe_open(path: Path):
+    """safe_open with a one-line AlphaQError for truncated or corrupt files."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as exc:
+        raise AlphaQError(f"cannot read safetensors file {path}: {exc} (truncated or corrupt?)") from None
 
 
 class _HFFiles:
@@ -187,9 +195,7 @@ class _HFFiles:
 
     def get(self, shard: Path):
         if shard not in self._open:
-            from safetensors import safe_open
-
-            self._open[shard] = safe_open(shard, framework="pt")
+            self._open[shard] = _safe_open(shard)
         return self._open[shard]
 
     def close(self) -> None:
