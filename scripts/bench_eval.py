@@ -21,6 +21,7 @@ Variants (all from the same BF16 GGUF, all written by llama_model_quantize):
   random@MIX            same knapsack and size, log-normal random importance (seed 0)
   freq@MIX              PMQ-style calibrated: routing frequency x measured MSE, per-block budget
   alphaq-b3-ABLATION    noise measured, scope block, γ in {0, 0.5, 1, 2}
+  alphaq-gG@MIX         AlphaQ at the stock mix's size with γ = G (1, 4, 0)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ DOMAINS = ("prose", "code")
 CAL_MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")  # matched-size comparisons for random/freq/imatrix
 NOMINAL = (2.5, 3.0, 3.5)
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
+MATCHED_GAMMAS = (1.0, 4.0, 0.0)  # γ sweep at matched size (the default γ from App. A.7 is ~80 here)
 
 log = logging.getLogger("bench_eval")
 
@@ -59,6 +61,8 @@ def family(name: str) -> str:
             return prefix
     if name.startswith("alphaq@"):
         return "alphaq (matched size)"
+    if name.startswith("alphaq-g") and "@" in name:
+        return "alphaq γ=" + name[len("alphaq-g"):name.index("@")] + " (matched size)"
     if name.startswith("alphaq-b") and name.count("-") == 1:
         return "alphaq (nominal)"
     return "alphaq ablation"
@@ -139,9 +143,10 @@ class Bench:
             plan = baselines.uniform_plan(self.fm, self.stats, name[len("uniform-"):])
         elif "@" in name:
             kind, mix = name.split("@")
-            cfg = PlanConfig(budget_mode="size", budget=float(self.stock_size(mix)))
+            gamma = float(kind[len("alphaq-g"):]) if kind.startswith("alphaq-g") else None
+            cfg = PlanConfig(budget_mode="size", budget=float(self.stock_size(mix)), gamma=gamma)
             info["target_bytes"] = int(cfg.budget)
-            if kind == "alphaq":
+            if kind.startswith("alphaq"):
                 plan = baselines.solve(self.fm, self.stats, cfg)
             elif kind == "random":
                 plan = baselines.random_plan(self.fm, self.stats, cfg, seed=0)
@@ -210,6 +215,8 @@ def variants(ablations: bool, calibrated: bool) -> list[str]:
         v += ["alphaq-b3-block"] + [f"alphaq-b3-g{g:g}" for g in GAMMAS] + ["alphaq-b3-measured"]
     if calibrated:
         v += [f"freq@{m}" for m in CAL_MIXES]
+    if ablations:
+        v += [f"alphaq-g{g:g}@{m}" for g in MATCHED_GAMMAS for m in STOCK_MIXES]
     return v
 
 
@@ -282,27 +289,31 @@ def write_report(out_dir: Path, all_results: dict[str, list[dict]], meta: dict) 
                       "", "| mix | stock bytes | alphaq bytes | stock prose | alphaq prose | stock code | alphaq code | "
                       "random prose / code | stock+imatrix prose / code | freq prose / code |",
                       "|---|---|---|---|---|---|---|---|---|---|", *head, ""]
-        # figure
-        fig, axes = plt.subplots(1, len(DOMAINS), figsize=(12, 4.5))
-        for ax, d in zip(axes, DOMAINS):
-            pts = [(r["file_bytes"] / 2**20, r["domains"][d]["ppl"]) for r in ok]
-            for fam in sorted({r["family"] for r in ok}):
-                xs = [p for p, r in zip(pts, ok) if r["family"] == fam]
-                c = colors.setdefault(fam, f"C{len(colors)}")
-                ax.scatter([p[0] for p in xs], [p[1] for p in xs], label=fam, color=c, s=25)
-            front = pareto(pts)
-            fx = [pts[i] for i in front]
-            ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=0.8, label="Pareto front")
-            for i in front:
-                ax.annotate(ok[i]["variant"], pts[i], fontsize=6, xytext=(3, 3), textcoords="offset points")
-            if ok:
-                ax.axhline(ok[0]["domains"][d]["ref_ppl"], color="grey", lw=0.6, ls=":", label="BF16")
-            ax.set_xlabel("file size (MiB)")
-            ax.set_ylabel(f"perplexity ({d})")
-            ax.set_title(f"{model}: {d}")
-        axes[0].legend(fontsize=7)
+        # figure: perplexity (top) and KL to BF16 (bottom) vs file size, per domain
+        fig, axes = plt.subplots(2, len(DOMAINS), figsize=(13, 9))
+        for row, metric in enumerate(("ppl", "kl")):
+            for ax, d in zip(axes[row], DOMAINS):
+                pts = [(r["file_bytes"] / 2**20, r["domains"][d][metric]) for r in ok]
+                for fam in sorted({r["family"] for r in ok}):
+                    xs = [pt for pt, r in zip(pts, ok) if r["family"] == fam]
+                    c = colors.setdefault(fam, f"C{len(colors) % 10}")
+                    ax.scatter([pt[0] for pt in xs], [pt[1] for pt in xs], label=fam, color=c, s=22,
+                               marker="o" if len(colors) <= 10 else "s")
+                front = pareto(pts)
+                fx = [pts[i] for i in front]
+                ax.plot([pt[0] for pt in fx], [pt[1] for pt in fx], "k--", lw=0.8, label="Pareto front")
+                for i in front:
+                    ax.annotate(ok[i]["variant"], pts[i], fontsize=6, xytext=(3, 3), textcoords="offset points")
+                if metric == "ppl" and ok:
+                    ax.axhline(ok[0]["domains"][d]["ref_ppl"], color="grey", lw=0.6, ls=":", label="BF16")
+                if metric == "kl":
+                    ax.set_yscale("log")
+                ax.set_xlabel("file size (MiB)")
+                ax.set_ylabel(f"perplexity ({d})" if metric == "ppl" else f"KL(BF16 || model), {d}, nats/token")
+                ax.set_title(f"{model}: {d}")
+        axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out_dir / f"{model}.png", dpi=120)
+        fig.savefig(out_dir / f"{model}.png", dpi=110)
         plt.close(fig)
         lines += [f"![{model}]({model}.png)", ""]
     (out_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")

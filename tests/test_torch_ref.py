@@ -15,12 +15,21 @@ FIXTURES = Path(__file__).parent / "fixtures"
 Q = GGMLQuantizationType
 
 
-@pytest.fixture(scope="module")
-def q3(tmp_path_factory):
+def mixtral_bf16(tmp_path_factory) -> Path:
+    """The Mixtral fixture as a BF16 GGUF (llama.cpp's converter), converted once per session and
+    shared by test_baselines / test_evaluate / test_torch_ref through pytest's base temp dir."""
     from convert.hf_to_gguf import convert_hf
 
+    path = tmp_path_factory.getbasetemp() / "shared-mixtral-bf16.gguf"
+    if not path.exists():
+        convert_hf(FIXTURES / "mixtral", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def q3(tmp_path_factory):
     out = tmp_path_factory.mktemp("torch_ref")
-    bf16 = convert_hf(FIXTURES / "mixtral", out / "bf16.gguf").path
+    bf16 = mixtral_bf16(tmp_path_factory)
     fm = baselines.FloatModel.open(bf16)
     types = {t.name: (Q.Q3_K if "_exps" in t.name else Q.Q4_K)
              for t in fm.tensors if len(t.shape) >= 2 and "ffn_gate_inp" not in t.name}
@@ -31,10 +40,15 @@ def q3(tmp_path_factory):
     return bf16, q, types
 
 
-def test_gguf_path_and_ggml_path_give_the_same_weights(q3):
+@pytest.fixture(scope="module")
+def from_gguf(q3):
+    return torch_ref.from_gguf(FIXTURES / "mixtral", q3[1])
+
+
+def test_gguf_path_and_ggml_path_give_the_same_weights(q3, from_gguf):
     """Dequantised GGUF (with Mixtral's Q/K un-permuted) == quantising HF weights with ggml."""
     bf16, q, types = q3
-    a = torch_ref.from_gguf(FIXTURES / "mixtral", q)
+    a = from_gguf
     block0 = {(n, None): t for n, t in types.items() if n.startswith("blk.0.")}  # attention (permuted Q/K) + experts
     b = torch_ref.from_types(FIXTURES / "mixtral", bf16, block0)
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
@@ -48,7 +62,7 @@ def test_gguf_path_and_ggml_path_give_the_same_weights(q3):
     assert not torch.equal(pa["model.layers.1.self_attn.q_proj.weight"], pb["model.layers.1.self_attn.q_proj.weight"])
 
 
-def test_torch_perplexity_matches_llama_cpp(q3):
+def test_torch_perplexity_matches_llama_cpp(q3, from_gguf):
     """Same windows through llama.cpp and through torch with the same dequantised weights.
     llama.cpp quantises activations (Q8_K) in its k-quant dot products; tolerance 1 %."""
     from transformers import AutoTokenizer
@@ -60,7 +74,7 @@ def test_torch_perplexity_matches_llama_cpp(q3):
     ll = perplexity(q, text, n_ctx=128, max_windows=2, llm=load_llama(q, 128, n_threads=1)).ppl
     llm = load_llama(q, 128, n_threads=1)
     tokens = llm.tokenize(text.encode(), add_bos=False)
-    model = torch_ref.from_gguf(FIXTURES / "mixtral", q)
+    model = from_gguf
     tp = torch_ref.perplexity(model, list(tokens), 128, 2, llm.token_bos())
     assert tp == pytest.approx(ll, rel=0.01)
     # and the quantisation is visible: the BF16 model scores differently
