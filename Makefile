@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DEMO_OUT := out/mixtral-alphaq-b3.gguf
 
-.PHONY: setup demo test test-fast bench-spectral clean
+.PHONY: setup demo test test-fast bench bench-spectral clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Rebuilds the evaluation: benchmark zoo (trained once, cached in .cache/zoo; slow on CPU),
+# every variant and baseline, bench/RESULTS.md and its figures, and the conversion benchmark.
+bench: setup
+	$(PY) scripts/train_tiny_moe.py --zoo bench --out .cache/zoo
+	$(PY) scripts/bench_eval.py
+	$(PY) scripts/bench_convert.py
 
 bench-spectral: setup
 	$(PY) scripts/bench_spectral.py

@@ -439,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-cache", type=Path, default=Path(".cache/tokens"),
                    help="cache of the tokenised corpus (carry it to machines without the corpus)")
     p.add_argument("--prepare-only", action="store_true", help="build tokenizer and token cache, train nothing")
+    p.add_argument("--retrain", action="store_true", help="train even models whose train_log.json exists")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -465,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
             encode_split(sp, d, "test", HELDOUT_CHARS, cache_dir=args.token_cache)
         return 0
     for spec in specs:
+        if (args.out / spec.name / "train_log.json").exists() and not args.retrain:
+            log.info("%s: already trained in %s (pass --retrain to train again)", spec.name, args.out)
+            continue
         train_one(spec, args.out, tok_dir, args.steps or spec.steps, device, args.seed, args.token_cache)
     return 0
 
