@@ -14,7 +14,7 @@ class MatrixStats:
     tensor: str  # GGUF tensor name, e.g. "blk.0.ffn_down_exps.weight"
     block: int | None  # transformer block index, None for token_embd/output
     expert: int | None  # expert index inside a merged 3-D tensor, None otherwise
-    kind: str  # short role: "gate_exps", "up_exps", "down_exps", "attn_q", "ffn_gate_shexp", ...
+    kind: str  # GGUF name without "blk.N." and ".weight": "ffn_down_exps", "attn_q", "ffn_up_shexp", "token_embd", ...
     rows: int  # output features (numpy rows; GGUF ne1)
     cols: int  # input features = row length seen by ggml (GGUF ne0)
     params: int  # rows * cols
