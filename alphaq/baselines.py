@@ -31,7 +31,14 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from alphaq.errors import AlphaQError
-from alphaq.plan import Plan, PlanConfig, gguf_output_header_bytes, gguf_tensor_infos, make_plan, measurement_requests
+from alphaq.plan import (
+    Plan,
+    PlanConfig,
+    gguf_output_header_bytes,
+    gguf_tensor_infos,
+    make_plan,
+    measurement_requests,
+)
 from alphaq.qtypes import nominal_bits
 from alphaq.quantize import quantize_gguf, quantize_stock
 from alphaq.records import MatrixStats
@@ -50,7 +57,7 @@ class FloatModel:
     header: int  # exact header bytes of a llama_model_quantize output of this file
 
     @classmethod
-    def open(cls, path: Path, alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT) -> "FloatModel":
+    def open(cls, path: Path, alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT) -> FloatModel:
         reader = gguf.GGUFReader(path)
         return cls(Path(path), gguf_tensor_infos(reader), gguf_output_header_bytes(reader, alignment))
 
@@ -65,9 +72,9 @@ def write_plan(model: FloatModel, plan: Plan, out: Path, *, nthread: int = 0) ->
     return out.stat().st_size
 
 
-def uniform_plan(model: FloatModel, stats: list[MatrixStats], qtype: str, base: PlanConfig = PlanConfig()) -> Plan:
+def uniform_plan(model: FloatModel, stats: list[MatrixStats], qtype: str, base: PlanConfig | None = None) -> Plan:
     """Every allocated (routed-expert) tensor in ``qtype`` (after llama.cpp's shape fallback)."""
-    cfg = dataclasses.replace(base, types=(qtype,), budget_mode="bits", budget=64.0, gamma=0.0, noise="paper")
+    cfg = dataclasses.replace(base or PlanConfig(), types=(qtype,), budget_mode="bits", budget=64.0, gamma=0.0, noise="paper")
     return solve(model, stats, cfg)
 
 

@@ -56,11 +56,7 @@ def hf_targets(model, gguf_names: set[str], arch: gguf.MODEL_ARCH, n_blocks: int
     tmap = gguf.get_tensor_name_map(arch, n_blocks)
     out: dict[str, Target] = {}
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            mapped = tmap.get_name(mod_name)
-            if mapped is not None and mapped + ".weight" in gguf_names:
-                out[mapped + ".weight"] = Target(mod_name + ".weight", None, slice(None))
-        elif isinstance(mod, nn.Embedding):
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
             mapped = tmap.get_name(mod_name)
             if mapped is not None and mapped + ".weight" in gguf_names:
                 out[mapped + ".weight"] = Target(mod_name + ".weight", None, slice(None))

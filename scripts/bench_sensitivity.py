@@ -29,12 +29,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gguf import GGMLQuantizationType  # noqa: E402
+from gguf import GGMLQuantizationType
 
-from alphaq import baselines  # noqa: E402
-from alphaq.costs import importance_weights  # noqa: E402
-from alphaq.plan import llama_quantizes  # noqa: E402
-from alphaq.qtypes import nominal_bits  # noqa: E402
+from alphaq import baselines
+from alphaq.costs import importance_weights
+from alphaq.plan import llama_quantizes
+from alphaq.qtypes import nominal_bits
 
 DOMAINS = ("prose", "code")
 
@@ -152,8 +152,8 @@ def main() -> int:
     fig.suptitle(f"{args.model}: one expert tensor at {args.type}, the rest Q8_0")
     fig.tight_layout()
     fig.savefig(args.out / f"sensitivity-{args.model}.png", dpi=120)
-    for target in corr:
-        print(target, {k: round(v["rho"], 3) for k, v in corr[target].items()})
+    for target, by_pred in corr.items():
+        print(target, {k: round(v["rho"], 3) for k, v in by_pred.items()})
     return 0
 
 

@@ -84,7 +84,6 @@ def test_imatrix_matches_hidden_states_oracle(mixtral, imatrix):
 
     from alphaq.corpus import read_text
 
-    fm, _, _ = mixtral
     model = AutoModelForCausalLM.from_pretrained(FIXTURES / "mixtral", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(FIXTURES / "mixtral")
     ids = tok(read_text("prose", "val", max_chars=30_000), add_special_tokens=False)["input_ids"]

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from alphaq.evaluate import evaluate_text, evaluate_vs_reference, load_llama, reference_run
+from alphaq.evaluate import (
+    evaluate_text,
+    evaluate_vs_reference,
+    load_llama,
+    reference_run,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType
@@ -47,7 +46,7 @@ def from_gguf(q3):
 
 def test_gguf_path_and_ggml_path_give_the_same_weights(q3, from_gguf):
     """Dequantised GGUF (with Mixtral's Q/K un-permuted) == quantising HF weights with ggml."""
-    bf16, q, types = q3
+    bf16, _, types = q3
     a = from_gguf
     block0 = {(n, None): t for n, t in types.items() if n.startswith("blk.0.")}  # attention (permuted Q/K) + experts
     b = torch_ref.from_types(FIXTURES / "mixtral", bf16, block0)
@@ -65,7 +64,6 @@ def test_gguf_path_and_ggml_path_give_the_same_weights(q3, from_gguf):
 def test_torch_perplexity_matches_llama_cpp(q3, from_gguf):
     """Same windows through llama.cpp and through torch with the same dequantised weights.
     llama.cpp quantises activations (Q8_K) in its k-quant dot products; tolerance 1 %."""
-    from transformers import AutoTokenizer
 
     from alphaq.evaluate import load_llama, perplexity
 
