@@ -133,13 +133,27 @@ def stock_sizes(float_gguf: Path, header: int, alignment: int) -> dict[str, int]
     return out
 
 
-def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, tokenizer_fallback) -> Plan:
+def _noise_table(float_gguf: Path, stats, tensors, cfg: ConvertConfig):
+    """Measured noise model: ggml quantise/dequantise MSE per item and candidate (data-free)."""
+    if cfg.plan.noise != "measured":
+        return None
+    from alphaq.costs import measure_noise
+    from alphaq.plan import measurement_requests
+
+    with open_model(float_gguf) as weights:
+        return measure_noise(weights.matrices(), measurement_requests(stats, tensors, cfg.plan),
+                             max_rows=cfg.plan.mse_rows, progress=cfg.progress)
+
+
+def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, tokenizer_fallback,
+                      noise_table) -> Plan:
     """Solve; for --target-size, re-solve once with the exact size of the alphaq keys."""
-    plan = make_plan(stats, tensors, cfg.plan, fixed_bytes=padded(base_header + _QUANT_KV_MARGIN, cfg.plan.alignment))
+    plan = make_plan(stats, tensors, cfg.plan, noise_table=noise_table,
+                     fixed_bytes=padded(base_header + _QUANT_KV_MARGIN, cfg.plan.alignment))
     if cfg.plan.budget_mode != "size":
         return plan
     extra = metadata_bytes(alphaq_metadata(plan, cfg, tokenizer_fallback))
-    return make_plan(stats, tensors, cfg.plan,
+    return make_plan(stats, tensors, cfg.plan, noise_table=noise_table,
                      fixed_bytes=padded(base_header + _QUANT_KV_MARGIN + extra + 4096, cfg.plan.alignment))
 
 
@@ -170,7 +184,8 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
                               use_cache=cfg.use_cache, progress=cfg.progress)
         tensors = tensor_infos(float_gguf)
         base_header = header_bytes(float_gguf)
-        plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback)
+        noise = _noise_table(float_gguf, stats, tensors, cfg)
+        plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback, noise)
         types = plan.tensor_types()
 
         log.info("quantising %d tensors with llama.cpp's quantiser", len(types))

@@ -89,7 +89,9 @@ class PlanConfig:
     budget_mode: str = "bits"
     budget: float = 3.0  # in the mode's unit: bits, bits per weight, or bytes
     types: tuple[str, ...] = DEFAULT_CANDIDATES  # candidate quant types (paper: 1/2/3/4 bits)
-    gamma: float | None = None  # importance exponent; None = App. A.7 default from the alphas
+    # importance exponent. 1.0 by default because it measured better than the paper's App. A.7
+    # formula on every benchmark model (bench/RESULTS.md, docs/DESIGN.md); None = that formula
+    gamma: float | None = 1.0
     granularity: str = "tensor"  # "tensor": one type per GGUF tensor (stock llama.cpp); "expert": per slice
     scope: str = "global"  # "global": one budget; "block": the same budget inside every block (Table 4)
     allocate: str = "experts"  # "experts": routed experts only; "all": every analysed in-block weight
@@ -671,7 +673,7 @@ def make_plan(
         "budget": cfg.budget,
         "types": [c.name for c in cands],
         "gamma": imp.gamma,
-        "gamma_source": "default (App. A.7)" if imp.gamma_is_default else "user",
+        "gamma_source": "App. A.7 formula" if imp.gamma_is_default else "fixed",
         "alpha_tilde": imp.alpha_tilde,
         "importance_log_scale": imp.log_scale,  # eta in this plan = true eta * e^-importance_log_scale
         "granularity": cfg.granularity,

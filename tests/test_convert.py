@@ -242,3 +242,13 @@ def test_quantisable_rule_matches_llama_cpp_dry_run(name, float_ggufs):
     decided = stock_mix_types(src, "Q4_K_M")
     for t in read_tensors(src):
         assert llama_quantizes(t.name, t.shape) == (decided[t.name] != t.type.name), t.name
+
+
+def test_measured_noise_and_target_size_convert(float_ggufs, cache_dir, tmp_path):
+    """The data-free measured noise model runs end to end, and --target-size holds for the file."""
+    src = float_ggufs["qwen2moe"]
+    target = int(2.0 * 2**20)
+    out = tmp_path / "m.gguf"
+    _convert(src, out, cache_dir, budget_mode="size", budget=target, noise="measured", mse_rows=16)
+    assert out.stat().st_size <= target
+    assert load_plan_from_gguf(out)["settings"]["noise"] == "measured"

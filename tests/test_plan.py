@@ -112,7 +112,7 @@ def test_costs_match_the_paper_oracle_and_merge_by_sum():
     tensors, stats = moe_model()
     targets = expert_stats(stats)
     for gran in ("expert", "tensor"):
-        plan = make_plan(stats, tensors, PlanConfig(budget=2.5, granularity=gran), fixed_bytes=0)
+        plan = make_plan(stats, tensors, PlanConfig(gamma=None, budget=2.5, granularity=gran), fixed_bytes=0)
         a = [s.alpha for s in targets]
         assert plan.settings["gamma"] == pytest.approx(min(a) * (max(a) - min(a)) / statistics.pvariance(a), rel=1e-12)
         for it in plan.items:
@@ -127,7 +127,7 @@ def test_gamma_override_and_median_reference():
     tensors, stats = moe_model()
     plan = make_plan(stats, tensors, PlanConfig(budget=3, gamma=1.5, granularity="expert"), fixed_bytes=0)
     targets = expert_stats(stats)
-    assert plan.settings["gamma"] == 1.5 and plan.settings["gamma_source"] == "user"
+    assert plan.settings["gamma"] == 1.5 and plan.settings["gamma_source"] == "fixed"
     assert plan.settings["alpha_tilde"] == statistics.median([s.alpha for s in targets])
     it = plan.items[5]
     s = next(t for t in targets if (t.tensor, t.expert) == (it.tensor, it.expert))
@@ -143,7 +143,7 @@ def test_no_signal_is_neutral():
         else s
         for s in stats
     ]
-    plan = make_plan(stats, tensors, PlanConfig(budget=2.5, granularity="expert"), fixed_bytes=0)
+    plan = make_plan(stats, tensors, PlanConfig(gamma=None, budget=2.5, granularity="expert"), fixed_bytes=0)
     with_signal = [s.alpha for s in expert_stats(stats) if s.signal]
     assert plan.settings["alpha_tilde"] == statistics.median(with_signal)
     assert plan.settings["gamma"] == pytest.approx(costs.default_gamma(with_signal))
@@ -180,7 +180,7 @@ def test_weight_by_params_scales_costs():
 def test_plan_is_the_brute_force_optimum(budget):
     tensors, stats = moe_model(n_blocks=1, n_expert=2, seed=int(budget * 10))
     # 3 expert tensors x 2 experts = 6 slices at expert granularity: 4^6 assignments
-    cfg = PlanConfig(budget=budget, granularity="expert")
+    cfg = PlanConfig(gamma=None, budget=budget, granularity="expert")
     plan = make_plan(stats, tensors, cfg, fixed_bytes=0)
     targets = expert_stats(stats)
     bits = (1, 2, 3, 4)

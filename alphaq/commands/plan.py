@@ -58,7 +58,9 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = Tr
     budget.add_argument("--bpw", type=float, help="average TRUE bits per weight over the allocated tensors")
     budget.add_argument("--target-size", help="whole output file, e.g. 12GiB (B, KB/KiB, MB/MiB, GB/GiB)")
     p.add_argument("--types", default=",".join(DEFAULT_CANDIDATES), help="candidate types (default: %(default)s)")
-    p.add_argument("--gamma", type=float, help="importance exponent (default: App. A.7 formula)")
+    p.add_argument("--gamma", type=_gamma, default=1.0,
+                   help="importance exponent, or 'paper' for the App. A.7 formula (default: %(default)s, "
+                        "which measured better; see docs/DESIGN.md)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="tensor", help="default: %(default)s")
     p.add_argument("--scope", choices=SCOPES, default="global", help="default: %(default)s")
     p.add_argument("--allocate", choices=ALLOCATE, default="experts", help="default: %(default)s")
@@ -69,6 +71,15 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = Tr
     p.add_argument("--non-expert-type", default="Q4_K", help="attention / shared experts / dense FFN (default: %(default)s)")
     p.add_argument("--token-embd-type", default="Q4_K", help="default: %(default)s")
     p.add_argument("--output-type", default="Q6_K", help="default: %(default)s")
+
+
+def _gamma(text: str) -> float | None:
+    if text.strip().lower() == "paper":
+        return None  # PlanConfig: None = App. A.7 formula
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"gamma {text!r} is neither a number nor 'paper'") from None
 
 
 def config_from_args(args: argparse.Namespace) -> PlanConfig:
