@@ -8,6 +8,7 @@ by re-writing the quantised file: same tensors, same bytes, one more group of ke
 from __future__ import annotations
 
 import logging
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,4 +71,19 @@ def copy_with_metadata(src: Path, dst: Path, extra: dict[str, tuple[object, GGUF
     writer.write_ti_data_to_file()
     for t in reader.tensors:
         writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        release_pages(reader, t.data)
     writer.close()
+
+
+def release_pages(reader: GGUFReader, view) -> None:
+    """Drop the pages behind ``view`` (a slice of the reader's memory map) from this process.
+    Touched pages of a file mapping count towards RSS until unmapped; a read-only file mapping
+    just re-reads them from the file if they are touched again."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = view.__array_interface__["data"][0] - reader.data.__array_interface__["data"][0]
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    length = min(len(mm) - first, view.nbytes + start - first)
+    if length > 0:
+        mm.madvise(mmap.MADV_DONTNEED, first, length)

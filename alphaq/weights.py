@@ -35,6 +35,7 @@ import torch
 from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
 
 from alphaq.errors import AlphaQError
+from alphaq.gguf_io import release_pages
 from alphaq.qtypes import ggml_n_dims, quantisable_name
 
 logger = logging.getLogger(__name__)
@@ -369,6 +370,14 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _load_released(reader: gguf.GGUFReader, view: np.ndarray, qtype) -> np.ndarray:
+    """float32 copy of a memory-mapped tensor, then drop its pages from this process (without
+    this, analysing a model keeps all of it resident: peak RSS ~ model size)."""
+    out = np.array(gguf_to_f32(np.asarray(view), qtype), dtype=np.float32, copy=True)
+    release_pages(reader, view)
+    return out
+
+
 def _open_gguf(path: Path) -> ModelWeights:
     try:
         reader = gguf.GGUFReader(path)
@@ -411,13 +420,13 @@ def _open_gguf(path: Path) -> ModelWeights:
         if is_expert:
             for e in range(ne[2]):
                 def load(t=t, e=e, qtype=qtype):
-                    return gguf_to_f32(np.asarray(t.data[e]), qtype)  # (rows, cols) of expert e
+                    return _load_released(reader, t.data[e], qtype)  # (rows, cols) of expert e
                 mats.append(WeightMatrix(t.name, block, e, kind, ne[1], ne[0], load))
         else:
             rows = math.prod(np_shape[:-1])
 
             def load(t=t, qtype=qtype, rows=rows, heads=perm_heads):
-                w = gguf_to_f32(np.asarray(t.data), qtype).reshape(rows, -1)
+                w = _load_released(reader, t.data, qtype).reshape(rows, -1)
                 return unpermute_qk(w, heads) if heads else w
 
             mats.append(WeightMatrix(t.name, block, None, kind, rows, ne[0], load))
