@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("gguf", type=Path)
-    p.add_argument("--prompt", default="The Python tutorial")
+    p.add_argument("--prompt", default="def read_config(path):\n")
     p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
 
