@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from alphaq.errors import AlphaQError
+from alphaq.files import atomic_write_text
 from alphaq.records import MatrixStats
 from alphaq.spectral import SpectralConfig, SpectralResult, analyze_matrix
 from alphaq.weights import WeightMatrix, open_model
@@ -71,7 +71,7 @@ class SpectralCache:
         p = self._path(key)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(p, json.dumps(asdict(result)))
+            atomic_write_text(p, json.dumps(asdict(result)))
         except OSError as exc:
             logger.warning("could not write cache entry %s (%s)", p, exc)
 
@@ -141,17 +141,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_csv(stats: list[MatrixStats], path: str | Path, force: bool = False) -> None:
     """Write one row per MatrixStats; refuses to overwrite without ``force``; atomic."""
     path = Path(path)
@@ -164,7 +153,7 @@ def write_csv(stats: list[MatrixStats], path: str | Path, force: bool = False) -
     writer.writerow(CSV_COLUMNS)
     for s in stats:
         writer.writerow([_fmt(getattr(s, c)) for c in CSV_COLUMNS])
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
     logger.info("wrote %d rows to %s", len(stats), path)
 
 

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from gguf import GGMLQuantizationType
 from alphaq import __version__
 from alphaq.costs import NOISE_MODELS, importance_weights, paper_noise
 from alphaq.errors import AlphaQError
+from alphaq.files import atomic_write_text
 from alphaq.qtypes import (
     DEFAULT_CANDIDATES,
     effective_type,
@@ -388,14 +388,7 @@ def _atomic_write(path: Path, text: str, force: bool) -> None:
     if path.exists() and not force:
         raise AlphaQError(f"{path} exists; pass --force to overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -364,7 +364,6 @@ def _ks_argmin(
     dev = L.device
     prob = _KSProblem(L, ci, beta)
     n_all = prob.N
-    C = ci.numel()
     alive = valid.clone()
     lb = torch.where(valid, 0.0, 1.0).to(torch.float64)  # D = 1 for alpha <= 1 (reference)
     live = torch.nonzero(alive).flatten()

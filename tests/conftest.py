@@ -9,3 +9,12 @@ MODEL_FIXTURES = sorted(p.parent.name for p in FIXTURES.glob("*/config.json"))
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def float_ggufs(tmp_path_factory) -> dict[str, Path]:
+    """Each fixture converted once per session to BF16 GGUF by llama.cpp's converter (our glue)."""
+    from convert.hf_to_gguf import convert_hf
+
+    out = tmp_path_factory.mktemp("bf16")
+    return {name: convert_hf(FIXTURES / name, out / f"{name}-bf16.gguf").path for name in MODEL_FIXTURES}

@@ -21,23 +21,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 Q = GGMLQuantizationType
 
 
-def mixtral_bf16(tmp_path_factory) -> Path:
-    """The Mixtral fixture as a BF16 GGUF (llama.cpp's converter), converted once per session and
-    shared by test_baselines / test_evaluate / test_torch_ref through pytest's base temp dir."""
-    from convert.hf_to_gguf import convert_hf
-
-    path = tmp_path_factory.getbasetemp() / "shared-mixtral-bf16.gguf"
-    if not path.exists():
-        convert_hf(FIXTURES / "mixtral", path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
+def mixtral(tmp_path_factory, float_ggufs):
     from alphaq.analyze import analyze_model
 
     out = tmp_path_factory.mktemp("baselines")
-    bf16 = mixtral_bf16(tmp_path_factory)
+    bf16 = float_ggufs["mixtral"]
     fm = baselines.FloatModel.open(bf16)
     stats = analyze_model(bf16, progress=False, use_cache=False)
     return fm, stats, out

@@ -27,15 +27,6 @@ HELDOUT = (FIXTURES / "heldout" / "prose.txt").read_text()
 
 
 @pytest.fixture(scope="session")
-def float_ggufs(tmp_path_factory) -> dict[str, Path]:
-    """Each fixture converted once to BF16 GGUF by llama.cpp's converter (through our glue)."""
-    from convert.hf_to_gguf import convert_hf
-
-    out = tmp_path_factory.mktemp("bf16")
-    return {name: convert_hf(FIXTURES / name, out / f"{name}-bf16.gguf").path for name in MODEL_FIXTURES}
-
-
-@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("alpha-cache")
 

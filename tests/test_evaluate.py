@@ -16,23 +16,12 @@ from alphaq.evaluate import (
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def mixtral_bf16(tmp_path_factory) -> Path:
-    """The Mixtral fixture as a BF16 GGUF (llama.cpp's converter), converted once per session and
-    shared by test_baselines / test_evaluate / test_torch_ref through pytest's base temp dir."""
-    from convert.hf_to_gguf import convert_hf
-
-    path = tmp_path_factory.getbasetemp() / "shared-mixtral-bf16.gguf"
-    if not path.exists():
-        convert_hf(FIXTURES / "mixtral", path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def ggufs(tmp_path_factory):
+def ggufs(tmp_path_factory, float_ggufs):
     from alphaq.quantize import quantize_stock
 
     out = tmp_path_factory.mktemp("evaluate")
-    bf16 = mixtral_bf16(tmp_path_factory)
+    bf16 = float_ggufs["mixtral"]
     q2 = out / "q2k.gguf"
     quantize_stock(bf16, q2, "Q2_K", nthread=1)
     return bf16, q2

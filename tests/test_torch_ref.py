@@ -14,21 +14,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 Q = GGMLQuantizationType
 
 
-def mixtral_bf16(tmp_path_factory) -> Path:
-    """The Mixtral fixture as a BF16 GGUF (llama.cpp's converter), converted once per session and
-    shared by test_baselines / test_evaluate / test_torch_ref through pytest's base temp dir."""
-    from convert.hf_to_gguf import convert_hf
-
-    path = tmp_path_factory.getbasetemp() / "shared-mixtral-bf16.gguf"
-    if not path.exists():
-        convert_hf(FIXTURES / "mixtral", path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def q3(tmp_path_factory):
+def q3(tmp_path_factory, float_ggufs):
     out = tmp_path_factory.mktemp("torch_ref")
-    bf16 = mixtral_bf16(tmp_path_factory)
+    bf16 = float_ggufs["mixtral"]
     fm = baselines.FloatModel.open(bf16)
     types = {t.name: (Q.Q3_K if "_exps" in t.name else Q.Q4_K)
              for t in fm.tensors if len(t.shape) >= 2 and "ffn_gate_inp" not in t.name}

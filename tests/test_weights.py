@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -21,7 +19,6 @@ from alphaq.errors import AlphaQError
 from alphaq.weights import ggml_n_dims, llama_quantizes, open_model, unpermute_qk
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def fixture(name: str) -> Path:
@@ -50,29 +47,11 @@ def same_matrices(a, b) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def convert_with_llama_cpp(model: Path, out: Path) -> Path:
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from convert.vendor import ensure_vendor
-
-    try:
-        vendor = ensure_vendor()
-    except AlphaQError as exc:  # no network and no cached sdist
-        pytest.skip(f"llama.cpp converter unavailable: {exc}")
-    proc = subprocess.run(
-        [sys.executable, "-m", "convert.run_upstream", str(vendor), str(model), "--outtype", "bf16",
-         "--outfile", str(out)],
-        cwd=REPO, capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
-
-
 # mixtral: Q/K rows permuted by LlamaModel; deepseek2: kv_b_proj split into attn_k_b/attn_v_b
 @pytest.mark.parametrize("name", ["mixtral", "deepseek2"])
-def test_hf_and_converted_gguf_give_identical_matrices_and_alpha(name, tmp_path):
+def test_hf_and_converted_gguf_give_identical_matrices_and_alpha(name, float_ggufs):
     hf_dir = fixture(name)
-    gguf_path = convert_with_llama_cpp(hf_dir, tmp_path / f"{name}.gguf")
+    gguf_path = float_ggufs[name]  # written by llama.cpp's converter (conftest)
     with open_model(hf_dir) as hf, open_model(gguf_path) as gg:
         assert (hf.source, gg.source) == ("hf", "gguf")
         assert hf.arch == gg.arch and hf.n_blocks == gg.n_blocks

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from alphaq.errors import AlphaQError
+from alphaq.files import atomic_write_text
 
 
 def register(subparsers) -> None:
@@ -57,7 +58,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path:
         doc = {"model": str(args.model), "ref": str(args.ref) if args.ref else None, "n_ctx": args.n_ctx,
                "texts": [dataclasses.asdict(r) for r in reports]}
-        tmp = args.json_path.with_name(args.json_path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        tmp.replace(args.json_path)
+        atomic_write_text(args.json_path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return 0
