@@ -18,11 +18,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from alphaq import __version__
 from alphaq.analyze import analyze_model
 from alphaq.errors import AlphaQError
+from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf_io import FLOAT_TYPES, copy_with_metadata, header_bytes, read_tensors
 from alphaq.plan import Plan, PlanConfig, TensorInfo, make_plan
 from alphaq.qtypes import padded, tensor_bytes
@@ -61,7 +62,8 @@ class ConvertResult:
     tensor_counts: dict[str, int]  # written type -> number of quantised tensors
     tokenizer_fallback: str | None
     stock_sizes: dict[str, int] = field(default_factory=dict)  # mix -> predicted file bytes
-    runtime: str = "stock llama.cpp"
+    runtime: str = STOCK_RUNTIME  # what runs the file: stock llama.cpp, or the patched one
+    n_grouped: int = 0  # merged expert tensors stored as type groups (expert granularity)
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -159,10 +161,6 @@ def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, toke
 
 def run_convert(cfg: ConvertConfig) -> ConvertResult:
     check_output(cfg.output, cfg.force, cfg.plan.granularity)
-    if cfg.plan.granularity != "tensor":
-        raise AlphaQError(
-            "granularity 'expert' needs the patched llama.cpp runtime (ggml-patches/), which is not "
-            "built yet; use 'alphaq plan --granularity expert' to inspect such plans")
     with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
         source = model.source
     out_dir = cfg.output.parent
@@ -186,15 +184,24 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         base_header = header_bytes(float_gguf)
         noise = _noise_table(float_gguf, stats, tensors, cfg)
         plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback, noise)
-        types = plan.tensor_types()
+        types = plan.tensor_types(mixed="skip")
+        layouts = group_layouts(plan.expert_types(), {t.name: t.shape for t in tensors})
+        # grouped projections are quantised per expert by the expert-groups writer; here
+        # llama.cpp only copies them in their source type (no work, no effect on file_type)
+        to_llama = {**types, **{t.name: GGMLQuantizationType[t.dtype] for t in tensors if t.name in layouts}}
 
         log.info("quantising %d tensors with llama.cpp's quantiser", len(types))
         quantised = tmp_dir / "quantised.gguf"
-        quantize_gguf(float_gguf, quantised, types, nthread=cfg.nthread, progress=cfg.progress)
+        quantize_gguf(float_gguf, quantised, to_llama, nthread=cfg.nthread, progress=cfg.progress,
+                      file_type_from=types)
         final = tmp_dir / "final.gguf"
-        copy_with_metadata(quantised, final, alphaq_metadata(plan, cfg, tokenizer_fallback))
+        meta = alphaq_metadata(plan, cfg, tokenizer_fallback)
+        if layouts:
+            write_expert_gguf(quantised, float_gguf, layouts, meta, final, progress=cfg.progress)
+        else:
+            copy_with_metadata(quantised, final, meta)
         quantised.unlink()
-        _verify(final, plan, types)
+        _verify(final, plan, types, layouts)
 
         stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
         plan_tmp = tmp_dir / "plan.json"
@@ -214,18 +221,23 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         tmp_dir.rmdir()
 
     counts = Counter(t.name for t in types.values())
+    counts.update(t.name for lay in layouts.values() for t in lay.types)  # one tensor per group
     return ConvertResult(
         output=cfg.output, plan_json=plan_json, tensor_type_file=tt_file if tt_tmp else None, plan=plan,
         file_bytes=cfg.output.stat().st_size, tensor_counts=dict(sorted(counts.items())),
-        tokenizer_fallback=tokenizer_fallback, stock_sizes=stock)
+        tokenizer_fallback=tokenizer_fallback, stock_sizes=stock,
+        runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, n_grouped=len(layouts))
 
 
-def _verify(path: Path, plan: Plan, types: dict) -> None:
+def _verify(path: Path, plan: Plan, types: dict, layouts: dict[str, ExpertGroups]) -> None:
     """The written file has exactly the planned types and the planned tensor bytes (a mismatch is a
     bug in our model of llama.cpp, never a user error)."""
     written = {t.name: t for t in read_tensors(path)}
-    wrong = [f"{n}: planned {t.name}, written {written[n].type.name}" for n, t in types.items()
-             if written[n].type != t]
+    expected = dict(types)
+    for lay in layouts.values():
+        expected.update({group_name(lay.tensor, g): t for g, t in enumerate(lay.types)})
+    wrong = [f"{n}: planned {t.name}, written {written[n].type.name if n in written else 'nothing'}"
+             for n, t in expected.items() if n not in written or written[n].type != t]
     if wrong:
         raise RuntimeError("llama.cpp wrote other types than planned: " + "; ".join(wrong[:5]))
     align = plan.settings.get("alignment", 32)

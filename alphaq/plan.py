@@ -593,8 +593,7 @@ def make_plan(
         raise AlphaQError(f"fixed_bytes {fixed_bytes} must be >= 0")
 
     # capacity per group (one group, or one per block)
-    n_expert_tensors = len({u.tensor.name for u in units if u.expert is not None})
-    reserve = n_expert_tensors * (cfg.alignment - 1)  # expert granularity: worst-case padding
+    reserve = _expert_layout_reserve(units, len(cands), cfg.alignment)
     groups: dict[int | None, list[int]] = defaultdict(list)
     for i, u in enumerate(units):
         groups[_block_of(u.tensor.name, u.stats) if cfg.scope == "block" else None].append(i)
@@ -727,14 +726,44 @@ def _infeasible_message(cfg, g, cap, lo, hi, g_params, alloc_cap, total_params) 
     )
 
 
+def _expert_layout_reserve(units, n_candidates: int, alignment: int) -> int:
+    """Bytes a size budget keeps free for expert granularity: per merged expert tensor, the
+    worst case of the expert-groups layout (one padded tensor per type, the map, their tensor
+    infos), since the grouping is only known after solving."""
+    from alphaq.expert_gguf import ExpertGroups, layout_bytes, layout_info_bytes
+
+    reserve = 0
+    for name, shape in sorted({(u.tensor.name, u.tensor.shape) for u in units if u.expert is not None}):
+        worst = ExpertGroups(name, shape, (GGMLQuantizationType.F32,) * n_candidates, ((),) * n_candidates)
+        reserve += n_candidates * (alignment - 1) + layout_bytes(worst, alignment) + max(0, layout_info_bytes(worst))
+    return reserve
+
+
+def _allocated_layout_bytes(items, tensors, cfg) -> tuple[int, int]:
+    """(tensor-data bytes, extra header bytes) of the allocated tensors as they will be written:
+    one padded tensor each, or for a merged expert tensor with several types, its type groups."""
+    per_tensor: dict[str, list[PlanItem]] = defaultdict(list)
+    for it in items:
+        per_tensor[it.tensor].append(it)
+    if cfg.granularity != "expert":
+        return sum(padded(sum(it.bytes for it in its), cfg.alignment) for its in per_tensor.values()), 0
+    from alphaq.expert_gguf import group_layouts, layout_bytes, layout_info_bytes
+
+    shapes = {t.name: t.shape for t in tensors}
+    types = {(it.tensor, it.expert): it.type for it in items if it.expert is not None}
+    layouts = group_layouts(types, shapes)
+    data = sum(layout_bytes(layouts[n], cfg.alignment) if n in layouts else padded(sum(it.bytes for it in its), cfg.alignment)
+               for n, its in per_tensor.items())
+    return data, sum(layout_info_bytes(lay) for lay in layouts.values())
+
+
 def _totals(items, fixed, tensors, cfg, header, estimated, objective, lower, proven) -> PlanTotals:
     a_params = sum(it.params for it in items)
     nominal = sum(it.params * nominal_bits(it.type) for it in items) / a_params
     true_bits = sum(8 * it.bytes for it in items) / a_params
-    per_tensor: dict[str, int] = defaultdict(int)
-    for it in items:
-        per_tensor[it.tensor] += it.bytes
-    allocated_bytes = sum(padded(b, cfg.alignment) for b in per_tensor.values())
+    allocated_bytes, layout_header = _allocated_layout_bytes(items, tensors, cfg)
+    if layout_header:
+        header = padded(header + layout_header, cfg.alignment)
     fixed_bytes = sum(padded(f.bytes, cfg.alignment) for f in fixed)
     file_bytes = header + allocated_bytes + fixed_bytes
     model_params = sum(t.n_elements for t in tensors)

@@ -125,8 +125,11 @@ def ones_imatrix(src: Path, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantizationType], *,
-                  nthread: int = 0, progress: bool = False) -> None:
-    """Quantise ``src`` into ``dst`` with exactly ``tensor_types`` (GGUF name -> written type)."""
+                  nthread: int = 0, progress: bool = False,
+                  file_type_from: dict[str, GGMLQuantizationType] | None = None) -> None:
+    """Quantise ``src`` into ``dst`` with exactly ``tensor_types`` (GGUF name -> written type).
+
+    file_type_from: the types that decide general.file_type (default: tensor_types)."""
     llama_cpp = _llama()
     reader = GGUFReader(src)
     n_elements = {t.name: int(t.n_elements) for t in reader.tensors}
@@ -136,7 +139,7 @@ def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantization
         raise AlphaQError(f"plan names tensors that are not in {src.name}: {', '.join(unknown[:5])}")
     needs = [n for n, t in tensor_types.items() if t in NEEDS_IMATRIX]
     imatrix = ones_imatrix(src, needs) if needs else None
-    params, keep = _build_params(ftype_for(tensor_types, n_elements), nthread, tensor_types, imatrix)
+    params, keep = _build_params(ftype_for(file_type_from or tensor_types, n_elements), nthread, tensor_types, imatrix)
     from tqdm import tqdm
 
     with tqdm(total=len(n_elements), desc="quantise", unit="tensor", disable=not progress,

@@ -4,7 +4,7 @@ The HF model (transformers) is loaded and each quantisable weight is replaced by
 GGUF counterpart. Two sources for those weights:
 
 * ``from_gguf``: the tensors of a quantised GGUF (gguf-py ``dequantize``), mapped back to HF
-  names; Q/K rows of llama-style models are un-permuted (``alphaq.weights.unpermute_qk``, the
+  names (type groups of an expert-granular file back to their experts); Q/K rows of llama-style models are un-permuted (``alphaq.weights.unpermute_qk``, the
   inverse of the converter's ``LlamaModel.permute``).
 * ``from_types``: per (GGUF tensor, expert) types, quantised here with ggml's own quantiser
   (``alphaq.ggml.quantize``) and dequantised with gguf-py. Because k-quants and legacy quants
@@ -32,6 +32,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from alphaq.errors import AlphaQError
+from alphaq.expert_gguf import group_name, read_layouts
 from alphaq.imatrix import _arch_of, _expert_name
 from alphaq.weights import QK_PERMUTED_ARCHS  # Mixtral is arch 'llama' in GGUF
 
@@ -100,13 +101,17 @@ def from_gguf(hf_dir: Path, quantised: Path):
     n_head = int(reader.get_field(f"{gguf.MODEL_ARCH_NAMES[arch]}.attention.head_count").contents())
     kv = reader.get_field(f"{gguf.MODEL_ARCH_NAMES[arch]}.attention.head_count_kv")
     n_head_kv = int(kv.contents()) if kv is not None else n_head
-    names = {t.name for t in reader.tensors}
+    # expert-granular files: each type group holds some experts of one stock tensor
+    groups = {group_name(lay.tensor, g): (lay.tensor, lay.experts[g])
+              for lay in read_layouts(quantised).values() for g in range(len(lay.types))}
+    names = {t.name for t in reader.tensors} | {stock for stock, _ in groups.values()}
     targets = hf_targets(model, names, arch, n_blocks)
     params = dict(model.named_parameters())
     from alphaq.weights import unpermute_qk
 
     for t in reader.tensors:
-        tgt = targets.get(t.name)
+        stock, experts = groups.get(t.name, (t.name, None))
+        tgt = targets.get(stock)
         if tgt is None:
             continue
         w = dequantize(np.asarray(t.data), GGMLQuantizationType(int(t.tensor_type))).astype(np.float32)
@@ -117,8 +122,8 @@ def from_gguf(hf_dir: Path, quantised: Path):
         if tgt.expert is None:
             _assign(params, tgt, None, w)
         else:
-            for e in range(w.shape[0]):
-                _assign(params, tgt, e, w[e])
+            for slot in range(w.shape[0]):
+                _assign(params, tgt, experts[slot] if experts is not None else slot, w[slot])
     return model
 
 

@@ -1,7 +1,9 @@
 """`alphaq convert MODEL --budget 3 [-o OUT.gguf]`: the main job (also `python convert_alphaq.py`).
 
-HF checkpoint or F32/F16/BF16 GGUF in; a mixed-type GGUF that stock llama.cpp runs out, with its
-plan JSON and llama-quantize --tensor-type-file next to it.
+HF checkpoint or F32/F16/BF16 GGUF in; a mixed-type GGUF out, with its plan JSON (and, for
+tensor granularity, llama-quantize's --tensor-type-file) next to it. Tensor granularity (default)
+runs on stock llama.cpp; --granularity expert writes per-expert types (docs/FORMAT.md), which need
+the patched runtime (scripts/build_patched.sh).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def summary(r) -> str:
                      f"({(r.file_bytes - size) / size:+.1%} for AlphaQ)")
     if r.tokenizer_fallback:
         lines.append(f"  tokenizer   fallback: {r.tokenizer_fallback}")
-    lines.append(f"  runtime     {r.runtime}")
+    lines.append(f"  runtime     {r.runtime}" + (f" ({r.n_grouped} expert tensor(s) stored as type groups)"
+                                                    if r.n_grouped else ""))
     lines.append(f"  plan        {r.plan_json}" + (f", {r.tensor_type_file}" if r.tensor_type_file else ""))
     return "\n".join(lines)

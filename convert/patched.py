@@ -1,0 +1,161 @@
+"""The patched runtime: llama-cpp-python 0.3.36 with ggml-patches/ applied, built as a wheel.
+
+Expert-granular GGUF files (docs/FORMAT.md) need a llama.cpp that reads type groups and runs
+masked mul_mat_id. This module applies the numbered patch series in ggml-patches/ to the
+llama.cpp vendored in the llama-cpp-python sdist and builds a wheel, cached under
+~/.cache/alphaq/patched/<key>/ where <key> hashes the sdist version, the patch series and the
+build flags, so a changed patch always rebuilds and an unchanged one never does.
+
+    python -m convert.patched                 # build (or reuse) the CPU wheel, print its path
+    python -m convert.patched --install       # ... and pip install it into this environment
+    python -m convert.patched --cuda          # CUDA build (-DGGML_CUDA=on; needs nvcc)
+
+The wheel's version is 0.3.36+alphaq.<key>, so `pip show llama-cpp-python` tells which runtime is
+installed. It runs stock files exactly like the stock wheel does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from alphaq.errors import AlphaQError
+from convert.vendor import LLAMA_CPP_PYTHON_VERSION, default_cache_root
+
+PATCH_DIR = Path(__file__).resolve().parent.parent / "ggml-patches"
+SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+CUDA_ARGS = "-DGGML_CUDA=on"
+
+log = logging.getLogger(__name__)
+
+
+def patch_files() -> list[Path]:
+    files = sorted(PATCH_DIR.glob("*.patch"))
+    if not files:
+        raise AlphaQError(f"no patches in {PATCH_DIR}")
+    return files
+
+
+def build_key(cmake_args: str = "") -> str:
+    """Hash of everything the wheel depends on: sdist version, patch series, build flags."""
+    h = hashlib.sha256(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}\n{cmake_args}\n".encode())
+    for p in patch_files():
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def build_dir(cmake_args: str = "", cache_root: Path | None = None) -> Path:
+    return (cache_root or default_cache_root()) / "patched" / build_key(cmake_args)
+
+
+def fetch_sdist(cache_root: Path | None = None) -> Path:
+    dest = (cache_root or default_cache_root()) / "sdist"
+    sdist = dest / SDIST
+    if sdist.exists():
+        return sdist
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if not sdist.exists():
+        raise AlphaQError(f"could not fetch the llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist: "
+                          + (proc.stderr.strip().splitlines() or ["no output"])[-1])
+    return sdist
+
+
+def apply_series(src: Path) -> None:
+    """Apply ggml-patches/*.patch, in order, to src/vendor/llama.cpp."""
+    llama = src / "vendor" / "llama.cpp"
+    # the sdist keeps a submodule pointer (.git file) that would make git look for a parent repo
+    (llama / ".git").unlink(missing_ok=True)
+    for p in patch_files():
+        proc = subprocess.run(["git", "apply", "--whitespace=nowarn", str(p)], cwd=llama,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AlphaQError(f"{p.name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}: "
+                              + (proc.stderr.strip().splitlines() or ["no output"])[0])
+
+
+def _set_version(src: Path, key: str) -> None:
+    init = src / "llama_cpp" / "__init__.py"
+    text = init.read_text()
+    old = f'__version__ = "{LLAMA_CPP_PYTHON_VERSION}"'
+    if old not in text:
+        raise AlphaQError(f"{init}: no {old} line to tag")
+    init.write_text(text.replace(old, f'__version__ = "{LLAMA_CPP_PYTHON_VERSION}+alphaq.{key}"'))
+
+
+def ensure_wheel(cuda: bool = False, cache_root: Path | None = None) -> Path:
+    """The patched wheel, built once per (sdist, patch series, flags)."""
+    cmake_args = CUDA_ARGS if cuda else ""
+    out = build_dir(cmake_args, cache_root)
+    wheels = sorted(out.glob("llama_cpp_python-*.whl"))
+    if wheels:
+        return wheels[0]
+    key = build_key(cmake_args)
+    sdist = fetch_sdist(cache_root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_path = Path(tmp)
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp_path, filter="data")
+        src = tmp_path / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+        apply_series(src)
+        _set_version(src, key)
+        staging = tmp_path / "wheel"
+        env = {**os.environ, "CMAKE_ARGS": cmake_args}
+        log.info("building the patched llama-cpp-python wheel (%s); this takes minutes",
+                 "CUDA" if cuda else "CPU")
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", str(src), "-w", str(staging)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            (out.parent / f"{key}.build.log").write_text(proc.stdout + proc.stderr)
+            raise AlphaQError(f"building the patched wheel failed; log: {out.parent / f'{key}.build.log'}")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)  # atomic: a half-built wheel never looks cached
+    return sorted(out.glob("llama_cpp_python-*.whl"))[0]
+
+
+def ensure_site(cuda: bool = False, cache_root: Path | None = None) -> Path:
+    """A private site-packages holding only the patched llama_cpp (for side-by-side use with the
+    stock one: put it first on PYTHONPATH in a subprocess)."""
+    wheel = ensure_wheel(cuda, cache_root)
+    site = wheel.parent / "site"
+    if (site / "llama_cpp").is_dir():
+        return site
+    tmp = Path(tempfile.mkdtemp(dir=wheel.parent))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp),
+                    str(wheel)], check=True)
+    tmp.rename(site)
+    return site
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=on (needs nvcc)")
+    ap.add_argument("--install", action="store_true", help="pip install the wheel into this environment")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        wheel = ensure_wheel(args.cuda)
+    except AlphaQError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.install:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
+                       check=True)
+    print(wheel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
