@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DEMO_OUT := out/mixtral-alphaq-b3.gguf
 
-.PHONY: setup demo test test-fast bench bench-spectral clean
+.PHONY: setup patched install-patched demo test test-fast bench bench-spectral bench-expert clean
 
 setup:
 	@bash scripts/setup.sh
@@ -14,7 +14,16 @@ demo: setup
 	$(PY) convert_alphaq.py tests/fixtures/mixtral --budget 3 -o $(DEMO_OUT) --force
 	$(PY) scripts/demo_generate.py $(DEMO_OUT)
 
-test: setup
+# The patched llama.cpp runtime (ggml-patches/) for expert-granular files: builds a
+# llama-cpp-python wheel once per patch series (~6-10 min, cached in ~/.cache/alphaq/patched).
+# `make install-patched` puts it into .venv (it runs stock files exactly as before).
+patched: setup
+	$(PY) -m convert.patched
+
+install-patched: setup
+	$(PY) -m convert.patched --install
+
+test: setup patched
 	$(PY) -m pytest -q
 
 test-fast: setup
@@ -29,6 +38,9 @@ bench: setup
 
 bench-spectral: setup
 	$(PY) scripts/bench_spectral.py
+
+bench-expert: setup patched
+	$(PY) scripts/bench_expert.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -5,6 +5,7 @@ process can load only one of them. Tests and benchmarks that compare them run ea
 process: ``site`` (a directory holding a ``llama_cpp`` package) goes first on PYTHONPATH; None
 means the environment's own llama_cpp.
 
+    python -m alphaq.runtime load MODEL                   # llama.cpp's own log on stderr
     python -m alphaq.runtime logprobs MODEL TEXT N_CTX WINDOWS OUT.npy
     python -m alphaq.runtime generate MODEL PROMPT N_TOKENS
     python -m alphaq.runtime speed MODEL N_PROMPT N_GEN REPEATS THREADS
@@ -50,6 +51,13 @@ def speed(site: Path | None, model: Path, n_prompt: int, n_gen: int, repeats: in
 
 
 # -- the child side ------------------------------------------------------------------------------
+
+
+def _child_load(model: str) -> None:
+    import llama_cpp
+
+    llama_cpp.Llama(model_path=model, n_ctx=64, verbose=True)
+    print(json.dumps({"loaded": True, "version": llama_cpp.__version__}))
 
 
 def _child_logprobs(model: str, text: str, n_ctx: str, n_windows: str, out: str) -> None:
@@ -99,4 +107,4 @@ def _child_speed(model: str, n_prompt: str, n_gen: str, repeats: str, threads: s
 
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"logprobs": _child_logprobs, "generate": _child_generate, "speed": _child_speed}[cmd](*rest)
+    {"load": _child_load, "logprobs": _child_logprobs, "generate": _child_generate, "speed": _child_speed}[cmd](*rest)

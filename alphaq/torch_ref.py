@@ -86,6 +86,8 @@ def _assign(params: dict, tgt: Target, expert: int | None, w: np.ndarray) -> Non
     with torch.no_grad():
         view = p[expert] if expert is not None else p
         view = view[tgt.rows]
+        if tuple(view.shape) != w.shape and view.numel() == w.size:
+            w = w.reshape(tuple(view.shape))  # e.g. a (1, n) HF gate stored as a 1-D GGUF vector
         if tuple(view.shape) != w.shape:
             raise AlphaQError(f"{tgt.param}[{expert}] rows {tgt.rows}: shape {tuple(view.shape)} != {w.shape}")
         view.copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything alphaq-gguf needs, into a project-local virtualenv (.venv).
 #   * Debian packages: python3.11-doc (the prose corpus), python3-venv
-#   * .venv with the package (editable) and its test extras; torch is pinned to the CPU wheel
+#   * .venv with the package (editable), its test extras and triton (for the kernel tests in
+#     interpreter mode); torch is pinned to the CPU wheel
 #     on disk, llama-cpp-python==0.3.36 builds from source once (~6 min) and pip's wheel cache
 #     makes every later install instant
 #   * the llama.cpp sources that llama-cpp-python vendors (converter, gguf-py) unpacked to
@@ -33,7 +34,11 @@ want=$(sha1sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     echo "setup: installing alphaq and its dependencies into .venv (first time: builds llama-cpp-python, ~6 min)"
-    .venv/bin/python -m pip install --quiet -e ".[test]"
+    # the gpu extra (triton) lets the Triton kernel tests run in interpreter mode on the CPU;
+    # without it they skip, so a machine without the wheel still sets up
+    .venv/bin/python -m pip install --quiet -e ".[test,gpu]" || {
+        echo "setup: triton unavailable; kernel tests will skip" >&2
+        .venv/bin/python -m pip install --quiet -e ".[test]"; }
     echo "$want" > "$STAMP"
 fi
 

@@ -33,9 +33,14 @@ OP_TYPES = [Q.IQ1_S, Q.IQ1_M, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.
 
 @pytest.fixture(scope="session")
 def patched_site() -> Path:
+    """The patched llama_cpp: built (or reused) from ggml-patches/, or ALPHAQ_PATCHED_SITE when set
+    (a directory holding a patched llama_cpp package, e.g. a development build)."""
+    import os
+
     from convert.patched import ensure_site
 
-    return ensure_site()
+    override = os.environ.get("ALPHAQ_PATCHED_SITE")
+    return Path(override) if override else ensure_site()
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +135,7 @@ def test_every_architecture_gets_grouped_tensors(expert_files):
 def test_stock_llama_cpp_refuses_expert_files(arch, expert_files):
     """Unpatched llama.cpp must fail loudly (missing tensor), never load garbage."""
     path = next(p for (a, _), p in expert_files.items() if a == arch and read_layouts(p))
-    proc = runtime.run(None, "generate", path, "x", 1, check=False)
+    proc = runtime.run(None, "load", path, check=False)
     assert proc.returncode != 0
     assert "ffn_" in proc.stderr and "not found" in proc.stderr, proc.stderr[-800:]
 

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Expert vs tensor granularity on llama.cpp itself (the patched runtime), at equal true file size.
+
+    python scripts/bench_expert.py [--models mixtral-bench ...] [--budgets 2.5 3] [--windows 8]
+
+For each benchmark model (.cache/zoo/NAME; its BF16 GGUF is reused from .cache/bench/NAME/bf16.gguf
+when scripts/bench_eval.py made one) and nominal budget B:
+  tensor   AlphaQ at budget B, tensor granularity (a stock file)
+  expert   AlphaQ with --target-size = the tensor file's actual size, expert granularity
+Quality: both run in the patched llama-cpp-python (ggml-patches/), the BF16 reference in the stock
+one, on both held-out domains: perplexity, mean KL(BF16 || model), top-1 agreement.
+Speed (a benchmark, not a test): prefill and decode tokens/s of both files in the patched runtime,
+and of the tensor file in the stock runtime, interleaved in the same run, best of --repeats.
+Results: bench/expert-runtime.json (+ a markdown table on stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alphaq import runtime  # noqa: E402
+from alphaq.convert import ConvertConfig, run_convert  # noqa: E402
+from alphaq.expert_gguf import read_layouts  # noqa: E402
+from alphaq.plan import PlanConfig  # noqa: E402
+
+DOMAINS = ("prose", "code")
+
+
+def bf16_of(name: str, zoo: Path, work: Path) -> Path:
+    path = work / name / "bf16.gguf"
+    if not path.exists():
+        from convert.hf_to_gguf import convert_hf
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        convert_hf(zoo / name, path, outtype="bf16")
+    return path
+
+
+def scores(lp: np.ndarray, ref: np.ndarray, tokens: np.ndarray) -> dict:
+    """lp, ref: (windows, n_ctx, vocab) log-probs; second half of each window scored."""
+    n_ctx = lp.shape[1]
+    first = n_ctx // 2
+    pos = slice(first - 1, n_ctx - 1)
+    q, p = ref[:, pos].astype(np.float64), lp[:, pos].astype(np.float64)
+    tgt = tokens[:, first:]
+    nll = -np.take_along_axis(p, tgt[..., None], -1).mean()
+    return {"ppl": float(np.exp(nll)), "kl": float((np.exp(q) * (q - p)).sum(-1).mean()),
+            "top1": float((q.argmax(-1) == p.argmax(-1)).mean())}
+
+
+def tokens_of(bf16: Path, text: Path, n_ctx: int, windows: int) -> np.ndarray:
+    import llama_cpp
+
+    from alphaq.evaluate import windows as make_windows
+
+    llm = llama_cpp.Llama(model_path=str(bf16), vocab_only=True, verbose=False)
+    return np.array(make_windows(llm, text.read_text(errors="replace"), n_ctx, windows))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["mixtral-bench", "qwen2moe-bench", "qwen3moe-bench"])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0])
+    ap.add_argument("--zoo", type=Path, default=ROOT / ".cache" / "zoo")
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
+    ap.add_argument("--n-ctx", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "expert-runtime.json")
+    args = ap.parse_args()
+
+    from convert.patched import ensure_site
+
+    site = ensure_site()
+    rows = []
+    for name in args.models:
+        bf16 = bf16_of(name, args.zoo, args.work)
+        out = args.work / name / "granularity"
+        out.mkdir(parents=True, exist_ok=True)
+        texts = {d: ROOT / "tests" / "fixtures" / "heldout" / f"{d}.txt" for d in DOMAINS}
+        toks = {d: tokens_of(bf16, t, args.n_ctx, args.windows) for d, t in texts.items()}
+        ref = {d: runtime.logprobs(None, bf16, t, args.n_ctx, args.windows, out / f"ref-{d}.npy")
+               for d, t in texts.items()}
+        for budget in args.budgets:
+            files = {"tensor": out / f"tensor-b{budget:g}.gguf", "expert": out / f"expert-b{budget:g}.gguf"}
+            run_convert(ConvertConfig(model=bf16, output=files["tensor"], plan=PlanConfig(budget=budget),
+                                      force=True, compare_stock=False, progress=False))
+            size = files["tensor"].stat().st_size
+            run_convert(ConvertConfig(model=bf16, output=files["expert"],
+                                      plan=PlanConfig(budget=size, budget_mode="size", granularity="expert"),
+                                      force=True, compare_stock=False, progress=False))
+            row = {"model": name, "budget": budget, "grouped_tensors": len(read_layouts(files["expert"]))}
+            for g, path in files.items():
+                row[f"{g}_bytes"] = path.stat().st_size
+                for d, t in texts.items():
+                    lp = runtime.logprobs(site, path, t, args.n_ctx, args.windows, out / f"{g}-{d}.npy")
+                    row.update({f"{g}_{d}_{k}": v for k, v in scores(lp, ref[d], toks[d]).items()})
+            # speed: interleave the three runs per repeat so machine load hits them alike
+            speeds = {"tensor@patched": [], "expert@patched": [], "tensor@stock": []}
+            for _ in range(args.repeats):
+                speeds["tensor@patched"].append(runtime.speed(site, files["tensor"], 128, 64, 1, args.threads))
+                speeds["expert@patched"].append(runtime.speed(site, files["expert"], 128, 64, 1, args.threads))
+                speeds["tensor@stock"].append(runtime.speed(None, files["tensor"], 128, 64, 1, args.threads))
+            for k, v in speeds.items():
+                row[f"{k}_prefill_tps"] = max(s["prefill_tps"] for s in v)
+                row[f"{k}_decode_tps"] = max(s["decode_tps"] for s in v)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.out.write_text(json.dumps({"n_ctx": args.n_ctx, "windows": args.windows, "repeats": args.repeats,
+                                    "threads": args.threads, "rows": rows}, indent=1) + "\n")
+
+    print("\n| model | budget | bytes tensor / expert | grouped | KL prose tensor → expert | KL code tensor → expert "
+          "| decode tok/s tensor / expert (×) | prefill tok/s tensor / expert (×) | stock runtime decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['budget']:g} | {r['tensor_bytes']:,} / {r['expert_bytes']:,} | {r['grouped_tensors']} "
+              f"| {r['tensor_prose_kl']:.4f} → {r['expert_prose_kl']:.4f} | {r['tensor_code_kl']:.4f} → {r['expert_code_kl']:.4f} "
+              f"| {r['tensor@patched_decode_tps']:.0f} / {r['expert@patched_decode_tps']:.0f} "
+              f"({r['expert@patched_decode_tps'] / r['tensor@patched_decode_tps']:.2f}×) "
+              f"| {r['tensor@patched_prefill_tps']:.0f} / {r['expert@patched_prefill_tps']:.0f} "
+              f"({r['expert@patched_prefill_tps'] / r['tensor@patched_prefill_tps']:.2f}×) "
+              f"| {r['tensor@stock_decode_tps']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
