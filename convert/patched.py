@@ -9,6 +9,9 @@ build flags, so a changed patch always rebuilds and an unchanged one never does.
     python -m convert.patched                 # build (or reuse) the CPU wheel, print its path
     python -m convert.patched --install       # ... and pip install it into this environment
     python -m convert.patched --cuda          # CUDA build (-DGGML_CUDA=on; needs nvcc)
+    python -m convert.patched --cuda-compile-check [--arch 90]
+                                              # nvcc-compile just the CUDA files the series
+                                              # touches (minutes, not the hours of a full build)
 
 The wheel's version is 0.3.36+alphaq.<key>, so `pip show llama-cpp-python` tells which runtime is
 installed. It runs stock files exactly like the stock wheel does.
@@ -74,14 +77,18 @@ def fetch_sdist(cache_root: Path | None = None) -> Path:
 def apply_series(src: Path) -> None:
     """Apply ggml-patches/*.patch, in order, to src/vendor/llama.cpp."""
     llama = src / "vendor" / "llama.cpp"
-    # the sdist keeps a submodule pointer (.git file) that would make git look for a parent repo
+    # The sdist ships its own .git (and a submodule pointer in vendor/llama.cpp). Inside a git
+    # work tree, `git apply` silently *skips* files outside the current directory, so both go:
+    # the patches must apply to plain files.
     (llama / ".git").unlink(missing_ok=True)
+    shutil.rmtree(src / ".git", ignore_errors=True)
     for p in patch_files():
-        proc = subprocess.run(["git", "apply", "--whitespace=nowarn", str(p)], cwd=llama,
+        proc = subprocess.run(["git", "apply", "--verbose", "--whitespace=nowarn", str(p)], cwd=llama,
                               capture_output=True, text=True)
-        if proc.returncode != 0:
+        out = proc.stdout + proc.stderr
+        if proc.returncode != 0 or "Skipped patch" in out:
             raise AlphaQError(f"{p.name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}: "
-                              + (proc.stderr.strip().splitlines() or ["no output"])[0])
+                              + (out.strip().splitlines() or ["no output"])[-1])
 
 
 def _set_version(src: Path, key: str) -> None:
@@ -139,12 +146,66 @@ def ensure_site(cuda: bool = False, cache_root: Path | None = None) -> Path:
     return site
 
 
+def _cublas_include(cache_root: Path | None = None) -> Path:
+    """cublas_v2.h: from the CUDA toolkit if it has it, else from the nvidia-cublas-cu12 wheel."""
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cublas_v2.h").exists():
+            return Path(root) / "include"
+    dest = (cache_root or default_cache_root()) / "cuda-headers"
+    if not (dest / "nvidia" / "cublas" / "include" / "cublas_v2.h").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "nvidia-cublas-cu12",
+                            "-d", tmp], check=True)
+            import zipfile
+
+            with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as whl:
+                whl.extractall(dest, [m for m in whl.namelist() if m.startswith("nvidia/cublas/include/")])
+    return dest / "nvidia" / "cublas" / "include"
+
+
+def cuda_compile_check(arch: str = "90", cache_root: Path | None = None) -> list[tuple[str, bool, str]]:
+    """Compile every CUDA source the series changes, patched, with nvcc: (file, ok, log tail)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise AlphaQError("nvcc not found: install a CUDA toolkit or `pip install nvidia-cuda-nvcc-cu12`")
+    touched = sorted({line[len("+++ b/"):].strip() for p in patch_files() for line in p.read_text().splitlines()
+                      if line.startswith("+++ b/ggml/src/ggml-cuda/") and line.rstrip().endswith(".cu")})
+    cublas = _cublas_include(cache_root)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fetch_sdist(cache_root)) as tar:
+            tar.extractall(tmp, filter="data")
+        src = Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+        apply_series(src)
+        llama = src / "vendor" / "llama.cpp"
+        for rel in touched:
+            log.info("nvcc %s (sm_%s)", rel, arch)
+            proc = subprocess.run(
+                [nvcc, "-std=c++17", f"-arch=sm_{arch}", "-O1", "-c", rel, "-o", str(Path(tmp) / "out.o"),
+                 "-Iggml/include", "-Iggml/src", "-Iggml/src/ggml-cuda", f"-I{cublas}"],
+                cwd=llama, capture_output=True, text=True)
+            results.append((rel, proc.returncode == 0, (proc.stdout + proc.stderr).strip()[-2000:]))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=on (needs nvcc)")
     ap.add_argument("--install", action="store_true", help="pip install the wheel into this environment")
+    ap.add_argument("--cuda-compile-check", action="store_true",
+                    help="compile only the CUDA sources the series changes, with nvcc")
+    ap.add_argument("--arch", default="90", help="CUDA arch for --cuda-compile-check (default: %(default)s)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.cuda_compile_check:
+        try:
+            results = cuda_compile_check(args.arch)
+        except AlphaQError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for rel, ok, tail in results:
+            print(f"{'ok  ' if ok else 'FAIL'} {rel}" + ("" if ok else "\n" + tail))
+        return 0 if all(ok for _, ok, _ in results) else 1
     try:
         wheel = ensure_wheel(args.cuda)
     except AlphaQError as exc:
