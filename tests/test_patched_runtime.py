@@ -131,6 +131,40 @@ def test_every_architecture_gets_grouped_tensors(expert_files):
         assert grouped, f"{arch}: no budget produced a grouped projection"
 
 
+def test_file_layout_matches_the_plan(expert_files):
+    """Every expert is stored in the type its plan gave it: grouped projections through their
+    groups and map, uniform ones as the stock 3-D tensor; and the map is what the format says."""
+    from alphaq.convert import load_plan_from_gguf
+    from alphaq.gguf_io import read_tensors
+
+    for path in expert_files.values():
+        planned = {(it["tensor"], it["expert"]): it["type"] for it in load_plan_from_gguf(path)["items"]}
+        layouts = read_layouts(path)
+        written = {t.name: t for t in read_tensors(path)}
+        for (tensor, expert), qtype in planned.items():
+            if tensor in layouts:
+                assert tensor not in written
+                assert layouts[tensor].type_of(expert).name == qtype
+            else:
+                assert written[tensor].type.name == qtype
+        for lay in layouts.values():
+            m = lay.map()
+            assert sorted(m.max(axis=0) >= 0) == [True] * lay.n_expert  # each expert somewhere
+            assert ((m >= 0).sum(axis=0) == 1).all()  # ... and only once
+            assert [sorted(int(s) for s in row[row >= 0]) for row in m] == [list(range(len(e))) for e in lay.experts]
+            assert list(lay.types) == sorted(lay.types, key=int) and len(set(lay.types)) == len(lay.types)
+
+
+def test_stock_environment_explains_what_an_expert_file_needs(expert_files):
+    """alphaq eval & co. on the stock runtime: a one-line error naming the patched runtime."""
+    from alphaq.errors import AlphaQError
+    from alphaq.evaluate import load_llama
+
+    path = next(p for p in expert_files.values() if read_layouts(p))
+    with pytest.raises(AlphaQError, match="expert-granular and needs the patched llama.cpp"):
+        load_llama(path, 64)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stock_llama_cpp_refuses_expert_files(arch, expert_files):
     """Unpatched llama.cpp must fail loudly (missing tensor), never load garbage."""
