@@ -83,8 +83,9 @@ def _child_speed(model: str, n_prompt: str, n_gen: str, repeats: str, threads: s
     import llama_cpp
 
     n_p, n_g = int(n_prompt), int(n_gen)
+    # logits_all keeps llm.scores indexable by position (the same small cost for every file)
     llm = llama_cpp.Llama(model_path=model, n_ctx=n_p + n_g + 8, n_batch=n_p, seed=0, verbose=False,
-                          n_threads=int(threads), n_threads_batch=int(threads))
+                          logits_all=True, n_threads=int(threads), n_threads_batch=int(threads))
     rng = np.random.default_rng(0)
     prompt = [llm.token_bos()] + [int(t) for t in rng.integers(10, llm.n_vocab(), n_p - 1)]
     prefill, decode = [], []

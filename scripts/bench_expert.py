@@ -76,6 +76,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "expert-runtime.json")
+    ap.add_argument("--speed-only", action="store_true", help="reuse cached files and quality; re-measure speed")
     args = ap.parse_args()
 
     from convert.patched import ensure_site
@@ -89,21 +90,26 @@ def main() -> int:
         texts = {d: ROOT / "tests" / "fixtures" / "heldout" / f"{d}.txt" for d in DOMAINS}
         toks = {d: tokens_of(bf16, t, args.n_ctx, args.windows) for d, t in texts.items()}
         ref = {d: runtime.logprobs(None, bf16, t, args.n_ctx, args.windows, out / f"ref-{d}.npy")
-               for d, t in texts.items()}
+               for d, t in texts.items()} if not args.speed_only else {}
         for budget in args.budgets:
             files = {"tensor": out / f"tensor-b{budget:g}.gguf", "expert": out / f"expert-b{budget:g}.gguf"}
-            run_convert(ConvertConfig(model=bf16, output=files["tensor"], plan=PlanConfig(budget=budget),
-                                      force=True, compare_stock=False, progress=False))
-            size = files["tensor"].stat().st_size
-            run_convert(ConvertConfig(model=bf16, output=files["expert"],
-                                      plan=PlanConfig(budget=size, budget_mode="size", granularity="expert"),
-                                      force=True, compare_stock=False, progress=False))
-            row = {"model": name, "budget": budget, "grouped_tensors": len(read_layouts(files["expert"]))}
-            for g, path in files.items():
-                row[f"{g}_bytes"] = path.stat().st_size
-                for d, t in texts.items():
-                    lp = runtime.logprobs(site, path, t, args.n_ctx, args.windows, out / f"{g}-{d}.npy")
-                    row.update({f"{g}_{d}_{k}": v for k, v in scores(lp, ref[d], toks[d]).items()})
+            cached = out / f"quality-b{budget:g}-w{args.windows}.json"  # files + quality: resumable
+            if cached.exists() and all(f.exists() for f in files.values()):
+                row = json.loads(cached.read_text())
+            else:
+                run_convert(ConvertConfig(model=bf16, output=files["tensor"], plan=PlanConfig(budget=budget),
+                                          force=True, compare_stock=False, progress=False))
+                size = files["tensor"].stat().st_size
+                run_convert(ConvertConfig(model=bf16, output=files["expert"],
+                                          plan=PlanConfig(budget=size, budget_mode="size", granularity="expert"),
+                                          force=True, compare_stock=False, progress=False))
+                row = {"model": name, "budget": budget, "grouped_tensors": len(read_layouts(files["expert"]))}
+                for g, path in files.items():
+                    row[f"{g}_bytes"] = path.stat().st_size
+                    for d, t in texts.items():
+                        lp = runtime.logprobs(site, path, t, args.n_ctx, args.windows, out / f"{g}-{d}.npy")
+                        row.update({f"{g}_{d}_{k}": v for k, v in scores(lp, ref[d], toks[d]).items()})
+                cached.write_text(json.dumps(row))
             # speed: interleave the three runs per repeat so machine load hits them alike
             speeds = {"tensor@patched": [], "expert@patched": [], "tensor@stock": []}
             for _ in range(args.repeats):

@@ -246,3 +246,17 @@ def test_patched_generation(expert_files, patched_site):
     assert "+alphaq." in first["version"]
     assert first["n_tokens"] >= 8 and first["text"].strip()
     assert first["text"] == again["text"]
+
+
+@pytest.mark.slow
+def test_cuda_sources_of_the_series_compile():
+    """No GPU in CI, but the CUDA half of the series must at least compile: nvcc on every CUDA
+    source the patches change (sm_90), with the series applied. Skips where nvcc is absent."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed (a CUDA toolkit, or pip install nvidia-cuda-nvcc-cu12)")
+    from convert.patched import cuda_compile_check
+
+    results = cuda_compile_check("90")
+    assert {r for r, _, _ in results} >= {"ggml/src/ggml-cuda/mmvq.cu", "ggml/src/ggml-cuda/mmid.cu"}
+    failed = [f"{r}:\n{tail}" for r, ok, tail in results if not ok]
+    assert not failed, "\n".join(failed)
