@@ -5,8 +5,10 @@
 
 For each benchmark model (.cache/zoo/NAME; its BF16 GGUF is reused from .cache/bench/NAME/bf16.gguf
 when scripts/bench_eval.py made one) and nominal budget B:
-  tensor   AlphaQ at budget B, tensor granularity (a stock file)
-  expert   AlphaQ with --target-size = the tensor file's actual size, expert granularity
+  tensor   AlphaQ, tensor granularity (a stock file), --target-size S
+  expert   AlphaQ, expert granularity, --target-size S
+where S is the size of AlphaQ's file at nominal budget B (both in size mode, so only the
+granularity differs).
 Quality: both run in the patched llama-cpp-python (ggml-patches/), the BF16 reference in the stock
 one, on both held-out domains: perplexity, mean KL(BF16 || model), top-1 agreement.
 Speed (a benchmark, not a test): prefill and decode tokens/s of both files in the patched runtime,
@@ -93,16 +95,20 @@ def main() -> int:
                for d, t in texts.items()} if not args.speed_only else {}
         for budget in args.budgets:
             files = {"tensor": out / f"tensor-b{budget:g}.gguf", "expert": out / f"expert-b{budget:g}.gguf"}
-            cached = out / f"quality-b{budget:g}-w{args.windows}.json"  # files + quality: resumable
+            cached = out / f"quality-size-b{budget:g}-w{args.windows}.json"  # files + quality: resumable
             if cached.exists() and all(f.exists() for f in files.values()):
                 row = json.loads(cached.read_text())
             else:
-                run_convert(ConvertConfig(model=bf16, output=files["tensor"], plan=PlanConfig(budget=budget),
+                # the size anchor: AlphaQ at nominal budget B; then both granularities are solved
+                # for that same file size (same budget mode, so only the granularity differs)
+                anchor = out / f"anchor-b{budget:g}.gguf"
+                run_convert(ConvertConfig(model=bf16, output=anchor, plan=PlanConfig(budget=budget),
                                           force=True, compare_stock=False, progress=False))
-                size = files["tensor"].stat().st_size
-                run_convert(ConvertConfig(model=bf16, output=files["expert"],
-                                          plan=PlanConfig(budget=size, budget_mode="size", granularity="expert"),
-                                          force=True, compare_stock=False, progress=False))
+                size = anchor.stat().st_size
+                for g, path in files.items():
+                    run_convert(ConvertConfig(model=bf16, output=path,
+                                              plan=PlanConfig(budget=size, budget_mode="size", granularity=g),
+                                              force=True, compare_stock=False, progress=False))
                 row = {"model": name, "budget": budget, "grouped_tensors": len(read_layouts(files["expert"]))}
                 for g, path in files.items():
                     row[f"{g}_bytes"] = path.stat().st_size
