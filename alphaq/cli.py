@@ -15,8 +15,8 @@ import sys
 from alphaq import __version__
 from alphaq.errors import AlphaQError
 
-# Stage order: analyse -> plan -> convert -> eval.
-COMMAND_MODULES = ("analyze", "plan", "convert", "eval")
+# Stage order: analyse -> plan -> convert -> eval, then run (generate in torch).
+COMMAND_MODULES = ("analyze", "plan", "convert", "eval", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ quantised dot products, so perplexities agree only to a tolerance (see tests/tes
 HF parameter ↔ GGUF name mapping: nn.Linear via gguf-py's ``TensorNameMap``; transformers-5 fused
 experts ``gate_up_proj`` (n_expert, 2·inter, hidden) → ffn_gate_exps rows [0, inter) and
 ffn_up_exps rows [inter, 2·inter); ``down_proj`` (n_expert, hidden, inter) → ffn_down_exps.
+DeepSeek-2's ``kv_b_proj`` is stored split as attn_k_b / attn_v_b and merged back (``merge_kv_b``).
 """
 
 from __future__ import annotations
@@ -95,38 +96,88 @@ def _assign(params: dict, tgt: Target, expert: int | None, w: np.ndarray) -> Non
 
 def from_gguf(hf_dir: Path, quantised: Path):
     """HF model with every quantisable weight replaced by the dequantised tensor of ``quantised``."""
-    from gguf.quants import dequantize
-
     model = load_hf(hf_dir)
-    arch, n_blocks = _arch_of(quantised)
-    reader = gguf.GGUFReader(quantised)
+    assign_gguf(model, quantised)
+    return model
+
+
+# DeepSeek-2's converter stores kv_b_proj as two tensors for llama.cpp's MLA absorption:
+# attn_k_b (per head, transposed) and attn_v_b (conversion/deepseek.py, DeepseekV2Model.modify_tensors).
+_KV_B_PARTS = {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_K_B]: "k", gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_V_B]: "v"}
+_KV_B = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_KV_B]
+
+
+def _kv_b_part(name: str) -> tuple[str, str] | None:
+    """("blk.N.attn_kv_b.weight", "k" or "v") for a split DeepSeek-2 kv_b tensor, else None."""
+    m = re.fullmatch(r"blk\.(\d+)\..+\.weight", name)
+    if m is None:
+        return None
+    bid = int(m.group(1))
+    for fmt, part in _KV_B_PARTS.items():
+        if fmt.format(bid=bid) == name.removesuffix(".weight"):
+            return _KV_B.format(bid=bid) + ".weight", part
+    return None
+
+
+def merge_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
+    """Inverse of the converter's split of kv_b_proj (n_head*(qk_nope+v_head), rank):
+    k_b (n_head, rank, qk_nope), the per-head transpose of the k rows; v_b (n_head, v_head, rank)."""
+    k = k_b.transpose(0, 2, 1)  # (n_head, qk_nope, rank)
+    return np.concatenate([k, v_b], axis=1).reshape(-1, k.shape[2])
+
+
+def head_counts(reader: gguf.GGUFReader, arch: gguf.MODEL_ARCH) -> tuple[int, int]:
+    """(query heads, key/value heads) of a GGUF: the head counts its Q/K row permutation used."""
     n_head = int(reader.get_field(f"{gguf.MODEL_ARCH_NAMES[arch]}.attention.head_count").contents())
     kv = reader.get_field(f"{gguf.MODEL_ARCH_NAMES[arch]}.attention.head_count_kv")
-    n_head_kv = int(kv.contents()) if kv is not None else n_head
+    return n_head, int(kv.contents()) if kv is not None else n_head
+
+
+def assign_gguf(model, quantised: Path) -> set[str]:
+    """Replace every quantisable weight of ``model`` by the dequantised tensor of ``quantised``;
+    returns the names of the GGUF tensors it used."""
+    from gguf.quants import dequantize
+
+    arch, n_blocks = _arch_of(quantised)
+    reader = gguf.GGUFReader(quantised)
+    n_head, n_head_kv = head_counts(reader, arch)
     # expert-granular files: each type group holds some experts of one stock tensor
     groups = {group_name(lay.tensor, g): (lay.tensor, lay.experts[g])
               for lay in read_layouts(quantised).values() for g in range(len(lay.types))}
     names = {t.name for t in reader.tensors} | {stock for stock, _ in groups.values()}
-    targets = hf_targets(model, names, arch, n_blocks)
+    names |= {part[0] for n in names if (part := _kv_b_part(n)) is not None}
     params = dict(model.named_parameters())
+    # a tied parameter (lm_head = embed_tokens) is listed once, under the embedding; a GGUF tensor
+    # for the other name is left unused (the caller can tell) rather than overwriting the shared one
+    targets = {n: t for n, t in hf_targets(model, names, arch, n_blocks).items() if t.param in params}
     from alphaq.weights import unpermute_qk
 
+    used: set[str] = set()
+    kv_b_parts: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
         stock, experts = groups.get(t.name, (t.name, None))
-        tgt = targets.get(stock)
+        kv_b = _kv_b_part(t.name)
+        tgt = targets.get(kv_b[0] if kv_b else stock)
         if tgt is None:
             continue
+        used.add(t.name)
         w = dequantize(np.asarray(t.data), GGMLQuantizationType(int(t.tensor_type))).astype(np.float32)
         ne = [int(x) for x in t.shape]
         w = w.reshape(tuple(reversed(ne)))  # numpy order (n_expert, rows, cols) / (rows, cols)
         if arch in QK_PERMUTED_ARCHS and (t.name.endswith("attn_q.weight") or t.name.endswith("attn_k.weight")):
             w = unpermute_qk(w, n_head if "attn_q" in t.name else n_head_kv)
+        if kv_b is not None:
+            parts = kv_b_parts.setdefault(kv_b[0], {})
+            parts[kv_b[1]] = w
+            if len(parts) < 2:
+                continue
+            w = merge_kv_b(parts["k"], parts["v"])
         if tgt.expert is None:
             _assign(params, tgt, None, w)
         else:
             for slot in range(w.shape[0]):
                 _assign(params, tgt, experts[slot] if experts is not None else slot, w[slot])
-    return model
+    return used
 
 
 def quant_dequant(w: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

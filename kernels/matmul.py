@@ -135,6 +135,7 @@ def gemm(x: torch.Tensor, data: torch.Tensor, qtype: Q, block_tokens: int = 16, 
             data, x, out, lookup_table_on(qtype, data.device), n_tokens, n_rows, n_cols, data.shape[1],
             QTYPE=int(qtype), BLOCK_SIZE=layouts.block_size(qtype), TYPE_SIZE=layouts.type_size(qtype),
             OUT_DTYPE=triton_dtype(x.dtype), BLOCK_TOKENS=block_tokens, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+            **LAUNCH_OPTIONS,
         )
     return out
 

@@ -18,3 +18,15 @@ def float_ggufs(tmp_path_factory) -> dict[str, Path]:
 
     out = tmp_path_factory.mktemp("bf16")
     return {name: convert_hf(FIXTURES / name, out / f"{name}-bf16.gguf").path for name in MODEL_FIXTURES}
+
+
+@pytest.fixture(scope="session")
+def patched_site() -> Path:
+    """The patched llama_cpp: built (or reused) from ggml-patches/, or ALPHAQ_PATCHED_SITE when set
+    (a directory holding a patched llama_cpp package, e.g. a development build)."""
+    import os
+
+    from convert.patched import ensure_site
+
+    override = os.environ.get("ALPHAQ_PATCHED_SITE")
+    return Path(override) if override else ensure_site()

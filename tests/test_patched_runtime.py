@@ -32,18 +32,6 @@ OP_TYPES = [Q.IQ1_S, Q.IQ1_M, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.
 
 
 @pytest.fixture(scope="session")
-def patched_site() -> Path:
-    """The patched llama_cpp: built (or reused) from ggml-patches/, or ALPHAQ_PATCHED_SITE when set
-    (a directory holding a patched llama_cpp package, e.g. a development build)."""
-    import os
-
-    from convert.patched import ensure_site
-
-    override = os.environ.get("ALPHAQ_PATCHED_SITE")
-    return Path(override) if override else ensure_site()
-
-
-@pytest.fixture(scope="session")
 def mmid_binary(patched_site, tmp_path_factory) -> Path:
     """tests/c/mul_mat_id_masked.c linked against the patched libggml."""
     from convert.vendor import ensure_vendor
