@@ -137,3 +137,76 @@ def test_check_imatrix_rejects_wrong_sizes(mixtral, imatrix):
     neg["blk.0.attn_q.weight"] = -neg["blk.0.attn_q.weight"]
     with pytest.raises(AlphaQError, match="negative"):
         baselines.check_imatrix(fm, neg)
+
+
+# ---- router-norm change (paper 004) ---------------------------------------------------------------
+
+
+def test_router_norm_importance_hand_computed():
+    trained = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])  # row norms 5, 1, 2
+    init = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.5]])  # row norms 1, 1, 1.5
+    delta = baselines.router_norm_change(trained, init)
+    np.testing.assert_allclose(delta, [4.0, 0.0, 0.5])
+
+    experts = [np.array([[1.0, 1, 1, 1], [0, 0, 0, 0]]),  # row variances 0, 0 -> v = 0
+               np.array([[0.0, 2, 0, 2], [1, 1, 1, 1]]),  # 1, 0 -> v = 1
+               np.array([[0.0, 4, 0, 4], [3, 3, 3, 3]])]  # 4, 0 -> v = 4 (max over rows, not mean)
+    v = np.array([baselines.max_row_variance(w) for w in experts])
+    np.testing.assert_allclose(v, [0.0, 1.0, 4.0])
+
+    # Δ ranks 1, 0, 0.5 -> 4^(1 - q) = 1, 4, 2; quantile_0.75(v) = 2.5: only expert 2 promoted (x4)
+    np.testing.assert_allclose(baselines.router_norm_importance(delta, v), [1.0, 4.0, 8.0])
+    # quantile_0.25(v) = 0.5: experts 1 and 2 promoted
+    cfg = baselines.RouterNormConfig(var_quantile=0.25)
+    np.testing.assert_allclose(baselines.router_norm_importance(delta, v, cfg), [1.0, 16.0, 8.0])
+    # two bits of spread, no promotion: 16, 1, 4 -> 1, 16, 4
+    cfg = baselines.RouterNormConfig(spread_bits=2.0, promote_bits=0.0)
+    np.testing.assert_allclose(baselines.router_norm_importance(delta, v, cfg), [1.0, 16.0, 4.0])
+    with pytest.raises(AlphaQError):
+        baselines.router_norm_change(trained, init[:2])
+
+
+def test_router_norm_costs_match_an_oracle_from_the_files(mixtral):
+    """Δ from the GGUF's own router (blk.N.ffn_gate_inp) and the HF router at init, v and Var from
+    the expert slices: the plan's costs are exactly imp · Var · 2^(-2b) for every expert slice."""
+    from safetensors.numpy import load_file
+
+    fm, stats, _ = mixtral
+    init = load_file(str(FIXTURES / "mixtral" / "router_init.safetensors"))
+    reader = GGUFReader(fm.path)
+    gate_inp = {t.name: np.asarray(t.data, np.float64) for t in reader.tensors if t.name.endswith("ffn_gate_inp.weight")}
+    assert len(gate_inp) == 2
+    slices = {}
+    from alphaq.weights import open_model
+
+    with open_model(fm.path) as w:
+        for m in w.matrices():
+            if m.expert is not None:
+                slices[(m.tensor, m.expert)] = m.load().astype(np.float64)
+
+    cfg = PlanConfig(budget=3.0, granularity="expert")
+    plan = baselines.router_norm_plan(fm, stats, cfg, FIXTURES / "mixtral")
+    assert plan.totals.nominal_bits <= 3.0
+    assert len(plan.items) == len(slices)
+    n_checked = 0
+    for it in plan.items:
+        b = it.block
+        trained = gate_inp[f"blk.{b}.ffn_gate_inp.weight"]  # (n_expert, hidden)
+        # this fixture's init file spells it 'block_sparse_moe.gate', the bench models' 'mlp.gate'
+        (r0,) = [w for k, w in init.items() if k.startswith(f"model.layers.{b}.") and k.endswith(".gate.weight")]
+        delta = np.abs(np.linalg.norm(trained, axis=1) - np.linalg.norm(r0, axis=1))
+        v = np.array([slices[(it.tensor, e)].var(axis=1).max() for e in range(trained.shape[0])])
+        rank = np.argsort(np.argsort(delta)) / (len(delta) - 1)  # no ties in real weights
+        imp = 4.0 ** (1 - rank) * np.where(v > np.quantile(v, 0.75), 4.0, 1.0)
+        var = slices[(it.tensor, it.expert)].var()
+        for name, cost in it.costs.items():
+            want = imp[it.expert] * var * 2.0 ** (-2 * {"IQ1_S": 1, "Q2_K": 2, "Q3_K": 3, "Q4_K": 4}[name])
+            assert cost == pytest.approx(want, rel=1e-4)
+            n_checked += 1
+    assert n_checked == len(slices) * 4
+    # with both terms switched off the costs are AlphaQ's at γ=0, so is the plan; with them on, not
+    flat = baselines.router_norm_plan(fm, stats, cfg, FIXTURES / "mixtral",
+                                      baselines.RouterNormConfig(spread_bits=0.0, promote_bits=0.0))
+    gamma0 = baselines.solve(fm, stats, PlanConfig(budget=3.0, granularity="expert", gamma=0.0))
+    assert [it.type for it in flat.items] == [it.type for it in gamma0.items]
+    assert [it.type for it in plan.items] != [it.type for it in gamma0.items]
