@@ -67,6 +67,35 @@ def tokens_of(bf16: Path, text: Path, n_ctx: int, windows: int) -> np.ndarray:
     return np.array(make_windows(llm, text.read_text(errors="replace"), n_ctx, windows))
 
 
+def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups: int, repeats: int,
+                   threads: int) -> dict:
+    """The runtime cost of the group machinery alone: every expert tensor of ``tensor_file`` split
+    into ``groups`` groups of its own type (same bytes, same arithmetic, exact same logits — see
+    tests/test_patched_runtime.py), decode/prefill against the unsplit file, interleaved."""
+    from gguf import GGMLQuantizationType
+
+    from alphaq.expert_gguf import ExpertGroups, write_expert_gguf
+    from alphaq.gguf_io import read_tensors
+
+    split = tensor_file.with_name(tensor_file.stem + f"-split{groups}.gguf")
+    layouts = {}
+    for t in read_tensors(tensor_file):
+        if "_exps.weight" in t.name and len(t.shape) == 3:
+            n = t.shape[0]
+            layouts[t.name] = ExpertGroups(t.name, t.shape, (GGMLQuantizationType(t.type),) * groups,
+                                           tuple(tuple(range(g, n, groups)) for g in range(groups)))
+    write_expert_gguf(tensor_file, bf16, layouts, {}, split)
+    runs = {"unsplit": [], "split": []}
+    for _ in range(repeats):
+        runs["unsplit"].append(runtime.speed(site, tensor_file, 128, 64, 1, threads))
+        runs["split"].append(runtime.speed(site, split, 128, 64, 1, threads))
+    row = {"model": name, "file": tensor_file.name, "groups": groups, "split_tensors": len(layouts)}
+    for k, v in runs.items():
+        row[f"{k}_decode_tps"] = max(r["decode_tps"] for r in v)
+        row[f"{k}_prefill_tps"] = max(r["prefill_tps"] for r in v)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mixtral-bench", "qwen2moe-bench", "qwen3moe-bench"])
@@ -79,11 +108,29 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "expert-runtime.json")
     ap.add_argument("--speed-only", action="store_true", help="reuse cached files and quality; re-measure speed")
+    ap.add_argument("--split-overhead", type=int, metavar="G", default=0,
+                    help="instead: time each model's tensor file against itself split into G same-type groups")
     args = ap.parse_args()
 
     from convert.patched import ensure_site
 
     site = ensure_site()
+    if args.split_overhead:
+        rows = []
+        for name in args.models:
+            bf16 = bf16_of(name, args.zoo, args.work)
+            for budget in args.budgets:
+                f = args.work / name / "granularity" / f"tensor-b{budget:g}.gguf"
+                rows.append(split_overhead(name, bf16, f, site, args.split_overhead, args.repeats, args.threads))
+                print(json.dumps(rows[-1]), flush=True)
+        args.out.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "rows": rows}, indent=1) + "\n")
+        print("\n| model | file | split tensors × groups | decode tok/s unsplit / split (×) | prefill tok/s unsplit / split (×) |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['file']} | {r['split_tensors']} × {r['groups']} "
+                  f"| {r['unsplit_decode_tps']:.1f} / {r['split_decode_tps']:.1f} ({r['split_decode_tps'] / r['unsplit_decode_tps']:.2f}×) "
+                  f"| {r['unsplit_prefill_tps']:.1f} / {r['split_prefill_tps']:.1f} ({r['split_prefill_tps'] / r['unsplit_prefill_tps']:.2f}×) |")
+        return 0
     rows = []
     for name in args.models:
         bf16 = bf16_of(name, args.zoo, args.work)
