@@ -31,9 +31,12 @@ test-fast: setup
 
 # Rebuilds the evaluation: benchmark zoo (trained once, cached in .cache/zoo; slow on CPU),
 # every variant and baseline, bench/RESULTS.md and its figures, and the conversion benchmark.
-bench: setup
+bench: setup patched
 	$(PY) scripts/train_tiny_moe.py --zoo bench --out .cache/zoo
 	$(PY) scripts/bench_eval.py
+	$(PY) scripts/bench_expert.py
+	$(PY) scripts/bench_routernorm.py
+	$(PY) scripts/bench_eval.py --report-only
 	$(PY) scripts/bench_convert.py
 
 bench-spectral: setup
