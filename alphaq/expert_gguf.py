@@ -19,18 +19,16 @@ the bytes a uniform tensor of that type would hold.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from alphaq import ggml
-from alphaq.gguf_io import release_pages
+from alphaq.gguf_io import release_pages, writer_with_metadata
 from alphaq.qtypes import padded, tensor_bytes
 from alphaq.weights import open_model
 
@@ -157,19 +155,7 @@ def write_expert_gguf(quantised: Path, float_gguf: Path, layouts: dict[str, Expe
     extra: key/values to add (the alphaq.* keys); the format keys are added here.
     """
     reader = GGUFReader(quantised)
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    extra = {**extra, **(FORMAT_KEYS if layouts else {})}
-    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
-    writer = GGUFWriter(dst, arch=arch, endianess=reader.endianess)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE or field.name in extra:
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-    for key in sorted(extra):
-        value, vtype = extra[key]
-        writer.add_key_value(key, value, vtype)
+    writer = writer_with_metadata(reader, dst, {**extra, **(FORMAT_KEYS if layouts else {})})
 
     for t in reader.tensors:
         lay = layouts.get(t.name)

@@ -48,9 +48,9 @@ def header_bytes(path: Path) -> int:
     return int(GGUFReader(path).data_offset)
 
 
-def copy_with_metadata(src: Path, dst: Path, extra: dict[str, tuple[object, GGUFValueType]]) -> None:
-    """Write ``dst`` = ``src`` plus the ``extra`` keys (replacing same-named ones)."""
-    reader = GGUFReader(src)
+def writer_with_metadata(reader: GGUFReader, dst: Path, extra: dict[str, tuple[object, GGUFValueType]]) -> GGUFWriter:
+    """A writer for ``dst`` holding ``reader``'s key/values plus ``extra`` (replacing same-named
+    ones); the caller adds the tensors."""
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # it logs every file at INFO
     writer = GGUFWriter(dst, arch=arch, endianess=reader.endianess)
@@ -64,6 +64,13 @@ def copy_with_metadata(src: Path, dst: Path, extra: dict[str, tuple[object, GGUF
     for key in sorted(extra):
         value, vtype = extra[key]
         writer.add_key_value(key, value, vtype)
+    return writer
+
+
+def copy_with_metadata(src: Path, dst: Path, extra: dict[str, tuple[object, GGUFValueType]]) -> None:
+    """Write ``dst`` = ``src`` plus the ``extra`` keys (replacing same-named ones)."""
+    reader = GGUFReader(src)
+    writer = writer_with_metadata(reader, dst, extra)
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()
