@@ -30,3 +30,23 @@ def patched_site() -> Path:
 
     override = os.environ.get("ALPHAQ_PATCHED_SITE")
     return Path(override) if override else ensure_site()
+
+
+@pytest.fixture(scope="session")
+def triton_device() -> str:
+    """Where the Triton kernels run: cpu under Triton's interpreter (TRITON_INTERPRET=1, which the
+    kernel test modules set at import unless already set), cuda with TRITON_INTERPRET=0 on a GPU."""
+    import os
+
+    import torch
+
+    triton = pytest.importorskip("triton", reason="Triton is not installed; it is the optional extra "
+                                 "`pip install '.[gpu]'`, and the kernel tests need it even on CPU (interpreter)")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") != "0"
+    if not interpret and not torch.cuda.is_available():
+        pytest.skip("TRITON_INTERPRET=0 runs the kernels on a GPU, and there is no CUDA device")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(triton.language.zeros, InterpretedFunction) != interpret:
+        pytest.fail("triton was imported before TRITON_INTERPRET was set; run these tests in a fresh process")
+    return "cpu" if interpret else "cuda"

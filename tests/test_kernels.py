@@ -42,20 +42,11 @@ def ids_of(t: Q) -> str:
 
 
 @pytest.fixture(scope="module")
-def tk() -> SimpleNamespace:
+def tk(triton_device) -> SimpleNamespace:
     """The Triton kernel modules and the device they run on."""
-    triton = pytest.importorskip("triton", reason="Triton is not installed; it is the optional extra "
-                                 "`pip install '.[gpu]'`, and the kernel tests need it even on CPU (interpreter)")
-    interpret = os.environ["TRITON_INTERPRET"] != "0"
-    if not interpret and not torch.cuda.is_available():
-        pytest.skip("TRITON_INTERPRET=0 runs the kernels on a GPU, and there is no CUDA device")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(triton.language.zeros, InterpretedFunction) != interpret:
-        pytest.fail("triton was imported before TRITON_INTERPRET was set; run these tests in a fresh process")
     from kernels import dequant, matmul, moe
 
-    return SimpleNamespace(dequant=dequant, matmul=matmul, moe=moe, device="cpu" if interpret else "cuda")
+    return SimpleNamespace(dequant=dequant, matmul=matmul, moe=moe, device=triton_device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -322,21 +322,6 @@ def test_expert_file_greedy_generation_matches_patched_llama_cpp(arch, expert_fi
 # -- the Triton kernel path ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kernel_device() -> str:
-    """cpu under Triton's interpreter, cuda with TRITON_INTERPRET=0 on a GPU machine."""
-    triton = pytest.importorskip("triton", reason="Triton is not installed; it is the optional extra "
-                                 "`pip install '.[gpu]'`, and the kernel path needs it even on CPU (interpreter)")
-    interpret = os.environ["TRITON_INTERPRET"] != "0"
-    if not interpret and not torch.cuda.is_available():
-        pytest.skip("TRITON_INTERPRET=0 runs the kernels on a GPU, and there is no CUDA device")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(triton.language.zeros, InterpretedFunction) != interpret:
-        pytest.fail("triton was imported before TRITON_INTERPRET was set; run these tests in a fresh process")
-    return "cpu" if interpret else "cuda"
-
-
 def _step_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
     """Logits after the prompt (one prefill) and after each continuation token (one decode step
     each, KV cache): the GEMM, then the GEMV paths. (1 + len(continuation), n_vocab) float64, CPU."""
@@ -352,7 +337,7 @@ def _step_logits(model, prompt: list[int], continuation: list[int]) -> torch.Ten
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2moe"])
-def test_kernel_path_matches_plain_path(arch, expert_files, kernel_device):
+def test_kernel_path_matches_plain_path(arch, expert_files, triton_device):
     """The Triton path (QuantLinear / QuantExperts on the raw GGUF blocks) vs the plain path
     (dequantised weights in torch), on a 6-token prefill and 3 decode steps of an expert-granular
     file (mixtral: Q2_K/Q3_K groups, Q4_K attention, Q6_K output; qwen2moe: Q2_K/IQ1_S groups,
@@ -368,7 +353,7 @@ def test_kernel_path_matches_plain_path(arch, expert_files, kernel_device):
 
     path = expert_files[arch]
     plain = torch_run.load(path, FIXTURES / arch)
-    kernel = torch_run.load(path, FIXTURES / arch, device=kernel_device, use_kernels=True)
+    kernel = torch_run.load(path, FIXTURES / arch, device=triton_device, use_kernels=True)
     experts = [m for m in kernel.modules() if isinstance(m, QuantExperts)]
     assert experts and any(len(ts) > 1 for m in experts for ts in m.qtypes.values())  # grouped ones run
     assert not any(type(m) is torch.nn.Linear for m in kernel.modules())
