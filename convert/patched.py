@@ -31,10 +31,9 @@ import tempfile
 from pathlib import Path
 
 from alphaq.errors import AlphaQError
-from convert.vendor import LLAMA_CPP_PYTHON_VERSION, default_cache_root
+from convert.vendor import LLAMA_CPP_PYTHON_VERSION, default_cache_root, fetch_sdist
 
 PATCH_DIR = Path(__file__).resolve().parent.parent / "ggml-patches"
-SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 CUDA_ARGS = "-DGGML_CUDA=on"
 
 log = logging.getLogger(__name__)
@@ -57,21 +56,6 @@ def build_key(cmake_args: str = "") -> str:
 
 def build_dir(cmake_args: str = "", cache_root: Path | None = None) -> Path:
     return (cache_root or default_cache_root()) / "patched" / build_key(cmake_args)
-
-
-def fetch_sdist(cache_root: Path | None = None) -> Path:
-    dest = (cache_root or default_cache_root()) / "sdist"
-    sdist = dest / SDIST
-    if sdist.exists():
-        return sdist
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-           f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if not sdist.exists():
-        raise AlphaQError(f"could not fetch the llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist: "
-                          + (proc.stderr.strip().splitlines() or ["no output"])[-1])
-    return sdist
 
 
 def apply_series(src: Path) -> None:

@@ -37,33 +37,41 @@ def vendor_dir(cache_root: Path | None = None) -> Path:
     return (cache_root or default_cache_root()) / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
 
 
+def fetch_sdist(cache_root: Path | None = None) -> Path:
+    """The llama-cpp-python sdist, fetched by pip from PyPI once and kept in the cache."""
+    dest = (cache_root or default_cache_root()) / "sdist"
+    sdist = dest / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if sdist.exists():
+        return sdist
+    dest.mkdir(parents=True, exist_ok=True)
+    log.info("fetching llama-cpp-python==%s sdist for its vendored llama.cpp", LLAMA_CPP_PYTHON_VERSION)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if not sdist.exists():
+        raise AlphaQError(
+            f"could not fetch llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist with pip: "
+            + (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        )
+    return sdist
+
+
 def ensure_vendor(cache_root: Path | None = None) -> Path:
     """Return the unpacked vendor/llama.cpp directory, fetching the sdist with pip if needed."""
     dest = vendor_dir(cache_root)
     if (dest / _STAMP).exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    sdist = fetch_sdist(cache_root)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        tmp_path = Path(tmp)
-        log.info("fetching llama-cpp-python==%s sdist for its vendored llama.cpp", LLAMA_CPP_PYTHON_VERSION)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(tmp_path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(tmp_path.glob("llama_cpp_python-*.tar.gz"))
-        if not sdists:
-            raise AlphaQError(
-                f"could not fetch llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist with pip: "
-                + (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            )
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
-        staging = tmp_path / "llama.cpp"
-        with tarfile.open(sdists[0]) as tar:
+        staging = Path(tmp) / "llama.cpp"
+        with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers()
                        if m.name.startswith(prefix) and m.name[len(prefix):].startswith(_MEMBERS)]
             for m in members:
                 m.name = m.name[len(prefix):]
             tar.extractall(staging, members=members, filter="data")
-        (staging / _STAMP).write_text(sdists[0].name + "\n")
+        (staging / _STAMP).write_text(sdist.name + "\n")
         if dest.exists():
             shutil.rmtree(dest)
         staging.rename(dest)
