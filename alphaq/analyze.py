@@ -16,6 +16,10 @@ import json
 import logging
 import math
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from tqdm import tqdm
 from alphaq.errors import AlphaQError
 from alphaq.files import atomic_write_text
 from alphaq.records import MatrixStats
-from alphaq.spectral import SpectralConfig, SpectralResult, analyze_matrix
+from alphaq.spectral import SpectralConfig, SpectralResult, _pinned_threads, analyze_matrix
 from alphaq.weights import WeightMatrix, open_model
 
 logger = logging.getLogger(__name__)
@@ -100,6 +104,49 @@ def analyze_weight(m: WeightMatrix, cfg: SpectralConfig, cache: SpectralCache | 
     )
 
 
+class Throttle:
+    """How many matrices `analyze_model` may analyse at once; changeable while it runs.
+
+    `alphaq.convert` analyses an HF checkpoint while llama.cpp's converter (one busy core) runs
+    beside it: it sets the limit to one matrix until the converter exits, then lifts it, so the
+    converter, which the rest of the pipeline waits for, is not slowed down. `cancel` makes the
+    analysis stop at the next matrix with `Cancelled` (e.g. when the converter failed)."""
+
+    def __init__(self, limit: int | None = None):
+        self._cv = threading.Condition()
+        self._limit = limit  # None: as many as there are workers
+        self._active = 0
+        self._cancelled = False
+
+    def set_limit(self, limit: int | None) -> None:
+        with self._cv:
+            self._limit = limit
+            self._cv.notify_all()
+
+    def cancel(self) -> None:
+        with self._cv:
+            self._cancelled = True
+            self._cv.notify_all()
+
+    @contextmanager
+    def slot(self):
+        with self._cv:
+            self._cv.wait_for(lambda: self._cancelled or self._limit is None or self._active < self._limit)
+            if self._cancelled:
+                raise Cancelled("analysis cancelled")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._active -= 1
+                self._cv.notify_all()
+
+
+class Cancelled(Exception):
+    """Raised by `analyze_model` after `Throttle.cancel`."""
+
+
 def analyze_model(
     path: str | Path,
     cfg: SpectralConfig = SpectralConfig(),
@@ -107,22 +154,74 @@ def analyze_model(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    select: Callable[[WeightMatrix], bool] | None = None,
+    known: Callable[[WeightMatrix], MatrixStats | None] | None = None,
+    throttle: Throttle | None = None,
 ) -> list[MatrixStats]:
     """MatrixStats of every quantisable matrix / expert slice of ``path``, in model order.
 
     ``cache_dir`` defaults to `default_cache_dir()`; ``use_cache=False`` neither reads nor writes.
+    ``select`` restricts the analysis to the matrices it accepts (the others are left out of the
+    result); ``known`` returns an already computed result for a matrix, or None to analyse it;
+    ``throttle`` limits how many matrices are analysed at once.
+
+    Matrices are analysed in parallel, one single-threaded matrix per core (torch's intra-op
+    thread count), with at most that many loaded at a time; results keep model order and are
+    the same bits as a serial run (every matrix is computed independently).
     """
     cache = SpectralCache(Path(cache_dir) if cache_dir else default_cache_dir(), cfg) if use_cache else None
-    out: list[MatrixStats] = []
     with open_model(path) as model:
         mats = model.matrices()
         if not mats:
             raise AlphaQError(f"{path}: no quantisable weight matrices found")
-        for m in tqdm(mats, desc="alpha", unit="matrix", disable=not progress, dynamic_ncols=True):
-            out.append(analyze_weight(m, cfg, cache))
+        if select is not None:
+            mats = [m for m in mats if select(m)]
+        out = _analyze_all(mats, cfg, cache, progress, known, throttle)
     n_bad = sum(not s.signal for s in out)
-    if n_bad:
+    if n_bad and select is None:
         logger.warning("%d of %d matrices have no spectral signal (alpha = NaN)", n_bad, len(out))
+    return out
+
+
+def _analyze_all(mats: list[WeightMatrix], cfg: SpectralConfig, cache: SpectralCache | None, progress: bool,
+                 known, throttle: Throttle | None) -> list[MatrixStats]:
+    given = [known(m) if known else None for m in mats]
+    todo = [m for m, g in zip(mats, given) if g is None]
+
+    def one(m: WeightMatrix) -> MatrixStats:
+        if throttle is None:
+            return analyze_weight(m, cfg, cache)
+        with throttle.slot():
+            return analyze_weight(m, cfg, cache)
+
+    with tqdm(total=len(todo), desc="alpha", unit="matrix", disable=not progress or not todo,
+              dynamic_ncols=True) as bar:
+        done = _run_in_order(one, todo, bar.update)
+    it = iter(done)
+    return [g if g is not None else next(it) for g in given]
+
+
+def _run_in_order(fn, items: list, tick) -> list:
+    """``[fn(x) for x in items]``, one item per core at a time when there are several."""
+    if len(items) == 1:  # outside the pinned section: the one matrix's blocks run in parallel
+        out = [fn(items[0])]
+        tick(1)
+        return out
+    out = []
+    with _pinned_threads() as n_workers:
+        if n_workers <= 1:
+            for x in items:
+                out.append(fn(x))
+                tick(1)
+            return out
+        pool = ThreadPoolExecutor(n_workers)
+        try:
+            futures = [pool.submit(fn, x) for x in items]
+            for f in futures:  # in order: the first failing item is the error raised
+                out.append(f.result())
+                tick(1)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from alphaq import __version__
-from alphaq.analyze import analyze_model
+from alphaq.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import AlphaQError
 from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf_io import FLOAT_TYPES, copy_with_metadata, header_bytes, read_tensors
@@ -159,6 +160,52 @@ def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, toke
                      fixed_bytes=padded(base_header + _QUANT_KV_MARGIN + extra + 4096, cfg.plan.alignment))
 
 
+def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path):
+    """llama.cpp's converter and the spectral stage at the same time: (BF16 GGUF, tokenizer
+    fallback, stats of the GGUF's matrices).
+
+    The converter is a subprocess that keeps about one core busy, so while it writes the BF16
+    GGUF the checkpoint's BF16 matrices are analysed straight from the safetensors, one at a
+    time until the converter exits, then one per core. Afterwards every GGUF matrix whose
+    values are those exact weights (same tensor, expert slice and shape, stored as BF16 or F32)
+    takes that result; any other is analysed from the GGUF. So the stats are exactly those of
+    analysing the GGUF, as before (HF and converted matrices are bit-identical: tests)."""
+    from convert.hf_to_gguf import start_convert_hf
+
+    log.info("converting %s to a BF16 GGUF with llama.cpp's converter", cfg.model)
+    running = start_convert_hf(cfg.model, tmp_dir / "float.gguf", outtype="bf16")
+    throttle = Throttle(limit=1)
+
+    def watch() -> None:
+        if running.exited() == 0:
+            throttle.set_limit(None)
+        else:
+            throttle.cancel()  # its error is the one to report; stop analysing
+
+    threading.Thread(target=watch, name="alphaq-converter-watch", daemon=True).start()
+    try:
+        try:
+            early = analyze_model(cfg.model, cfg.spectral, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
+                                  progress=cfg.progress, select=lambda m: m.dtype == "BF16", throttle=throttle)
+        except Cancelled:
+            early = []
+        if not running.done():
+            import llama_cpp  # noqa: F401  (the quantiser's bindings, loaded while the converter still runs)
+        conv = running.wait()
+    except BaseException:
+        running.kill()
+        raise
+    by_key = {(s.tensor, s.expert): s for s in early}
+
+    def known(m):
+        s = by_key.get((m.tensor, m.expert))
+        return s if s is not None and (s.rows, s.cols) == (m.rows, m.cols) and m.dtype in ("BF16", "F32") else None
+
+    stats = analyze_model(conv.path, cfg.spectral, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
+                          progress=cfg.progress, known=known)
+    return conv.path, conv.tokenizer_fallback, stats
+
+
 def run_convert(cfg: ConvertConfig) -> ConvertResult:
     check_output(cfg.output, cfg.force, cfg.plan.granularity)
     with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
@@ -169,17 +216,12 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     try:
         tokenizer_fallback = None
         if source == "hf":
-            from convert.hf_to_gguf import convert_hf
-
-            log.info("converting %s to a BF16 GGUF with llama.cpp's converter", cfg.model)
-            conv = convert_hf(cfg.model, tmp_dir / "float.gguf", outtype="bf16")
-            float_gguf, tokenizer_fallback = conv.path, conv.tokenizer_fallback
+            float_gguf, tokenizer_fallback, stats = _convert_and_analyze_hf(cfg, tmp_dir)
         else:
             check_float_gguf(cfg.model)
             float_gguf = cfg.model
-
-        stats = analyze_model(float_gguf, cfg.spectral, cache_dir=cfg.cache_dir,
-                              use_cache=cfg.use_cache, progress=cfg.progress)
+            stats = analyze_model(float_gguf, cfg.spectral, cache_dir=cfg.cache_dir,
+                                  use_cache=cfg.use_cache, progress=cfg.progress)
         tensors = tensor_infos(float_gguf)
         base_header = header_bytes(float_gguf)
         noise = _noise_table(float_gguf, stats, tensors, cfg)

@@ -26,7 +26,8 @@ AlphaQ §3.2 / App. A.3. For a matrix W (numpy layout ``(rows, cols)``):
    keeps that effective behaviour; ``"corrected"`` uses ``0.95*peak <= lam <= 1.5*peak``.
 
 Numerics (see docs/SPECTRAL.md for the measurements): everything runs in float64. Block
-eigenvalues come from batched ``torch.linalg.eigvalsh`` of the Gram matrices; the block that
+eigenvalues come from batched ``eigvalsh`` of the Gram matrices (numpy's OpenBLAS on the CPU,
+faster here than torch's MKL; torch otherwise); the block that
 holds the global minimum (which sets the histogram's left edge) is recomputed with an SVD,
 because a Gram eigenvalue carries an absolute error of ~b*eps*lam_max. Eigenvalues below
 ``zero_rel_tol * lam_max`` are numerical zeros (rank deficiency) and are left out of the fit.
@@ -36,18 +37,35 @@ grid (`_ks_argmin`), refined only where a candidate can still win.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
 
 from alphaq.errors import AlphaQError
 
 logger = logging.getLogger(__name__)
+
+
+class _LazyTorch:
+    """``torch``, imported on first use: importing it takes 1-2 s of CPU, and the CLI imports
+    this module (for SpectralConfig) before it knows whether anything will be analysed;
+    `alphaq.convert` starts llama.cpp's converter before the first matrix is analysed."""
+
+    def __getattr__(self, name):
+        import torch as module
+
+        globals()["torch"] = module  # later lookups go straight to the module
+        return getattr(module, name)
+
+
+torch = _LazyTorch()
 
 XMIN_WINDOWS = ("reference", "corrected")
 DEVICES = ("auto", "cpu", "cuda")
@@ -124,25 +142,73 @@ class SpectralResult:
     ks_distance: float = math.nan  # KS distance D of the winning fit
 
 
+class _OpenBLAS:
+    """numpy's bundled OpenBLAS thread setter, or None (then the Gram products stay in torch).
+
+    numpy's OpenBLAS spin-waits in its worker threads, and several Python threads each calling a
+    multi-threaded BLAS oversubscribe the cores; the spectral stage pins it to one thread, like
+    torch (see `_pinned_threads`)."""
+
+    _lib = None
+    _found = False
+
+    @classmethod
+    def lib(cls):
+        if not cls._found:
+            cls._found = True
+            for path in sorted((Path(np.__file__).parent.parent / "numpy.libs").glob("*openblas*")):
+                try:
+                    dll = ctypes.CDLL(str(path))
+                except OSError:
+                    continue
+                for get, set_ in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                                  ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+                                  ("openblas_get_num_threads", "openblas_set_num_threads")):
+                    if hasattr(dll, get) and hasattr(dll, set_):
+                        getattr(dll, set_).argtypes = [ctypes.c_int]
+                        cls._lib = (getattr(dll, get), getattr(dll, set_))
+                        return cls._lib
+        return cls._lib
+
+
+_pin_lock = threading.Lock()
+_pin_depth = 0
+_pin_saved: tuple[int, int | None] = (1, None)
+
+
 @contextmanager
-def _single_threaded_torch():
-    """Run torch ops single-threaded; yields the previous intra-op thread count.
+def _pinned_threads():
+    """Run torch ops (and numpy's OpenBLAS) single-threaded; yields how many worker threads the
+    caller may use: the previous intra-op thread count for the outermost caller, 1 for callers
+    nested inside it (the outer one parallelises, e.g. `alphaq.analyze` over matrices).
 
     Spectral work is many small LAPACK calls (256x256). Intra-op OpenMP threads barely speed
     those up, and on a loaded machine a spinning OpenMP barrier can make them ~100x slower
-    (measured on this project's shared 2-core box). Parallelism comes from a thread pool over
-    block batches instead (`_blocked_eigs`). torch's thread count is process-wide, so it is
-    restored on exit.
+    (measured on this project's shared 2-core box); MKL's eigvalsh also rounds differently with
+    two threads. Parallelism comes from thread pools over block batches or matrices instead.
+    Thread counts are process-wide, so they are set once by the outermost caller (any thread)
+    and restored when the last one leaves.
     """
-    n = torch.get_num_threads()
-    if n == 1:
-        yield 1
-        return
-    torch.set_num_threads(1)
+    global _pin_depth, _pin_saved
+    with _pin_lock:
+        _pin_depth += 1
+        outer = _pin_depth == 1
+        if outer:
+            blas = _OpenBLAS.lib()
+            _pin_saved = (torch.get_num_threads(), blas[0]() if blas else None)
+            torch.set_num_threads(1)
+            if blas:
+                blas[1](1)
     try:
-        yield n
+        yield _pin_saved[0] if outer else 1
     finally:
-        torch.set_num_threads(n)
+        with _pin_lock:
+            _pin_depth -= 1
+            if _pin_depth == 0:
+                n_torch, n_blas = _pin_saved
+                torch.set_num_threads(n_torch)
+                if n_blas is not None:
+                    _OpenBLAS.lib()[1](n_blas)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -170,13 +236,27 @@ def farms_eigenvalues(w: np.ndarray, cfg: SpectralConfig | None = None) -> np.nd
     cfg = cfg or SpectralConfig()
     if w.ndim != 2:
         raise AlphaQError(f"expected a 2-D matrix, got shape {w.shape}")
+    with _pinned_threads() as n_workers:
+        if n_workers > 1 and _n_blocks(w.shape, cfg.block_size) > 1:
+            with ThreadPoolExecutor(n_workers) as pool:
+                return _farms(w, cfg, pool, n_workers)
+        return _farms(w, cfg, None, 1)
+
+
+def _n_blocks(shape: tuple[int, int], b: int) -> int:
+    grid = farms_grid(*shape, b)
+    return 1 if grid is None else grid[0] * grid[1]
+
+
+def _farms(w: np.ndarray, cfg: SpectralConfig, pool: ThreadPoolExecutor | None, n_workers: int) -> np.ndarray:
+    """`farms_eigenvalues` inside `_pinned_threads`; block batches go to ``pool`` if given."""
     rows, cols = w.shape
     if min(rows, cols) == 0:
         return np.zeros(0)
     dev = resolve_device(cfg.device)
     b = cfg.block_size
     grid = farms_grid(rows, cols, b)
-    with torch.no_grad(), _single_threaded_torch() as n_workers:
+    with torch.no_grad():
         if grid is None or grid == (1, 1):
             # one block: its squared singular values (min(rows, cols) of them) straight from an
             # SVD, which is as cheap as Gram + eigvalsh and more accurate for small ones
@@ -184,7 +264,7 @@ def farms_eigenvalues(w: np.ndarray, cfg: SpectralConfig | None = None) -> np.nd
             x = torch.from_numpy(np.ascontiguousarray(one)).to(torch.float64)  # CPU, as below
             eig = torch.linalg.svdvals(x).square()
         else:
-            eig = _blocked_eigs(w, grid, b, dev, cfg.zero_rel_tol, n_workers)
+            eig = _blocked_eigs(w, grid, b, dev, cfg.zero_rel_tol, pool, n_workers)
         eig = eig.clamp_min(0.0).sort().values
     return eig.cpu().numpy()
 
@@ -197,30 +277,38 @@ def _blocks_eigs(w: np.ndarray, first: int, last: int, nc: int, b: int, dev: tor
     """Gram eigenvalues of FARMS blocks first..last-1 (row-major over the block grid):
     (n_blocks, b), ascending, on the CPU.
 
-    The Gram products run on ``dev``; the eigensolver always runs on the CPU: cuSOLVER has no
-    batched float64 solver for 256x256 and loops at ~2 ms per matrix on an H100, no faster
-    than one CPU core (docs/SPECTRAL.md), while the CPU thread pool scales with the cores.
+    On the CPU, when numpy's OpenBLAS can be pinned to one thread (`_OpenBLAS`), both the float64
+    Gram products and the eigensolver are numpy's: on this project's AMD CPU its 256x256
+    products are 2.5x and its ``syevd`` 1.4x faster than torch's MKL (docs/SPECTRAL.md). For
+    BF16 weights the float64 Gram is exact, so any BLAS gives the same Gram bits. Otherwise, and
+    on CUDA, torch computes the products (on ``dev``) and the eigensolver runs on the CPU:
+    cuSOLVER has no batched float64 solver for 256x256 and loops at ~2 ms per matrix on an
+    H100, no faster than one CPU core, while the CPU thread pool scales with the cores.
     """
+    if dev.type == "cpu" and _OpenBLAS.lib() is not None:
+        x = np.empty((last - first, b, b), dtype=np.float64)
+        for k, i in enumerate(range(first, last)):
+            x[k] = _block(w, *divmod(i, nc), b)  # float32 -> float64 is exact
+        return torch.from_numpy(np.linalg.eigvalsh(np.matmul(x.transpose(0, 2, 1), x)))  # of B^T B
     blocks = np.stack([_block(w, *divmod(i, nc), b) for i in range(first, last)])  # (n, b, b)
     x = torch.from_numpy(blocks).to(dev, torch.float64)
-    gram = x.mT @ x  # (n, b, b) = B^T B
-    return torch.linalg.eigvalsh(gram.cpu())
+    return torch.linalg.eigvalsh((x.mT @ x).cpu())  # of B^T B
 
 
 def _blocked_eigs(
-    w: np.ndarray, grid: tuple[int, int], b: int, dev: torch.device, zero_rel_tol: float, n_workers: int
+    w: np.ndarray, grid: tuple[int, int], b: int, dev: torch.device, zero_rel_tol: float,
+    pool: ThreadPoolExecutor | None, n_workers: int,
 ) -> torch.Tensor:
     nr, nc = grid
     n_blocks = nr * nc
     # at least one task per worker, at most 32 blocks (16 MiB of float64 Gram) per task
     per = max(1, min(32, -(-n_blocks // max(1, n_workers))))
     tasks = [(i, min(n_blocks, i + per)) for i in range(0, n_blocks, per)]
-    if n_workers > 1 and len(tasks) > 1:
+    if pool is not None and len(tasks) > 1:
         # one single-threaded block batch per core: LAPACK's syevd on 256x256 matrices scales
-        # poorly across intra-op threads (docs/SPECTRAL.md); torch releases the GIL inside.
+        # poorly across intra-op threads (docs/SPECTRAL.md); torch and numpy release the GIL.
         # (CUDA kernels issued from several threads share the default stream: still correct.)
-        with ThreadPoolExecutor(min(n_workers, len(tasks))) as pool:
-            parts = list(pool.map(lambda t: _blocks_eigs(w, *t, nc, b, dev), tasks))
+        parts = list(pool.map(lambda t: _blocks_eigs(w, *t, nc, b, dev), tasks))
     else:
         parts = [_blocks_eigs(w, i, j, nc, b, dev) for i, j in tasks]
     eig = torch.cat(parts)  # (nr*nc, b)
@@ -294,7 +382,7 @@ def hill_alpha(eigs: np.ndarray, cfg: SpectralConfig | None = None) -> tuple[flo
         return math.nan, 0, math.nan
 
     dev = resolve_device(cfg.device)
-    with torch.no_grad(), _single_threaded_torch():
+    with torch.no_grad(), _pinned_threads():
         L = torch.from_numpy(np.log(lam)).to(dev)  # (N,) float64
         # sum_{j>=i} ln(lam_j / lam_i) = (suffix sum of L from i) - n_i * L_i
         suffix = torch.flip(torch.cumsum(torch.flip(L, (0,)), 0), (0,))
@@ -463,19 +551,38 @@ def analyze_matrix(
         raise AlphaQError(f"tensor {name}: expected a 2-D matrix, got shape {w.shape}")
     if w.dtype != np.float32 and w.dtype != np.float64:
         w = w.astype(np.float32)
-    check_finite(w, name)
-    variance = population_variance(w)
-    if min(w.shape) < 2:
-        return _no_signal(name, variance, 0, f"shape {w.shape} is too small")
-    if variance == 0.0:
-        return _no_signal(name, variance, 0, "all weights are equal")
-    eigs = farms_eigenvalues(w, cfg)
-    usable = usable_eigenvalues(eigs, cfg).size
-    if usable < cfg.min_eigs:
-        return _no_signal(
-            name, variance, eigs.size, f"{usable} non-zero eigenvalues < min_eigs {cfg.min_eigs}"
-        )
-    alpha, k, d = hill_alpha(eigs, cfg)
+    with _pinned_threads() as n_workers:
+        if n_workers > 1 and min(w.shape) >= 2 and _n_blocks(w.shape, cfg.block_size) > 1:
+            # the finiteness check and the variance (one core, ~10 ms for 3M weights) run
+            # beside the block eigenvalues; their verdicts still come first
+            with ThreadPoolExecutor(n_workers) as pool:
+                first = pool.submit(_finite_variance, w, name)
+                try:
+                    eigs = _farms(w, cfg, pool, n_workers)
+                except Exception:
+                    first.result()  # non-finite weights are the error to report
+                    raise
+                variance = first.result()
+        else:
+            variance = _finite_variance(w, name)
+            eigs = None
+        if min(w.shape) < 2:
+            return _no_signal(name, variance, 0, f"shape {w.shape} is too small")
+        if variance == 0.0:
+            return _no_signal(name, variance, 0, "all weights are equal")
+        if eigs is None:
+            eigs = _farms(w, cfg, None, 1)
+        usable = usable_eigenvalues(eigs, cfg).size
+        if usable < cfg.min_eigs:
+            return _no_signal(
+                name, variance, eigs.size, f"{usable} non-zero eigenvalues < min_eigs {cfg.min_eigs}"
+            )
+        alpha, k, d = hill_alpha(eigs, cfg)
     if not math.isfinite(alpha):
         return _no_signal(name, variance, eigs.size, "degenerate spectrum, no tail fit")
     return SpectralResult(alpha, variance, k, int(eigs.size), True, d)
+
+
+def _finite_variance(w: np.ndarray, name: str) -> float:
+    check_finite(w, name)
+    return population_variance(w)

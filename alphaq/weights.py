@@ -24,14 +24,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import gguf
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
 
 from alphaq.errors import AlphaQError
@@ -92,6 +94,7 @@ class WeightMatrix:
     rows: int  # numpy rows (GGUF ne1)
     cols: int  # row length seen by ggml (GGUF ne0)
     _loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    dtype: str = field(default="", compare=False)  # stored type: safetensors dtype or GGUF type name
 
     @property
     def params(self) -> int:
@@ -179,32 +182,82 @@ def _hf_shards(path: Path) -> dict[str, Path]:
 
 
 def _safe_open(path: Path):
-    """safe_open with a one-line AlphaQError for truncated or corrupt files."""
+    """safe_open with a one-line AlphaQError for truncated or corrupt files. Used to validate and
+    list tensors (framework "np" does not import torch); data is read by `_HFFiles.read`."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        return safe_open(path, framework="pt")
+        return safe_open(path, framework="np")
     except SafetensorError as exc:
         raise AlphaQError(f"cannot read safetensors file {path}: {exc} (truncated or corrupt?)") from None
 
 
+# safetensors dtype -> little-endian numpy dtype of the stored values (BF16 as raw uint16)
+_ST_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+
+
 class _HFFiles:
-    """Open safetensors handles (memory-mapped), one per shard, opened on first use."""
+    """safetensors shards: handles (validation, listing) opened on first use, and plain reads of
+    tensor data with ``pread`` into fresh buffers. Unlike a memory map, that leaves nothing of the
+    file resident in this process (peak RSS stays ~one matrix, see docs/DESIGN.md "Memory"), and
+    it needs no torch."""
 
     def __init__(self) -> None:
         self._open: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def get(self, shard: Path):
         if shard not in self._open:
             self._open[shard] = _safe_open(shard)
         return self._open[shard]
 
+    def _header(self, shard: Path) -> tuple[int, dict, int]:
+        with self._lock:
+            if shard not in self._headers:
+                self.get(shard)  # validated by safetensors first
+                fd = os.open(shard, os.O_RDONLY)
+                (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                self._headers[shard] = (8 + n, json.loads(os.pread(fd, n, 8)))
+                self._fds[shard] = fd
+            start, meta = self._headers[shard]
+            return start, meta, self._fds[shard]
+
+    def read(self, shard: Path, name: str, index: int | None = None, rows: slice = slice(None)) -> np.ndarray:
+        """float32 copy of tensor ``name`` (or of ``[index]`` of it), rows ``rows`` of that."""
+        start, meta, fd = self._header(shard)
+        info = meta[name]
+        dt = _ST_DTYPES[info["dtype"]]
+        shape = list(info["shape"])
+        offset = start + int(info["data_offsets"][0])
+        if index is not None:
+            offset += index * math.prod(shape[1:]) * dt.itemsize
+            shape = shape[1:]
+        r0, r1, step = rows.indices(shape[0])
+        if step != 1:
+            raise ValueError("row slices must be contiguous")
+        offset += r0 * math.prod(shape[1:]) * dt.itemsize
+        shape[0] = max(0, r1 - r0)
+        raw = np.empty(math.prod(shape), dtype=dt)
+        buf, done = memoryview(raw).cast("B"), 0
+        while done < raw.nbytes:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise AlphaQError(f"{shard}: tensor {name} is truncated")
+            done += n
+        if info["dtype"] == "BF16":
+            out = (raw.astype(np.uint32) << 16).view(np.float32)  # exact, as torch widens BF16
+        else:
+            out = raw.astype(np.float32)  # F16 exact; F32 copy; F64 rounded to nearest, as torch
+        return out.reshape(shape)
+
     def close(self) -> None:
         self._open.clear()
-
-
-def _to_f32(t: torch.Tensor) -> np.ndarray:
-    return t.to(torch.float32).numpy()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._headers.clear()
 
 
 def _open_hf(path: Path) -> ModelWeights:
@@ -226,14 +279,15 @@ def _open_hf(path: Path) -> ModelWeights:
     files = _HFFiles()
     mats: list[WeightMatrix] = []
 
-    def add(tensor: str, expert: int | None, rows: int, cols: int, loader) -> None:
-        block, kind = _kind(tensor)
-        mats.append(WeightMatrix(tensor, block, expert, kind, rows, cols, loader))
-
     for name, shard in shards.items():
         sl = files.get(shard).get_slice(name)
         shape = tuple(sl.get_shape())
         dtype = sl.get_dtype()
+
+        def add(tensor: str, expert: int | None, rows: int, cols: int, loader, dtype=dtype) -> None:
+            block, kind = _kind(tensor)
+            mats.append(WeightMatrix(tensor, block, expert, kind, rows, cols, loader, dtype))
+
         if len(shape) < 2:
             continue
         layer = re.match(r"^model\.layers\.(\d+)\.", name)
@@ -247,9 +301,7 @@ def _open_hf(path: Path) -> ModelWeights:
 
         def slice_loader(shard=shard, name=name, index=None, rows_sl=slice(None)):
             def load():
-                s = files.get(shard).get_slice(name)
-                t = s[index] if index is not None else s[:]
-                return _to_f32(t[rows_sl])
+                return files.read(shard, name, index, rows_sl)
             return load
 
         m = _HF_EXPERT.match(key)
@@ -421,7 +473,7 @@ def _open_gguf(path: Path) -> ModelWeights:
             for e in range(ne[2]):
                 def load(t=t, e=e, qtype=qtype):
                     return _load_released(reader, t.data[e], qtype)  # (rows, cols) of expert e
-                mats.append(WeightMatrix(t.name, block, e, kind, ne[1], ne[0], load))
+                mats.append(WeightMatrix(t.name, block, e, kind, ne[1], ne[0], load, qtype.name))
         else:
             rows = math.prod(np_shape[:-1])
 
@@ -429,7 +481,7 @@ def _open_gguf(path: Path) -> ModelWeights:
                 w = _load_released(reader, t.data, qtype).reshape(rows, -1)
                 return unpermute_qk(w, heads) if heads else w
 
-            mats.append(WeightMatrix(t.name, block, None, kind, rows, ne[0], load))
+            mats.append(WeightMatrix(t.name, block, None, kind, rows, ne[0], load, qtype.name))
 
     mats.sort(key=_order)
     _check_unique(mats, path)

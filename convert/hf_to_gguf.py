@@ -29,19 +29,61 @@ class Conversion:
 
 def convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16") -> Conversion:
     """Run convert_hf_to_gguf.py on ``model_dir``; write ``out_path`` (float ``outtype``)."""
-    vendor = ensure_vendor()
-    cmd = [sys.executable, "-m", "convert.run_upstream", str(vendor), str(model_dir),
-           "--outtype", outtype, "--outfile", str(out_path)]
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryFile(mode="w+") as errlog:
-        proc = subprocess.run(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=errlog, text=True)
-        errlog.seek(0)
-        stderr = errlog.read()
-    fallback = next((line.split(": ", 1)[1] for line in stderr.splitlines() if line.startswith(FALLBACK_MARK)), None)
-    if proc.returncode != 0 or not out_path.exists():
-        lines = [ln for ln in stderr.splitlines() if ln.strip() and "Writing" not in ln]
-        reason = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise AlphaQError(f"llama.cpp's converter failed on {model_dir}: {reason}")
-    if fallback:
-        log.warning("tokenizer fallback: %s", fallback)
-    return Conversion(out_path, fallback)
+    running = start_convert_hf(model_dir, out_path, outtype=outtype)
+    try:
+        return running.wait()
+    except BaseException:
+        running.kill()  # e.g. Ctrl-C: never leave the converter running
+        raise
+
+
+def start_convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16") -> "RunningConversion":
+    """Start convert_hf_to_gguf.py on ``model_dir`` in the background; ``.wait()`` gives the
+    `Conversion` (or raises its error), ``.kill()`` stops it. The caller may work meanwhile
+    (`alphaq.convert` analyses the checkpoint beside it)."""
+    return RunningConversion(model_dir, out_path, outtype)
+
+
+class RunningConversion:
+    def __init__(self, model_dir: Path, out_path: Path, outtype: str):
+        vendor = ensure_vendor()
+        cmd = [sys.executable, "-m", "convert.run_upstream", str(vendor), str(model_dir),
+               "--outtype", outtype, "--outfile", str(out_path)]
+        root = Path(__file__).resolve().parents[1]
+        self.model_dir, self.out_path = model_dir, out_path
+        self._errlog = tempfile.TemporaryFile(mode="w+")
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=self._errlog, text=True)
+        except BaseException:
+            self._errlog.close()
+            raise
+
+    def exited(self) -> int:
+        """Block until the converter process exits; its exit code (safe from any thread)."""
+        return self.proc.wait()
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def wait(self) -> Conversion:
+        try:
+            returncode = self.proc.wait()
+            self._errlog.seek(0)
+            stderr = self._errlog.read()
+        finally:
+            self._errlog.close()
+        fallback = next((line.split(": ", 1)[1] for line in stderr.splitlines() if line.startswith(FALLBACK_MARK)), None)
+        if returncode != 0 or not self.out_path.exists():
+            lines = [ln for ln in stderr.splitlines() if ln.strip() and "Writing" not in ln]
+            reason = lines[-1] if lines else f"exit code {returncode}"
+            raise AlphaQError(f"llama.cpp's converter failed on {self.model_dir}: {reason}")
+        if fallback:
+            log.warning("tokenizer fallback: %s", fallback)
+        return Conversion(self.out_path, fallback)
+
+    def kill(self) -> None:
+        """Stop the converter (if still running) and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._errlog.close()

@@ -1,36 +1,81 @@
 #!/usr/bin/env python3
 """Benchmark convert_alphaq.py against the stock llama.cpp pipeline, side by side, same run.
 
-    python scripts/bench_convert.py [MODEL_DIR ...] [--repeats 2]
+    python scripts/bench_convert.py [MODEL_DIR ...] [--repeats 3] [--baseline-root DIR]
 
 For each HF checkpoint (default: the cached benchmark zoo, .cache/zoo/*-bench) it times
   * stock:  llama.cpp's convert_hf_to_gguf.py (BF16) + llama_model_quantize to Q3_K_M
   * alphaq: convert_alphaq.py MODEL --budget 3 (no alpha cache, so the spectral stage is paid)
-and reports wall time, the ratio alphaq/stock, and alphaq's peak RSS divided by the BF16 model
-size (memory-mapped streaming; the target is <= 0.5 on models with >= 8 blocks). Each command
-runs in a fresh process; peak RSS covers it and every process it waits for (RUSAGE_CHILDREN).
+  * baseline (with --baseline-root): the convert_alphaq.py of another checkout, e.g. an export of
+    an earlier commit (``git archive HEAD | tar -x -C /tmp/base``), same arguments
+alternating them in every repeat (the machine is shared: load drifts), and reports the median
+wall time of each, the ratio of the medians alphaq/stock, the load average before and after, and
+the median CPU time (user + sys of every process) of each pipeline: work that no overlap hides,
+so CPU time / number of cores is a floor under the wall time.
+
+Memory: each command runs in a fresh process; "peak RSS" is the largest peak of any one process
+of its tree (RUSAGE_CHILDREN), divided by the BF16 model size (streaming target <= 0.5 on models
+with >= 8 blocks). "peak tree RSS" is the largest sum of the RSS of all processes of the tree at
+one moment (sampled every 50 ms), which counts processes that run at the same time (alphaq runs
+llama.cpp's converter beside its own spectral stage) together.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs one command and prints its wall time and the peak RSS of it and its descendants.
+# Runs one command; prints its wall time, the peak RSS of its largest process (RUSAGE_CHILDREN)
+# and the peak of the summed RSS of its process tree (sampled from /proc every 50 ms).
 _MEASURE = r"""
-import json, resource, subprocess, sys, time
+import json, os, resource, subprocess, sys, threading, time
+
+def tree_rss_kib(root):
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += kids.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next((int(l.split()[1]) for l in f if l.startswith("VmRSS:")), 0)
+        except OSError:
+            pass
+    return total
+
 t = time.perf_counter()
-rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+peak_tree = 0
+def sample():
+    global peak_tree
+    while proc.poll() is None:
+        peak_tree = max(peak_tree, tree_rss_kib(proc.pid))
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
+stderr = proc.communicate()[1]
 wall = time.perf_counter() - t
-if rc.returncode:
-    sys.stderr.write(rc.stderr[-3000:]); sys.exit(rc.returncode)
-print(json.dumps({"wall": wall, "peak_rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+if proc.returncode:
+    sys.stderr.write(stderr[-3000:]); sys.exit(proc.returncode)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "peak_rss_kib": ru.ru_maxrss,
+                  "peak_tree_rss_kib": peak_tree}))
 """
 
 _STOCK = r"""
@@ -46,50 +91,121 @@ quantize_stock(work / "stock-bf16.gguf", work / "stock-q3km.gguf", "Q3_K_M")
 """
 
 
-def measure(cmd: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, cwd=ROOT)
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[3] + v[4], sum(v)  # idle + iowait, total
+
+
+def wait_idle(limit_s: float, idle_frac: float = 0.9) -> bool:
+    """Wait until the CPUs were >= idle_frac idle for 2 s in a row (other people's jobs on a
+    shared machine), at most limit_s; True if that happened."""
+    t_end, calm = time.monotonic() + limit_s, 0
+    while time.monotonic() < t_end:
+        i0, t0 = _cpu_times()
+        time.sleep(1.0)
+        i1, t1 = _cpu_times()
+        calm = calm + 1 if t1 > t0 and (i1 - i0) / (t1 - t0) >= idle_frac else 0
+        if calm >= 2:
+            return True
+    return False
+
+
+IDLE = {"wait_s": 0.0, "timeouts": 0, "runs": 0}
+
+
+def measure(cmd: list[str], cwd: Path = ROOT) -> dict:
+    if IDLE["wait_s"] > 0 and os.path.exists("/proc/stat"):
+        IDLE["runs"] += 1
+        IDLE["timeouts"] += not wait_idle(IDLE["wait_s"])
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, cwd=cwd)
     if out.returncode:
         raise SystemExit(f"benchmark command failed: {' '.join(cmd)}\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench(model: Path, repeats: int) -> dict:
+def alphaq_cmd(root: Path, model: Path, work: str, tag: str) -> list[str]:
+    return [sys.executable, str(root / "convert_alphaq.py"), str(model), "--budget", "3",
+            "-o", f"{work}/{tag}.gguf", "--no-cache", "--no-progress"]
+
+
+def bench(model: Path, repeats: int, baseline: Path | None) -> dict:
+    model = model.resolve()
     bf16_bytes = sum(p.stat().st_size for p in model.glob("model*.safetensors"))
     cfg = json.loads((model / "config.json").read_text())
-    rows = {"stock": [], "alphaq": []}
+    rows: dict[str, list[dict]] = {"stock": [], "alphaq": []}
+    if baseline:
+        rows["baseline"] = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as work:
             rows["stock"].append(measure([sys.executable, "-c", _STOCK, str(model), work]))
-            rows["alphaq"].append(measure([sys.executable, str(ROOT / "convert_alphaq.py"), str(model),
-                                           "--budget", "3", "-o", f"{work}/alphaq.gguf", "--no-cache",
-                                           "--no-progress"]))
-    best = {k: min(v, key=lambda r: r["wall"]) for k, v in rows.items()}
+            rows["alphaq"].append(measure(alphaq_cmd(ROOT, model, work, "alphaq")))
+            if baseline:
+                rows["baseline"].append(measure(alphaq_cmd(baseline, model, work, "baseline"), cwd=baseline))
+    med = {k: statistics.median(r["wall"] for r in v) for k, v in rows.items()}
+    cpu = {k: statistics.median(r["cpu"] for r in v) for k, v in rows.items()}
     peak = max(r["peak_rss_kib"] for r in rows["alphaq"]) * 1024
-    return {
+    out = {
         "model": model.name, "blocks": cfg["num_hidden_layers"], "bf16_bytes": bf16_bytes,
-        "stock_s": best["stock"]["wall"], "alphaq_s": best["alphaq"]["wall"],
-        "ratio": best["alphaq"]["wall"] / best["stock"]["wall"],
+        "walls": {k: [round(r["wall"], 2) for r in v] for k, v in rows.items()},
+        "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
+        "stock_s": med["stock"], "alphaq_s": med["alphaq"], "ratio": med["alphaq"] / med["stock"],
         "alphaq_peak_rss": peak, "rss_over_bf16": peak / bf16_bytes,
+        "alphaq_peak_tree_rss": max(r["peak_tree_rss_kib"] for r in rows["alphaq"]) * 1024,
         "stock_peak_rss": max(r["peak_rss_kib"] for r in rows["stock"]) * 1024,
+        "stock_peak_tree_rss": max(r["peak_tree_rss_kib"] for r in rows["stock"]) * 1024,
     }
+    if baseline:
+        out["baseline_s"] = med["baseline"]
+        out["baseline_ratio"] = med["baseline"] / med["stock"]
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="*", type=Path)
-    p.add_argument("--repeats", type=int, default=2, help="best-of-N wall time (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs per pipeline; medians reported (default: %(default)s)")
+    p.add_argument("--baseline-root", type=Path, help="another checkout whose convert_alphaq.py is timed alongside")
+    p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="before each run wait up to S seconds for the CPUs to be idle (shared machine)")
     args = p.parse_args()
+    IDLE["wait_s"] = args.wait_idle
     models = args.models or sorted((ROOT / ".cache" / "zoo").glob("*-bench"))
     if not models:
         raise SystemExit("no models: pass HF checkpoint dirs or train the zoo "
                          "(python scripts/train_tiny_moe.py --zoo bench --out .cache/zoo)")
-    print("| model | blocks | BF16 size | stock (convert + Q3_K_M) | convert_alphaq.py --budget 3 | ratio | alphaq peak RSS | RSS / BF16 size |")
-    print("|---|---|---|---|---|---|---|---|")
+    baseline = args.baseline_root.resolve() if args.baseline_root else None
+    print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
+          f"{args.repeats} alternating runs each, medians", flush=True)
+    head = "| model | blocks | BF16 size | stock (convert + Q3_K_M) | convert_alphaq.py --budget 3 | ratio |"
+    sep = "|---|---|---|---|---|---|"
+    if baseline:
+        head += f" baseline ({baseline.name}) | baseline ratio |"
+        sep += "---|---|"
+    head += " alphaq peak RSS | RSS / BF16 size | alphaq peak tree RSS | stock peak tree RSS |"
+    sep += "---|---|---|---|"
+    print(head)
+    print(sep, flush=True)
+    results = []
     for m in models:
-        r = bench(m, args.repeats)
-        print(f"| {r['model']} | {r['blocks']} | {r['bf16_bytes'] / 2**20:.1f} MiB | {r['stock_s']:.1f} s | "
-              f"{r['alphaq_s']:.1f} s | {r['ratio']:.2f}x | {r['alphaq_peak_rss'] / 2**20:.0f} MiB | "
-              f"{r['rss_over_bf16']:.2f} |", flush=True)
+        r = bench(m, args.repeats, baseline)
+        results.append(r)
+        line = (f"| {r['model']} | {r['blocks']} | {r['bf16_bytes'] / 2**20:.1f} MiB | {r['stock_s']:.1f} s | "
+                f"{r['alphaq_s']:.1f} s | {r['ratio']:.2f}x |")
+        if baseline:
+            line += f" {r['baseline_s']:.1f} s | {r['baseline_ratio']:.2f}x |"
+        line += (f" {r['alphaq_peak_rss'] / 2**20:.0f} MiB | {r['rss_over_bf16']:.2f} | "
+                 f"{r['alphaq_peak_tree_rss'] / 2**20:.0f} MiB | {r['stock_peak_tree_rss'] / 2**20:.0f} MiB |")
+        print(line, flush=True)
+        print(f"#   wall times (s): {json.dumps(r['walls'])}; median CPU time, user+sys of all processes (s): "
+              f"{json.dumps(r['cpu_s'])}", flush=True)
+    print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if IDLE["runs"]:
+        print(f"# waited for idle CPUs before each of {IDLE['runs']} runs (up to {IDLE['wait_s']:g} s); "
+              f"{IDLE['timeouts']} started without it")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -164,6 +165,145 @@ def test_cache_reuses_results_and_never_serves_stale_alpha(tmp_path, monkeypatch
     calls.clear()
     analyze_model(model, cache_dir=cache, use_cache=False, progress=False)
     assert len(calls) == len(first)
+
+
+# --------------------------------------------------------------------------------------
+# parallel analysis: order, bits, select / known / throttle
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_threads():
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+def test_parallel_analysis_equals_serial(torch_threads):
+    """One matrix per core gives the serial run's results, bit for bit and in model order."""
+    model = FIXTURE_DIRS[0] if FIXTURE_DIRS else pytest.fail("no fixtures")
+    torch_threads(1)
+    serial = analyze_model(model, use_cache=False, progress=False)
+    torch_threads(2)
+    parallel = analyze_model(model, use_cache=False, progress=False)
+    assert same_stats(parallel, serial)
+    assert torch.get_num_threads() == 2
+
+
+def test_first_failing_matrix_in_model_order_is_raised(monkeypatch, torch_threads):
+    torch_threads(2)
+    model = FIXTURE_DIRS[0] if FIXTURE_DIRS else pytest.fail("no fixtures")
+    real = analyze_mod.analyze_matrix
+    names = [s.tensor + (f"[expert {s.expert}]" if s.expert is not None else "")
+             for s in analyze_model(model, use_cache=False, progress=False)]
+    bad = {names[3], names[7]}
+
+    def failing(w, *, name, cfg):
+        if name in bad:
+            raise AlphaQError(f"boom {name}")
+        return real(w, name=name, cfg=cfg)
+
+    monkeypatch.setattr(analyze_mod, "analyze_matrix", failing)
+    with pytest.raises(AlphaQError, match=re.escape(f"boom {names[3]}") + "$"):
+        analyze_model(model, use_cache=False, progress=False)
+
+
+def test_select_known_and_throttle(monkeypatch, torch_threads):
+    import threading
+    import time
+
+    torch_threads(2)
+    model = FIXTURE_DIRS[0] if FIXTURE_DIRS else pytest.fail("no fixtures")
+    full = analyze_model(model, use_cache=False, progress=False)
+
+    # select: only the expert slices, in order
+    experts = analyze_model(model, use_cache=False, progress=False, select=lambda m: m.expert is not None)
+    assert same_stats(experts, [s for s in full if s.expert is not None])
+
+    # known: given results are used as they are (a marker alpha), the rest is analysed
+    by_key = {(s.tensor, s.expert): dataclasses.replace(s, alpha=123.0) for s in experts}
+    calls = []
+    real = analyze_mod.analyze_matrix
+    active, peak = [0], [0]
+    lock = threading.Lock()
+
+    def counting(w, *, name, cfg):
+        with lock:
+            calls.append(name)
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.01)
+            return real(w, name=name, cfg=cfg)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(analyze_mod, "analyze_matrix", counting)
+    mixed = analyze_model(model, use_cache=False, progress=False,
+                          known=lambda m: by_key.get((m.tensor, m.expert)))
+    assert len(calls) == len(full) - len(experts) and not any("[expert" in c for c in calls)
+    assert [s.alpha == 123.0 for s in mixed] == [s.expert is not None for s in full]
+    assert same_stats([s for s in mixed if s.expert is None], [s for s in full if s.expert is None])
+    assert peak[0] == 2  # one matrix per core
+
+    # throttle: never more than the limit at once; cancel stops the analysis
+    calls.clear()
+    peak[0] = 0
+    throttle = analyze_mod.Throttle(limit=1)
+    analyze_model(model, use_cache=False, progress=False, throttle=throttle)
+    assert peak[0] == 1 and len(calls) == len(full)
+    throttle.cancel()
+    with pytest.raises(analyze_mod.Cancelled):
+        analyze_model(model, use_cache=False, progress=False, throttle=throttle)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_hf_reader_gives_torch_float32_values(dtype, tmp_path):
+    """HF weights are read with plain preads (no memory map, no torch): every matrix, expert slice
+    and fused gate/up half equals safetensors + torch's own float32 conversion."""
+    from alphaq.weights import open_model
+
+    src = next((d for d in FIXTURE_DIRS if d.name == "qwen3moe"), None) or pytest.fail("no qwen3moe fixture")
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in raw.items()}
+    p = "model.layers.1.mlp.experts"  # layer 1 as transformers-5 fused 3-D tensors
+    n_exp = len([k for k in raw if k.startswith(f"{p}.") and k.endswith(".gate_proj.weight")])
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        stacked = torch.stack([tensors.pop(f"{p}.{e}.{proj}.weight") for e in range(n_exp)])
+        tensors[f"{p}.{proj}"] = stacked
+    tensors[f"{p}.gate_up_proj"] = torch.cat([tensors.pop(f"{p}.gate_proj"), tensors.pop(f"{p}.up_proj")], 1).contiguous()
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_bytes((src / "config.json").read_bytes())
+    save_file(tensors, model / "model.safetensors")
+
+    with open_model(model) as m:
+        mats = m.matrices()
+        names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
+        assert {x.dtype for x in mats} == {names[dtype]}
+        n_ff = tensors[f"{p}.down_proj"].shape[2]
+        checked = 0
+        for x in mats:
+            if x.tensor == "blk.1.ffn_gate_exps.weight":
+                want = tensors[f"{p}.gate_up_proj"][x.expert, :n_ff]
+            elif x.tensor == "blk.1.ffn_up_exps.weight":
+                want = tensors[f"{p}.gate_up_proj"][x.expert, n_ff:]
+            elif x.tensor == "blk.1.ffn_down_exps.weight":
+                want = tensors[f"{p}.down_proj"][x.expert]
+            elif x.tensor == "blk.0.ffn_down_exps.weight":
+                want = tensors[f"model.layers.0.mlp.experts.{x.expert}.down_proj.weight"]
+            elif x.tensor == "blk.0.attn_q.weight":
+                want = tensors["model.layers.0.self_attn.q_proj.weight"]
+            else:
+                continue
+            got = x.load()
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, want.to(torch.float32).numpy(), err_msg=x.label)
+            checked += 1
+        assert checked == 4 * n_exp + 1
 
 
 # --------------------------------------------------------------------------------------

@@ -134,6 +134,90 @@ def test_side_files_and_metadata(float_ggufs, cache_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# HF input: the spectral stage runs beside llama.cpp's converter
+# ----------------------------------------------------------------------------------------------
+
+
+def _uncached(model: Path, out: Path, **plan):
+    cfg = ConvertConfig(model=model, output=out, plan=PlanConfig(**plan), use_cache=False,
+                        compare_stock=False, progress=False, nthread=2)
+    return run_convert(cfg)
+
+
+@pytest.mark.parametrize("name", MODEL_FIXTURES)
+def test_hf_input_analysed_beside_the_converter_equals_gguf_input(name, float_ggufs, tmp_path):
+    """HF input: alpha comes from the safetensors while the converter runs; every item of the plan
+    (alpha, variance, type, bytes) and every tensor written equal a run on the converted GGUF."""
+    a = _uncached(FIXTURES / name, tmp_path / "from-hf.gguf", budget=3.0)
+    b = _uncached(float_ggufs[name], tmp_path / "from-gguf.gguf", budget=3.0)
+    assert load_plan_from_gguf(a.output)["items"] == load_plan_from_gguf(b.output)["items"]
+    ta = {t.name: t for t in gguf.GGUFReader(a.output).tensors}
+    tb = {t.name: t for t in gguf.GGUFReader(b.output).tensors}
+    assert ta.keys() == tb.keys()
+    for n in ta:
+        assert np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)), n
+
+
+def test_hf_weights_that_the_converter_rounds_are_analysed_from_its_output(tmp_path):
+    """An F32 checkpoint: the converter writes BF16, so alpha must come from the rounded GGUF
+    values, not from the F32 safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    from alphaq.analyze import analyze_model
+    from convert.hf_to_gguf import convert_hf
+
+    d = tmp_path / "f32"
+    shutil.copytree(FIXTURES / "mixtral", d)
+    t = load_file(d / "model.safetensors")
+    save_file({k: v.float() * 1.001 for k, v in t.items()}, d / "model.safetensors", metadata={"format": "pt"})
+    ref = convert_hf(d, tmp_path / "ref.gguf").path
+    a = _uncached(d, tmp_path / "from-hf.gguf", budget=3.0)
+    b = _uncached(ref, tmp_path / "from-gguf.gguf", budget=3.0)
+    assert load_plan_from_gguf(a.output)["items"] == load_plan_from_gguf(b.output)["items"]
+    got = [s.alpha for s in analyze_model(ref, use_cache=False, progress=False)]
+    raw = [s.alpha for s in analyze_model(d, use_cache=False, progress=False)]
+    assert got != raw  # the rounding does change alpha, so the check above means something
+
+
+def test_converter_failure_stops_the_analysis_and_is_reported(tmp_path, capsys, monkeypatch):
+    """The converter fails (no tokenizer) while the spectral stage runs beside it: its error is the
+    one reported, the analysis stops early, nothing is written and no process is left behind."""
+    import time
+
+    import alphaq.analyze as analyze_mod
+
+    d = tmp_path / "no-tokenizer"
+    shutil.copytree(FIXTURES / "mixtral", d)
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        (d / f).unlink()
+    calls = []
+    real = analyze_mod.analyze_matrix
+
+    def slow(w, *, name, cfg):
+        calls.append(name)
+        time.sleep(0.5)  # 58 matrices: ~30 s, far longer than the converter takes to fail
+        return real(w, name=name, cfg=cfg)
+
+    monkeypatch.setattr(analyze_mod, "analyze_matrix", slow)
+    work = tmp_path / "work"
+    work.mkdir()
+    code = cli_main(["convert", str(d), "--budget", "3", "-o", str(work / "o.gguf"), "--no-progress", "--no-cache"])
+    assert code == 2
+    assert "llama.cpp's converter failed" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert 0 < len(calls) < 58
+    assert list(work.iterdir()) == []
+    alive = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(d).encode() in _cmdline(p)]
+    assert alive == []
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, exit code 2, no traceback, nothing written
 # ----------------------------------------------------------------------------------------------
 

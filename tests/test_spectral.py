@@ -299,3 +299,103 @@ def test_cuda_matches_cpu():
     gpu = analyze_matrix(w, cfg=SpectralConfig(device="cuda"))
     assert gpu.k == cpu.k
     assert gpu.alpha == pytest.approx(cpu.alpha, rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# execution paths: BLAS for the Gram products, thread pools, thread pinning
+# --------------------------------------------------------------------------------------
+
+
+def bf16_valued(shape, seed):
+    """float32 matrix whose values are BF16 numbers, like every weight read from a BF16 model."""
+    return torch.from_numpy(random_matrix(shape, seed)).to(torch.bfloat16).to(torch.float32).numpy()
+
+
+@pytest.fixture
+def torch_threads():
+    """Run a test with a given torch thread count; restored afterwards."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+def test_numpy_lapack_path_matches_the_torch_path(monkeypatch):
+    """With numpy's OpenBLAS pinnable, the CPU path takes Gram products and eigenvalues from numpy
+    instead of torch (MKL). Two LAPACKs round differently, so the eigenvalues may differ in the
+    last bits, never more: within 1e-12 of lambda_max, and the same alpha and k."""
+    from alphaq import spectral
+
+    if spectral._OpenBLAS.lib() is None:
+        pytest.skip("numpy's OpenBLAS not found: the torch path is the only one")
+    cfg = SpectralConfig(device="cpu")
+    for shape in [(1408, 2048), (512, 768)]:
+        w = bf16_valued(shape, seed=shape[0])
+        fast = farms_eigenvalues(w, cfg)
+        with monkeypatch.context() as m:
+            m.setattr(spectral._OpenBLAS, "_lib", None)  # forces the torch path
+            ref = farms_eigenvalues(w, cfg)
+            a_ref, k_ref, _ = hill_alpha(ref, cfg)
+        assert np.abs(fast - ref).max() <= 1e-12 * ref.max(), shape
+        a, k, _ = hill_alpha(fast, cfg)
+        assert k == k_ref and a == pytest.approx(a_ref, rel=1e-12), shape
+
+
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_parallel_and_serial_paths_are_identical(kind, torch_threads):
+    """Block batches on a thread pool (variance beside them) and one thread give the same bits."""
+    w = (random_matrix if kind == "random" else structured_matrix)((1280, 768), seed=11)
+    cfg = SpectralConfig(device="cpu")
+    torch_threads(2)
+    par = analyze_matrix(w, cfg=cfg)
+    torch_threads(1)
+    ser = analyze_matrix(w, cfg=cfg)
+    assert par == ser
+    assert torch.get_num_threads() == 1  # restored to what it was
+
+
+def test_non_finite_error_comes_first_on_the_parallel_path(torch_threads):
+    torch_threads(2)
+    w = random_matrix((512, 768), seed=4)  # 2 x 3 blocks: block batches go to the pool
+    w[300, 600] = np.nan
+    with pytest.raises(AlphaQError, match=r"blk\.0\.ffn_gate_exps\.weight.*1 NaN"):
+        analyze_matrix(w, name="blk.0.ffn_gate_exps.weight")
+    assert torch.get_num_threads() == 2
+
+
+def test_pinned_threads_nest_across_threads_and_restore(torch_threads):
+    """The outermost caller gets the thread count and pins torch (and numpy's OpenBLAS) to one
+    thread; callers nested inside it, from any thread, get 1; the last one out restores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from alphaq import spectral
+
+    torch_threads(2)
+    blas = spectral._OpenBLAS.lib()
+    blas_before = blas[0]() if blas else None
+    with spectral._pinned_threads() as outer:
+        assert outer == 2 and torch.get_num_threads() == 1
+        if blas:
+            assert blas[0]() == 1
+
+        def nested(_):
+            with spectral._pinned_threads() as n:
+                return n, torch.get_num_threads()
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(nested, range(4))) == [(1, 1)] * 4
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    if blas:
+        assert blas[0]() == blas_before
+
+
+def test_importing_the_stage_does_not_import_torch():
+    """The CLI imports this module for its settings; torch (1-2 s) is imported on first use, so
+    `alphaq convert` can start llama.cpp's converter first."""
+    import subprocess
+    import sys
+
+    code = ("import sys, alphaq.cli; alphaq.cli.build_parser(); import alphaq.convert; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
