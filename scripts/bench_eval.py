@@ -20,8 +20,8 @@ Variants (all from the same BF16 GGUF, all written by llama_model_quantize):
   alphaq@MIX            AlphaQ with target size = the stock mix's actual file size
   random@MIX            same knapsack and size, log-normal random importance (seed 0)
   random-sK@MIX         the same with seed K (1..4): the spread of the sanity floor
-  alphaq-iq1m@MIX       AlphaQ at the mix's size with IQ1_M instead of IQ1_S as the 1-bit candidate
-  alphaq-no1bit@MIX     AlphaQ at the mix's size without a 1-bit candidate (Q2_K, Q3_K, Q4_K)
+  alphaq-iq1m@MIX       AlphaQ γ=1 at the mix's size, IQ1_M instead of IQ1_S as the 1-bit candidate
+  alphaq-no1bit@MIX     AlphaQ γ=1 at the mix's size without a 1-bit candidate (Q2_K, Q3_K, Q4_K)
   freq@MIX              PMQ-style calibrated: routing frequency x measured MSE, per-block budget
   alphaq-b3-ABLATION    noise measured, scope block, γ in {0, 0.5, 1, 2}
   alphaq-gG@MIX         AlphaQ at the stock mix's size with γ = G (1, 4, 0)
@@ -59,6 +59,7 @@ SEED_MIXES = ("Q2_K", "Q3_K_M")  # extra random-importance seeds
 EXTRA_SEEDS = (1, 2, 3, 4)
 
 log = logging.getLogger("bench_eval")
+
 
 
 def family(name: str) -> str:
@@ -155,8 +156,8 @@ class Bench:
             kind, mix = name.split("@")
             gamma = float(kind[len("alphaq-g"):]) if kind.startswith("alphaq-g") else None
             cfg = PlanConfig(budget_mode="size", budget=float(self.stock_size(mix)), gamma=gamma)
-            if kind in ONE_BIT_TYPES:
-                cfg = PlanConfig(budget_mode="size", budget=cfg.budget, types=ONE_BIT_TYPES[kind])
+            if kind in ONE_BIT_TYPES:  # against alphaq-g1@MIX: same γ, only the candidates differ
+                cfg = PlanConfig(budget_mode="size", budget=cfg.budget, gamma=1.0, types=ONE_BIT_TYPES[kind])
             info["target_bytes"] = int(cfg.budget)
             if kind.startswith("alphaq"):
                 plan = baselines.solve(self.fm, self.stats, cfg)
@@ -240,6 +241,11 @@ def variants(ablations: bool, calibrated: bool) -> list[str]:
 
 
 # ---- report ------------------------------------------------------------------------------------
+def _same_file(pa: Path, pb: Path) -> bool:
+    """Whether two variants' GGUFs (still in the work dir) are byte-identical."""
+    return pa.exists() and pb.exists() and pa.read_bytes() == pb.read_bytes()
+
+
 def pareto(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated (smaller size and smaller ppl)."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
@@ -313,31 +319,38 @@ def write_report(out_dir: Path, all_results: dict[str, list[dict]], meta: dict) 
         seeds = []
         for mix in SEED_MIXES:
             rs = [by[k] for k in [f"random@{mix}"] + [f"random-s{k}@{mix}" for k in EXTRA_SEEDS] if k in by]
-            a = by.get(f"alphaq@{mix}")
-            if len(rs) > 1 and a:
-                cells = [mix, str(len(rs))]
-                for d in DOMAINS:
-                    kl = [r["domains"][d]["kl"] for r in rs]
-                    cells += [f"{min(kl):.4f} / {float(np.mean(kl)):.4f} / {max(kl):.4f}", f"{a['domains'][d]['kl']:.4f}"]
+            ours = [by.get(f"alphaq-g{g}@{mix}") for g in ("1", "0")]
+            if len(rs) > 1 and all(ours):
+                kl = [float(np.mean([r["domains"][d]["kl"] for d in DOMAINS])) for r in rs]
+                cells = [mix, str(len(rs)), f"{min(kl):.4f} / {float(np.mean(kl)):.4f} / {max(kl):.4f}"]
+                cells += [f"{float(np.mean([r['domains'][d]['kl'] for d in DOMAINS])):.4f}" for r in ours]
                 seeds.append("| " + " | ".join(cells) + " |")
         if seeds:
-            lines += ["Random importance over seeds (same knapsack, same size): KL min / mean / max, against AlphaQ",
-                      "", "| mix | seeds | random prose KL | alphaq prose KL | random code KL | alphaq code KL |",
-                      "|---|---|---|---|---|---|", *seeds, ""]
+            lines += ["Random importance over seeds (same knapsack, same size), mean KL over both domains",
+                      "", "| mix | seeds | random: min / mean / max | AlphaQ γ=1 | AlphaQ γ=0 (no α) |",
+                      "|---|---|---|---|---|", *seeds, ""]
         # which 1-bit candidate (or none)
         onebit = []
         for mix in ONE_BIT_MIXES:
-            rs = {k: by.get(f"{k}@{mix}") for k in ("alphaq", *ONE_BIT_TYPES)}
+            every = {r["variant"]: r for r in rows}
+            rs = {k: every.get(f"{k}@{mix}") for k in ("alphaq-g1", *ONE_BIT_TYPES)}
             if all(rs.values()):
                 cells = [mix]
                 for k, r in rs.items():
+                    if "error" in r:
+                        cells.append("not feasible: " + r["error"].split(";")[0])
+                        continue
                     n1 = sum(v for t, v in r["info"]["expert_types"].items() if t.startswith("IQ1"))
+                    work = Path(meta["work"]) / model
+                    same = k != "alphaq-g1" and _same_file(work / f"{k}@{mix}.gguf", work / f"alphaq-g1@{mix}.gguf")
                     cells.append(f"{r['file_bytes']:,} B, {n1} × 1-bit: " +
-                                 " / ".join(f"{r['domains'][d]['kl']:.4f}" for d in DOMAINS))
+                                 " / ".join(f"{r['domains'][d]['kl']:.4f}" for d in DOMAINS) +
+                                 (" (same file)" if same else ""))
                 onebit.append("| " + " | ".join(cells) + " |")
         if onebit:
-            lines += ["The 1-bit candidate at matched size: size, expert tensors at 1 bit, KL prose / code",
-                      "", "| mix | IQ1_S (default) | IQ1_M | no 1-bit type |", "|---|---|---|---|", *onebit, ""]
+            lines += ["The 1-bit candidate at matched size, AlphaQ γ=1: file size, expert tensors at 1 bit, "
+                      "KL prose / code", "", "| mix | IQ1_S (default) | IQ1_M | no 1-bit type |",
+                      "|---|---|---|---|", *onebit, ""]
         # figure: perplexity (top) and KL to BF16 (bottom) vs file size, per domain
         fig, axes = plt.subplots(2, len(DOMAINS), figsize=(13, 9))
         for row, metric in enumerate(("ppl", "kl")):
@@ -457,7 +470,7 @@ def main() -> int:
     for m in sorted(p.name for p in args.work.iterdir() if (p / "results").is_dir()):
         all_results[m] = [json.loads(f.read_text()) for f in sorted((args.work / m / "results").glob("*.json"))]
     args.out.mkdir(exist_ok=True)
-    write_report(args.out, all_results, {"n_ctx": args.n_ctx, "windows": args.windows})
+    write_report(args.out, all_results, {"n_ctx": args.n_ctx, "windows": args.windows, "work": str(args.work)})
     print(f"wrote {args.out / 'RESULTS.md'}")
     return 0
 
