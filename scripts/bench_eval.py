@@ -14,7 +14,11 @@ the end from all cached results; bench/notes.md (hand-written), if present, head
 
 Variants (all from the same BF16 GGUF, all written by llama_model_quantize):
   stock-MIX             llama.cpp mixes Q2_K … Q4_K_M, uncalibrated
-  stock-MIX+imatrix     the same with an importance matrix from val-split text (alphaq.imatrix)
+  stock-MIX+imatrix     the same with an importance matrix from val-split text (alphaq.imatrix);
+                        also IQ2_XXS and IQ1_S, which llama.cpp writes only with one
+  alphaq-gG@MIX+imatrix AlphaQ (calibration-free) at the size of the calibrated stock mix
+  alphaq-all-g1@MIX     AlphaQ γ=1 at the mix's size with --allocate all (attention in the knapsack)
+  alphaq-all-iq2-g1@MIX the same with IQ2_XXS added to the candidates
   uniform-T             every routed expert tensor T, non-experts on AlphaQ's policy (Q4_K)
   alphaq-bB             AlphaQ at nominal budget B bits (defaults: γ from App. A.7, paper noise)
   alphaq@MIX            AlphaQ with target size = the stock mix's actual file size
@@ -56,6 +60,7 @@ MATCHED_GAMMAS = (1.0, 4.0, 0.0)  # γ sweep at matched size (the default γ fro
 ONE_BIT_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M")  # sizes where AlphaQ's plans use the 1-bit candidate
 ONE_BIT_TYPES = {"alphaq-iq1m": ("IQ1_M", "Q2_K", "Q3_K", "Q4_K"), "alphaq-no1bit": ("Q2_K", "Q3_K", "Q4_K")}
 SEED_MIXES = ("Q2_K", "Q3_K_M")  # extra random-importance seeds
+LOW_MIXES = ("IQ2_XXS", "IQ1_S")  # llama.cpp's low-bit mixes: it writes them only with an imatrix
 EXTRA_SEEDS = (1, 2, 3, 4)
 
 log = logging.getLogger("bench_eval")
@@ -72,6 +77,8 @@ def family(name: str) -> str:
             return prefix
     if name.startswith("alphaq@"):
         return "alphaq (matched size)"
+    if name.startswith("alphaq-all-"):
+        return "alphaq γ=1, allocate all (matched size)"
     if name.startswith("alphaq-g") and "@" in name:
         return "alphaq γ=" + name[len("alphaq-g"):name.index("@")] + " (matched size)"
     if name.startswith("alphaq-b") and name.count("-") == 1:
@@ -133,9 +140,11 @@ class Bench:
         return self._measured
 
     def stock_size(self, mix: str) -> int:
+        """File size of stock-MIX (MIX may end in +imatrix: the calibrated mix)."""
         out = self.work / f"stock-{mix}.gguf"
         if not out.exists():
-            baselines.stock(self.fm, out, mix, nthread=self.threads)
+            imat = self.imatrix()[0] if mix.endswith("+imatrix") else None
+            baselines.stock(self.fm, out, mix.removesuffix("+imatrix"), imatrix=imat, nthread=self.threads)
         return out.stat().st_size
 
     # ---- variants ------------------------------------------------------------------------------
@@ -156,6 +165,11 @@ class Bench:
             kind, mix = name.split("@")
             gamma = float(kind[len("alphaq-g"):]) if kind.startswith("alphaq-g") else None
             cfg = PlanConfig(budget_mode="size", budget=float(self.stock_size(mix)), gamma=gamma)
+            if kind == "alphaq-all-g1":  # every in-block weight in the knapsack, not only experts
+                cfg = PlanConfig(budget_mode="size", budget=cfg.budget, gamma=1.0, allocate="all")
+            if kind == "alphaq-all-iq2-g1":  # the same with IQ2_XXS among the candidates
+                cfg = PlanConfig(budget_mode="size", budget=cfg.budget, gamma=1.0, allocate="all",
+                                 types=("IQ1_S", "IQ2_XXS", "Q2_K", "Q3_K", "Q4_K"))
             if kind in ONE_BIT_TYPES:  # against alphaq-g1@MIX: same γ, only the candidates differ
                 cfg = PlanConfig(budget_mode="size", budget=cfg.budget, gamma=1.0, types=ONE_BIT_TYPES[kind])
             info["target_bytes"] = int(cfg.budget)
@@ -230,6 +244,9 @@ def variants(ablations: bool, calibrated: bool) -> list[str]:
     v += [f"random-s{k}@{m}" for m in SEED_MIXES for k in EXTRA_SEEDS]
     if calibrated:
         v += [f"stock-{m}+imatrix" for m in CAL_MIXES]
+        v += [f"stock-{m}+imatrix" for m in LOW_MIXES]
+        v += [f"{k}@{m}+imatrix" for m in LOW_MIXES for k in ("alphaq-g1", "alphaq-g0", "alphaq-all-g1",
+                                                                    "alphaq-all-iq2-g1")]
     if ablations:
         v += ["alphaq-b3-block"] + [f"alphaq-b3-g{g:g}" for g in GAMMAS] + ["alphaq-b3-measured"]
     if calibrated:
