@@ -27,6 +27,7 @@ Variants (all from the same BF16 GGUF, all written by llama_model_quantize):
   alphaq-iq1m@MIX       AlphaQ γ=1 at the mix's size, IQ1_M instead of IQ1_S as the 1-bit candidate
   alphaq-no1bit@MIX     AlphaQ γ=1 at the mix's size without a 1-bit candidate (Q2_K, Q3_K, Q4_K)
   freq@MIX              PMQ-style calibrated: routing frequency x measured MSE, per-block budget
+  stock-MIX+imatrix:D, freq:D@MIX  the same calibrated on one domain D only (prose or code)
   alphaq-b3-ABLATION    noise measured, scope block, γ in {0, 0.5, 1, 2}
   alphaq-gG@MIX         AlphaQ at the stock mix's size with γ = G (1, 4, 0)
 """
@@ -61,6 +62,7 @@ ONE_BIT_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M")  # sizes where AlphaQ's plans use t
 ONE_BIT_TYPES = {"alphaq-iq1m": ("IQ1_M", "Q2_K", "Q3_K", "Q4_K"), "alphaq-no1bit": ("Q2_K", "Q3_K", "Q4_K")}
 SEED_MIXES = ("Q2_K", "Q3_K_M")  # extra random-importance seeds
 LOW_MIXES = ("IQ2_XXS", "IQ1_S")  # llama.cpp's low-bit mixes: it writes them only with an imatrix
+CAL_DOMAINS = ("prose", "code")  # calibrated on one domain, evaluated on both: the domain bias
 EXTRA_SEEDS = (1, 2, 3, 4)
 
 log = logging.getLogger("bench_eval")
@@ -68,8 +70,8 @@ log = logging.getLogger("bench_eval")
 
 
 def family(name: str) -> str:
-    if name.startswith("stock-") and name.endswith("+imatrix"):
-        return "stock+imatrix"
+    if name.startswith("stock-") and "+imatrix" in name:
+        return "stock+" + name.partition("+")[2]
     if name.split("@")[0] in ONE_BIT_TYPES:
         return name.split("@")[0] + " (matched size)"
     for prefix in ("stock", "uniform", "random", "freq"):
@@ -101,7 +103,7 @@ class Bench:
 
         self.stats = analyze_model(self.bf16, progress=False)
         self._refs = None
-        self._imatrix = None
+        self._imatrix: dict = {}
         self._measured = None
 
     # ---- cached inputs -------------------------------------------------------------------------
@@ -115,24 +117,29 @@ class Bench:
             del ref
         return self._refs
 
-    def imatrix(self):
-        if self._imatrix is None:
-            path = self.work / "imatrix.npz"
+    def imatrix(self, domain: str | None = None):
+        """(imatrix, expert token counts) from val-split text: both domains (80k characters each),
+        or 160k characters of one ``domain`` (the domain-bias study)."""
+        if domain not in self._imatrix:
+            path = self.work / ("imatrix.npz" if domain is None else f"imatrix-{domain}.npz")
             if path.exists():
                 z = np.load(path)
-                self._imatrix = ({k[2:]: z[k] for k in z.files if k.startswith("d:")},
-                                 {k[2:]: z[k] for k in z.files if k.startswith("e:")})
+                self._imatrix[domain] = ({k[2:]: z[k] for k in z.files if k.startswith("d:")},
+                                         {k[2:]: z[k] for k in z.files if k.startswith("e:")})
             else:
                 from alphaq.corpus import read_text
                 from alphaq.imatrix import ImatrixConfig, compute_imatrix
 
-                text = read_text("prose", "val", max_chars=80_000) + "\n\n" + read_text("code", "val", max_chars=80_000)
+                if domain is None:
+                    text = read_text("prose", "val", max_chars=80_000) + "\n\n" + read_text("code", "val", max_chars=80_000)
+                else:
+                    text = read_text(domain, "val", max_chars=160_000)
                 res = compute_imatrix(self.model_dir, self.bf16, text, ImatrixConfig(max_windows=64))
                 baselines.check_imatrix(self.fm, res.data)
                 np.savez(path, **{f"d:{k}": v for k, v in res.data.items()},
                          **{f"e:{k}": v for k, v in res.expert_tokens.items()})
-                self._imatrix = (res.data, res.expert_tokens)
-        return self._imatrix
+                self._imatrix[domain] = (res.data, res.expert_tokens)
+        return self._imatrix[domain]
 
     def measured(self):
         if self._measured is None:
@@ -153,11 +160,11 @@ class Bench:
         out = self.work / f"{name}.gguf"
         info: dict = {}
         if name.startswith("stock-"):
-            mix = name[len("stock-"):].removesuffix("+imatrix")
-            imat = self.imatrix()[0] if name.endswith("+imatrix") else None
+            mix, _, cal = name[len("stock-"):].partition("+")  # cal: "", "imatrix" or "imatrix:DOMAIN"
+            imat = self.imatrix(cal.partition(":")[2] or None)[0] if cal else None
             if not out.exists():
                 baselines.stock(self.fm, out, mix, imatrix=imat, nthread=self.threads)
-            return out, {"mix": mix, "imatrix": imat is not None}
+            return out, {"mix": mix, "imatrix": imat is not None, "calibration": cal.partition(":")[2] or "both"}
         plan = None
         if name.startswith("uniform-"):
             plan = baselines.uniform_plan(self.fm, self.stats, name[len("uniform-"):])
@@ -179,8 +186,9 @@ class Bench:
                 seed = int(kind[len("random-s"):]) if kind.startswith("random-s") else 0
                 info["seed"] = seed
                 plan = baselines.random_plan(self.fm, self.stats, cfg, seed=seed)
-            elif kind == "freq":
-                plan = baselines.frequency_plan(self.fm, self.stats, cfg, self.imatrix()[1], self.measured())
+            elif kind == "freq" or kind.startswith("freq:"):  # freq:DOMAIN = calibrated on one domain
+                plan = baselines.frequency_plan(self.fm, self.stats, cfg, self.imatrix(kind.partition(":")[2] or None)[1],
+                                                self.measured())
         elif name.startswith("alphaq-b"):
             parts = name[len("alphaq-b"):].split("-")
             cfg = PlanConfig(budget=float(parts[0]))
@@ -251,6 +259,8 @@ def variants(ablations: bool, calibrated: bool) -> list[str]:
         v += ["alphaq-b3-block"] + [f"alphaq-b3-g{g:g}" for g in GAMMAS] + ["alphaq-b3-measured"]
     if calibrated:
         v += [f"freq@{m}" for m in CAL_MIXES]
+        v += [f"stock-{m}+imatrix:{d}" for d in CAL_DOMAINS for m in CAL_MIXES]
+        v += [f"freq:{d}@{m}" for d in CAL_DOMAINS for m in CAL_MIXES]
     if ablations:
         v += [f"alphaq-g{g:g}@{m}" for g in MATCHED_GAMMAS for m in STOCK_MIXES]
         v += [f"{k}@{m}" for k in ONE_BIT_TYPES for m in ONE_BIT_MIXES]
@@ -346,6 +356,19 @@ def write_report(out_dir: Path, all_results: dict[str, list[dict]], meta: dict) 
             lines += ["Random importance over seeds (same knapsack, same size), mean KL over both domains",
                       "", "| mix | seeds | random: min / mean / max | AlphaQ γ=1 | AlphaQ γ=0 (no α) |",
                       "|---|---|---|---|---|", *seeds, ""]
+        # calibrated on one domain, evaluated on both: the domain bias
+        bias = []
+        for mix in CAL_MIXES:
+            keys = [f"stock-{mix}", f"stock-{mix}+imatrix:prose", f"stock-{mix}+imatrix:code",
+                    f"freq:prose@{mix}", f"freq:code@{mix}", f"alphaq-g1@{mix}"]
+            if all(k in by for k in keys):
+                cells = [mix] + [" / ".join(f"{by[k]['domains'][d]['kl']:.4f}" for d in DOMAINS) for k in keys]
+                bias.append("| " + " | ".join(cells) + " |")
+        if bias:
+            lines += ["Calibrated on one domain's val text, evaluated on both: KL prose / code",
+                      "", ("| mix | stock, no imatrix | stock + imatrix (prose) | stock + imatrix (code) | "
+                           "freq (prose) | freq (code) | AlphaQ γ=1 (no calibration) |"),
+                      "|---|---|---|---|---|---|---|", *bias, ""]
         # which 1-bit candidate (or none)
         onebit = []
         for mix in ONE_BIT_MIXES:
