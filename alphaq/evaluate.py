@@ -31,7 +31,8 @@ def load_llama(path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: in
 
     if "+alphaq." not in llama_cpp.__version__ and read_layouts(path):
         raise AlphaQError(f"{path} is expert-granular and needs the {PATCHED_RUNTIME}; this environment has "
-                          f"stock llama-cpp-python {llama_cpp.__version__} (install the patched one: make install-patched)")
+                          f"stock llama-cpp-python {llama_cpp.__version__} (alphaq eval --patched, or install it: "
+                          f"make install-patched)")
 
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
                            seed=0, verbose=False, n_threads=n_threads)

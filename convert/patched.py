@@ -130,6 +130,17 @@ def ensure_site(cuda: bool = False, cache_root: Path | None = None) -> Path:
     return site
 
 
+def patched_site() -> Path:
+    """The patched llama_cpp's site: $ALPHAQ_PATCHED_SITE when set (e.g. an installed build), else
+    `ensure_site()` (the cached CPU wheel, built on first use)."""
+    override = os.environ.get("ALPHAQ_PATCHED_SITE")
+    if override:
+        if not (Path(override) / "llama_cpp").is_dir():
+            raise AlphaQError(f"ALPHAQ_PATCHED_SITE={override} holds no llama_cpp package")
+        return Path(override)
+    return ensure_site()
+
+
 def _cublas_include(cache_root: Path | None = None) -> Path:
     """cublas_v2.h: from the CUDA toolkit if it has it, else from the nvidia-cublas-cu12 wheel."""
     for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):

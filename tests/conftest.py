@@ -24,12 +24,9 @@ def float_ggufs(tmp_path_factory) -> dict[str, Path]:
 def patched_site() -> Path:
     """The patched llama_cpp: built (or reused) from ggml-patches/, or ALPHAQ_PATCHED_SITE when set
     (a directory holding a patched llama_cpp package, e.g. a development build)."""
-    import os
+    from convert.patched import patched_site as site
 
-    from convert.patched import ensure_site
-
-    override = os.environ.get("ALPHAQ_PATCHED_SITE")
-    return Path(override) if override else ensure_site()
+    return site()
 
 
 @pytest.fixture(scope="session")

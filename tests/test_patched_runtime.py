@@ -24,6 +24,7 @@ from alphaq.plan import PlanConfig
 from alphaq.quantize import quantize_gguf
 
 FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
 PROSE = FIXTURES / "heldout" / "prose.txt"
 Q = GGMLQuantizationType
 
@@ -234,6 +235,39 @@ def test_patched_generation(expert_files, patched_site):
     assert "+alphaq." in first["version"]
     assert first["n_tokens"] >= 8 and first["text"].strip()
     assert first["text"] == again["text"]
+
+
+def test_alphaq_eval_patched_runs_expert_files(expert_files, float_ggufs, patched_site, tmp_path, monkeypatch):
+    """`alphaq eval --patched` evaluates an expert-granular file from the stock environment (the
+    patched runtime in a child), against a stock reference; the perplexity is the one the patched
+    runtime's own log-probabilities give. Without --patched: the one-line error, exit 2."""
+    import json
+    import sys
+
+    from alphaq.evaluate import windows
+
+    (arch, _), path = next(((k, p) for k, p in expert_files.items() if read_layouts(p)))
+    monkeypatch.setenv("ALPHAQ_PATCHED_SITE", str(patched_site))
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-c", "import sys; from alphaq.cli import main; sys.exit(main())", "eval", str(path),
+           "--text", str(PROSE), "--ref", str(float_ggufs[arch]), "--n-ctx", "64", "--max-windows", "2",
+           "--json", str(out), "--no-progress"]
+    proc = subprocess.run(cmd + ["--patched"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())["texts"][0]
+    assert report["n_windows"] == 2 and report["kl"] >= 0 and 0 <= report["top1"] <= 1
+
+    lp = runtime.logprobs(patched_site, path, PROSE, 64, 2, tmp_path / "lp.npy")  # (windows, n_ctx, vocab)
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=str(float_ggufs[arch]), vocab_only=True, verbose=False)
+    toks = np.array(windows(vocab, PROSE.read_text(errors="replace"), 64, 2))
+    first = 32
+    nll = -np.take_along_axis(lp[:, first - 1:63], toks[:, first:, None], -1).mean()
+    assert report["ppl"] == pytest.approx(float(np.exp(nll)), rel=1e-4)
+
+    bad = subprocess.run(cmd + ["--force"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "alphaq eval --patched" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow

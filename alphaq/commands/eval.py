@@ -1,7 +1,10 @@
-"""`alphaq eval MODEL.gguf --text FILE [--text FILE ...] [--ref REF.gguf] [--json OUT]`.
+"""`alphaq eval MODEL.gguf --text FILE [--text FILE ...] [--ref REF.gguf] [--json OUT] [--patched]`.
 
 Perplexity through llama.cpp (llama-perplexity style: non-overlapping n_ctx windows, second half
 scored) and, against a reference GGUF, mean KL divergence and top-1 token agreement.
+``--patched`` runs the evaluation under the patched llama.cpp (ggml-patches/), which expert-granular
+files need, without installing it: the cached wheel of `convert.patched` (built on first use) is
+put first on the path of a child process; a stock reference runs there unchanged.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from alphaq.errors import AlphaQError
@@ -26,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--json", dest="json_path", type=Path, help="write the report as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--patched", action="store_true",
+                   help="run under the patched llama.cpp (needed for expert-granular files; built once, "
+                        "~10 min, then cached)")
     p.set_defaults(func=run)
 
 
@@ -44,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise AlphaQError(f"{args.json_path} exists; pass --force to overwrite")
     if args.json_path and not args.json_path.parent.is_dir():
         raise AlphaQError(f"output directory {args.json_path.parent} does not exist")
+    if args.patched and "+alphaq." not in _llama_cpp_version():
+        return _rerun_patched(args)
     llm = load_llama(args.model, args.n_ctx)
     ref = load_llama(args.ref, args.n_ctx) if args.ref else None
     reports = []
@@ -60,3 +71,27 @@ def run(args: argparse.Namespace) -> int:
                "texts": [dataclasses.asdict(r) for r in reports]}
         atomic_write_text(args.json_path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return 0
+
+
+def _llama_cpp_version() -> str:
+    import llama_cpp
+
+    return llama_cpp.__version__
+
+
+def _rerun_patched(args: argparse.Namespace) -> int:
+    """This command again, in a child whose llama_cpp is the patched one."""
+    from convert.patched import patched_site
+
+    argv = ["eval", str(args.model), "--n-ctx", str(args.n_ctx)]
+    for t in args.text:
+        argv += ["--text", str(t)]
+    for flag, value in (("--ref", args.ref), ("--max-windows", args.max_windows), ("--json", args.json_path)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--force"] * args.force + ["--no-progress"] * args.no_progress
+    env = dict(os.environ)
+    repo = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(patched_site()), str(repo), env.get("PYTHONPATH", "")] if p)
+    return subprocess.run([sys.executable, "-c", "import sys; from alphaq.cli import main; sys.exit(main())", *argv],
+                          env=env).returncode
