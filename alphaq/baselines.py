@@ -99,6 +99,23 @@ def random_noise_table(model: FloatModel, stats: list[MatrixStats], cfg: PlanCon
     return table
 
 
+def alpha_only_noise_table(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, gamma: float) -> dict:
+    """Ablation "α only": AlphaQ's importance (α̃/α)^γ times 2^(-2 b), without the Var(W) factor
+    of the noise model."""
+    from alphaq.costs import importance_weights
+
+    requests = measurement_requests(stats, model.tensors, cfg)
+    targets = [s for s in stats if (s.tensor, s.expert) in requests]
+    weights = importance_weights(targets, gamma).weights
+    return {(s.tensor, s.expert): {t: float(w) * 2.0 ** (-2 * nominal_bits(t)) for t in requests[(s.tensor, s.expert)]}
+            for s, w in zip(targets, weights)}
+
+
+def alpha_only_plan(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, gamma: float = 1.0) -> Plan:
+    acfg = dataclasses.replace(cfg, noise="measured", gamma=0.0)
+    return solve(model, stats, acfg, alpha_only_noise_table(model, stats, acfg, gamma))
+
+
 def random_plan(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, seed: int) -> Plan:
     """The AlphaQ knapsack (same candidates, budget, scope) with random importance."""
     rcfg = dataclasses.replace(cfg, noise="measured", gamma=0.0)

@@ -19,6 +19,7 @@ Variants (all from the same BF16 GGUF, all written by llama_model_quantize):
   alphaq-gG@MIX+imatrix AlphaQ (calibration-free) at the size of the calibrated stock mix
   alphaq-all-g1@MIX     AlphaQ γ=1 at the mix's size with --allocate all (attention in the knapsack)
   alphaq-all-iq2-g1@MIX the same with IQ2_XXS added to the candidates
+  alphaonly@MIX         ablation: importance (α̃/α)^1 · 2^(-2b) without Var(W), same knapsack and size
   uniform-T             every routed expert tensor T, non-experts on AlphaQ's policy (Q4_K)
   alphaq-bB             AlphaQ at nominal budget B bits (defaults: γ from App. A.7, paper noise)
   alphaq@MIX            AlphaQ with target size = the stock mix's actual file size
@@ -62,6 +63,7 @@ ONE_BIT_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M")  # sizes where AlphaQ's plans use t
 ONE_BIT_TYPES = {"alphaq-iq1m": ("IQ1_M", "Q2_K", "Q3_K", "Q4_K"), "alphaq-no1bit": ("Q2_K", "Q3_K", "Q4_K")}
 SEED_MIXES = ("Q2_K", "Q3_K_M")  # extra random-importance seeds
 LOW_MIXES = ("IQ2_XXS", "IQ1_S")  # llama.cpp's low-bit mixes: it writes them only with an imatrix
+ALPHA_ONLY_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L")
 CAL_DOMAINS = ("prose", "code")  # calibrated on one domain, evaluated on both: the domain bias
 EXTRA_SEEDS = (1, 2, 3, 4)
 
@@ -74,6 +76,8 @@ def family(name: str) -> str:
         return "stock+" + name.partition("+")[2]
     if name.split("@")[0] in ONE_BIT_TYPES:
         return name.split("@")[0] + " (matched size)"
+    if name.startswith("alphaonly@"):
+        return "alphaq ablation: α only (matched size)"
     for prefix in ("stock", "uniform", "random", "freq"):
         if name.startswith(prefix):
             return prefix
@@ -182,6 +186,8 @@ class Bench:
             info["target_bytes"] = int(cfg.budget)
             if kind.startswith("alphaq"):
                 plan = baselines.solve(self.fm, self.stats, cfg)
+            elif kind == "alphaonly":  # importance (α̃/α)^1 · 2^(-2b): the noise model's Var left out
+                plan = baselines.alpha_only_plan(self.fm, self.stats, cfg, gamma=1.0)
             elif kind == "random" or kind.startswith("random-s"):
                 seed = int(kind[len("random-s"):]) if kind.startswith("random-s") else 0
                 info["seed"] = seed
@@ -264,6 +270,7 @@ def variants(ablations: bool, calibrated: bool) -> list[str]:
     if ablations:
         v += [f"alphaq-g{g:g}@{m}" for g in MATCHED_GAMMAS for m in STOCK_MIXES]
         v += [f"{k}@{m}" for k in ONE_BIT_TYPES for m in ONE_BIT_MIXES]
+        v += [f"alphaonly@{m}" for m in ALPHA_ONLY_MIXES]
     return v
 
 
