@@ -4,7 +4,8 @@
 2-D weight and per expert slice of a merged expert tensor, named with GGUF tensor names
 (gguf-py's `TensorNameMap`), in a deterministic order: token_embd, then blocks ascending
 (tensors by name, experts ascending), then output. Nothing is read until `WeightMatrix.load()`,
-which returns one float32 ``(rows, cols)`` array from a memory-mapped file.
+which returns one float32 ``(rows, cols)`` array: read with ``pread`` from a safetensors shard, or
+copied from a memory-mapped GGUF (whose pages are then released).
 
 Both sources present the *same* matrices, as llama.cpp's converter would write them
 (vendor/llama.cpp/convert_hf_to_gguf.py + conversion/*.py of llama-cpp-python 0.3.36):
