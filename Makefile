@@ -30,10 +30,13 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 # Rebuilds the evaluation: benchmark zoo (trained once, cached in .cache/zoo; slow on CPU),
-# every variant and baseline, bench/RESULTS.md and its figures, and the conversion benchmark.
+# every variant and baseline, the sensitivity check, expert granularity (torch reference and
+# patched llama.cpp), router-norm, bench/RESULTS.md and its figures, and the conversion benchmark.
 bench: setup patched
 	$(PY) scripts/train_tiny_moe.py --zoo bench --out .cache/zoo
 	$(PY) scripts/bench_eval.py
+	$(PY) scripts/bench_sensitivity.py
+	$(PY) scripts/bench_eval.py --torch-expert --models mixtral-bench qwen2moe-bench
 	$(PY) scripts/bench_expert.py
 	$(PY) scripts/bench_routernorm.py
 	$(PY) scripts/bench_eval.py --report-only

@@ -483,7 +483,7 @@ def torch_expert_granular(model: str, zoo: Path, work: Path, n_ctx: int, windows
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["mixtral-bench", "qwen2moe-bench"])
+    p.add_argument("--models", nargs="+", default=["mixtral-bench", "qwen2moe-bench", "qwen3moe-bench"])
     p.add_argument("--zoo", type=Path, default=ROOT / ".cache/zoo")
     p.add_argument("--work", type=Path, default=ROOT / ".cache/bench")
     p.add_argument("--out", type=Path, default=ROOT / "bench")
