@@ -275,6 +275,13 @@ def variants(ablations: bool, calibrated: bool) -> list[str]:
 
 
 # ---- report ------------------------------------------------------------------------------------
+def table(title: str, head: list[str], rows: list[str]) -> list[str]:
+    """A titled markdown table (rows already formatted), or nothing when there are no rows."""
+    if not rows:
+        return []
+    return [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, ""]
+
+
 def _same_file(pa: Path, pb: Path) -> bool:
     """Whether two variants' GGUFs (still in the work dir) are byte-identical."""
     return pa.exists() and pb.exists() and pa.read_bytes() == pb.read_bytes()
@@ -344,11 +351,9 @@ def write_report(out_dir: Path, all_results: dict[str, list[dict]], meta: dict) 
                     o = by.get(key)
                     cells.append(" / ".join(f"{o['domains'][d]['ppl']:.3f}" for d in DOMAINS) if o else "—")
                 head.append("| " + " | ".join(cells) + " |")
-        if head:
-            lines += ["Matched size (AlphaQ's target = the stock mix's file size): perplexity",
-                      "", ("| mix | stock bytes | alphaq bytes | stock prose | alphaq prose | stock code | alphaq code | "
-                           "random prose / code | stock+imatrix prose / code | freq prose / code |"),
-                      "|---|---|---|---|---|---|---|---|---|---|", *head, ""]
+        lines += table("Matched size (AlphaQ's target = the stock mix's file size): perplexity",
+                       ["mix", "stock bytes", "alphaq bytes", "stock prose", "alphaq prose", "stock code",
+                        "alphaq code", "random prose / code", "stock+imatrix prose / code", "freq prose / code"], head)
         # the random floor's spread over seeds
         seeds = []
         for mix in SEED_MIXES:
@@ -359,10 +364,8 @@ def write_report(out_dir: Path, all_results: dict[str, list[dict]], meta: dict) 
                 cells = [mix, str(len(rs)), f"{min(kl):.4f} / {float(np.mean(kl)):.4f} / {max(kl):.4f}"]
                 cells += [f"{float(np.mean([r['domains'][d]['kl'] for d in DOMAINS])):.4f}" for r in ours]
                 seeds.append("| " + " | ".join(cells) + " |")
-        if seeds:
-            lines += ["Random importance over seeds (same knapsack, same size), mean KL over both domains",
-                      "", "| mix | seeds | random: min / mean / max | AlphaQ γ=1 | AlphaQ γ=0 (no α) |",
-                      "|---|---|---|---|---|", *seeds, ""]
+        lines += table("Random importance over seeds (same knapsack, same size), mean KL over both domains",
+                       ["mix", "seeds", "random: min / mean / max", "AlphaQ γ=1", "AlphaQ γ=0 (no α)"], seeds)
         # calibrated on one domain, evaluated on both: the domain bias
         bias = []
         for mix in CAL_MIXES:
@@ -371,11 +374,9 @@ def write_report(out_dir: Path, all_results: dict[str, list[dict]], meta: dict) 
             if all(k in by for k in keys):
                 cells = [mix] + [" / ".join(f"{by[k]['domains'][d]['kl']:.4f}" for d in DOMAINS) for k in keys]
                 bias.append("| " + " | ".join(cells) + " |")
-        if bias:
-            lines += ["Calibrated on one domain's val text, evaluated on both: KL prose / code",
-                      "", ("| mix | stock, no imatrix | stock + imatrix (prose) | stock + imatrix (code) | "
-                           "freq (prose) | freq (code) | AlphaQ γ=1 (no calibration) |"),
-                      "|---|---|---|---|---|---|---|", *bias, ""]
+        lines += table("Calibrated on one domain's val text, evaluated on both: KL prose / code",
+                       ["mix", "stock, no imatrix", "stock + imatrix (prose)", "stock + imatrix (code)",
+                        "freq (prose)", "freq (code)", "AlphaQ γ=1 (no calibration)"], bias)
         # which 1-bit candidate (or none)
         onebit = []
         for mix in ONE_BIT_MIXES:
@@ -394,10 +395,8 @@ def write_report(out_dir: Path, all_results: dict[str, list[dict]], meta: dict) 
                                  " / ".join(f"{r['domains'][d]['kl']:.4f}" for d in DOMAINS) +
                                  (" (same file)" if same else ""))
                 onebit.append("| " + " | ".join(cells) + " |")
-        if onebit:
-            lines += ["The 1-bit candidate at matched size, AlphaQ γ=1: file size, expert tensors at 1 bit, "
-                      "KL prose / code", "", "| mix | IQ1_S (default) | IQ1_M | no 1-bit type |",
-                      "|---|---|---|---|", *onebit, ""]
+        lines += table("The 1-bit candidate at matched size, AlphaQ γ=1: file size, expert tensors at 1 bit, "
+                       "KL prose / code", ["mix", "IQ1_S (default)", "IQ1_M", "no 1-bit type"], onebit)
         # figure: perplexity (top) and KL to BF16 (bottom) vs file size, per domain
         fig, axes = plt.subplots(2, len(DOMAINS), figsize=(13, 9))
         for row, metric in enumerate(("ppl", "kl")):

@@ -47,3 +47,13 @@ def triton_device() -> str:
     if isinstance(triton.language.zeros, InterpretedFunction) != interpret:
         pytest.fail("triton was imported before TRITON_INTERPRET was set; run these tests in a fresh process")
     return "cpu" if interpret else "cuda"
+
+
+@pytest.fixture
+def torch_threads():
+    """Run a test with a given torch thread count (call the fixture's value); restored afterwards."""
+    import torch
+
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)

@@ -172,13 +172,6 @@ def test_cache_reuses_results_and_never_serves_stale_alpha(tmp_path, monkeypatch
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def torch_threads():
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
-
-
 def test_parallel_analysis_equals_serial(torch_threads):
     """One matrix per core gives the serial run's results, bit for bit and in model order."""
     model = FIXTURE_DIRS[0] if FIXTURE_DIRS else pytest.fail("no fixtures")

@@ -311,14 +311,6 @@ def bf16_valued(shape, seed):
     return torch.from_numpy(random_matrix(shape, seed)).to(torch.bfloat16).to(torch.float32).numpy()
 
 
-@pytest.fixture
-def torch_threads():
-    """Run a test with a given torch thread count; restored afterwards."""
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
-
-
 def test_numpy_lapack_path_matches_the_torch_path(monkeypatch):
     """With numpy's OpenBLAS pinnable, the CPU path takes Gram products and eigenvalues from numpy
     instead of torch (MKL). Two LAPACKs round differently, so the eigenvalues may differ in the
