@@ -35,7 +35,7 @@ test-fast: setup
 bench: setup patched
 	$(PY) scripts/train_tiny_moe.py --zoo bench --out .cache/zoo
 	$(PY) scripts/bench_eval.py
-	for m in mixtral-bench qwen2moe-bench qwen3moe-bench; do $(PY) scripts/bench_sensitivity.py --model $$m; done
+	for m in mixtral-bench qwen2moe-bench qwen3moe-bench; do $(PY) scripts/bench_sensitivity.py --model $$m || exit 1; done
 	$(PY) scripts/bench_eval.py --torch-expert --models mixtral-bench qwen2moe-bench
 	$(PY) scripts/bench_expert.py
 	$(PY) scripts/bench_routernorm.py
