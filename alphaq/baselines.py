@@ -124,7 +124,8 @@ def random_plan(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, se
 
 def frequency_noise_table(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig,
                           expert_tokens: dict[str, np.ndarray], measured: dict) -> dict:
-    """PMQ-style cost: f_e (routing frequency on calibration text) x measured MSE of slice e."""
+    """PMQ-style cost: f_e (routing frequency on calibration text) x the measured loss of slice e
+    (`measure_table`, activation-weighted by the calibration imatrix in bench_eval)."""
     requests = measurement_requests(stats, model.tensors, cfg)
     table = {}
     for key, written in requests.items():
@@ -144,14 +145,28 @@ def frequency_plan(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig,
     return solve(model, stats, fcfg, frequency_noise_table(model, stats, fcfg, expert_tokens, measured))
 
 
-def measure_table(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, progress: bool = False) -> dict:
-    """Measured ggml quantisation MSE for every allocated slice (the 'measured' noise model)."""
+def measure_table(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, progress: bool = False,
+                  imatrix: dict[str, np.ndarray] | None = None) -> dict:
+    """Measured ggml quantisation MSE for every allocated slice (the 'measured' noise model); with
+    an ``imatrix`` (calibration), each column's error weighted by its mean squared activation, i.e.
+    the quantisation loss on the calibration text (PMQ-style)."""
     from alphaq.costs import measure_noise
     from alphaq.weights import open_model
 
     requests = measurement_requests(stats, model.tensors, cfg)
+    col_weights = None
+    if imatrix is not None:
+        col_weights = {}
+        for name, expert in requests:
+            vec = imatrix.get(name)
+            if vec is None:
+                continue
+            cols = next(s.cols for s in stats if s.tensor == name)
+            e = expert or 0
+            col_weights[(name, expert)] = vec[e * cols:(e + 1) * cols]  # expert-major (alphaq.imatrix)
     with open_model(model.path) as weights:
-        return measure_noise(weights.matrices(), requests, max_rows=cfg.mse_rows, progress=progress)
+        return measure_noise(weights.matrices(), requests, max_rows=cfg.mse_rows, progress=progress,
+                             col_weights=col_weights)
 
 
 def stock(model: FloatModel, out: Path, mix: str, *, imatrix: dict[str, np.ndarray] | None = None,

@@ -112,12 +112,16 @@ def sample_rows(n_rows: int, max_rows: int | None) -> np.ndarray:
 
 
 def measured_mse(
-    weights: np.ndarray, types: Iterable[GGMLQuantizationType], max_rows: int | None = None
+    weights: np.ndarray, types: Iterable[GGMLQuantizationType], max_rows: int | None = None,
+    col_weights: np.ndarray | None = None,
 ) -> dict[GGMLQuantizationType, float]:
     """Mean squared error of `weights` (rows, cols) after quantise (ggml) -> dequantise (gguf-py).
 
     Rows are subsampled deterministically (`sample_rows`); every type must already be the type
-    written for this row length (see qtypes.effective_type).
+    written for this row length (see qtypes.effective_type). ``col_weights`` (cols,), e.g. an
+    imatrix's mean squared input activations, weight each column's error: the mean of
+    c_j * err_ij^2 / mean(c), the expected squared output error under those activations (the
+    calibrated baselines' loss; AlphaQ itself never passes it).
     """
     from alphaq import ggml  # needs llama-cpp-python; only the measured noise model does
 
@@ -133,7 +137,11 @@ def measured_mse(
         except NotImplementedError as exc:
             raise AlphaQError(f"gguf-py cannot dequantise {t.name}, so its noise cannot be measured: {exc}") from exc
         y = np.asarray(y, dtype=np.float64).reshape(x.shape)
-        out[t] = float(np.mean((y - x.astype(np.float64)) ** 2))
+        err = (y - x.astype(np.float64)) ** 2
+        if col_weights is not None:
+            c = np.asarray(col_weights, dtype=np.float64)
+            err = err * (c / c.mean() if c.mean() > 0 else 1.0)
+        out[t] = float(np.mean(err))
     return out
 
 
@@ -150,8 +158,10 @@ def measure_noise(
     *,
     max_rows: int | None = 128,
     progress: bool = True,
+    col_weights: Mapping[tuple[str, int | None], np.ndarray] | None = None,
 ) -> dict[tuple[str, int | None], dict[GGMLQuantizationType, float]]:
-    """Measured MSE for each (tensor, expert) in `wanted`, for the written types listed there.
+    """Measured MSE for each (tensor, expert) in `wanted`, for the written types listed there
+    (column-weighted by ``col_weights[key]`` where given, see `measured_mse`).
 
     `matrices` yields objects with .tensor, .expert and .load() -> (rows, cols) float32 (the
     spectral stage's WeightMatrix). Matrices not in `wanted` are skipped without loading.
@@ -165,7 +175,8 @@ def measure_noise(
             key = (m.tensor, m.expert)
             if key not in wanted or key in result:
                 continue
-            result[key] = measured_mse(m.load(), wanted[key], max_rows)
+            cw = col_weights.get(key) if col_weights else None
+            result[key] = measured_mse(m.load(), wanted[key], max_rows, cw)
             bar.update(1)
     finally:
         bar.close()

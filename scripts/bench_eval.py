@@ -27,7 +27,8 @@ Variants (all from the same BF16 GGUF, all written by llama_model_quantize):
   random-sK@MIX         the same with seed K (1..4): the spread of the sanity floor
   alphaq-iq1m@MIX       AlphaQ γ=1 at the mix's size, IQ1_M instead of IQ1_S as the 1-bit candidate
   alphaq-no1bit@MIX     AlphaQ γ=1 at the mix's size without a 1-bit candidate (Q2_K, Q3_K, Q4_K)
-  freq@MIX              PMQ-style calibrated: routing frequency x measured MSE, per-block budget
+  freq@MIX              PMQ-style calibrated: routing frequency x quantisation loss on the calibration
+                        text (ggml MSE weighted by the imatrix's activations), per-block budget
   stock-MIX+imatrix:D, freq:D@MIX  the same calibrated on one domain D only (prose or code)
   alphaq-b3-ABLATION    noise measured, scope block, γ in {0, 0.5, 1, 2}
   alphaq-gG@MIX         AlphaQ at the stock mix's size with γ = G (1, 4, 0)
@@ -108,7 +109,7 @@ class Bench:
         self.stats = analyze_model(self.bf16, progress=False)
         self._refs = None
         self._imatrix: dict = {}
-        self._measured = None
+        self._measured: dict = {}
 
     # ---- cached inputs -------------------------------------------------------------------------
     def refs(self):
@@ -145,10 +146,15 @@ class Bench:
                 self._imatrix[domain] = (res.data, res.expert_tokens)
         return self._imatrix[domain]
 
-    def measured(self):
-        if self._measured is None:
-            self._measured = baselines.measure_table(self.fm, self.stats, PlanConfig(noise="measured"))
-        return self._measured
+    def measured(self, calibration: str | None = "none"):
+        """Measured quantisation loss per slice and type: plain weight MSE ("none", the measured
+        noise model), or weighted by the imatrix of calibration None (both domains) / "prose" /
+        "code" (the loss on calibration text, for the PMQ-style baseline)."""
+        if calibration not in self._measured:
+            imat = None if calibration == "none" else self.imatrix(calibration)[0]
+            self._measured[calibration] = baselines.measure_table(self.fm, self.stats, PlanConfig(noise="measured"),
+                                                                  imatrix=imat)
+        return self._measured[calibration]
 
     def stock_size(self, mix: str) -> int:
         """File size of stock-MIX (MIX may end in +imatrix: the calibrated mix)."""
@@ -193,8 +199,8 @@ class Bench:
                 info["seed"] = seed
                 plan = baselines.random_plan(self.fm, self.stats, cfg, seed=seed)
             elif kind == "freq" or kind.startswith("freq:"):  # freq:DOMAIN = calibrated on one domain
-                plan = baselines.frequency_plan(self.fm, self.stats, cfg, self.imatrix(kind.partition(":")[2] or None)[1],
-                                                self.measured())
+                domain = kind.partition(":")[2] or None
+                plan = baselines.frequency_plan(self.fm, self.stats, cfg, self.imatrix(domain)[1], self.measured(domain))
         elif name.startswith("alphaq-b"):
             parts = name[len("alphaq-b"):].split("-")
             cfg = PlanConfig(budget=float(parts[0]))

@@ -210,3 +210,24 @@ def test_router_norm_costs_match_an_oracle_from_the_files(mixtral):
     gamma0 = baselines.solve(fm, stats, PlanConfig(budget=3.0, granularity="expert", gamma=0.0))
     assert [it.type for it in flat.items] == [it.type for it in gamma0.items]
     assert [it.type for it in plan.items] != [it.type for it in gamma0.items]
+
+
+def test_calibrated_loss_weights_each_expert_by_its_own_activations(mixtral, imatrix):
+    """measure_table with an imatrix: slice (tensor, e) is weighted by columns e*cols..(e+1)*cols
+    of that tensor's (expert-major) imatrix vector, i.e. the loss on the calibration text."""
+    from alphaq import costs
+    from alphaq.weights import open_model
+
+    fm, stats, _ = mixtral
+    cfg = PlanConfig(noise="measured", mse_rows=16)
+    table = baselines.measure_table(fm, stats, cfg, imatrix=imatrix.data)
+    plain = baselines.measure_table(fm, stats, cfg)
+    key = next(k for k in table if k[1] == 1 and "ffn_down_exps" in k[0])
+    name, e = key
+    with open_model(fm.path) as weights:
+        w = next(m for m in weights.matrices() if (m.tensor, m.expert) == key).load()
+    cols = w.shape[1]
+    vec = imatrix.data[name][e * cols:(e + 1) * cols]
+    for t, v in table[key].items():
+        assert v == pytest.approx(costs.measured_mse(w, [t], 16, vec)[t], rel=1e-12)
+    assert table[key] != plain[key]

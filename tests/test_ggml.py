@@ -93,6 +93,19 @@ def test_row_subsample_is_deterministic_and_spread():
     assert np.array_equal(costs.sample_rows(50, None), np.arange(50))
 
 
+def test_measured_mse_column_weights_are_activation_weighted_error():
+    """With column weights c (e.g. an imatrix): mean of c_j * err_ij^2 / mean(c); all-equal weights
+    give the plain MSE."""
+    x = _weights(16, 256, seed=5)
+    c = np.random.default_rng(0).uniform(0.0, 3.0, 256)
+    err = (dequantize(ggml.quantize(x, T.Q2_K), T.Q2_K).reshape(16, 256).astype(np.float64) - x) ** 2
+    got = costs.measured_mse(x, [T.Q2_K], col_weights=c)[T.Q2_K]
+    assert got == pytest.approx(float(np.mean(err * c / c.mean())), rel=1e-12)
+    plain = costs.measured_mse(x, [T.Q2_K])[T.Q2_K]
+    assert costs.measured_mse(x, [T.Q2_K], col_weights=np.full(256, 7.0))[T.Q2_K] == pytest.approx(plain, rel=1e-12)
+    assert got != pytest.approx(plain, rel=1e-3)
+
+
 def test_measured_mse_uses_the_sampled_rows_only():
     x = _weights(64, 256, seed=3)
     sub = costs.measured_mse(x, [T.Q3_K], max_rows=8)[T.Q3_K]
