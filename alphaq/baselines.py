@@ -140,9 +140,11 @@ def frequency_noise_table(model: FloatModel, stats: list[MatrixStats], cfg: Plan
 
 
 def frequency_plan(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig,
-                   expert_tokens: dict[str, np.ndarray], measured: dict) -> Plan:
+                   expert_tokens: dict[str, np.ndarray], measured: dict, fixed_bytes: int | None = None) -> Plan:
+    """PMQ-style: per-block knapsack (at cfg's granularity) on frequency x calibration loss."""
     fcfg = dataclasses.replace(cfg, noise="measured", gamma=0.0, scope="block")
-    return solve(model, stats, fcfg, frequency_noise_table(model, stats, fcfg, expert_tokens, measured))
+    return make_plan(stats, model.tensors, fcfg, fixed_bytes=model.header if fixed_bytes is None else fixed_bytes,
+                     noise_table=frequency_noise_table(model, stats, fcfg, expert_tokens, measured))
 
 
 def measure_table(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, progress: bool = False,

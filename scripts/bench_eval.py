@@ -93,6 +93,32 @@ def family(name: str) -> str:
     return "alphaq ablation"
 
 
+def calibration_imatrix(model_dir: Path, bf16: Path, fm, work: Path, domain: str | None = None):
+    """(imatrix, expert token counts) from val-split text: both domains, or one ``domain`` (the
+    domain-bias study); cached in WORK/imatrix-{both,DOMAIN}.npz. The imatrix reads the first 64
+    windows of 256 tokens (~16k tokens, ~65k characters), so both domains are interleaved in
+    2,000-character pieces: a plain concatenation would be read as prose only."""
+    path = work / f"imatrix-{domain or 'both'}.npz"
+    if path.exists():
+        z = np.load(path)
+        return ({k[2:]: z[k] for k in z.files if k.startswith("d:")},
+                {k[2:]: z[k] for k in z.files if k.startswith("e:")})
+    from alphaq.corpus import read_text
+    from alphaq.imatrix import ImatrixConfig, compute_imatrix
+
+    if domain is None:
+        prose, code = read_text("prose", "val", max_chars=80_000), read_text("code", "val", max_chars=80_000)
+        step = 2_000
+        text = "\n\n".join(part for i in range(0, max(len(prose), len(code)), step)
+                             for part in (prose[i:i + step], code[i:i + step]) if part)
+    else:
+        text = read_text(domain, "val", max_chars=160_000)
+    res = compute_imatrix(model_dir, bf16, text, ImatrixConfig(max_windows=64))
+    baselines.check_imatrix(fm, res.data)
+    np.savez(path, **{f"d:{k}": v for k, v in res.data.items()}, **{f"e:{k}": v for k, v in res.expert_tokens.items()})
+    return res.data, res.expert_tokens
+
+
 class Bench:
     def __init__(self, model_dir: Path, work: Path, n_ctx: int, n_windows: int, threads: int):
         self.model_dir, self.work, self.n_ctx, self.n_windows, self.threads = model_dir, work, n_ctx, n_windows, threads
@@ -123,27 +149,8 @@ class Bench:
         return self._refs
 
     def imatrix(self, domain: str | None = None):
-        """(imatrix, expert token counts) from val-split text: both domains (80k characters each),
-        or 160k characters of one ``domain`` (the domain-bias study)."""
         if domain not in self._imatrix:
-            path = self.work / ("imatrix.npz" if domain is None else f"imatrix-{domain}.npz")
-            if path.exists():
-                z = np.load(path)
-                self._imatrix[domain] = ({k[2:]: z[k] for k in z.files if k.startswith("d:")},
-                                         {k[2:]: z[k] for k in z.files if k.startswith("e:")})
-            else:
-                from alphaq.corpus import read_text
-                from alphaq.imatrix import ImatrixConfig, compute_imatrix
-
-                if domain is None:
-                    text = read_text("prose", "val", max_chars=80_000) + "\n\n" + read_text("code", "val", max_chars=80_000)
-                else:
-                    text = read_text(domain, "val", max_chars=160_000)
-                res = compute_imatrix(self.model_dir, self.bf16, text, ImatrixConfig(max_windows=64))
-                baselines.check_imatrix(self.fm, res.data)
-                np.savez(path, **{f"d:{k}": v for k, v in res.data.items()},
-                         **{f"e:{k}": v for k, v in res.expert_tokens.items()})
-                self._imatrix[domain] = (res.data, res.expert_tokens)
+            self._imatrix[domain] = calibration_imatrix(self.model_dir, self.bf16, self.fm, self.work, domain)
         return self._imatrix[domain]
 
     def measured(self, calibration: str | None = "none"):

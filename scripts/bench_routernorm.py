@@ -17,6 +17,9 @@ the same non-expert policy and the same knapsack (alphaq.plan); they differ only
   alphaq-g1@MIX         AlphaQ, γ = 1 (the repository default), expert granularity
   alphaq-g0@MIX         AlphaQ, γ = 0 (no α: importance 1), expert granularity
   alphaq-tensor-g1@MIX  AlphaQ γ = 1 at tensor granularity (a stock file), for the link to RESULTS.md
+  pmq@MIX               PMQ-style (MC-MoE), calibrated: routing frequency x the quantisation loss on
+                        val text (imatrix-weighted ggml error) per expert, per-block knapsack
+  pmq-prose@MIX, pmq-code@MIX  the same calibrated on one domain only (the domain-bias check)
 
 Every file is run by the patched llama-cpp-python (ggml-patches/, convert.patched; it runs stock
 files bit-for-bit as stock does) in a child process; the BF16 reference by the stock one. Protocol
@@ -69,6 +72,9 @@ KINDS = {
     "routernorm-delta": "router-norm, Δ only, expert",
     "routernorm-var": "router-norm, v only, expert",
     "alphaq-tensor-g1": "AlphaQ γ=1, tensor",
+    "pmq": "PMQ-style (calibrated, both domains), expert",
+    "pmq-prose": "PMQ-style calibrated on prose, expert",
+    "pmq-code": "PMQ-style calibrated on code, expert",
 }
 ROUTERNORM_ABLATIONS = {
     "routernorm": baselines.RouterNormConfig(),
@@ -107,6 +113,7 @@ class Bench:
         self.site = ensure_site()  # the cached patched build; never rebuilt here
         self.texts = {d: ROOT / "tests" / "fixtures" / "heldout" / f"{d}.txt" for d in DOMAINS}
         self._ref = self._tokens = None
+        self._measured: dict = {}  # calibration domain -> measured loss table (pmq kinds)
 
     def reference(self):
         if self._ref is None:
@@ -127,6 +134,15 @@ class Bench:
         granularity = "tensor" if kind == "alphaq-tensor-g1" else "expert"
         cfg = PlanConfig(budget_mode="size", budget=float(target), granularity=granularity, types=self.types)
         header = baselines.expert_header_bytes(self.fm) if granularity == "expert" else self.fm.header
+        if kind.startswith("pmq"):
+            from bench_eval import calibration_imatrix
+
+            domain = kind.partition("-")[2] or None
+            imat, tokens = calibration_imatrix(self.hf_dir, self.bf16, self.fm, self.bench_dir, domain)
+            if domain not in self._measured:
+                self._measured[domain] = baselines.measure_table(
+                    self.fm, self.stats, dataclasses.replace(cfg, noise="measured"), imatrix=imat)
+            return baselines.frequency_plan(self.fm, self.stats, cfg, tokens, self._measured[domain], fixed_bytes=header)
         if kind in ROUTERNORM_ABLATIONS:
             return baselines.router_norm_plan(self.fm, self.stats, cfg, self.hf_dir, ROUTERNORM_ABLATIONS[kind],
                                               fixed_bytes=header)
