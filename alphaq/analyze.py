@@ -29,7 +29,7 @@ from tqdm import tqdm
 from alphaq.errors import AlphaQError
 from alphaq.files import atomic_write_text
 from alphaq.records import MatrixStats
-from alphaq.spectral import SpectralConfig, SpectralResult, _pinned_threads, analyze_matrix
+from alphaq.spectral import SpectralConfig, SpectralResult, pinned_threads, analyze_matrix
 from alphaq.weights import WeightMatrix, open_model
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def _run_in_order(fn, items: list, tick) -> list:
         tick(1)
         return out
     out = []
-    with _pinned_threads() as n_workers:
+    with pinned_threads() as n_workers:
         if n_workers <= 1:
             for x in items:
                 out.append(fn(x))

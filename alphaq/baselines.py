@@ -67,8 +67,12 @@ class FloatModel:
         return cls(Path(path), gguf_tensor_infos(reader), gguf_output_header_bytes(reader, alignment))
 
 
-def solve(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, noise_table=None) -> Plan:
-    return make_plan(stats, model.tensors, cfg, fixed_bytes=model.header, noise_table=noise_table)
+def solve(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, noise_table=None,
+          fixed_bytes: int | None = None) -> Plan:
+    """The knapsack on ``model``; ``fixed_bytes`` defaults to its stock header (expert-granular
+    files pass `expert_header_bytes`)."""
+    return make_plan(stats, model.tensors, cfg, fixed_bytes=model.header if fixed_bytes is None else fixed_bytes,
+                     noise_table=noise_table)
 
 
 def write_plan(model: FloatModel, plan: Plan, out: Path, *, nthread: int = 0) -> int:
@@ -143,8 +147,7 @@ def frequency_plan(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig,
                    expert_tokens: dict[str, np.ndarray], measured: dict, fixed_bytes: int | None = None) -> Plan:
     """PMQ-style: per-block knapsack (at cfg's granularity) on frequency x calibration loss."""
     fcfg = dataclasses.replace(cfg, noise="measured", gamma=0.0, scope="block")
-    return make_plan(stats, model.tensors, fcfg, fixed_bytes=model.header if fixed_bytes is None else fixed_bytes,
-                     noise_table=frequency_noise_table(model, stats, fcfg, expert_tokens, measured))
+    return solve(model, stats, fcfg, frequency_noise_table(model, stats, fcfg, expert_tokens, measured), fixed_bytes)
 
 
 def measure_table(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, progress: bool = False,
@@ -158,14 +161,13 @@ def measure_table(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, 
     requests = measurement_requests(stats, model.tensors, cfg)
     col_weights = None
     if imatrix is not None:
+        cols = {s.tensor: s.cols for s in stats}
         col_weights = {}
         for name, expert in requests:
             vec = imatrix.get(name)
-            if vec is None:
-                continue
-            cols = next(s.cols for s in stats if s.tensor == name)
-            e = expert or 0
-            col_weights[(name, expert)] = vec[e * cols:(e + 1) * cols]  # expert-major (alphaq.imatrix)
+            if vec is not None:
+                e, n = expert or 0, cols[name]
+                col_weights[(name, expert)] = vec[e * n:(e + 1) * n]  # expert-major (alphaq.imatrix)
     with open_model(model.path) as weights:
         return measure_noise(weights.matrices(), requests, max_rows=cfg.mse_rows, progress=progress,
                              col_weights=col_weights)
@@ -361,8 +363,7 @@ def router_norm_plan(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfi
     """The AlphaQ knapsack (same candidates, budget, scope, granularity) with router-norm costs."""
     rcfg_plan = dataclasses.replace(cfg, noise="measured", gamma=0.0)
     table, _ = router_norm_table(model, stats, rcfg_plan, hf_dir, rcfg)
-    return make_plan(stats, model.tensors, rcfg_plan, fixed_bytes=model.header if fixed_bytes is None else fixed_bytes,
-                     noise_table=table)
+    return solve(model, stats, rcfg_plan, table, fixed_bytes)
 
 
 # ---- expert-granular files (patched runtime) ---------------------------------------------------

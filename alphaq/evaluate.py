@@ -28,8 +28,9 @@ def load_llama(path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: in
     import llama_cpp
 
     from alphaq.expert_gguf import PATCHED_RUNTIME, read_layouts
+    from alphaq.runtime import patched_loaded
 
-    if "+alphaq." not in llama_cpp.__version__ and read_layouts(path):
+    if not patched_loaded() and read_layouts(path):
         raise AlphaQError(f"{path} is expert-granular and needs the {PATCHED_RUNTIME}; this environment has "
                           f"stock llama-cpp-python {llama_cpp.__version__} (alphaq eval --patched, or install it: "
                           f"make install-patched)")

@@ -25,11 +25,23 @@ import numpy as np
 _REPO = Path(__file__).resolve().parent.parent
 
 
-def run(site: Path | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def child_env(site: Path | None) -> dict[str, str]:
+    """os.environ for a child Python whose llama_cpp comes from ``site`` (None: this environment's)."""
     env = dict(os.environ)
     paths = ([str(site)] if site else []) + [str(_REPO)] + env.get("PYTHONPATH", "").split(os.pathsep)
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    proc = subprocess.run([sys.executable, "-m", "alphaq.runtime", *map(str, args)], env=env,
+    return env
+
+
+def patched_loaded() -> bool:
+    """Whether this process's llama_cpp is the patched build (version ``0.3.36+alphaq.<key>``)."""
+    import llama_cpp
+
+    return "+alphaq." in llama_cpp.__version__
+
+
+def run(site: Path | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "alphaq.runtime", *map(str, args)], env=child_env(site),
                           capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(f"runtime {args[0]} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")

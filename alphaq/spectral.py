@@ -147,7 +147,7 @@ class _OpenBLAS:
 
     numpy's OpenBLAS spin-waits in its worker threads, and several Python threads each calling a
     multi-threaded BLAS oversubscribe the cores; the spectral stage pins it to one thread, like
-    torch (see `_pinned_threads`)."""
+    torch (see `pinned_threads`)."""
 
     _lib = None
     _found = False
@@ -177,7 +177,7 @@ _pin_saved: tuple[int, int | None] = (1, None)
 
 
 @contextmanager
-def _pinned_threads():
+def pinned_threads():
     """Run torch ops (and numpy's OpenBLAS) single-threaded; yields how many worker threads the
     caller may use: the previous intra-op thread count for the outermost caller, 1 for callers
     nested inside it (the outer one parallelises, e.g. `alphaq.analyze` over matrices).
@@ -236,7 +236,7 @@ def farms_eigenvalues(w: np.ndarray, cfg: SpectralConfig | None = None) -> np.nd
     cfg = cfg or SpectralConfig()
     if w.ndim != 2:
         raise AlphaQError(f"expected a 2-D matrix, got shape {w.shape}")
-    with _pinned_threads() as n_workers:
+    with pinned_threads() as n_workers:
         if n_workers > 1 and _n_blocks(w.shape, cfg.block_size) > 1:
             with ThreadPoolExecutor(n_workers) as pool:
                 return _farms(w, cfg, pool, n_workers)
@@ -249,7 +249,7 @@ def _n_blocks(shape: tuple[int, int], b: int) -> int:
 
 
 def _farms(w: np.ndarray, cfg: SpectralConfig, pool: ThreadPoolExecutor | None, n_workers: int) -> np.ndarray:
-    """`farms_eigenvalues` inside `_pinned_threads`; block batches go to ``pool`` if given."""
+    """`farms_eigenvalues` inside `pinned_threads`; block batches go to ``pool`` if given."""
     rows, cols = w.shape
     if min(rows, cols) == 0:
         return np.zeros(0)
@@ -382,7 +382,7 @@ def hill_alpha(eigs: np.ndarray, cfg: SpectralConfig | None = None) -> tuple[flo
         return math.nan, 0, math.nan
 
     dev = resolve_device(cfg.device)
-    with torch.no_grad(), _pinned_threads():
+    with torch.no_grad(), pinned_threads():
         L = torch.from_numpy(np.log(lam)).to(dev)  # (N,) float64
         # sum_{j>=i} ln(lam_j / lam_i) = (suffix sum of L from i) - n_i * L_i
         suffix = torch.flip(torch.cumsum(torch.flip(L, (0,)), 0), (0,))
@@ -551,7 +551,7 @@ def analyze_matrix(
         raise AlphaQError(f"tensor {name}: expected a 2-D matrix, got shape {w.shape}")
     if w.dtype != np.float32 and w.dtype != np.float64:
         w = w.astype(np.float32)
-    with _pinned_threads() as n_workers:
+    with pinned_threads() as n_workers:
         if n_workers > 1 and min(w.shape) >= 2 and _n_blocks(w.shape, cfg.block_size) > 1:
             # the finiteness check and the variance (one core, ~10 ms for 3M weights) run
             # beside the block eigenvalues; their verdicts still come first

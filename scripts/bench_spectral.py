@@ -85,13 +85,18 @@ def load_baseline(root: Path):
     return mod
 
 
+def farms_blocks(w: np.ndarray, grid: tuple[int, int], b: int) -> np.ndarray:
+    """w's FARMS blocks, row-major over the block grid: (n_blocks, b, b)."""
+    nr, nc = grid
+    return w[: nr * b, : nc * b].reshape(nr, b, nc, b).transpose(0, 2, 1, 3).reshape(-1, b, b)
+
+
 def gram_stack(w: np.ndarray, b: int = 256) -> np.ndarray | None:
     """The float64 Gram matrices of w's FARMS blocks (None for a single-block matrix)."""
     grid = farms_grid(*w.shape, b)
     if grid is None or grid == (1, 1):
         return None
-    nr, nc = grid
-    x = w[: nr * b, : nc * b].astype(np.float64).reshape(nr, b, nc, b).transpose(0, 2, 1, 3).reshape(-1, b, b)
+    x = farms_blocks(w.astype(np.float64), grid, b)
     return np.matmul(x.transpose(0, 2, 1), x)
 
 
@@ -104,8 +109,7 @@ def fp32_eigvalsh_alpha(w: np.ndarray, cfg: SpectralConfig):
         g = (x @ x.T) if w.shape[0] <= w.shape[1] else (x.T @ x)
         eig = torch.linalg.eigvalsh(g)
     else:
-        nr, nc = grid
-        blocks = x[: nr * b, : nc * b].reshape(nr, b, nc, b).permute(0, 2, 1, 3).reshape(-1, b, b)
+        blocks = torch.from_numpy(np.ascontiguousarray(farms_blocks(w, grid, b)))
         eig = torch.cat([torch.linalg.eigvalsh(c.mT @ c).reshape(-1) for c in blocks.split(64)])
     eig = np.sort(eig.clamp_min(0).double().numpy())
     return hill_alpha(eig, cfg)

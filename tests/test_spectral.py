@@ -354,7 +354,7 @@ def test_non_finite_error_comes_first_on_the_parallel_path(torch_threads):
     assert torch.get_num_threads() == 2
 
 
-def test_pinned_threads_nest_across_threads_and_restore(torch_threads):
+def testpinned_threads_nest_across_threads_and_restore(torch_threads):
     """The outermost caller gets the thread count and pins torch (and numpy's OpenBLAS) to one
     thread; callers nested inside it, from any thread, get 1; the last one out restores."""
     from concurrent.futures import ThreadPoolExecutor
@@ -364,13 +364,13 @@ def test_pinned_threads_nest_across_threads_and_restore(torch_threads):
     torch_threads(2)
     blas = spectral._OpenBLAS.lib()
     blas_before = blas[0]() if blas else None
-    with spectral._pinned_threads() as outer:
+    with spectral.pinned_threads() as outer:
         assert outer == 2 and torch.get_num_threads() == 1
         if blas:
             assert blas[0]() == 1
 
         def nested(_):
-            with spectral._pinned_threads() as n:
+            with spectral.pinned_threads() as n:
                 return n, torch.get_num_threads()
 
         with ThreadPoolExecutor(2) as pool:

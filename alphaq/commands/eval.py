@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from alphaq.evaluate import evaluate_text, load_llama
+    from alphaq.runtime import patched_loaded
 
     for path in [args.model, *( [args.ref] if args.ref else [] )]:
         if not path.is_file():
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise AlphaQError(f"{args.json_path} exists; pass --force to overwrite")
     if args.json_path and not args.json_path.parent.is_dir():
         raise AlphaQError(f"output directory {args.json_path.parent} does not exist")
-    if args.patched and "+alphaq." not in _llama_cpp_version():
+    if args.patched and not patched_loaded():
         return _rerun_patched(args)
     llm = load_llama(args.model, args.n_ctx)
     ref = load_llama(args.ref, args.n_ctx) if args.ref else None
@@ -73,14 +73,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _llama_cpp_version() -> str:
-    import llama_cpp
-
-    return llama_cpp.__version__
-
-
 def _rerun_patched(args: argparse.Namespace) -> int:
     """This command again, in a child whose llama_cpp is the patched one."""
+    from alphaq.runtime import child_env
     from convert.patched import patched_site
 
     argv = ["eval", str(args.model), "--n-ctx", str(args.n_ctx)]
@@ -90,8 +85,5 @@ def _rerun_patched(args: argparse.Namespace) -> int:
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--force"] * args.force + ["--no-progress"] * args.no_progress
-    env = dict(os.environ)
-    repo = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(patched_site()), str(repo), env.get("PYTHONPATH", "")] if p)
     return subprocess.run([sys.executable, "-c", "import sys; from alphaq.cli import main; sys.exit(main())", *argv],
-                          env=env).returncode
+                          env=child_env(patched_site())).returncode
