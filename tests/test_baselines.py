@@ -231,3 +231,36 @@ def test_calibrated_loss_weights_each_expert_by_its_own_activations(mixtral, ima
     for t, v in table[key].items():
         assert v == pytest.approx(costs.measured_mse(w, [t], 16, vec)[t], rel=1e-12)
     assert table[key] != plain[key]
+
+
+def test_alpha_only_costs_are_importance_times_bits_without_variance(mixtral):
+    """Ablation "α only": cost of slice l at type t = (α̃/α_l)^γ · 2^(-2 b(t)), α̃ the median α of
+    the allocated slices; no Var(W) factor. Checked against the formula written out here, and the
+    plan it solves is the brute-force optimum of those costs under the budget."""
+    import itertools
+
+    from alphaq.qtypes import nominal_bits
+
+    fm, stats, _ = mixtral
+    cfg = PlanConfig(budget=2.5, noise="measured", gamma=0.0)
+    table = baselines.alpha_only_noise_table(fm, stats, cfg, gamma=1.0)
+    experts = [s for s in stats if (s.tensor, s.expert) in table]
+    assert experts and all(s.expert is not None for s in experts)
+    tilde = float(np.median([s.alpha for s in experts if s.signal]))
+    for s in experts:
+        w = tilde / s.alpha if s.signal else 1.0
+        for t, v in table[(s.tensor, s.expert)].items():
+            assert v == pytest.approx(w * 2.0 ** (-2 * nominal_bits(t)), rel=1e-12)
+    plan = baselines.alpha_only_plan(fm, stats, PlanConfig(budget=2.5), gamma=1.0)
+    assert plan.totals.nominal_bits <= 2.5 + 1e-9
+
+    tensors = sorted({s.tensor for s in experts})
+    params = {n: sum(s.rows * s.cols for s in experts if s.tensor == n) for n in tensors}
+    types = {n: list(table[next((s.tensor, s.expert) for s in experts if s.tensor == n)]) for n in tensors}
+    cost = {(n, t): sum(table[(s.tensor, s.expert)][t] for s in experts if s.tensor == n) for n in tensors for t in types[n]}
+    total = sum(params.values())
+    best = min((sum(cost[(n, t)] for n, t in zip(tensors, choice)), choice)
+               for choice in itertools.product(*(types[n] for n in tensors))
+               if sum(params[n] * nominal_bits(t) for n, t in zip(tensors, choice)) <= 2.5 * total + 1e-9)
+    got = {it.tensor: it.type for it in plan.items}
+    assert sum(cost[(n, got[n])] for n in tensors) == pytest.approx(best[0], rel=1e-12)
