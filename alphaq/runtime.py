@@ -40,9 +40,10 @@ def patched_loaded() -> bool:
     return "+alphaq." in llama_cpp.__version__
 
 
-def run(site: Path | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "alphaq.runtime", *map(str, args)], env=child_env(site),
-                          capture_output=True, text=True)
+def run(site: Path | None, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m alphaq.runtime ARGS`` with ``site``'s llama_cpp (and ``env`` added to the environment)."""
+    proc = subprocess.run([sys.executable, "-m", "alphaq.runtime", *map(str, args)],
+                          env={**child_env(site), **(env or {})}, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(f"runtime {args[0]} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return proc
@@ -58,8 +59,10 @@ def generate(site: Path | None, model: Path, prompt: str, n_tokens: int) -> dict
     return json.loads(run(site, "generate", model, prompt, n_tokens).stdout.strip().splitlines()[-1])
 
 
-def speed(site: Path | None, model: Path, n_prompt: int, n_gen: int, repeats: int, threads: int) -> dict:
-    return json.loads(run(site, "speed", model, n_prompt, n_gen, repeats, threads).stdout.strip().splitlines()[-1])
+def speed(site: Path | None, model: Path, n_prompt: int, n_gen: int, repeats: int, threads: int,
+          env: dict[str, str] | None = None) -> dict:
+    out = run(site, "speed", model, n_prompt, n_gen, repeats, threads, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # -- the child side ------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ from alphaq.expert_gguf import read_layouts  # noqa: E402
 from alphaq.plan import PlanConfig  # noqa: E402
 
 DOMAINS = ("prose", "code")
+# the patched llama.cpp's other graph for grouped projections (what GPUs run): a sum of masked
+# mul_mat_id instead of the fused ggml_mul_mat_id_groups op the CPU runs (ggml-patches/0004, 0005)
+MASKED_SUM = {"LLAMA_EXPERT_GROUPS_NO_FUSE": "1"}
 
 
 def bf16_of(name: str, zoo: Path, work: Path) -> Path:
@@ -85,10 +88,11 @@ def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups:
             layouts[t.name] = ExpertGroups(t.name, t.shape, (GGMLQuantizationType(t.type),) * groups,
                                            tuple(tuple(range(g, n, groups)) for g in range(groups)))
     write_expert_gguf(tensor_file, bf16, layouts, {}, split)
-    runs = {"unsplit": [], "split": []}
+    runs = {"unsplit": [], "split": [], "split-masked": []}
     for _ in range(repeats):
         runs["unsplit"].append(runtime.speed(site, tensor_file, 128, 64, 1, threads))
         runs["split"].append(runtime.speed(site, split, 128, 64, 1, threads))
+        runs["split-masked"].append(runtime.speed(site, split, 128, 64, 1, threads, env=MASKED_SUM))
     row = {"model": name, "file": tensor_file.name, "groups": groups, "split_tensors": len(layouts)}
     for k, v in runs.items():
         row[f"{k}_decode_tps"] = max(r["decode_tps"] for r in v)
@@ -124,12 +128,15 @@ def main() -> int:
                 rows.append(split_overhead(name, bf16, f, site, args.split_overhead, args.repeats, args.threads))
                 print(json.dumps(rows[-1]), flush=True)
         args.out.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "rows": rows}, indent=1) + "\n")
-        print("\n| model | file | split tensors × groups | decode tok/s unsplit / split (×) | prefill tok/s unsplit / split (×) |")
-        print("|---|---|---|---|---|")
+        print("\n| model | file | split tensors × groups | decode tok/s unsplit / split (×) | prefill tok/s unsplit / split (×) "
+              "| masked sum: decode × / prefill × |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['model']} | {r['file']} | {r['split_tensors']} × {r['groups']} "
                   f"| {r['unsplit_decode_tps']:.1f} / {r['split_decode_tps']:.1f} ({r['split_decode_tps'] / r['unsplit_decode_tps']:.2f}×) "
-                  f"| {r['unsplit_prefill_tps']:.1f} / {r['split_prefill_tps']:.1f} ({r['split_prefill_tps'] / r['unsplit_prefill_tps']:.2f}×) |")
+                  f"| {r['unsplit_prefill_tps']:.1f} / {r['split_prefill_tps']:.1f} ({r['split_prefill_tps'] / r['unsplit_prefill_tps']:.2f}×) "
+                  f"| {r['split-masked_decode_tps'] / r['unsplit_decode_tps']:.2f}× / "
+                  f"{r['split-masked_prefill_tps'] / r['unsplit_prefill_tps']:.2f}× |")
         return 0
     rows = []
     for name in args.models:
@@ -164,10 +171,12 @@ def main() -> int:
                         row.update({f"{g}_{d}_{k}": v for k, v in scores(lp, ref[d], toks[d]).items()})
                 cached.write_text(json.dumps(row))
             # speed: interleave the three runs per repeat so machine load hits them alike
-            speeds = {"tensor@patched": [], "expert@patched": [], "tensor@stock": []}
+            speeds = {"tensor@patched": [], "expert@patched": [], "expert@patched-masked": [], "tensor@stock": []}
             for _ in range(args.repeats):
                 speeds["tensor@patched"].append(runtime.speed(site, files["tensor"], 128, 64, 1, args.threads))
                 speeds["expert@patched"].append(runtime.speed(site, files["expert"], 128, 64, 1, args.threads))
+                speeds["expert@patched-masked"].append(
+                    runtime.speed(site, files["expert"], 128, 64, 1, args.threads, env=MASKED_SUM))
                 speeds["tensor@stock"].append(runtime.speed(None, files["tensor"], 128, 64, 1, args.threads))
             for k, v in speeds.items():
                 row[f"{k}_prefill_tps"] = max(s["prefill_tps"] for s in v)
@@ -178,8 +187,9 @@ def main() -> int:
                                     "threads": args.threads, "rows": rows}, indent=1) + "\n")
 
     print("\n| model | budget | bytes tensor / expert | grouped | KL prose tensor → expert | KL code tensor → expert "
-          "| decode tok/s tensor / expert (×) | prefill tok/s tensor / expert (×) | stock runtime decode tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| decode tok/s tensor / expert (×) | prefill tok/s tensor / expert (×) | masked sum: decode × / prefill × "
+          "| stock runtime decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['budget']:g} | {r['tensor_bytes']:,} / {r['expert_bytes']:,} | {r['grouped_tensors']} "
               f"| {r['tensor_prose_kl']:.4f} → {r['expert_prose_kl']:.4f} | {r['tensor_code_kl']:.4f} → {r['expert_code_kl']:.4f} "
@@ -187,6 +197,8 @@ def main() -> int:
               f"({r['expert@patched_decode_tps'] / r['tensor@patched_decode_tps']:.2f}×) "
               f"| {r['tensor@patched_prefill_tps']:.0f} / {r['expert@patched_prefill_tps']:.0f} "
               f"({r['expert@patched_prefill_tps'] / r['tensor@patched_prefill_tps']:.2f}×) "
+              f"| {r['expert@patched-masked_decode_tps'] / r['tensor@patched_decode_tps']:.2f}× / "
+              f"{r['expert@patched-masked_prefill_tps'] / r['tensor@patched_prefill_tps']:.2f}× "
               f"| {r['tensor@stock_decode_tps']:.0f} |")
     return 0
 

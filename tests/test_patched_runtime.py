@@ -32,20 +32,23 @@ Q = GGMLQuantizationType
 OP_TYPES = [Q.IQ1_S, Q.IQ1_M, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.Q5_0, Q.IQ4_NL, Q.Q8_0]
 
 
-@pytest.fixture(scope="session")
-def mmid_binary(patched_site, tmp_path_factory) -> Path:
-    """tests/c/mul_mat_id_masked.c linked against the patched libggml."""
-    from convert.vendor import ensure_vendor
-
+def _build_c(name: str, patched_site: Path, tmp_path_factory) -> Path:
+    """tests/c/NAME.c linked against the patched libggml, with the patched ggml.h."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.fail("no C compiler (needed to build llama-cpp-python anyway)")
     lib = patched_site / "llama_cpp" / "lib"
-    exe = tmp_path_factory.mktemp("mmid") / "mul_mat_id_masked"
-    subprocess.run([cc, "-O1", "-o", str(exe), str(Path(__file__).parent / "c" / "mul_mat_id_masked.c"),
-                    f"-I{ensure_vendor() / 'ggml' / 'include'}", f"-L{lib}", f"-Wl,-rpath,{lib}",
+    exe = tmp_path_factory.mktemp(name) / name
+    subprocess.run([cc, "-O1", "-o", str(exe), str(Path(__file__).parent / "c" / f"{name}.c"),
+                    f"-I{patched_site / 'include'}", f"-L{lib}", f"-Wl,-rpath,{lib}",
                     "-lggml", "-lggml-base", "-lggml-cpu", "-lm"], check=True)
     return exe
+
+
+@pytest.fixture(scope="session")
+def mmid_binary(patched_site, tmp_path_factory) -> Path:
+    """tests/c/mul_mat_id_masked.c linked against the patched libggml."""
+    return _build_c("mul_mat_id_masked", patched_site, tmp_path_factory)
 
 
 def _mul_mat_id(exe: Path, tmp: Path, wq: np.ndarray, qtype, shape, b: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -90,6 +93,77 @@ def test_masked_mul_mat_id_matches_numpy(qtype, ne11, mmid_binary, tmp_path):
     ref = np.einsum("tjnk,tjk->tjn", wd[ids], b[:, np.arange(n_used) % ne11])
     err = np.linalg.norm(full - ref) / np.linalg.norm(ref)
     assert err < 0.02, f"{qtype.name}: relative error {err:.4f}"
+
+
+@pytest.fixture(scope="session")
+def groups_binary(patched_site, tmp_path_factory) -> Path:
+    """tests/c/mul_mat_id_groups.c linked against the patched libggml."""
+    return _build_c("mul_mat_id_groups", patched_site, tmp_path_factory)
+
+
+def _mul_mat_id_groups(exe: Path, tmp: Path, groups: list, expert_map: np.ndarray, shape,
+                       b: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """groups: [(qtype, quantised weights (n_slots, rows, bytes))]; expert_map: (n_groups, n_expert)."""
+    n_expert, ne01, ne00 = shape
+    n_tokens, ne11, _ = b.shape
+    n_used = ids.shape[1]
+    src, dst = tmp / "in.bin", tmp / "out.bin"
+    with open(src, "wb") as f:
+        f.write(struct.pack("8i", len(groups), ne00, ne01, n_expert, ne11, n_used, n_tokens, 2))
+        f.write(struct.pack(f"{len(groups)}i", *(int(t) for t, _ in groups)))
+        f.write(struct.pack(f"{len(groups)}i", *(w.shape[0] for _, w in groups)))
+        f.write(np.ascontiguousarray(expert_map, dtype=np.int32).tobytes())
+        for _, w in groups:
+            f.write(np.ascontiguousarray(w).tobytes())
+        f.write(np.ascontiguousarray(b, dtype=np.float32).tobytes())
+        f.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+    subprocess.run([str(exe), str(src), str(dst)], check=True)
+    return np.fromfile(dst, dtype=np.float32).reshape(n_tokens, n_used, ne01)
+
+
+GROUP_TYPES = [(Q.Q3_K, Q.Q4_K), (Q.IQ1_S, Q.Q2_K, Q.Q4_0), (Q.Q2_K, Q.IQ4_NL, Q.Q5_K, Q.Q8_0)]
+
+
+@pytest.mark.parametrize("n_tokens", [1, 9, 128], ids=["decode", "batch", "prefill"])
+@pytest.mark.parametrize("ne11", [1, 2], ids=["broadcast-input", "per-slot-input"])
+@pytest.mark.parametrize("types", GROUP_TYPES, ids=lambda ts: "+".join(t.name for t in ts))
+def test_mul_mat_id_groups_matches_masked_sum(types, ne11, n_tokens, mmid_binary, groups_binary, tmp_path):
+    """The fused op (ggml_mul_mat_id_groups, one node per projection on the CPU) against the
+    decomposed form the other backends run: a sum over groups of masked mul_mat_id on the slot ids.
+    Every output must be bit-identical (same dot products, and the sum adds exact zeros), every
+    slot written (dst starts as NaN; a -1 id gives zeros), and close to a numpy reference on
+    gguf-py's dequantised weights."""
+    rng = np.random.default_rng(len(types) * 100 + ne11 * 10 + n_tokens)
+    n_expert, ne01, ne00, n_used = 8, 16, 256, 2
+    w = rng.standard_normal((n_expert, ne01, ne00)).astype(np.float32)
+    owner = np.concatenate([np.arange(len(types)), rng.integers(0, len(types), n_expert - len(types))])
+    rng.shuffle(owner)
+    expert_map = np.full((len(types), n_expert), -1, dtype=np.int32)
+    groups, wd = [], np.empty_like(w)
+    for g, qtype in enumerate(types):
+        members = np.flatnonzero(owner == g)
+        expert_map[g, members] = np.arange(members.size)
+        wq = np.stack([ggml.quantize(w[e], qtype) for e in members])
+        groups.append((qtype, wq))
+        wd[members] = dequantize(wq.reshape(members.size * ne01, -1), qtype).reshape(members.size, ne01, ne00)
+    b = rng.standard_normal((n_tokens, ne11, ne00)).astype(np.float32)
+    ids = np.stack([rng.permutation(n_expert)[:n_used] for _ in range(n_tokens)]).astype(np.int32)
+    if n_tokens > 1:
+        ids[1, 0] = -1  # a masked slot of the merged tensor
+
+    fused = _mul_mat_id_groups(groups_binary, tmp_path, groups, expert_map, w.shape, b, ids)
+    summed = np.zeros_like(fused)
+    for g, (qtype, wq) in enumerate(groups):
+        slots = np.where(ids >= 0, expert_map[g][ids], -1)
+        summed += _mul_mat_id(mmid_binary, tmp_path, wq, qtype, wq.shape[:2] + (ne00,), b, slots)
+
+    assert not np.isnan(fused).any()
+    np.testing.assert_array_equal(fused, summed)
+    live = ids >= 0
+    assert np.all(fused[~live] == 0.0)
+    ref = np.einsum("tjnk,tjk->tjn", wd[np.maximum(ids, 0)], b[:, np.arange(n_used) % ne11])
+    err = np.linalg.norm(fused[live] - ref[live]) / np.linalg.norm(ref[live])
+    assert err < 0.05, f"{types}: relative error {err:.4f}"
 
 
 # -- model level ---------------------------------------------------------------------------------
@@ -202,19 +276,28 @@ def _window_tokens(float_gguf: Path, n_ctx: int, n_windows: int) -> list[list[in
     return windows(llm, PROSE.read_text(errors="replace"), n_ctx, n_windows)
 
 
-def test_split_uniform_projection_gives_stock_logits(float_ggufs, patched_site, tmp_path):
+# Q3_K runs on ggml's generic CPU path; Q4_K on x86 with AVX2 (and ARM) through the repacked
+# ("extra" buffer) path, which the fused op calls per group as well
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-op", "masked-sum"])
+@pytest.mark.parametrize("qtype", [Q.Q3_K, Q.Q4_K], ids=lambda t: t.name)
+def test_split_uniform_projection_gives_stock_logits(qtype, fused, float_ggufs, patched_site, tmp_path, monkeypatch):
     """A projection split into two groups of the *same* type must give exactly the stock file's
-    logits (masked slots add exact zeros), and the patched runtime must run the stock file
-    exactly as the stock runtime does."""
+    logits, both through the fused op the CPU runs and through the sum of masked mul_mat_id the
+    other backends run (LLAMA_EXPERT_GROUPS_NO_FUSE; masked slots add exact zeros); and the
+    patched runtime must run the stock file exactly as the stock runtime does."""
+    if fused:
+        monkeypatch.delenv("LLAMA_EXPERT_GROUPS_NO_FUSE", raising=False)
+    else:
+        monkeypatch.setenv("LLAMA_EXPERT_GROUPS_NO_FUSE", "1")
     bf16 = float_ggufs["mixtral"]
     from alphaq.baselines import FloatModel
 
     tensors = FloatModel.open(bf16).tensors
-    types = {t.name: Q.Q3_K for t in tensors if len(t.shape) >= 2 and "ffn_gate_inp" not in t.name}
+    types = {t.name: qtype for t in tensors if len(t.shape) >= 2 and "ffn_gate_inp" not in t.name}
     stock = tmp_path / "stock.gguf"
     quantize_gguf(bf16, stock, types, nthread=2)
     shape = next(t.shape for t in tensors if t.name == "blk.0.ffn_up_exps.weight")
-    split = {n: ExpertGroups(n, shape, (Q.Q3_K, Q.Q3_K), ((0, 2, 5, 7), (1, 3, 4, 6)))
+    split = {n: ExpertGroups(n, shape, (qtype, qtype), ((0, 2, 5, 7), (1, 3, 4, 6)))
              for n in ("blk.0.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight")}
     grouped = tmp_path / "split.gguf"
     write_expert_gguf(stock, bf16, split, {}, grouped)

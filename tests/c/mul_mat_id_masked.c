@@ -42,7 +42,7 @@ int main(int argc, char ** argv) {
     const size_t b_bytes = sizeof(float) * ne00 * ne11 * n_tokens;
     const size_t d_bytes = sizeof(float) * ne01 * n_used * n_tokens;
     struct ggml_init_params params = {
-        /*.mem_size   =*/ w_bytes + b_bytes + d_bytes + sizeof(int32_t)*n_used*n_tokens + 64*ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 20),
+        /*.mem_size   =*/ w_bytes + b_bytes + d_bytes + sizeof(int32_t)*n_used*n_tokens + 64*ggml_tensor_overhead() + ggml_graph_overhead() + (16 << 20), // + work buffer
         /*.mem_buffer =*/ NULL,
         /*.no_alloc   =*/ false,
     };

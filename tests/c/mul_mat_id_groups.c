@@ -1,0 +1,94 @@
+// Runs one ggml_mul_mat_id_groups on the CPU backend of the ggml it is linked against.
+//
+// usage: mul_mat_id_groups IN OUT
+//   IN : int32 header {n_groups, ne00, ne01, n_expert, ne11, n_used, n_tokens, n_threads}, then
+//        the group types (int32 [n_groups]), the group slot counts (int32 [n_groups]), the map
+//        (int32 [n_groups][n_expert]: slot of expert e in group g, or -1), each group's weights
+//        (n_slots_g * ne01 rows of ggml_row_size(type_g, ne00) bytes), b (f32 [ne00, ne11,
+//        n_tokens]), ids (i32 [n_used, n_tokens])
+//   OUT: dst, f32 [ne01, n_used, n_tokens]
+// dst is filled with NaN first, so a slot that no group writes shows up.
+#include "ggml.h"
+#include "ggml-cpu.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void read_exact(FILE * f, void * dst, size_t n) {
+    if (fread(dst, 1, n, f) != n) {
+        fprintf(stderr, "short read\n");
+        exit(2);
+    }
+}
+
+int main(int argc, char ** argv) {
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
+        return 2;
+    }
+    FILE * in = fopen(argv[1], "rb");
+    if (!in) {
+        perror(argv[1]);
+        return 2;
+    }
+    int32_t h[8];
+    read_exact(in, h, sizeof(h));
+    const int n_groups = h[0];
+    const int64_t ne00 = h[1], ne01 = h[2], n_expert = h[3], ne11 = h[4], n_used = h[5], n_tokens = h[6];
+    const int n_threads = h[7];
+    if (n_groups < 1 || n_groups > GGML_MUL_MAT_ID_MAX_GROUPS) {
+        fprintf(stderr, "bad n_groups %d\n", n_groups);
+        return 2;
+    }
+    int32_t types[GGML_MUL_MAT_ID_MAX_GROUPS], slots[GGML_MUL_MAT_ID_MAX_GROUPS];
+    read_exact(in, types, sizeof(int32_t) * n_groups);
+    read_exact(in, slots, sizeof(int32_t) * n_groups);
+
+    size_t w_bytes = 0;
+    for (int g = 0; g < n_groups; ++g) {
+        w_bytes += ggml_row_size((enum ggml_type) types[g], ne00) * ne01 * slots[g];
+    }
+    const size_t b_bytes = sizeof(float) * ne00 * ne11 * n_tokens;
+    const size_t d_bytes = sizeof(float) * ne01 * n_used * n_tokens;
+    struct ggml_init_params params = {
+        /*.mem_size   =*/ w_bytes + b_bytes + d_bytes + sizeof(int32_t)*(n_used*n_tokens + n_groups*n_expert)
+                          + 64*ggml_tensor_overhead() + ggml_graph_overhead() + (16 << 20), // + work buffer
+        /*.mem_buffer =*/ NULL,
+        /*.no_alloc   =*/ false,
+    };
+    struct ggml_context * ctx = ggml_init(params);
+
+    struct ggml_tensor * map = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_expert, n_groups);
+    read_exact(in, map->data, ggml_nbytes(map));
+    struct ggml_tensor * as[GGML_MUL_MAT_ID_MAX_GROUPS];
+    for (int g = 0; g < n_groups; ++g) {
+        as[g] = ggml_new_tensor_3d(ctx, (enum ggml_type) types[g], ne00, ne01, slots[g]);
+        read_exact(in, as[g]->data, ggml_nbytes(as[g]));
+    }
+    struct ggml_tensor * b   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, ne00, ne11, n_tokens);
+    struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_used, n_tokens);
+    read_exact(in, b->data, ggml_nbytes(b));
+    read_exact(in, ids->data, ggml_nbytes(ids));
+    fclose(in);
+
+    struct ggml_tensor * dst = ggml_mul_mat_id_groups(ctx, as, n_groups, map, b, ids);
+    struct ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, dst);
+    float * d = (float *) dst->data;
+    for (int64_t i = 0; i < ne01 * n_used * n_tokens; ++i) {
+        d[i] = NAN;
+    }
+    if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) {
+        fprintf(stderr, "compute failed\n");
+        return 1;
+    }
+
+    FILE * out = fopen(argv[2], "wb");
+    fwrite(dst->data, 1, ggml_nbytes(dst), out);
+    fclose(out);
+    ggml_free(ctx);
+    return 0;
+}
