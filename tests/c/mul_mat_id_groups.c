@@ -8,34 +8,12 @@
 //        n_tokens]), ids (i32 [n_used, n_tokens])
 //   OUT: dst, f32 [ne01, n_used, n_tokens]
 // dst is filled with NaN first, so a slot that no group writes shows up.
-#include "ggml.h"
-#include "ggml-cpu.h"
+#include "harness.h"
 
-#include <math.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-static void read_exact(FILE * f, void * dst, size_t n) {
-    if (fread(dst, 1, n, f) != n) {
-        fprintf(stderr, "short read\n");
-        exit(2);
-    }
-}
 
 int main(int argc, char ** argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
-        return 2;
-    }
-    FILE * in = fopen(argv[1], "rb");
-    if (!in) {
-        perror(argv[1]);
-        return 2;
-    }
     int32_t h[8];
-    read_exact(in, h, sizeof(h));
+    FILE * in = open_input(argc, argv, h);
     const int n_groups = h[0];
     const int64_t ne00 = h[1], ne01 = h[2], n_expert = h[3], ne11 = h[4], n_used = h[5], n_tokens = h[6];
     const int n_threads = h[7];
@@ -75,20 +53,5 @@ int main(int argc, char ** argv) {
     fclose(in);
 
     struct ggml_tensor * dst = ggml_mul_mat_id_groups(ctx, as, n_groups, map, b, ids);
-    struct ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, dst);
-    float * d = (float *) dst->data;
-    for (int64_t i = 0; i < ne01 * n_used * n_tokens; ++i) {
-        d[i] = NAN;
-    }
-    if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) {
-        fprintf(stderr, "compute failed\n");
-        return 1;
-    }
-
-    FILE * out = fopen(argv[2], "wb");
-    fwrite(dst->data, 1, ggml_nbytes(dst), out);
-    fclose(out);
-    ggml_free(ctx);
-    return 0;
+    return compute_and_write(ctx, dst, n_threads, argv[2]);
 }
