@@ -10,7 +10,6 @@
 // dst is filled with NaN first, so a slot that no group writes shows up.
 #include "harness.h"
 
-
 int main(int argc, char ** argv) {
     int32_t h[8];
     FILE * in = open_input(argc, argv, h);

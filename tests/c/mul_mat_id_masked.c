@@ -8,7 +8,6 @@
 // dst is filled with NaN first, so a masked slot that is never written shows up.
 #include "harness.h"
 
-
 int main(int argc, char ** argv) {
     int32_t h[8];
     FILE * in = open_input(argc, argv, h);
