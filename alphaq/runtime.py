@@ -8,11 +8,12 @@ means the environment's own llama_cpp.
     python -m alphaq.runtime load MODEL                   # llama.cpp's own log on stderr
     python -m alphaq.runtime logprobs MODEL TEXT N_CTX WINDOWS OUT.npy
     python -m alphaq.runtime generate MODEL PROMPT N_TOKENS
-    python -m alphaq.runtime speed MODEL N_PROMPT N_GEN REPEATS THREADS
+    python -m alphaq.runtime interleaved N_PROMPT N_GEN ROUNDS THREADS MODEL [MODEL ...]
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -59,9 +60,12 @@ def generate(site: Path | None, model: Path, prompt: str, n_tokens: int) -> dict
     return json.loads(run(site, "generate", model, prompt, n_tokens).stdout.strip().splitlines()[-1])
 
 
-def speed(site: Path | None, model: Path, n_prompt: int, n_gen: int, repeats: int, threads: int,
-          env: dict[str, str] | None = None) -> dict:
-    out = run(site, "speed", model, n_prompt, n_gen, repeats, threads, env=env).stdout
+def interleaved_speed(site: Path | None, models: list[Path], n_prompt: int, n_gen: int, rounds: int,
+                      threads: int, env: dict[str, str] | None = None) -> dict:
+    """Prefill and decode tokens/s of several files loaded in *one* process, timed in alternating
+    rounds: ``{"prefill": [[tps per round] per model], "decode": [...]}``. Machine load and the
+    per-process speed swings of this VM then hit every file alike, so per-round ratios are paired."""
+    out = run(site, "interleaved", n_prompt, n_gen, rounds, threads, *models, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -93,34 +97,62 @@ def _child_generate(model: str, prompt: str, n_tokens: str) -> None:
                       "version": __import__("llama_cpp").__version__}))
 
 
-def _child_speed(model: str, n_prompt: str, n_gen: str, repeats: str, threads: str) -> None:
-    """Prefill and greedy-decode tokens/s, best of ``repeats`` (less noise from other processes)."""
-    import llama_cpp
+def _child_interleaved(n_prompt: str, n_gen: str, rounds: str, threads: str, *models: str) -> None:
+    """Raw llama_decode calls (no sampling, no logits copies) on a fixed random token sequence, so
+    every file routes the same tokens and the Python around each step is a few microseconds."""
+    import llama_cpp as lc
 
-    n_p, n_g = int(n_prompt), int(n_gen)
-    # logits_all keeps llm.scores indexable by position (the same small cost for every file)
-    llm = llama_cpp.Llama(model_path=model, n_ctx=n_p + n_g + 8, n_batch=n_p, seed=0, verbose=False,
-                          logits_all=True, n_threads=int(threads), n_threads_batch=int(threads))
+    n_p, n_g, t = int(n_prompt), int(n_gen), int(threads)
+    lc.llama_backend_init()
+    loaded = []
+    for m in models:
+        mp = lc.llama_model_default_params()
+        model = lc.llama_model_load_from_file(m.encode(), mp)
+        if not model:
+            raise SystemExit(f"cannot load {m}")
+        cp = lc.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_p + n_g + 16, n_p, n_p
+        cp.n_threads, cp.n_threads_batch = t, t
+        ctx = lc.llama_init_from_model(model, cp)
+        loaded.append((model, ctx))
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(loaded[0][0]))
     rng = np.random.default_rng(0)
-    prompt = [llm.token_bos()] + [int(t) for t in rng.integers(10, llm.n_vocab(), n_p - 1)]
-    prefill, decode = [], []
-    for _ in range(int(repeats)):
-        llm.reset()
+    tokens = (lc.llama_token * (n_p + n_g))(*(int(x) for x in rng.integers(10, n_vocab, n_p + n_g)))
+
+    def decode(ctx, first: int, n: int) -> None:
+        ptr = ctypes.cast(ctypes.byref(tokens, first * ctypes.sizeof(lc.llama_token)), ctypes.POINTER(lc.llama_token))
+        if lc.llama_decode(ctx, lc.llama_batch_get_one(ptr, n)) != 0:
+            raise SystemExit("llama_decode failed")
+
+    def one_round(ctx) -> tuple[float, float]:
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
         t0 = time.perf_counter()
-        llm.eval(prompt)
+        decode(ctx, 0, n_p)
+        lc.llama_synchronize(ctx)
         t1 = time.perf_counter()
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        for _ in range(n_g):
-            llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        for i in range(n_g):
+            decode(ctx, n_p + i, 1)
+        lc.llama_synchronize(ctx)
         t2 = time.perf_counter()
-        prefill.append(n_p / (t1 - t0))
-        decode.append(n_g / (t2 - t1))
-    print(json.dumps({"prefill_tps": max(prefill), "decode_tps": max(decode),
-                      "prefill_all": prefill, "decode_all": decode,
-                      "version": llama_cpp.__version__}))
+        return n_p / (t1 - t0), n_g / (t2 - t1)
+
+    for _, ctx in loaded:  # warm-up: page in the weights, build the graphs once
+        one_round(ctx)
+    prefill = [[] for _ in loaded]
+    decode_tps = [[] for _ in loaded]
+    for r in range(int(rounds)):
+        order = range(len(loaded)) if r % 2 == 0 else reversed(range(len(loaded)))
+        for k in order:
+            p, d = one_round(loaded[k][1])
+            prefill[k].append(p)
+            decode_tps[k].append(d)
+    for model, ctx in loaded:
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+    print(json.dumps({"prefill": prefill, "decode": decode_tps, "version": lc.__version__}))
 
 
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"load": _child_load, "logprobs": _child_logprobs, "generate": _child_generate, "speed": _child_speed}[cmd](*rest)
+    {"load": _child_load, "logprobs": _child_logprobs, "generate": _child_generate,
+     "interleaved": _child_interleaved}[cmd](*rest)

@@ -11,8 +11,14 @@ where S is the size of AlphaQ's file at nominal budget B (both in size mode, so 
 granularity differs).
 Quality: both run in the patched llama-cpp-python (ggml-patches/), the BF16 reference in the stock
 one, on both held-out domains: perplexity, mean KL(BF16 || model), top-1 agreement.
-Speed (a benchmark, not a test): prefill and decode tokens/s of both files in the patched runtime,
-and of the tensor file in the stock runtime, interleaved in the same run, best of --repeats.
+Speed (a benchmark, not a test): prefill and decode tokens/s of both files loaded in *one* patched
+process and timed in alternating rounds (--rounds of a 128-token prefill then --n-gen decode steps),
+so each round gives a paired expert/tensor ratio; reported: the median over --processes processes
+of each process's median ratio, and the range of those. Per-process speeds on a shared VM swing by
+up to 2x, which made the earlier best-of-N-processes figures carry +-15 % noise; paired rounds in
+one process cancel most of that. The masked
+sum (the GPU graph) is a second process of the same pair; the stock runtime's speed on the tensor
+file a third (unpaired, for reference).
 Results: bench/expert-runtime.json (+ a markdown table on stdout).
 """
 
@@ -70,11 +76,39 @@ def tokens_of(bf16: Path, text: Path, n_ctx: int, windows: int) -> np.ndarray:
     return np.array(make_windows(llm, text.read_text(errors="replace"), n_ctx, windows))
 
 
-def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups: int, repeats: int,
-                   threads: int) -> dict:
+def paired_speed(site: Path | None, files: dict[str, Path], args: argparse.Namespace,
+                 env: dict[str, str] | None = None) -> dict:
+    """Median prefill/decode tok/s of each of ``files``, loaded together in one process and timed in
+    alternating rounds; for every file after the first, the median of its per-round ratio to the
+    first. That is repeated in ``args.processes`` processes: per-round ratios are tight within a
+    process (bootstrap intervals of +-1 %) but process medians still differ by up to ~8 % (memory
+    placement), so the reported ratio is the median of the process medians and its spread the
+    range of the process medians."""
+    names = list(files)
+    runs = [runtime.interleaved_speed(site, list(files.values()), 128, args.n_gen, args.rounds, args.threads, env=env)
+            for _ in range(args.processes)]
+    row = {}
+    for phase in ("prefill", "decode"):
+        tps = np.array([r[phase] for r in runs])  # (process, file, round)
+        for k, name in enumerate(names):
+            row[f"{name}_{phase}_tps"] = float(np.median(tps[:, k]))
+            if k:
+                per_process = np.median(tps[:, k] / tps[:, 0], axis=1)
+                row[f"{name}/{names[0]}_{phase}"] = float(np.median(per_process))
+                row[f"{name}/{names[0]}_{phase}_processes"] = [float(x) for x in per_process]
+    return row
+
+
+def fmt_ratio(row: dict, key: str) -> str:
+    per = row[key + "_processes"]
+    return f"{row[key]:.2f}× ({min(per):.2f}–{max(per):.2f})"
+
+
+def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups: int,
+                   args: argparse.Namespace) -> dict:
     """The runtime cost of the group machinery alone: every expert tensor of ``tensor_file`` split
     into ``groups`` groups of its own type (same bytes, same arithmetic, exact same logits — see
-    tests/test_patched_runtime.py), decode/prefill against the unsplit file, interleaved."""
+    tests/test_patched_runtime.py), decode/prefill against the unsplit file, paired rounds."""
     from gguf import GGMLQuantizationType
 
     from alphaq.expert_gguf import ExpertGroups, write_expert_gguf
@@ -88,15 +122,10 @@ def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups:
             layouts[t.name] = ExpertGroups(t.name, t.shape, (GGMLQuantizationType(t.type),) * groups,
                                            tuple(tuple(range(g, n, groups)) for g in range(groups)))
     write_expert_gguf(tensor_file, bf16, layouts, {}, split)
-    runs = {"unsplit": [], "split": [], "split-masked": []}
-    for _ in range(repeats):
-        runs["unsplit"].append(runtime.speed(site, tensor_file, 128, 64, 1, threads))
-        runs["split"].append(runtime.speed(site, split, 128, 64, 1, threads))
-        runs["split-masked"].append(runtime.speed(site, split, 128, 64, 1, threads, env=MASKED_SUM))
     row = {"model": name, "file": tensor_file.name, "groups": groups, "split_tensors": len(layouts)}
-    for k, v in runs.items():
-        row[f"{k}_decode_tps"] = max(r["decode_tps"] for r in v)
-        row[f"{k}_prefill_tps"] = max(r["prefill_tps"] for r in v)
+    row.update(paired_speed(site, {"unsplit": tensor_file, "split": split}, args))
+    masked = paired_speed(site, {"unsplit": tensor_file, "split": split}, args, env=MASKED_SUM)
+    row.update({f"masked:{k}": v for k, v in masked.items()})
     return row
 
 
@@ -108,7 +137,9 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--n-ctx", type=int, default=256)
     ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=60, help="paired timing rounds per process")
+    ap.add_argument("--processes", type=int, default=3, help="processes per file pair")
+    ap.add_argument("--n-gen", type=int, default=128, help="decode steps per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "expert-runtime.json")
     ap.add_argument("--speed-only", action="store_true", help="reuse cached files and quality; re-measure speed")
@@ -125,18 +156,18 @@ def main() -> int:
             bf16 = bf16_of(name, args.zoo, args.work)
             for budget in args.budgets:
                 f = args.work / name / "granularity" / f"tensor-b{budget:g}.gguf"
-                rows.append(split_overhead(name, bf16, f, site, args.split_overhead, args.repeats, args.threads))
+                rows.append(split_overhead(name, bf16, f, site, args.split_overhead, args))
                 print(json.dumps(rows[-1]), flush=True)
-        args.out.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "rows": rows}, indent=1) + "\n")
-        print("\n| model | file | split tensors × groups | decode tok/s unsplit / split (×) | prefill tok/s unsplit / split (×) "
-              "| masked sum: decode × / prefill × |")
-        print("|---|---|---|---|---|---|")
+        args.out.write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "processes": args.processes, "n_gen": args.n_gen,
+                                        "rows": rows}, indent=1) + "\n")
+        print("\n| model | file | split tensors × groups | decode tok/s unsplit / split | decode split/unsplit (range over processes) "
+              "| prefill split/unsplit | masked sum: decode / prefill |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['model']} | {r['file']} | {r['split_tensors']} × {r['groups']} "
-                  f"| {r['unsplit_decode_tps']:.1f} / {r['split_decode_tps']:.1f} ({r['split_decode_tps'] / r['unsplit_decode_tps']:.2f}×) "
-                  f"| {r['unsplit_prefill_tps']:.1f} / {r['split_prefill_tps']:.1f} ({r['split_prefill_tps'] / r['unsplit_prefill_tps']:.2f}×) "
-                  f"| {r['split-masked_decode_tps'] / r['unsplit_decode_tps']:.2f}× / "
-                  f"{r['split-masked_prefill_tps'] / r['unsplit_prefill_tps']:.2f}× |")
+                  f"| {r['unsplit_decode_tps']:.0f} / {r['split_decode_tps']:.0f} | {fmt_ratio(r, 'split/unsplit_decode')} "
+                  f"| {fmt_ratio(r, 'split/unsplit_prefill')} "
+                  f"| {fmt_ratio(r, 'masked:split/unsplit_decode')} / {fmt_ratio(r, 'masked:split/unsplit_prefill')} |")
         return 0
     rows = []
     for name in args.models:
@@ -170,36 +201,27 @@ def main() -> int:
                         lp = runtime.logprobs(site, path, t, args.n_ctx, args.windows, out / f"{g}-{d}.npy")
                         row.update({f"{g}_{d}_{k}": v for k, v in scores(lp, ref[d], toks[d]).items()})
                 cached.write_text(json.dumps(row))
-            # speed: interleave the three runs per repeat so machine load hits them alike
-            speeds = {"tensor@patched": [], "expert@patched": [], "expert@patched-masked": [], "tensor@stock": []}
-            for _ in range(args.repeats):
-                speeds["tensor@patched"].append(runtime.speed(site, files["tensor"], 128, 64, 1, args.threads))
-                speeds["expert@patched"].append(runtime.speed(site, files["expert"], 128, 64, 1, args.threads))
-                speeds["expert@patched-masked"].append(
-                    runtime.speed(site, files["expert"], 128, 64, 1, args.threads, env=MASKED_SUM))
-                speeds["tensor@stock"].append(runtime.speed(None, files["tensor"], 128, 64, 1, args.threads))
-            for k, v in speeds.items():
-                row[f"{k}_prefill_tps"] = max(s["prefill_tps"] for s in v)
-                row[f"{k}_decode_tps"] = max(s["decode_tps"] for s in v)
+            # speed: the pair in one process, paired rounds; then the masked sum; then the stock runtime
+            pair = {"tensor": files["tensor"], "expert": files["expert"]}
+            row.update(paired_speed(site, pair, args))
+            row.update({f"masked:{k}": v for k, v in paired_speed(site, pair, args, env=MASKED_SUM).items()})
+            row.update({f"stock:{k}": v for k, v in paired_speed(None, {"tensor": files["tensor"]}, args).items()})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.write_text(json.dumps({"n_ctx": args.n_ctx, "windows": args.windows, "repeats": args.repeats,
+    args.out.write_text(json.dumps({"n_ctx": args.n_ctx, "windows": args.windows, "rounds": args.rounds, "processes": args.processes, "n_gen": args.n_gen,
                                     "threads": args.threads, "rows": rows}, indent=1) + "\n")
 
     print("\n| model | budget | bytes tensor / expert | grouped | KL prose tensor → expert | KL code tensor → expert "
-          "| decode tok/s tensor / expert (×) | prefill tok/s tensor / expert (×) | masked sum: decode × / prefill × "
-          "| stock runtime decode tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| decode tok/s tensor / expert | decode expert/tensor (range over processes) | prefill expert/tensor "
+          "| masked sum: decode / prefill | stock runtime: tensor decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['budget']:g} | {r['tensor_bytes']:,} / {r['expert_bytes']:,} | {r['grouped_tensors']} "
               f"| {r['tensor_prose_kl']:.4f} → {r['expert_prose_kl']:.4f} | {r['tensor_code_kl']:.4f} → {r['expert_code_kl']:.4f} "
-              f"| {r['tensor@patched_decode_tps']:.0f} / {r['expert@patched_decode_tps']:.0f} "
-              f"({r['expert@patched_decode_tps'] / r['tensor@patched_decode_tps']:.2f}×) "
-              f"| {r['tensor@patched_prefill_tps']:.0f} / {r['expert@patched_prefill_tps']:.0f} "
-              f"({r['expert@patched_prefill_tps'] / r['tensor@patched_prefill_tps']:.2f}×) "
-              f"| {r['expert@patched-masked_decode_tps'] / r['tensor@patched_decode_tps']:.2f}× / "
-              f"{r['expert@patched-masked_prefill_tps'] / r['tensor@patched_prefill_tps']:.2f}× "
-              f"| {r['tensor@stock_decode_tps']:.0f} |")
+              f"| {r['tensor_decode_tps']:.0f} / {r['expert_decode_tps']:.0f} | {fmt_ratio(r, 'expert/tensor_decode')} "
+              f"| {fmt_ratio(r, 'expert/tensor_prefill')} "
+              f"| {fmt_ratio(r, 'masked:expert/tensor_decode')} / {fmt_ratio(r, 'masked:expert/tensor_prefill')} "
+              f"| {r['stock:tensor_decode_tps']:.0f} |")
     return 0
 
 

@@ -320,6 +320,18 @@ def test_patched_generation(expert_files, patched_site):
     assert first["text"] == again["text"]
 
 
+def test_interleaved_speed_times_every_file_every_round(expert_files, float_ggufs, patched_site):
+    """The benchmark child (scripts/bench_expert.py): a grouped and a stock file in one patched
+    process, every round timing both; speeds are positive and finite."""
+    grouped = next(p for p in expert_files.values() if read_layouts(p))
+    arch = next(a for (a, _), p in expert_files.items() if p == grouped)
+    r = runtime.interleaved_speed(patched_site, [grouped, float_ggufs[arch]], 16, 4, 3, 2)
+    assert "+alphaq." in r["version"]
+    for phase in ("prefill", "decode"):
+        tps = np.array(r[phase])
+        assert tps.shape == (2, 3) and np.all(np.isfinite(tps)) and np.all(tps > 0), (phase, tps)
+
+
 def test_alphaq_eval_patched_runs_expert_files(expert_files, float_ggufs, patched_site, tmp_path, monkeypatch):
     """`alphaq eval --patched` evaluates an expert-granular file from the stock environment (the
     patched runtime in a child), against a stock reference; the perplexity is the one the patched
