@@ -114,8 +114,10 @@ def _child_interleaved(n_prompt: str, n_gen: str, rounds: str, threads: str, *mo
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_p + n_g + 16, n_p, n_p
         cp.n_threads, cp.n_threads_batch = t, t
         ctx = lc.llama_init_from_model(model, cp)
+        if not ctx:
+            raise SystemExit(f"cannot create a context for {m}")
         loaded.append((model, ctx))
-    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(loaded[0][0]))
+    n_vocab = min(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model)) for model, _ in loaded)
     rng = np.random.default_rng(0)
     tokens = (lc.llama_token * (n_p + n_g))(*(int(x) for x in rng.integers(10, n_vocab, n_p + n_g)))
 
