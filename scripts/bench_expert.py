@@ -16,9 +16,8 @@ process and timed in alternating rounds (--rounds of a 128-token prefill then --
 so each round gives a paired expert/tensor ratio; reported: the median over --processes processes
 of each process's median ratio, and the range of those. Per-process speeds on a shared VM swing by
 up to 2x, which made the earlier best-of-N-processes figures carry +-15 % noise; paired rounds in
-one process cancel most of that. The masked
-sum (the GPU graph) is a second process of the same pair; the stock runtime's speed on the tensor
-file a third (unpaired, for reference).
+one process cancel most of that. The masked sum (the GPU graph) is timed the same way in other
+processes; the stock runtime's speed on the tensor file in others again (unpaired, for reference).
 Results: bench/expert-runtime.json (+ a markdown table on stdout).
 """
 
@@ -99,6 +98,13 @@ def paired_speed(site: Path | None, files: dict[str, Path], args: argparse.Names
     return row
 
 
+def fused_and_masked(site: Path, files: dict[str, Path], args: argparse.Namespace) -> dict:
+    """`paired_speed` with the CPU's fused op, then with the masked sum (keys prefixed "masked:")."""
+    row = paired_speed(site, files, args)
+    row.update({f"masked:{k}": v for k, v in paired_speed(site, files, args, env=MASKED_SUM).items()})
+    return row
+
+
 def fmt_ratio(row: dict, key: str) -> str:
     per = row[key + "_processes"]
     return f"{row[key]:.2f}× ({min(per):.2f}–{max(per):.2f})"
@@ -123,9 +129,7 @@ def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups:
                                            tuple(tuple(range(g, n, groups)) for g in range(groups)))
     write_expert_gguf(tensor_file, bf16, layouts, {}, split)
     row = {"model": name, "file": tensor_file.name, "groups": groups, "split_tensors": len(layouts)}
-    row.update(paired_speed(site, {"unsplit": tensor_file, "split": split}, args))
-    masked = paired_speed(site, {"unsplit": tensor_file, "split": split}, args, env=MASKED_SUM)
-    row.update({f"masked:{k}": v for k, v in masked.items()})
+    row.update(fused_and_masked(site, {"unsplit": tensor_file, "split": split}, args))
     return row
 
 
@@ -202,9 +206,7 @@ def main() -> int:
                         row.update({f"{g}_{d}_{k}": v for k, v in scores(lp, ref[d], toks[d]).items()})
                 cached.write_text(json.dumps(row))
             # speed: the pair in one process, paired rounds; then the masked sum; then the stock runtime
-            pair = {"tensor": files["tensor"], "expert": files["expert"]}
-            row.update(paired_speed(site, pair, args))
-            row.update({f"masked:{k}": v for k, v in paired_speed(site, pair, args, env=MASKED_SUM).items()})
+            row.update(fused_and_masked(site, {"tensor": files["tensor"], "expert": files["expert"]}, args))
             row.update({f"stock:{k}": v for k, v in paired_speed(None, {"tensor": files["tensor"]}, args).items()})
             rows.append(row)
             print(json.dumps(row), flush=True)

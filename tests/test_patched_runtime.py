@@ -51,18 +51,26 @@ def mmid_binary(patched_site, tmp_path_factory) -> Path:
     return _build_c("mul_mat_id_masked", patched_site, tmp_path_factory)
 
 
-def _mul_mat_id(exe: Path, tmp: Path, wq: np.ndarray, qtype, shape, b: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    n_as, ne01, ne00 = shape
-    n_tokens, ne11, _ = b.shape
-    n_used = ids.shape[1]
+def _run_op(exe: Path, tmp: Path, head: bytes, weights: list[np.ndarray], b: np.ndarray, ids: np.ndarray,
+            ne01: int) -> np.ndarray:
+    """Write an op program's input (header fields, weights, b, ids; tests/c/*.c), run it, read dst
+    (n_tokens, n_used, ne01)."""
     src, dst = tmp / "in.bin", tmp / "out.bin"
     with open(src, "wb") as f:
-        f.write(struct.pack("8i", int(qtype), ne00, ne01, n_as, ne11, n_used, n_tokens, 2))
-        f.write(np.ascontiguousarray(wq).tobytes())
+        f.write(head)
+        for w in weights:
+            f.write(np.ascontiguousarray(w).tobytes())
         f.write(np.ascontiguousarray(b, dtype=np.float32).tobytes())
         f.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
     subprocess.run([str(exe), str(src), str(dst)], check=True)
-    return np.fromfile(dst, dtype=np.float32).reshape(n_tokens, n_used, ne01)
+    return np.fromfile(dst, dtype=np.float32).reshape(b.shape[0], ids.shape[1], ne01)
+
+
+def _mul_mat_id(exe: Path, tmp: Path, wq: np.ndarray, qtype, shape, b: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    n_as, ne01, ne00 = shape
+    n_tokens, ne11, _ = b.shape
+    head = struct.pack("8i", int(qtype), ne00, ne01, n_as, ne11, ids.shape[1], n_tokens, 2)
+    return _run_op(exe, tmp, head, [wq], b, ids, ne01)
 
 
 @pytest.mark.parametrize("ne11", [1, 2], ids=["broadcast-input", "per-slot-input"])
@@ -106,19 +114,12 @@ def _mul_mat_id_groups(exe: Path, tmp: Path, groups: list, expert_map: np.ndarra
     """groups: [(qtype, quantised weights (n_slots, rows, bytes))]; expert_map: (n_groups, n_expert)."""
     n_expert, ne01, ne00 = shape
     n_tokens, ne11, _ = b.shape
-    n_used = ids.shape[1]
-    src, dst = tmp / "in.bin", tmp / "out.bin"
-    with open(src, "wb") as f:
-        f.write(struct.pack("8i", len(groups), ne00, ne01, n_expert, ne11, n_used, n_tokens, 2))
-        f.write(struct.pack(f"{len(groups)}i", *(int(t) for t, _ in groups)))
-        f.write(struct.pack(f"{len(groups)}i", *(w.shape[0] for _, w in groups)))
-        f.write(np.ascontiguousarray(expert_map, dtype=np.int32).tobytes())
-        for _, w in groups:
-            f.write(np.ascontiguousarray(w).tobytes())
-        f.write(np.ascontiguousarray(b, dtype=np.float32).tobytes())
-        f.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
-    subprocess.run([str(exe), str(src), str(dst)], check=True)
-    return np.fromfile(dst, dtype=np.float32).reshape(n_tokens, n_used, ne01)
+    n = len(groups)
+    head = (struct.pack("8i", n, ne00, ne01, n_expert, ne11, ids.shape[1], n_tokens, 2)
+            + struct.pack(f"{n}i", *(int(t) for t, _ in groups))
+            + struct.pack(f"{n}i", *(w.shape[0] for _, w in groups))
+            + np.ascontiguousarray(expert_map, dtype=np.int32).tobytes())
+    return _run_op(exe, tmp, head, [w for _, w in groups], b, ids, ne01)
 
 
 GROUP_TYPES = [(Q.Q3_K, Q.Q4_K), (Q.IQ1_S, Q.Q2_K, Q.Q4_0), (Q.Q2_K, Q.IQ4_NL, Q.Q5_K, Q.Q8_0)]
