@@ -26,8 +26,9 @@ AlphaQ §3.2 / App. A.3. For a matrix W (numpy layout ``(rows, cols)``):
    keeps that effective behaviour; ``"corrected"`` uses ``0.95*peak <= lam <= 1.5*peak``.
 
 Numerics (see docs/SPECTRAL.md for the measurements): everything runs in float64. Block
-eigenvalues come from batched ``eigvalsh`` of the Gram matrices (numpy's OpenBLAS on the CPU,
-faster here than torch's MKL; torch otherwise); the block that
+eigenvalues are those of the exact Gram matrices (numpy's OpenBLAS products on the CPU, faster
+here than torch's MKL; torch otherwise), from `alphaq.eigensolver`'s compiled kernel (~2x
+LAPACK) or, without a C compiler, numpy's ``eigvalsh``; the block that
 holds the global minimum (which sets the histogram's left edge) is recomputed with an SVD,
 because a Gram eigenvalue carries an absolute error of ~b*eps*lam_max. Eigenvalues below
 ``zero_rel_tol * lam_max`` are numerical zeros (rank deficiency) and are left out of the fit.
@@ -48,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alphaq import eigensolver
 from alphaq.errors import AlphaQError
 
 logger = logging.getLogger(__name__)
@@ -150,6 +152,7 @@ class _OpenBLAS:
     torch (see `pinned_threads`)."""
 
     _lib = None
+    _dll = None
     _found = False
 
     @classmethod
@@ -167,8 +170,15 @@ class _OpenBLAS:
                     if hasattr(dll, get) and hasattr(dll, set_):
                         getattr(dll, set_).argtypes = [ctypes.c_int]
                         cls._lib = (getattr(dll, get), getattr(dll, set_))
+                        cls._dll = dll
                         return cls._lib
         return cls._lib
+
+    @classmethod
+    def dll(cls):
+        """The library itself (its LAPACK symbols), or None."""
+        cls.lib()
+        return cls._dll
 
 
 _pin_lock = threading.Lock()
@@ -277,22 +287,37 @@ def _blocks_eigs(w: np.ndarray, first: int, last: int, nc: int, b: int, dev: tor
     """Gram eigenvalues of FARMS blocks first..last-1 (row-major over the block grid):
     (n_blocks, b), ascending, on the CPU.
 
-    On the CPU, when numpy's OpenBLAS can be pinned to one thread (`_OpenBLAS`), both the float64
-    Gram products and the eigensolver are numpy's: on this project's AMD CPU its 256x256
-    products are 2.5x and its ``syevd`` 1.4x faster than torch's MKL (docs/SPECTRAL.md). For
-    BF16 weights the float64 Gram is exact, so any BLAS gives the same Gram bits. Otherwise, and
-    on CUDA, torch computes the products (on ``dev``) and the eigensolver runs on the CPU:
-    cuSOLVER has no batched float64 solver for 256x256 and loops at ~2 ms per matrix on an
-    H100, no faster than one CPU core, while the CPU thread pool scales with the cores.
+    On the CPU, when numpy's OpenBLAS can be pinned to one thread (`_OpenBLAS`), the float64
+    Gram products are numpy's: on this project's AMD CPU its 256x256 products are 2.5x faster
+    than torch's MKL (docs/SPECTRAL.md). For BF16 weights the float64 Gram is exact, so any BLAS
+    gives the same Gram bits. Otherwise, and on CUDA, torch computes the products (on ``dev``).
+    The eigenvalues always come from the CPU (`_gram_eigenvalues`): cuSOLVER has no batched
+    float64 solver for 256x256 and loops at ~2 ms per matrix on an H100, no faster than one CPU
+    core, while the CPU thread pool scales with the cores.
     """
     if dev.type == "cpu" and _OpenBLAS.lib() is not None:
         x = np.empty((last - first, b, b), dtype=np.float64)
         for k, i in enumerate(range(first, last)):
             x[k] = _block(w, *divmod(i, nc), b)  # float32 -> float64 is exact
-        return torch.from_numpy(np.linalg.eigvalsh(np.matmul(x.transpose(0, 2, 1), x)))  # of B^T B
+        return torch.from_numpy(_gram_eigenvalues(np.matmul(x.transpose(0, 2, 1), x)))  # of B^T B
     blocks = np.stack([_block(w, *divmod(i, nc), b) for i in range(first, last)])  # (n, b, b)
     x = torch.from_numpy(blocks).to(dev, torch.float64)
-    return torch.linalg.eigvalsh((x.mT @ x).cpu())  # of B^T B
+    grams = (x.mT @ x).cpu()  # of B^T B
+    if eigensolver.available():
+        return torch.from_numpy(_gram_eigenvalues(grams.numpy()))
+    return torch.linalg.eigvalsh(grams)
+
+
+def _gram_eigenvalues(grams: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of each matrix in ``grams`` (k, b, b): the native kernel
+    (`alphaq.eigensolver`, ~2x LAPACK's syevd on 256x256 here) when it is available, else
+    numpy's ``eigvalsh``. The two agree to ~1e-15 * lambda_max (tests)."""
+    if eigensolver.available():
+        try:
+            return eigensolver.symmetric_eigenvalues(grams)
+        except np.linalg.LinAlgError as exc:  # a block outside the kernel's range: LAPACK takes the batch
+            logger.debug("native eigensolver declined a batch (%s); using eigvalsh", exc)
+    return np.linalg.eigvalsh(grams)
 
 
 def _blocked_eigs(

@@ -1,0 +1,426 @@
+/* Eigenvalues of many small symmetric matrices (FARMS Gram blocks), float64.
+
+   Compiled on first use by alphaq/eigensolver.py with the machine's C compiler (-O3
+   -march=native) and called through ctypes, which releases the GIL: one call per block batch
+   and thread.
+
+   Why not LAPACK's dsyevd (numpy's eigvalsh): for 256x256 matrices its blocked reduction to
+   tridiagonal form (dsytrd) runs at a third of this CPU's speed, because each of its n steps
+   reads the trailing matrix once for a symmetric matrix-vector product and the blocked update
+   reads and writes it again. Here the matrix is stored packed (lower triangle by columns, 263 KB
+   for n = 256, so it stays in L2) and the rank-2 update of step k is fused into the
+   matrix-vector product of step k+1: one pass over the trailing matrix per step. The
+   arithmetic is that of LAPACK's unblocked dsytd2 ('L'); the tridiagonal eigenvalues then come
+   from LAPACK's own dsterf (passed in as a function pointer from numpy's OpenBLAS).
+
+   Inputs are Gram matrices of float32 weights, so nonzero entries are >= ~1e-90 in magnitude:
+   far from float64's underflow, which is why the reflector needs no dlarfg-style rescaling. */
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ALPHAQ_AVX2 1
+#endif
+
+/* Scratch doubles `alphaq_symmetric_eigenvalues` needs for `count` matrices of order n. */
+size_t alphaq_work_size(int n, int count) { return (size_t)n * (n + 1) / 2 + (5 + (size_t)count) * (size_t)n; }
+
+/* 2-norm of x[0..m-1] without overflow or underflow (scaled sum of squares, as LAPACK dnrm2). */
+static double norm2(const double *x, int m) {
+    double scale = 0.0, ssq = 1.0;
+    for (int r = 0; r < m; r++) {
+        double ax = fabs(x[r]);
+        if (ax == 0.0) continue;
+        if (scale < ax) {
+            ssq = 1.0 + ssq * (scale / ax) * (scale / ax);
+            scale = ax;
+        } else {
+            ssq += (ax / scale) * (ax / scale);
+        }
+    }
+    return scale * sqrt(ssq);
+}
+
+/* One pass over column j (rows j..n-1, cj[r]) of the trailing matrix: apply the pending update
+   a -= vp w'^T + w' vp^T, then accumulate p += A v (lower storage: a_rj feeds p_r and p_j).
+   Returns the updated diagonal a_jj and the column's dot product sum_{r>j} a_rj v_r. */
+static double column_pass(double *cj, int j, int n, const double *vp, const double *wp, int pending,
+                          const double *v, double vj_new, double *p, double *dot_out) {
+    double s = 0.0;
+    int r = j + 1;
+    if (pending) {
+        const double vj = vp[j], wj = wp[j];
+        cj[j] -= vp[j] * wj + wp[j] * vj;
+#ifdef ALPHAQ_AVX2
+        const __m256d VJ = _mm256_set1_pd(vj), WJ = _mm256_set1_pd(wj), NV = _mm256_set1_pd(vj_new);
+        __m256d S = _mm256_setzero_pd();
+        for (; r + 4 <= n; r += 4) {
+            __m256d x = _mm256_loadu_pd(cj + r);
+            x = _mm256_fnmadd_pd(_mm256_loadu_pd(vp + r), WJ, x);
+            x = _mm256_fnmadd_pd(_mm256_loadu_pd(wp + r), VJ, x);
+            _mm256_storeu_pd(cj + r, x);
+            _mm256_storeu_pd(p + r, _mm256_fmadd_pd(x, NV, _mm256_loadu_pd(p + r)));
+            S = _mm256_fmadd_pd(x, _mm256_loadu_pd(v + r), S);
+        }
+        double t[4];
+        _mm256_storeu_pd(t, S);
+        s = (t[0] + t[1]) + (t[2] + t[3]);
+#endif
+        for (; r < n; r++) {
+            double x = cj[r] - vp[r] * wj - wp[r] * vj;
+            cj[r] = x;
+            p[r] += x * vj_new;
+            s += x * v[r];
+        }
+    } else {
+#ifdef ALPHAQ_AVX2
+        const __m256d NV = _mm256_set1_pd(vj_new);
+        __m256d S = _mm256_setzero_pd();
+        for (; r + 4 <= n; r += 4) {
+            __m256d x = _mm256_loadu_pd(cj + r);
+            _mm256_storeu_pd(p + r, _mm256_fmadd_pd(x, NV, _mm256_loadu_pd(p + r)));
+            S = _mm256_fmadd_pd(x, _mm256_loadu_pd(v + r), S);
+        }
+        double t[4];
+        _mm256_storeu_pd(t, S);
+        s = (t[0] + t[1]) + (t[2] + t[3]);
+#endif
+        for (; r < n; r++) {
+            p[r] += cj[r] * vj_new;
+            s += cj[r] * v[r];
+        }
+    }
+    *dot_out = s;
+    return cj[j];
+}
+
+
+/* columns j and j+1 together (pending update applied to both); returns via pointers */
+static void column_pair_pass(double *c0, double *c1, int j, int n, const double *vp, const double *wp,
+                             int pending, const double *v, double *p, double *ajj0, double *ajj1, double *s0o, double *s1o) {
+    const double v0 = pending ? vp[j] : 0, w0 = pending ? wp[j] : 0, v1 = pending ? vp[j + 1] : 0, w1 = pending ? wp[j + 1] : 0;
+    const double n0 = v[j], n1 = v[j + 1];
+    c0[j] -= vp[j] * w0 + wp[j] * v0;
+    double x01 = c0[j + 1] - vp[j + 1] * w0 - wp[j + 1] * v0;  /* row j+1 of column j */
+    c0[j + 1] = x01;
+    c1[j + 1] -= vp[j + 1] * w1 + wp[j + 1] * v1;
+    double s0 = x01 * v[j + 1], s1 = 0.0;
+    p[j + 1] += x01 * n0;
+    int r = j + 2;
+#ifdef ALPHAQ_AVX2
+    const __m256d V0 = _mm256_set1_pd(v0), W0 = _mm256_set1_pd(w0), V1 = _mm256_set1_pd(v1), W1 = _mm256_set1_pd(w1);
+    const __m256d N0 = _mm256_set1_pd(n0), N1 = _mm256_set1_pd(n1);
+    __m256d S0 = _mm256_setzero_pd(), S1 = _mm256_setzero_pd();
+    for (; r + 4 <= n; r += 4) {
+        const __m256d VP = _mm256_loadu_pd(vp + r), WP = _mm256_loadu_pd(wp + r), VV = _mm256_loadu_pd(v + r);
+        __m256d x = _mm256_loadu_pd(c0 + r), y = _mm256_loadu_pd(c1 + r);
+        x = _mm256_fnmadd_pd(VP, W0, x); y = _mm256_fnmadd_pd(VP, W1, y);
+        x = _mm256_fnmadd_pd(WP, V0, x); y = _mm256_fnmadd_pd(WP, V1, y);
+        _mm256_storeu_pd(c0 + r, x); _mm256_storeu_pd(c1 + r, y);
+        _mm256_storeu_pd(p + r, _mm256_fmadd_pd(y, N1, _mm256_fmadd_pd(x, N0, _mm256_loadu_pd(p + r))));
+        S0 = _mm256_fmadd_pd(x, VV, S0); S1 = _mm256_fmadd_pd(y, VV, S1);
+    }
+    double t[4];
+    _mm256_storeu_pd(t, S0); s0 += (t[0] + t[1]) + (t[2] + t[3]);
+    _mm256_storeu_pd(t, S1); s1 += (t[0] + t[1]) + (t[2] + t[3]);
+#endif
+    for (; r < n; r++) {
+        double x = c0[r] - vp[r] * w0 - wp[r] * v0, y = c1[r] - vp[r] * w1 - wp[r] * v1;
+        c0[r] = x; c1[r] = y;
+        p[r] += x * n0 + y * n1;
+        s0 += x * v[r]; s1 += y * v[r];
+    }
+    *ajj0 = c0[j]; *ajj1 = c1[j + 1]; *s0o = s0; *s1o = s1;
+}
+
+/* Householder reduction of the symmetric matrix g (n x n, row-major; only its lower triangle,
+   g[j*n + r] for r >= j, is read) to tridiagonal form: diagonal d[0..n-1], off-diagonal
+   e[0..n-2]. `a` holds the packed matrix, v/vp/wp/p are n-vectors, co n offsets. */
+static void tridiagonalize(const double *g, int n, double *d, double *e, double *a, double *v, double *vp,
+                           double *wp, double *p, size_t *co) {
+    size_t off = 0;
+    for (int j = 0; j < n; j++) {
+        co[j] = off - (size_t)j;  /* column j's row r lives at a[co[j] + r] */
+        memcpy(a + off, g + (size_t)j * n + j, sizeof(double) * (size_t)(n - j));
+        off += (size_t)(n - j);
+    }
+    int pending = 0;  /* a rank-2 update (vp, wp) of the trailing matrix is not yet applied */
+    for (int i = 0; i < n - 1; i++) {
+        double *ci = a + co[i];
+        if (pending) {  /* column i first: the reflector is built from it */
+            const double vi = vp[i], wi = wp[i];
+            for (int r = i; r < n; r++) ci[r] -= vp[r] * wi + wp[r] * vi;
+        }
+        d[i] = ci[i];
+
+        /* reflector H = I - tau u u^T (u[i+1] = 1) with H (ci[i+1..n-1]) = (beta, 0, ..., 0) */
+        const double alpha = ci[i + 1];
+        const double xnorm = norm2(ci + i + 2, n - i - 2);
+        double tau = 0.0, beta = alpha;
+        if (xnorm != 0.0) {
+            beta = -copysign(hypot(alpha, xnorm), alpha);
+            tau = (beta - alpha) / beta;
+            const double scale = 1.0 / (alpha - beta);
+            v[i + 1] = 1.0;
+            for (int r = i + 2; r < n; r++) v[r] = ci[r] * scale;
+        }
+        e[i] = beta;
+
+        if (tau == 0.0) {  /* H = I: only the pending update remains to be applied */
+            for (int j = i + 1; pending && j < n; j++) {
+                double *cj = a + co[j];
+                for (int r = j; r < n; r++) cj[r] -= vp[r] * wp[j] + wp[r] * vp[j];
+            }
+            pending = 0;
+            continue;
+        }
+        /* p = A v over the trailing matrix, applying the pending update on the way */
+        for (int r = i + 1; r < n; r++) p[r] = 0.0;
+        int j = i + 1;
+        for (; j + 1 < n; j += 2) {
+            double a0, a1, s0, s1;
+            column_pair_pass(a + co[j], a + co[j + 1], j, n, vp, wp, pending, v, p, &a0, &a1, &s0, &s1);
+            p[j] += a0 * v[j] + s0;
+            p[j + 1] += a1 * v[j + 1] + s1;
+        }
+        for (; j < n; j++) {
+            double s;
+            const double ajj = column_pass(a + co[j], j, n, vp, wp, pending, v, v[j], p, &s);
+            p[j] += ajj * v[j] + s;
+        }
+        /* w = tau p - (tau^2/2)(p.v) v; the trailing matrix becomes A - v w^T - w v^T */
+        double pv = 0.0;
+        for (int r = i + 1; r < n; r++) {
+            p[r] *= tau;
+            pv += p[r] * v[r];
+        }
+        const double half = -0.5 * tau * pv;
+        for (int r = i + 1; r < n; r++) {
+            vp[r] = v[r];
+            wp[r] = p[r] + half * v[r];
+        }
+        pending = 1;
+    }
+    double last = a[co[n - 1] + n - 1];
+    if (pending) last -= 2.0 * vp[n - 1] * wp[n - 1];
+    d[n - 1] = last;
+}
+
+/* ---- Tridiagonal eigenvalues: Pal-Walker-Kahan root-free QL, several matrices interleaved ----
+
+   The implicit QL sweep is a chain of dependent divisions (~50 cycles per step here), so one
+   matrix at a time leaves the divider mostly idle. STREAMS matrices are swept side by side: the
+   joint loop advances every stream's sweep by one step per round, and the out-of-order core
+   overlaps the independent chains. Per stream the arithmetic is the classic root-free QL on the
+   squared off-diagonals (as in LAPACK's dsterf): splitting at negligible off-diagonals, 2x2
+   blocks in closed form, a Wilkinson-type shift; a block whose last diagonal entry is smaller
+   in magnitude than its first is reversed first, so the sweep always chases from the larger
+   end (what dsterf's QR/QL choice achieves). */
+
+#define STREAMS 4
+
+typedef struct {
+    double *d, *e;  /* diagonal; squared off-diagonal of the block being reduced */
+    int n, next;    /* order; where the search for the next unreduced block starts */
+    int l, lend;    /* block [l, lend] being reduced */
+    int iter, maxit;
+    /* the sweep in progress: step index i runs from m-1 down to l */
+    int i, m;
+    double c, s, gamma, p, sigma;
+} stream;
+
+static const double EPS = 1.1102230246251565e-16;  /* 2^-53, LAPACK's dlamch('E') */
+/* outside [SSFMIN, SSFMAX] a block would need rescaling; Gram matrices of float32 never do */
+static const double SSFMAX = 4.4942328371557893e+153 / 3.0, SSFMIN = 3.0e-135;
+
+/* eigenvalues of [[a, b], [b, c]] (LAPACK dlae2's formulas): rt1 >= rt2 in magnitude order */
+static void eig2(double a, double b, double c, double *rt1, double *rt2) {
+    const double sm = a + c, adf = fabs(a - c), ab = fabs(b + b);
+    const double acmx = fabs(a) > fabs(c) ? a : c, acmn = fabs(a) > fabs(c) ? c : a;
+    double rt;
+    if (adf > ab) rt = adf * sqrt(1.0 + (ab / adf) * (ab / adf));
+    else if (adf < ab) rt = ab * sqrt(1.0 + (adf / ab) * (adf / ab));
+    else rt = ab * sqrt(2.0);
+    if (sm != 0.0) {
+        *rt1 = sm < 0.0 ? 0.5 * (sm - rt) : 0.5 * (sm + rt);
+        *rt2 = (acmx / *rt1) * acmn - (b / *rt1) * b;
+    } else {
+        *rt1 = 0.5 * rt;
+        *rt2 = -0.5 * rt;
+    }
+}
+
+static void reverse(double *x, int lo, int hi) {
+    for (; lo < hi; lo++, hi--) {
+        double t = x[lo];
+        x[lo] = x[hi];
+        x[hi] = t;
+    }
+}
+
+/* Runs stream q's control logic until it needs a QL sweep (returns 1, sweep state set up) or
+   its matrix is fully reduced (returns 0). Returns -1 if the iteration limit was hit or a block
+   is outside the range that needs no rescaling. */
+static int next_sweep(stream *q) {
+    double *d = q->d, *e = q->e;
+    for (;;) {
+        if (q->l > q->lend) {  /* find the next unreduced block */
+            int l1 = q->next, n = q->n;
+            if (l1 >= n) return 0;
+            if (l1 > 0) e[l1 - 1] = 0.0;
+            int m = l1;
+            for (; m < n - 1; m++) {
+                double t = fabs(e[m]);
+                if (t == 0.0) break;
+                if (t <= sqrt(fabs(d[m])) * sqrt(fabs(d[m + 1])) * EPS) {
+                    e[m] = 0.0;
+                    break;
+                }
+            }
+            q->l = l1;
+            q->lend = m;
+            q->next = m + 1;
+            if (m == l1) continue;
+            double anorm = 0.0;
+            for (int i = l1; i <= m; i++) anorm = fmax(anorm, fabs(d[i]));
+            for (int i = l1; i < m; i++) anorm = fmax(anorm, fabs(e[i]));
+            if (anorm == 0.0) {
+                q->l = m + 1;
+                continue;
+            }
+            if (anorm > SSFMAX || anorm < SSFMIN) return -1;
+            for (int i = l1; i < m; i++) e[i] *= e[i];
+            if (fabs(d[m]) < fabs(d[l1])) {  /* chase from the larger end */
+                reverse(d, l1, m);
+                reverse(e, l1, m - 1);
+            }
+        }
+        const int l = q->l, lend = q->lend;
+        int m = l;
+        for (; m < lend; m++)
+            if (fabs(e[m]) <= EPS * EPS * fabs(d[m] * d[m + 1])) break;
+        if (m < lend) e[m] = 0.0;
+        const double p = d[l];
+        if (m == l) {  /* d[l] is an eigenvalue */
+            q->l = l + 1;
+            continue;
+        }
+        if (m == l + 1) {  /* a 2x2 block */
+            double rt1, rt2;
+            eig2(d[l], sqrt(e[l]), d[l + 1], &rt1, &rt2);
+            d[l] = rt1;
+            d[l + 1] = rt2;
+            e[l] = 0.0;
+            q->l = l + 2;
+            continue;
+        }
+        if (q->iter == q->maxit) return -1;
+        q->iter++;
+        const double rte = sqrt(e[l]);
+        double sigma = (d[l + 1] - p) / (2.0 * rte);
+        const double r = hypot(sigma, 1.0);
+        sigma = p - rte / (sigma + copysign(r, sigma));
+        q->sigma = sigma;
+        q->c = 1.0;
+        q->s = 0.0;
+        q->gamma = d[m] - sigma;
+        q->p = q->gamma * q->gamma;
+        q->m = m;
+        q->i = m - 1;
+        return 1;
+    }
+}
+
+/* One step of stream q's sweep (the loop body of the root-free QL). */
+static inline void sweep_step(stream *q, double *sink) {
+    double *d = q->d, *e = q->e;
+    const int i = q->i;
+    const double bb = e[i], r = q->p + bb;
+    *(i == q->m - 1 ? sink : e + i + 1) = q->s * r;
+    const double oldc = q->c, oldgam = q->gamma, alpha = d[i];
+    const double c = q->p / r;
+    q->s = bb / r;
+    q->gamma = c * (alpha - q->sigma) - q->s * oldgam;
+    d[i + 1] = oldgam + (alpha - q->gamma);
+    q->p = c != 0.0 ? (q->gamma * q->gamma) / c : oldc * bb;
+    q->c = c;
+    q->i = i - 1;
+}
+
+static void finish_sweep(stream *q) {
+    q->e[q->l] = q->s * q->p;
+    q->d[q->l] = q->sigma + q->gamma;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Eigenvalues of `count` symmetric tridiagonal matrices of order n: diagonals in d (count x n,
+   overwritten with the eigenvalues, ascending), off-diagonals in e (count x n, entry n-1 unused;
+   destroyed). Returns 0, or 1 + the index of a matrix that failed (iteration limit or range). */
+int alphaq_tridiagonal_eigenvalues(double *d, double *e, int count, int n) {
+    stream st[STREAMS];
+    int active[STREAMS], n_active = 0, taken = 0, failed = 0;
+    double sink;
+    /* give stream q the next matrix that needs a sweep; 0 when none is left */
+    #define REFILL(q)                                                                      \
+        for (;;) {                                                                         \
+            if (taken == count) { active[q] = 0; break; }                                 \
+            stream *s_ = &st[q];                                                           \
+            s_->d = d + (size_t)taken * n; s_->e = e + (size_t)taken * n;                 \
+            s_->n = n; s_->next = 0; s_->l = 1; s_->lend = 0; s_->iter = 0;               \
+            s_->maxit = 30 * n; taken++;                                                   \
+            int rc_ = next_sweep(s_);                                                      \
+            if (rc_ == 1) { active[q] = 1; break; }                                       \
+            if (rc_ < 0 && !failed) failed = taken;                                       \
+        }
+    for (int q = 0; q < STREAMS; q++) {
+        REFILL(q);
+        n_active += active[q];
+    }
+    while (n_active > 0) {
+        int steps = 1 << 30;
+        for (int q = 0; q < STREAMS; q++)
+            if (active[q] && st[q].i - st[q].l + 1 < steps) steps = st[q].i - st[q].l + 1;
+        if (n_active == STREAMS) {
+            for (int t = 0; t < steps; t++)
+                for (int q = 0; q < STREAMS; q++) sweep_step(&st[q], &sink);
+        } else {
+            for (int t = 0; t < steps; t++)
+                for (int q = 0; q < STREAMS; q++)
+                    if (active[q]) sweep_step(&st[q], &sink);
+        }
+        for (int q = 0; q < STREAMS; q++) {
+            if (!active[q] || st[q].i >= st[q].l) continue;
+            finish_sweep(&st[q]);
+            int rc = next_sweep(&st[q]);
+            if (rc == 1) continue;
+            if (rc < 0 && !failed) failed = (int)((st[q].d - d) / n) + 1;
+            REFILL(q);
+            n_active -= !active[q];
+        }
+    }
+    #undef REFILL
+    for (int k = 0; k < count; k++) qsort(d + (size_t)k * n, (size_t)n, sizeof(double), cmp_double);
+    return failed;
+}
+
+/* Eigenvalues, ascending, of `count` symmetric n x n matrices stored contiguously (row-major,
+   lower triangles read) in g, into out (count x n). work: alphaq_work_size(n, count) doubles.
+   Returns 0, or 1 + the index of a matrix whose tridiagonal eigenvalues failed (then use
+   another solver for the batch). */
+int alphaq_symmetric_eigenvalues(const double *g, int count, int n, double *out, double *work) {
+    if (n <= 0 || count <= 0) return 0;
+    double *a = work;
+    double *v = a + (size_t)n * (n + 1) / 2, *vp = v + n, *wp = vp + n, *p = wp + n;
+    size_t *co = (size_t *)(p + n);
+    double *e = (double *)(co + n);  /* count x n off-diagonals */
+    for (int k = 0; k < count; k++)
+        tridiagonalize(g + (size_t)k * n * n, n, out + (size_t)k * n, e + (size_t)k * n, a, v, vp, wp, p, co);
+    return alphaq_tridiagonal_eigenvalues(out, e, count, n);
+}
