@@ -147,6 +147,9 @@ static void tridiagonalize(const double *g, int n, double *d, double *e, double 
         memcpy(a + off, g + (size_t)j * n + j, sizeof(double) * (size_t)(n - j));
         off += (size_t)(n - j);
     }
+    /* the pair pass multiplies vp, wp by zero while nothing is pending: they must be finite */
+    memset(vp, 0, sizeof(double) * (size_t)n);
+    memset(wp, 0, sizeof(double) * (size_t)n);
     int pending = 0;  /* a rank-2 update (vp, wp) of the trailing matrix is not yet applied */
     for (int i = 0; i < n - 1; i++) {
         double *ci = a + co[i];

@@ -109,7 +109,8 @@ def symmetric_eigenvalues(grams: np.ndarray) -> np.ndarray:
     if n != n2:
         raise ValueError(f"expected square matrices, got {g.shape}")
     out = np.empty((k, n), dtype=np.float64)
-    work = np.empty(max(1, st["lib"].alphaq_work_size(n, k)), dtype=np.float64)
+    # NaN-filled, not empty: a read of scratch the kernel did not write shows up as a failure
+    work = np.full(max(1, st["lib"].alphaq_work_size(n, k)), np.nan)
     bad = st["fn"](g.ctypes.data, k, n, out.ctypes.data, work.ctypes.data)
     if bad:
         raise np.linalg.LinAlgError(f"tridiagonal QL failed for matrix {bad - 1} of {k}")

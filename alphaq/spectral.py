@@ -316,7 +316,7 @@ def _gram_eigenvalues(grams: np.ndarray) -> np.ndarray:
         try:
             return eigensolver.symmetric_eigenvalues(grams)
         except np.linalg.LinAlgError as exc:  # a block outside the kernel's range: LAPACK takes the batch
-            logger.debug("native eigensolver declined a batch (%s); using eigvalsh", exc)
+            logger.warning("native eigensolver failed on a batch (%s); using numpy's eigvalsh", exc)
     return np.linalg.eigvalsh(grams)
 
 
