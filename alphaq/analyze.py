@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from alphaq import eigensolver
 from alphaq.errors import AlphaQError
 from alphaq.files import atomic_write_text
 from alphaq.records import MatrixStats
@@ -48,7 +49,8 @@ class SpectralCache:
 
     def __init__(self, root: Path, cfg: SpectralConfig):
         self.root = Path(root)
-        self._settings = json.dumps(cfg.cache_fields(), sort_keys=True).encode()
+        fields_ = {**cfg.cache_fields(), "eigensolver": eigensolver.backend()}
+        self._settings = json.dumps(fields_, sort_keys=True).encode()
 
     def key(self, w: np.ndarray) -> str:
         h = hashlib.blake2b(digest_size=20)

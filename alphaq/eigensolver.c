@@ -136,9 +136,10 @@ static void column_pair_pass(double *c0, double *c1, int j, int n, const double 
     *ajj0 = c0[j]; *ajj1 = c1[j + 1]; *s0o = s0; *s1o = s1;
 }
 
-/* Householder reduction of the symmetric matrix g (n x n, row-major; only its lower triangle,
-   g[j*n + r] for r >= j, is read) to tridiagonal form: diagonal d[0..n-1], off-diagonal
-   e[0..n-2]. `a` holds the packed matrix, v/vp/wp/p are n-vectors, co n offsets. */
+/* Householder reduction of the symmetric matrix g (n x n, row-major; only its upper triangle,
+   g[j*n + r] for r >= j, i.e. column j of the lower one, is read) to tridiagonal form:
+   diagonal d[0..n-1], off-diagonal e[0..n-2]. `a` holds the packed matrix, v/vp/wp/p are
+   n-vectors, co n column offsets. */
 static void tridiagonalize(const double *g, int n, double *d, double *e, double *a, double *v, double *vp,
                            double *wp, double *p, size_t *co) {
     size_t off = 0;
@@ -414,7 +415,7 @@ int alphaq_tridiagonal_eigenvalues(double *d, double *e, int count, int n) {
 }
 
 /* Eigenvalues, ascending, of `count` symmetric n x n matrices stored contiguously (row-major,
-   lower triangles read) in g, into out (count x n). work: alphaq_work_size(n, count) doubles.
+   upper triangles read) in g, into out (count x n). work: alphaq_work_size(n, count) doubles.
    Returns 0, or 1 + the index of a matrix whose tridiagonal eigenvalues failed (then use
    another solver for the batch). */
 int alphaq_symmetric_eigenvalues(const double *g, int count, int n, double *out, double *work) {

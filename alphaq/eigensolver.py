@@ -98,9 +98,16 @@ def available() -> bool:
     return "fn" in _load()
 
 
+def backend() -> str:
+    """Which solver the spectral stage uses: "native" or "lapack" (numpy's eigvalsh). Results
+    agree to rounding; the analysis cache keys on it so that a cached alpha is always what this
+    machine would compute."""
+    return "native" if available() else "lapack"
+
+
 def symmetric_eigenvalues(grams: np.ndarray) -> np.ndarray:
     """Eigenvalues, ascending, of each symmetric matrix in ``grams`` (k, n, n) float64 (only the
-    lower triangles are read): (k, n) float64. Requires `available()`."""
+    upper triangles, ``g[i, j]`` with ``j >= i``, are read): (k, n) float64. Requires `available()`."""
     st = _load()
     if "fn" not in st:
         raise RuntimeError(f"native eigensolver unavailable: {st['error']}")

@@ -1,0 +1,124 @@
+"""alphaq.eigensolver (the compiled FARMS eigenvalue kernel) against LAPACK: numpy's eigvalsh for
+the symmetric matrices, scipy's eigvalsh_tridiagonal (LAPACK dstebz/dsterf) for its QL half."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from alphaq import eigensolver, spectral
+from alphaq.spectral import SpectralConfig, farms_eigenvalues, hill_alpha
+
+pytestmark = pytest.mark.skipif(not eigensolver.available(), reason="no C compiler: the kernel is unavailable")
+
+
+def bf16_grams(count: int, n: int, seed: int, rows: int | None = None) -> np.ndarray:
+    """Gram matrices B^T B of BF16-valued blocks, as FARMS builds them."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(count, rows or n, n, generator=g).mul(0.02).bfloat16().double().numpy()
+    return np.matmul(b.transpose(0, 2, 1), b)
+
+
+def assert_close_to_lapack(got: np.ndarray, want: np.ndarray, tol: float = 1e-13) -> None:
+    assert got.shape == want.shape
+    scale = np.maximum(np.abs(want).max(axis=-1, keepdims=True), np.finfo(np.float64).tiny)
+    assert np.all(np.abs(got - want) <= tol * scale), np.abs(got - want).max()
+    assert np.all(np.diff(got, axis=-1) >= 0), "not ascending"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 16, 33, 64, 255, 256])
+def test_symmetric_eigenvalues_match_eigvalsh(n):
+    grams = bf16_grams(5, n, seed=n, rows=n + 3)
+    b = torch.randn(4, n + 3, n, generator=torch.Generator().manual_seed(100 + n)).double().numpy()
+    b[0][:, n // 2 :] = 0  # rank deficient: exact zero eigenvalues
+    b[1] = 0  # all zero
+    b[2] *= 1e-20  # tiny weights
+    b[3][:, :2] *= 1e4  # two columns dominate
+    grams = np.concatenate([grams, np.matmul(b.transpose(0, 2, 1), b), np.eye(n)[None]])
+    assert_close_to_lapack(eigensolver.symmetric_eigenvalues(grams), np.linalg.eigvalsh(grams))
+
+
+def test_only_the_upper_triangle_is_read():
+    g = bf16_grams(3, 40, seed=1)
+    noisy = g.copy()
+    il = np.tril_indices(40, -1)
+    noisy[:, il[0], il[1]] = np.nan
+    np.testing.assert_array_equal(eigensolver.symmetric_eigenvalues(noisy), eigensolver.symmetric_eigenvalues(g))
+
+
+def test_a_matrix_gets_the_same_bits_in_any_batch():
+    """Matrices are swept side by side (several per batch), but each one's arithmetic is its own:
+    the analysis splits blocks into batches by thread count, and results must not depend on it."""
+    grams = bf16_grams(11, 256, seed=3)
+    whole = eigensolver.symmetric_eigenvalues(grams)
+    for k in range(11):
+        np.testing.assert_array_equal(eigensolver.symmetric_eigenvalues(grams[k : k + 1])[0], whole[k])
+    np.testing.assert_array_equal(eigensolver.symmetric_eigenvalues(grams[::-1]), whole[::-1])
+
+
+def tridiagonal_cases(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    m = max(n - 1, 0)
+    ds = [rng.standard_normal(n), np.abs(rng.standard_normal(n)) * 1e3, 10.0 ** np.arange(n)[::-1] / 10.0 ** n,
+          np.abs(np.arange(n) - n // 2).astype(float),  # Wilkinson-like: nearly equal pairs
+          np.ones(n), np.zeros(n)]
+    es = [rng.standard_normal(m), rng.standard_normal(m) * 1e-9, np.ones(m), np.ones(m),
+          np.full(m, 1e-12), np.zeros(m)]
+    es[0][::3] = 0.0  # splits into independent blocks
+    return np.array(ds), np.array(es).reshape(len(es), m)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 9, 21, 64, 256])
+def test_tridiagonal_eigenvalues_match_lapack(n):
+    d, e = tridiagonal_cases(n, np.random.default_rng(n))
+    want = np.array([scipy.linalg.eigvalsh_tridiagonal(d[k], e[k]) if n > 1 else d[k] for k in range(len(d))])
+    assert_close_to_lapack(eigensolver.tridiagonal_eigenvalues(d, e), want)
+
+
+def test_out_of_range_input_is_refused_and_lapack_takes_the_batch(caplog):
+    """Entries beyond ~1e153 would need the rescaling LAPACK does (Gram matrices of float32 weights
+    never get there); the kernel refuses, and the spectral stage falls back to eigvalsh."""
+    grams = bf16_grams(3, 16, seed=4)
+    grams[1] *= 1e160
+    with pytest.raises(np.linalg.LinAlgError, match="matrix 1 of 3"):
+        eigensolver.symmetric_eigenvalues(grams)
+    with caplog.at_level(logging.WARNING, logger="alphaq.spectral"):
+        got = spectral._gram_eigenvalues(grams)
+    np.testing.assert_array_equal(got, np.linalg.eigvalsh(grams))
+    assert "native eigensolver failed" in caplog.text
+
+
+def test_farms_alpha_agrees_with_the_lapack_path(monkeypatch):
+    """Whole spectral stage, kernel on vs off: eigenvalues within 1e-12 of lambda_max, same alpha
+    (to 1e-12) and the same tail size k."""
+    cfg = SpectralConfig(device="cpu")
+    for shape in [(1408, 2048), (512, 768)]:
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])).mul(0.02).bfloat16().float().numpy()
+        fast = farms_eigenvalues(w, cfg)
+        with monkeypatch.context() as m:
+            m.setattr(eigensolver, "_state", {"error": "off for the test"})
+            ref = farms_eigenvalues(w, cfg)
+        assert np.abs(fast - ref).max() <= 1e-12 * ref.max(), shape
+        (a, k, _), (a_ref, k_ref, _) = hill_alpha(fast, cfg), hill_alpha(ref, cfg)
+        assert k == k_ref and a == pytest.approx(a_ref, rel=1e-12), shape
+
+
+def test_without_a_compiler_it_reports_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(eigensolver, "_state", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert not eigensolver.available()
+    assert "compiling eigensolver.c failed" in eigensolver._state["error"]
+    assert not list(tmp_path.rglob("*.so")), "a failed compile left a library behind"
+    with pytest.raises(RuntimeError, match="unavailable"):
+        eigensolver.symmetric_eigenvalues(np.eye(3)[None])
+
+
+def test_alphaq_native_0_turns_it_off(monkeypatch):
+    monkeypatch.setattr(eigensolver, "_state", {})
+    monkeypatch.setenv("ALPHAQ_NATIVE", "0")
+    assert not eigensolver.available()
+    assert eigensolver._state["error"] == "ALPHAQ_NATIVE=0"
