@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from alphaq import eigensolver
+from alphaq import native
 from alphaq.errors import AlphaQError
 from alphaq.files import atomic_write_text
 from alphaq.records import MatrixStats
@@ -49,7 +49,7 @@ class SpectralCache:
 
     def __init__(self, root: Path, cfg: SpectralConfig):
         self.root = Path(root)
-        fields_ = {**cfg.cache_fields(), "eigensolver": eigensolver.backend()}
+        fields_ = {**cfg.cache_fields(), "numerics": native.backend()}
         self._settings = json.dumps(fields_, sort_keys=True).encode()
 
     def key(self, w: np.ndarray) -> str:

@@ -27,7 +27,7 @@ AlphaQ §3.2 / App. A.3. For a matrix W (numpy layout ``(rows, cols)``):
 
 Numerics (see docs/SPECTRAL.md for the measurements): everything runs in float64. Block
 eigenvalues are those of the exact Gram matrices (numpy's OpenBLAS products on the CPU, faster
-here than torch's MKL; torch otherwise), from `alphaq.eigensolver`'s compiled kernel (~2x
+here than torch's MKL; torch otherwise), from `alphaq.native`'s compiled eigensolver (~2x
 LAPACK) or, without a C compiler, numpy's ``eigvalsh``; the block that
 holds the global minimum (which sets the histogram's left edge) is recomputed with an SVD,
 because a Gram eigenvalue carries an absolute error of ~b*eps*lam_max. Eigenvalues below
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alphaq import eigensolver
+from alphaq import native
 from alphaq.errors import AlphaQError
 
 logger = logging.getLogger(__name__)
@@ -303,18 +303,18 @@ def _blocks_eigs(w: np.ndarray, first: int, last: int, nc: int, b: int, dev: tor
     blocks = np.stack([_block(w, *divmod(i, nc), b) for i in range(first, last)])  # (n, b, b)
     x = torch.from_numpy(blocks).to(dev, torch.float64)
     grams = (x.mT @ x).cpu()  # of B^T B
-    if eigensolver.available():
+    if native.available():
         return torch.from_numpy(_gram_eigenvalues(grams.numpy()))
     return torch.linalg.eigvalsh(grams)
 
 
 def _gram_eigenvalues(grams: np.ndarray) -> np.ndarray:
     """Ascending eigenvalues of each matrix in ``grams`` (k, b, b): the native kernel
-    (`alphaq.eigensolver`, ~2x LAPACK's syevd on 256x256 here) when it is available, else
-    numpy's ``eigvalsh``. The two agree to ~1e-15 * lambda_max (tests)."""
-    if eigensolver.available():
+    (`alphaq.native`, ~2x LAPACK's syevd on 256x256 here) when it is available, else numpy's
+    ``eigvalsh``. The two agree to ~1e-15 * lambda_max (tests)."""
+    if native.available():
         try:
-            return eigensolver.symmetric_eigenvalues(grams)
+            return native.symmetric_eigenvalues(grams)
         except np.linalg.LinAlgError as exc:  # a block outside the kernel's range: LAPACK takes the batch
             logger.warning("native eigensolver failed on a batch (%s); using numpy's eigvalsh", exc)
     return np.linalg.eigvalsh(grams)
@@ -609,5 +609,10 @@ def analyze_matrix(
 
 
 def _finite_variance(w: np.ndarray, name: str) -> float:
+    """`check_finite`, then `population_variance`; one compiled pass pair for float32 weights."""
+    if w.dtype == np.float32 and w.size and native.available():
+        n_bad, _, variance = native.moments(w)
+        if not n_bad:
+            return variance
     check_finite(w, name)
     return population_variance(w)

@@ -1,5 +1,5 @@
-"""alphaq.eigensolver (the compiled FARMS eigenvalue kernel) against LAPACK: numpy's eigvalsh for
-the symmetric matrices, scipy's eigvalsh_tridiagonal (LAPACK dstebz/dsterf) for its QL half."""
+"""alphaq.native (the spectral stage's compiled kernels) against LAPACK and numpy: eigvalsh for the
+symmetric matrices, scipy's eigvalsh_tridiagonal for the QL half, np.var for the moments."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from alphaq import eigensolver, spectral
+from alphaq import native, spectral
 from alphaq.spectral import SpectralConfig, farms_eigenvalues, hill_alpha
 
-pytestmark = pytest.mark.skipif(not eigensolver.available(), reason="no C compiler: the kernel is unavailable")
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the kernel is unavailable")
 
 
 def bf16_grams(count: int, n: int, seed: int, rows: int | None = None) -> np.ndarray:
@@ -39,7 +39,7 @@ def test_symmetric_eigenvalues_match_eigvalsh(n):
     b[2] *= 1e-20  # tiny weights
     b[3][:, :2] *= 1e4  # two columns dominate
     grams = np.concatenate([grams, np.matmul(b.transpose(0, 2, 1), b), np.eye(n)[None]])
-    assert_close_to_lapack(eigensolver.symmetric_eigenvalues(grams), np.linalg.eigvalsh(grams))
+    assert_close_to_lapack(native.symmetric_eigenvalues(grams), np.linalg.eigvalsh(grams))
 
 
 def test_only_the_upper_triangle_is_read():
@@ -47,17 +47,17 @@ def test_only_the_upper_triangle_is_read():
     noisy = g.copy()
     il = np.tril_indices(40, -1)
     noisy[:, il[0], il[1]] = np.nan
-    np.testing.assert_array_equal(eigensolver.symmetric_eigenvalues(noisy), eigensolver.symmetric_eigenvalues(g))
+    np.testing.assert_array_equal(native.symmetric_eigenvalues(noisy), native.symmetric_eigenvalues(g))
 
 
 def test_a_matrix_gets_the_same_bits_in_any_batch():
     """Matrices are swept side by side (several per batch), but each one's arithmetic is its own:
     the analysis splits blocks into batches by thread count, and results must not depend on it."""
     grams = bf16_grams(11, 256, seed=3)
-    whole = eigensolver.symmetric_eigenvalues(grams)
+    whole = native.symmetric_eigenvalues(grams)
     for k in range(11):
-        np.testing.assert_array_equal(eigensolver.symmetric_eigenvalues(grams[k : k + 1])[0], whole[k])
-    np.testing.assert_array_equal(eigensolver.symmetric_eigenvalues(grams[::-1]), whole[::-1])
+        np.testing.assert_array_equal(native.symmetric_eigenvalues(grams[k : k + 1])[0], whole[k])
+    np.testing.assert_array_equal(native.symmetric_eigenvalues(grams[::-1]), whole[::-1])
 
 
 def tridiagonal_cases(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +75,7 @@ def tridiagonal_cases(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.
 def test_tridiagonal_eigenvalues_match_lapack(n):
     d, e = tridiagonal_cases(n, np.random.default_rng(n))
     want = np.array([scipy.linalg.eigvalsh_tridiagonal(d[k], e[k]) if n > 1 else d[k] for k in range(len(d))])
-    assert_close_to_lapack(eigensolver.tridiagonal_eigenvalues(d, e), want)
+    assert_close_to_lapack(native.tridiagonal_eigenvalues(d, e), want)
 
 
 def test_out_of_range_input_is_refused_and_lapack_takes_the_batch(caplog):
@@ -84,7 +84,7 @@ def test_out_of_range_input_is_refused_and_lapack_takes_the_batch(caplog):
     grams = bf16_grams(3, 16, seed=4)
     grams[1] *= 1e160
     with pytest.raises(np.linalg.LinAlgError, match="matrix 1 of 3"):
-        eigensolver.symmetric_eigenvalues(grams)
+        native.symmetric_eigenvalues(grams)
     with caplog.at_level(logging.WARNING, logger="alphaq.spectral"):
         got = spectral._gram_eigenvalues(grams)
     np.testing.assert_array_equal(got, np.linalg.eigvalsh(grams))
@@ -99,7 +99,7 @@ def test_farms_alpha_agrees_with_the_lapack_path(monkeypatch):
         w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])).mul(0.02).bfloat16().float().numpy()
         fast = farms_eigenvalues(w, cfg)
         with monkeypatch.context() as m:
-            m.setattr(eigensolver, "_state", {"error": "off for the test"})
+            m.setattr(native, "_state", {"error": "off for the test"})
             ref = farms_eigenvalues(w, cfg)
         assert np.abs(fast - ref).max() <= 1e-12 * ref.max(), shape
         (a, k, _), (a_ref, k_ref, _) = hill_alpha(fast, cfg), hill_alpha(ref, cfg)
@@ -107,18 +107,38 @@ def test_farms_alpha_agrees_with_the_lapack_path(monkeypatch):
 
 
 def test_without_a_compiler_it_reports_why(monkeypatch, tmp_path):
-    monkeypatch.setattr(eigensolver, "_state", {})
+    monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    assert not eigensolver.available()
-    assert "compiling eigensolver.c failed" in eigensolver._state["error"]
+    assert not native.available()
+    assert "compiling native.c failed" in native._state["error"]
     assert not list(tmp_path.rglob("*.so")), "a failed compile left a library behind"
     with pytest.raises(RuntimeError, match="unavailable"):
-        eigensolver.symmetric_eigenvalues(np.eye(3)[None])
+        native.symmetric_eigenvalues(np.eye(3)[None])
 
 
 def test_alphaq_native_0_turns_it_off(monkeypatch):
-    monkeypatch.setattr(eigensolver, "_state", {})
+    monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("ALPHAQ_NATIVE", "0")
-    assert not eigensolver.available()
-    assert eigensolver._state["error"] == "ALPHAQ_NATIVE=0"
+    assert not native.available()
+    assert native._state["error"] == "ALPHAQ_NATIVE=0"
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 1000, 3 * 2**20 + 5])
+def test_moments_match_numpy_in_float64(size):
+    w = (np.random.default_rng(size).standard_normal(size) * 0.02 + 0.003).astype(np.float32)
+    n_bad, mean, var = native.moments(w)
+    x = w.astype(np.float64)
+    assert n_bad == 0
+    assert mean == pytest.approx(float(x.mean()), rel=1e-12)
+    assert var == pytest.approx(float(x.var()), rel=1e-12)
+    assert spectral._finite_variance(w.reshape(1, -1), "w") == var
+
+
+def test_moments_count_non_finite_weights_and_the_error_names_the_tensor():
+    w = np.ones((64, 64), dtype=np.float32)
+    w[3, 4], w[5, 6], w[7, 8] = np.nan, np.inf, -np.inf
+    n_bad, mean, var = native.moments(w)
+    assert n_bad == 3 and np.isnan(mean) and np.isnan(var)
+    with pytest.raises(spectral.AlphaQError, match="blk.0.ffn_up_exps.weight has 1 NaN and 2 Inf"):
+        spectral._finite_variance(w, "blk.0.ffn_up_exps.weight")

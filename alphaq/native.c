@@ -1,17 +1,19 @@
-/* Eigenvalues of many small symmetric matrices (FARMS Gram blocks), float64.
+/* Compiled CPU kernels of the spectral stage: eigenvalues of many small symmetric matrices (the
+   FARMS Gram blocks) and the moments of a weight matrix, all in float64.
 
-   Compiled on first use by alphaq/eigensolver.py with the machine's C compiler (-O3
-   -march=native) and called through ctypes, which releases the GIL: one call per block batch
-   and thread.
+   Compiled on first use by alphaq/native.py with the machine's C compiler (-O3 -march=native)
+   and called through ctypes, which releases the GIL: one call per block batch and thread.
 
-   Why not LAPACK's dsyevd (numpy's eigvalsh): for 256x256 matrices its blocked reduction to
-   tridiagonal form (dsytrd) runs at a third of this CPU's speed, because each of its n steps
-   reads the trailing matrix once for a symmetric matrix-vector product and the blocked update
-   reads and writes it again. Here the matrix is stored packed (lower triangle by columns, 263 KB
-   for n = 256, so it stays in L2) and the rank-2 update of step k is fused into the
-   matrix-vector product of step k+1: one pass over the trailing matrix per step. The
-   arithmetic is that of LAPACK's unblocked dsytd2 ('L'); the tridiagonal eigenvalues then come
-   from LAPACK's own dsterf (passed in as a function pointer from numpy's OpenBLAS).
+   Why not LAPACK's dsyevd (numpy's eigvalsh), measured on 256x256 Gram matrices here:
+   - its blocked reduction to tridiagonal form (dsytrd) reads the trailing matrix for a
+     symmetric matrix-vector product in each of its n steps and reads and writes it again in the
+     blocked update. Here the matrix is stored packed (lower triangle by columns, 263 KB for
+     n = 256, so it stays in L2) and the rank-2 update of step k is fused into the
+     matrix-vector product of step k+1: one pass per step, two columns at a time. The arithmetic
+     is that of LAPACK's unblocked dsytd2 ('L'). (A dlatrd-style blocked variant measured no
+     faster.)
+   - its tridiagonal solver (dsterf, ~1.1 ms of the ~3.5) is a chain of dependent divisions;
+     sweeping several matrices side by side lets the core overlap them.
 
    Inputs are Gram matrices of float32 weights, so nonzero entries are >= ~1e-90 in magnitude:
    far from float64's underflow, which is why the reflector needs no dlarfg-style rescaling. */
@@ -427,4 +429,37 @@ int alphaq_symmetric_eigenvalues(const double *g, int count, int n, double *out,
     for (int k = 0; k < count; k++)
         tridiagonalize(g + (size_t)k * n * n, n, out + (size_t)k * n, e + (size_t)k * n, a, v, vp, wp, p, co);
     return alphaq_tridiagonal_eigenvalues(out, e, count, n);
+}
+
+/* ---- Moments of a weight matrix ----
+
+   The spectral stage's finiteness check and population variance of float32 weights, in float64:
+   numpy needs ~12 ms for 3M weights (float64 temporaries), this ~2 ms. Returns the number of
+   non-finite values; when it is 0, *mean and *m2 (the sum of squared deviations from the mean)
+   are set. Two passes, each with 8 independent float64 partial sums (fixed order: the same
+   bits on every run). */
+size_t alphaq_moments(const float *x, size_t n, double *mean, double *m2) {
+    double acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += (double)x[i + k];
+    double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) sum += (double)x[i];
+    if (!isfinite(sum)) {  /* float32 values cannot overflow a float64 sum: some are NaN or Inf */
+        size_t bad = 0;
+        for (i = 0; i < n; i++) bad += !isfinite(x[i]);
+        return bad;
+    }
+    const double mu = n ? sum / (double)n : 0.0;
+    for (int k = 0; k < 8; k++) acc[k] = 0.0;
+    for (i = 0; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) {
+            const double dv = (double)x[i + k] - mu;
+            acc[k] += dv * dv;
+        }
+    double ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) ss += ((double)x[i] - mu) * ((double)x[i] - mu);
+    *mean = mu;
+    *m2 = ss;
+    return 0;
 }
