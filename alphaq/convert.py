@@ -166,7 +166,7 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path):
 
     The converter is a subprocess that keeps about one core busy, so while it writes the BF16
     GGUF the checkpoint's BF16 matrices are analysed straight from the safetensors, one at a
-    time until the converter exits, then one per core. Afterwards every GGUF matrix whose
+    time and at the lowest CPU priority until the converter exits, then one per core. Afterwards every GGUF matrix whose
     values are those exact weights (same tensor, expert slice and shape, stored as BF16 or F32)
     takes that result; any other is analysed from the GGUF. So the stats are exactly those of
     analysing the GGUF, as before (HF and converted matrices are bit-identical: tests)."""
@@ -174,7 +174,7 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path):
 
     log.info("converting %s to a BF16 GGUF with llama.cpp's converter", cfg.model)
     running = start_convert_hf(cfg.model, tmp_dir / "float.gguf", outtype="bf16")
-    throttle = Throttle(limit=1)
+    throttle = Throttle(limit=1, background=True)
 
     def watch() -> None:
         if running.exited() == 0:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import resource
 import statistics
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -202,7 +206,6 @@ def test_first_failing_matrix_in_model_order_is_raised(monkeypatch, torch_thread
 
 
 def test_select_known_and_throttle(monkeypatch, torch_threads):
-    import threading
     import time
 
     torch_threads(2)
@@ -249,6 +252,34 @@ def test_select_known_and_throttle(monkeypatch, torch_threads):
     throttle.cancel()
     with pytest.raises(analyze_mod.Cancelled):
         analyze_model(model, use_cache=False, progress=False, throttle=throttle)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
+def test_background_throttle_lowers_the_analysing_thread_while_limited():
+    """Under a limit (the converter running) a worker analyses at nice 19, its own thread only;
+    once the limit is lifted it gets its priority back where the OS lets it (root, or a nice
+    rlimit), else it stays low."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prio() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    throttle = analyze_mod.Throttle(limit=1, background=True)
+    main_before = prio()
+
+    def in_slot() -> int:
+        with throttle.slot():
+            return prio()
+
+    with ThreadPoolExecutor(1) as pool:  # one worker thread, reused: like analyze_model's
+        before = pool.submit(prio).result()
+        assert pool.submit(in_slot).result() == 19
+        throttle.set_limit(None)
+        after = pool.submit(in_slot).result()
+    rlim = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    may_raise = os.geteuid() == 0 or rlim == resource.RLIM_INFINITY or rlim >= 20 - before
+    assert after == (before if may_raise else 19)
+    assert prio() == main_before  # the calling thread was never touched
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
