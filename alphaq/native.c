@@ -46,96 +46,92 @@ static double norm2(const double *x, int m) {
     return scale * sqrt(ssq);
 }
 
+#ifdef ALPHAQ_AVX2
+static double hsum(__m256d x) {
+    double t[4];
+    _mm256_storeu_pd(t, x);
+    return (t[0] + t[1]) + (t[2] + t[3]);
+}
+#endif
+
 /* One pass over column j (rows j..n-1, cj[r]) of the trailing matrix: apply the pending update
-   a -= vp w'^T + w' vp^T, then accumulate p += A v (lower storage: a_rj feeds p_r and p_j).
-   Returns the updated diagonal a_jj and the column's dot product sum_{r>j} a_rj v_r. */
-static double column_pass(double *cj, int j, int n, const double *vp, const double *wp, int pending,
-                          const double *v, double vj_new, double *p, double *dot_out) {
+   a -= vp w'^T + w' vp^T (vp = wp = 0 when nothing is pending), then accumulate p += A v
+   (lower storage: a_rj feeds p_r and p_j). Returns the updated diagonal a_jj; *dot_out gets
+   the column's sum_{r>j} a_rj v_r. Used for the last column when their number is odd. */
+static double column_pass(double *cj, int j, int n, const double *vp, const double *wp, const double *v,
+                          double *p, double *dot_out) {
+    const double vj = vp[j], wj = wp[j], nj = v[j];
     double s = 0.0;
     int r = j + 1;
-    if (pending) {
-        const double vj = vp[j], wj = wp[j];
-        cj[j] -= vp[j] * wj + wp[j] * vj;
+    cj[j] -= vp[j] * wj + wp[j] * vj;
 #ifdef ALPHAQ_AVX2
-        const __m256d VJ = _mm256_set1_pd(vj), WJ = _mm256_set1_pd(wj), NV = _mm256_set1_pd(vj_new);
-        __m256d S = _mm256_setzero_pd();
-        for (; r + 4 <= n; r += 4) {
-            __m256d x = _mm256_loadu_pd(cj + r);
-            x = _mm256_fnmadd_pd(_mm256_loadu_pd(vp + r), WJ, x);
-            x = _mm256_fnmadd_pd(_mm256_loadu_pd(wp + r), VJ, x);
-            _mm256_storeu_pd(cj + r, x);
-            _mm256_storeu_pd(p + r, _mm256_fmadd_pd(x, NV, _mm256_loadu_pd(p + r)));
-            S = _mm256_fmadd_pd(x, _mm256_loadu_pd(v + r), S);
-        }
-        double t[4];
-        _mm256_storeu_pd(t, S);
-        s = (t[0] + t[1]) + (t[2] + t[3]);
+    const __m256d VJ = _mm256_set1_pd(vj), WJ = _mm256_set1_pd(wj), NJ = _mm256_set1_pd(nj);
+    __m256d S = _mm256_setzero_pd();
+    for (; r + 4 <= n; r += 4) {
+        __m256d x = _mm256_loadu_pd(cj + r);
+        x = _mm256_fnmadd_pd(_mm256_loadu_pd(vp + r), WJ, x);
+        x = _mm256_fnmadd_pd(_mm256_loadu_pd(wp + r), VJ, x);
+        _mm256_storeu_pd(cj + r, x);
+        _mm256_storeu_pd(p + r, _mm256_fmadd_pd(x, NJ, _mm256_loadu_pd(p + r)));
+        S = _mm256_fmadd_pd(x, _mm256_loadu_pd(v + r), S);
+    }
+    s = hsum(S);
 #endif
-        for (; r < n; r++) {
-            double x = cj[r] - vp[r] * wj - wp[r] * vj;
-            cj[r] = x;
-            p[r] += x * vj_new;
-            s += x * v[r];
-        }
-    } else {
-#ifdef ALPHAQ_AVX2
-        const __m256d NV = _mm256_set1_pd(vj_new);
-        __m256d S = _mm256_setzero_pd();
-        for (; r + 4 <= n; r += 4) {
-            __m256d x = _mm256_loadu_pd(cj + r);
-            _mm256_storeu_pd(p + r, _mm256_fmadd_pd(x, NV, _mm256_loadu_pd(p + r)));
-            S = _mm256_fmadd_pd(x, _mm256_loadu_pd(v + r), S);
-        }
-        double t[4];
-        _mm256_storeu_pd(t, S);
-        s = (t[0] + t[1]) + (t[2] + t[3]);
-#endif
-        for (; r < n; r++) {
-            p[r] += cj[r] * vj_new;
-            s += cj[r] * v[r];
-        }
+    for (; r < n; r++) {
+        const double x = cj[r] - vp[r] * wj - wp[r] * vj;
+        cj[r] = x;
+        p[r] += x * nj;
+        s += x * v[r];
     }
     *dot_out = s;
     return cj[j];
 }
 
-
-/* columns j and j+1 together (pending update applied to both); returns via pointers */
+/* `column_pass` for columns j and j+1 (c0, c1) at once: each load of vp, wp, v and p serves
+   both. Row j+1 of column j is done first, then rows j+2.. of both. */
 static void column_pair_pass(double *c0, double *c1, int j, int n, const double *vp, const double *wp,
-                             int pending, const double *v, double *p, double *ajj0, double *ajj1, double *s0o, double *s1o) {
-    const double v0 = pending ? vp[j] : 0, w0 = pending ? wp[j] : 0, v1 = pending ? vp[j + 1] : 0, w1 = pending ? wp[j + 1] : 0;
+                             const double *v, double *p, double diag[2], double dot[2]) {
+    const double v0 = vp[j], w0 = wp[j], v1 = vp[j + 1], w1 = wp[j + 1];
     const double n0 = v[j], n1 = v[j + 1];
     c0[j] -= vp[j] * w0 + wp[j] * v0;
-    double x01 = c0[j + 1] - vp[j + 1] * w0 - wp[j + 1] * v0;  /* row j+1 of column j */
+    const double x01 = c0[j + 1] - vp[j + 1] * w0 - wp[j + 1] * v0;
     c0[j + 1] = x01;
     c1[j + 1] -= vp[j + 1] * w1 + wp[j + 1] * v1;
     double s0 = x01 * v[j + 1], s1 = 0.0;
     p[j + 1] += x01 * n0;
     int r = j + 2;
 #ifdef ALPHAQ_AVX2
-    const __m256d V0 = _mm256_set1_pd(v0), W0 = _mm256_set1_pd(w0), V1 = _mm256_set1_pd(v1), W1 = _mm256_set1_pd(w1);
-    const __m256d N0 = _mm256_set1_pd(n0), N1 = _mm256_set1_pd(n1);
+    const __m256d V0 = _mm256_set1_pd(v0), W0 = _mm256_set1_pd(w0), V1 = _mm256_set1_pd(v1);
+    const __m256d W1 = _mm256_set1_pd(w1), N0 = _mm256_set1_pd(n0), N1 = _mm256_set1_pd(n1);
     __m256d S0 = _mm256_setzero_pd(), S1 = _mm256_setzero_pd();
     for (; r + 4 <= n; r += 4) {
         const __m256d VP = _mm256_loadu_pd(vp + r), WP = _mm256_loadu_pd(wp + r), VV = _mm256_loadu_pd(v + r);
         __m256d x = _mm256_loadu_pd(c0 + r), y = _mm256_loadu_pd(c1 + r);
-        x = _mm256_fnmadd_pd(VP, W0, x); y = _mm256_fnmadd_pd(VP, W1, y);
-        x = _mm256_fnmadd_pd(WP, V0, x); y = _mm256_fnmadd_pd(WP, V1, y);
-        _mm256_storeu_pd(c0 + r, x); _mm256_storeu_pd(c1 + r, y);
+        x = _mm256_fnmadd_pd(VP, W0, x);
+        y = _mm256_fnmadd_pd(VP, W1, y);
+        x = _mm256_fnmadd_pd(WP, V0, x);
+        y = _mm256_fnmadd_pd(WP, V1, y);
+        _mm256_storeu_pd(c0 + r, x);
+        _mm256_storeu_pd(c1 + r, y);
         _mm256_storeu_pd(p + r, _mm256_fmadd_pd(y, N1, _mm256_fmadd_pd(x, N0, _mm256_loadu_pd(p + r))));
-        S0 = _mm256_fmadd_pd(x, VV, S0); S1 = _mm256_fmadd_pd(y, VV, S1);
+        S0 = _mm256_fmadd_pd(x, VV, S0);
+        S1 = _mm256_fmadd_pd(y, VV, S1);
     }
-    double t[4];
-    _mm256_storeu_pd(t, S0); s0 += (t[0] + t[1]) + (t[2] + t[3]);
-    _mm256_storeu_pd(t, S1); s1 += (t[0] + t[1]) + (t[2] + t[3]);
+    s0 += hsum(S0);
+    s1 += hsum(S1);
 #endif
     for (; r < n; r++) {
-        double x = c0[r] - vp[r] * w0 - wp[r] * v0, y = c1[r] - vp[r] * w1 - wp[r] * v1;
-        c0[r] = x; c1[r] = y;
+        const double x = c0[r] - vp[r] * w0 - wp[r] * v0, y = c1[r] - vp[r] * w1 - wp[r] * v1;
+        c0[r] = x;
+        c1[r] = y;
         p[r] += x * n0 + y * n1;
-        s0 += x * v[r]; s1 += y * v[r];
+        s0 += x * v[r];
+        s1 += y * v[r];
     }
-    *ajj0 = c0[j]; *ajj1 = c1[j + 1]; *s0o = s0; *s1o = s1;
+    diag[0] = c0[j];
+    diag[1] = c1[j + 1];
+    dot[0] = s0;
+    dot[1] = s1;
 }
 
 /* Householder reduction of the symmetric matrix g (n x n, row-major; only its upper triangle,
@@ -150,16 +146,14 @@ static void tridiagonalize(const double *g, int n, double *d, double *e, double 
         memcpy(a + off, g + (size_t)j * n + j, sizeof(double) * (size_t)(n - j));
         off += (size_t)(n - j);
     }
-    /* the pair pass multiplies vp, wp by zero while nothing is pending: they must be finite */
+    /* The trailing matrix is always A - vp wp^T - wp vp^T: the last step's rank-2 update is
+       applied lazily, by the next step's pass. vp = wp = 0 stands for "nothing pending". */
     memset(vp, 0, sizeof(double) * (size_t)n);
     memset(wp, 0, sizeof(double) * (size_t)n);
-    int pending = 0;  /* a rank-2 update (vp, wp) of the trailing matrix is not yet applied */
     for (int i = 0; i < n - 1; i++) {
         double *ci = a + co[i];
-        if (pending) {  /* column i first: the reflector is built from it */
-            const double vi = vp[i], wi = wp[i];
-            for (int r = i; r < n; r++) ci[r] -= vp[r] * wi + wp[r] * vi;
-        }
+        const double vi = vp[i], wi = wp[i];  /* column i first: the reflector is built from it */
+        for (int r = i; r < n; r++) ci[r] -= vp[r] * wi + wp[r] * vi;
         d[i] = ci[i];
 
         /* reflector H = I - tau u u^T (u[i+1] = 1) with H (ci[i+1..n-1]) = (beta, 0, ..., 0) */
@@ -175,27 +169,28 @@ static void tridiagonalize(const double *g, int n, double *d, double *e, double 
         }
         e[i] = beta;
 
-        if (tau == 0.0) {  /* H = I: only the pending update remains to be applied */
-            for (int j = i + 1; pending && j < n; j++) {
+        if (tau == 0.0) {  /* H = I: apply the pending update, and nothing is pending after */
+            for (int j = i + 1; j < n; j++) {
                 double *cj = a + co[j];
                 for (int r = j; r < n; r++) cj[r] -= vp[r] * wp[j] + wp[r] * vp[j];
             }
-            pending = 0;
+            memset(vp, 0, sizeof(double) * (size_t)n);
+            memset(wp, 0, sizeof(double) * (size_t)n);
             continue;
         }
         /* p = A v over the trailing matrix, applying the pending update on the way */
         for (int r = i + 1; r < n; r++) p[r] = 0.0;
         int j = i + 1;
         for (; j + 1 < n; j += 2) {
-            double a0, a1, s0, s1;
-            column_pair_pass(a + co[j], a + co[j + 1], j, n, vp, wp, pending, v, p, &a0, &a1, &s0, &s1);
-            p[j] += a0 * v[j] + s0;
-            p[j + 1] += a1 * v[j + 1] + s1;
+            double diag[2], dot[2];
+            column_pair_pass(a + co[j], a + co[j + 1], j, n, vp, wp, v, p, diag, dot);
+            p[j] += diag[0] * v[j] + dot[0];
+            p[j + 1] += diag[1] * v[j + 1] + dot[1];
         }
-        for (; j < n; j++) {
-            double s;
-            const double ajj = column_pass(a + co[j], j, n, vp, wp, pending, v, v[j], p, &s);
-            p[j] += ajj * v[j] + s;
+        if (j < n) {
+            double dot;
+            const double ajj = column_pass(a + co[j], j, n, vp, wp, v, p, &dot);
+            p[j] += ajj * v[j] + dot;
         }
         /* w = tau p - (tau^2/2)(p.v) v; the trailing matrix becomes A - v w^T - w v^T */
         double pv = 0.0;
@@ -208,11 +203,8 @@ static void tridiagonalize(const double *g, int n, double *d, double *e, double 
             vp[r] = v[r];
             wp[r] = p[r] + half * v[r];
         }
-        pending = 1;
     }
-    double last = a[co[n - 1] + n - 1];
-    if (pending) last -= 2.0 * vp[n - 1] * wp[n - 1];
-    d[n - 1] = last;
+    d[n - 1] = a[co[n - 1] + n - 1] - 2.0 * vp[n - 1] * wp[n - 1];
 }
 
 /* ---- Tridiagonal eigenvalues: Pal-Walker-Kahan root-free QL, several matrices interleaved ----

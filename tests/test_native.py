@@ -42,6 +42,21 @@ def test_symmetric_eigenvalues_match_eigvalsh(n):
     assert_close_to_lapack(native.symmetric_eigenvalues(grams), np.linalg.eigvalsh(grams))
 
 
+@pytest.mark.parametrize("sizes", [(5, 11), (1, 7, 2, 30), (64, 64, 128)])
+def test_block_diagonal_matrices(sizes):
+    """A block-diagonal Gram matrix: at each block's last step the reflector is the identity
+    while the previous step's update is still pending, then the next block starts afresh."""
+    g = torch.Generator().manual_seed(sum(sizes))
+    n = sum(sizes)
+    b = np.zeros((n + 4, n))
+    r = c = 0
+    for k in sizes:
+        b[r : r + k + 1, c : c + k] = torch.randn(k + 1, k, generator=g).double().numpy()
+        r, c = r + k + 1, c + k
+    gram = (b.T @ b)[None]
+    assert_close_to_lapack(native.symmetric_eigenvalues(gram), np.linalg.eigvalsh(gram))
+
+
 def test_only_the_upper_triangle_is_read():
     g = bf16_grams(3, 40, seed=1)
     noisy = g.copy()
