@@ -8,7 +8,9 @@ by re-writing the quantised file: same tensors, same bytes, one more group of ke
 from __future__ import annotations
 
 import logging
+import math
 import mmap
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +30,75 @@ class TensorRecord:
 
 
 def read_tensors(path: Path) -> list[TensorRecord]:
+    """Every tensor's name, type, shape and size, from the header alone."""
+    return list(_read_header(path)[0])
+
+
+# byte sizes of GGUF's fixed-size value types (GGUFValueType: UINT8 .. FLOAT64)
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY), int(GGUFValueType.UINT32)
+
+
+def _read_header(path: Path) -> tuple[list[TensorRecord], int]:
+    """(tensor records, bytes before the tensor data) of a little-endian GGUF v2/v3 file.
+
+    gguf-py's reader builds a numpy view for every part of every key/value (~0.17 s per file
+    even for a small model, and the converter pipeline reads each header several times); here
+    values are skipped, only the tensor infos and ``general.alignment`` are decoded. A file this
+    does not handle (big-endian, or an older version) goes to gguf-py's reader."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF" or struct.unpack_from("<I", mm, 4)[0] not in (2, 3):
+            return _read_header_gguf_py(path)
+        n_tensors, n_kv = struct.unpack_from("<QQ", mm, 8)
+        off = 24
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+
+        def string(at: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", mm, at)
+            return mm[at + 8 : at + 8 + n].decode("utf-8"), at + 8 + n
+
+        def skip(vtype: int, at: int) -> int:
+            if vtype == _STRING:
+                return at + 8 + struct.unpack_from("<Q", mm, at)[0]
+            if vtype == _ARRAY:
+                etype, count = struct.unpack_from("<IQ", mm, at)
+                at += 12
+                if etype in _SCALAR_BYTES:
+                    return at + count * _SCALAR_BYTES[etype]
+                for _ in range(count):
+                    at = skip(etype, at)
+                return at
+            return at + _SCALAR_BYTES[vtype]
+
+        for _ in range(n_kv):
+            key, off = string(off)
+            (vtype,) = struct.unpack_from("<I", mm, off)
+            off += 4
+            if key == gguf.Keys.General.ALIGNMENT and vtype == _UINT32:
+                (alignment,) = struct.unpack_from("<I", mm, off)
+            off = skip(vtype, off)
+        records = []
+        for _ in range(n_tensors):
+            name, off = string(off)
+            (n_dims,) = struct.unpack_from("<I", mm, off)
+            ne = struct.unpack_from(f"<{n_dims}Q", mm, off + 4)  # ggml order, ne0 first
+            qtype = GGMLQuantizationType(struct.unpack_from("<I", mm, off + 4 + 8 * n_dims)[0])
+            off += 4 + 8 * n_dims + 4 + 8  # dims, type, data offset
+            n_elements = math.prod(ne)
+            block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+            records.append(TensorRecord(name, qtype, tuple(reversed(ne)), n_elements,
+                                        n_elements // block * type_bytes))
+        return records, -(-off // alignment) * alignment
+
+
+def _read_header_gguf_py(path: Path) -> tuple[list[TensorRecord], int]:
     reader = GGUFReader(path)
     out = []
     for t in reader.tensors:
         ne = [int(x) for x in t.shape]  # ggml order, ne0 first
         out.append(TensorRecord(t.name, GGMLQuantizationType(t.tensor_type), tuple(reversed(ne)),
                                 int(t.n_elements), int(t.n_bytes)))
-    return out
+    return out, int(reader.data_offset)
 
 
 def read_field(path: Path, key: str):
@@ -45,7 +109,7 @@ def read_field(path: Path, key: str):
 
 def header_bytes(path: Path) -> int:
     """Bytes before the tensor data: magic, key/values, tensor infos, alignment padding."""
-    return int(GGUFReader(path).data_offset)
+    return _read_header(path)[1]
 
 
 def writer_with_metadata(reader: GGUFReader, dst: Path, extra: dict[str, tuple[object, GGUFValueType]]) -> GGUFWriter:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from alphaq.errors import AlphaQError
+from alphaq.gguf_io import read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +115,12 @@ def _build_params(ftype: int, nthread: int, overrides: dict[str, GGMLQuantizatio
 
 def ones_imatrix(src: Path, names: list[str]) -> dict[str, np.ndarray]:
     """All-ones importance vectors: for a merged 3-D expert tensor size = ne0 * n_expert."""
-    reader = GGUFReader(src)
-    shapes = {t.name: [int(x) for x in t.shape] for t in reader.tensors}  # ggml order, ne0 first
+    shapes = {t.name: t.shape for t in read_tensors(src)}  # numpy order: (n_expert, rows, cols)
     out = {}
     for name in names:
-        ne = shapes[name]
-        n_expert = ne[2] if len(ne) >= 3 else 1
-        out[name] = np.ones(ne[0] * n_expert, dtype=np.float32)
+        shape = shapes[name]
+        n_expert = shape[-3] if len(shape) >= 3 else 1
+        out[name] = np.ones(shape[-1] * n_expert, dtype=np.float32)
     return out
 
 
@@ -131,9 +131,7 @@ def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantization
 
     file_type_from: the types that decide general.file_type (default: tensor_types)."""
     llama_cpp = _llama()
-    reader = GGUFReader(src)
-    n_elements = {t.name: int(t.n_elements) for t in reader.tensors}
-    del reader
+    n_elements = {t.name: t.n_elements for t in read_tensors(src)}
     unknown = sorted(set(tensor_types) - set(n_elements))
     if unknown:
         raise AlphaQError(f"plan names tensors that are not in {src.name}: {', '.join(unknown[:5])}")
