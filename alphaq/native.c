@@ -20,7 +20,6 @@
 
 #include <math.h>
 #include <stddef.h>
-#include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -231,8 +230,10 @@ typedef struct {
 } stream;
 
 static const double EPS = 1.1102230246251565e-16;  /* 2^-53, LAPACK's dlamch('E') */
-/* outside [SSFMIN, SSFMAX] a block would need rescaling; Gram matrices of float32 never do */
-static const double SSFMAX = 4.4942328371557893e+153 / 3.0, SSFMIN = 3.0e-135;
+/* A block whose largest entry lies outside [SSFMIN, SSFMAX] would need the rescaling dsterf
+   does (its sqrt(safmax)/3 and sqrt(safmin)/eps^2); Gram matrices of float32 weights never get
+   there (nonzero entries between ~1e-90 and ~1e80), so such a block is refused instead. */
+static const double SSFMAX = 2.2346346549904327e+153, SSFMIN = 1.210184973390412e-122;
 
 /* eigenvalues of [[a, b], [b, c]] (LAPACK dlae2's formulas): rt1 >= rt2 in magnitude order */
 static void eig2(double a, double b, double c, double *rt1, double *rt2) {
