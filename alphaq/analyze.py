@@ -186,13 +186,16 @@ def analyze_model(
     select: Callable[[WeightMatrix], bool] | None = None,
     known: Callable[[WeightMatrix], MatrixStats | None] | None = None,
     throttle: Throttle | None = None,
+    report: bool = True,
 ) -> list[MatrixStats]:
     """MatrixStats of every quantisable matrix / expert slice of ``path``, in model order.
 
     ``cache_dir`` defaults to `default_cache_dir()`; ``use_cache=False`` neither reads nor writes.
     ``select`` restricts the analysis to the matrices it accepts (the others are left out of the
     result); ``known`` returns an already computed result for a matrix, or None to analyse it;
-    ``throttle`` limits how many matrices are analysed at once.
+    ``throttle`` limits how many matrices are analysed at once; ``report=False`` leaves out the
+    closing count of matrices without a signal (for a partial pass whose results a later call
+    reuses).
 
     Matrices are analysed in parallel, one single-threaded matrix per core (torch's intra-op
     thread count), with at most that many loaded at a time; results keep model order and are
@@ -207,7 +210,7 @@ def analyze_model(
             mats = [m for m in mats if select(m)]
         out = _analyze_all(mats, cfg, cache, progress, known, throttle)
     n_bad = sum(not s.signal for s in out)
-    if n_bad and select is None:
+    if n_bad and report:
         logger.warning("%d of %d matrices have no spectral signal (alpha = NaN)", n_bad, len(out))
     return out
 

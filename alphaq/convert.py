@@ -160,16 +160,27 @@ def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, toke
                      fixed_bytes=padded(base_header + _QUANT_KV_MARGIN + extra + 4096, cfg.plan.alignment))
 
 
-def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path):
+def analysed(cfg: ConvertConfig, has_experts: bool):
+    """Which matrices the plan reads α from: with ``--allocate experts`` (the default) on an
+    MoE model only the routed-expert slices; every other tensor gets a fixed type, so analysing
+    it would only cost time (3-13 % of the spectral stage on the benchmark models). Otherwise
+    (``--allocate all``, or a dense model, which the plan allocates whole) every matrix."""
+    if cfg.plan.allocate == "experts" and has_experts:
+        return lambda m: m.expert is not None
+    return lambda m: True
+
+
+def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path, wanted):
     """llama.cpp's converter and the spectral stage at the same time: (BF16 GGUF, tokenizer
-    fallback, stats of the GGUF's matrices).
+    fallback, stats of the GGUF's ``wanted`` matrices).
 
     The converter is a subprocess that keeps about one core busy, so while it writes the BF16
     GGUF the checkpoint's BF16 matrices are analysed straight from the safetensors, one at a
-    time and at the lowest CPU priority until the converter exits, then one per core. Afterwards every GGUF matrix whose
-    values are those exact weights (same tensor, expert slice and shape, stored as BF16 or F32)
-    takes that result; any other is analysed from the GGUF. So the stats are exactly those of
-    analysing the GGUF, as before (HF and converted matrices are bit-identical: tests)."""
+    time and at the lowest CPU priority until the converter exits, then one per core.
+    Afterwards every GGUF matrix whose values are those exact weights (same tensor, expert slice
+    and shape, stored as BF16 or F32) takes that result; any other is analysed from the GGUF.
+    So the stats are exactly those of analysing the GGUF, as before (HF and converted matrices
+    are bit-identical: tests)."""
     from convert.hf_to_gguf import start_convert_hf
 
     log.info("converting %s to a BF16 GGUF with llama.cpp's converter", cfg.model)
@@ -186,7 +197,8 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path):
     try:
         try:
             early = analyze_model(cfg.model, cfg.spectral, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
-                                  progress=cfg.progress, select=lambda m: m.dtype == "BF16", throttle=throttle)
+                                  progress=cfg.progress, select=lambda m: m.dtype == "BF16" and wanted(m),
+                                  throttle=throttle, report=False)
         except Cancelled:
             early = []
         if not running.done():
@@ -202,7 +214,7 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path):
         return s if s is not None and (s.rows, s.cols) == (m.rows, m.cols) and m.dtype in ("BF16", "F32") else None
 
     stats = analyze_model(conv.path, cfg.spectral, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
-                          progress=cfg.progress, known=known)
+                          progress=cfg.progress, select=wanted, known=known)
     return conv.path, conv.tokenizer_fallback, stats
 
 
@@ -210,18 +222,19 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     check_output(cfg.output, cfg.force, cfg.plan.granularity)
     with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
         source = model.source
+        wanted = analysed(cfg, any(m.expert is not None for m in model.matrices()))
     out_dir = cfg.output.parent
     plan_json, tt_file = side_paths(cfg.output)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=out_dir))
     try:
         tokenizer_fallback = None
         if source == "hf":
-            float_gguf, tokenizer_fallback, stats = _convert_and_analyze_hf(cfg, tmp_dir)
+            float_gguf, tokenizer_fallback, stats = _convert_and_analyze_hf(cfg, tmp_dir, wanted)
         else:
             check_float_gguf(cfg.model)
             float_gguf = cfg.model
             stats = analyze_model(float_gguf, cfg.spectral, cache_dir=cfg.cache_dir,
-                                  use_cache=cfg.use_cache, progress=cfg.progress)
+                                  use_cache=cfg.use_cache, progress=cfg.progress, select=wanted)
         tensors = tensor_infos(float_gguf)
         base_header = header_bytes(float_gguf)
         noise = _noise_table(float_gguf, stats, tensors, cfg)

@@ -140,6 +140,35 @@ def test_hf_and_bf16_gguf_inputs_give_the_same_allocation(float_ggufs, cache_dir
     assert [i["alpha"] for i in pa["items"]] == [i["alpha"] for i in pb["items"]]
 
 
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_only_the_allocated_matrices_are_analysed(source, float_ggufs, cache_dir, tmp_path, monkeypatch):
+    """With --allocate experts (default) on an MoE model only routed-expert slices are analysed
+    (attention and shared experts get fixed types), and the plan is what analysing every matrix
+    gave (only the fixed tensors' reason now says "not analysed"); with --allocate all
+    everything is analysed."""
+    import alphaq.analyze as analyze_mod
+    import alphaq.convert as convert_mod
+
+    seen = []
+    real = analyze_mod.analyze_weight
+    monkeypatch.setattr(analyze_mod, "analyze_weight", lambda m, *a: seen.append(m.expert) or real(m, *a))
+    model = FIXTURES / "qwen2moe" if source == "hf" else float_ggufs["qwen2moe"]
+    lean = _convert(model, tmp_path / "lean.gguf", cache_dir, budget=3.0)
+    assert seen and None not in seen
+    seen.clear()
+    with monkeypatch.context() as m:
+        m.setattr(convert_mod, "analysed", lambda cfg, has_experts: (lambda _: True))
+        full = _convert(model, tmp_path / "full.gguf", cache_dir, budget=3.0)
+    assert None in seen  # the old behaviour did analyse the other matrices
+    pl, pf = load_plan_from_gguf(lean.output), load_plan_from_gguf(full.output)
+    assert pl["items"] == pf["items"] and pl["totals"] == pf["totals"]
+    assert [{**f, "reason": None} for f in pl["fixed"]] == [{**f, "reason": None} for f in pf["fixed"]]
+    assert read_tensors(lean.output) == read_tensors(full.output)  # same types and sizes
+    seen.clear()
+    _convert(model, tmp_path / "all.gguf", cache_dir, budget=3.0, allocate="all")
+    assert None in seen
+
+
 def test_output_is_deterministic(float_ggufs, cache_dir, tmp_path):
     a = _convert(float_ggufs["qwen3moe"], tmp_path / "a.gguf", cache_dir, budget=2.5).output.read_bytes()
     b = _convert(float_ggufs["qwen3moe"], tmp_path / "b.gguf", cache_dir, budget=2.5).output.read_bytes()
