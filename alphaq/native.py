@@ -8,8 +8,8 @@
   faster than numpy's (which makes float64 temporaries).
 
 The C file is compiled on first use with the machine's C compiler (``$CC``, else ``cc``;
-``-O3 -march=native``) into ``~/.cache/alphaq/native``, keyed by the source, the compiler and its
-flags, and loaded with ctypes (calls release the GIL, so threads run in parallel). Without a
+``-O3 -march=native``) into ``~/.cache/alphaq/native``, keyed by the source, the compiler, its
+flags and the CPU's features, and loaded with ctypes (calls release the GIL, so threads run in parallel). Without a
 compiler `available` is False and callers use numpy; results agree to rounding (eigenvalues to
 ~1e-15 * lambda_max, variances to ~1e-14 relative; tests). ``ALPHAQ_NATIVE=0`` turns it off.
 """
@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -43,12 +44,25 @@ def cache_dir() -> Path:
     return Path(base) / "alphaq" / "native"
 
 
+def _cpu_id() -> bytes:
+    """What -march=native compiles for: the CPU's feature flags (Linux), else the platform. Part of
+    the library's cache key, so that a cache directory shared between machines (a network home)
+    never hands one CPU a library built for another's instruction set."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return (flags or f"{platform.machine()} {platform.processor()}").encode()
+
+
 def _compile(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.blake2b(source + version.encode() + " ".join(flags).encode(), digest_size=10).hexdigest()
+        key = hashlib.blake2b(source + version.encode() + " ".join(flags).encode() + _cpu_id(),
+                              digest_size=10).hexdigest()
         lib = cache_dir() / f"native-{key}.so"
         if lib.exists():
             return lib
