@@ -221,6 +221,7 @@ static void tridiagonalize(const double *g, int n, double *d, double *e, double 
 
 typedef struct {
     double *d, *e;  /* diagonal; squared off-diagonal of the block being reduced */
+    int k;          /* which matrix of the batch */
     int n, next;    /* order; where the search for the next unreduced block starts */
     int l, lend;    /* block [l, lend] being reduced */
     int iter, maxit;
@@ -359,6 +360,21 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+/* Point stream q at the next matrices of the batch (from *taken on) until one needs a sweep:
+   returns 1 then, 0 when the batch is used up. A matrix that fails sets *failed (1 + its index)
+   if nothing failed before. */
+static int refill(stream *q, double *d, double *e, int count, int n, int *taken, int *failed) {
+    while (*taken < count) {
+        const int k = (*taken)++;
+        *q = (stream){.d = d + (size_t)k * n, .e = e + (size_t)k * n, .k = k, .n = n, .next = 0,
+                      .l = 1, .lend = 0, .iter = 0, .maxit = 30 * n};
+        const int rc = next_sweep(q);
+        if (rc == 1) return 1;
+        if (rc < 0 && !*failed) *failed = k + 1;
+    }
+    return 0;
+}
+
 /* Eigenvalues of `count` symmetric tridiagonal matrices of order n: diagonals in d (count x n,
    overwritten with the eigenvalues, ascending), off-diagonals in e (count x n, entry n-1 unused;
    destroyed). Returns 0, or 1 + the index of a matrix that failed (iteration limit or range). */
@@ -366,27 +382,15 @@ int alphaq_tridiagonal_eigenvalues(double *d, double *e, int count, int n) {
     stream st[STREAMS];
     int active[STREAMS], n_active = 0, taken = 0, failed = 0;
     double sink;
-    /* give stream q the next matrix that needs a sweep; 0 when none is left */
-    #define REFILL(q)                                                                      \
-        for (;;) {                                                                         \
-            if (taken == count) { active[q] = 0; break; }                                 \
-            stream *s_ = &st[q];                                                           \
-            s_->d = d + (size_t)taken * n; s_->e = e + (size_t)taken * n;                 \
-            s_->n = n; s_->next = 0; s_->l = 1; s_->lend = 0; s_->iter = 0;               \
-            s_->maxit = 30 * n; taken++;                                                   \
-            int rc_ = next_sweep(s_);                                                      \
-            if (rc_ == 1) { active[q] = 1; break; }                                       \
-            if (rc_ < 0 && !failed) failed = taken;                                       \
-        }
     for (int q = 0; q < STREAMS; q++) {
-        REFILL(q);
+        active[q] = refill(&st[q], d, e, count, n, &taken, &failed);
         n_active += active[q];
     }
     while (n_active > 0) {
         int steps = 1 << 30;
         for (int q = 0; q < STREAMS; q++)
             if (active[q] && st[q].i - st[q].l + 1 < steps) steps = st[q].i - st[q].l + 1;
-        if (n_active == STREAMS) {
+        if (n_active == STREAMS) {  /* the common case, without a test per step */
             for (int t = 0; t < steps; t++)
                 for (int q = 0; q < STREAMS; q++) sweep_step(&st[q], &sink);
         } else {
@@ -397,14 +401,13 @@ int alphaq_tridiagonal_eigenvalues(double *d, double *e, int count, int n) {
         for (int q = 0; q < STREAMS; q++) {
             if (!active[q] || st[q].i >= st[q].l) continue;
             finish_sweep(&st[q]);
-            int rc = next_sweep(&st[q]);
+            const int rc = next_sweep(&st[q]);
             if (rc == 1) continue;
-            if (rc < 0 && !failed) failed = (int)((st[q].d - d) / n) + 1;
-            REFILL(q);
+            if (rc < 0 && !failed) failed = st[q].k + 1;
+            active[q] = refill(&st[q], d, e, count, n, &taken, &failed);
             n_active -= !active[q];
         }
     }
-    #undef REFILL
     for (int k = 0; k < count; k++) qsort(d + (size_t)k * n, (size_t)n, sizeof(double), cmp_double);
     return failed;
 }

@@ -93,6 +93,8 @@ def _bind(lib: ctypes.CDLL) -> None:
 
 
 def _load() -> dict:
+    if _state:  # set once, under the lock; every spectral batch asks, from several threads
+        return _state
     with _lock:
         if _state:
             return _state

@@ -152,7 +152,6 @@ class _OpenBLAS:
     torch (see `pinned_threads`)."""
 
     _lib = None
-    _dll = None
     _found = False
 
     @classmethod
@@ -170,15 +169,8 @@ class _OpenBLAS:
                     if hasattr(dll, get) and hasattr(dll, set_):
                         getattr(dll, set_).argtypes = [ctypes.c_int]
                         cls._lib = (getattr(dll, get), getattr(dll, set_))
-                        cls._dll = dll
                         return cls._lib
         return cls._lib
-
-    @classmethod
-    def dll(cls):
-        """The library itself (its LAPACK symbols), or None."""
-        cls.lib()
-        return cls._dll
 
 
 _pin_lock = threading.Lock()
