@@ -4,6 +4,7 @@ symmetric matrices, scipy's eigvalsh_tridiagonal for the QL half, np.var for the
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -157,3 +158,13 @@ def test_moments_count_non_finite_weights_and_the_error_names_the_tensor():
     assert n_bad == 3 and np.isnan(mean) and np.isnan(var)
     with pytest.raises(spectral.AlphaQError, match="blk.0.ffn_up_exps.weight has 1 NaN and 2 Inf"):
         spectral._finite_variance(w, "blk.0.ffn_up_exps.weight")
+
+
+def test_the_library_is_keyed_by_the_cpu(monkeypatch, tmp_path):
+    """-march=native code must never reach another CPU through a shared cache directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    compiler = os.environ.get("CC") or "cc"
+    here = native._compile(compiler)
+    monkeypatch.setattr(native, "_cpu_id", lambda: b"flags : some other cpu")
+    other = native._compile(compiler)
+    assert here.exists() and other.exists() and here != other
