@@ -1,7 +1,11 @@
-"""The main job: HF checkpoint or float GGUF -> calibration-free mixed-type GGUF.
+"""The main job: HF checkpoint or float GGUF -> mixed-type GGUF, with no external data.
 
-    input ──(llama.cpp converter, HF only)──> float GGUF ──spectral──> alphas ──plan──> types
-          ──llama_model_quantize(overrides)──> quantised GGUF ──+alphaq.* keys──> output
+Default (damage):
+    input ──(llama.cpp converter, HF only)──> float GGUF ──sample──> the model's own text
+          ──> importance matrix ──> damage per tensor and type ──knapsack──> types
+          ──llama_model_quantize(overrides, importance)──> quantised GGUF ──+alphaq.* keys──> output
+Paper / fast (no forward pass at all):
+    float GGUF ──spectral──> alphas ──plan──> types ──llama_model_quantize(overrides)──> ...
 
 Everything is written under temporary names in the output's directory and renamed at the very
 end, so a failed or interrupted run leaves nothing behind, and nothing existing is replaced
@@ -15,6 +19,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +31,11 @@ from alphaq.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import AlphaQError
 from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf_io import FLOAT_TYPES, copy_with_metadata, header_bytes, read_tensors
+from alphaq.damage import DamageConfig
 from alphaq.plan import Plan, PlanConfig, TensorInfo, make_plan
-from alphaq.qtypes import padded, tensor_bytes
-from alphaq.quantize import STOCK_MIXES, quantize_gguf, stock_mix_types
+from alphaq.qtypes import llama_quantizes, padded, tensor_bytes
+from alphaq.quantize import STOCK_MIXES, mix_ftype, quantize_gguf, stock_mix_types
+from alphaq.selftext import SelfTextConfig
 from alphaq.spectral import SpectralConfig
 from alphaq.weights import open_model
 
@@ -51,6 +58,12 @@ class ConvertConfig:
     use_cache: bool = True
     compare_stock: bool = True  # size of llama.cpp's stock mixes for the summary (dry runs)
     progress: bool = True
+    # the default path (plan.noise == "damage"): the model's own text, its importance matrix and
+    # the damage measured on it
+    selftext: SelfTextConfig = field(default_factory=SelfTextConfig)
+    damage: DamageConfig = field(default_factory=DamageConfig)
+    imatrix: Path | None = None  # a llama.cpp importance file to use instead of the self-made one
+    like: str | None = None  # budget = the file size of this llama.cpp mix for this model
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,10 @@ class ConvertResult:
     stock_sizes: dict[str, int] = field(default_factory=dict)  # mix -> predicted file bytes
     runtime: str = STOCK_RUNTIME  # what runs the file: stock llama.cpp, or the patched one
     n_grouped: int = 0  # merged expert tensors stored as type groups (expert granularity)
+    imatrix_file: Path | None = None  # the importance matrix used, saved in llama.cpp's format
+    imatrix_source: str | None = None  # "self" (the model's own text) or the user's file
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+    like: tuple[str, int] | None = None  # (mix, its size) when the budget was given by name
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -72,13 +89,20 @@ def side_paths(output: Path) -> tuple[Path, Path]:
     return output.with_name(stem + ".plan.json"), output.with_name(stem + ".tensor-types.txt")
 
 
-def check_output(output: Path, force: bool, granularity: str) -> None:
+def imatrix_path(output: Path) -> Path:
+    """Where the importance matrix goes: beside the output, in llama.cpp's GGUF imatrix format."""
+    stem = output.name[:-5] if output.name.endswith(".gguf") else output.name
+    return output.with_name(stem + ".imatrix.gguf")
+
+
+def check_output(output: Path, force: bool, granularity: str, with_imatrix: bool = False) -> None:
     if output.suffix != ".gguf":
         raise AlphaQError(f"output {output} must end in .gguf")
     if not output.parent.is_dir():
         raise AlphaQError(f"output directory {output.parent} does not exist")
     plan_json, tt_file = side_paths(output)
     targets = [output, plan_json] + ([tt_file] if granularity == "tensor" else [])
+    targets += [imatrix_path(output)] if with_imatrix else []
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
         raise AlphaQError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
@@ -123,17 +147,16 @@ def metadata_bytes(meta: dict) -> int:
     return n
 
 
-def stock_sizes(float_gguf: Path, header: int, alignment: int) -> dict[str, int]:
-    """Predicted file size of each llama.cpp stock mix, from llama.cpp's own dry-run decisions."""
-    from gguf import GGMLQuantizationType
-
+def stock_size(float_gguf: Path, mix: str, header: int, alignment: int) -> int:
+    """Predicted file size of a llama.cpp mix, from llama.cpp's own dry-run decisions."""
     shapes = {t.name: t.shape for t in read_tensors(float_gguf)}
-    out = {}
-    for mix in STOCK_MIXES:
-        types = stock_mix_types(float_gguf, mix)
-        data = sum(padded(tensor_bytes(GGMLQuantizationType[t], shapes[n]), alignment) for n, t in types.items())
-        out[mix] = header + data
-    return out
+    types = stock_mix_types(float_gguf, mix)
+    return header + sum(padded(tensor_bytes(GGMLQuantizationType[t], shapes[n]), alignment) for n, t in types.items())
+
+
+def stock_sizes(float_gguf: Path, header: int, alignment: int, mixes=STOCK_MIXES) -> dict[str, int]:
+    """Predicted file size of each llama.cpp stock mix."""
+    return {mix: stock_size(float_gguf, mix, header, alignment) for mix in mixes}
 
 
 def _noise_table(float_gguf: Path, stats, tensors, cfg: ConvertConfig):
@@ -149,15 +172,43 @@ def _noise_table(float_gguf: Path, stats, tensors, cfg: ConvertConfig):
 
 
 def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, tokenizer_fallback,
-                      noise_table) -> Plan:
+                      noise_table, damage=None) -> Plan:
     """Solve; for --target-size, re-solve once with the exact size of the alphaq keys."""
-    plan = make_plan(stats, tensors, cfg.plan, noise_table=noise_table,
+    plan = make_plan(stats, tensors, cfg.plan, noise_table=noise_table, damage=damage,
                      fixed_bytes=padded(base_header + _QUANT_KV_MARGIN, cfg.plan.alignment))
     if cfg.plan.budget_mode != "size":
         return plan
     extra = metadata_bytes(alphaq_metadata(plan, cfg, tokenizer_fallback))
-    return make_plan(stats, tensors, cfg.plan, noise_table=noise_table,
+    return make_plan(stats, tensors, cfg.plan, noise_table=noise_table, damage=damage,
                      fixed_bytes=padded(base_header + _QUANT_KV_MARGIN + extra + 4096, cfg.plan.alignment))
+
+
+def needs_spectral(cfg: ConvertConfig) -> bool:
+    """The damage cost uses alpha only when gamma is not 0 (an ablation); the others always."""
+    return cfg.plan.noise != "damage" or cfg.plan.gamma is None or cfg.plan.gamma != 0
+
+
+def like_budget(cfg: ConvertConfig, float_gguf: Path, base_header: int) -> tuple[ConvertConfig, tuple[str, int] | None]:
+    """--like MIX: the budget becomes that llama.cpp mix's file size for this model (its dry run)."""
+    if cfg.like is None:
+        return cfg, None
+    from dataclasses import replace
+
+    size = stock_size(float_gguf, cfg.like.upper(), base_header + _QUANT_KV_MARGIN, cfg.plan.alignment)
+    return replace(cfg, plan=replace(cfg.plan, budget_mode="size", budget=float(size))), (cfg.like.upper(), size)
+
+
+def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig):
+    """The default path's forward stages (alphaq.damage.run) for every tensor llama.cpp quantises."""
+    from alphaq.damage.run import self_calibrate
+    from alphaq.importance.imatrix_file import read_imatrix
+
+    user = read_imatrix(cfg.imatrix) if cfg.imatrix else None
+    names = [t.name for t in tensors if llama_quantizes(t.name, t.shape)]
+    return self_calibrate(float_gguf, names, cfg.plan.candidates, text_cfg=cfg.selftext, cfg=cfg.damage,
+                          user_imatrix=user, imatrix_source=str(cfg.imatrix), progress=cfg.progress,
+                          per_expert=cfg.plan.granularity == "expert", use_cache=cfg.use_cache,
+                          n_threads=cfg.nthread or None)
 
 
 def analysed(cfg: ConvertConfig, has_experts: bool):
@@ -219,69 +270,123 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path, wanted):
 
 
 def run_convert(cfg: ConvertConfig) -> ConvertResult:
-    check_output(cfg.output, cfg.force, cfg.plan.granularity)
+    damage_mode = cfg.plan.noise == "damage"
+    check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=damage_mode)
+    if cfg.like is not None:
+        mix_ftype(cfg.like)  # an unknown mix name fails before any work
+    if cfg.imatrix is not None:
+        from alphaq.importance.imatrix_file import read_imatrix
+
+        read_imatrix(cfg.imatrix)  # a bad file fails before any work
     with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
         source = model.source
-        wanted = analysed(cfg, any(m.expert is not None for m in model.matrices()))
-    out_dir = cfg.output.parent
-    plan_json, tt_file = side_paths(cfg.output)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=out_dir))
+        has_experts = any(m.expert is not None for m in model.matrices())
+    wanted = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
+    seconds: dict[str, float] = {}
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=cfg.output.parent))
     try:
-        tokenizer_fallback = None
-        if source == "hf":
-            float_gguf, tokenizer_fallback, stats = _convert_and_analyze_hf(cfg, tmp_dir, wanted)
-        else:
-            check_float_gguf(cfg.model)
-            float_gguf = cfg.model
-            stats = analyze_model(float_gguf, cfg.spectral, cache_dir=cfg.cache_dir,
-                                  use_cache=cfg.use_cache, progress=cfg.progress, select=wanted)
+        t0 = time.perf_counter()
+        float_gguf, tokenizer_fallback, stats = _float_model(cfg, tmp_dir, wanted)
+        seconds["float model + spectral" if needs_spectral(cfg) else "float model"] = time.perf_counter() - t0
         tensors = tensor_infos(float_gguf)
         base_header = header_bytes(float_gguf)
+        cfg, like = like_budget(cfg, float_gguf, base_header)
+        calib = _self_calibration(float_gguf, tensors, cfg) if damage_mode else None
+        if calib is not None:
+            seconds.update(calib.seconds)
+        t0 = time.perf_counter()
         noise = _noise_table(float_gguf, stats, tensors, cfg)
-        plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback, noise)
-        types = plan.tensor_types(mixed="skip")
-        layouts = group_layouts(plan.expert_types(), {t.name: t.shape for t in tensors})
-        # grouped projections are quantised per expert by the expert-groups writer; here
-        # llama.cpp only copies them in their source type (no work, no effect on file_type)
-        to_llama = {**types, **{t.name: GGMLQuantizationType[t.dtype] for t in tensors if t.name in layouts}}
-
-        log.info("quantising %d tensors with llama.cpp's quantiser", len(types))
-        quantised = tmp_dir / "quantised.gguf"
-        quantize_gguf(float_gguf, quantised, to_llama, nthread=cfg.nthread, progress=cfg.progress,
-                      file_type_from=types)
-        final = tmp_dir / "final.gguf"
-        meta = alphaq_metadata(plan, cfg, tokenizer_fallback)
-        if layouts:
-            write_expert_gguf(quantised, float_gguf, layouts, meta, final, progress=cfg.progress)
-        else:
-            copy_with_metadata(quantised, final, meta)
-        quantised.unlink()
-        _verify(final, plan, types, layouts)
-
+        plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback, noise,
+                                 damage=calib.damage.costs if calib else None)
+        seconds["plan"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        written = _write(cfg, plan, float_gguf, tensors, tmp_dir, tokenizer_fallback,
+                         calib.imatrix if calib else None)
+        seconds["quantise"] = time.perf_counter() - t0
         stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
-        plan_tmp = tmp_dir / "plan.json"
-        plan_tmp.write_text(plan.to_json())
-        tt_tmp = None
-        if cfg.plan.granularity == "tensor":
-            tt_tmp = tmp_dir / "tensor-types.txt"
-            tt_tmp.write_text("\n".join(plan.tensor_type_lines()) + "\n")
-        check_output(cfg.output, cfg.force, cfg.plan.granularity)  # nothing appeared meanwhile
-        os.replace(plan_tmp, plan_json)
-        if tt_tmp is not None:
-            os.replace(tt_tmp, tt_file)
-        os.replace(final, cfg.output)  # the model last: its presence means the run completed
+        _publish(cfg, plan, tmp_dir, calib)
     finally:
         for p in sorted(tmp_dir.glob("*")):
             p.unlink()
         tmp_dir.rmdir()
-
+    types, layouts = written
     counts = Counter(t.name for t in types.values())
     counts.update(t.name for lay in layouts.values() for t in lay.types)  # one tensor per group
+    plan_json, tt_file = side_paths(cfg.output)
     return ConvertResult(
-        output=cfg.output, plan_json=plan_json, tensor_type_file=tt_file if tt_tmp else None, plan=plan,
+        output=cfg.output, plan_json=plan_json,
+        tensor_type_file=tt_file if cfg.plan.granularity == "tensor" else None, plan=plan,
         file_bytes=cfg.output.stat().st_size, tensor_counts=dict(sorted(counts.items())),
         tokenizer_fallback=tokenizer_fallback, stock_sizes=stock,
-        runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, n_grouped=len(layouts))
+        runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, n_grouped=len(layouts),
+        imatrix_file=imatrix_path(cfg.output) if calib else None,
+        imatrix_source=calib.imatrix_source if calib else None, seconds=seconds, like=like)
+
+
+def _float_model(cfg: ConvertConfig, tmp_dir: Path, wanted):
+    """(float GGUF, tokenizer fallback, spectral stats): the input itself when it is a float GGUF,
+    else llama.cpp's converter's BF16 output; stats only where the plan uses alpha."""
+    from alphaq.weights import open_model as _open
+
+    with _open(cfg.model) as model:
+        source = model.source
+    if source == "hf":
+        if needs_spectral(cfg):
+            return _convert_and_analyze_hf(cfg, tmp_dir, wanted)
+        from convert.hf_to_gguf import convert_hf
+
+        conv = convert_hf(cfg.model, tmp_dir / "float.gguf", outtype="bf16")
+        return conv.path, conv.tokenizer_fallback, []
+    check_float_gguf(cfg.model)
+    if not needs_spectral(cfg):
+        return cfg.model, None, []
+    stats = analyze_model(cfg.model, cfg.spectral, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
+                          progress=cfg.progress, select=wanted)
+    return cfg.model, None, stats
+
+
+def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: Path, tokenizer_fallback, imatrix):
+    """Quantise with llama.cpp (and the expert-groups writer), add the alphaq keys, verify:
+    tmp_dir/final.gguf. Returns (tensor types, expert layouts)."""
+    types = plan.tensor_types(mixed="skip")
+    layouts = group_layouts(plan.expert_types(), {t.name: t.shape for t in tensors})
+    # grouped projections are quantised per expert by the expert-groups writer; here
+    # llama.cpp only copies them in their source type (no work, no effect on file_type)
+    to_llama = {**types, **{t.name: GGMLQuantizationType[t.dtype] for t in tensors if t.name in layouts}}
+    means = imatrix.means() if imatrix is not None else None
+    log.info("quantising %d tensors with llama.cpp's quantiser", len(types))
+    quantised = tmp_dir / "quantised.gguf"
+    quantize_gguf(float_gguf, quantised, to_llama, nthread=cfg.nthread, progress=cfg.progress,
+                  file_type_from=types, imatrix=means)
+    final = tmp_dir / "final.gguf"
+    meta = alphaq_metadata(plan, cfg, tokenizer_fallback)
+    if layouts:
+        write_expert_gguf(quantised, float_gguf, layouts, meta, final, progress=cfg.progress, imatrix=means)
+    else:
+        copy_with_metadata(quantised, final, meta)
+    quantised.unlink()
+    _verify(final, plan, types, layouts)
+    return types, layouts
+
+
+def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib) -> None:
+    """Side files first, the model last (its presence means the run completed); nothing that
+    appeared meanwhile is replaced without --force."""
+    plan_json, tt_file = side_paths(cfg.output)
+    staged = [(tmp_dir / "plan.json", plan_json)]
+    staged[0][0].write_text(plan.to_json())
+    if cfg.plan.granularity == "tensor":
+        (tmp_dir / "tensor-types.txt").write_text("\n".join(plan.tensor_type_lines()) + "\n")
+        staged.append((tmp_dir / "tensor-types.txt", tt_file))
+    if calib is not None:
+        from alphaq.importance.imatrix_file import write_imatrix
+
+        write_imatrix(tmp_dir / "imatrix.gguf", calib.imatrix)
+        staged.append((tmp_dir / "imatrix.gguf", imatrix_path(cfg.output)))
+    check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=calib is not None)
+    for src, dst in staged:
+        os.replace(src, dst)
+    os.replace(tmp_dir / "final.gguf", cfg.output)
 
 
 def _verify(path: Path, plan: Plan, types: dict, layouts: dict[str, ExpertGroups]) -> None:

@@ -33,7 +33,7 @@ from alphaq.records import MatrixStats
 
 logger = logging.getLogger(__name__)
 
-NOISE_MODELS = ("paper", "measured")
+NOISE_MODELS = ("paper", "measured", "damage")  # "damage": KL measured on the model's own text (alphaq.damage)
 
 
 def default_gamma(alphas: Sequence[float]) -> float:

@@ -141,18 +141,27 @@ def read_layouts(path: Path) -> dict[str, ExpertGroups]:
     return out
 
 
+def _expert_imatrix(imatrix, name: str, expert: int, cols: int):
+    if not imatrix or name not in imatrix:
+        return "auto"
+    return np.asarray(imatrix[name][expert * cols:(expert + 1) * cols], dtype=np.float32)
+
+
 def runtime_for(path: Path) -> str:
     return PATCHED_RUNTIME if read_layouts(path) else STOCK_RUNTIME
 
 
 def write_expert_gguf(quantised: Path, float_gguf: Path, layouts: dict[str, ExpertGroups],
                       extra: dict[str, tuple[object, GGUFValueType]], dst: Path, *,
-                      progress: bool = False) -> None:
+                      progress: bool = False, imatrix: dict[str, np.ndarray] | None = None) -> None:
     """``dst`` = ``quantised`` with each grouped projection replaced by its groups and map.
 
     quantised: llama_model_quantize's output, every other tensor in its planned type (grouped
       projections may hold anything: they are re-quantised per expert from ``float_gguf``).
     extra: key/values to add (the alphaq.* keys); the format keys are added here.
+    imatrix: flat importance vectors (n_expert * cols) by tensor name; each expert is quantised
+      with its own slice, as llama.cpp does for a merged tensor. Without one: "auto" (all-ones
+      where llama.cpp requires an imatrix).
     """
     reader = GGUFReader(quantised)
     writer = writer_with_metadata(reader, dst, {**extra, **(FORMAT_KEYS if layouts else {})})
@@ -190,7 +199,8 @@ def write_expert_gguf(quantised: Path, float_gguf: Path, layouts: dict[str, Expe
                 release_pages(reader, t.data)
                 continue
             for g, qt in enumerate(lay.types):
-                rows = [ggml.quantize(slices[(t.name, e)].load(), qt) for e in lay.experts[g]]
+                rows = [ggml.quantize(slices[(t.name, e)].load(), qt, _expert_imatrix(imatrix, t.name, e, lay.shape[-1]))
+                        for e in lay.experts[g]]
                 writer.write_tensor_data(np.stack(rows), tensor_endianess=reader.endianess)
                 bar.update(len(rows))
             writer.write_tensor_data(lay.map(), tensor_endianess=reader.endianess)

@@ -17,3 +17,33 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fingerprint(path: Path, samples_per_tensor: int = 8, sample_bytes: int = 1 << 16) -> str:
+    """A content key for a GGUF file without reading all of it: the header (every key/value and
+    tensor info) plus ``samples_per_tensor`` evenly spaced chunks of every tensor's data.
+
+    Stages that cache work on a model (self-generated text, importance, damage) key on this, so
+    a re-converted or edited model never reuses them, while a 60 GB file costs a few MB of reads."""
+    import hashlib
+
+    from alphaq.gguf_io import header_bytes, read_tensors
+
+    h = hashlib.blake2b(digest_size=20)
+    start = header_bytes(path)
+    with open(path, "rb") as f:
+        h.update(f.read(start))
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        span = size - start
+        step = max(sample_bytes, span // max(1, samples_per_tensor * max(1, len(read_tensors(path)))))
+        for off in range(start, size, step):
+            f.seek(off)
+            h.update(f.read(sample_bytes))
+    return h.hexdigest()
+
+
+def cache_root() -> Path:
+    """~/.cache/alphaq (or $XDG_CACHE_HOME/alphaq), read at call time."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "alphaq"

@@ -80,14 +80,15 @@ class _Accumulator:
         self.counts[name][expert] += x.shape[0]
 
 
-def compute_imatrix(hf_dir: Path, gguf_path: Path, text: str, cfg: ImatrixConfig = ImatrixConfig(),
-                    *, progress: bool = False) -> ImatrixResult:
+def compute_imatrix(hf_dir: Path, gguf_path: Path, text: str | None, cfg: ImatrixConfig = ImatrixConfig(),
+                    *, progress: bool = False, windows=None) -> ImatrixResult:
     """Mean squared input activation per column of every quantisable GGUF tensor of ``gguf_path``
-    (the model converted from ``hf_dir``), measured on ``text``."""
+    (the model converted from ``hf_dir``), measured on ``text`` (or on token ``windows``,
+    (n, n_ctx) ids used as they are)."""
     import torch
     from torch import nn
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     arch, n_blocks = _arch_of(gguf_path)
     tmap = gguf.get_tensor_name_map(arch, n_blocks)
@@ -95,14 +96,11 @@ def compute_imatrix(hf_dir: Path, gguf_path: Path, text: str, cfg: ImatrixConfig
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    n_win = min(len(ids) // cfg.n_ctx, cfg.max_windows)
-    if n_win < 1:
-        raise AlphaQError(f"calibration text has {len(ids)} tokens, fewer than one window of {cfg.n_ctx}")
-    windows = torch.tensor(ids[: n_win * cfg.n_ctx]).view(n_win, cfg.n_ctx)
-    if tok.bos_token_id is not None:
-        windows[:, 0] = tok.bos_token_id
+    if windows is not None:
+        windows = torch.as_tensor(np.asarray(windows, dtype=np.int64))
+        n_win = windows.shape[0]
+    else:
+        windows, n_win = _text_windows(hf_dir, text, cfg)
 
     acc = _Accumulator()
     hooks = []
@@ -172,4 +170,20 @@ def compute_imatrix(hf_dir: Path, gguf_path: Path, text: str, cfg: ImatrixConfig
         data[name] = vec.astype(np.float32)
         if n_expert > 1:
             expert_tokens[name] = counts.copy()
-    return ImatrixResult(data, expert_tokens, int(n_win * cfg.n_ctx))
+    return ImatrixResult(data, expert_tokens, int(windows.numel()))
+
+
+def _text_windows(hf_dir: Path, text: str, cfg: ImatrixConfig):
+    """Non-overlapping windows of ``cfg.n_ctx`` tokens of ``text``, each starting with BOS."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    n_win = min(len(ids) // cfg.n_ctx, cfg.max_windows)
+    if n_win < 1:
+        raise AlphaQError(f"calibration text has {len(ids)} tokens, fewer than one window of {cfg.n_ctx}")
+    windows = torch.tensor(ids[: n_win * cfg.n_ctx]).view(n_win, cfg.n_ctx)
+    if tok.bos_token_id is not None:
+        windows[:, 0] = tok.bos_token_id
+    return windows, n_win

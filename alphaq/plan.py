@@ -29,11 +29,12 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from alphaq import __version__
-from alphaq.costs import NOISE_MODELS, importance_weights, paper_noise
+from alphaq.costs import NOISE_MODELS, Importance, importance_weights, paper_noise
 from alphaq.errors import AlphaQError
 from alphaq.files import atomic_write_text
 from alphaq.qtypes import (
     DEFAULT_CANDIDATES,
+    FULL_LADDER,
     effective_type,
     llama_quantizes,
     nominal_bits,
@@ -50,10 +51,24 @@ logger = logging.getLogger(__name__)
 BUDGET_MODES = ("bits", "bpw", "size")  # --budget, --bpw, --target-size
 GRANULARITIES = ("tensor", "expert")
 SCOPES = ("global", "block")
-ALLOCATE = ("experts", "all")
+# "experts": routed experts only; "all": every analysed in-block weight; "every": every tensor
+# llama.cpp quantises, token embeddings and output head included (the damage cost's default)
+ALLOCATE = ("experts", "all", "every")
 
 TOKEN_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
 OUTPUT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
+
+# The three ways to allocate (docs/ALLOCATION.md):
+#   damage: KL damage measured on the model's own text, every tensor, the whole type ladder (default:
+#           it measured best at every size, bench/RESULTS.md); runs the model through llama.cpp
+#   fast:   AlphaQ with gamma 1 over the routed experts, the paper's noise model and its 1-4 bit
+#           types; no forward pass at all (the previous default)
+#   paper:  the same with the paper's App. A.7 gamma formula: the method as published
+MODES: dict[str, dict] = {
+    "damage": dict(noise="damage", allocate="every", types=FULL_LADDER, gamma=0.0),
+    "fast": dict(noise="paper", allocate="experts", types=DEFAULT_CANDIDATES, gamma=1.0),
+    "paper": dict(noise="paper", allocate="experts", types=DEFAULT_CANDIDATES, gamma=None),
+}
 
 # KV metadata allowance when the caller gives no header size: typical tokenizer metadata
 # (tokens, scores/types, BPE merges) of a 32k-150k vocabulary is 1-6 MB.
@@ -220,7 +235,7 @@ class PlanItem:
 
     @property
     def variance(self) -> float:
-        return float(np.mean([s.variance for s in self.slices]))
+        return float(np.mean([s.variance for s in self.slices])) if self.slices else float("nan")
 
 
 @dataclass(frozen=True)
@@ -444,6 +459,13 @@ def _index(stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo]):
 def _select(by_name, by_tensor, cfg: PlanConfig) -> tuple[list[str], str]:
     """Names of the allocated tensors (model order kept by the caller) and the effective policy."""
     quantised = {n for n, t in by_name.items() if llama_quantizes(n, t.shape)}
+    if cfg.allocate == "every":
+        chosen = [n for n in by_name if n in quantised]
+        missing = [n for n in chosen if n not in by_tensor]
+        if missing and cfg.noise != "damage":
+            raise AlphaQError(f"--allocate every with the {cfg.noise} noise model needs statistics for every "
+                              f"quantised tensor; there are none for {missing[0]}")
+        return chosen, "every"
     experts = [n for n, ss in by_tensor.items() if n in quantised and any(s.expert is not None for s in ss)]
     allocate = cfg.allocate
     if allocate == "experts" and not experts:
@@ -471,9 +493,13 @@ def _select(by_name, by_tensor, cfg: PlanConfig) -> tuple[list[str], str]:
 def _units(chosen, by_name, by_tensor, cfg: PlanConfig) -> list[_Unit]:
     units = []
     for n in chosen:
-        t, ss = by_name[n], by_tensor[n]
-        if cfg.granularity == "expert" and ss[0].expert is not None:
-            units.extend(_Unit(t, (s,), s.expert, tuple(t.shape[1:])) for s in ss)
+        t, ss = by_name[n], by_tensor.get(n, [])
+        per_expert = cfg.granularity == "expert" and len(t.shape) == 3 and (
+            (ss and ss[0].expert is not None) or (not ss and "_exps" in n))
+        if per_expert:
+            by_expert = {s.expert: s for s in ss}
+            units.extend(_Unit(t, (by_expert[e],) if e in by_expert else (), e, tuple(t.shape[1:]))
+                         for e in range(t.shape[0]))
         else:
             units.append(_Unit(t, tuple(ss), None, tuple(t.shape)))
     return units
@@ -510,69 +536,124 @@ def make_plan(
     *,
     fixed_bytes: int | None = None,
     noise_table: Mapping[tuple[str, int | None], Mapping[GGMLQuantizationType, float]] | None = None,
+    damage: Mapping[tuple[str, int | None], Mapping[str, float]] | None = None,
 ) -> Plan:
     """Solve the allocation.
 
-    stats: spectral statistics (one per analysed matrix / expert slice).
+    stats: spectral statistics (one per analysed matrix / expert slice); may be empty with
+      cfg.noise == "damage" and gamma 0, which needs no spectral stage.
     tensors: every tensor of the model (TensorInfo), in model order.
     fixed_bytes: bytes of the output file that are not tensor data (GGUF header, KV metadata,
       tensor-info table, padding before the data section). None: estimated (estimate_header_bytes).
       The bytes of non-allocated tensors are computed here from `tensors`, not passed in.
     noise_table: for cfg.noise == "measured": MSE per (tensor, expert) per written type, as
       returned by alphaq.costs.measure_noise for measurement_requests(...).
+    damage: for cfg.noise == "damage": KL damage per (tensor, expert or None) per written type
+      name, as alphaq.damage measures it (alphaq.damage.DamageTable.costs).
     """
     by_name, by_tensor = _index(stats, tensors)
     chosen, allocate = _select(by_name, by_tensor, cfg)
     if not chosen:
         raise AlphaQError("nothing to allocate: no analysed tensor that llama.cpp quantises")
-    cands = cfg.candidates
     units = _units(chosen, by_name, by_tensor, cfg)
     order = {t.name: i for i, t in enumerate(tensors)}
     units.sort(key=lambda u: (order[u.tensor.name], -1 if u.expert is None else u.expert))
+    imp, weight = _importance(chosen, by_tensor, cfg)
+    options = _options(units, cfg, _cost_function(cfg, weight, noise_table, damage))
+    fixed = _fixed_tensors(tensors, set(chosen), by_name, by_tensor, cfg)
+    fixed_tensor_bytes = sum(padded(f.bytes, cfg.alignment) for f in fixed)
+    header = estimate_header_bytes(tensors, alignment=cfg.alignment) if fixed_bytes is None else int(fixed_bytes)
+    if header < 0:
+        raise AlphaQError(f"fixed_bytes {fixed_bytes} must be >= 0")
+    reserve = _expert_layout_reserve(units, len(cfg.candidates), cfg.alignment)
+    choice, objective, lower, proven = _solve(units, options, cfg, header + fixed_tensor_bytes + reserve)
+    items = _items(units, options, choice, weight, cfg)
+    totals = _totals(items, fixed, tensors, cfg, header, fixed_bytes is None, objective, lower, proven)
+    return Plan(_settings(cfg, imp, allocate), tuple(items), tuple(fixed), totals, tuple(t.name for t in tensors))
 
-    # importance over the target matrices (every slice of every allocated tensor)
-    targets = [s for n in chosen for s in by_tensor[n]]
+
+@dataclass
+class _Options:
+    """Every item's candidates: cost, budget size and bytes per candidate (duplicate written types
+    have infinite cost, so one written type is one option)."""
+
+    costs: np.ndarray  # (n, m) eta; inf for a duplicate written type
+    sizes: np.ndarray  # (n, m) what the budget counts
+    unit_bytes: np.ndarray  # (n, m) bytes of the item in each candidate's written type
+    params: np.ndarray  # (n,)
+    written: list[list[GGMLQuantizationType]]
+    cand_costs: list[dict[str, float]]
+
+
+def _importance(chosen, by_tensor, cfg: PlanConfig):
+    """alpha importance over the target matrices (every slice of every allocated tensor)."""
+    targets = [s for n in chosen for s in by_tensor.get(n, ())]
+    if not targets:  # damage costs without a spectral stage: alpha plays no part
+        return Importance(float("nan"), 0.0 if cfg.gamma is None else float(cfg.gamma), False, np.ones(0)), {}
     imp = importance_weights(targets, cfg.gamma)
-    weight = {(s.tensor, s.expert): w for s, w in zip(targets, imp.weights)}
+    return imp, {(s.tensor, s.expert): w for s, w in zip(targets, imp.weights)}
 
-    # options: candidates mapped to their written type, duplicates (same written type) merged
+
+def _cost_function(cfg: PlanConfig, weight, noise_table, damage):
+    """eta(unit, written type): importance x noise, summed over the unit's slices, or the
+    unit's measured damage x its mean importance."""
+    if cfg.noise == "damage":
+        if damage is None:
+            raise AlphaQError("the damage cost needs a damage table (alphaq.damage)")
+
+        def eta(u, wt):
+            try:
+                d = float(damage[(u.tensor.name, u.expert)][wt.name])
+            except KeyError:
+                raise AlphaQError(f"no damage measured for {u.tensor.name} expert {u.expert} type {wt.name}") from None
+            w = [weight[(s.tensor, s.expert)] for s in u.stats if (s.tensor, s.expert) in weight]
+            return d * (float(np.mean(w)) if w else 1.0)
+
+        return eta
+
+    def eta(u, wt):
+        total = 0.0
+        for s in u.stats:
+            if cfg.noise == "paper":
+                noise = float(paper_noise(s.variance, nominal_bits(wt)))
+            else:
+                noise = _lookup_noise(noise_table, s, wt)
+            total += weight[(s.tensor, s.expert)] * noise * (s.params if cfg.weight_by_params else 1)
+        return total
+
+    return eta
+
+
+def _options(units, cfg: PlanConfig, eta) -> _Options:
+    cands = cfg.candidates
     n, m = len(units), len(cands)
-    costs = np.full((n, m), np.inf)
-    sizes = np.zeros((n, m), dtype=np.int64)
-    written_t: list[list[GGMLQuantizationType]] = []
-    cand_costs: list[dict[str, float]] = []
-    unit_bytes = np.zeros((n, m), dtype=np.int64)
-    params = np.array([math.prod(u.shape) for u in units], dtype=np.int64)
+    opt = _Options(np.full((n, m), np.inf), np.zeros((n, m), dtype=np.int64), np.zeros((n, m), dtype=np.int64),
+                   np.array([math.prod(u.shape) for u in units], dtype=np.int64), [], [])
     for i, u in enumerate(units):
         w_types = [effective_type(c, u.tensor.cols) for c in cands]
-        written_t.append(w_types)
+        opt.written.append(w_types)
         cc: dict[str, float] = {}
         seen: set[GGMLQuantizationType] = set()
         for j, (c, wt) in enumerate(zip(cands, w_types)):
-            eta = 0.0
-            for s in u.stats:
-                if cfg.noise == "paper":
-                    noise = float(paper_noise(s.variance, nominal_bits(wt)))
-                else:
-                    noise = _lookup_noise(noise_table, s, wt)
-                eta += weight[(s.tensor, s.expert)] * noise * (s.params if cfg.weight_by_params else 1)
-            cc[c.name] = eta
+            cc[c.name] = eta(u, wt)
             b = tensor_bytes(wt, u.shape)
-            unit_bytes[i, j] = b
+            opt.unit_bytes[i, j] = b
             if wt in seen:
                 continue  # same written type as an earlier candidate: one option
             seen.add(wt)
-            costs[i, j] = eta
+            opt.costs[i, j] = cc[c.name]
             if cfg.budget_mode == "bits":
-                sizes[i, j] = params[i] * nominal_bits(wt)
+                opt.sizes[i, j] = opt.params[i] * nominal_bits(wt)
             elif cfg.budget_mode == "bpw":
-                sizes[i, j] = 8 * b
+                opt.sizes[i, j] = 8 * b
             else:
-                sizes[i, j] = padded(b, cfg.alignment) if cfg.granularity == "tensor" or u.expert is None else b
-        cand_costs.append(cc)
+                opt.sizes[i, j] = padded(b, cfg.alignment) if cfg.granularity == "tensor" or u.expert is None else b
+        opt.cand_costs.append(cc)
+    return opt
 
-    # fixed (non-allocated) tensors
-    allocated_names = set(chosen)
+
+def _fixed_tensors(tensors, allocated_names, by_name, by_tensor, cfg: PlanConfig) -> list[FixedTensor]:
+    """Every tensor outside the allocation: copied in its source type, or a policy type."""
     tied = OUTPUT not in by_name
     fixed: list[FixedTensor] = []
     for t in tensors:
@@ -587,30 +668,28 @@ def make_plan(
             reason = "policy: non-expert (not analysed)"
         wt = effective_type(req, t.cols)
         fixed.append(FixedTensor(t.name, t.shape, wt, tensor_bytes(wt, t.shape), True, reason, req))
-    fixed_tensor_bytes = sum(padded(f.bytes, cfg.alignment) for f in fixed)
-    header = estimate_header_bytes(tensors, alignment=cfg.alignment) if fixed_bytes is None else int(fixed_bytes)
-    if header < 0:
-        raise AlphaQError(f"fixed_bytes {fixed_bytes} must be >= 0")
+    return fixed
 
-    # capacity per group (one group, or one per block)
-    reserve = _expert_layout_reserve(units, len(cands), cfg.alignment)
+
+def _solve(units, opt: _Options, cfg: PlanConfig, alloc_cap: int):
+    """The exact knapsack per budget group (one group, or one per block): choice per unit,
+    summed objective and lower bound, and whether every group was proven optimal."""
     groups: dict[int | None, list[int]] = defaultdict(list)
     for i, u in enumerate(units):
         groups[_block_of(u.tensor.name, u.stats) if cfg.scope == "block" else None].append(i)
-    total_params = int(params.sum())
-    alloc_cap = header + fixed_tensor_bytes + reserve
-    choice = np.zeros(n, dtype=np.int64)
+    total_params = int(opt.params.sum())
+    choice = np.zeros(len(units), dtype=np.int64)
     objective = lower = 0.0
     proven = True
     for g, idx in sorted(groups.items(), key=lambda kv: (-1 if kv[0] is None else kv[0])):
         idx = np.array(idx)
-        g_params = int(params[idx].sum())
+        g_params = int(opt.params[idx].sum())
         budget = Fraction(repr(float(cfg.budget)))  # the decimal the user typed, exactly
         if cfg.budget_mode == "size":
             cap = math.floor((math.floor(budget) - alloc_cap) * Fraction(g_params, total_params))
         else:
             cap = math.floor(budget * g_params)
-        sub_c, sub_s = costs[idx], sizes[idx]
+        sub_c, sub_s = opt.costs[idx], opt.sizes[idx]
         lo = int(np.where(np.isfinite(sub_c), sub_s, np.iinfo(np.int64).max).min(axis=1).sum())
         hi = int(np.where(np.isfinite(sub_c), sub_s, 0).max(axis=1).sum())
         if cap < lo:
@@ -618,23 +697,22 @@ def make_plan(
         if cap >= hi:
             logger.info("budget is not binding%s: every item gets its lowest-noise type", "" if g is None else f" in block {g}")
         res = solve_mckp(sub_c, sub_s, cap, solver=cfg.solver)
-        logger.info(
-            "solved %s%d items x %d types in %.3fs (%s, gap %.3g, core %d)",
-            "" if g is None else f"block {g}: ",
-            len(idx),
-            m,
-            res.seconds,
-            res.solver,
-            res.gap,
-            res.core_items,
-        )
+        logger.info("solved %s%d items x %d types in %.3fs (%s, gap %.3g, core %d)", "" if g is None else f"block {g}: ",
+                    len(idx), sub_c.shape[1], res.seconds, res.solver, res.gap, res.core_items)
         choice[idx] = res.choice
         objective += res.objective
         lower += res.lower_bound
         proven &= res.proven_optimal
     if not proven:
         logger.warning("the solver could not prove optimality; see totals.lower_bound for the gap")
+    return choice, objective, lower, proven
 
+
+def _kind_of(name: str) -> str:
+    return re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
+
+
+def _items(units, opt: _Options, choice, weight, cfg: PlanConfig) -> list[PlanItem]:
     items = []
     for i, u in enumerate(units):
         j = int(choice[i])
@@ -642,28 +720,20 @@ def make_plan(
             SliceStats(s.expert, s.alpha if s.signal else float("nan"), s.variance, s.signal, weight[(s.tensor, s.expert)])
             for s in u.stats
         )
-        items.append(
-            PlanItem(
-                tensor=u.tensor.name,
-                expert=u.expert,
-                block=_block_of(u.tensor.name, u.stats),
-                kind=u.stats[0].kind,
-                shape=u.shape,
-                params=int(params[i]),
-                slices=slices,
-                costs=cand_costs[i],
-                written={c.name: wt.name for c, wt in zip(cands, written_t[i])},
-                type=written_t[i][j],
-                bytes=int(unit_bytes[i, j]),
-            )
-        )
+        items.append(PlanItem(
+            tensor=u.tensor.name, expert=u.expert, block=_block_of(u.tensor.name, u.stats),
+            kind=u.stats[0].kind if u.stats else _kind_of(u.tensor.name), shape=u.shape, params=int(opt.params[i]),
+            slices=slices, costs=opt.cand_costs[i], written={c.name: wt.name for c, wt in zip(cfg.candidates, opt.written[i])},
+            type=opt.written[i][j], bytes=int(opt.unit_bytes[i, j])))
+    return items
 
-    totals = _totals(items, fixed, tensors, cfg, header, fixed_bytes is None, objective, lower, proven)
-    settings = {
+
+def _settings(cfg: PlanConfig, imp: Importance, allocate: str) -> dict:
+    return {
         "alphaq_version": __version__,
         "budget_mode": cfg.budget_mode,
         "budget": cfg.budget,
-        "types": [c.name for c in cands],
+        "types": [c.name for c in cfg.candidates],
         "gamma": imp.gamma,
         "gamma_source": "App. A.7 formula" if imp.gamma_is_default else "fixed",
         "alpha_tilde": imp.alpha_tilde,
@@ -683,7 +753,6 @@ def make_plan(
         },
         "alignment": cfg.alignment,
     }
-    return Plan(settings, tuple(items), tuple(fixed), totals, tuple(t.name for t in tensors))
 
 
 def _lookup_noise(table, s: MatrixStats, t: GGMLQuantizationType) -> float:

@@ -91,7 +91,11 @@ FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {
 # due to unusual shape" in tensor_type_fallback).
 LAST_RESORT = GGMLQuantizationType.F16
 
-DEFAULT_CANDIDATES: tuple[str, ...] = ("IQ1_S", "Q2_K", "Q3_K", "Q4_K")
+DEFAULT_CANDIDATES: tuple[str, ...] = ("IQ1_S", "Q2_K", "Q3_K", "Q4_K")  # the paper's 1/2/3/4 bits
+# every weight type llama.cpp's quantiser writes from 1.56 to 8.5 bits per weight: the default
+# path's candidates, so that every size from below IQ1_S's mix to above Q6_K's can be reached
+FULL_LADDER: tuple[str, ...] = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q2_K",
+                                "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
 
 def allowed_type_names() -> list[str]:

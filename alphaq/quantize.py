@@ -23,15 +23,13 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from alphaq.errors import AlphaQError
+from alphaq.ggml import LLAMA_IMATRIX_TYPES
 from alphaq.gguf_io import read_tensors
 
 log = logging.getLogger(__name__)
 
-# ggml types whose quantiser needs an importance matrix (llama-quant.cpp tensor_requires_imatrix)
-NEEDS_IMATRIX = frozenset({
-    GGMLQuantizationType.IQ1_S, GGMLQuantizationType.IQ1_M,
-    GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS, GGMLQuantizationType.IQ2_S,
-})
+# types llama.cpp refuses to write without an importance matrix (one list: alphaq.ggml's)
+NEEDS_IMATRIX = LLAMA_IMATRIX_TYPES
 
 # llama_ftype used for general.file_type, chosen by the type holding most of the planned weights.
 # Every quantisable tensor has an explicit override, so the ftype changes no tensor.
@@ -49,6 +47,20 @@ _FTYPE_BY_TYPE = {
 
 # llama.cpp's stock mixes, for baselines and for the summary's "nearest stock mix"
 STOCK_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")
+# every weight mix llama-quantize offers from IQ1_S to Q8_0: what --like accepts, and the grid
+ALL_MIXES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S", "Q2_K", "IQ3_XXS", "IQ3_XS",
+             "IQ3_S", "IQ3_M", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "IQ4_NL", "Q4_K_S", "Q4_K_M",
+             "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+# mixes llama.cpp writes only with an importance matrix (llama-quantize refuses them without one)
+IMATRIX_MIXES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
+
+
+def mix_ftype(mix: str) -> int:
+    """LLAMA_FTYPE_MOSTLY_<mix>, or a one-line error naming the mixes there are."""
+    ftype = getattr(_llama(), f"LLAMA_FTYPE_MOSTLY_{str(mix).upper()}", None)
+    if ftype is None or str(mix).upper() not in ALL_MIXES:
+        raise AlphaQError(f"unknown llama.cpp mix {mix!r}; allowed: {', '.join(ALL_MIXES)}")
+    return int(ftype)
 
 
 def tensor_pattern(name: str) -> str:
@@ -126,18 +138,23 @@ def ones_imatrix(src: Path, names: list[str]) -> dict[str, np.ndarray]:
 
 def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantizationType], *,
                   nthread: int = 0, progress: bool = False,
-                  file_type_from: dict[str, GGMLQuantizationType] | None = None) -> None:
+                  file_type_from: dict[str, GGMLQuantizationType] | None = None,
+                  imatrix: dict[str, np.ndarray] | None = None) -> None:
     """Quantise ``src`` into ``dst`` with exactly ``tensor_types`` (GGUF name -> written type).
 
-    file_type_from: the types that decide general.file_type (default: tensor_types)."""
+    file_type_from: the types that decide general.file_type (default: tensor_types).
+    imatrix: importance vectors (flat, per expert for merged tensors) handed to llama.cpp for
+      every tensor that has one; a tensor of a type that requires one and has none gets all-ones."""
     llama_cpp = _llama()
     n_elements = {t.name: t.n_elements for t in read_tensors(src)}
     unknown = sorted(set(tensor_types) - set(n_elements))
     if unknown:
         raise AlphaQError(f"plan names tensors that are not in {src.name}: {', '.join(unknown[:5])}")
-    needs = [n for n, t in tensor_types.items() if t in NEEDS_IMATRIX]
-    imatrix = ones_imatrix(src, needs) if needs else None
-    params, keep = _build_params(ftype_for(file_type_from or tensor_types, n_elements), nthread, tensor_types, imatrix)
+    given = {n: v for n, v in (imatrix or {}).items() if n in tensor_types}
+    needs = [n for n, t in tensor_types.items() if t in NEEDS_IMATRIX and n not in given]
+    vectors = {**(ones_imatrix(src, needs) if needs else {}), **given}
+    params, keep = _build_params(ftype_for(file_type_from or tensor_types, n_elements), nthread, tensor_types,
+                                 vectors or None)
     from tqdm import tqdm
 
     with tqdm(total=len(n_elements), desc="quantise", unit="tensor", disable=not progress,
@@ -145,7 +162,7 @@ def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantization
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed with code {rc} for {src}")
+        raise AlphaQError(f"llama.cpp's quantiser failed (code {rc}) on {src}; rerun with -v to see its log")
 
 
 def quantize_stock(src: Path, dst: Path, mix: str, *, nthread: int = 0,
@@ -169,14 +186,16 @@ def stock_mix_types(src: Path, mix: str) -> dict[str, str]:
     """Per-tensor target types of a stock mix, from llama.cpp's own ``dry_run`` (no quantising).
 
     llama.cpp reports the decision only through its log, so we capture the log lines
-    '[ i/ n] NAME - [shape], type = SRC, size = a MiB -> b MiB (NEW)' for the duration."""
+    '[ i/ n] NAME - [shape], type = SRC, size = a MiB -> b MiB (NEW)' for the duration.
+    A mix that llama.cpp writes only with an importance matrix gets an all-ones one (the types it
+    picks do not depend on the vector's values)."""
     llama_cpp = _llama()
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}", None)
-    if ftype is None:
-        raise AlphaQError(f"unknown llama.cpp mix {mix!r}; allowed: {', '.join(STOCK_MIXES)}")
+    ftype = mix_ftype(mix)
     lines: list[str] = []
-    # dry-run needs no imatrix data, but llama.cpp refuses IQ mixes without one; not used for those
-    params, keep = _build_params(int(ftype), 1, None, None, dry_run=True)
+    imatrix = None
+    if mix.upper() in IMATRIX_MIXES:
+        imatrix = ones_imatrix(src, [t.name for t in read_tensors(src) if len(t.shape) >= 2])
+    params, keep = _build_params(ftype, 1, None, imatrix, dry_run=True)
     with _captured_log(lines.append):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), b"/dev/null", ctypes.byref(params))
     del keep

@@ -258,7 +258,8 @@ def test_converter_failure_stops_the_analysis_and_is_reported(tmp_path, capsys, 
     monkeypatch.setattr(analyze_mod, "analyze_matrix", slow)
     work = tmp_path / "work"
     work.mkdir()
-    code = cli_main(["convert", str(d), "--budget", "3", "-o", str(work / "o.gguf"), "--no-progress", "--no-cache"])
+    code = cli_main(["convert", str(d), "--fast", "--budget", "3", "-o", str(work / "o.gguf"), "--no-progress",
+                     "--no-cache"])
     assert code == 2
     assert "llama.cpp's converter failed" in capsys.readouterr().err.strip().splitlines()[-1]
     assert 0 < len(calls) < 58

@@ -3,7 +3,11 @@
 HF checkpoint or F32/F16/BF16 GGUF in; a mixed-type GGUF out, with its plan JSON (and, for
 tensor granularity, llama-quantize's --tensor-type-file) next to it. Tensor granularity (default)
 runs on stock llama.cpp; --granularity expert writes per-expert types (docs/FORMAT.md), which need
-the patched runtime (scripts/build_patched.sh).
+the patched runtime (`make install-patched`).
+
+Modes (docs/ALLOCATION.md): the default measures each tensor's damage on text the model samples
+itself (no calibration data) and saves the importance matrix beside the output; --fast and
+--paper run no forward pass at all.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import argparse
 from pathlib import Path
 
 from alphaq.commands import plan as _plan_cmd
+from alphaq.damage import METHODS as DAMAGE_METHODS
+from alphaq.damage import DamageConfig
 from alphaq.errors import AlphaQError
-from alphaq.plan import format_size
+from alphaq.plan import MODES, format_size
+from alphaq.selftext import SelfTextConfig
 from alphaq.spectral import XMIN_WINDOWS, SpectralConfig
 
 
@@ -26,9 +33,25 @@ def register(subparsers) -> None:
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, metavar="MODEL", help="HF checkpoint directory or F32/F16/BF16 GGUF")
-    p.add_argument("-o", "--output", type=Path,
+    p.add_argument("-o", "--output", "--outfile", dest="output", type=Path,
                    help="output .gguf (default: ./<model>-alphaq-<budget>.gguf); plan JSON and tensor-type file go beside it")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--mode", choices=tuple(MODES), default="damage",
+                      help="damage: measured on the model's own text (default); fast: AlphaQ gamma 1, no forward "
+                           "pass; paper: the published method (App. A.7 gamma)")
+    mode.add_argument("--fast", dest="mode", action="store_const", const="fast", help="same as --mode fast")
+    mode.add_argument("--paper", dest="mode", action="store_const", const="paper", help="same as --mode paper")
     _plan_cmd.add_plan_arguments(p, budget_required=False)
+    p.add_argument("--like", metavar="MIX", help="budget = the size of llama.cpp's own MIX (e.g. Q4_K_M, IQ2_XXS) "
+                   "for this model, from llama.cpp's dry run; instead of --budget/--bpw/--target-size")
+    p.add_argument("--imatrix", type=Path, help="a llama.cpp importance matrix (GGUF or legacy .dat) to use "
+                   "instead of the one computed from the model's own text")
+    p.add_argument("--damage", choices=DAMAGE_METHODS, default=DamageConfig.method,
+                   help="estimate: KL measured once per tensor, scaled per type (default); direct: per tensor and type")
+    p.add_argument("--self-samples", type=int, default=SelfTextConfig.n_seq,
+                   help="sequences of its own text the model writes (default: %(default)s)")
+    p.add_argument("--self-ctx", type=int, default=SelfTextConfig.n_ctx, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=SelfTextConfig.seed, help="sampling seed (default: %(default)s)")
     p.add_argument("--xmin-window", choices=XMIN_WINDOWS, default=SpectralConfig.xmin_window,
                    help="PL_Alpha_Hill tail window (default: %(default)s, the reference code's effective one)")
     p.add_argument("--threads", type=int, default=0, help="quantiser threads (default: all cores)")
@@ -41,7 +64,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 def default_output(model: Path, args: argparse.Namespace) -> Path:
     stem = model.name[:-5] if model.name.endswith(".gguf") else model.name
-    if args.bpw is not None:
+    if args.like is not None:
+        tag = args.like.upper()
+    elif args.bpw is not None:
         tag = f"bpw{args.bpw:g}"
     elif args.target_size is not None:
         tag = f"size{args.target_size}"
@@ -53,17 +78,27 @@ def default_output(model: Path, args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> int:
     from alphaq.convert import ConvertConfig, run_convert
 
-    if args.budget is None and args.bpw is None and args.target_size is None:
+    given = [f for f, v in (("--budget", args.budget), ("--bpw", args.bpw), ("--target-size", args.target_size),
+                            ("--like", args.like)) if v is not None]
+    if len(given) > 1:
+        raise AlphaQError(f"{' and '.join(given)} both set the budget; give one")
+    if not given:
         args.budget = 3.0
+    elif args.like is not None:
+        args.target_size = "1"  # placeholder: replaced by the mix's size once the float model exists
     if args.threads < 0:
         raise AlphaQError(f"--threads {args.threads} must be >= 0 (0 = all cores)")
     output = args.output or default_output(args.model, args)
     cfg = ConvertConfig(
-        model=args.model, output=output, plan=_plan_cmd.config_from_args(args),
+        model=args.model, output=output, plan=_plan_cmd.config_from_args(args, args.mode),
         spectral=SpectralConfig(xmin_window=args.xmin_window), force=args.force, nthread=args.threads,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, compare_stock=not args.no_stock_compare,
-        progress=not args.no_progress,
+        progress=not args.no_progress, like=args.like, imatrix=args.imatrix,
+        selftext=SelfTextConfig(n_seq=args.self_samples, n_ctx=args.self_ctx, seed=args.seed),
+        damage=DamageConfig(method=args.damage, n_windows=min(DamageConfig.n_windows, args.self_samples)),
     )
+    if args.imatrix is not None and cfg.plan.noise != "damage":
+        raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
     result = run_convert(cfg)
     print(summary(result))
     return 0
@@ -73,11 +108,12 @@ def summary(r) -> str:
     t, s = r.plan.totals, r.plan.settings
     mode = {"bits": "nominal bits over expert weights", "bpw": "true bits per allocated weight",
             "size": "bytes, whole file"}[s["budget_mode"]]
+    budget = (f"{r.like[0]}'s size for this model, {format_size(r.like[1])}" if r.like
+              else f"{s['budget']:g} {mode}")
     lines = [
         f"wrote {r.output}  ({format_size(r.file_bytes)})",
-        f"  budget      {s['budget']:g} {mode}; gamma {s['gamma']:.4g} ({s['gamma_source']});"
-        f" granularity {s['granularity']},"
-        f" scope {s['scope']}, noise {s['noise']}",
+        f"  budget      {budget}; gamma {s['gamma']:.4g} ({s['gamma_source']});"
+        f" granularity {s['granularity']}, scope {s['scope']}, cost {s['noise']}, allocate {s['allocate_effective']}",
         f"  allocated   {t.allocated_params:,} weights: {t.nominal_bits:.3f} nominal bits, {t.true_bpw:.3f} true bpw"
         + (f"; {t.n_fallback_items} item(s) on llama.cpp's shape fallback" if t.n_fallback_items else ""),
         f"  whole file  {t.model_params:,} weights, {r.file_bytes * 8 / t.model_params:.3f} bpw",
@@ -87,6 +123,13 @@ def summary(r) -> str:
         mix, size = min(r.stock_sizes.items(), key=lambda kv: abs(kv[1] - r.file_bytes))
         lines.append(f"  stock mix   nearest is llama.cpp {mix}: {format_size(size)} "
                      f"({(r.file_bytes - size) / size:+.1%} for AlphaQ)")
+    if r.imatrix_source is not None:
+        read = ("the model's own text only (no calibration data)" if r.imatrix_source == "self"
+                else f"the model's own text; importance from {r.imatrix_source}")
+        lines.append(f"  data read   {read}")
+        lines.append(f"  importance  {r.imatrix_file} (llama.cpp imatrix format)")
+    if r.seconds:
+        lines.append("  time        " + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()))
     if r.tokenizer_fallback:
         lines.append(f"  tokenizer   fallback: {r.tokenizer_fallback}")
     lines.append(f"  runtime     {r.runtime}" + (f" ({r.n_grouped} expert tensor(s) stored as type groups)"

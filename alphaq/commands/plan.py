@@ -15,6 +15,7 @@ from alphaq.costs import NOISE_MODELS, measure_noise
 from alphaq.errors import AlphaQError
 from alphaq.plan import (
     ALLOCATE,
+    MODES,
     GRANULARITIES,
     SCOPES,
     PlanConfig,
@@ -26,7 +27,7 @@ from alphaq.plan import (
     measurement_requests,
     parse_size,
 )
-from alphaq.qtypes import DEFAULT_CANDIDATES
+from alphaq.qtypes import DEFAULT_CANDIDATES, FULL_LADDER
 from alphaq.records import MatrixStats
 from alphaq.solver import DEFAULT_SOLVER, SOLVERS
 
@@ -57,14 +58,18 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = Tr
     budget.add_argument("--budget", type=float, help="average NOMINAL bits over the allocated weights (paper)")
     budget.add_argument("--bpw", type=float, help="average TRUE bits per weight over the allocated tensors")
     budget.add_argument("--target-size", help="whole output file, e.g. 12GiB (B, KB/KiB, MB/MiB, GB/GiB)")
-    p.add_argument("--types", default=",".join(DEFAULT_CANDIDATES), help="candidate types (default: %(default)s)")
-    p.add_argument("--gamma", type=_gamma, default=1.0,
-                   help="importance exponent, or 'paper' for the App. A.7 formula (default: %(default)s, "
-                        "which measured better; see docs/DESIGN.md)")
+    p.add_argument("--types", default=argparse.SUPPRESS,
+                   help="candidate types, comma-separated (default: the mode's: damage "
+                        f"{','.join(FULL_LADDER)}; fast/paper {','.join(DEFAULT_CANDIDATES)})")
+    p.add_argument("--gamma", type=_gamma, default=argparse.SUPPRESS,
+                   help="importance exponent (alpha_tilde/alpha)^gamma, or 'paper' for the App. A.7 formula "
+                        "(default: the mode's: damage 0, fast 1, paper the formula; see docs/DESIGN.md)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="tensor", help="default: %(default)s")
     p.add_argument("--scope", choices=SCOPES, default="global", help="default: %(default)s")
-    p.add_argument("--allocate", choices=ALLOCATE, default="experts", help="default: %(default)s")
-    p.add_argument("--noise", choices=NOISE_MODELS, default="paper", help="noise model (default: %(default)s)")
+    p.add_argument("--allocate", choices=ALLOCATE, default=argparse.SUPPRESS,
+                   help="what the knapsack allocates (default: the mode's: damage every, fast/paper experts)")
+    p.add_argument("--noise", choices=NOISE_MODELS, default=argparse.SUPPRESS,
+                   help="cost model (default: the mode's: damage damage, fast/paper paper)")
     p.add_argument("--mse-rows", type=int, default=128, help="measured noise: rows per matrix, 0 = all (default: %(default)s)")
     p.add_argument("--weight-by-params", action="store_true", help="scale each matrix's cost by its parameter count")
     p.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER, help="default: %(default)s")
@@ -82,7 +87,9 @@ def _gamma(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"gamma {text!r} is neither a number nor 'paper'") from None
 
 
-def config_from_args(args: argparse.Namespace) -> PlanConfig:
+def config_from_args(args: argparse.Namespace, mode: str = "fast") -> PlanConfig:
+    """The PlanConfig of the parsed options; options not given take ``mode``'s value (plan.MODES)."""
+    defaults = MODES[mode]
     if args.budget is not None:
         mode, value = "bits", args.budget
     elif args.bpw is not None:
@@ -96,12 +103,12 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
     return PlanConfig(
         budget_mode=mode,
         budget=value,
-        types=tuple(t for t in args.types.split(",") if t.strip()),
-        gamma=args.gamma,
+        types=tuple(t for t in args.types.split(",") if t.strip()) if hasattr(args, "types") else defaults["types"],
+        gamma=getattr(args, "gamma", defaults["gamma"]),
         granularity=args.granularity,
         scope=args.scope,
-        allocate=args.allocate,
-        noise=args.noise,
+        allocate=getattr(args, "allocate", defaults["allocate"]),
+        noise=getattr(args, "noise", defaults["noise"]),
         mse_rows=args.mse_rows or None,
         weight_by_params=args.weight_by_params,
         solver=args.solver,
@@ -146,6 +153,9 @@ def _tensors_from_stats(stats: list[MatrixStats]) -> list[TensorInfo]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if cfg.noise == "damage":
+        raise AlphaQError("the damage cost runs the model on its own text; use `alphaq convert` for it "
+                          "(`alphaq plan` takes --noise paper or measured)")
     # refuse early, before the (long) analysis
     for path in (args.json_path, args.tensor_type_file):
         if path is not None and path.exists() and not args.force:

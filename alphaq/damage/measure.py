@@ -1,0 +1,158 @@
+"""Filling the damage table: weighted errors per type, KL measurements per tensor (see __init__)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from alphaq.costs import sample_rows
+from alphaq.damage import DamageConfig, DamageTable, Reference, Swap, matrices, quant_dequant, to_float32
+from alphaq.errors import AlphaQError
+from alphaq.forward import Session, WeightBuffer
+from alphaq.qtypes import effective_type, resolve_type
+
+log = logging.getLogger(__name__)
+
+
+def split_means(means: np.ndarray | None, buf: WeightBuffer) -> np.ndarray | None:
+    """A flat importance vector (n_mat * cols,) as (n_mat, cols), checked against the weight."""
+    if means is None:
+        return None
+    n_mat, cols = matrices(buf), buf.shape[-1]
+    if means.size != n_mat * cols:
+        raise AlphaQError(f"importance vector of {buf.name} has {means.size} values, the weight needs {n_mat} x {cols}")
+    return np.asarray(means, dtype=np.float32).reshape(n_mat, cols)
+
+
+def weighted_errors(buf: WeightBuffer, types: Sequence[GGMLQuantizationType], means: np.ndarray | None,
+                    tokens: np.ndarray | None, max_rows: int | None,
+                    experts: Sequence[int] | None = None) -> dict[int | None, dict[str, float]]:
+    """Expected squared output error per token of each matrix under each type.
+
+    For matrix e: rows x mean over sampled rows of sum_j c_j (w_ij - q(w)_ij)^2, with c the mean
+    squared input activation of column j (ones without an importance vector), times the fraction
+    of tokens that reach the matrix (routed experts). Keys: the expert index for a merged expert
+    tensor, else None (the sum over its matrices). ``experts``: measure only these matrices of a
+    3-D tensor (the others are left out of the sums). The (matrix, type) quantisations run on a
+    thread per core: ggml's quantiser releases the GIL and runs one row batch per call."""
+    view = buf.view()
+    n_mat = matrices(buf)
+    share = np.ones(n_mat) if tokens is None or tokens.sum() <= 0 else tokens / tokens.max()
+    chosen = range(n_mat) if experts is None else experts
+    samples = {}
+    for e in chosen:
+        raw = view[e] if len(buf.shape) == 3 else view.reshape(-1, buf.shape[-1])
+        samples[e] = (raw.shape[0], to_float32(raw[sample_rows(raw.shape[0], max_rows)], buf.ggml_type))
+
+    def one(e: int, t: GGMLQuantizationType) -> float:
+        n_rows, w = samples[e]
+        c = np.ones(w.shape[1]) if means is None else means[e].astype(np.float64)
+        d = quant_dequant(w, t, None if means is None else means[e]).astype(np.float64) - w
+        return float(share[e] * n_rows * ((d * d) @ c).mean())
+
+    jobs = [(e, t) for e in samples for t in types]
+    with ThreadPoolExecutor(max_workers=_threads()) as pool:
+        values = list(pool.map(lambda job: one(*job), jobs))
+    out: dict[int | None, dict[str, float]] = {}
+    for (e, t), v in zip(jobs, values):
+        out.setdefault(e if len(buf.shape) == 3 else None, {})[t.name] = out.get(
+            e if len(buf.shape) == 3 else None, {}).get(t.name, 0.0) + v
+    return out
+
+
+def _threads() -> int:
+    from alphaq.forward import _default_threads
+
+    return _default_threads()
+
+
+def sampled_experts(n_mat: int, max_experts: int | None) -> list[int] | None:
+    """Evenly spaced experts for a tensor-level error ratio (None: all of them)."""
+    if max_experts is None or n_mat <= max_experts:
+        return None
+    return sorted(set(np.linspace(0, n_mat - 1, max_experts).round().astype(int).tolist()))
+
+
+def _tensor_damage(session: Session, ref: Reference, buf: WeightBuffer, written, ref_t, means, errors,
+                   cfg: DamageConfig) -> dict[str, float]:
+    """Damage of the whole tensor per written type: measured directly, or one measurement scaled."""
+    if cfg.method == "direct":
+        out = {}
+        for t in written:
+            with Swap(buf, t, means):
+                out[t.name] = max(ref.kl(session), 0.0)
+        return out
+    with Swap(buf, ref_t, means):
+        kl_ref = max(ref.kl(session), 0.0)
+    e_ref = sum(err[ref_t.name] for err in errors.values())
+    return {t.name: kl_ref * (sum(err[t.name] for err in errors.values()) / e_ref if e_ref > 0 else 1.0)
+            for t in written}
+
+
+def measure(session: Session, ref: Reference, names: Sequence[str], candidates: Sequence[GGMLQuantizationType],
+            cfg: DamageConfig, *, imatrix: Mapping[str, np.ndarray] | None = None,
+            tokens: Mapping[str, np.ndarray] | None = None, per_expert: bool = False,
+            progress: bool = False) -> DamageTable:
+    """The damage table for the tensors ``names`` (GGUF weight names) over ``candidates``.
+
+    imatrix: flat mean squared activations per weight (the quantiser's importance vectors);
+    tokens: tokens per matrix (per expert for merged expert tensors); per_expert: one item per
+    expert slice of a merged expert tensor (expert granularity)."""
+    from tqdm import tqdm
+
+    missing = [n for n in names if n not in session.weights]
+    if missing:
+        raise AlphaQError(f"llama.cpp never reads {missing[0]} when it runs {session.path.name}; cannot measure it")
+    reference = resolve_type(cfg.reference_type)
+    table = DamageTable(costs={}, method=cfg.method, n_tokens=ref.n_tokens)
+    t_err = t_kl = 0.0
+    for name in tqdm(names, desc="damage", unit="tensor", disable=not progress, dynamic_ncols=True):
+        buf = session.weights[name]
+        cols = buf.shape[-1]
+        written = list(dict.fromkeys(effective_type(c, cols) for c in candidates))
+        ref_t = effective_type(reference, cols)
+        types = written if ref_t in written else [*written, ref_t]
+        means = split_means(None if imatrix is None else imatrix.get(name), buf)
+        t0 = time.perf_counter()
+        split = per_expert and len(buf.shape) == 3 and "_exps" in name
+        errors = weighted_errors(buf, types, means, None if tokens is None else tokens.get(name), cfg.mse_rows,
+                                 None if split else sampled_experts(matrices(buf), cfg.max_experts))
+        t1 = time.perf_counter()
+        damage = _tensor_damage(session, ref, buf, written, ref_t, means, errors, cfg)
+        t_kl += time.perf_counter() - t1
+        t_err += t1 - t0
+        table.measured[name] = dict(damage) if cfg.method == "direct" else {ref_t.name: _measured_ref(damage, errors, ref_t)}
+        _fill(table, name, damage, errors, written, split)
+    table.seconds = {"weighted_error": round(t_err, 3), "kl": round(t_kl, 3)}
+    return table
+
+
+def _measured_ref(damage, errors, ref_t) -> float:
+    # the one KL measured under "estimate": damage at any written type t times E(ref)/E(t); when the
+    # reference type is itself a candidate it is simply damage[ref]
+    if ref_t.name in damage:
+        return damage[ref_t.name]
+    t, d = next(iter(damage.items()))
+    e_t = sum(err[t] for err in errors.values())
+    return d * sum(err[ref_t.name] for err in errors.values()) / e_t if e_t > 0 else d
+
+
+def _fill(table: DamageTable, name: str, damage: dict[str, float], errors, written, per_expert: bool) -> None:
+    """Items of the table: the tensor, or each expert slice with its share of the tensor's error."""
+    if not per_expert:
+        table.costs[(name, None)] = damage
+        table.weighted_error[(name, None)] = {t.name: sum(err[t.name] for err in errors.values()) for t in written}
+        return
+    for e, err in errors.items():
+        costs = {}
+        for t in written:
+            total = sum(x[t.name] for x in errors.values())
+            costs[t.name] = damage[t.name] * (err[t.name] / total if total > 0 else 1.0 / len(errors))
+        table.costs[(name, e)] = costs
+        table.weighted_error[(name, e)] = {t.name: err[t.name] for t in written}

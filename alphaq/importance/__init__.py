@@ -1,0 +1,1 @@
+"""Importance matrices: llama.cpp's per-column activation statistic and its files."""
