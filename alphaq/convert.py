@@ -30,7 +30,7 @@ from alphaq import __version__
 from alphaq.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import AlphaQError
 from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
-from alphaq.gguf_io import FLOAT_TYPES, copy_with_metadata, header_bytes, read_tensors
+from alphaq.gguf_io import FLOAT_TYPES, check_finite, copy_with_metadata, header_bytes, read_tensors
 from alphaq.damage import DamageConfig
 from alphaq.plan import Plan, PlanConfig, TensorInfo, make_plan
 from alphaq.qtypes import llama_quantizes, padded, tensor_bytes
@@ -286,7 +286,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=cfg.output.parent))
     try:
         t0 = time.perf_counter()
-        float_gguf, tokenizer_fallback, stats = _float_model(cfg, tmp_dir, wanted)
+        float_gguf, tokenizer_fallback, stats = _float_model(cfg, source, tmp_dir, wanted)
         seconds["float model + spectral" if needs_spectral(cfg) else "float model"] = time.perf_counter() - t0
         tensors = tensor_infos(float_gguf)
         base_header = header_bytes(float_gguf)
@@ -323,22 +323,20 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         imatrix_source=calib.imatrix_source if calib else None, seconds=seconds, like=like)
 
 
-def _float_model(cfg: ConvertConfig, tmp_dir: Path, wanted):
+def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):
     """(float GGUF, tokenizer fallback, spectral stats): the input itself when it is a float GGUF,
     else llama.cpp's converter's BF16 output; stats only where the plan uses alpha."""
-    from alphaq.weights import open_model as _open
-
-    with _open(cfg.model) as model:
-        source = model.source
     if source == "hf":
         if needs_spectral(cfg):
             return _convert_and_analyze_hf(cfg, tmp_dir, wanted)
         from convert.hf_to_gguf import convert_hf
 
         conv = convert_hf(cfg.model, tmp_dir / "float.gguf", outtype="bf16")
+        check_finite(conv.path)
         return conv.path, conv.tokenizer_fallback, []
     check_float_gguf(cfg.model)
     if not needs_spectral(cfg):
+        check_finite(cfg.model)
         return cfg.model, None, []
     stats = analyze_model(cfg.model, cfg.spectral, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
                           progress=cfg.progress, select=wanted)

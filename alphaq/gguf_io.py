@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
@@ -158,3 +159,26 @@ def release_pages(reader: GGUFReader, view) -> None:
     length = min(len(mm) - first, view.nbytes + start - first)
     if length > 0:
         mm.madvise(mmap.MADV_DONTNEED, first, length)
+
+
+def check_finite(path: Path) -> None:
+    """Every float tensor of a GGUF holds only finite values; the first that does not is named.
+
+    The default path runs the model before anything else reads its weights, and a NaN weight
+    would surface there as a NaN activation far from its cause."""
+    from alphaq.errors import AlphaQError
+
+    reader = GGUFReader(path)
+    for t in reader.tensors:
+        if t.tensor_type not in FLOAT_TYPES:
+            continue
+        flat = np.asarray(t.data).reshape(-1)
+        n_bad = 0
+        for s in range(0, flat.size, 1 << 24):  # chunks: no bool copy of a whole expert tensor
+            part = flat[s:s + (1 << 24)]
+            if t.tensor_type == GGMLQuantizationType.BF16:
+                n_bad += int(np.count_nonzero((part.view(np.uint16) & 0x7F80) == 0x7F80))  # exponent all ones
+            else:
+                n_bad += int(np.count_nonzero(~np.isfinite(part)))
+        if n_bad:
+            raise AlphaQError(f"tensor {t.name} has {n_bad} NaN or Inf weights; the model cannot be quantised")

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""The default path (damage on the model's own text) against llama.cpp at every mix size.
+
+    python scripts/bench_selfcal.py [--models mixtral qwen2moe] [--mixes Q2_K Q4_K_M] [--windows 24]
+
+For each model (tests/fixtures/NAME, trained on real text) and each llama.cpp mix from IQ1_S to
+Q6_K it writes, all from the same BF16 GGUF with llama.cpp's quantiser:
+
+  stock           the mix without an importance matrix (llama.cpp refuses the IQ1/IQ2 mixes without one)
+  stock+real      the mix with an importance matrix from real text (val split, prose and code)
+  stock+self      the mix with the importance matrix from the model's own text
+  default         alphaq's default: damage estimated on its own text, every tensor, full ladder
+  real-driven     the same allocation and quantisation driven by real text (val split) instead:
+                  the calibrated counterpart
+  direct          the default with the damage measured directly for every type (ablation)
+  fast, paper     AlphaQ without any forward pass (gamma 1 / App. A.7 gamma)
+
+every alphaq variant at no more than the stock file's size, and scores each against the BF16
+model on the held-out test split (prose and code, tests/fixtures/heldout): mean KL per token,
+per domain, with per-window values kept for paired standard errors. Results: bench/selfcal.json
+(rebuilt report: bench/SELFCAL.md). Work files: .cache/bench-selfcal/NAME/ (reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alphaq import baselines  # noqa: E402
+from alphaq.damage import DamageConfig, Reference  # noqa: E402
+from alphaq.damage.measure import measure  # noqa: E402
+from alphaq.errors import AlphaQError  # noqa: E402
+from alphaq.plan import MODES, PlanConfig, make_plan  # noqa: E402
+from alphaq.qtypes import llama_quantizes, resolve_types  # noqa: E402
+from alphaq.quantize import IMATRIX_MIXES, quantize_gguf  # noqa: E402
+
+GRID = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K_S",
+        "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+DOMAINS = ("prose", "code")
+log = logging.getLogger("bench_selfcal")
+
+
+class Model:
+    def __init__(self, name: str, work: Path, n_ctx: int, windows: int):
+        from alphaq.evaluate import load_llama, reference_run
+        from convert.hf_to_gguf import convert_hf
+
+        self.name, self.work, self.n_ctx = name, work, n_ctx
+        self.hf = ROOT / "tests" / "fixtures" / name
+        work.mkdir(parents=True, exist_ok=True)
+        self.bf16 = work / "bf16.gguf"
+        if not self.bf16.exists():
+            convert_hf(self.hf, self.bf16)
+        self.fm = baselines.FloatModel.open(self.bf16)
+        ref = load_llama(self.bf16, n_ctx)
+        self.refs = {d: reference_run(ref, (ROOT / "tests/fixtures/heldout" / f"{d}.txt").read_text(errors="replace"),
+                                      name=d, n_ctx=n_ctx, max_windows=windows) for d in DOMAINS}
+        self.names = [t.name for t in self.fm.tensors if llama_quantizes(t.name, t.shape)]
+        self.seconds: dict[str, float] = {}
+        self._calibrate()
+
+    def _real_text(self) -> str:
+        from alphaq.corpus import read_text
+
+        prose, code = read_text("prose", "val", max_chars=80_000), read_text("code", "val", max_chars=80_000)
+        step = 2_000  # interleaved: windows are read from the start, a concatenation would be all prose
+        return "\n\n".join(p for i in range(0, max(len(prose), len(code)), step)
+                           for p in (prose[i:i + step], code[i:i + step]) if p)
+
+    def _calibrate(self) -> None:
+        """Self text and real text: importance matrices and damage tables (estimate and direct)."""
+        from alphaq.evaluate import load_llama, windows
+        from alphaq.forward import Session
+        from alphaq.importance.collect import collect_imatrix
+        from alphaq.selftext import SelfTextConfig, cached_sample
+
+        t0 = time.perf_counter()
+        self_tokens = cached_sample(self.bf16, SelfTextConfig())
+        self.seconds["self_text"] = time.perf_counter() - t0
+        llm = load_llama(self.bf16, self.n_ctx)
+        real_tokens = np.array(windows(llm, self._real_text(), self.n_ctx, 16), dtype=np.int32)
+        del llm
+        types = resolve_types(MODES["damage"]["types"])
+        self.imatrix, self.damage = {}, {}
+        with Session(self.bf16, self.n_ctx) as s:
+            for src, toks in (("self", self_tokens), ("real", real_tokens)):
+                t0 = time.perf_counter()
+                im = collect_imatrix(s, toks)
+                self.seconds[f"importance_{src}"] = time.perf_counter() - t0
+                self.imatrix[src] = im.means()
+                ref = Reference(s, toks[:16])
+                methods = ("estimate", "direct") if src == "self" else ("estimate",)
+                for method in methods:
+                    t0 = time.perf_counter()
+                    self.damage[(src, method)] = measure(s, ref, self.names, types, DamageConfig(method=method),
+                                                         imatrix=self.imatrix[src], tokens=im.counts).costs
+                    self.seconds[f"damage_{src}_{method}"] = time.perf_counter() - t0
+
+    # -- files --------------------------------------------------------------------------------------
+
+    def stock(self, mix: str, imatrix: str | None) -> Path | None:
+        out = self.work / f"stock-{mix}{'+' + imatrix if imatrix else ''}.gguf"
+        if imatrix is None and mix in IMATRIX_MIXES:
+            return None  # llama.cpp refuses
+        if not out.exists():
+            baselines.stock(self.fm, out, mix, imatrix=self.imatrix[imatrix] if imatrix else None)
+        return out
+
+    def alphaq(self, variant: str, mix: str, size: int) -> Path | None:
+        out = self.work / f"{variant}@{mix}.gguf"
+        if out.exists():
+            return out
+        src, method = {"default": ("self", "estimate"), "real-driven": ("real", "estimate"),
+                       "direct": ("self", "direct")}.get(variant, (None, None))
+        try:
+            if src is not None:
+                cfg = replace(PlanConfig(**MODES["damage"]), budget_mode="size", budget=float(size))
+                plan = make_plan([], self.fm.tensors, cfg, fixed_bytes=self.fm.header, damage=self.damage[(src, method)])
+                quantize_gguf(self.bf16, out, plan.tensor_types(), imatrix=self.imatrix[src])
+            else:
+                cfg = replace(PlanConfig(**MODES[variant]), budget_mode="size", budget=float(size))
+                plan = baselines.solve(self.fm, self.spectral(), cfg)
+                baselines.write_plan(self.fm, plan, out)
+        except AlphaQError as exc:
+            log.info("%s %s@%s: %s", self.name, variant, mix, exc)
+            return None
+        return out
+
+    def spectral(self):
+        if not hasattr(self, "_stats"):
+            from alphaq.analyze import analyze_model
+
+            self._stats = analyze_model(self.bf16, progress=False)
+        return self._stats
+
+    # -- scoring ------------------------------------------------------------------------------------
+
+    def score(self, path: Path) -> dict:
+        from alphaq.evaluate import load_llama, window_logprobs
+
+        llm = load_llama(path, self.n_ctx)
+        out = {"bytes": path.stat().st_size}
+        first = self.n_ctx // 2
+        pos = np.arange(first - 1, self.n_ctx - 1)
+        for d, run in self.refs.items():
+            kls = []
+            for chunk, lq in zip(run.chunks, run.logprobs):
+                lp = window_logprobs(llm, list(chunk))[pos]
+                kls.append(float((np.exp(lq) * (lq - lp)).sum(axis=1).mean()))
+            out[d] = kls
+        return out
+
+
+def run_model(name: str, args) -> dict:
+    m = Model(name, ROOT / ".cache" / "bench-selfcal" / name, args.n_ctx, args.windows)
+    res = {"seconds": m.seconds, "cells": {}}
+    for mix in args.mixes:
+        cell = {}
+        files = {"stock": m.stock(mix, None), "stock+real": m.stock(mix, "real"), "stock+self": m.stock(mix, "self")}
+        size = files["stock+real"].stat().st_size
+        for v in args.variants:
+            files[v] = m.alphaq(v, mix, size)
+        for v, path in files.items():
+            cell[v] = m.score(path) if path is not None else None
+        cell["stock_bytes"] = size
+        res["cells"][mix] = cell
+        log.info("%s %s: %s", name, mix, {v: None if c is None else round(mean_kl(c), 5) for v, c in cell.items()
+                                           if isinstance(c, dict)})
+    return res
+
+
+def mean_kl(c: dict) -> float:
+    return float(np.mean([np.mean(c[d]) for d in DOMAINS]))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["mixtral", "qwen2moe", "qwen3moe", "deepseek2"])
+    p.add_argument("--mixes", nargs="+", default=list(GRID))
+    p.add_argument("--variants", nargs="+", default=["default", "real-driven", "direct", "fast", "paper"])
+    p.add_argument("--windows", type=int, default=24, help="evaluation windows per domain")
+    p.add_argument("--n-ctx", type=int, default=256)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "selfcal.json")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for name in args.models:
+        results[name] = run_model(name, args)
+        args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
