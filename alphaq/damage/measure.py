@@ -43,7 +43,9 @@ def weighted_errors(buf: WeightBuffer, types: Sequence[GGMLQuantizationType], me
     thread per core: ggml's quantiser releases the GIL and runs one row batch per call."""
     view = buf.view()
     n_mat = matrices(buf)
-    share = np.ones(n_mat) if tokens is None or tokens.sum() <= 0 else tokens / tokens.max()
+    # token share per matrix; a legacy .dat imatrix keeps one count per tensor: experts weigh alike
+    usable = tokens is not None and np.size(tokens) == n_mat and np.sum(tokens) > 0
+    share = np.asarray(tokens, dtype=np.float64) / np.max(tokens) if usable else np.ones(n_mat)
     chosen = range(n_mat) if experts is None else experts
     samples = {}
     for e in chosen:

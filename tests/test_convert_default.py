@@ -1,0 +1,128 @@
+"""The default convert path (damage on the model's own text) end to end, through the CLI."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from alphaq.cli import main as cli_main
+from alphaq.convert import stock_size
+from alphaq.gguf_io import header_bytes, read_tensors
+from alphaq.importance.imatrix_file import Imatrix, read_imatrix, write_imatrix
+from alphaq.qtypes import llama_quantizes
+
+
+def _convert(model, out, *args):
+    return cli_main(["convert", str(model), "-o", str(out), "--no-progress", "--self-samples", "4",
+                     "--self-ctx", "64", *args])
+
+
+@pytest.mark.parametrize("mix", ["IQ1_S", "Q4_K_M", "Q6_K"])
+def test_like_reaches_every_size_and_stays_within_it(mix, float_ggufs, tmp_path, capsys):
+    model = float_ggufs["qwen2moe"]
+    out = tmp_path / "o.gguf"
+    assert _convert(model, out, "--like", mix) == 0
+    text = capsys.readouterr().out
+    assert f"{mix}'s size for this model" in text
+    assert "no calibration data" in text
+    limit = stock_size(model, mix, header_bytes(model), 32)
+    assert 0.9 * limit < out.stat().st_size <= limit
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
+    assert len(llm.tokenize(b"def main():")) > 0
+    assert llm.create_completion("def", max_tokens=4)["choices"][0]["text"] is not None
+
+
+def test_every_quantised_tensor_is_allocated_with_the_full_ladder(float_ggufs, tmp_path):
+    import json
+
+    model = float_ggufs["mixtral"]
+    out = tmp_path / "o.gguf"
+    assert _convert(model, out, "--target-size", "2MiB") == 0
+    plan = json.loads(out.with_name("o.plan.json").read_text())
+    allocated = {it["tensor"] for it in plan["items"]}
+    quantised = {t.name for t in read_tensors(model) if llama_quantizes(t.name, t.shape)}
+    assert allocated == quantised  # token_embd and output included
+    assert {"IQ1_S", "IQ3_XXS", "Q8_0"} <= set(plan["settings"]["types"])
+    assert plan["settings"]["noise"] == "damage" and plan["settings"]["allocate"] == "every"
+    assert all(f["quantised"] is False for f in plan["fixed"])
+
+
+def test_budget_bpw_and_target_size_work_with_the_default(float_ggufs, tmp_path):
+    model = float_ggufs["mixtral"]
+    for i, args in enumerate((["--budget", "3"], ["--bpw", "4.5"], ["--target-size", "1.8MiB"])):
+        assert _convert(model, tmp_path / f"o{i}.gguf", *args) == 0
+    assert (tmp_path / "o2.gguf").stat().st_size <= int(1.8 * 2**20)
+
+
+def test_outputs_and_self_text_are_byte_identical_across_runs(float_ggufs, tmp_path):
+    model = float_ggufs["qwen3moe"]
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert _convert(model, a, "--like", "Q3_K_M", "--no-cache") == 0
+    assert _convert(model, b, "--like", "Q3_K_M", "--no-cache") == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert a.with_name("a.imatrix.gguf").read_bytes() == b.with_name("b.imatrix.gguf").read_bytes()
+
+
+def test_saved_importance_matrix_is_llama_cpps_statistic_and_reads_back(float_ggufs, tmp_path):
+    model = float_ggufs["mixtral"]
+    out = tmp_path / "o.gguf"
+    assert _convert(model, out, "--budget", "3") == 0
+    im = read_imatrix(out.with_name("o.imatrix.gguf"))
+    shapes = {t.name: t.shape for t in read_tensors(model)}
+    for name, sums in im.sums.items():
+        n_mat = shapes[name][0] if len(shapes[name]) == 3 else 1
+        assert sums.shape == (n_mat, shapes[name][-1])
+    # routed experts: top-2 of 8, every token counted twice over a tensor's experts
+    assert im.counts["blk.0.ffn_up_exps.weight"].sum() == 2 * 4 * 64
+    assert im.datasets and "self text" in im.datasets[0]
+    reader = gguf.GGUFReader(out.with_name("o.imatrix.gguf"))
+    assert reader.get_field("general.type").contents() == "imatrix"
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_users_imatrix_file_is_used(legacy, float_ggufs, tmp_path, capsys):
+    model = float_ggufs["mixtral"]
+    shapes = {t.name: t.shape for t in read_tensors(model) if llama_quantizes(t.name, t.shape)
+              and t.name != "token_embd.weight"}
+    rng = np.random.default_rng(0)
+    sums = {n: rng.uniform(0.5, 2, (s[0] if len(s) == 3 else 1, s[-1])).astype(np.float32) for n, s in shapes.items()}
+    counts = {n: np.full(v.shape[0], 3.0) for n, v in sums.items()}
+    path = tmp_path / ("user.dat" if legacy else "user.imatrix.gguf")
+    write_imatrix(path, Imatrix(sums, counts, ["user text"], 3, 1), legacy=legacy)
+    out = tmp_path / "o.gguf"
+    assert _convert(model, out, "--like", "IQ2_XXS", "--imatrix", str(path)) == 0
+    assert str(path) in capsys.readouterr().out
+    saved = read_imatrix(out.with_name("o.imatrix.gguf")).means()
+    want = read_imatrix(path).means()
+    for n in want:
+        np.testing.assert_allclose(saved[n], want[n], rtol=1e-6)
+
+
+def test_fast_and_paper_modes_run_no_forward_pass(float_ggufs, tmp_path, monkeypatch):
+    import alphaq.forward
+
+    def refuse(*a, **k):
+        raise AssertionError("a forward pass ran")
+
+    monkeypatch.setattr(alphaq.forward.Session, "__init__", refuse)
+    for mode in ("--fast", "--paper"):
+        out = tmp_path / f"o{mode}.gguf"
+        assert _convert(float_ggufs["mixtral"], out, mode, "--budget", "3") == 0
+        assert not out.with_name(out.name[:-5] + ".imatrix.gguf").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--like", "Q9_K"], "unknown llama.cpp mix 'Q9_K'"),
+    (["--like", "Q4_K_M", "--budget", "3"], "--budget and --like"),
+    (["--imatrix", "/nonexistent/x.dat"], "x.dat"),
+    (["--fast", "--imatrix", "/nonexistent/x.dat"], "--imatrix is used by the default"),
+])
+def test_bad_default_path_options_are_one_line(argv, needle, float_ggufs, tmp_path, capsys):
+    out = tmp_path / "o.gguf"
+    assert _convert(float_ggufs["mixtral"], out, *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1] and "Traceback" not in "\n".join(err)
+    assert list(tmp_path.iterdir()) == []
