@@ -308,6 +308,8 @@ class Plan:
         """Written type of every allocated expert slice (both granularities)."""
         out: dict[tuple[str, int], GGMLQuantizationType] = {}
         for it in self.items:
+            if it.expert is not None:  # one expert slice (expert granularity; damage items carry no stats)
+                out[(it.tensor, it.expert)] = it.type
             for s in it.slices:
                 if s.expert is not None:
                     out[(it.tensor, s.expert)] = it.type

@@ -5,7 +5,9 @@
 
 For each HF checkpoint (default: the cached benchmark zoo, .cache/zoo/*-bench) it times
   * stock:  llama.cpp's convert_hf_to_gguf.py (BF16) + llama_model_quantize to Q3_K_M
-  * alphaq: convert_alphaq.py MODEL --budget 3 (no alpha cache, so the spectral stage is paid)
+  * alphaq: convert_alphaq.py MODEL --like Q3_K_M, the default path (no caches: self text,
+    importance and damage measurements are all paid), at the stock file's size
+  * fast:   convert_alphaq.py MODEL --fast --budget 3 (no alpha cache, so the spectral stage is paid)
   * baseline (with --baseline-root): the convert_alphaq.py of another checkout, e.g. an export of
     an earlier commit (``git archive HEAD | tar -x -C /tmp/base``), same arguments
 alternating them in every repeat (the machine is shared: load drifts), and reports the median
@@ -124,22 +126,26 @@ def measure(cmd: list[str], cwd: Path = ROOT) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def alphaq_cmd(root: Path, model: Path, work: str, tag: str) -> list[str]:
-    return [sys.executable, str(root / "convert_alphaq.py"), str(model), "--budget", "3",
-            "-o", f"{work}/{tag}.gguf", "--no-cache", "--no-progress"]
+def alphaq_cmd(root: Path, model: Path, work: str, tag: str, mode: tuple[str, ...] = ("--fast", "--budget", "3")) -> list[str]:
+    return [sys.executable, str(root / "convert_alphaq.py"), str(model), *mode,
+            "-o", f"{work}/{tag}.gguf", "--no-cache", "--no-progress", "--no-stock-compare"]
+
+
+DEFAULT_MODE = ("--like", "Q3_K_M")
 
 
 def bench(model: Path, repeats: int, baseline: Path | None) -> dict:
     model = model.resolve()
     bf16_bytes = sum(p.stat().st_size for p in model.glob("model*.safetensors"))
     cfg = json.loads((model / "config.json").read_text())
-    rows: dict[str, list[dict]] = {"stock": [], "alphaq": []}
+    rows: dict[str, list[dict]] = {"stock": [], "alphaq": [], "fast": []}
     if baseline:
         rows["baseline"] = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as work:
             rows["stock"].append(measure([sys.executable, "-c", _STOCK, str(model), work]))
-            rows["alphaq"].append(measure(alphaq_cmd(ROOT, model, work, "alphaq")))
+            rows["alphaq"].append(measure(alphaq_cmd(ROOT, model, work, "alphaq", DEFAULT_MODE)))
+            rows["fast"].append(measure(alphaq_cmd(ROOT, model, work, "fast")))
             if baseline:
                 rows["baseline"].append(measure(alphaq_cmd(baseline, model, work, "baseline"), cwd=baseline))
     med = {k: statistics.median(r["wall"] for r in v) for k, v in rows.items()}
@@ -150,6 +156,7 @@ def bench(model: Path, repeats: int, baseline: Path | None) -> dict:
         "walls": {k: [round(r["wall"], 2) for r in v] for k, v in rows.items()},
         "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
         "stock_s": med["stock"], "alphaq_s": med["alphaq"], "ratio": med["alphaq"] / med["stock"],
+        "fast_s": med["fast"], "fast_ratio": med["fast"] / med["stock"],
         "alphaq_peak_rss": peak, "rss_over_bf16": peak / bf16_bytes,
         "alphaq_peak_tree_rss": max(r["peak_tree_rss_kib"] for r in rows["alphaq"]) * 1024,
         "stock_peak_rss": max(r["peak_rss_kib"] for r in rows["stock"]) * 1024,
@@ -178,8 +185,9 @@ def main() -> int:
     baseline = args.baseline_root.resolve() if args.baseline_root else None
     print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
           f"{args.repeats} alternating runs each, medians", flush=True)
-    head = "| model | blocks | BF16 size | stock (convert + Q3_K_M) | convert_alphaq.py --budget 3 | ratio |"
-    sep = "|---|---|---|---|---|---|"
+    head = ("| model | blocks | BF16 size | stock (convert + Q3_K_M) | default (--like Q3_K_M) | ratio |"
+            " --fast --budget 3 | ratio |")
+    sep = "|---|---|---|---|---|---|---|---|"
     if baseline:
         head += f" baseline ({baseline.name}) | baseline ratio |"
         sep += "---|---|"
@@ -192,7 +200,7 @@ def main() -> int:
         r = bench(m, args.repeats, baseline)
         results.append(r)
         line = (f"| {r['model']} | {r['blocks']} | {r['bf16_bytes'] / 2**20:.1f} MiB | {r['stock_s']:.1f} s | "
-                f"{r['alphaq_s']:.1f} s | {r['ratio']:.2f}x |")
+                f"{r['alphaq_s']:.1f} s | {r['ratio']:.2f}x | {r['fast_s']:.1f} s | {r['fast_ratio']:.2f}x |")
         if baseline:
             line += f" {r['baseline_s']:.1f} s | {r['baseline_ratio']:.2f}x |"
         line += (f" {r['alphaq_peak_rss'] / 2**20:.0f} MiB | {r['rss_over_bf16']:.2f} | "

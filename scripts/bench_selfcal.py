@@ -15,6 +15,11 @@ Q6_K it writes, all from the same BF16 GGUF with llama.cpp's quantiser:
   direct          the default with the damage measured directly for every type (ablation)
   fast, paper     AlphaQ without any forward pass (gamma 1 / App. A.7 gamma)
 
+ablations (--variants): alpha-g1, alpha-gpaper (the default's damage times (alpha_tilde/alpha)^gamma,
+gamma 1 and App. A.7's formula), experts-only (the default's damage, routed experts only, the rest on
+the fast mode's policy types), no-imatrix (damage measured and files quantised without any importance
+matrix)
+
 every alphaq variant at no more than the stock file's size, and scores each against the BF16
 model on the held-out test split (prose and code, tests/fixtures/heldout): mean KL per token,
 per domain, with per-window values kept for paired standard errors. Results: bench/selfcal.json
@@ -52,11 +57,11 @@ log = logging.getLogger("bench_selfcal")
 
 
 class Model:
-    def __init__(self, name: str, work: Path, n_ctx: int, windows: int):
+    def __init__(self, name: str, work: Path, n_ctx: int, windows: int, variants=()):
         from alphaq.evaluate import load_llama, reference_run
         from convert.hf_to_gguf import convert_hf
 
-        self.name, self.work, self.n_ctx = name, work, n_ctx
+        self.name, self.work, self.n_ctx, self.variants = name, work, n_ctx, tuple(variants)
         self.hf = ROOT / "tests" / "fixtures" / name
         work.mkdir(parents=True, exist_ok=True)
         self.bf16 = work / "bf16.gguf"
@@ -100,12 +105,15 @@ class Model:
                 self.seconds[f"importance_{src}"] = time.perf_counter() - t0
                 self.imatrix[src] = im.means()
                 ref = Reference(s, toks[:16])
-                methods = ("estimate", "direct") if src == "self" else ("estimate",)
+                methods = ("estimate", "direct") if src == "self" and "direct" in self.variants else ("estimate",)
                 for method in methods:
                     t0 = time.perf_counter()
                     self.damage[(src, method)] = measure(s, ref, self.names, types, DamageConfig(method=method),
                                                          imatrix=self.imatrix[src], tokens=im.counts).costs
                     self.seconds[f"damage_{src}_{method}"] = time.perf_counter() - t0
+            if "no-imatrix" in self.variants:
+                self.damage[("none", "estimate")] = measure(s, Reference(s, self_tokens[:16]), self.names, types,
+                                                            DamageConfig()).costs
 
     # -- files --------------------------------------------------------------------------------------
 
@@ -122,12 +130,16 @@ class Model:
         if out.exists():
             return out
         src, method = {"default": ("self", "estimate"), "real-driven": ("real", "estimate"),
-                       "direct": ("self", "direct")}.get(variant, (None, None))
+                       "direct": ("self", "direct"), "no-imatrix": ("none", "estimate"), "alpha-g1": ("self", "estimate"),
+                       "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate")}.get(variant, (None, None))
         try:
             if src is not None:
-                cfg = replace(PlanConfig(**MODES["damage"]), budget_mode="size", budget=float(size))
-                plan = make_plan([], self.fm.tensors, cfg, fixed_bytes=self.fm.header, damage=self.damage[(src, method)])
-                quantize_gguf(self.bf16, out, plan.tensor_types(), imatrix=self.imatrix[src])
+                changes = {"alpha-g1": dict(gamma=1.0), "alpha-gpaper": dict(gamma=None),
+                           "experts-only": dict(allocate="experts")}.get(variant, {})
+                cfg = replace(PlanConfig(**MODES["damage"]), budget_mode="size", budget=float(size), **changes)
+                stats = self.spectral() if changes else []
+                plan = make_plan(stats, self.fm.tensors, cfg, fixed_bytes=self.fm.header, damage=self.damage[(src, method)])
+                quantize_gguf(self.bf16, out, plan.tensor_types(), imatrix=self.imatrix.get(src))
             else:
                 cfg = replace(PlanConfig(**MODES[variant]), budget_mode="size", budget=float(size))
                 plan = baselines.solve(self.fm, self.spectral(), cfg)
@@ -163,11 +175,13 @@ class Model:
 
 
 def run_model(name: str, args) -> dict:
-    m = Model(name, ROOT / ".cache" / "bench-selfcal" / name, args.n_ctx, args.windows)
+    m = Model(name, ROOT / ".cache" / "bench-selfcal" / name, args.n_ctx, args.windows, args.variants)
     res = {"seconds": m.seconds, "cells": {}}
     for mix in args.mixes:
         cell = {}
         files = {"stock": m.stock(mix, None), "stock+real": m.stock(mix, "real"), "stock+self": m.stock(mix, "self")}
+        if args.no_stock:
+            files = {k: v for k, v in files.items() if k == "stock+real"}
         size = files["stock+real"].stat().st_size
         for v in args.variants:
             files[v] = m.alphaq(v, mix, size)
@@ -191,6 +205,7 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=["default", "real-driven", "direct", "fast", "paper"])
     p.add_argument("--windows", type=int, default=24, help="evaluation windows per domain")
     p.add_argument("--n-ctx", type=int, default=256)
+    p.add_argument("--no-stock", action="store_true", help="score only stock+real among the stock files (ablation runs)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "selfcal.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
