@@ -126,3 +126,16 @@ def test_bad_default_path_options_are_one_line(argv, needle, float_ggufs, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert needle in err[-1] and "Traceback" not in "\n".join(err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_expert_granularity_allocates_each_expert_on_its_damage_share(float_ggufs, tmp_path):
+    import json
+
+    model = float_ggufs["qwen2moe"]
+    out = tmp_path / "o.gguf"
+    assert _convert(model, out, "--like", "Q3_K_M", "--granularity", "expert") == 0
+    plan = json.loads(out.with_name("o.plan.json").read_text())
+    experts = [it for it in plan["items"] if it["expert"] is not None]
+    n_expert = {t.name: t.shape[0] for t in read_tensors(model) if "_exps" in t.name}
+    assert len(experts) == sum(n_expert.values())
+    assert out.stat().st_size <= stock_size(model, "Q3_K_M", header_bytes(model), 32)

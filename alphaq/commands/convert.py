@@ -48,6 +48,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                    "instead of the one computed from the model's own text")
     p.add_argument("--damage", choices=DAMAGE_METHODS, default=DamageConfig.method,
                    help="estimate: KL measured once per tensor, scaled per type (default); direct: per tensor and type")
+    p.add_argument("--damage-windows", type=int, default=DamageConfig.n_windows,
+                   help="sequences of own text each damage measurement runs (default: %(default)s; fewer is "
+                        "proportionally faster and noisier)")
     p.add_argument("--self-samples", type=int, default=SelfTextConfig.n_seq,
                    help="sequences of its own text the model writes (default: %(default)s)")
     p.add_argument("--self-ctx", type=int, default=SelfTextConfig.n_ctx, help="tokens per sequence (default: %(default)s)")
@@ -55,7 +58,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xmin-window", choices=XMIN_WINDOWS, default=SpectralConfig.xmin_window,
                    help="PL_Alpha_Hill tail window (default: %(default)s, the reference code's effective one)")
     p.add_argument("--threads", type=int, default=0, help="quantiser threads (default: all cores)")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the alpha cache")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the caches (alpha, own text, damage)")
     p.add_argument("--cache-dir", type=Path, help="alpha cache (default ~/.cache/alphaq/spectral)")
     p.add_argument("--no-stock-compare", action="store_true", help="skip the stock-mix size comparison")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir, use_cache=not args.no_cache, compare_stock=not args.no_stock_compare,
         progress=not args.no_progress, like=args.like, imatrix=args.imatrix,
         selftext=SelfTextConfig(n_seq=args.self_samples, n_ctx=args.self_ctx, seed=args.seed),
-        damage=DamageConfig(method=args.damage, n_windows=min(DamageConfig.n_windows, args.self_samples)),
+        damage=DamageConfig(method=args.damage, n_windows=min(args.damage_windows, args.self_samples)),
     )
     if args.imatrix is not None and cfg.plan.noise != "damage":
         raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
