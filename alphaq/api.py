@@ -1,0 +1,111 @@
+"""The Python front door: ``alphaq.convert``, ``alphaq.plan`` and ``alphaq.analyze``.
+
+    import alphaq
+    result = alphaq.convert("path/to/hf-checkpoint", "out.gguf", like="Q4_K_M")
+    print(result.file_bytes, result.plan.totals.file_bpw)
+
+Library calls show no progress bars unless ``progress=True``, and raise ``alphaq.AlphaQError``
+(one line naming the value and what is allowed) for every mistake in their input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from alphaq.errors import AlphaQError
+
+
+def _plan_config(mode: str, budget, bpw, target_size, options: dict):
+    from alphaq.plan import MODES, PlanConfig, parse_size
+
+    if mode not in MODES:
+        raise AlphaQError(f"mode {mode!r} is not one of: {', '.join(MODES)}")
+    given = [(n, v) for n, v in (("budget", budget), ("bpw", bpw), ("target_size", target_size)) if v is not None]
+    if len(given) > 1:
+        raise AlphaQError(f"{' and '.join(n for n, _ in given)} both set the budget; give one")
+    name, value = given[0] if given else ("budget", 3.0)
+    fields = {f.name for f in dataclasses.fields(PlanConfig)}
+    plan_opts = {k: options.pop(k) for k in list(options) if k in fields}
+    if "types" in plan_opts and isinstance(plan_opts["types"], str):
+        plan_opts["types"] = tuple(t for t in plan_opts["types"].split(",") if t.strip())
+    budget_mode = {"budget": "bits", "bpw": "bpw", "target_size": "size"}[name]
+    if budget_mode == "size" and isinstance(value, str):
+        value = parse_size(value)
+    return PlanConfig(**{**MODES[mode], "budget_mode": budget_mode, "budget": float(value), **plan_opts})
+
+
+def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: float | None = None,
+            bpw: float | None = None, target_size: int | str | None = None, like: str | None = None,
+            mode: str = "damage", progress: bool = False, force: bool = False, **options):
+    """Convert ``model`` (HF checkpoint directory or F32/F16/BF16 GGUF) into ``output``.
+
+    Budget: one of ``budget`` (nominal bits), ``bpw``, ``target_size`` (bytes or "12GiB") or
+    ``like`` (a llama.cpp mix name); default 3 nominal bits. ``mode``: "damage" (default),
+    "fast" or "paper" (alphaq.plan.MODES). Other keyword options are PlanConfig fields (types,
+    gamma, granularity, ...) or ConvertConfig fields (imatrix, nthread, use_cache, ...).
+    Returns alphaq.convert.ConvertResult."""
+    from alphaq.convert import ConvertConfig, run_convert
+
+    if like is not None and any(v is not None for v in (budget, bpw, target_size)):
+        raise AlphaQError("like and another budget both set the budget; give one")
+    plan = _plan_config(mode, budget, bpw, 1 if like is not None else target_size, options)
+    fields = {f.name for f in dataclasses.fields(ConvertConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise AlphaQError(f"unknown option(s) {', '.join(unknown)}; see alphaq.plan.PlanConfig and "
+                          "alphaq.convert.ConvertConfig")
+    if "imatrix" in options and options["imatrix"] is not None:
+        options["imatrix"] = Path(options["imatrix"])
+    cfg = ConvertConfig(model=Path(model), output=Path(output), plan=plan, progress=progress, force=force,
+                        like=like, **options)
+    return run_convert(cfg)
+
+
+def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | None = None,
+         target_size: int | str | None = None, mode: str = "fast", progress: bool = False, **options):
+    """The allocation for a float GGUF without writing anything (modes "fast" and "paper": no
+    forward pass). Returns alphaq.plan.Plan."""
+    import gguf
+
+    from alphaq.plan import gguf_output_header_bytes, gguf_tensor_infos, make_plan
+
+    if mode == "damage":
+        raise AlphaQError("the damage mode runs the model; use alphaq.convert (plan takes mode 'fast' or 'paper')")
+    cfg = _plan_config(mode, budget, bpw, target_size, options)
+    if options:
+        raise AlphaQError(f"unknown option(s) {', '.join(sorted(options))}; see alphaq.plan.PlanConfig")
+    path = Path(model)
+    if not (path.is_file() and path.suffix == ".gguf"):
+        raise AlphaQError(f"{path} is not a .gguf file; plan reads a F32/F16/BF16 GGUF")
+    reader = gguf.GGUFReader(path)
+    stats = analyze(path, progress=progress)
+    return make_plan(stats, gguf_tensor_infos(reader), cfg, fixed_bytes=gguf_output_header_bytes(reader, cfg.alignment))
+
+
+def analyze(model: str | os.PathLike, *, progress: bool = False, **options):
+    """PL_Alpha_Hill and the other spectral statistics of every weight matrix (alphaq.analyze)."""
+    from alphaq.analyze import analyze_model
+
+    return analyze_model(Path(model), progress=progress, **options)
+
+
+def make_callable(module_name: str, function) -> None:
+    """Let the module ``alphaq.<name>`` be called as ``function``.
+
+    The front door's names are those of the pipeline's own modules (alphaq.convert, alphaq.plan,
+    alphaq.analyze); Python binds a submodule to its package attribute whenever it is imported,
+    which would replace a plain function of that name. A callable module keeps both working:
+    ``alphaq.convert(...)`` and ``from alphaq.convert import run_convert``."""
+    import sys
+    import types
+
+    module = sys.modules[module_name]
+
+    class _CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return function(*args, **kwargs)
+
+    _CallableModule.__call__.__doc__ = function.__doc__
+    module.__class__ = _CallableModule
