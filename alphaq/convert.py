@@ -82,6 +82,7 @@ class ConvertResult:
     imatrix_source: str | None = None  # "self" (the model's own text) or the user's file
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
     like: tuple[str, int] | None = None  # (mix, its size) when the budget was given by name
+    float_bytes: int = 0  # size of the float GGUF the stages read
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -290,6 +291,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         seconds["float model + spectral" if needs_spectral(cfg) else "float model"] = time.perf_counter() - t0
         tensors = tensor_infos(float_gguf)
         base_header = header_bytes(float_gguf)
+        float_bytes = float_gguf.stat().st_size
         cfg, like = like_budget(cfg, float_gguf, base_header)
         calib = _self_calibration(float_gguf, tensors, cfg) if damage_mode else None
         if calib is not None:
@@ -320,7 +322,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         tokenizer_fallback=tokenizer_fallback, stock_sizes=stock,
         runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, n_grouped=len(layouts),
         imatrix_file=imatrix_path(cfg.output) if calib else None,
-        imatrix_source=calib.imatrix_source if calib else None, seconds=seconds, like=like)
+        imatrix_source=calib.imatrix_source if calib else None, seconds=seconds, like=like, float_bytes=float_bytes)
 
 
 def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):

@@ -133,6 +133,12 @@ def summary(r) -> str:
         lines.append(f"  importance  {r.imatrix_file} (llama.cpp imatrix format)")
     if r.seconds:
         lines.append("  time        " + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()))
+    if r.imatrix_source is not None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        lines.append(f"  memory      the damage stages hold the float model in RAM ({format_size(r.float_bytes)}); "
+                     f"peak RSS of this process {format_size(peak)}")
     if r.tokenizer_fallback:
         lines.append(f"  tokenizer   fallback: {r.tokenizer_fallback}")
     lines.append(f"  runtime     {r.runtime}" + (f" ({r.n_grouped} expert tensor(s) stored as type groups)"

@@ -30,7 +30,6 @@ damage of a tensor is the sum of its experts' output errors on the tokens they s
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +38,7 @@ from gguf.quants import dequantize
 
 from alphaq.errors import AlphaQError
 from alphaq.forward import GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, Session, WeightBuffer
-from alphaq.qtypes import effective_type, resolve_type
+from alphaq.qtypes import resolve_type
 
 log = logging.getLogger(__name__)
 
