@@ -121,7 +121,11 @@ class Model:
         if imatrix is None and mix in IMATRIX_MIXES:
             return None  # llama.cpp refuses
         if not out.exists():
-            baselines.stock(self.fm, out, mix, imatrix=self.imatrix[imatrix] if imatrix else None)
+            try:
+                baselines.stock(self.fm, out, mix, imatrix=self.imatrix[imatrix] if imatrix else None)
+            except RuntimeError as exc:  # llama.cpp refuses some mixes without an importance matrix
+                log.info("%s stock %s: %s", self.name, mix, exc)
+                return None
         return out
 
     def alphaq(self, variant: str, mix: str, size: int) -> Path | None:
