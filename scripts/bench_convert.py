@@ -63,7 +63,9 @@ def tree_rss_kib(root):
     return total
 
 t = time.perf_counter()
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+out_path = os.environ.get("BENCH_STDOUT")
+proc = subprocess.Popen(sys.argv[1:], stdout=open(out_path, "w") if out_path else subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, text=True)
 peak_tree = 0
 def sample():
     global peak_tree
@@ -76,8 +78,15 @@ wall = time.perf_counter() - t
 if proc.returncode:
     sys.stderr.write(stderr[-3000:]); sys.exit(proc.returncode)
 ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+stages = {}
+if out_path:  # convert_alphaq.py's summary line "time  stage 1.0 s, stage 2.0 s, ..."
+    for line in open(out_path):
+        if line.strip().startswith("time "):
+            for part in line.strip()[5:].split(","):  # "float model 5.7 s"
+                words = part.split()
+                stages[" ".join(words[:-2])] = float(words[-2])
 print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "peak_rss_kib": ru.ru_maxrss,
-                  "peak_tree_rss_kib": peak_tree}))
+                  "peak_tree_rss_kib": peak_tree, "stages": stages}))
 """
 
 _STOCK = r"""
@@ -120,7 +129,9 @@ def measure(cmd: list[str], cwd: Path = ROOT) -> dict:
     if IDLE["wait_s"] > 0 and os.path.exists("/proc/stat"):
         IDLE["runs"] += 1
         IDLE["timeouts"] += not wait_idle(IDLE["wait_s"])
-    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, cwd=cwd)
+    with tempfile.NamedTemporaryFile(suffix=".txt") as summary:
+        out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, cwd=cwd,
+                             env={**os.environ, "BENCH_STDOUT": summary.name})
     if out.returncode:
         raise SystemExit(f"benchmark command failed: {' '.join(cmd)}\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -157,6 +168,7 @@ def bench(model: Path, repeats: int, baseline: Path | None) -> dict:
         "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
         "stock_s": med["stock"], "alphaq_s": med["alphaq"], "ratio": med["alphaq"] / med["stock"],
         "fast_s": med["fast"], "fast_ratio": med["fast"] / med["stock"],
+        "stages": {k: [r.get("stages", {}) for r in v] for k, v in rows.items() if k != "stock"},
         "alphaq_peak_rss": peak, "rss_over_bf16": peak / bf16_bytes,
         "alphaq_peak_tree_rss": max(r["peak_tree_rss_kib"] for r in rows["alphaq"]) * 1024,
         "stock_peak_rss": max(r["peak_rss_kib"] for r in rows["stock"]) * 1024,

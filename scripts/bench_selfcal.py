@@ -18,7 +18,7 @@ Q6_K it writes, all from the same BF16 GGUF with llama.cpp's quantiser:
 ablations (--variants): alpha-g1, alpha-gpaper (the default's damage times (alpha_tilde/alpha)^gamma,
 gamma 1 and App. A.7's formula), experts-only (the default's damage, routed experts only, the rest on
 the fast mode's policy types), no-imatrix (damage measured and files quantised without any importance
-matrix)
+matrix), w4 (the damage measured on 4 of the 16 windows)
 
 every alphaq variant at no more than the stock file's size, and scores each against the BF16
 model on the held-out test split (prose and code, tests/fixtures/heldout): mean KL per token,
@@ -103,6 +103,8 @@ class Model:
                 im = collect_imatrix(s, toks)
                 self.seconds[f"importance_{src}"] = time.perf_counter() - t0
                 self.imatrix[src] = im.means()
+                if src == "self":
+                    self.counts_self = im.counts
                 ref = Reference(s, toks[:16])
                 methods = ("estimate", "direct") if src == "self" and "direct" in self.variants else ("estimate",)
                 for method in methods:
@@ -110,6 +112,10 @@ class Model:
                     self.damage[(src, method)] = measure(s, ref, self.names, types, DamageConfig(method=method),
                                                          imatrix=self.imatrix[src], tokens=im.counts).costs
                     self.seconds[f"damage_{src}_{method}"] = time.perf_counter() - t0
+            if "w4" in self.variants:  # the damage measured on 4 windows instead of 16 (4x cheaper)
+                self.damage[("self", "w4")] = measure(s, Reference(s, self_tokens[:4]), self.names, types,
+                                                      DamageConfig(n_windows=4), imatrix=self.imatrix["self"],
+                                                      tokens=self.counts_self).costs
             if "no-imatrix" in self.variants:
                 self.damage[("none", "estimate")] = measure(s, Reference(s, self_tokens[:16]), self.names, types,
                                                             DamageConfig()).costs
@@ -134,7 +140,7 @@ class Model:
             return out
         src, method = {"default": ("self", "estimate"), "real-driven": ("real", "estimate"),
                        "direct": ("self", "direct"), "no-imatrix": ("none", "estimate"), "alpha-g1": ("self", "estimate"),
-                       "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate")}.get(variant, (None, None))
+                       "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4")}.get(variant, (None, None))
         try:
             if src is not None:
                 changes = {"alpha-g1": dict(gamma=1.0), "alpha-gpaper": dict(gamma=None),
