@@ -19,6 +19,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ("prose", "code")
+GRID = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K_S",
+        "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 SHOWN = ("stock", "stock+real", "stock+self", "default", "real-driven", "direct", "fast", "paper")
 
 
@@ -53,7 +55,7 @@ def model_table(name: str, res: dict) -> list[str]:
              "paired difference ± SE, verdict at 2 SE.", "",
              "| mix | " + " | ".join(cols) + " | default / best stock | diff ± SE | verdict |",
              "|---|" + "---|" * (len(cols) + 3)]
-    for mix, cell in res["cells"].items():
+    for mix, cell in sorted(res["cells"].items(), key=lambda kv: GRID.index(kv[0]) if kv[0] in GRID else 99):
         v, base, ratio, diff, se = verdict(cell)
         vals = " | ".join("—" if not cell.get(c) else f"{mean(cell[c]):.5f}" for c in cols)
         lines.append(f"| {mix} | {vals} | {ratio:.2f} (vs {base}) | {diff:+.5f} ± {se:.5f} | {v} |")
@@ -80,6 +82,29 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
+def head_to_head(results: dict, a: str, b: str) -> str:
+    """'a vs b: W better, T ties, L worse (median ratio r)' over every cell with both files."""
+    better = tie = worse = 0
+    ratios = []
+    for res in results.values():
+        for cell in res["cells"].values():
+            if not (cell.get(a) and cell.get(b)):
+                continue
+            diff, se = paired(cell[a], cell[b])
+            better += diff < -2 * se
+            worse += diff > 2 * se
+            tie += abs(diff) <= 2 * se
+            ratios.append(mean(cell[a]) / mean(cell[b]))
+    return (f"| {a} vs {b} | {better} | {tie} | {worse} | {np.median(ratios):.3f} | "
+            f"{min(ratios):.2f}–{max(ratios):.2f} |")
+
+
+def comparisons(results: dict, pairs) -> list[str]:
+    lines = ["| comparison | first lower (≥ 2 SE) | tie | first higher | median KL ratio | range |",
+             "|---|---|---|---|---|---|"]
+    return lines + [head_to_head(results, a, b) for a, b in pairs]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "selfcal.json")
@@ -91,7 +116,10 @@ def main() -> int:
            "Every alphaq file is at most the stock file's size. Evaluation: the held-out test split "
            "(tests/fixtures/heldout), 24 windows of 256 tokens per domain, the second half of each "
            "window scored. Verdicts need 2 paired standard errors.", "",
-           "## Summary (every model and mix)", "", *summary(results), ""]
+           "## Summary (every model and mix)", "", *summary(results), "",
+           "## Head to head (same cells)", "",
+           *comparisons(results, [("default", "real-driven"), ("default", "direct"), ("stock+self", "stock+real")]),
+           ""]
     for name, res in results.items():
         out += model_table(name, res)
     args.out.write_text("\n".join(out) + "\n")
