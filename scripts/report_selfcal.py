@@ -120,6 +120,16 @@ def main() -> int:
            "## Head to head (same cells)", "",
            *comparisons(results, [("default", "real-driven"), ("default", "direct"), ("stock+self", "stock+real")]),
            ""]
+    ablation = args.json.with_name("selfcal-ablation.json")
+    if ablation.exists():
+        abl = json.loads(ablation.read_text())
+        out += ["## Ablations (bench/selfcal-ablation.json; 5 sizes per model)", "",
+                "Each against the default on the same cells. w4: damage measured on 4 windows of own text "
+                "instead of 16; alpha-g1 / alpha-gpaper: the damage times (α̃/α)^γ with γ = 1 / the App. A.7 "
+                "formula; experts-only: only routed experts allocated, the rest on the fast mode's policy; "
+                "no-imatrix: no importance matrix anywhere (damage and quantisation).", "",
+                *comparisons(abl, [(v, "default") for v in ("w4", "alpha-g1", "alpha-gpaper", "experts-only",
+                                                              "no-imatrix")]), ""]
     for name, res in results.items():
         out += model_table(name, res)
     args.out.write_text("\n".join(out) + "\n")
