@@ -27,10 +27,12 @@ def main() -> int:
     for item in plan["items"]:
         per_type[item["type"]] += item["params"]
     total = sum(per_type.values())
-    print(f"{args.gguf}: AlphaQ plan, budget {plan['settings']['budget']} ({plan['settings']['budget_mode']})")
+    st = plan["settings"]
+    print(f"{args.gguf}: alphaq plan, budget {st['budget']} ({st['budget_mode']}), cost {st['noise']}, "
+          f"allocated: {st['allocate_effective']}")
     for t, n in sorted(per_type.items()):
-        print(f"  {t:6s} {n:>10,} expert weights ({n / total:.0%})")
-    print(f"  true bpw over experts {plan['totals']['true_bpw']:.3f}")
+        print(f"  {t:7s} {n:>10,} allocated weights ({n / total:.0%})")
+    print(f"  true bpw over the allocated weights {plan['totals']['true_bpw']:.3f}")
 
     import llama_cpp
 

@@ -139,3 +139,18 @@ def test_expert_granularity_allocates_each_expert_on_its_damage_share(float_gguf
     n_expert = {t.name: t.shape[0] for t in read_tensors(model) if "_exps" in t.name}
     assert len(experts) == sum(n_expert.values())
     assert out.stat().st_size <= stock_size(model, "Q3_K_M", header_bytes(model), 32)
+
+
+def test_make_demo_script_runs_on_a_default_conversion(float_ggufs, tmp_path):
+    """`make demo`'s second command, on a file the default path wrote."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "demo.gguf"
+    assert _convert(float_ggufs["mixtral"], out, "--budget", "3") == 0
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "scripts" / "demo_generate.py"), str(out), "--tokens", "8"],
+                         capture_output=True, text=True, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cost damage" in res.stdout and "greedy, 8 tokens" in res.stdout
