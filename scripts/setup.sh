@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything alphaq-gguf needs, into a project-local virtualenv (.venv).
-#   * Debian packages: python3.11-doc (the prose corpus), python3-venv
+#   * Debian packages: python3.11-doc (the prose corpus), cmake (llama-quantize for the tests)
 #   * .venv with the package (editable), its test extras and triton (for the kernel tests in
 #     interpreter mode); torch is pinned to the CPU wheel
 #     on disk, llama-cpp-python==0.3.36 builds from source once (~6 min) and pip's wheel cache
@@ -15,6 +15,8 @@ STAMP=.venv/.alphaq-setup
 
 need_apt=()
 dpkg -s python3.11-doc >/dev/null 2>&1 || need_apt+=(python3.11-doc)
+# cmake builds llama.cpp's llama-quantize for the tests (convert/tools.py)
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then
         echo "setup: installing Debian packages: ${need_apt[*]}"
