@@ -610,3 +610,30 @@ def test_huge_gamma_stays_finite_and_optimal():
     assert top.type is T.Q4_K
     ref = make_plan(stats, tensors, PlanConfig(budget=2.5, granularity="expert", gamma=3.0), fixed_bytes=0)
     assert ref.settings["importance_log_scale"] == 0.0
+
+
+@pytest.mark.parametrize("target", [400_000, 600_000, 850_000])
+def test_damage_cost_plan_is_the_brute_force_optimum_over_every_tensor(target):
+    """The damage cost allocates every quantised tensor (embeddings and output included) from a
+    damage table, with no spectral statistics; its plan is the exhaustive optimum under the size."""
+    from alphaq.plan import MODES, TensorInfo, make_plan
+
+    tensors = [TensorInfo("token_embd.weight", (512, 256), "BF16"), TensorInfo("blk.0.attn_norm.weight", (256,), "F32"),
+               TensorInfo("blk.0.attn_q.weight", (256, 256), "BF16"),
+               TensorInfo("blk.0.ffn_up_exps.weight", (4, 512, 256), "BF16"),
+               TensorInfo("output.weight", (512, 256), "BF16")]
+    types = ("Q2_K", "Q4_K", "Q8_0")
+    rng = np.random.default_rng(1)
+    quantised = [t for t in tensors if t.name.endswith("weight") and len(t.shape) >= 2]
+    damage = {(t.name, None): dict(zip(types, sorted(rng.uniform(0, 1, 3), reverse=True))) for t in quantised}
+    cfg = PlanConfig(**{**MODES["damage"], "types": types, "budget_mode": "size", "budget": float(target)})
+    plan = make_plan([], tensors, cfg, fixed_bytes=4096, damage=damage)
+    assert {it.tensor for it in plan.items} == {t.name for t in quantised}
+    fixed = 4096 + sum(padded(f.bytes, 32) for f in plan.fixed)
+    best = min(
+        (sum(damage[(t.name, None)][c] for t, c in zip(quantised, combo)), combo)
+        for combo in itertools.product(types, repeat=len(quantised))
+        if fixed + sum(padded(tensor_bytes(T[c], t.shape), 32) for t, c in zip(quantised, combo)) <= target
+    )
+    assert plan.totals.objective == pytest.approx(best[0])
+    assert plan.totals.predicted_file_bytes <= target
