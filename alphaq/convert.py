@@ -199,12 +199,11 @@ def like_budget(cfg: ConvertConfig, float_gguf: Path, base_header: int) -> tuple
     return replace(cfg, plan=replace(cfg.plan, budget_mode="size", budget=float(size))), (cfg.like.upper(), size)
 
 
-def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig):
-    """The default path's forward stages (alphaq.damage.run) for every tensor llama.cpp quantises."""
+def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig, user):
+    """The default path's forward stages (alphaq.damage.run) for every tensor llama.cpp quantises;
+    ``user``: the user's importance matrix (read before any work), or None."""
     from alphaq.damage.run import self_calibrate
-    from alphaq.importance.imatrix_file import read_imatrix
 
-    user = read_imatrix(cfg.imatrix) if cfg.imatrix else None
     names = [t.name for t in tensors if llama_quantizes(t.name, t.shape)]
     return self_calibrate(float_gguf, names, cfg.plan.candidates, text_cfg=cfg.selftext, cfg=cfg.damage,
                           user_imatrix=user, imatrix_source=str(cfg.imatrix), progress=cfg.progress,
@@ -275,10 +274,11 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=damage_mode)
     if cfg.like is not None:
         mix_ftype(cfg.like)  # an unknown mix name fails before any work
+    user_imatrix = None
     if cfg.imatrix is not None:
         from alphaq.importance.imatrix_file import read_imatrix
 
-        read_imatrix(cfg.imatrix)  # a bad file fails before any work
+        user_imatrix = read_imatrix(cfg.imatrix)  # a bad file fails before any work
     with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
         source = model.source
         has_experts = any(m.expert is not None for m in model.matrices())
@@ -293,7 +293,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         base_header = header_bytes(float_gguf)
         float_bytes = float_gguf.stat().st_size
         cfg, like = like_budget(cfg, float_gguf, base_header)
-        calib = _self_calibration(float_gguf, tensors, cfg) if damage_mode else None
+        calib = _self_calibration(float_gguf, tensors, cfg, user_imatrix) if damage_mode else None
         if calib is not None:
             seconds.update(calib.seconds)
         t0 = time.perf_counter()

@@ -62,9 +62,9 @@ def weighted_errors(buf: WeightBuffer, types: Sequence[GGMLQuantizationType], me
     with ThreadPoolExecutor(max_workers=_threads()) as pool:
         values = list(pool.map(lambda job: one(*job), jobs))
     out: dict[int | None, dict[str, float]] = {}
-    for (e, t), v in zip(jobs, values):
-        out.setdefault(e if len(buf.shape) == 3 else None, {})[t.name] = out.get(
-            e if len(buf.shape) == 3 else None, {}).get(t.name, 0.0) + v
+    for (e, t), v in zip(jobs, values):  # a 2-D weight's row blocks sum into one entry
+        errs = out.setdefault(e if len(buf.shape) == 3 else None, {})
+        errs[t.name] = errs.get(t.name, 0.0) + v
     return out
 
 

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 from alphaq.damage import DamageConfig, DamageTable, Reference
 from alphaq.files import atomic_write_text, cache_root, fingerprint
 from alphaq.importance.imatrix_file import Imatrix
-from alphaq.selftext import SelfTextConfig, cached_sample
+from alphaq.selftext import SelfTextConfig, cached_sample, sample
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,10 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     model_key = fingerprint(model)
-    tokens = cached_sample(model, text_cfg, progress=progress, key=model_key) if use_cache else \
-        __import__("alphaq.selftext", fromlist=["sample"]).sample(model, text_cfg, progress=progress)
+    if use_cache:
+        tokens = cached_sample(model, text_cfg, progress=progress, key=model_key)
+    else:
+        tokens = sample(model, text_cfg, progress=progress)
     seconds["self_text"] = time.perf_counter() - t0
     with Session(model, text_cfg.n_ctx, n_threads=n_threads) as session:
         t0 = time.perf_counter()
