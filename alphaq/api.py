@@ -67,9 +67,7 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
          target_size: int | str | None = None, mode: str = "fast", progress: bool = False, **options):
     """The allocation for a float GGUF without writing anything (modes "fast" and "paper": no
     forward pass). Returns alphaq.plan.Plan."""
-    import gguf
-
-    from alphaq.plan import gguf_output_header_bytes, gguf_tensor_infos, make_plan
+    from alphaq.plan import gguf_model_infos, make_plan
 
     if mode == "damage":
         raise AlphaQError("the damage mode runs the model; use alphaq.convert (plan takes mode 'fast' or 'paper')")
@@ -79,9 +77,9 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
     path = Path(model)
     if not (path.is_file() and path.suffix == ".gguf"):
         raise AlphaQError(f"{path} is not a .gguf file; plan reads a F32/F16/BF16 GGUF")
-    reader = gguf.GGUFReader(path)
+    tensors, header = gguf_model_infos(path, cfg.alignment)  # any part of a split GGUF: all of it
     stats = analyze(path, progress=progress)
-    return make_plan(stats, gguf_tensor_infos(reader), cfg, fixed_bytes=gguf_output_header_bytes(reader, cfg.alignment))
+    return make_plan(stats, tensors, cfg, fixed_bytes=header)
 
 
 def analyze(model: str | os.PathLike, *, progress: bool = False, **options):

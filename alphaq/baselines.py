@@ -39,8 +39,7 @@ from alphaq.errors import AlphaQError
 from alphaq.plan import (
     Plan,
     PlanConfig,
-    gguf_output_header_bytes,
-    gguf_tensor_infos,
+    gguf_model_infos,
     make_plan,
     measurement_requests,
 )
@@ -63,8 +62,12 @@ class FloatModel:
 
     @classmethod
     def open(cls, path: Path, alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT) -> FloatModel:
-        reader = gguf.GGUFReader(path)
-        return cls(Path(path), gguf_tensor_infos(reader), gguf_output_header_bytes(reader, alignment))
+        """``path``: a float GGUF, or any part of a split one (then ``path`` becomes its first part,
+        the file llama.cpp's quantiser is given)."""
+        from alphaq.gguf_io import first_shard
+
+        path = first_shard(Path(path))
+        return cls(path, *gguf_model_infos(path, alignment))
 
 
 def solve(model: FloatModel, stats: list[MatrixStats], cfg: PlanConfig, noise_table=None,
@@ -182,7 +185,9 @@ def stock(model: FloatModel, out: Path, mix: str, *, imatrix: dict[str, np.ndarr
 
 def file_types(path: Path) -> dict[str, GGMLQuantizationType]:
     """Written type of every tensor of a GGUF."""
-    return {t.name: GGMLQuantizationType(int(t.tensor_type)) for t in gguf.GGUFReader(path).tensors}
+    from alphaq.gguf_io import read_tensors
+
+    return {t.name: t.type for t in read_tensors(path)}  # every part of a split GGUF
 
 
 def check_imatrix(model: FloatModel, imatrix: dict[str, np.ndarray]) -> None:

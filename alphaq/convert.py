@@ -14,15 +14,18 @@ without ``force``.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
@@ -30,9 +33,12 @@ from alphaq import __version__
 from alphaq.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import AlphaQError
 from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
-from alphaq.gguf_io import FLOAT_TYPES, check_finite, copy_with_metadata, header_bytes, read_tensors
+from alphaq.gguf_io import (FLOAT_TYPES, check_finite, copy_with_metadata, first_shard, header_bytes, model_bytes,
+                            read_tensors)
+from alphaq.gguf_split import SplitSpec, split_gguf
+from alphaq.preflight import SPLIT_PART_OVERHEAD, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
-from alphaq.plan import Plan, PlanConfig, TensorInfo, make_plan
+from alphaq.plan import Plan, PlanConfig, TensorInfo, format_size, make_plan
 from alphaq.qtypes import llama_quantizes, padded, tensor_bytes
 from alphaq.quantize import STOCK_MIXES, mix_ftype, quantize_gguf, stock_mix_types
 from alphaq.selftext import SelfTextConfig
@@ -64,6 +70,11 @@ class ConvertConfig:
     damage: DamageConfig = field(default_factory=DamageConfig)
     imatrix: Path | None = None  # a llama.cpp importance file to use instead of the self-made one
     like: str | None = None  # budget = the file size of this llama.cpp mix for this model
+    # output in parts, as llama-gguf-split --split-max-size / --split-max-tensors (alphaq.gguf_split)
+    split_max_size: int | None = None  # bytes per part's tensor data at most
+    split_max_tensors: int | None = None  # tensors per part at most
+    keep_bf16: Path | None = None  # keep the float GGUF made from an HF checkpoint here
+    dry_run: bool = False  # pre-flight, stages and plan; write nothing
 
 
 @dataclass(frozen=True)
@@ -82,7 +93,11 @@ class ConvertResult:
     imatrix_source: str | None = None  # "self" (the model's own text) or the user's file
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
     like: tuple[str, int] | None = None  # (mix, its size) when the budget was given by name
-    float_bytes: int = 0  # size of the float GGUF the stages read
+    float_bytes: int = 0  # size of the float GGUF the stages read (all its parts)
+    parts: tuple[Path, ...] = ()  # the output's parts when split (output is the first)
+    kept_float: Path | None = None  # --keep-bf16
+    dry_run: bool = False  # nothing written: file_bytes and tensor_counts are the plan's
+    preflight: Preflight | None = None
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -96,13 +111,24 @@ def imatrix_path(output: Path) -> Path:
     return output.with_name(stem + ".imatrix.gguf")
 
 
-def check_output(output: Path, force: bool, granularity: str, with_imatrix: bool = False) -> None:
+_PART_NAME = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
+
+def existing_parts(output: Path) -> list[Path]:
+    """Files named as parts of a split ``output`` (OUT-%05d-of-%05d.gguf, any count)."""
+    stem = output.name.removesuffix(".gguf")
+    return sorted(p for p in output.parent.glob(glob.escape(stem) + "-*-of-*.gguf")
+                  if _PART_NAME.fullmatch(p.name[len(stem):]))
+
+
+def check_output(output: Path, force: bool, granularity: str, with_imatrix: bool = False, split: bool = False) -> None:
     if output.suffix != ".gguf":
         raise AlphaQError(f"output {output} must end in .gguf")
     if not output.parent.is_dir():
         raise AlphaQError(f"output directory {output.parent} does not exist")
     plan_json, tt_file = side_paths(output)
-    targets = [output, plan_json] + ([tt_file] if granularity == "tensor" else [])
+    targets = (existing_parts(output) if split else [output]) + [plan_json]
+    targets += [tt_file] if granularity == "tensor" else []
     targets += [imatrix_path(output)] if with_imatrix else []
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
@@ -180,6 +206,7 @@ def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, toke
     if cfg.plan.budget_mode != "size":
         return plan
     extra = metadata_bytes(alphaq_metadata(plan, cfg, tokenizer_fallback))
+    extra += SPLIT_PART_OVERHEAD * (max_parts(cfg, len(tensors), int(cfg.plan.budget)) - 1)  # split output: every part's own header
     return make_plan(stats, tensors, cfg.plan, noise_table=noise_table, damage=damage,
                      fixed_bytes=padded(base_header + _QUANT_KV_MARGIN + extra + 4096, cfg.plan.alignment))
 
@@ -221,7 +248,7 @@ def analysed(cfg: ConvertConfig, has_experts: bool):
     return lambda m: True
 
 
-def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path, wanted):
+def _convert_and_analyze_hf(cfg: ConvertConfig, out: Path, wanted):
     """llama.cpp's converter and the spectral stage at the same time: (BF16 GGUF, tokenizer
     fallback, stats of the GGUF's ``wanted`` matrices).
 
@@ -235,7 +262,7 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path, wanted):
     from convert.hf_to_gguf import start_convert_hf
 
     log.info("converting %s to a BF16 GGUF with llama.cpp's converter", cfg.model)
-    running = start_convert_hf(cfg.model, tmp_dir / "float.gguf", outtype="bf16")
+    running = start_convert_hf(cfg.model, out, outtype="bf16")
     throttle = Throttle(limit=1, background=True)
 
     def watch() -> None:
@@ -269,20 +296,17 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path, wanted):
     return conv.path, conv.tokenizer_fallback, stats
 
 
-def run_convert(cfg: ConvertConfig) -> ConvertResult:
-    damage_mode = cfg.plan.noise == "damage"
-    check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=damage_mode)
-    if cfg.like is not None:
-        mix_ftype(cfg.like)  # an unknown mix name fails before any work
-    user_imatrix = None
-    if cfg.imatrix is not None:
-        from alphaq.importance.imatrix_file import read_imatrix
-
-        user_imatrix = read_imatrix(cfg.imatrix)  # a bad file fails before any work
-    with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
-        source = model.source
-        has_experts = any(m.expert is not None for m in model.matrices())
+def run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None = None) -> ConvertResult:
+    """The pipeline (module docstring). ``announce`` receives the pre-flight report (disk and time)
+    before any heavy work; the CLI prints it."""
+    cfg, source, has_experts, user_imatrix, pre = _prepare(cfg)
+    if announce is not None:
+        announce(pre.format(cfg.keep_bf16, _parts_note(cfg)))
+    short = pre.shortfalls()
+    if short and not cfg.dry_run:
+        raise AlphaQError(f"not enough disk space: {short[0]} (alphaq convert --dry-run shows the plan)")
     wanted = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
+    damage_mode = cfg.plan.noise == "damage"
     seconds: dict[str, float] = {}
     tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=cfg.output.parent))
     try:
@@ -291,7 +315,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         seconds["float model + spectral" if needs_spectral(cfg) else "float model"] = time.perf_counter() - t0
         tensors = tensor_infos(float_gguf)
         base_header = header_bytes(float_gguf)
-        float_bytes = float_gguf.stat().st_size
+        float_bytes = model_bytes(float_gguf)
         cfg, like = like_budget(cfg, float_gguf, base_header)
         calib = _self_calibration(float_gguf, tensors, cfg, user_imatrix) if damage_mode else None
         if calib is not None:
@@ -301,39 +325,128 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback, noise,
                                  damage=calib.damage.costs if calib else None)
         seconds["plan"] = time.perf_counter() - t0
+        stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
+        facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
+                     float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None)
+        if cfg.dry_run:
+            return _planned_result(cfg, tensors, facts)
         t0 = time.perf_counter()
         written = _write(cfg, plan, float_gguf, tensors, tmp_dir, tokenizer_fallback,
-                         calib.imatrix if calib else None)
+                         calib.imatrix if calib else None, done_with_float=lambda: _release_float(cfg, float_gguf, tmp_dir))
+        parts = _split_output(cfg, tmp_dir)
         seconds["quantise"] = time.perf_counter() - t0
-        stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
-        _publish(cfg, plan, tmp_dir, calib)
+        published = _publish(cfg, plan, tmp_dir, calib, parts)
+    except BaseException:
+        if cfg.keep_bf16 is not None:
+            _kept_float_tmp(cfg.keep_bf16).unlink(missing_ok=True)  # the intermediate, not yet published
+        raise
     finally:
         for p in sorted(tmp_dir.glob("*")):
             p.unlink()
         tmp_dir.rmdir()
-    types, layouts = written
-    counts = Counter(t.name for t in types.values())
-    counts.update(t.name for lay in layouts.values() for t in lay.types)  # one tensor per group
-    plan_json, tt_file = side_paths(cfg.output)
-    return ConvertResult(
-        output=cfg.output, plan_json=plan_json,
-        tensor_type_file=tt_file if cfg.plan.granularity == "tensor" else None, plan=plan,
-        file_bytes=cfg.output.stat().st_size, tensor_counts=dict(sorted(counts.items())),
-        tokenizer_fallback=tokenizer_fallback, stock_sizes=stock,
-        runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, n_grouped=len(layouts),
-        imatrix_file=imatrix_path(cfg.output) if calib else None,
-        imatrix_source=calib.imatrix_source if calib else None, seconds=seconds, like=like, float_bytes=float_bytes)
+    return _written_result(cfg, written, published, facts, calib)
+
+
+def _prepare(cfg: ConvertConfig):
+    """Every check that needs no heavy work, and the pre-flight figures: (cfg with a GGUF input
+    resolved to its first part, source, has experts, the user's imatrix, Preflight)."""
+    damage_mode = cfg.plan.noise == "damage"
+    split = bool(cfg.split_max_size or cfg.split_max_tensors)
+    # a dry run writes nothing, so existing outputs do not matter, but the output's directory does
+    check_output(cfg.output, cfg.force or cfg.dry_run, cfg.plan.granularity, with_imatrix=damage_mode, split=split)
+    if cfg.like is not None:
+        mix_ftype(cfg.like)  # an unknown mix name fails before any work
+    user_imatrix = None
+    if cfg.imatrix is not None:
+        from alphaq.importance.imatrix_file import read_imatrix
+
+        user_imatrix = read_imatrix(cfg.imatrix)  # a bad file fails before any work
+    with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
+        if model.source == "gguf":  # any part of a split GGUF: llama.cpp loads it from the first
+            from dataclasses import replace
+
+            cfg = replace(cfg, model=first_shard(cfg.model))
+        check_options(cfg, model.source)
+        has_experts = any(m.expert is not None for m in model.matrices())
+        pre = preflight(cfg, model)
+        return cfg, model.source, has_experts, user_imatrix, pre
+
+
+def check_options(cfg: ConvertConfig, source: str) -> None:
+    """--split-max-*, --keep-bf16 and --dry-run against each other and the input."""
+    if cfg.split_max_size is not None and cfg.split_max_tensors is not None:
+        raise AlphaQError("--split-max-size and --split-max-tensors both set the split; give one")
+    if cfg.split_max_size is not None or cfg.split_max_tensors is not None:
+        SplitSpec(cfg.split_max_size, cfg.split_max_tensors)  # validates the values
+        if cfg.plan.granularity == "expert":
+            raise AlphaQError("--split-max-size/--split-max-tensors need --granularity tensor "
+                              "(split expert-granular files are not supported)")
+    if cfg.keep_bf16 is None:
+        return
+    if cfg.dry_run:
+        raise AlphaQError("--keep-bf16 writes a file and --dry-run writes none; give one")
+    if source != "hf":
+        raise AlphaQError(f"--keep-bf16 keeps the BF16 GGUF made from an HF checkpoint; {cfg.model} is already a GGUF")
+    if cfg.keep_bf16.suffix != ".gguf":
+        raise AlphaQError(f"--keep-bf16 {cfg.keep_bf16} must end in .gguf")
+    if not cfg.keep_bf16.parent.is_dir():
+        raise AlphaQError(f"--keep-bf16 directory {cfg.keep_bf16.parent} does not exist")
+    if cfg.keep_bf16.exists() and not cfg.force:
+        raise AlphaQError(f"{cfg.keep_bf16} already exists; pass --force to overwrite")
+    if cfg.keep_bf16.resolve() in {cfg.output.resolve(), *(p.resolve() for p in side_paths(cfg.output))}:
+        raise AlphaQError(f"--keep-bf16 {cfg.keep_bf16} is one of the outputs")
+
+
+def _parts_note(cfg: ConvertConfig) -> str:
+    if cfg.split_max_tensors:
+        return f", in parts of at most {cfg.split_max_tensors} tensors"
+    if cfg.split_max_size:
+        return f", in parts of at most {format_size(cfg.split_max_size)} of tensor data"
+    return ""
+
+
+def _kept_float_tmp(keep: Path) -> Path:
+    """Where the converter writes the BF16 model that --keep-bf16 keeps: a hidden name beside it
+    (same filesystem, so publishing it is a rename)."""
+    return keep.with_name(f".{keep.stem}.alphaq-{os.getpid()}.gguf")
+
+
+def _release_float(cfg: ConvertConfig, float_gguf: Path, tmp_dir: Path) -> None:
+    """The quantiser (and the expert-groups writer) have read the float model: an intermediate one
+    (HF input, not kept) is deleted now, so the output's copies never coexist with it on disk."""
+    if float_gguf.parent == tmp_dir and cfg.keep_bf16 is None:
+        float_gguf.unlink()
+
+
+def _split_output(cfg: ConvertConfig, tmp_dir: Path) -> list[Path]:
+    """tmp_dir/final.gguf in parts as llama-gguf-split writes them (alphaq.gguf_split), or as is."""
+    final = tmp_dir / "final.gguf"
+    if not (cfg.split_max_size or cfg.split_max_tensors):
+        return [final]
+    spec = SplitSpec(cfg.split_max_size, cfg.split_max_tensors)
+    log.info("writing the output in parts (%s)", _parts_note(cfg).lstrip(", "))
+    parts = split_gguf(final, tmp_dir / "part", spec)
+    whole = [(t.name, t.type, t.n_bytes) for t in read_tensors(final)]
+    if sorted(whole) != sorted((t.name, t.type, t.n_bytes) for t in read_tensors(parts[0])):
+        raise RuntimeError("the output's parts do not hold exactly the tensors of the whole file")
+    final.unlink()
+    if cfg.plan.budget_mode == "size" and cfg.like is None and sum(p.stat().st_size for p in parts) > cfg.plan.budget:
+        raise RuntimeError("the output's parts exceed --target-size (the split overhead bound is wrong)")
+    return parts
 
 
 def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):
     """(float GGUF, tokenizer fallback, spectral stats): the input itself when it is a float GGUF,
-    else llama.cpp's converter's BF16 output; stats only where the plan uses alpha."""
+    else llama.cpp's converter's BF16 output (in tmp_dir, or under a temporary name beside
+    --keep-bf16); stats only where the plan uses alpha."""
     if source == "hf":
+        keep = cfg.keep_bf16
+        out = _kept_float_tmp(keep) if keep else tmp_dir / "float.gguf"
         if needs_spectral(cfg):
-            return _convert_and_analyze_hf(cfg, tmp_dir, wanted)
+            return _convert_and_analyze_hf(cfg, out, wanted)
         from convert.hf_to_gguf import convert_hf
 
-        conv = convert_hf(cfg.model, tmp_dir / "float.gguf", outtype="bf16")
+        conv = convert_hf(cfg.model, out, outtype="bf16")
         check_finite(conv.path)
         return conv.path, conv.tokenizer_fallback, []
     check_float_gguf(cfg.model)
@@ -345,9 +458,11 @@ def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):
     return cfg.model, None, stats
 
 
-def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: Path, tokenizer_fallback, imatrix):
+def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: Path, tokenizer_fallback, imatrix,
+           done_with_float: Callable[[], None] = lambda: None):
     """Quantise with llama.cpp (and the expert-groups writer), add the alphaq keys, verify:
-    tmp_dir/final.gguf. Returns (tensor types, expert layouts)."""
+    tmp_dir/final.gguf. ``done_with_float`` is called as soon as the float model has been read
+    for the last time. Returns (tensor types, expert layouts)."""
     types = plan.tensor_types(mixed="skip")
     layouts = group_layouts(plan.expert_types(), {t.name: t.shape for t in tensors})
     # grouped projections are quantised per expert by the expert-groups writer; here
@@ -362,19 +477,25 @@ def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: P
     meta = alphaq_metadata(plan, cfg, tokenizer_fallback)
     if layouts:
         write_expert_gguf(quantised, float_gguf, layouts, meta, final, progress=cfg.progress, imatrix=means)
+        done_with_float()
     else:
+        done_with_float()
         copy_with_metadata(quantised, final, meta)
     quantised.unlink()
     _verify(final, plan, types, layouts)
     return types, layouts
 
 
-def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib) -> None:
-    """Side files first, the model last (its presence means the run completed); nothing that
-    appeared meanwhile is replaced without --force."""
+def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib, parts: list[Path]) -> list[Path]:
+    """Side files first, then the model's parts from the last to the first (the first's presence
+    means the run completed; llama.cpp loads from it), then the kept BF16 model; nothing that
+    appeared meanwhile is replaced without --force. Returns the published model file(s)."""
+    split = parts[0].name != "final.gguf"
+    targets = ([cfg.output.with_name(cfg.output.name.removesuffix(".gguf") + p.name.removeprefix("part"))
+                for p in parts] if split else [cfg.output])
     plan_json, tt_file = side_paths(cfg.output)
     staged = [(tmp_dir / "plan.json", plan_json)]
-    staged[0][0].write_text(plan.to_json())
+    staged[0][0].write_text(_plan_json(plan, targets, parts))
     if cfg.plan.granularity == "tensor":
         (tmp_dir / "tensor-types.txt").write_text("\n".join(plan.tensor_type_lines()) + "\n")
         staged.append((tmp_dir / "tensor-types.txt", tt_file))
@@ -383,10 +504,54 @@ def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib) -> None:
 
         write_imatrix(tmp_dir / "imatrix.gguf", calib.imatrix)
         staged.append((tmp_dir / "imatrix.gguf", imatrix_path(cfg.output)))
-    check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=calib is not None)
-    for src, dst in staged:
+    check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=calib is not None, split=split)
+    stale = [p for p in existing_parts(cfg.output) if p not in targets] if split else []
+    for src, dst in staged + list(reversed(list(zip(parts, targets)))):
         os.replace(src, dst)
-    os.replace(tmp_dir / "final.gguf", cfg.output)
+    for p in stale:  # --force: parts of an earlier split of this output into another count
+        p.unlink()
+    if cfg.keep_bf16 is not None:
+        if cfg.keep_bf16.exists() and not cfg.force:
+            raise AlphaQError(f"{cfg.keep_bf16} appeared meanwhile; pass --force to overwrite")
+        os.replace(_kept_float_tmp(cfg.keep_bf16), cfg.keep_bf16)
+    return targets
+
+
+def _plan_json(plan: Plan, targets: list[Path], parts: list[Path]) -> str:
+    """The plan JSON beside the output: the plan, and the file(s) written (all parts when split)."""
+    data = json.loads(plan.to_json())
+    sizes = [p.stat().st_size for p in parts]
+    data["output"] = {"files": [{"file": t.name, "bytes": n} for t, n in zip(targets, sizes)], "file_bytes": sum(sizes)}
+    return json.dumps(data, sort_keys=True, indent=1, allow_nan=False) + "\n"
+
+
+def _planned_result(cfg: ConvertConfig, tensors, facts: dict) -> ConvertResult:
+    """--dry-run: what the run would write, from the plan alone."""
+    plan = facts["plan"]
+    layouts = group_layouts(plan.expert_types(), {t.name: t.shape for t in tensors})
+    counts = Counter(t.name for t in plan.tensor_types(mixed="skip").values())
+    counts.update(t.name for lay in layouts.values() for t in lay.types)
+    plan_json, tt_file = side_paths(cfg.output)
+    return ConvertResult(output=cfg.output, plan_json=plan_json,
+                         tensor_type_file=tt_file if cfg.plan.granularity == "tensor" else None,
+                         file_bytes=plan.totals.predicted_file_bytes, tensor_counts=dict(sorted(counts.items())),
+                         imatrix_file=None, dry_run=True, n_grouped=len(layouts),
+                         runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, **facts)
+
+
+def _written_result(cfg: ConvertConfig, written, published: list[Path], facts: dict, calib) -> ConvertResult:
+    types, layouts = written
+    counts = Counter(t.name for t in types.values())
+    counts.update(t.name for lay in layouts.values() for t in lay.types)  # one tensor per group
+    plan_json, tt_file = side_paths(cfg.output)
+    return ConvertResult(
+        output=published[0], plan_json=plan_json,
+        tensor_type_file=tt_file if cfg.plan.granularity == "tensor" else None,
+        file_bytes=sum(p.stat().st_size for p in published), tensor_counts=dict(sorted(counts.items())),
+        runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, n_grouped=len(layouts),
+        imatrix_file=imatrix_path(cfg.output) if calib else None,
+        parts=tuple(published) if len(published) > 1 or published[0] != cfg.output else (),
+        kept_float=cfg.keep_bf16, **facts)
 
 
 def _verify(path: Path, plan: Plan, types: dict, layouts: dict[str, ExpertGroups]) -> None:

@@ -25,10 +25,14 @@ class Perplexity:
 
 
 def load_llama(path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: int | None = None):
+    """llama-cpp-python's Llama for ``path`` (any part of a split GGUF: llama.cpp is given the first)."""
     import llama_cpp
 
     from alphaq.expert_gguf import PATCHED_RUNTIME, read_layouts
+    from alphaq.gguf_io import first_shard
     from alphaq.runtime import patched_loaded
+
+    path = first_shard(Path(path))  # a missing part is one line here, not llama.cpp's load failure
 
     if not patched_loaded() and read_layouts(path):
         raise AlphaQError(f"{path} is expert-granular and needs the {PATCHED_RUNTIME}; this environment has "

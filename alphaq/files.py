@@ -21,22 +21,38 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def fingerprint(path: Path, samples_per_tensor: int = 8, sample_bytes: int = 1 << 16) -> str:
     """A content key for a GGUF file without reading all of it: the header (every key/value and
-    tensor info) plus ``samples_per_tensor`` evenly spaced chunks of every tensor's data.
+    tensor info) plus ``samples_per_tensor`` evenly spaced chunks of every tensor's data. A split
+    GGUF (any of its parts) is keyed by the keys of all its parts, in order.
 
     Stages that cache work on a model (self-generated text, importance, damage) key on this, so
     a re-converted or edited model never reuses them, while a 60 GB file costs a few MB of reads."""
     import hashlib
 
-    from alphaq.gguf_io import header_bytes, read_tensors
+    from alphaq.gguf_io import shard_paths
+
+    parts = shard_paths(path)
+    if len(parts) == 1:
+        return _file_fingerprint(parts[0], samples_per_tensor, sample_bytes)
+    h = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        h.update(_file_fingerprint(part, samples_per_tensor, sample_bytes).encode())
+    return h.hexdigest()
+
+
+def _file_fingerprint(path: Path, samples_per_tensor: int, sample_bytes: int) -> str:
+    import hashlib
+
+    from alphaq.gguf_io import file_header
 
     h = hashlib.blake2b(digest_size=20)
-    start = header_bytes(path)
+    head = file_header(path)
+    start = head.data_start
     with open(path, "rb") as f:
         h.update(f.read(start))
         size = os.fstat(f.fileno()).st_size
         h.update(str(size).encode())
         span = size - start
-        step = max(sample_bytes, span // max(1, samples_per_tensor * max(1, len(read_tensors(path)))))
+        step = max(sample_bytes, span // max(1, samples_per_tensor * max(1, len(head.records))))
         for off in range(start, size, step):
             f.seek(off)
             h.update(f.read(sample_bytes))

@@ -120,8 +120,10 @@ class Session:
     def __init__(self, path: Path, n_ctx: int, *, n_seq: int = 1, n_threads: int | None = None):
         import llama_cpp as lc
 
+        from alphaq.gguf_io import first_shard
+
         self._lc = lc
-        self.path = Path(path)
+        path = self.path = first_shard(Path(path))  # llama.cpp loads a split GGUF from its first part
         self.n_ctx = n_ctx
         self._watchers: list[tuple[Callable[[GGMLTensor], bool], Callback]] = []
         self.weights: dict[str, WeightBuffer] = {}

@@ -31,28 +31,59 @@ class TensorRecord:
 
 
 def read_tensors(path: Path) -> list[TensorRecord]:
-    """Every tensor's name, type, shape and size, from the header alone."""
-    return list(_read_header(path)[0])
+    """Every tensor's name, type, shape and size, from the header alone; of every part of a split
+    GGUF (`shard_paths`), in part order."""
+    return [r for shard in shard_paths(path) for r in _read_header(shard)[0]]
 
 
 # byte sizes of GGUF's fixed-size value types (GGUFValueType: UINT8 .. FLOAT64)
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY, _UINT32 = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY), int(GGUFValueType.UINT32)
+_UINT16, _INT32 = int(GGUFValueType.UINT16), int(GGUFValueType.INT32)
+
+# llama.cpp's split keys (LLM_KV_SPLIT_NO / _COUNT / _TENSORS_COUNT, src/llama-arch.cpp): u16, u16, i32
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT = gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, \
+    gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT
+_SPLIT_KEYS = (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT)
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What the tools here need from one GGUF file's header."""
+
+    records: list[TensorRecord]
+    data_start: int  # bytes before the tensor data (padded to the alignment)
+    kv_end: int  # where the tensor-info table starts
+    info_bytes: int  # size of the tensor-info table
+    alignment: int
+    split_no: int | None  # split.no, None when absent
+    split_count: int | None  # split.count, None when absent
+    split_kv_bytes: int  # bytes of the split.* key/values in this file
+    keys: tuple[str, ...] = ()  # every key, in file order
+    kv_ends: tuple[int, ...] = ()  # where each key/value record ends
 
 
 def _read_header(path: Path) -> tuple[list[TensorRecord], int]:
-    """(tensor records, bytes before the tensor data) of a little-endian GGUF v2/v3 file.
+    """(tensor records, bytes before the tensor data) of one GGUF file."""
+    h = file_header(path)
+    return h.records, h.data_start
+
+
+def file_header(path: Path) -> GGUFHeader:
+    """The header of one little-endian GGUF v2/v3 file (one part of a split GGUF: not resolved).
 
     gguf-py's reader builds a numpy view for every part of every key/value (~0.17 s per file
     even for a small model, and the converter pipeline reads each header several times); here
-    values are skipped, only the tensor infos and ``general.alignment`` are decoded. A file this
-    does not handle (big-endian, or an older version) goes to gguf-py's reader."""
+    values are skipped, only the tensor infos, ``general.alignment`` and the split keys are decoded.
+    A file this does not handle (big-endian, or an older version) goes to gguf-py's reader."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         if mm[:4] != b"GGUF" or struct.unpack_from("<I", mm, 4)[0] not in (2, 3):
             return _read_header_gguf_py(path)
         n_tensors, n_kv = struct.unpack_from("<QQ", mm, 8)
         off = 24
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        ints: dict[str, int] = {}  # general.alignment and the split keys
+        split_kv_bytes = 0
+        keys, kv_ends = [], []
 
         def string(at: int) -> tuple[str, int]:
             (n,) = struct.unpack_from("<Q", mm, at)
@@ -71,13 +102,22 @@ def _read_header(path: Path) -> tuple[list[TensorRecord], int]:
                 return at
             return at + _SCALAR_BYTES[vtype]
 
+        wanted = {gguf.Keys.General.ALIGNMENT: ("<I", _UINT32), SPLIT_NO: ("<H", _UINT16),
+                  SPLIT_COUNT: ("<H", _UINT16), SPLIT_TENSORS_COUNT: ("<i", _INT32)}
         for _ in range(n_kv):
+            kv_start = off
             key, off = string(off)
+            keys.append(key)
             (vtype,) = struct.unpack_from("<I", mm, off)
             off += 4
-            if key == gguf.Keys.General.ALIGNMENT and vtype == _UINT32:
-                (alignment,) = struct.unpack_from("<I", mm, off)
+            if key in wanted and vtype == wanted[key][1]:
+                (ints[key],) = struct.unpack_from(wanted[key][0], mm, off)
             off = skip(vtype, off)
+            kv_ends.append(off)
+            if key in _SPLIT_KEYS:
+                split_kv_bytes += off - kv_start
+        kv_end = off
+        alignment = ints.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
         records = []
         for _ in range(n_tensors):
             name, off = string(off)
@@ -89,28 +129,106 @@ def _read_header(path: Path) -> tuple[list[TensorRecord], int]:
             block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
             records.append(TensorRecord(name, qtype, tuple(reversed(ne)), n_elements,
                                         n_elements // block * type_bytes))
-        return records, -(-off // alignment) * alignment
+        return GGUFHeader(records, -(-off // alignment) * alignment, kv_end, off - kv_end, alignment,
+                          ints.get(SPLIT_NO), ints.get(SPLIT_COUNT), split_kv_bytes, tuple(keys), tuple(kv_ends))
 
 
-def _read_header_gguf_py(path: Path) -> tuple[list[TensorRecord], int]:
+def _read_header_gguf_py(path: Path) -> GGUFHeader:
     reader = GGUFReader(path)
     out = []
     for t in reader.tensors:
         ne = [int(x) for x in t.shape]  # ggml order, ne0 first
         out.append(TensorRecord(t.name, GGMLQuantizationType(t.tensor_type), tuple(reversed(ne)),
                                 int(t.n_elements), int(t.n_bytes)))
-    return out, int(reader.data_offset)
+    kv_end = min((t.field.offset for t in reader.tensors), default=int(reader.data_offset))
+    info_bytes = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in reader.tensors)
+
+    def field(key):
+        f = reader.get_field(key)
+        return None if f is None else int(f.contents())
+
+    split_kv_bytes = sum(sum(int(p.nbytes) for p in reader.fields[k].parts) for k in _SPLIT_KEYS if k in reader.fields)
+    kv = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return GGUFHeader(out, int(reader.data_offset), kv_end, info_bytes, int(reader.alignment),
+                      field(SPLIT_NO), field(SPLIT_COUNT), split_kv_bytes, tuple(kv),
+                      tuple(f.offset + sum(int(p.nbytes) for p in f.parts) for f in kv.values()))
+
+
+# ---- split GGUFs (llama.cpp: src/llama.cpp llama_split_path / llama_split_prefix, src/llama-model-loader.cpp)
+
+SPLIT_SUFFIX = "-{:05d}-of-{:05d}.gguf"
+
+
+def split_path(prefix: str | Path, split_no: int, split_count: int) -> Path:
+    """llama_split_path: part ``split_no`` (0-based) of ``split_count`` is PREFIX-%05d-of-%05d.gguf."""
+    return Path(f"{prefix}{SPLIT_SUFFIX.format(split_no + 1, split_count)}")
+
+
+def split_prefix(path: Path, split_no: int, split_count: int) -> str | None:
+    """llama_split_prefix: PREFIX of part ``split_no`` of ``split_count``, None when ``path`` is not
+    named PREFIX-%05d-of-%05d.gguf with exactly those numbers."""
+    suffix = SPLIT_SUFFIX.format(split_no + 1, split_count)
+    text = str(path)
+    return text[: -len(suffix)] if len(text) > len(suffix) and text.endswith(suffix) else None
+
+
+def shard_paths(path: Path) -> list[Path]:
+    """The files of the GGUF model ``path``: ``[path]`` for an ordinary file; every part of a split
+    GGUF in order, given any one of its parts.
+
+    llama.cpp loads a split model only from its first part (split.no 0) and finds the others by
+    name (llama_split_prefix + llama_split_path, for split.count parts); here any part is accepted
+    and resolves to the same list (the first part is ``[0]``, the path to hand to llama.cpp)."""
+    from alphaq.errors import AlphaQError
+
+    path = Path(path)
+    h = file_header(path)
+    if not h.split_count or h.split_count <= 1:
+        return [path]
+    no = h.split_no or 0
+    prefix = split_prefix(path, no, h.split_count)
+    if prefix is None:
+        raise AlphaQError(f"{path} is part {no + 1} of a split GGUF of {h.split_count} (split.no, split.count), but its "
+                          f"name does not end in {SPLIT_SUFFIX.format(no + 1, h.split_count)}, so the other parts "
+                          "cannot be found (llama.cpp's naming)")
+    parts = [split_path(prefix, i, h.split_count) for i in range(h.split_count)]
+    for i, part in enumerate(parts):
+        if not part.is_file():
+            raise AlphaQError(f"split GGUF part {part} is missing (split.count {h.split_count} in {path})")
+        part_no = h.split_no if part == path else file_header(part).split_no
+        if (part_no or 0) != i:
+            raise AlphaQError(f"{part} has split.no {part_no}, expected {i}: not a part of the same split GGUF")
+    return parts
+
+
+def first_shard(path: Path) -> Path:
+    """The file llama.cpp must be given to load the model ``path`` (its first part when split)."""
+    return shard_paths(path)[0]
+
+
+def model_bytes(path: Path) -> int:
+    """Size on disk of the GGUF model ``path``: the sum over its parts."""
+    return sum(p.stat().st_size for p in shard_paths(path))
 
 
 def read_field(path: Path, key: str):
-    reader = GGUFReader(path)
+    """A key's value (of the first part of a split GGUF: the only one with the model's keys)."""
+    reader = GGUFReader(first_shard(path))
     field = reader.get_field(key)
     return None if field is None else field.contents()
 
 
 def header_bytes(path: Path) -> int:
-    """Bytes before the tensor data: magic, key/values, tensor infos, alignment padding."""
-    return _read_header(path)[1]
+    """Bytes before the tensor data: magic, key/values, tensor infos, alignment padding. For a split
+    GGUF: of the single file it stands for (the first part's key/values without the split keys, as
+    llama_model_quantize writes them, and every part's tensor infos)."""
+    parts = shard_paths(path)
+    if len(parts) == 1:
+        return _read_header(path)[1]
+    heads = [file_header(p) for p in parts]
+    first = heads[0]
+    size = first.kv_end - first.split_kv_bytes + sum(h.info_bytes for h in heads)
+    return -(-size // first.alignment) * first.alignment
 
 
 def writer_with_metadata(reader: GGUFReader, dst: Path, extra: dict[str, tuple[object, GGUFValueType]]) -> GGUFWriter:
@@ -168,6 +286,11 @@ def check_finite(path: Path) -> None:
     would surface there as a NaN activation far from its cause."""
     from alphaq.errors import AlphaQError
 
+    for part in shard_paths(path):
+        _check_finite_file(part, AlphaQError)
+
+
+def _check_finite_file(path: Path, error) -> None:
     reader = GGUFReader(path)
     for t in reader.tensors:
         if t.tensor_type not in FLOAT_TYPES:
@@ -181,4 +304,4 @@ def check_finite(path: Path) -> None:
             else:
                 n_bad += int(np.count_nonzero(~np.isfinite(part)))
         if n_bad:
-            raise AlphaQError(f"tensor {t.name} has {n_bad} NaN or Inf weights; the model cannot be quantised")
+            raise error(f"tensor {t.name} has {n_bad} NaN or Inf weights; the model cannot be quantised")

@@ -869,6 +869,23 @@ def gguf_tensor_infos(reader: gguf.GGUFReader) -> list[TensorInfo]:
     ]
 
 
+def gguf_model_infos(path: Path, alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT) -> tuple[list[TensorInfo], int]:
+    """(TensorInfo of every tensor, `gguf_output_header_bytes`) of the float GGUF model ``path``,
+    from the headers alone; a split GGUF (any part) counts every part's tensors and is quantised
+    into one file: the first part's key/values without the split keys, which llama-quant.cpp
+    removes."""
+    from alphaq.gguf_io import file_header, shard_paths
+
+    heads = [file_header(p) for p in shard_paths(Path(path))]
+    tensors = [TensorInfo(r.name, r.shape, r.type.name) for h in heads for r in h.records]
+    if not tensors:
+        raise AlphaQError(f"{path} has no tensors")
+    first = heads[0]
+    added = sum(8 + len(key.encode()) + 4 + 4 for key in (gguf.Keys.General.QUANTIZATION_VERSION,
+                                                           gguf.Keys.General.FILE_TYPE) if key not in first.keys)
+    return tensors, padded(first.kv_end - first.split_kv_bytes + added + sum(h.info_bytes for h in heads), alignment)
+
+
 def gguf_output_header_bytes(reader: gguf.GGUFReader, alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT) -> int:
     """Bytes before the tensor data of the file llama_model_quantize writes from this input.
 

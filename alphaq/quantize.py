@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType
 
 from alphaq.errors import AlphaQError
 from alphaq.ggml import LLAMA_IMATRIX_TYPES
-from alphaq.gguf_io import read_tensors
+from alphaq.gguf_io import first_shard, read_tensors  # llama.cpp loads a split GGUF from its first part
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantization
 
     with tqdm(total=len(n_elements), desc="quantise", unit="tensor", disable=not progress,
               dynamic_ncols=True) as bar, _captured_log(lambda line: bar.update(1) if _PROGRESS_LINE.match(line) else None):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        rc = llama_cpp.llama_model_quantize(str(first_shard(src)).encode(), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0:
         raise AlphaQError(f"llama.cpp's quantiser failed (code {rc}) on {src}; rerun with -v to see its log")
@@ -173,7 +173,7 @@ def quantize_stock(src: Path, dst: Path, mix: str, *, nthread: int = 0,
     if ftype is None:
         raise AlphaQError(f"unknown llama.cpp mix {mix!r}; allowed: {', '.join(STOCK_MIXES)}")
     params, keep = _build_params(int(ftype), nthread, None, imatrix)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    rc = llama_cpp.llama_model_quantize(str(first_shard(src)).encode(), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({mix}) failed with code {rc} for {src}")
@@ -197,7 +197,7 @@ def stock_mix_types(src: Path, mix: str) -> dict[str, str]:
         imatrix = ones_imatrix(src, [t.name for t in read_tensors(src) if len(t.shape) >= 2])
     params, keep = _build_params(ftype, 1, None, imatrix, dry_run=True)
     with _captured_log(lines.append):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), b"/dev/null", ctypes.byref(params))
+        rc = llama_cpp.llama_model_quantize(str(first_shard(src)).encode(), b"/dev/null", ctypes.byref(params))
     del keep
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize dry run ({mix}) failed with code {rc}")

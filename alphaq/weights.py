@@ -38,7 +38,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
 
 from alphaq.errors import AlphaQError
-from alphaq.gguf_io import release_pages
+from alphaq.gguf_io import release_pages, shard_paths
 from alphaq.qtypes import ggml_n_dims, quantisable_name
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class ModelWeights:
 
 
 def open_model(path: str | Path) -> ModelWeights:
-    """Open an HF checkpoint directory or a float (F32/F16/BF16) GGUF file."""
+    """Open an HF checkpoint directory or a float (F32/F16/BF16) GGUF file (any part of a split
+    GGUF opens all of it)."""
     path = Path(path)
     if not path.exists():
         raise AlphaQError(f"model path {path} does not exist")
@@ -431,11 +432,19 @@ def _load_released(reader: gguf.GGUFReader, view: np.ndarray, qtype) -> np.ndarr
     return out
 
 
-def _open_gguf(path: Path) -> ModelWeights:
+def _gguf_readers(path: Path) -> list[gguf.GGUFReader]:
+    """One reader per part of the GGUF model ``path`` (gguf_io.shard_paths: any part of a split
+    GGUF opens the whole model; the first part holds its key/values)."""
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
+        return [gguf.GGUFReader(p) for p in shard_paths(path)]
+    except (ValueError, OSError, struct.error) as exc:
         raise AlphaQError(f"{path}: not a readable GGUF file ({exc})") from exc
+
+
+def _open_gguf(path: Path) -> ModelWeights:
+    readers = _gguf_readers(path)
+    reader = readers[0]
+    tensors = [(r, t) for r in readers for t in r.tensors]
     arch_name = _field(reader, gguf.Keys.General.ARCHITECTURE)
     names_to_arch = {MODEL_ARCH_NAMES[a]: a for a in SUPPORTED_GGUF_ARCHS}
     if arch_name not in names_to_arch:
@@ -451,7 +460,7 @@ def _open_gguf(path: Path) -> ModelWeights:
     n_head_kv = _field(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch_name), n_head)
     tmap = gguf.get_tensor_name_map(model_arch, n_blocks)
 
-    for t in reader.tensors:
+    for _, t in tensors:
         if ggml_n_dims(tuple(reversed([int(d) for d in t.shape]))) >= 2 and t.tensor_type not in FLOAT_TYPES:
             raise AlphaQError(
                 f"{path}: tensor {t.name} is {t.tensor_type.name}; only F32/F16/BF16 GGUF "
@@ -459,7 +468,7 @@ def _open_gguf(path: Path) -> ModelWeights:
             )
 
     mats: list[WeightMatrix] = []
-    for t in reader.tensors:
+    for reader, t in tensors:
         ne = [int(d) for d in t.shape]  # GGUF ne = (cols, rows[, n_expert])
         np_shape = tuple(reversed(ne))
         if not llama_quantizes(t.name, ggml_n_dims(np_shape)):
@@ -472,13 +481,13 @@ def _open_gguf(path: Path) -> ModelWeights:
             perm_heads = int(n_head) if kind == "attn_q" else int(n_head_kv)
         if is_expert:
             for e in range(ne[2]):
-                def load(t=t, e=e, qtype=qtype):
+                def load(t=t, e=e, qtype=qtype, reader=reader):
                     return _load_released(reader, t.data[e], qtype)  # (rows, cols) of expert e
                 mats.append(WeightMatrix(t.name, block, e, kind, ne[1], ne[0], load, qtype.name))
         else:
             rows = math.prod(np_shape[:-1])
 
-            def load(t=t, qtype=qtype, rows=rows, heads=perm_heads):
+            def load(t=t, qtype=qtype, rows=rows, heads=perm_heads, reader=reader):
                 w = _load_released(reader, t.data, qtype).reshape(rows, -1)
                 return unpermute_qk(w, heads) if heads else w
 

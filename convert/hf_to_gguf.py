@@ -27,9 +27,11 @@ class Conversion:
     tokenizer_fallback: str | None  # the converter's warning when the SentencePiece fallback ran
 
 
-def convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16") -> Conversion:
-    """Run convert_hf_to_gguf.py on ``model_dir``; write ``out_path`` (float ``outtype``)."""
-    running = start_convert_hf(model_dir, out_path, outtype=outtype)
+def convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16", extra: tuple[str, ...] = ()) -> Conversion:
+    """Run convert_hf_to_gguf.py on ``model_dir``; write ``out_path`` (float ``outtype``). ``extra``:
+    more converter options, e.g. ``("--split-max-tensors", "20")``: the result's path is then the
+    first part of the split GGUF (``OUT-00001-of-0000N.gguf``, the converter's naming)."""
+    running = start_convert_hf(model_dir, out_path, outtype=outtype, extra=extra)
     try:
         return running.wait()
     except BaseException:
@@ -37,18 +39,19 @@ def convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16") -> Con
         raise
 
 
-def start_convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16") -> "RunningConversion":
+def start_convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16",
+                     extra: tuple[str, ...] = ()) -> "RunningConversion":
     """Start convert_hf_to_gguf.py on ``model_dir`` in the background; ``.wait()`` gives the
     `Conversion` (or raises its error), ``.kill()`` stops it. The caller may work meanwhile
     (`alphaq.convert` analyses the checkpoint beside it)."""
-    return RunningConversion(model_dir, out_path, outtype)
+    return RunningConversion(model_dir, out_path, outtype, extra)
 
 
 class RunningConversion:
-    def __init__(self, model_dir: Path, out_path: Path, outtype: str):
+    def __init__(self, model_dir: Path, out_path: Path, outtype: str, extra: tuple[str, ...] = ()):
         vendor = ensure_vendor()
         cmd = [sys.executable, "-m", "convert.run_upstream", str(vendor), str(model_dir),
-               "--outtype", outtype, "--outfile", str(out_path)]
+               "--outtype", outtype, "--outfile", str(out_path), *extra]
         root = Path(__file__).resolve().parents[1]
         self.model_dir, self.out_path = model_dir, out_path
         self._errlog = tempfile.TemporaryFile(mode="w+")
@@ -73,13 +76,22 @@ class RunningConversion:
         finally:
             self._errlog.close()
         fallback = next((line.split(": ", 1)[1] for line in stderr.splitlines() if line.startswith(FALLBACK_MARK)), None)
-        if returncode != 0 or not self.out_path.exists():
+        written = self._written()
+        if returncode != 0 or written is None:
             lines = [ln for ln in stderr.splitlines() if ln.strip() and "Writing" not in ln]
             reason = lines[-1] if lines else f"exit code {returncode}"
             raise AlphaQError(f"llama.cpp's converter failed on {self.model_dir}: {reason}")
         if fallback:
             log.warning("tokenizer fallback: %s", fallback)
-        return Conversion(self.out_path, fallback)
+        return Conversion(written, fallback)
+
+    def _written(self) -> Path | None:
+        """The file the converter wrote: ``out_path``, or with a split option the first part
+        (gguf-py's GGUFWriter names parts OUT-00001-of-0000N.gguf, .gguf stripped from OUT)."""
+        if self.out_path.exists():
+            return self.out_path
+        stem = self.out_path.name.removesuffix(".gguf")
+        return next(iter(sorted(self.out_path.parent.glob(f"{stem}-00001-of-*.gguf"))), None)
 
     def kill(self) -> None:
         """Stop the converter (if still running) and reap it."""

@@ -127,7 +127,7 @@ def test_header_reader_matches_gguf_py(float_ggufs, tmp_path):
     w.close()
     files.append(tmp_path / "odd.gguf")
     for path in files:
-        assert gguf_io._read_header(path) == gguf_io._read_header_gguf_py(path), path.name
+        assert gguf_io.file_header(path) == gguf_io._read_header_gguf_py(path), path.name
     assert gguf_io.header_bytes(files[-1]) % 64 == 0
 
 

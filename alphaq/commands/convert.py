@@ -61,6 +61,15 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the caches (alpha, own text, damage)")
     p.add_argument("--cache-dir", type=Path, help="alpha cache (default ~/.cache/alphaq/spectral)")
     p.add_argument("--no-stock-compare", action="store_true", help="skip the stock-mix size comparison")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--split-max-size", metavar="N(M|G)", help="write the output in parts of at most this much "
+                       "tensor data each, as llama-gguf-split: OUT-00001-of-0000N.gguf, ... (M = 10^6 B, G = 10^9 B)")
+    split.add_argument("--split-max-tensors", type=int, metavar="N", help="write the output in parts of at most N "
+                       "tensors each, as llama-gguf-split")
+    p.add_argument("--keep-bf16", type=Path, metavar="PATH", help="keep the BF16 GGUF converted from an HF checkpoint "
+                   "at PATH (default: deleted as soon as it has been quantised)")
+    p.add_argument("--dry-run", action="store_true", help="print the disk and time needed, run the (cached) analysis "
+                   "stages and print the plan; write nothing")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -92,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise AlphaQError(f"--threads {args.threads} must be >= 0 (0 = all cores)")
     output = args.output or default_output(args.model, args)
+    split_size = None
+    if args.split_max_size is not None:
+        from alphaq.gguf_split import parse_split_size
+
+        split_size = parse_split_size(args.split_max_size)
     cfg = ConvertConfig(
         model=args.model, output=output, plan=_plan_cmd.config_from_args(args, args.mode),
         spectral=SpectralConfig(xmin_window=args.xmin_window), force=args.force, nthread=args.threads,
@@ -99,10 +113,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, like=args.like, imatrix=args.imatrix,
         selftext=SelfTextConfig(n_seq=args.self_samples, n_ctx=args.self_ctx, seed=args.seed),
         damage=DamageConfig(method=args.damage, n_windows=min(args.damage_windows, args.self_samples)),
+        split_max_size=split_size, split_max_tensors=args.split_max_tensors, keep_bf16=args.keep_bf16,
+        dry_run=args.dry_run,
     )
     if args.imatrix is not None and cfg.plan.noise != "damage":
         raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
-    result = run_convert(cfg)
+    result = run_convert(cfg, announce=lambda text: print(text, flush=True))
     print(summary(result))
     return 0
 
@@ -114,7 +130,9 @@ def summary(r) -> str:
     budget = (f"{r.like[0]}'s size for this model, {format_size(r.like[1])}" if r.like
               else f"{s['budget']:g} {mode}")
     lines = [
-        f"wrote {r.output}  ({format_size(r.file_bytes)})",
+        (f"dry run: nothing written; {r.output} would be about {format_size(r.file_bytes)} (the plan's prediction)"
+         if r.dry_run else f"wrote {r.output}  ({format_size(r.file_bytes)}"
+         + (f" in {len(r.parts)} parts, the first given to llama.cpp" if r.parts else "") + ")"),
         f"  budget      {budget}; gamma {s['gamma']:.4g} ({s['gamma_source']});"
         f" granularity {s['granularity']}, scope {s['scope']}, cost {s['noise']}, allocate {s['allocate_effective']}",
         f"  allocated   {t.allocated_params:,} weights: {t.nominal_bits:.3f} nominal bits, {t.true_bpw:.3f} true bpw"
@@ -130,7 +148,8 @@ def summary(r) -> str:
         read = ("the model's own text only (no calibration data)" if r.imatrix_source == "self"
                 else f"the model's own text; importance from {r.imatrix_source}")
         lines.append(f"  data read   {read}")
-        lines.append(f"  importance  {r.imatrix_file} (llama.cpp imatrix format)")
+        if r.imatrix_file is not None:
+            lines.append(f"  importance  {r.imatrix_file} (llama.cpp imatrix format)")
     if r.seconds:
         lines.append("  time        " + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()))
     if r.imatrix_source is not None:
@@ -139,9 +158,16 @@ def summary(r) -> str:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         lines.append(f"  memory      the damage stages hold the float model in RAM ({format_size(r.float_bytes)}); "
                      f"peak RSS of this process {format_size(peak)}")
+    if r.parts:
+        lines.append("  parts       " + ", ".join(f"{p.name} ({format_size(p.stat().st_size)})" for p in r.parts))
+    if r.kept_float:
+        lines.append(f"  bf16        {r.kept_float} (the float model the stages read)")
     if r.tokenizer_fallback:
         lines.append(f"  tokenizer   fallback: {r.tokenizer_fallback}")
     lines.append(f"  runtime     {r.runtime}" + (f" ({r.n_grouped} expert tensor(s) stored as type groups)"
                                                     if r.n_grouped else ""))
-    lines.append(f"  plan        {r.plan_json}" + (f", {r.tensor_type_file}" if r.tensor_type_file else ""))
+    if r.dry_run:
+        lines.append("  plan        not written (--dry-run); the analysis stages' results are cached for the real run")
+    else:
+        lines.append(f"  plan        {r.plan_json}" + (f", {r.tensor_type_file}" if r.tensor_type_file else ""))
     return "\n".join(lines)

@@ -21,8 +21,7 @@ from alphaq.plan import (
     PlanConfig,
     TensorInfo,
     format_size,
-    gguf_output_header_bytes,
-    gguf_tensor_infos,
+    gguf_model_infos,
     make_plan,
     measurement_requests,
     parse_size,
@@ -169,12 +168,8 @@ def run(args: argparse.Namespace) -> int:
     tensors: list[TensorInfo] | None = None
     header = args.fixed_bytes
     if model.is_file() and model.suffix.lower() == ".gguf":
-        import gguf
-
-        reader = gguf.GGUFReader(model)
-        tensors = gguf_tensor_infos(reader)
-        if header is None:
-            header = gguf_output_header_bytes(reader, cfg.alignment)
+        tensors, gguf_header = gguf_model_infos(model, cfg.alignment)  # a split GGUF: every part
+        header = gguf_header if header is None else header
 
     stats = _read_alphas(args.alphas) if args.alphas is not None else _analyze(model, args.cache_dir, not args.no_cache)
     if tensors is None:

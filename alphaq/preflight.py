@@ -1,0 +1,219 @@
+"""Before any heavy work: the disk a conversion needs, and about how long it takes.
+
+`alphaq convert` prints this first (``--dry-run`` prints it and writes nothing) and stops with one
+line when a filesystem cannot hold its peak need. Sizes come from the model's headers only (HF:
+the safetensors headers; GGUF: its header), nothing is loaded.
+
+Disk, per filesystem (the temporary files go in a hidden directory beside the output):
+
+* the float GGUF the stages read: an HF checkpoint is converted to BF16 first (the *intermediate*,
+  estimated: 2 bytes per matrix weight, 4 per other weight, plus the tokenizer); a GGUF input is
+  read where it is;
+* the output, at most: every quantised tensor in the largest type the plan may give it (candidates
+  and fixed types, after llama.cpp's shape fallback), the others as in the float model, the header
+  and the plan keys; with ``--target-size`` the target, if smaller;
+* the peak in the output's directory: llama.cpp's quantiser writes the output once and alphaq
+  rewrites it once more with its keys (and, when splitting, once more as parts), so two copies of
+  the output coexist; the intermediate is deleted as soon as the quantiser has read it, unless
+  kept (``--keep-bf16``) or needed by the expert-groups writer (``--granularity expert``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf import GGMLQuantizationType
+
+from alphaq.plan import format_size
+from alphaq.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
+
+# Seconds per transformer block for each stage, measured by scripts/bench_convert.py on
+# Qwen3-30B-A3B's block shapes (bench/convert-real-shape.txt: 4 blocks, random weights, 2-core
+# CPU, --like Q3_K_M --no-cache). A model's estimate scales them by its quantisable weights per
+# block over REFERENCE_WEIGHTS_PER_BLOCK. Update the table when a stage changes speed (the damage
+# stage is being made cheaper).
+REFERENCE_WEIGHTS_PER_BLOCK = 622_854_144  # experts 3 x 128 x 2048 x 768 + attn q, o 2 x 4096 x 2048 + k, v 2 x 512 x 2048
+STAGE_SECONDS_PER_BLOCK = {
+    "float model": 32.6 / 4,  # llama.cpp's converter to BF16 (HF input only)
+    "self text": 74.4 / 4,  # 16 sequences of 256 tokens sampled from the model
+    "importance": 43.8 / 4,  # the importance matrix on that text
+    "damage": 1606.3 / 4,  # --damage estimate on 16 windows; scaled by --damage-windows / 16
+    "quantise": 531.7 / 4,  # llama.cpp's quantiser with the chosen (mostly IQ) types
+    # --fast / --paper: the whole run minus the float model (69 s at 4 blocks, issue 17's measurement)
+    "spectral + quantise": (69.0 - 32.6) / 4,
+}
+REFERENCE_DAMAGE_WINDOWS = 16
+PLAN_KEY_BYTES_PER_ITEM = 1024  # the alphaq.plan key holds every item's costs as JSON
+SPLIT_PART_OVERHEAD = 256  # per part: GGUF header, split keys, padding
+
+
+@dataclass(frozen=True)
+class Preflight:
+    n_blocks: int
+    weights_per_block: int
+    float_bytes: int  # the float GGUF the stages read (HF input: an estimate of the intermediate)
+    intermediate: bool  # the float GGUF is written by this run (HF input)
+    output_bytes: int  # upper bound of the output, all parts
+    needs: dict[Path, int]  # a directory per filesystem -> peak bytes needed there
+    free: dict[Path, int]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+    def shortfalls(self) -> list[str]:
+        return [f"{d} has {format_size(self.free[d])} free; the conversion needs up to {format_size(n)} there"
+                for d, n in self.needs.items() if self.free[d] < n]
+
+    def format(self, keep_bf16: Path | None, parts: str = "") -> str:
+        kept = (f"kept at {keep_bf16}" if keep_bf16 else "deleted once quantised; --keep-bf16 PATH keeps it")
+        lines = [f"pre-flight  {self.n_blocks} blocks, {self.weights_per_block:,} quantisable weights per block",
+                 (f"  disk      BF16 intermediate about {format_size(self.float_bytes)} ({kept})" if self.intermediate
+                  else f"  disk      float model {format_size(self.float_bytes)} (read in place)"),
+                 f"            output at most {format_size(self.output_bytes)}{parts}"]
+        for d, n in self.needs.items():
+            lines.append(f"            peak need in {d}: {format_size(n)} (temporary files included); "
+                         f"free {format_size(self.free[d])}")
+        stages = ", ".join(f"{k} {_duration(v)}" for k, v in self.stage_seconds.items())
+        lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (2-core CPU, "
+                     f"bench/convert-real-shape.txt; cached stages are skipped): {stages}")
+        return "\n".join(lines)
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> dict[str, float]:
+    """The stage-rate table applied to this model and these settings (alphaq.convert.ConvertConfig)."""
+    scale = n_blocks * weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
+    rate = STAGE_SECONDS_PER_BLOCK
+    out = {"float model": rate["float model"] * scale} if source == "hf" else {}
+    if cfg.plan.noise != "damage":
+        out["spectral + quantise"] = rate["spectral + quantise"] * scale
+        return out
+    out["self text"] = rate["self text"] * scale
+    if cfg.imatrix is None:
+        out["importance"] = rate["importance"] * scale
+    damage = rate["damage"] * scale * cfg.damage.n_windows / REFERENCE_DAMAGE_WINDOWS
+    if cfg.damage.method == "direct":  # one measurement per candidate type instead of one per tensor
+        damage *= len(cfg.plan.types)
+    out["damage"] = damage
+    out["quantise"] = rate["quantise"] * scale
+    return out
+
+
+def _largest_bytes(name: str, shape: tuple[int, ...], types: list[GGMLQuantizationType]) -> int:
+    return max(tensor_bytes(effective_type(t, shape[-1]), shape) for t in types)
+
+
+def plan_types(cfg) -> list[GGMLQuantizationType]:
+    p = cfg.plan
+    return [resolve_type(t) for t in (*p.types, p.non_expert_type, p.token_embd_type, p.output_type)]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    float_bytes: int  # the float GGUF (HF input: an estimate of the converter's BF16 output)
+    output_bound: int  # the output at most, without the plan keys
+    items: int  # plan items (tensors; expert slices count one each)
+    tensors: int  # tensors of the output, at most
+
+
+def gguf_sizes(path: Path, cfg) -> Sizes:
+    """Sizes of a float GGUF (any part of a split one)."""
+    from alphaq.gguf_io import header_bytes, model_bytes, read_tensors
+
+    types = plan_types(cfg)
+    out, items = header_bytes(path), 0
+    records = read_tensors(path)
+    for t in records:
+        if llama_quantizes(t.name, t.shape):
+            out += _largest_bytes(t.name, t.shape, types)
+            items += t.shape[0] if len(t.shape) == 3 else 1
+        else:
+            out += t.n_bytes
+        out += cfg.plan.alignment
+    return Sizes(model_bytes(path), out, items, len(records))
+
+
+def hf_sizes(model, cfg) -> Sizes:
+    """Sizes of an HF checkpoint (alphaq.weights.ModelWeights: its matrices are the ones llama.cpp
+    quantises)."""
+    types = plan_types(cfg)
+    mats = model.matrices()
+    matrix_weights = sum(m.params for m in mats)
+    n_stored, stored_weights = _safetensors_weights(model.path)
+    other = max(0, stored_weights - matrix_weights)
+    header = sum(p.stat().st_size for p in model.path.glob("tokenizer*") if p.is_file()) + (1 << 20)
+    out = header + 4 * other + sum(_largest_bytes(m.tensor, (m.rows, m.cols), types) for m in mats)
+    n_tensors = n_stored + len({m.tensor for m in mats})  # every stored tensor, and the merged ones
+    return Sizes(header + 2 * matrix_weights + 4 * other, out + n_tensors * cfg.plan.alignment, len(mats), n_tensors)
+
+
+def _safetensors_weights(path: Path) -> tuple[int, int]:
+    """(tensors, weights) in the safetensors files of the checkpoint (from their headers)."""
+    index = path / "model.safetensors.index.json"
+    files = (sorted({path / s for s in json.loads(index.read_text())["weight_map"].values()})
+             if index.exists() else [path / "model.safetensors"])
+    tensors = weights = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        shapes = [v["shape"] for k, v in header.items() if k != "__metadata__"]
+        tensors += len(shapes)
+        weights += sum(math.prod(s) for s in shapes)
+    return tensors, weights
+
+
+def _filesystem_dirs(dirs: list[Path]) -> dict[int, Path]:
+    out: dict[int, Path] = {}
+    for d in dirs:
+        out.setdefault(os.stat(d).st_dev, d)
+    return out
+
+
+def preflight(cfg, model) -> Preflight:
+    """Disk and time for converting ``model`` (alphaq.weights.ModelWeights of cfg.model) with
+    ``cfg`` (alphaq.convert.ConvertConfig)."""
+    sizes = hf_sizes(model, cfg) if model.source == "hf" else gguf_sizes(model.path, cfg)
+    float_bytes = sizes.float_bytes
+    out = sizes.output_bound + PLAN_KEY_BYTES_PER_ITEM * sizes.items + (1 << 16)
+    if cfg.plan.budget_mode == "size" and cfg.like is None:
+        out = min(out, int(cfg.plan.budget))
+    out += SPLIT_PART_OVERHEAD * max_parts(cfg, sizes.tensors, out)
+    out_dir = cfg.output.parent
+    dirs = _filesystem_dirs([out_dir] + ([cfg.keep_bf16.parent] if cfg.keep_bf16 else []))
+    needs = {d: 0 for d in dirs.values()}
+    intermediate = model.source == "hf"
+    float_dir = dirs[os.stat(cfg.keep_bf16.parent if cfg.keep_bf16 else out_dir).st_dev] if intermediate else None
+    out_fs = dirs[os.stat(out_dir).st_dev]
+    float_stays = cfg.keep_bf16 is not None or cfg.plan.granularity == "expert"
+    if float_dir == out_fs:
+        needs[out_fs] = float_bytes + 2 * out if float_stays else max(float_bytes + out, 2 * out)
+    else:
+        needs[out_fs] = 2 * out
+        if float_dir is not None:
+            needs[float_dir] = float_bytes
+    blocks = [m for m in model.matrices() if m.block is not None]
+    per_block = sum(m.params for m in blocks) // max(1, model.n_blocks)
+    return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
+                     {d: shutil.disk_usage(d).free for d in needs},
+                     stage_seconds(cfg, model.source, model.n_blocks, per_block))
+
+
+def max_parts(cfg, n_tensors: int, out_bytes: int) -> int:
+    """At most this many parts when the output is split (1 when it is not)."""
+    if cfg.split_max_tensors:
+        return max(1, -(-n_tensors // cfg.split_max_tensors))
+    if cfg.split_max_size:
+        return max(1, min(n_tensors, 2 * -(-out_bytes // cfg.split_max_size) + 1))
+    return 1

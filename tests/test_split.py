@@ -1,0 +1,337 @@
+"""Split GGUFs in and out, --keep-bf16, --dry-run and the disk pre-flight.
+
+Split input is made by llama.cpp's own converter (--split-max-tensors); split output is checked
+against stock llama.cpp (it must load the parts and give the unsplit file's logits) and, byte for
+byte, against llama-gguf-split built from the vendored sources."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from alphaq import gguf_io
+from alphaq.cli import main as cli_main
+from alphaq.errors import AlphaQError
+from alphaq.gguf_split import SplitSpec, assign_parts, parse_split_size, split_gguf
+from conftest import FIXTURES
+
+MODEL = "qwen2moe"  # the smallest fixture
+HELDOUT = FIXTURES / "heldout" / "prose.txt"
+
+
+@pytest.fixture(scope="module")
+def split_bf16(tmp_path_factory) -> list[Path]:
+    """The fixture as a BF16 GGUF in 3 parts, written by llama.cpp's converter."""
+    from convert.hf_to_gguf import convert_hf
+
+    out = tmp_path_factory.mktemp("split-in") / "model.gguf"
+    first = convert_hf(FIXTURES / MODEL, out, extra=("--split-max-tensors", "16")).path
+    parts = sorted(out.parent.glob("model-*-of-*.gguf"))
+    assert first == parts[0] and [p.name for p in parts] == [f"model-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    return parts
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli_main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---- split input ----------------------------------------------------------------------------------
+
+
+def test_every_part_resolves_to_the_whole_model(split_bf16, float_ggufs):
+    from alphaq.files import fingerprint
+    from alphaq.plan import gguf_model_infos
+    from alphaq.weights import open_model
+
+    whole = float_ggufs[MODEL]
+    for part in split_bf16:
+        assert gguf_io.shard_paths(part) == split_bf16
+        assert gguf_io.read_tensors(part) == gguf_io.read_tensors(whole)
+        # the header of the one file llama_model_quantize writes from it: the unsplit file's
+        assert gguf_io.header_bytes(part) == gguf_io.header_bytes(whole)
+        assert gguf_model_infos(part) == gguf_model_infos(whole)
+        assert gguf_io.model_bytes(part) == sum(p.stat().st_size for p in split_bf16)
+        assert fingerprint(part) == fingerprint(split_bf16[0]) != fingerprint(whole)
+    with open_model(split_bf16[2]) as a, open_model(whole) as b:
+        ma, mb = a.matrices(), b.matrices()
+        assert [(m.tensor, m.expert) for m in ma] == [(m.tensor, m.expert) for m in mb]
+        for x, y in zip(ma, mb):
+            np.testing.assert_array_equal(x.load(), y.load(), err_msg=x.label)
+
+
+def test_convert_from_any_part_equals_the_unsplit_input(split_bf16, float_ggufs, tmp_path, capsys):
+    ref = tmp_path / "whole.gguf"
+    assert _run(capsys, "convert", float_ggufs[MODEL], "--fast", "-o", ref, "--no-progress")[0] == 0
+    for part in (split_bf16[0], split_bf16[1]):
+        out = tmp_path / f"from-{part.name}"
+        code, text, err = _run(capsys, "convert", part, "--fast", "-o", out, "--no-progress")
+        assert code == 0, err
+        assert out.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.slow
+def test_default_mode_from_a_split_input_equals_the_unsplit_input(split_bf16, float_ggufs, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    outs = []
+    for model in (float_ggufs[MODEL], split_bf16[1]):
+        outs.append(tmp_path / f"{len(outs)}.gguf")
+        code, _, err = _run(capsys, "convert", model, "-o", outs[-1], "--no-progress", "--self-samples", "4",
+                            "--self-ctx", "64", "--damage-windows", "2", "--budget", "3")
+        assert code == 0, err
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_analyze_plan_and_eval_read_a_split_model(split_bf16, float_ggufs, tmp_path, capsys):
+    whole, part = float_ggufs[MODEL], split_bf16[2]
+    for name, model in (("whole", whole), ("split", part)):
+        assert _run(capsys, "analyze", model, "--csv", tmp_path / f"{name}.csv", "--no-progress")[0] == 0
+        assert _run(capsys, "plan", model, "--budget", "3", "--json", tmp_path / f"{name}.json",
+                    "--tensor-type-file", tmp_path / f"{name}.tt")[0] == 0
+    assert (tmp_path / "whole.csv").read_text() == (tmp_path / "split.csv").read_text()
+    assert (tmp_path / "whole.tt").read_text() == (tmp_path / "split.tt").read_text()
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("whole", "split"))
+    assert a["items"] == b["items"] and a["totals"] == b["totals"]
+    reports = []
+    for ref in (whole, split_bf16[1]):
+        js = tmp_path / f"eval-{ref.name}.json"
+        code, _, err = _run(capsys, "eval", whole, "--ref", ref, "--text", HELDOUT, "--max-windows", "1",
+                            "--n-ctx", "64", "--json", js, "--no-progress")
+        assert code == 0, err
+        reports.append(json.loads(js.read_text()))
+    strip = [{k: v for k, v in r.items() if k not in ("ref", "model")} for r in reports]
+    assert strip[0] == strip[1]
+    assert json.dumps(strip[0]).count('"kl": 0.0') >= 1  # the model against itself
+
+
+@pytest.fixture
+def missing_part(split_bf16, tmp_path) -> tuple[Path, Path]:
+    """A copy of the split model without its last part: (a part to give, the missing file)."""
+    for p in split_bf16[:2]:
+        shutil.copy(p, tmp_path / p.name)
+    return tmp_path / split_bf16[1].name, tmp_path / split_bf16[2].name
+
+
+@pytest.mark.parametrize("command", ["convert", "analyze", "plan", "eval"])
+def test_a_missing_part_is_one_line_naming_it(command, missing_part, tmp_path, capsys):
+    given, missing = missing_part
+    out = tmp_path / "out"
+    argv = {"convert": ["convert", given, "--fast", "-o", out.with_suffix(".gguf"), "--no-progress"],
+            "analyze": ["analyze", given, "--csv", out.with_suffix(".csv"), "--no-progress"],
+            "plan": ["plan", given, "--budget", "3", "--json", out.with_suffix(".json")],
+            "eval": ["eval", given, "--text", HELDOUT, "--json", out.with_suffix(".json")]}[command]
+    before = sorted(tmp_path.iterdir())
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and "missing" in lines[0], err
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_a_renamed_part_cannot_find_the_others(split_bf16, tmp_path):
+    odd = tmp_path / "renamed.gguf"
+    shutil.copy(split_bf16[1], odd)
+    with pytest.raises(AlphaQError, match="-00002-of-00003.gguf"):
+        gguf_io.shard_paths(odd)
+
+
+# ---- split output ---------------------------------------------------------------------------------
+
+
+def test_parse_split_size_is_gguf_splits_syntax():
+    assert parse_split_size("500M") == 500_000_000
+    assert parse_split_size("2G") == 2_000_000_000
+    for bad in ("500", "500K", "1.5G", "0M", "-1G", "G", ""):
+        with pytest.raises(AlphaQError):
+            parse_split_size(bad)
+
+
+def test_assign_parts_follows_gguf_split():
+    assert assign_parts([10] * 5, SplitSpec(max_tensors=2)) == [[0, 1], [2, 3], [4]]
+    # sizes count padded to 32 bytes; a part closes before the tensor that would overflow it
+    assert assign_parts([40, 20, 100, 10], SplitSpec(max_bytes=96)) == [[0, 1], [2], [3]]
+    with pytest.raises(AlphaQError, match="0 tensors"):
+        assign_parts([200, 10], SplitSpec(max_bytes=96))
+
+
+@pytest.fixture(scope="module")
+def split_output(split_bf16, tmp_path_factory):
+    """(unsplit output, parts, stdout) of one fast conversion, split by tensors count."""
+    d = tmp_path_factory.mktemp("split-out")
+    assert cli_main(["convert", str(split_bf16[0]), "--fast", "-o", str(d / "whole.gguf"), "--no-progress"]) == 0
+    assert cli_main(["convert", str(split_bf16[0]), "--fast", "-o", str(d / "out.gguf"), "--no-progress",
+                     "--split-max-tensors", "10"]) == 0
+    return d / "whole.gguf", sorted(d.glob("out-*-of-*.gguf"))
+
+
+def test_split_output_loads_in_stock_llama_cpp_with_the_same_logits(split_output):
+    import llama_cpp
+
+    whole, parts = split_output
+    assert [p.name for p in parts] == [f"out-0000{i}-of-00004.gguf" for i in (1, 2, 3, 4)]
+    tokens = [1, 5, 17, 200, 33, 7, 90, 3]
+    logits = []
+    for path in (whole, parts[0]):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, logits_all=True, verbose=False)
+        llm.eval(tokens)
+        logits.append(np.array(llm.scores[: len(tokens)]))
+        del llm
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_split_output_keys_sizes_and_side_files(split_output, capsys):
+    whole, parts = split_output
+    for i, p in enumerate(parts):
+        r = gguf.GGUFReader(p)
+        assert r.fields["split.no"].contents() == i and r.fields["split.count"].contents() == len(parts)
+        assert r.fields["split.tensors.count"].contents() == len(gguf_io.read_tensors(whole))
+        assert ("alphaq.plan" in r.fields) == (i == 0)  # every other key in the first part only
+    assert [t.name for t in gguf_io.read_tensors(parts[2])] == [t.name for t in gguf_io.read_tensors(whole)]
+    plan = json.loads(whole.with_name("out.plan.json").read_text())
+    assert plan["output"]["files"] == [{"file": p.name, "bytes": p.stat().st_size} for p in parts]
+    assert plan["output"]["file_bytes"] == sum(p.stat().st_size for p in parts)
+    tt = whole.with_name("out.tensor-types.txt").read_text()
+    assert tt == whole.with_name("whole.tensor-types.txt").read_text()
+    assert not whole.with_name("out.gguf").exists()
+
+
+def test_split_output_summary_and_force(split_bf16, tmp_path, capsys):
+    out = tmp_path / "o.gguf"
+    code, text, err = _run(capsys, "convert", split_bf16[0], "--fast", "-o", out, "--no-progress",
+                           "--split-max-size", "1M")
+    assert code == 0, err
+    parts = sorted(tmp_path.glob("o-*-of-*.gguf"))
+    assert len(parts) == 2
+    assert f"wrote {parts[0]}" in text and "in 2 parts" in text
+    assert all(p.name in text for p in parts)
+    for p in parts:  # gguf-split's limit counts the part's tensor data only
+        assert sum(-(-t.n_bytes // 32) * 32 for t in gguf_io.file_header(p).records) <= 1_000_000
+    code, _, err = _run(capsys, "convert", split_bf16[0], "--fast", "-o", out, "--no-progress", "--split-max-size", "1M")
+    assert code == 2 and "--force" in err and str(parts[0]) in err
+    code, _, err = _run(capsys, "convert", split_bf16[0], "--fast", "-o", out, "--no-progress", "--force",
+                        "--split-max-tensors", "40")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("o-*.gguf")) == ["o-00001-of-00001.gguf"]  # older parts replaced
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [("--split-max-tensors", "7"), ("--split-max-size", "1M")])
+def test_split_is_byte_identical_to_llama_gguf_split(how, split_output, tmp_path):
+    from convert.tools import llama_gguf_split
+
+    whole, _ = split_output
+    res = subprocess.run([str(llama_gguf_split()), "--split", *how, str(whole), str(tmp_path / "tool")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    spec = SplitSpec(max_tensors=int(how[1])) if how[0] == "--split-max-tensors" else \
+        SplitSpec(max_bytes=parse_split_size(how[1]))
+    ours = split_gguf(whole, tmp_path / "ours", spec)
+    theirs = sorted(tmp_path.glob("tool-*-of-*.gguf"))
+    assert [p.name.removeprefix("ours") for p in ours] == [p.name.removeprefix("tool") for p in theirs]
+    assert len(ours) > 1
+    for a, b in zip(ours, theirs):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+# ---- --keep-bf16, --dry-run, disk pre-flight ------------------------------------------------------
+
+
+def test_keep_bf16_keeps_the_float_model(float_ggufs, tmp_path, capsys):
+    out, kept = tmp_path / "o.gguf", tmp_path / "kept" / "model-bf16.gguf"
+    kept.parent.mkdir()
+    code, text, err = _run(capsys, "convert", FIXTURES / MODEL, "--fast", "-o", out, "--keep-bf16", kept,
+                           "--no-progress")
+    assert code == 0, err
+    assert kept.read_bytes() == float_ggufs[MODEL].read_bytes()  # llama.cpp's converter output, as is
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["model-bf16.gguf"]
+    assert f"bf16        {kept}" in text
+    code, _, err = _run(capsys, "convert", FIXTURES / MODEL, "--fast", "-o", tmp_path / "p.gguf", "--keep-bf16", kept,
+                        "--no-progress")
+    assert code == 2 and "--force" in err and not (tmp_path / "p.gguf").exists()
+    code, _, err = _run(capsys, "convert", float_ggufs[MODEL], "--fast", "-o", tmp_path / "q.gguf", "--keep-bf16",
+                        tmp_path / "x.gguf", "--no-progress")
+    assert code == 2 and "already a GGUF" in err
+
+
+def test_without_keep_bf16_the_intermediate_is_gone_before_the_output_is_rewritten(tmp_path, capsys, monkeypatch):
+    from alphaq import convert
+
+    seen = []
+    real = convert.copy_with_metadata
+
+    def spy(src, dst, meta):
+        seen.append(sorted(p.name for p in src.parent.iterdir()))
+        return real(src, dst, meta)
+
+    monkeypatch.setattr(convert, "copy_with_metadata", spy)
+    code, _, err = _run(capsys, "convert", FIXTURES / MODEL, "--fast", "-o", tmp_path / "o.gguf", "--no-progress")
+    assert code == 0, err
+    assert seen == [["quantised.gguf"]]  # the BF16 intermediate was deleted once the quantiser had read it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.gguf", "o.plan.json", "o.tensor-types.txt"]
+
+
+def test_dry_run_prints_disk_and_plan_and_writes_nothing(tmp_path, capsys):
+    code, text, err = _run(capsys, "convert", FIXTURES / MODEL, "--fast", "-o", tmp_path / "o.gguf", "--dry-run",
+                           "--no-progress", "--split-max-tensors", "10")
+    assert code == 0, err
+    assert list(tmp_path.iterdir()) == []
+    pre = text[: text.index("dry run:")]
+    for needle in ("BF16 intermediate about", "output at most", f"peak need in {tmp_path}", "free", "time      about"):
+        assert needle in pre, needle
+    assert "dry run: nothing written" in text and "types       " in text and "not written (--dry-run)" in text
+
+
+def test_preflight_bounds_hold(float_ggufs, tmp_path):
+    from alphaq.convert import ConvertConfig, run_convert
+    from alphaq.plan import MODES, PlanConfig
+
+    for name, plan in (("bits", dict(budget=4.0)), ("size", dict(budget_mode="size", budget=3e6))):
+        cfg = ConvertConfig(model=FIXTURES / MODEL, output=tmp_path / f"{name}.gguf", progress=False,
+                            compare_stock=False, plan=PlanConfig(**{**MODES["fast"], **plan}))
+        r = run_convert(cfg)
+        assert r.file_bytes <= r.preflight.output_bytes
+        assert r.preflight.float_bytes >= gguf_io.model_bytes(float_ggufs[MODEL])  # an overestimate, here
+        (d,) = r.preflight.needs
+        assert r.preflight.needs[d] == max(r.preflight.float_bytes + r.preflight.output_bytes,
+                                           2 * r.preflight.output_bytes)
+
+
+def test_not_enough_disk_stops_before_converting(tmp_path, capsys, monkeypatch):
+    import alphaq.preflight as pf
+    import convert.hf_to_gguf as h2g
+
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda d: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+
+    def no_convert(*a, **k):
+        raise AssertionError("the converter must not start")
+
+    monkeypatch.setattr(h2g, "start_convert_hf", no_convert)
+    monkeypatch.setattr(h2g, "convert_hf", no_convert)
+    code, text, err = _run(capsys, "convert", FIXTURES / MODEL, "--fast", "-o", tmp_path / "o.gguf", "--no-progress")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "not enough disk space" in err and str(tmp_path) in err
+    assert list(tmp_path.iterdir()) == []
+    assert "peak need" in text  # the pre-flight was printed first
+
+
+def test_time_estimate_scales_the_benchmark_table():
+    from alphaq.convert import ConvertConfig
+    from alphaq.preflight import REFERENCE_WEIGHTS_PER_BLOCK, STAGE_SECONDS_PER_BLOCK, stage_seconds
+
+    from alphaq.plan import MODES, PlanConfig
+
+    cfg = ConvertConfig(model=Path("m"), output=Path("o.gguf"), plan=PlanConfig(**MODES["damage"]))
+    got = stage_seconds(cfg, "hf", 4, REFERENCE_WEIGHTS_PER_BLOCK)
+    assert got == pytest.approx({k: 4 * STAGE_SECONDS_PER_BLOCK[k] for k in
+                                 ("float model", "self text", "importance", "damage", "quantise")})
+    assert sum(got.values()) == pytest.approx(32.6 + 74.4 + 43.8 + 1606.3 + 531.7)
+    half = stage_seconds(cfg, "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)
+    assert "float model" not in half and half["damage"] == pytest.approx(1606.3)
