@@ -15,7 +15,7 @@ STAMP=.venv/.alphaq-setup
 
 need_apt=()
 dpkg -s python3.11-doc >/dev/null 2>&1 || need_apt+=(python3.11-doc)
-# cmake builds llama.cpp's llama-quantize for the tests (convert/tools.py)
+# cmake builds llama.cpp's llama-quantize and llama-gguf-split for the tests (convert/tools.py)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then

@@ -187,7 +187,11 @@ def test_side_files_and_metadata(float_ggufs, cache_dir, tmp_path):
     for key in ("alphaq.version", "alphaq.budget", "alphaq.budget_mode", "alphaq.gamma", "alphaq.types",
                 "alphaq.granularity", "alphaq.plan", "general.file_type"):
         assert reader.get_field(key) is not None, key
-    assert json.loads(r.plan_json.read_text()) == load_plan_from_gguf(out)
+    side = json.loads(r.plan_json.read_text())
+    # the side file adds what was written (all parts of a split output) to the embedded plan
+    assert side.pop("output") == {"files": [{"file": "m.gguf", "bytes": out.stat().st_size}],
+                                  "file_bytes": out.stat().st_size}
+    assert side == load_plan_from_gguf(out)
 
 
 # ----------------------------------------------------------------------------------------------

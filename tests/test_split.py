@@ -51,7 +51,11 @@ def test_every_part_resolves_to_the_whole_model(split_bf16, float_ggufs):
     from alphaq.plan import gguf_model_infos
     from alphaq.weights import open_model
 
+    from alphaq.plan import gguf_output_header_bytes, gguf_tensor_infos
+
     whole = float_ggufs[MODEL]
+    reader = gguf.GGUFReader(whole)  # the reader-based functions gguf_model_infos replaces
+    assert gguf_model_infos(whole) == (gguf_tensor_infos(reader), gguf_output_header_bytes(reader))
     for part in split_bf16:
         assert gguf_io.shard_paths(part) == split_bf16
         assert gguf_io.read_tensors(part) == gguf_io.read_tensors(whole)
