@@ -44,7 +44,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     Budget: one of ``budget`` (nominal bits), ``bpw``, ``target_size`` (bytes or "12GiB") or
     ``like`` (a llama.cpp mix name); default 3 nominal bits. ``mode``: "damage" (default),
     "fast" or "paper" (alphaq.plan.MODES). Other keyword options are PlanConfig fields (types,
-    gamma, granularity, ...) or ConvertConfig fields (imatrix, nthread, use_cache, ...).
+    gamma, granularity, ...) or ConvertConfig fields (imatrix, nthread, use_cache, split_max_size
+    (bytes, or "2G" as llama-gguf-split), split_max_tensors, keep_bf16, dry_run, ...).
     Returns alphaq.convert.ConvertResult."""
     from alphaq.convert import ConvertConfig, run_convert
 
@@ -56,8 +57,13 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     if unknown:
         raise AlphaQError(f"unknown option(s) {', '.join(unknown)}; see alphaq.plan.PlanConfig and "
                           "alphaq.convert.ConvertConfig")
-    if "imatrix" in options and options["imatrix"] is not None:
-        options["imatrix"] = Path(options["imatrix"])
+    for key in ("imatrix", "keep_bf16"):
+        if options.get(key) is not None:
+            options[key] = Path(options[key])
+    if isinstance(options.get("split_max_size"), str):  # llama-gguf-split's syntax, e.g. "2G"
+        from alphaq.gguf_split import parse_split_size
+
+        options["split_max_size"] = parse_split_size(options["split_max_size"])
     cfg = ConvertConfig(model=Path(model), output=Path(output), plan=plan, progress=progress, force=force,
                         like=like, **options)
     return run_convert(cfg)

@@ -430,7 +430,7 @@ def _split_output(cfg: ConvertConfig, tmp_dir: Path) -> list[Path]:
     if sorted(whole) != sorted((t.name, t.type, t.n_bytes) for t in read_tensors(parts[0])):
         raise RuntimeError("the output's parts do not hold exactly the tensors of the whole file")
     final.unlink()
-    if cfg.plan.budget_mode == "size" and cfg.like is None and sum(p.stat().st_size for p in parts) > cfg.plan.budget:
+    if cfg.plan.budget_mode == "size" and sum(p.stat().st_size for p in parts) > cfg.plan.budget:
         raise RuntimeError("the output's parts exceed --target-size (the split overhead bound is wrong)")
     return parts
 

@@ -98,6 +98,10 @@ def gguf_arch(path: Path) -> tuple[MODEL_ARCH, gguf.GGUFReader]:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as exc:
         raise AlphaQError(f"{path} is not a readable GGUF file: {exc}") from exc
+    if reader.get_field(gguf.Keys.Split.LLM_KV_SPLIT_COUNT) is not None and \
+            int(reader.get_field(gguf.Keys.Split.LLM_KV_SPLIT_COUNT).contents()) > 1:
+        raise AlphaQError(f"{path} is part of a split GGUF; the torch runtime reads single files "
+                          "(merge the parts with llama-gguf-split --merge, or run it with llama.cpp)")
     name = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name), None)
     if arch not in SUPPORTED_ARCHS:

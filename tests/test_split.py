@@ -207,6 +207,17 @@ def test_split_output_keys_sizes_and_side_files(split_output, capsys):
     assert not whole.with_name("out.gguf").exists()
 
 
+def test_split_from_python_and_the_default_name(split_bf16, tmp_path, monkeypatch, capsys):
+    import alphaq
+
+    r = alphaq.convert(split_bf16[2], tmp_path / "py.gguf", mode="fast", split_max_size="1M")
+    assert r.output == tmp_path / "py-00001-of-00002.gguf" and r.parts == (r.output, tmp_path / "py-00002-of-00002.gguf")
+    assert r.file_bytes == sum(p.stat().st_size for p in r.parts)
+    monkeypatch.chdir(tmp_path)
+    assert _run(capsys, "convert", split_bf16[1], "--fast", "--no-progress")[0] == 0
+    assert (tmp_path / "model-alphaq-b3.gguf").is_file()  # named after the model, not after the part
+
+
 def test_split_output_summary_and_force(split_bf16, tmp_path, capsys):
     out = tmp_path / "o.gguf"
     code, text, err = _run(capsys, "convert", split_bf16[0], "--fast", "-o", out, "--no-progress",

@@ -13,6 +13,7 @@ itself (no calibration data) and saves the importance matrix beside the output; 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from alphaq.commands import plan as _plan_cmd
@@ -75,7 +76,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_output(model: Path, args: argparse.Namespace) -> Path:
-    stem = model.name[:-5] if model.name.endswith(".gguf") else model.name
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", model.name[:-5]) if model.name.endswith(".gguf") else model.name
     if args.like is not None:
         tag = args.like.upper()
     elif args.bpw is not None:
