@@ -48,7 +48,9 @@ class ImatrixResult:
 
 
 def _arch_of(gguf_path: Path) -> tuple[gguf.MODEL_ARCH, int]:
-    reader = gguf.GGUFReader(gguf_path)
+    from alphaq.gguf_io import first_shard
+
+    reader = gguf.GGUFReader(first_shard(gguf_path))  # the model's keys are in the first part
     arch_name = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
     if arch is None:
@@ -92,7 +94,9 @@ def compute_imatrix(hf_dir: Path, gguf_path: Path, text: str | None, cfg: Imatri
 
     arch, n_blocks = _arch_of(gguf_path)
     tmap = gguf.get_tensor_name_map(arch, n_blocks)
-    gguf_shapes = {t.name: [int(x) for x in t.shape] for t in gguf.GGUFReader(gguf_path).tensors}
+    from alphaq.gguf_io import read_tensors
+
+    gguf_shapes = {t.name: list(reversed(t.shape)) for t in read_tensors(gguf_path)}  # ggml order; every part
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()
