@@ -206,7 +206,8 @@ def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, toke
     if cfg.plan.budget_mode != "size":
         return plan
     extra = metadata_bytes(alphaq_metadata(plan, cfg, tokenizer_fallback))
-    extra += SPLIT_PART_OVERHEAD * (max_parts(cfg, len(tensors), int(cfg.plan.budget)) - 1)  # split output: every part's own header
+    # a split output: every further part has its own header
+    extra += SPLIT_PART_OVERHEAD * (max_parts(cfg, len(tensors), int(cfg.plan.budget)) - 1)
     return make_plan(stats, tensors, cfg.plan, noise_table=noise_table, damage=damage,
                      fixed_bytes=padded(base_header + _QUANT_KV_MARGIN + extra + 4096, cfg.plan.alignment))
 
@@ -331,8 +332,8 @@ def run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None = Non
         if cfg.dry_run:
             return _planned_result(cfg, tensors, facts)
         t0 = time.perf_counter()
-        written = _write(cfg, plan, float_gguf, tensors, tmp_dir, tokenizer_fallback,
-                         calib.imatrix if calib else None, done_with_float=lambda: _release_float(cfg, float_gguf, tmp_dir))
+        written = _write(cfg, plan, float_gguf, tensors, tmp_dir, tokenizer_fallback, calib.imatrix if calib else None,
+                         done_with_float=lambda: _release_float(cfg, float_gguf, tmp_dir))
         parts = _split_output(cfg, tmp_dir)
         seconds["quantise"] = time.perf_counter() - t0
         published = _publish(cfg, plan, tmp_dir, calib, parts)

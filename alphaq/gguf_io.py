@@ -188,9 +188,9 @@ def shard_paths(path: Path) -> list[Path]:
     no = h.split_no or 0
     prefix = split_prefix(path, no, h.split_count)
     if prefix is None:
-        raise AlphaQError(f"{path} is part {no + 1} of a split GGUF of {h.split_count} (split.no, split.count), but its "
-                          f"name does not end in {SPLIT_SUFFIX.format(no + 1, h.split_count)}, so the other parts "
-                          "cannot be found (llama.cpp's naming)")
+        raise AlphaQError(f"{path} is part {no + 1} of a split GGUF of {h.split_count} (split.no, split.count), "
+                          f"but its name does not end in {SPLIT_SUFFIX.format(no + 1, h.split_count)}, so the "
+                          "other parts cannot be found (llama.cpp's naming)")
     parts = [split_path(prefix, i, h.split_count) for i in range(h.split_count)]
     for i, part in enumerate(parts):
         if not part.is_file():

@@ -38,7 +38,8 @@ from alphaq.qtypes import effective_type, llama_quantizes, resolve_type, tensor_
 # CPU, --like Q3_K_M --no-cache). A model's estimate scales them by its quantisable weights per
 # block over REFERENCE_WEIGHTS_PER_BLOCK. Update the table when a stage changes speed (the damage
 # stage is being made cheaper).
-REFERENCE_WEIGHTS_PER_BLOCK = 622_854_144  # experts 3 x 128 x 2048 x 768 + attn q, o 2 x 4096 x 2048 + k, v 2 x 512 x 2048
+# experts 3 x 128 x 2048 x 768 + attention q, o 2 x 4096 x 2048 + k, v 2 x 512 x 2048
+REFERENCE_WEIGHTS_PER_BLOCK = 622_854_144
 STAGE_SECONDS_PER_BLOCK = {
     "float model": 32.6 / 4,  # llama.cpp's converter to BF16 (HF input only)
     "self text": 74.4 / 4,  # 16 sequences of 256 tokens sampled from the model
