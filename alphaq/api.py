@@ -38,13 +38,15 @@ def _plan_config(mode: str, budget, bpw, target_size, options: dict):
 
 def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: float | None = None,
             bpw: float | None = None, target_size: int | str | None = None, like: str | None = None,
-            mode: str = "damage", progress: bool = False, force: bool = False, **options):
+            mode: str = "damage", plots: str | os.PathLike | None = None, progress: bool = False,
+            force: bool = False, **options):
     """Convert ``model`` (HF checkpoint directory or F32/F16/BF16 GGUF) into ``output``.
 
     Budget: one of ``budget`` (nominal bits), ``bpw``, ``target_size`` (bytes or "12GiB") or
     ``like`` (a llama.cpp mix name); default 3 nominal bits. ``mode``: "damage" (default),
     "fast" or "paper" (alphaq.plan.MODES). Other keyword options are PlanConfig fields (types,
     gamma, granularity, ...) or ConvertConfig fields (imatrix, nthread, use_cache, ...).
+    ``plots="DIR"`` also writes the figures of ``alphaq convert --plots`` there.
     Returns alphaq.convert.ConvertResult."""
     from alphaq.convert import ConvertConfig, run_convert
 
@@ -59,7 +61,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     if "imatrix" in options and options["imatrix"] is not None:
         options["imatrix"] = Path(options["imatrix"])
     cfg = ConvertConfig(model=Path(model), output=Path(output), plan=plan, progress=progress, force=force,
-                        like=like, **options)
+                        like=like, plots=None if plots is None else Path(plots), **options)
     return run_convert(cfg)
 
 

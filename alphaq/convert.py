@@ -64,6 +64,7 @@ class ConvertConfig:
     damage: DamageConfig = field(default_factory=DamageConfig)
     imatrix: Path | None = None  # a llama.cpp importance file to use instead of the self-made one
     like: str | None = None  # budget = the file size of this llama.cpp mix for this model
+    plots: Path | None = None  # write the figures of where the bits went here (alphaq.plots)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class ConvertResult:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
     like: tuple[str, int] | None = None  # (mix, its size) when the budget was given by name
     float_bytes: int = 0  # size of the float GGUF the stages read
+    plots: tuple[Path, ...] = ()  # the figures written (convert --plots)
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -107,6 +109,53 @@ def check_output(output: Path, force: bool, granularity: str, with_imatrix: bool
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
         raise AlphaQError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+
+
+def check_plots_dir(plots: Path | None, force: bool) -> None:
+    """--plots DIR: a directory (or creatable as one) holding none of the figures' names, unless
+    ``force``. The alpha heatmaps' names depend on the model, so any ``heatmap_*.png`` counts."""
+    if plots is None:
+        return
+    from alphaq.plots import CONVERT_PLOT_NAMES
+
+    existing_ancestor = next(p for p in (plots, *plots.absolute().parents) if p.exists())
+    if not existing_ancestor.is_dir():
+        raise AlphaQError(f"--plots {plots}: {existing_ancestor} is not a directory")
+    if plots.is_dir() and not force:
+        existing = sorted(str(p) for pattern in CONVERT_PLOT_NAMES for p in plots.glob(pattern))
+        if existing:
+            raise AlphaQError(f"{', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''} already exist(s); "
+                              "pass --force to overwrite")
+
+
+class StagedPlots:
+    """--plots DIR: the figures rendered into a hidden directory inside DIR (created, with any
+    missing parents), renamed into DIR beside the other outputs by _publish. If the run fails,
+    nothing is left behind, not even a DIR that this run created."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.created = [p for p in (*reversed(out_dir.absolute().parents), out_dir.absolute()) if not p.exists()]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.stage = Path(tempfile.mkdtemp(prefix=".alphaq-plots-", dir=out_dir))
+        self.files: list[Path] = []
+
+    def render(self, plan: Plan, stats) -> None:
+        from alphaq.plots import write_convert_plots
+
+        self.files = write_convert_plots(plan, stats, self.stage)
+
+    def moves(self) -> list[tuple[Path, Path]]:
+        return [(p, self.out_dir / p.name) for p in self.files]
+
+    def close(self, published: bool) -> None:
+        for p in self.stage.glob("*"):
+            p.unlink()
+        self.stage.rmdir()
+        if not published:
+            for d in reversed(self.created):
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
 
 
 def check_float_gguf(path: Path) -> None:
@@ -272,6 +321,7 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path, wanted):
 def run_convert(cfg: ConvertConfig) -> ConvertResult:
     damage_mode = cfg.plan.noise == "damage"
     check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=damage_mode)
+    check_plots_dir(cfg.plots, cfg.force)
     if cfg.like is not None:
         mix_ftype(cfg.like)  # an unknown mix name fails before any work
     user_imatrix = None
@@ -285,6 +335,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     wanted = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
     seconds: dict[str, float] = {}
     tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=cfg.output.parent))
+    plots, published = None, False
     try:
         t0 = time.perf_counter()
         float_gguf, tokenizer_fallback, stats = _float_model(cfg, source, tmp_dir, wanted)
@@ -306,11 +357,19 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
                          calib.imatrix if calib else None)
         seconds["quantise"] = time.perf_counter() - t0
         stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
-        _publish(cfg, plan, tmp_dir, calib)
+        if cfg.plots is not None:
+            t0 = time.perf_counter()
+            plots = StagedPlots(cfg.plots)
+            plots.render(plan, stats)
+            seconds["plots"] = time.perf_counter() - t0
+        _publish(cfg, plan, tmp_dir, calib, plots.moves() if plots else [])
+        published = True
     finally:
         for p in sorted(tmp_dir.glob("*")):
             p.unlink()
         tmp_dir.rmdir()
+        if plots is not None:
+            plots.close(published)
     types, layouts = written
     counts = Counter(t.name for t in types.values())
     counts.update(t.name for lay in layouts.values() for t in lay.types)  # one tensor per group
@@ -322,7 +381,8 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         tokenizer_fallback=tokenizer_fallback, stock_sizes=stock,
         runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, n_grouped=len(layouts),
         imatrix_file=imatrix_path(cfg.output) if calib else None,
-        imatrix_source=calib.imatrix_source if calib else None, seconds=seconds, like=like, float_bytes=float_bytes)
+        imatrix_source=calib.imatrix_source if calib else None, seconds=seconds, like=like, float_bytes=float_bytes,
+        plots=tuple(dst for _, dst in plots.moves()) if plots else ())
 
 
 def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):
@@ -369,9 +429,9 @@ def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: P
     return types, layouts
 
 
-def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib) -> None:
-    """Side files first, the model last (its presence means the run completed); nothing that
-    appeared meanwhile is replaced without --force."""
+def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib, plot_moves: list[tuple[Path, Path]]) -> None:
+    """Side files (and the figures) first, the model last (its presence means the run completed);
+    nothing that appeared meanwhile is replaced without --force."""
     plan_json, tt_file = side_paths(cfg.output)
     staged = [(tmp_dir / "plan.json", plan_json)]
     staged[0][0].write_text(plan.to_json())
@@ -384,7 +444,10 @@ def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib) -> None:
         write_imatrix(tmp_dir / "imatrix.gguf", calib.imatrix)
         staged.append((tmp_dir / "imatrix.gguf", imatrix_path(cfg.output)))
     check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=calib is not None)
-    for src, dst in staged:
+    existing = [str(dst) for _, dst in plot_moves if dst.exists()]
+    if existing and not cfg.force:
+        raise AlphaQError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+    for src, dst in staged + plot_moves:
         os.replace(src, dst)
     os.replace(tmp_dir / "final.gguf", cfg.output)
 

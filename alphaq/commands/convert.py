@@ -61,7 +61,11 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the caches (alpha, own text, damage)")
     p.add_argument("--cache-dir", type=Path, help="alpha cache (default ~/.cache/alphaq/spectral)")
     p.add_argument("--no-stock-compare", action="store_true", help="skip the stock-mix size comparison")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="also write PNG figures of where the bits went into DIR (created): the type of every tensor "
+                        "(and expert) block by block, bytes per type, and the damage (default mode) or alpha "
+                        "(--fast/--paper) the allocation read")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs (figures included)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -99,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, like=args.like, imatrix=args.imatrix,
         selftext=SelfTextConfig(n_seq=args.self_samples, n_ctx=args.self_ctx, seed=args.seed),
         damage=DamageConfig(method=args.damage, n_windows=min(args.damage_windows, args.self_samples)),
+        plots=args.plots,
     )
     if args.imatrix is not None and cfg.plan.noise != "damage":
         raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
@@ -144,4 +149,6 @@ def summary(r) -> str:
     lines.append(f"  runtime     {r.runtime}" + (f" ({r.n_grouped} expert tensor(s) stored as type groups)"
                                                     if r.n_grouped else ""))
     lines.append(f"  plan        {r.plan_json}" + (f", {r.tensor_type_file}" if r.tensor_type_file else ""))
+    if r.plots:
+        lines.append(f"  plots       {r.plots[0].parent}/: " + ", ".join(p.name for p in r.plots))
     return "\n".join(lines)
