@@ -47,8 +47,11 @@ def start_convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16") 
 class RunningConversion:
     def __init__(self, model_dir: Path, out_path: Path, outtype: str):
         vendor = ensure_vendor()
-        cmd = [sys.executable, "-m", "convert.run_upstream", str(vendor), str(model_dir),
-               "--outtype", outtype, "--outfile", str(out_path)]
+        cmd = [sys.executable, "-m", "convert.run_upstream", str(vendor.absolute()), str(Path(model_dir).absolute()),
+               "--outtype", outtype, "--outfile", str(Path(out_path).absolute())]
+        # run from the directory holding this `convert` package (the checkout, or site-packages
+        # when installed), so that `-m` finds this package and never another `convert` in the
+        # caller's directory; hence the absolute paths above
         root = Path(__file__).resolve().parents[1]
         self.model_dir, self.out_path = model_dir, out_path
         self._errlog = tempfile.TemporaryFile(mode="w+")
