@@ -145,6 +145,8 @@ def test_existing_plots_need_force_and_a_failed_run_leaves_nothing(float_ggufs, 
     err = capsys.readouterr().err.strip().splitlines()
     assert "--force" in err[-1] and str(plots / TYPES_PNG) in err[-1]
     assert (plots / TYPES_PNG).read_bytes() == b"keep me" and sorted(tmp_path.iterdir()) == [plots]
+    assert cli_main(argv(plots / TYPES_PNG / "sub")) == 2
+    assert "is not a directory" in capsys.readouterr().err and sorted(tmp_path.iterdir()) == [plots]
 
     import alphaq.plots
 
