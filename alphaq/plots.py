@@ -171,7 +171,9 @@ def _grid(entries: list[tuple[int | None, str, object]], fill, dtype) -> Grid:
 
 
 def _tensor_order(plan) -> list[str]:
-    return list(plan.tensor_order) or list(dict.fromkeys([it.tensor for it in plan.items] + [f.tensor for f in plan.fixed]))
+    if plan.tensor_order:
+        return list(plan.tensor_order)
+    return list(dict.fromkeys([it.tensor for it in plan.items] + [f.tensor for f in plan.fixed]))
 
 
 def tensor_written_types(plan) -> dict[str, set[str]]:
@@ -250,6 +252,7 @@ def damage_map(plan, reference: str) -> Grid:
 
 
 def expert_damage_maps(plan, reference: str) -> dict[str, Grid]:
+    """Expert granularity: per merged expert tensor kind, every expert's damage at ``reference``."""
     return _expert_grids(plan, lambda it: it.costs[reference] if it.expert is not None else np.nan, np.nan, float)
 
 
@@ -257,15 +260,17 @@ def type_palette(type_names) -> dict[str, str]:
     """One color per type, ordered by bits per weight (dark = few bits, bright = many); MIXED gray.
     Types of equal bpw (Q4_0, Q4_K, IQ4_NL) still get distinct colors."""
     names = sorted((t for t in set(type_names) if t != MIXED), key=lambda t: (true_bpw(GGMLQuantizationType[t]), t))
-    cmap = colormaps["viridis"]
-    palette = {t: to_hex(cmap(x)) for t, x in zip(names, np.linspace(0.0, 1.0, len(names)) if len(names) > 1 else [0.5])}
+    positions = np.linspace(0.0, 1.0, len(names)) if len(names) > 1 else [0.5]
+    palette = {t: to_hex(colormaps["viridis"](x)) for t, x in zip(names, positions)}
     if MIXED in type_names:
         palette[MIXED] = _MIXED_COLOR
     return palette
 
 
 def _type_label(t: str) -> str:
-    return f"{t} (experts differ, {TYPES_EXPERTS_PNG})" if t == MIXED else f"{t}  {true_bpw(GGMLQuantizationType[t]):.4g} bpw"
+    if t == MIXED:
+        return f"{t} (experts differ, {TYPES_EXPERTS_PNG})"
+    return f"{t}  {true_bpw(GGMLQuantizationType[t]):.4g} bpw"
 
 
 def _draw_types(ax, grid: Grid, palette: dict[str, str], names: bool) -> None:
