@@ -66,8 +66,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     if like is not None and any(v is not None for v in (budget, bpw, target_size)):
         raise AlphaQError("like and another budget both set the budget; give one")
     _pins(options, tensor_type, tensor_type_file)
-    if override_kv is not None:
-        options["kv_overrides"] = kv_overrides(override_kv)
+    options["kv_overrides"] = kv_overrides(override_kv) + kv_overrides(options.get("kv_overrides"))
     plan = _plan_config(mode, budget, bpw, 1 if like is not None else target_size, options)
     fields = {f.name for f in dataclasses.fields(ConvertConfig)}
     unknown = sorted(set(options) - fields)

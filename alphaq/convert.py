@@ -375,7 +375,7 @@ def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):
         conv = convert_hf(cfg.model, tmp_dir / "float.gguf", outtype="bf16")
         check_finite(conv.path)
         return conv.path, conv.tokenizer_fallback, []
-    check_float_gguf(cfg.model)
+    # a GGUF input was checked to be float by early_budget_check
     if not needs_spectral(cfg):
         check_finite(cfg.model)
         return cfg.model, None, []

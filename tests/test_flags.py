@@ -189,7 +189,8 @@ def test_pins_and_metadata_from_python_are_in_the_written_file(model_gguf, tmp_p
     assert types["blk.0.ffn_down_exps.weight"] == T.Q5_0  # Q4_K's shape fallback for rows of 96
     assert types["blk.0.attn_v.weight"] == types["blk.1.attn_v.weight"] == T.F16
     assert {f.tensor for f in r.plan.fixed if f.reason.startswith("pinned")} == {
-        "output.weight", "token_embd.weight", "blk.0.ffn_down_exps.weight", "blk.0.attn_v.weight", "blk.1.attn_v.weight"}
+        "output.weight", "token_embd.weight", "blk.0.ffn_down_exps.weight", "blk.0.attn_v.weight",
+        "blk.1.attn_v.weight"}
     # the budget (3 nominal bits over the routed experts) holds with the pinned expert tensor in it
     experts = [t for t in read_tensors(out) if t.name.endswith("_exps.weight")]
     assert sum(t.n_elements * nominal_bits(t.type) for t in experts) <= 3 * sum(t.n_elements for t in experts)
