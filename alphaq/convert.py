@@ -347,8 +347,9 @@ def early_budget_check(cfg: ConvertConfig, model) -> Pins:
         tensors, header = _quantised_tensors(model.matrices()), 0
     if cfg.like is not None:
         return plan_pins(tensors, cfg.plan)
+    known = {t.name for t in tensors}
     stats = [MatrixStats(m.tensor, m.block, m.expert, m.kind, m.rows, m.cols, m.params, float("nan"), float("nan"),
-                         0, 0, signal=False) for m in model.matrices()]
+                         0, 0, signal=False) for m in model.matrices() if m.tensor in known]
     return check_budget(stats, tensors, cfg.plan, fixed_bytes=header)
 
 

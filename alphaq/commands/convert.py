@@ -8,6 +8,10 @@ the patched runtime (`make install-patched`).
 Modes (docs/ALLOCATION.md): the default measures each tensor's damage on text the model samples
 itself (no calibration data) and saves the importance matrix beside the output; --fast and
 --paper run no forward pass at all.
+
+llama-quantize's --output-tensor-type, --token-embedding-type, --tensor-type, --tensor-type-file
+and --override-kv keep its spelling and meaning; pinned tensors are fixed items whose bytes count
+against the budget (docs/ALLOCATION.md, "Pins").
 """
 
 from __future__ import annotations
