@@ -32,8 +32,10 @@ from alphaq.errors import AlphaQError
 from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf_io import FLOAT_TYPES, check_finite, copy_with_metadata, header_bytes, read_tensors
 from alphaq.damage import DamageConfig
-from alphaq.plan import Plan, PlanConfig, TensorInfo, make_plan
+from alphaq.overrides import KVOverride, Pins
+from alphaq.plan import Plan, PlanConfig, TensorInfo, check_budget, make_plan, plan_pins
 from alphaq.qtypes import llama_quantizes, padded, tensor_bytes
+from alphaq.records import MatrixStats
 from alphaq.quantize import STOCK_MIXES, mix_ftype, quantize_gguf, stock_mix_types
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral import SpectralConfig
@@ -65,6 +67,8 @@ class ConvertConfig:
     imatrix: Path | None = None  # a llama.cpp importance file to use instead of the self-made one
     like: str | None = None  # budget = the file size of this llama.cpp mix for this model
     plots: Path | None = None  # write the figures of where the bits went here (alphaq.plots)
+    # llama-quantize's --override-kv: written into the output's metadata by llama.cpp's quantiser
+    kv_overrides: tuple[KVOverride, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -224,13 +228,14 @@ def _noise_table(float_gguf: Path, stats, tensors, cfg: ConvertConfig):
 def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, tokenizer_fallback,
                       noise_table, damage=None) -> Plan:
     """Solve; for --target-size, re-solve once with the exact size of the alphaq keys."""
+    base_header += _QUANT_KV_MARGIN + sum(o.gguf_bytes for o in cfg.kv_overrides)
     plan = make_plan(stats, tensors, cfg.plan, noise_table=noise_table, damage=damage,
-                     fixed_bytes=padded(base_header + _QUANT_KV_MARGIN, cfg.plan.alignment))
+                     fixed_bytes=padded(base_header, cfg.plan.alignment))
     if cfg.plan.budget_mode != "size":
         return plan
     extra = metadata_bytes(alphaq_metadata(plan, cfg, tokenizer_fallback))
     return make_plan(stats, tensors, cfg.plan, noise_table=noise_table, damage=damage,
-                     fixed_bytes=padded(base_header + _QUANT_KV_MARGIN + extra + 4096, cfg.plan.alignment))
+                     fixed_bytes=padded(base_header + extra + 4096, cfg.plan.alignment))
 
 
 def needs_spectral(cfg: ConvertConfig) -> bool:
@@ -253,7 +258,8 @@ def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig, user):
     ``user``: the user's importance matrix (read before any work), or None."""
     from alphaq.damage.run import self_calibrate
 
-    names = [t.name for t in tensors if llama_quantizes(t.name, t.shape)]
+    pinned = plan_pins(tensors, cfg.plan).types  # fixed types: no damage to measure
+    names = [t.name for t in tensors if llama_quantizes(t.name, t.shape) and t.name not in pinned]
     return self_calibrate(float_gguf, names, cfg.plan.candidates, text_cfg=cfg.selftext, cfg=cfg.damage,
                           user_imatrix=user, imatrix_source=str(cfg.imatrix), progress=cfg.progress,
                           per_expert=cfg.plan.granularity == "expert", use_cache=cfg.use_cache,
@@ -332,7 +338,11 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
         source = model.source
         has_experts = any(m.expert is not None for m in model.matrices())
-    wanted = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
+        pins = early_budget_check(cfg, model)
+    for line in pins.unused:
+        log.warning(line)
+    everything = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
+    wanted = (lambda m: everything(m) and m.tensor not in pins.types) if pins.types else everything
     seconds: dict[str, float] = {}
     tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=cfg.output.parent))
     plots, published = None, False
@@ -385,6 +395,36 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         plots=tuple(dst for _, dst in plots.moves()) if plots else ())
 
 
+def early_budget_check(cfg: ConvertConfig, model) -> Pins:
+    """The pins and the budget against the model's shapes, before any expensive stage (the
+    same one-line errors as the plan's). An HF checkpoint's GGUF tensors are known only by the
+    matrices it will become: the check then uses the quantised tensors and no header, a lower
+    bound of the file. With --like the budget is known only from the float model: pins only."""
+    if model.source == "gguf":
+        check_float_gguf(cfg.model)
+        tensors, header = tensor_infos(cfg.model), header_bytes(cfg.model)
+    else:
+        tensors, header = _quantised_tensors(model.matrices()), 0
+    if cfg.like is not None:
+        return plan_pins(tensors, cfg.plan)
+    known = {t.name for t in tensors}
+    stats = [MatrixStats(m.tensor, m.block, m.expert, m.kind, m.rows, m.cols, m.params, float("nan"), float("nan"),
+                         0, 0, signal=False) for m in model.matrices() if m.tensor in known]
+    return check_budget(stats, tensors, cfg.plan, fixed_bytes=header)
+
+
+def _quantised_tensors(matrices) -> list[TensorInfo]:
+    """The GGUF tensors (name, numpy shape) that llama.cpp will quantise, from the matrices."""
+    dims: dict[str, tuple[int, int]] = {}
+    n_expert: dict[str, int] = {}
+    for m in matrices:
+        dims[m.tensor] = (m.rows, m.cols)
+        if m.expert is not None:
+            n_expert[m.tensor] = max(n_expert.get(m.tensor, 0), m.expert + 1)
+    shapes = {n: ((n_expert[n],) if n in n_expert else ()) + d for n, d in dims.items()}
+    return [TensorInfo(n, shape, "BF16") for n, shape in shapes.items() if llama_quantizes(n, shape)]
+
+
 def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):
     """(float GGUF, tokenizer fallback, spectral stats): the input itself when it is a float GGUF,
     else llama.cpp's converter's BF16 output; stats only where the plan uses alpha."""
@@ -396,7 +436,7 @@ def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):
         conv = convert_hf(cfg.model, tmp_dir / "float.gguf", outtype="bf16")
         check_finite(conv.path)
         return conv.path, conv.tokenizer_fallback, []
-    check_float_gguf(cfg.model)
+    # a GGUF input was checked to be float by early_budget_check
     if not needs_spectral(cfg):
         check_finite(cfg.model)
         return cfg.model, None, []
@@ -417,7 +457,7 @@ def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: P
     log.info("quantising %d tensors with llama.cpp's quantiser", len(types))
     quantised = tmp_dir / "quantised.gguf"
     quantize_gguf(float_gguf, quantised, to_llama, nthread=cfg.nthread, progress=cfg.progress,
-                  file_type_from=types, imatrix=means)
+                  file_type_from=types, imatrix=means, kv_overrides=cfg.kv_overrides)
     final = tmp_dir / "final.gguf"
     meta = alphaq_metadata(plan, cfg, tokenizer_fallback)
     if layouts:

@@ -92,7 +92,7 @@ class _Keepalive:
 
 
 def _build_params(ftype: int, nthread: int, overrides: dict[str, GGMLQuantizationType] | None,
-                  imatrix: dict[str, np.ndarray] | None, dry_run: bool = False):
+                  imatrix: dict[str, np.ndarray] | None, dry_run: bool = False, kv_overrides=()):
     llama_cpp = _llama()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -122,7 +122,37 @@ def _build_params(ftype: int, nthread: int, overrides: dict[str, GGMLQuantizatio
         arr[len(imatrix)].name = None
         params.imatrix = arr
         keep.objects.append(arr)
+    if kv_overrides:
+        arr = _kv_override_array(kv_overrides)
+        params.kv_overrides = arr
+        keep.objects.append(arr)
     return params, keep
+
+
+# llama.h enum llama_model_kv_override_type
+_KV_TAGS = {"int": "LLAMA_KV_OVERRIDE_TYPE_INT", "float": "LLAMA_KV_OVERRIDE_TYPE_FLOAT",
+            "bool": "LLAMA_KV_OVERRIDE_TYPE_BOOL", "str": "LLAMA_KV_OVERRIDE_TYPE_STR"}
+
+
+def _kv_override_array(kv_overrides):
+    """llama_model_kv_override[] as llama-quantize builds it from --override-kv: one entry per
+    override in order, terminated by an empty key; llama-quant.cpp writes them into the output
+    (int as u32, float as f32) after its own keys, so a later one wins."""
+    llama_cpp = _llama()
+    arr = (llama_cpp.llama_model_kv_override * (len(kv_overrides) + 1))()
+    for i, o in enumerate(kv_overrides):
+        arr[i].key = o.key.encode()
+        arr[i].tag = int(getattr(llama_cpp, _KV_TAGS[o.kind]))
+        if o.kind == "int":
+            arr[i].value.val_i64 = o.value
+        elif o.kind == "float":
+            arr[i].value.val_f64 = o.value
+        elif o.kind == "bool":
+            arr[i].value.val_bool = o.value
+        else:
+            arr[i].value.val_str = o.value.encode()
+    arr[len(kv_overrides)].key = b""
+    return arr
 
 
 def ones_imatrix(src: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -139,12 +169,13 @@ def ones_imatrix(src: Path, names: list[str]) -> dict[str, np.ndarray]:
 def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantizationType], *,
                   nthread: int = 0, progress: bool = False,
                   file_type_from: dict[str, GGMLQuantizationType] | None = None,
-                  imatrix: dict[str, np.ndarray] | None = None) -> None:
+                  imatrix: dict[str, np.ndarray] | None = None, kv_overrides=()) -> None:
     """Quantise ``src`` into ``dst`` with exactly ``tensor_types`` (GGUF name -> written type).
 
     file_type_from: the types that decide general.file_type (default: tensor_types).
     imatrix: importance vectors (flat, per expert for merged tensors) handed to llama.cpp for
-      every tensor that has one; a tensor of a type that requires one and has none gets all-ones."""
+      every tensor that has one; a tensor of a type that requires one and has none gets all-ones.
+    kv_overrides: alphaq.overrides.KVOverride, written into ``dst`` by llama.cpp (--override-kv)."""
     llama_cpp = _llama()
     n_elements = {t.name: t.n_elements for t in read_tensors(src)}
     unknown = sorted(set(tensor_types) - set(n_elements))
@@ -154,7 +185,7 @@ def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantization
     needs = [n for n, t in tensor_types.items() if t in NEEDS_IMATRIX and n not in given]
     vectors = {**(ones_imatrix(src, needs) if needs else {}), **given}
     params, keep = _build_params(ftype_for(file_type_from or tensor_types, n_elements), nthread, tensor_types,
-                                 vectors or None)
+                                 vectors or None, kv_overrides=kv_overrides)
     from tqdm import tqdm
 
     with tqdm(total=len(n_elements), desc="quantise", unit="tensor", disable=not progress,

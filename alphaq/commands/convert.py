@@ -8,17 +8,23 @@ the patched runtime (`make install-patched`).
 Modes (docs/ALLOCATION.md): the default measures each tensor's damage on text the model samples
 itself (no calibration data) and saves the importance matrix beside the output; --fast and
 --paper run no forward pass at all.
+
+llama-quantize's --output-tensor-type, --token-embedding-type, --tensor-type, --tensor-type-file
+and --override-kv keep its spelling and meaning; pinned tensors are fixed items whose bytes count
+against the budget (docs/ALLOCATION.md, "Pins").
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from alphaq.commands import plan as _plan_cmd
 from alphaq.damage import METHODS as DAMAGE_METHODS
 from alphaq.damage import DamageConfig
 from alphaq.errors import AlphaQError
+from alphaq.overrides import kv_overrides, parse_tensor_type, read_tensor_type_file
 from alphaq.plan import MODES, format_size
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral import XMIN_WINDOWS, SpectralConfig
@@ -67,6 +73,25 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                         "(--fast/--paper) the allocation read")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (figures included)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_llama_quantize_arguments(p)
+
+
+def add_llama_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    """llama-quantize's override flags, same spelling and meaning (alphaq.overrides). A pinned
+    tensor keeps its type; its bytes count against the budget and the knapsack allocates the rest."""
+    g = p.add_argument_group("llama-quantize's overrides", "same spelling and meaning as llama-quantize's; "
+                             "a pinned tensor's bytes count against the budget (docs/ALLOCATION.md)")
+    g.add_argument("--output-tensor-type", metavar="TYPE", help="pin output.weight to TYPE")
+    g.add_argument("--token-embedding-type", metavar="TYPE", help="pin token_embd.weight to TYPE")
+    # one list for both, in command-line order: the first matching entry wins (llama-quantize)
+    g.add_argument("--tensor-type", metavar="PATTERN=TYPE", dest="tensor_type_entries", action="append",
+                   type=lambda s: ("entry", s), default=[],
+                   help="pin every tensor whose name the regex PATTERN matches (unanchored) to TYPE; repeatable")
+    g.add_argument("--tensor-type-file", metavar="FILE", dest="tensor_type_entries", action="append",
+                   type=lambda s: ("file", s),
+                   help="PATTERN=TYPE entries separated by whitespace, e.g. the .tensor-types.txt of a plan")
+    g.add_argument("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=[],
+                   help="write metadata KEY into the output (TYPE int, float, bool or str); repeatable")
 
 
 def default_output(model: Path, args: argparse.Namespace) -> Path:
@@ -97,19 +122,29 @@ def run(args: argparse.Namespace) -> int:
         raise AlphaQError(f"--threads {args.threads} must be >= 0 (0 = all cores)")
     output = args.output or default_output(args.model, args)
     cfg = ConvertConfig(
-        model=args.model, output=output, plan=_plan_cmd.config_from_args(args, args.mode),
+        model=args.model, output=output, plan=_with_pins(_plan_cmd.config_from_args(args, args.mode), args),
         spectral=SpectralConfig(xmin_window=args.xmin_window), force=args.force, nthread=args.threads,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, compare_stock=not args.no_stock_compare,
         progress=not args.no_progress, like=args.like, imatrix=args.imatrix,
         selftext=SelfTextConfig(n_seq=args.self_samples, n_ctx=args.self_ctx, seed=args.seed),
         damage=DamageConfig(method=args.damage, n_windows=min(args.damage_windows, args.self_samples)),
         plots=args.plots,
+        kv_overrides=kv_overrides(args.override_kv),
     )
     if args.imatrix is not None and cfg.plan.noise != "damage":
         raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
     result = run_convert(cfg)
     print(summary(result))
     return 0
+
+
+def _with_pins(plan, args: argparse.Namespace):
+    """The plan's configuration with the pins of the command line, in its order."""
+    entries = []
+    for kind, value in args.tensor_type_entries:
+        entries += [parse_tensor_type(value)] if kind == "entry" else read_tensor_type_file(value)
+    return dataclasses.replace(plan, output_tensor_type=args.output_tensor_type,
+                               token_embedding_type=args.token_embedding_type, tensor_types=tuple(entries))
 
 
 def summary(r) -> str:
@@ -122,11 +157,16 @@ def summary(r) -> str:
         f"wrote {r.output}  ({format_size(r.file_bytes)})",
         f"  budget      {budget}; gamma {s['gamma']:.4g} ({s['gamma_source']});"
         f" granularity {s['granularity']}, scope {s['scope']}, cost {s['noise']}, allocate {s['allocate_effective']}",
-        f"  allocated   {t.allocated_params:,} weights: {t.nominal_bits:.3f} nominal bits, {t.true_bpw:.3f} true bpw"
-        + (f"; {t.n_fallback_items} item(s) on llama.cpp's shape fallback" if t.n_fallback_items else ""),
+        (f"  allocated   {t.allocated_params:,} weights: {t.nominal_bits:.3f} nominal bits, {t.true_bpw:.3f} true bpw"
+         + (f"; {t.n_fallback_items} item(s) on llama.cpp's shape fallback" if t.n_fallback_items else ""))
+        if t.n_items else "  allocated   nothing: every tensor the allocation would hold is pinned",
         f"  whole file  {t.model_params:,} weights, {r.file_bytes * 8 / t.model_params:.3f} bpw",
         "  types       " + ", ".join(f"{n} x{c}" for n, c in r.tensor_counts.items()) + " (quantised tensors)",
     ]
+    if t.n_pinned:
+        lines.append(f"  pinned      {t.n_pinned} tensor(s), {format_size(t.pinned_bytes)} "
+                     "(--output-tensor-type/--token-embedding-type/--tensor-type; counted in the budget)")
+    lines += [f"  WARNING     {w}" for w in s.get("pins", {}).get("unused", ())]
     if r.stock_sizes:
         mix, size = min(r.stock_sizes.items(), key=lambda kv: abs(kv[1] - r.file_bytes))
         lines.append(f"  stock mix   nearest is llama.cpp {mix}: {format_size(size)} "
