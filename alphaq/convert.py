@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from alphaq import __version__
 from alphaq.analyze import Cancelled, Throttle, analyze_model
-from alphaq.errors import AlphaQError
+from alphaq.errors import InputError, InternalError
 from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf_io import FLOAT_TYPES, check_finite, copy_with_metadata, header_bytes, read_tensors
 from alphaq.damage import DamageConfig
@@ -98,21 +98,21 @@ def imatrix_path(output: Path) -> Path:
 
 def check_output(output: Path, force: bool, granularity: str, with_imatrix: bool = False) -> None:
     if output.suffix != ".gguf":
-        raise AlphaQError(f"output {output} must end in .gguf")
+        raise InputError(f"output {output} must end in .gguf")
     if not output.parent.is_dir():
-        raise AlphaQError(f"output directory {output.parent} does not exist")
+        raise InputError(f"output directory {output.parent} does not exist")
     plan_json, tt_file = side_paths(output)
     targets = [output, plan_json] + ([tt_file] if granularity == "tensor" else [])
     targets += [imatrix_path(output)] if with_imatrix else []
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
-        raise AlphaQError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+        raise InputError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
 
 
 def check_float_gguf(path: Path) -> None:
     for t in read_tensors(path):
         if len(t.shape) >= 2 and t.type not in FLOAT_TYPES:
-            raise AlphaQError(
+            raise InputError(
                 f"{path} is already quantised ({t.name} is {t.type.name}); "
                 "alphaq needs an F32/F16/BF16 GGUF or an HF checkpoint")
 
@@ -282,6 +282,14 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
         source = model.source
         has_experts = any(m.expert is not None for m in model.matrices())
+    if source == "hf":
+        from convert.hf_to_gguf import check_tokenizer_files
+
+        check_tokenizer_files(cfg.model)  # the converter's own error would name another cause
+    if cfg.like is None:  # (a mix's size is measured by llama.cpp's dry run, on the float model)
+        from alphaq.feasibility import check_budget
+
+        check_budget(cfg.model, cfg.plan)  # from shapes alone: before converting or analysing
     wanted = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
     seconds: dict[str, float] = {}
     tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=cfg.output.parent))
@@ -399,17 +407,17 @@ def _verify(path: Path, plan: Plan, types: dict, layouts: dict[str, ExpertGroups
     wrong = [f"{n}: planned {t.name}, written {written[n].type.name if n in written else 'nothing'}"
              for n, t in expected.items() if n not in written or written[n].type != t]
     if wrong:
-        raise RuntimeError("llama.cpp wrote other types than planned: " + "; ".join(wrong[:5]))
+        raise InternalError("llama.cpp wrote other types than planned: " + "; ".join(wrong[:5]))
     align = plan.settings.get("alignment", 32)
     data = sum(padded(t.n_bytes, align) for t in written.values())
     planned = plan.totals.allocated_bytes + plan.totals.fixed_tensor_bytes
     if data != planned:
-        raise RuntimeError(f"tensor bytes {data} differ from the plan's prediction {planned}")
+        raise InternalError(f"tensor bytes {data} differ from the plan's prediction {planned}")
 
 
 def load_plan_from_gguf(path: Path) -> dict:
     """The plan JSON embedded in an AlphaQ GGUF (alphaq.plan)."""
     field_ = GGUFReader(path).get_field("alphaq.plan")
     if field_ is None:
-        raise AlphaQError(f"{path} has no alphaq.plan key: not written by alphaq convert")
+        raise InputError(f"{path} has no alphaq.plan key: not written by alphaq convert")
     return json.loads(field_.contents())
