@@ -83,6 +83,7 @@ class ConvertResult:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
     like: tuple[str, int] | None = None  # (mix, its size) when the budget was given by name
     float_bytes: int = 0  # size of the float GGUF the stages read
+    warnings: tuple[str, ...] = ()  # every WARNING logged during the run, repeated in the summary
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -269,7 +270,42 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path, wanted):
     return conv.path, conv.tokenizer_fallback, stats
 
 
+class _WarningLog(logging.Handler):
+    """The WARNING lines of a run (alphaq's and the converter glue's loggers), kept for the
+    summary: nothing that went other than planned may stay in a log that scrolled away."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def run_convert(cfg: ConvertConfig) -> ConvertResult:
+    """Convert ``cfg.model`` into ``cfg.output`` (module docstring); the result lists every
+    warning of the run, including the spectral stage's fallback to numpy."""
+    from dataclasses import replace
+
+    from alphaq import native
+
+    handler = _WarningLog()
+    loggers = [logging.getLogger("alphaq"), logging.getLogger("convert")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        result = _run_convert(cfg)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    lines = [ln for ln in dict.fromkeys(handler.lines) if not ln.startswith("tokenizer fallback")]  # own line
+    why = native.unavailable_reason() if needs_spectral(cfg) else None
+    if why and why != "ALPHAQ_NATIVE=0" and not any("native kernels" in ln for ln in lines):
+        lines.append(f"native kernels unavailable ({why}); the spectral stage used numpy (same results, slower)")
+    return replace(result, warnings=tuple(lines))
+
+
+def _run_convert(cfg: ConvertConfig) -> ConvertResult:
     damage_mode = cfg.plan.noise == "damage"
     check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=damage_mode)
     if cfg.like is not None:
