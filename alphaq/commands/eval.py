@@ -41,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from alphaq.evaluate import evaluate_text, load_llama
     from alphaq.runtime import patched_loaded
 
-    for path in [args.model, *( [args.ref] if args.ref else [] )]:
-        if not path.is_file():
-            raise AlphaQError(f"model {path} does not exist")
+    from alphaq.gguf_io import check_gguf
+
+    for path in [args.model, *([args.ref] if args.ref else [])]:
+        check_gguf(path)  # a missing, truncated or foreign file: one line, before llama.cpp loads it
     for t in args.text:
         if not t.is_file():
             raise AlphaQError(f"text {t} does not exist")
