@@ -417,3 +417,19 @@ def test_measured_noise_and_target_size_convert(float_ggufs, cache_dir, tmp_path
     _convert(src, out, cache_dir, budget_mode="size", budget=target, noise="measured", mse_rows=16)
     assert out.stat().st_size <= target
     assert load_plan_from_gguf(out)["settings"]["noise"] == "measured"
+
+
+def test_warnings_of_the_run_are_repeated_in_the_summary(float_ggufs, tmp_path, capsys, monkeypatch):
+    """No silent fallback: the spectral stage on numpy (the C kernel failed to build) is a WARNING
+    in the log and a line of the summary, with the compiler's error."""
+    from alphaq import native
+
+    why = "compiling native.c with cc failed: -O3: native.c:1:1: error: test"
+    monkeypatch.setattr(native, "_state", {"error": why})
+    out = tmp_path / "o.gguf"
+    code = cli_main(["convert", str(float_ggufs["mixtral"]), "--fast", "--budget", "3", "-o", str(out),
+                     "--no-progress", "--no-cache", "--no-stock-compare"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    [line] = [ln for ln in summary.splitlines() if ln.startswith("  warnings")]
+    assert f"native kernels unavailable ({why})" in line
