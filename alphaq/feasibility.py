@@ -2,7 +2,7 @@
 
 `check_budget` runs before any expensive stage (llama.cpp's converter, the spectral analysis, the
 model's own text): it reads only the safetensors headers of an HF checkpoint (alphaq.weights) or
-the header of a GGUF, and refuses with a BudgetError that gives the allowed range. The solver
+the header of a GGUF, and refuses with a BudgetError that gives the achievable range. The solver
 checks the exact size again later (alphaq.plan); this check never refuses a budget that one
 would accept, because every unknown is bounded from the safe side:
 

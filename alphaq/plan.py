@@ -929,11 +929,11 @@ def check_budget_range(cfg: PlanConfig, rng: BudgetRange, *, source: str = "") -
         about = "about " if rng.approximate else ""
         raise BudgetError(
             f"--target-size {format_size(cfg.budget)} is {side} file these types ({types}) can give{where}; "
-            f"allowed range {about}{format_size(rng.low)} .. {format_size(rng.high)}")
+            f"achievable range {about}{format_size(rng.low)} .. {format_size(rng.high)}")
     flag, unit = ("--budget", "nominal bits") if cfg.budget_mode == "bits" else ("--bpw", "bits per weight")
     raise BudgetError(
         f"{flag} {cfg.budget:g} is {side} achievable with these types ({types}){where}; "
-        f"allowed range {rng.low:.4f} .. {rng.high:.4f} {unit}"
+        f"achievable range {rng.low:.4f} .. {rng.high:.4f} {unit}"
         + (" (the tightest block, scope=block)" if cfg.scope == "block" else ""))
 
 

@@ -224,7 +224,8 @@ def stock_mix_types(src: Path, mix: str) -> dict[str, str]:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), b"/dev/null", ctypes.byref(params))
     del keep
     if rc != 0:
-        raise QuantizeError(f"llama.cpp's quantiser failed on {src} ({mix}, dry run): {failure_reason(lines[-_LOG_TAIL:], rc)}")
+        raise QuantizeError(f"llama.cpp's quantiser failed on {src} ({mix}, dry run): "
+                            f"{failure_reason(lines[-_LOG_TAIL:], rc)}")
     types = {}
     for line in lines:
         m = _DRY_RUN_LINE.search(line.rstrip("\n"))

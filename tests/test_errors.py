@@ -90,11 +90,11 @@ def test_missing_tokenizer_files_are_named_before_converting(tmp_path, work, cap
 
 @pytest.mark.parametrize("args, needle", [
     (["--budget", "0.2"], "--budget 0.2 is below the smallest achievable with these types (14 from IQ1_S to Q8_0) "
-                          "for ckpt; allowed range "),
+                          "for ckpt; achievable range "),
     (["--fast", "--bpw", "5"], "--bpw 5 is above the largest achievable with these types (IQ1_S,Q2_K,Q3_K,Q4_K) "
-                               "for ckpt; allowed range "),
+                               "for ckpt; achievable range "),
     (["--fast", "--budget", "2", "--types", "Q4_K,Q6_K"], "--budget 2 is below the smallest achievable with these "
-                                                          "types (Q4_K,Q6_K) for ckpt; allowed range "),
+                                                          "types (Q4_K,Q6_K) for ckpt; achievable range "),
     (["--target-size", "100KiB"], "--target-size 100.000 KiB (102400 B) is below the smallest file"),
     (["--target-size", "1GB"], "--target-size 953.674 MiB (1000000000 B) is above the largest file"),
 ])
@@ -103,13 +103,13 @@ def test_impossible_budget_is_refused_before_converting(args, needle, tmp_path, 
     take minutes on a real model) and the analysis never start."""
     line = refused(["convert", str(checkpoint(tmp_path)), *args, "-o", str(work / "o.gguf")], capsys, work)
     assert needle in line
-    assert "allowed range" in line
+    assert "achievable range" in line
 
 
 def test_impossible_budget_is_refused_before_the_plan_analyses(tmp_path, work, capsys):
     line = refused(["plan", str(checkpoint(tmp_path)), "--budget", "0.2", "--json", str(work / "p.json")],
                    capsys, work)
-    assert "--budget 0.2 is below the smallest achievable" in line and "allowed range " in line
+    assert "--budget 0.2 is below the smallest achievable" in line and "achievable range " in line
 
 
 @pytest.mark.parametrize("mode", ["bits", "bpw"])
@@ -177,7 +177,7 @@ def test_python_front_door_raises_the_kinds(tmp_path, work):
     d = checkpoint(tmp_path, drop=("tokenizer.json", "tokenizer.model"))
     with pytest.raises(alphaq.InputError, match="tokenizer"):
         alphaq.convert(d, work / "o.gguf")
-    with pytest.raises(alphaq.BudgetError, match="allowed range"):
+    with pytest.raises(alphaq.BudgetError, match="achievable range"):
         alphaq.convert(FIXTURES / MODEL, work / "o.gguf", budget=0.2)
     with pytest.raises(alphaq.InputError, match="not a .gguf file"):
         alphaq.plan(FIXTURES / MODEL, budget=3)

@@ -85,6 +85,7 @@ def _rerun_patched(args: argparse.Namespace) -> int:
     for flag, value in (("--ref", args.ref), ("--max-windows", args.max_windows), ("--json", args.json_path)):
         if value is not None:
             argv += [flag, str(value)]
-    argv += ["--force"] * args.force + ["--no-progress"] * args.no_progress + ["--debug"] * getattr(args, "debug", False)
+    argv += ["--force"] * args.force + ["--no-progress"] * args.no_progress
+    argv += ["--debug"] * getattr(args, "debug", False)
     return subprocess.run([sys.executable, "-c", "import sys; from alphaq.cli import main; sys.exit(main())", *argv],
                           env=child_env(patched_site())).returncode
