@@ -325,7 +325,7 @@ def _run_convert(cfg: ConvertConfig) -> ConvertResult:
     if cfg.like is None:  # (a mix's size is measured by llama.cpp's dry run, on the float model)
         from alphaq.feasibility import check_budget
 
-        check_budget(cfg.model, cfg.plan)  # from shapes alone: before converting or analysing
+        check_budget(cfg.model, cfg.plan, model)  # from shapes alone: before converting or analysing
     wanted = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
     seconds: dict[str, float] = {}
     tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=cfg.output.parent))

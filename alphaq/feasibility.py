@@ -26,7 +26,7 @@ from alphaq.plan import (
     check_budget_range,
     estimate_header_bytes,
 )
-from alphaq.weights import WeightMatrix, open_model
+from alphaq.weights import ModelWeights, WeightMatrix, open_model
 
 # alphaq's own keys in the output (alphaq.plan holds the plan JSON): at most this much per matrix
 # or expert slice of the model, plus a fixed part. Measured: ~0.3-0.7 KiB per item with 14 types.
@@ -49,13 +49,16 @@ def matrix_tensors(mats: list[WeightMatrix]) -> list[TensorInfo]:
     return [TensorInfo(n, shp, dtype[n]) for n, shp in shapes.items()]
 
 
-def check_budget(model: Path, cfg: PlanConfig) -> None:
+def check_budget(model: Path, cfg: PlanConfig, opened: ModelWeights | None = None) -> None:
     """BudgetError unless ``cfg.budget`` is within what ``cfg``'s candidates can reach on ``model``
-    (HF checkpoint directory or float GGUF); reads headers only."""
+    (HF checkpoint directory or float GGUF); reads headers only. ``opened``: ``model`` as the
+    caller already opened it (only its list of matrices and their shapes is read)."""
     from alphaq.gguf_io import header_bytes, read_tensors
 
-    with open_model(model) as weights:
-        mats, source, n_elements = weights.matrices(), weights.source, weights.n_elements
+    if opened is None:
+        with open_model(model) as opened:
+            pass
+    mats, source, n_elements = opened.matrices(), opened.source, opened.n_elements
     experts = {m.tensor for m in mats if m.expert is not None}
     plan_keys = PLAN_KEYS_FIXED + PLAN_KEYS_PER_MATRIX * len(mats)
     if source == "gguf":

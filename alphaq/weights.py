@@ -366,7 +366,7 @@ def _open_hf(path: Path) -> ModelWeights:
 
     mats.sort(key=_order)
     _check_unique(mats, path)
-    logger.info(
+    logger.debug(  # (DEBUG: a refused input then prints its one error line only)
         "%s: %s (%s), %d blocks, %d matrices", path, hf_arch, MODEL_ARCH_NAMES[model_arch], n_blocks, len(mats)
     )
     return ModelWeights(path, "hf", MODEL_ARCH_NAMES[model_arch], model_arch, n_blocks, mats, files.close,
@@ -498,6 +498,6 @@ def _open_gguf(path: Path) -> ModelWeights:
 
     mats.sort(key=_order)
     _check_unique(mats, path)
-    logger.info("%s: GGUF %s, %d blocks, %d matrices", path, arch_name, n_blocks, len(mats))
+    logger.debug("%s: GGUF %s, %d blocks, %d matrices", path, arch_name, n_blocks, len(mats))
     n_elements = sum(math.prod(int(d) for d in t.shape) for t in reader.tensors)
     return ModelWeights(path, "gguf", arch_name, model_arch, n_blocks, mats, n_elements=n_elements)

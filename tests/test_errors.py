@@ -223,3 +223,16 @@ def test_debug_given_before_the_command_is_not_reset_by_it():
     args = build_parser().parse_args(["--debug", "eval", "m.gguf", "--text", "t.txt"])
     assert args.debug is True
     assert build_parser().parse_args(["eval", "m.gguf", "--text", "t.txt"]).__dict__.get("debug", False) is False
+
+
+def test_the_real_cli_prints_exactly_one_line(tmp_path):
+    """Outside pytest the CLI logs at INFO to stderr: a refused input still prints one line only."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "alphaq.cli", "convert", str(FIXTURES / MODEL), "--budget", "0.2",
+                           "-o", str(tmp_path / "o.gguf")], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and "achievable range" in proc.stderr, proc.stderr
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
