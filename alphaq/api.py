@@ -5,7 +5,9 @@
     print(result.file_bytes, result.plan.totals.file_bpw)
 
 Library calls show no progress bars unless ``progress=True``, and raise ``alphaq.AlphaQError``
-(one line naming the value and what is allowed) for every mistake in their input.
+(one line naming the value and what is allowed) for every mistake in their input: its kinds
+``alphaq.InputError`` (model, file or path), ``alphaq.BudgetError`` (a budget the candidate types
+cannot meet, refused before any work) and ``alphaq.QuantizeError`` (llama.cpp's quantiser failed).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, InputError
 
 
 def _plan_config(mode: str, budget, bpw, target_size, options: dict):
@@ -99,7 +101,10 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
         raise AlphaQError(f"unknown option(s) {', '.join(sorted(options))}; see alphaq.plan.PlanConfig")
     path = Path(model)
     if not (path.is_file() and path.suffix == ".gguf"):
-        raise AlphaQError(f"{path} is not a .gguf file; plan reads a F32/F16/BF16 GGUF")
+        raise InputError(f"{path} is not a .gguf file; plan reads a F32/F16/BF16 GGUF")
+    from alphaq.feasibility import check_budget
+
+    check_budget(path, cfg)  # before the analysis
     reader = gguf.GGUFReader(path)
     stats = analyze(path, progress=progress)
     return make_plan(stats, gguf_tensor_infos(reader), cfg, fixed_bytes=gguf_output_header_bytes(reader, cfg.alignment))

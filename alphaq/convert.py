@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from alphaq import __version__
 from alphaq.analyze import Cancelled, Throttle, analyze_model
-from alphaq.errors import AlphaQError
+from alphaq.errors import InputError, InternalError
 from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf_io import FLOAT_TYPES, check_finite, copy_with_metadata, header_bytes, read_tensors
 from alphaq.damage import DamageConfig
@@ -89,6 +89,7 @@ class ConvertResult:
     like: tuple[str, int] | None = None  # (mix, its size) when the budget was given by name
     float_bytes: int = 0  # size of the float GGUF the stages read
     plots: tuple[Path, ...] = ()  # the figures written (convert --plots)
+    warnings: tuple[str, ...] = ()  # every WARNING logged during the run, repeated in the summary
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -104,15 +105,15 @@ def imatrix_path(output: Path) -> Path:
 
 def check_output(output: Path, force: bool, granularity: str, with_imatrix: bool = False) -> None:
     if output.suffix != ".gguf":
-        raise AlphaQError(f"output {output} must end in .gguf")
+        raise InputError(f"output {output} must end in .gguf")
     if not output.parent.is_dir():
-        raise AlphaQError(f"output directory {output.parent} does not exist")
+        raise InputError(f"output directory {output.parent} does not exist")
     plan_json, tt_file = side_paths(output)
     targets = [output, plan_json] + ([tt_file] if granularity == "tensor" else [])
     targets += [imatrix_path(output)] if with_imatrix else []
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
-        raise AlphaQError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+        raise InputError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
 
 
 def check_plots_dir(plots: Path | None, force: bool) -> None:
@@ -124,11 +125,11 @@ def check_plots_dir(plots: Path | None, force: bool) -> None:
 
     existing_ancestor = next(p for p in (plots, *plots.absolute().parents) if p.exists())
     if not existing_ancestor.is_dir():
-        raise AlphaQError(f"--plots {plots}: {existing_ancestor} is not a directory")
+        raise InputError(f"--plots {plots}: {existing_ancestor} is not a directory")
     if plots.is_dir() and not force:
         existing = sorted(str(p) for pattern in CONVERT_PLOT_NAMES for p in plots.glob(pattern))
         if existing:
-            raise AlphaQError(f"{', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''} already exist(s); "
+            raise InputError(f"{', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''} already exist(s); "
                               "pass --force to overwrite")
 
 
@@ -165,7 +166,7 @@ class StagedPlots:
 def check_float_gguf(path: Path) -> None:
     for t in read_tensors(path):
         if len(t.shape) >= 2 and t.type not in FLOAT_TYPES:
-            raise AlphaQError(
+            raise InputError(
                 f"{path} is already quantised ({t.name} is {t.type.name}); "
                 "alphaq needs an F32/F16/BF16 GGUF or an HF checkpoint")
 
@@ -324,7 +325,42 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, tmp_dir: Path, wanted):
     return conv.path, conv.tokenizer_fallback, stats
 
 
+class _WarningLog(logging.Handler):
+    """The WARNING lines of a run (alphaq's and the converter glue's loggers), kept for the
+    summary: nothing that went other than planned may stay in a log that scrolled away."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def run_convert(cfg: ConvertConfig) -> ConvertResult:
+    """Convert ``cfg.model`` into ``cfg.output`` (module docstring); the result lists every
+    warning of the run, including the spectral stage's fallback to numpy."""
+    from dataclasses import replace
+
+    from alphaq import native
+
+    handler = _WarningLog()
+    loggers = [logging.getLogger("alphaq"), logging.getLogger("convert")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        result = _run_convert(cfg)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    lines = [ln for ln in dict.fromkeys(handler.lines) if not ln.startswith("tokenizer fallback")]  # own line
+    why = native.unavailable_reason() if needs_spectral(cfg) else None
+    if why and why != "ALPHAQ_NATIVE=0" and not any("native kernels" in ln for ln in lines):
+        lines.append(f"native kernels unavailable ({why}); the spectral stage used numpy (same results, slower)")
+    return replace(result, warnings=tuple(lines))
+
+
+def _run_convert(cfg: ConvertConfig) -> ConvertResult:
     damage_mode = cfg.plan.noise == "damage"
     check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=damage_mode)
     check_plots_dir(cfg.plots, cfg.force)
@@ -338,7 +374,15 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
         source = model.source
         has_experts = any(m.expert is not None for m in model.matrices())
+        if source == "hf":
+            from convert.hf_to_gguf import check_tokenizer_files
+
+            check_tokenizer_files(cfg.model)  # the converter's own error would name another cause
         pins = early_budget_check(cfg, model)
+        if cfg.like is None and not pins.types:  # (pins: early_budget_check's range is the one with them)
+            from alphaq.feasibility import check_budget as check_reachable
+
+            check_reachable(cfg.model, cfg.plan, model)  # from shapes alone: before converting or analysing
     for line in pins.unused:
         log.warning(line)
     everything = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
@@ -486,7 +530,7 @@ def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib, plot_moves: l
     check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=calib is not None)
     existing = [str(dst) for _, dst in plot_moves if dst.exists()]
     if existing and not cfg.force:
-        raise AlphaQError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+        raise InputError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
     for src, dst in staged + plot_moves:
         os.replace(src, dst)
     os.replace(tmp_dir / "final.gguf", cfg.output)
@@ -502,17 +546,17 @@ def _verify(path: Path, plan: Plan, types: dict, layouts: dict[str, ExpertGroups
     wrong = [f"{n}: planned {t.name}, written {written[n].type.name if n in written else 'nothing'}"
              for n, t in expected.items() if n not in written or written[n].type != t]
     if wrong:
-        raise RuntimeError("llama.cpp wrote other types than planned: " + "; ".join(wrong[:5]))
+        raise InternalError("llama.cpp wrote other types than planned: " + "; ".join(wrong[:5]))
     align = plan.settings.get("alignment", 32)
     data = sum(padded(t.n_bytes, align) for t in written.values())
     planned = plan.totals.allocated_bytes + plan.totals.fixed_tensor_bytes
     if data != planned:
-        raise RuntimeError(f"tensor bytes {data} differ from the plan's prediction {planned}")
+        raise InternalError(f"tensor bytes {data} differ from the plan's prediction {planned}")
 
 
 def load_plan_from_gguf(path: Path) -> dict:
     """The plan JSON embedded in an AlphaQ GGUF (alphaq.plan)."""
     field_ = GGUFReader(path).get_field("alphaq.plan")
     if field_ is None:
-        raise AlphaQError(f"{path} has no alphaq.plan key: not written by alphaq convert")
+        raise InputError(f"{path} has no alphaq.plan key: not written by alphaq convert")
     return json.loads(field_.contents())

@@ -35,6 +35,24 @@ def read_tensors(path: Path) -> list[TensorRecord]:
     return list(_read_header(path)[0])
 
 
+def check_gguf(path: Path) -> list[TensorRecord]:
+    """read_tensors, with an InputError naming the file when it is missing or not a readable GGUF."""
+    from alphaq.errors import InputError
+
+    if not path.is_file():
+        raise InputError(f"model {path} does not exist" if not path.exists() else f"model {path} is not a file")
+    try:
+        tensors = read_tensors(path)
+    except (ValueError, OSError, struct.error, UnicodeDecodeError, KeyError, IndexError) as exc:
+        raise InputError(f"{path}: not a readable GGUF file ({' '.join(str(exc).split())})") from None
+    if not tensors:
+        raise InputError(f"{path}: a GGUF file without tensors")
+    need, size = header_bytes(path) + sum(t.n_bytes for t in tensors), path.stat().st_size
+    if size < need:  # (a lower bound: the padding between tensors is not counted)
+        raise InputError(f"{path} is truncated: {size} bytes, its tensors alone need {need}")
+    return tensors
+
+
 # byte sizes of GGUF's fixed-size value types (GGUFValueType: UINT8 .. FLOAT64)
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY, _UINT32 = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY), int(GGUFValueType.UINT32)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import gguf
 
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, InputError
 from alphaq.qtypes import llama_quantizes, resolve_type
 
 OUTPUT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
@@ -48,11 +48,11 @@ def parse_tensor_type(text: str, source: str = "--tensor-type") -> tuple[str, st
     pattern, sep, type_name = text.partition("=")
     form = "the form is PATTERN=TYPE, e.g. attn_v=q8_0"
     if not sep:
-        raise AlphaQError(f"{source} {text!r} has no '='; {form}")
+        raise InputError(f"{source} {text!r} has no '='; {form}")
     if not pattern:
-        raise AlphaQError(f"{source} {text!r} names no tensor pattern; {form}")
+        raise InputError(f"{source} {text!r} names no tensor pattern; {form}")
     if not type_name:
-        raise AlphaQError(f"{source} {text!r} names no type; {form}")
+        raise InputError(f"{source} {text!r} names no type; {form}")
     pattern = pattern.encode().lower().decode()  # quantize.cpp: std::transform(..., tolower)
     return compile_pattern(pattern, source).pattern, pin_type(type_name, f"{source} {text!r}")
 
@@ -63,14 +63,14 @@ def read_tensor_type_file(path: str | Path) -> list[tuple[str, str]]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise AlphaQError(f"--tensor-type-file {path}: cannot read it ({exc.strerror or exc})") from None
+        raise InputError(f"--tensor-type-file {path}: cannot read it ({exc.strerror or exc})") from None
     entries = []
     for word in _CXX_SPACE.split(data):
         if word:
             try:
                 text = word.decode()
             except UnicodeDecodeError:
-                raise AlphaQError(f"--tensor-type-file {path}: entry {word[:60]!r} is not UTF-8") from None
+                raise InputError(f"--tensor-type-file {path}: entry {word[:60]!r} is not UTF-8") from None
             entries.append(parse_tensor_type(text, f"--tensor-type-file {path}: entry"))
     return entries
 
@@ -93,12 +93,12 @@ def compile_pattern(pattern: str, source: str = "--tensor-type") -> re.Pattern:
     """The pattern as Python compiles it; a one-line error for an invalid one or for syntax only
     Python accepts (llama.cpp compiles it with std::regex, ECMAScript grammar)."""
     if _PYTHON_ONLY_GROUP.search(pattern):
-        raise AlphaQError(f"{source} pattern {pattern!r} uses Python-only '(?...' syntax; llama.cpp's "
+        raise InputError(f"{source} pattern {pattern!r} uses Python-only '(?...' syntax; llama.cpp's "
                           "std::regex (ECMAScript) accepts only (?: (?= (?!")
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise AlphaQError(f"{source} pattern {pattern!r} is not a valid regular expression: {exc}") from None
+        raise InputError(f"{source} pattern {pattern!r} is not a valid regular expression: {exc}") from None
 
 
 def pin_type(name: str, source: str) -> str:
@@ -106,7 +106,7 @@ def pin_type(name: str, source: str) -> str:
     try:
         return resolve_type(name).name
     except AlphaQError as exc:
-        raise AlphaQError(f"{source}: {exc}") from None
+        raise InputError(f"{source}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,34 +193,34 @@ def parse_kv_override(text: str) -> KVOverride:
     llama.cpp would misread (atol/atof of junk, a negative or too large int) is an error."""
     key, sep, rest = text.partition("=")
     if not sep or not key:
-        raise AlphaQError(f"--override-kv {text!r}: {'no key' if sep else 'no =' }; {_KV_FORM}")
+        raise InputError(f"--override-kv {text!r}: {'no key' if sep else 'no =' }; {_KV_FORM}")
     if len(key.encode()) > 127:
-        raise AlphaQError(f"--override-kv {text[:40]!r}...: the key is longer than llama.cpp's 127 bytes")
+        raise InputError(f"--override-kv {text[:40]!r}...: the key is longer than llama.cpp's 127 bytes")
     if key.startswith("alphaq.") or key in _RESERVED_KEYS:
-        raise AlphaQError(f"--override-kv {text!r}: alphaq writes {key} itself (its plan, or the layout it plans); "
+        raise InputError(f"--override-kv {text!r}: alphaq writes {key} itself (its plan, or the layout it plans); "
                           "it cannot be overridden")
     kind, colon, value = rest.partition(":")
     if not colon or kind not in KV_KINDS:
-        raise AlphaQError(f"--override-kv {text!r}: unknown type {kind!r}; {_KV_FORM}")
+        raise InputError(f"--override-kv {text!r}: unknown type {kind!r}; {_KV_FORM}")
     return KVOverride(key, kind, _kv_value(text, kind, value))
 
 
 def _kv_value(text: str, kind: str, value: str):
     if kind == "str":
         if len(value.encode()) > 127:
-            raise AlphaQError(f"--override-kv {text[:60]!r}...: a str value holds at most 127 bytes (llama.cpp)")
+            raise InputError(f"--override-kv {text[:60]!r}...: a str value holds at most 127 bytes (llama.cpp)")
         return value
     if kind == "bool":
         if value not in ("true", "false"):
-            raise AlphaQError(f"--override-kv {text!r}: a bool is true or false; {_KV_FORM}")
+            raise InputError(f"--override-kv {text!r}: a bool is true or false; {_KV_FORM}")
         return value == "true"
     try:
         number = int(value, 10) if kind == "int" else float(value)
     except ValueError:
-        raise AlphaQError(f"--override-kv {text!r}: {value!r} is not a{'n' if kind == 'int' else ''} {kind}; "
+        raise InputError(f"--override-kv {text!r}: {value!r} is not a{'n' if kind == 'int' else ''} {kind}; "
                           f"{_KV_FORM}") from None
     if kind == "int" and not 0 <= number <= _UINT32_MAX:
-        raise AlphaQError(f"--override-kv {text!r}: llama.cpp writes an int as uint32, so it must be in "
+        raise InputError(f"--override-kv {text!r}: llama.cpp writes an int as uint32, so it must be in "
                           f"0..{_UINT32_MAX}")
     return number
 

@@ -30,7 +30,7 @@ from gguf import GGMLQuantizationType
 
 from alphaq import __version__
 from alphaq.costs import NOISE_MODELS, Importance, importance_weights, paper_noise
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, BudgetError
 from alphaq.files import atomic_write_text
 from alphaq.overrides import Pins, compile_pattern, parse_tensor_type, pin_type, resolve_pins
 from alphaq.qtypes import (
@@ -139,7 +139,7 @@ class PlanConfig:
         one_of("noise model", self.noise, NOISE_MODELS)
         one_of("solver", self.solver, SOLVERS)
         if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and self.budget > 0):
-            raise AlphaQError(f"budget {self.budget} must be a positive finite number")
+            raise BudgetError(f"budget {self.budget} must be a positive finite number")
         resolve_types(self.types)
         for t in (self.non_expert_type, self.token_embd_type, self.output_type):
             resolve_type(t)
@@ -721,14 +721,19 @@ def _options(units, cfg: PlanConfig, eta) -> _Options:
                 continue  # same written type as an earlier candidate: one option
             seen.add(wt)
             opt.costs[i, j] = cc[c.name]
-            if cfg.budget_mode == "bits":
-                opt.sizes[i, j] = opt.params[i] * nominal_bits(wt)
-            elif cfg.budget_mode == "bpw":
-                opt.sizes[i, j] = 8 * b
-            else:
-                opt.sizes[i, j] = padded(b, cfg.alignment) if cfg.granularity == "tensor" or u.expert is None else b
+            opt.sizes[i, j] = _budget_size(u, wt, b, cfg)
         opt.cand_costs.append(cc)
     return opt
+
+
+def _budget_size(u: _Unit, wt: GGMLQuantizationType, n_bytes: int, cfg: PlanConfig) -> int:
+    """What the budget counts for unit ``u`` written as ``wt`` (``n_bytes`` unpadded): nominal
+    bits x weights, stored bits, or bytes in the file (an expert slice shares its tensor's padding)."""
+    if cfg.budget_mode == "bits":
+        return math.prod(u.shape) * nominal_bits(wt)
+    if cfg.budget_mode == "bpw":
+        return 8 * n_bytes
+    return padded(n_bytes, cfg.alignment) if cfg.granularity == "tensor" or u.expert is None else n_bytes
 
 
 def _fixed_tensors(tensors, allocated_names, by_name, by_tensor, cfg: PlanConfig, pinned) -> list[FixedTensor]:
@@ -780,7 +785,7 @@ def _budget_groups(setup: _Setup, opt: _Options, cfg: PlanConfig) -> list[tuple[
         lo = int(np.where(np.isfinite(sub_c), sub_s, np.iinfo(np.int64).max).min(axis=1).sum()) if len(idx) else 0
         hi = int(np.where(np.isfinite(sub_c), sub_s, 0).max(axis=1).sum()) if len(idx) else 0
         if cap < lo:
-            raise AlphaQError(_infeasible_message(cfg, g, lo, hi, g_params, setup.alloc_cap, total_params,
+            raise BudgetError(_infeasible_message(cfg, g, lo, hi, g_params, setup.alloc_cap, total_params,
                                                   (p_params, p_size)))
         if cap >= hi and len(idx):
             logger.info("budget is not binding%s: every item gets its lowest-noise type", "" if g is None else f" in block {g}")
@@ -793,7 +798,7 @@ def _check_pins_alone(setup: _Setup, cfg: PlanConfig, free_params: int) -> None:
     flags = "--output-tensor-type/--token-embedding-type/--tensor-type"
     if cfg.budget_mode == "size":
         if setup.pinned_bytes > math.floor(cfg.budget):
-            raise AlphaQError(f"the pinned tensors ({flags}) alone take {format_size(setup.pinned_bytes)}, more "
+            raise BudgetError(f"the pinned tensors ({flags}) alone take {format_size(setup.pinned_bytes)}, more "
                               f"than the target size {format_size(int(cfg.budget))}")
         return
     p_params = sum(p for p, _ in setup.pinned_load.values())
@@ -801,7 +806,7 @@ def _check_pins_alone(setup: _Setup, cfg: PlanConfig, free_params: int) -> None:
     covered = p_params + free_params
     if p_params and p_size > cfg.budget * covered:
         unit = "nominal bits" if cfg.budget_mode == "bits" else "bits per weight"
-        raise AlphaQError(f"the pinned tensors ({flags}) alone exceed the budget: {p_params:,} of the {covered:,} "
+        raise BudgetError(f"the pinned tensors ({flags}) alone exceed the budget: {p_params:,} of the {covered:,} "
                           f"weights it covers, at {p_size / p_params:.4f} {unit} each, make {p_size / covered:.4f} "
                           f"{unit} on average, above {cfg.budget:g}")
 
@@ -983,6 +988,81 @@ def _totals(items, fixed, tensors, cfg, header, estimated, objective, lower, pro
         n_pinned=sum(1 for f in fixed if f.reason.startswith("pinned")),
         pinned_bytes=sum(padded(f.bytes, cfg.alignment) for f in fixed if f.reason.startswith("pinned")),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# budget feasibility from shapes alone (before the float model is written or anything analysed)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetRange:
+    """The budgets a model can take with the candidate types, in the budget's own unit (nominal
+    bits, bits per weight, or file bytes), from tensor shapes and llama.cpp's shape fallbacks."""
+
+    low: float  # the smallest achievable (every allocated item at its smallest candidate)
+    high: float  # the largest the candidates can use (every item at its largest)
+    approximate: bool = False  # file bytes with an estimated header: a safe outer bound
+
+
+def allocated_names(tensors: Sequence[TensorInfo], cfg: PlanConfig, expert_tensors: set[str]) -> list[str]:
+    """The tensors the plan will allocate, in model order (the rule of `_select`, from names and
+    shapes: ``expert_tensors`` are the merged routed-expert tensors)."""
+    quantised = [t.name for t in tensors if llama_quantizes(t.name, t.shape)]
+    if cfg.allocate == "every":
+        return quantised
+    experts = [n for n in quantised if n in expert_tensors]
+    if cfg.allocate == "experts" and experts:
+        return experts
+    return [n for n in quantised if _block_of(n, ()) is not None]
+
+
+def budget_range(tensors: Sequence[TensorInfo], cfg: PlanConfig, expert_tensors: set[str], *,
+                 header: int = 0, extra_high: int = 0) -> BudgetRange:
+    """Smallest and largest budget for ``cfg``'s candidates on this model (the tightest block for
+    scope "block" in bits / bpw). File bytes add ``header`` to both ends and ``extra_high`` (what
+    is not known yet: estimated metadata, tensors of unknown type) to the high end."""
+    by_name = {t.name: t for t in tensors}
+    chosen = allocated_names(tensors, cfg, expert_tensors)
+    if not chosen:
+        raise AlphaQError("nothing to allocate: no tensor that llama.cpp quantises")
+    units = _units(chosen, by_name, {}, cfg)
+    lo: dict[int | None, int] = defaultdict(int)
+    hi: dict[int | None, int] = defaultdict(int)
+    params: dict[int | None, int] = defaultdict(int)
+    for u in units:
+        sizes = [_budget_size(u, wt, tensor_bytes(wt, u.shape), cfg)
+                 for wt in {effective_type(c, u.tensor.cols) for c in cfg.candidates}]
+        g = _block_of(u.tensor.name, ()) if cfg.scope == "block" and cfg.budget_mode != "size" else None
+        lo[g] += min(sizes)
+        hi[g] += max(sizes)
+        params[g] += math.prod(u.shape)
+    if cfg.budget_mode != "size":
+        return BudgetRange(max(lo[g] / params[g] for g in lo), max(hi[g] / params[g] for g in hi))
+    fixed = sum(padded(f.bytes, cfg.alignment) for f in _fixed_tensors(tensors, set(chosen), by_name, {}, cfg))
+    base = header + fixed + _expert_layout_reserve(units, len(cfg.candidates), cfg.alignment)
+    return BudgetRange(base + lo[None], base + hi[None] + extra_high, approximate=extra_high > 0)
+
+
+def check_budget_range(cfg: PlanConfig, rng: BudgetRange, *, source: str = "") -> None:
+    """BudgetError when ``cfg.budget`` lies outside ``rng``: the message gives the range. A size
+    range that is approximate is a safe outer bound (the exact check runs when the plan is solved)."""
+    if rng.low * (1 - 1e-12) <= cfg.budget <= rng.high * (1 + 1e-12):  # rounding of low / high only
+        return
+    side = "below the smallest" if cfg.budget < rng.low else "above the largest"
+    names = [t.name for t in cfg.candidates]
+    types = ",".join(names) if len(names) <= 4 else f"{len(names)} from {names[0]} to {names[-1]}"
+    where = f" for {source}" if source else ""
+    if cfg.budget_mode == "size":
+        about = "about " if rng.approximate else ""
+        raise BudgetError(
+            f"--target-size {format_size(cfg.budget)} is {side} file these types ({types}) can give{where}; "
+            f"achievable range {about}{format_size(rng.low)} .. {format_size(rng.high)}")
+    flag, unit = ("--budget", "nominal bits") if cfg.budget_mode == "bits" else ("--bpw", "bits per weight")
+    raise BudgetError(
+        f"{flag} {cfg.budget:g} is {side} achievable with these types ({types}){where}; "
+        f"achievable range {rng.low:.4f} .. {rng.high:.4f} {unit}"
+        + (" (the tightest block, scope=block)" if cfg.scope == "block" else ""))
 
 
 # ----------------------------------------------------------------------------------------------

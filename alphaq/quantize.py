@@ -12,6 +12,7 @@ so they are byte-identical to a stock ``llama-quantize`` run without calibration
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, QuantizeError
 from alphaq.ggml import LLAMA_IMATRIX_TYPES
 from alphaq.gguf_io import read_tensors
 
@@ -188,12 +189,33 @@ def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantization
                                  vectors or None, kv_overrides=kv_overrides)
     from tqdm import tqdm
 
+    tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        if _PROGRESS_LINE.match(line):
+            bar.update(1)
+
     with tqdm(total=len(n_elements), desc="quantise", unit="tensor", disable=not progress,
-              dynamic_ncols=True) as bar, _captured_log(lambda line: bar.update(1) if _PROGRESS_LINE.match(line) else None):
+              dynamic_ncols=True) as bar, _captured_log(on_line):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0:
-        raise AlphaQError(f"llama.cpp's quantiser failed (code {rc}) on {src}; rerun with -v to see its log")
+        raise QuantizeError(f"llama.cpp's quantiser failed on {src}: {failure_reason(tail, rc)}")
+
+
+# llama.cpp's log lines kept to explain a failure (its reason is the last one or close to it)
+_LOG_TAIL = 64
+
+
+def failure_reason(lines, rc: int) -> str:
+    """llama.cpp's own reason from its log ("llama_model_quantize: failed to quantize: ..."), else
+    its last line, else the return code."""
+    text = [ln.strip() for ln in lines if ln.strip()]
+    for ln in reversed(text):
+        if "failed to quantize:" in ln:
+            return ln.split("failed to quantize:", 1)[1].strip()
+    return text[-1] if text else f"llama_model_quantize returned {rc}"
 
 
 def quantize_stock(src: Path, dst: Path, mix: str, *, nthread: int = 0,
@@ -204,10 +226,12 @@ def quantize_stock(src: Path, dst: Path, mix: str, *, nthread: int = 0,
     if ftype is None:
         raise AlphaQError(f"unknown llama.cpp mix {mix!r}; allowed: {', '.join(STOCK_MIXES)}")
     params, keep = _build_params(int(ftype), nthread, None, imatrix)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
+    with _captured_log(tail.append):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({mix}) failed with code {rc} for {src}")
+        raise QuantizeError(f"llama.cpp's quantiser failed on {src} ({mix}): {failure_reason(tail, rc)}")
 
 
 _DRY_RUN_LINE = re.compile(r"\]\s+(\S+)\s+- \[.*?\], type =\s*(\S+), size = .*?(?:\((\S+)\))?\s*$")
@@ -231,7 +255,8 @@ def stock_mix_types(src: Path, mix: str) -> dict[str, str]:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), b"/dev/null", ctypes.byref(params))
     del keep
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize dry run ({mix}) failed with code {rc}")
+        raise QuantizeError(f"llama.cpp's quantiser failed on {src} ({mix}, dry run): "
+                            f"{failure_reason(lines[-_LOG_TAIL:], rc)}")
     types = {}
     for line in lines:
         m = _DRY_RUN_LINE.search(line.rstrip("\n"))

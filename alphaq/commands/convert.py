@@ -191,4 +191,12 @@ def summary(r) -> str:
     lines.append(f"  plan        {r.plan_json}" + (f", {r.tensor_type_file}" if r.tensor_type_file else ""))
     if r.plots:
         lines.append(f"  plots       {r.plots[0].parent}/: " + ", ".join(p.name for p in r.plots))
+    shown = r.warnings[:_MAX_WARNINGS]
+    for i, w in enumerate(shown):
+        lines.append(("  warnings    " if i == 0 else "              ") + w)
+    if len(r.warnings) > len(shown):
+        lines.append(f"              ... and {len(r.warnings) - len(shown)} more (in the log above)")
     return "\n".join(lines)
+
+
+_MAX_WARNINGS = 5  # in the summary; all of them are in the log
