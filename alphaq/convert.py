@@ -378,11 +378,12 @@ def _run_convert(cfg: ConvertConfig) -> ConvertResult:
             from convert.hf_to_gguf import check_tokenizer_files
 
             check_tokenizer_files(cfg.model)  # the converter's own error would name another cause
-        pins = early_budget_check(cfg, model)
-        if cfg.like is None and not pins.types:  # (pins: early_budget_check's range is the one with them)
+        pinning = cfg.plan.output_tensor_type or cfg.plan.token_embedding_type or cfg.plan.tensor_types
+        if cfg.like is None and not pinning:  # (with pins, early_budget_check's range is the one that holds)
             from alphaq.feasibility import check_budget as check_reachable
 
             check_reachable(cfg.model, cfg.plan, model)  # from shapes alone: before converting or analysing
+        pins = early_budget_check(cfg, model)
     for line in pins.unused:
         log.warning(line)
     everything = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)

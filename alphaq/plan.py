@@ -1039,7 +1039,7 @@ def budget_range(tensors: Sequence[TensorInfo], cfg: PlanConfig, expert_tensors:
         params[g] += math.prod(u.shape)
     if cfg.budget_mode != "size":
         return BudgetRange(max(lo[g] / params[g] for g in lo), max(hi[g] / params[g] for g in hi))
-    fixed = sum(padded(f.bytes, cfg.alignment) for f in _fixed_tensors(tensors, set(chosen), by_name, {}, cfg))
+    fixed = sum(padded(f.bytes, cfg.alignment) for f in _fixed_tensors(tensors, set(chosen), by_name, {}, cfg, {}))
     base = header + fixed + _expert_layout_reserve(units, len(cfg.candidates), cfg.alignment)
     return BudgetRange(base + lo[None], base + hi[None] + extra_high, approximate=extra_high > 0)
 
