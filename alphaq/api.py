@@ -5,7 +5,9 @@
     print(result.file_bytes, result.plan.totals.file_bpw)
 
 Library calls show no progress bars unless ``progress=True``, and raise ``alphaq.AlphaQError``
-(one line naming the value and what is allowed) for every mistake in their input.
+(one line naming the value and what is allowed) for every mistake in their input: its kinds
+``alphaq.InputError`` (model, file or path), ``alphaq.BudgetError`` (a budget the candidate types
+cannot meet, refused before any work) and ``alphaq.QuantizeError`` (llama.cpp's quantiser failed).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, InputError
 
 
 def _plan_config(mode: str, budget, bpw, target_size, options: dict):
@@ -36,21 +38,39 @@ def _plan_config(mode: str, budget, bpw, target_size, options: dict):
     return PlanConfig(**{**MODES[mode], "budget_mode": budget_mode, "budget": float(value), **plan_opts})
 
 
+def _pins(options: dict, tensor_type, tensor_type_file) -> None:
+    """llama-quantize's --tensor-type / --tensor-type-file as keyword arguments: their entries
+    (in that order) go before any ``tensor_types`` pairs given directly."""
+    from alphaq.overrides import tensor_type_entries
+
+    entries = tensor_type_entries(tensor_type, tensor_type_file)
+    if entries:
+        options["tensor_types"] = entries + tuple(options.get("tensor_types", ()))
+
+
 def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: float | None = None,
             bpw: float | None = None, target_size: int | str | None = None, like: str | None = None,
-            mode: str = "damage", progress: bool = False, force: bool = False, **options):
+            mode: str = "damage", plots: str | os.PathLike | None = None, progress: bool = False,
+            force: bool = False, tensor_type=None, tensor_type_file=None, override_kv=None, **options):
     """Convert ``model`` (HF checkpoint directory or F32/F16/BF16 GGUF) into ``output``.
 
     Budget: one of ``budget`` (nominal bits), ``bpw``, ``target_size`` (bytes or "12GiB") or
     ``like`` (a llama.cpp mix name); default 3 nominal bits. ``mode``: "damage" (default),
-    "fast" or "paper" (alphaq.plan.MODES). Other keyword options are PlanConfig fields (types,
-    gamma, granularity, ...) or ConvertConfig fields (imatrix, nthread, use_cache, split_max_size
-    (bytes, or "2G" as llama-gguf-split), split_max_tensors, keep_bf16, dry_run, ...).
+    "fast" or "paper" (alphaq.plan.MODES). llama-quantize's overrides, same syntax:
+    ``output_tensor_type="q8_0"``, ``token_embedding_type="q6_k"``, ``tensor_type="attn_v=q8_0"``
+    (or a list), ``tensor_type_file=path`` (or a list), ``override_kv="general.name=str:x"`` (or a
+    list). Other keyword options are PlanConfig fields (types, gamma, granularity, ...) or
+    ConvertConfig fields (imatrix, nthread, use_cache, split_max_size (bytes, or "2G" as
+    llama-gguf-split), split_max_tensors, keep_bf16, dry_run, ...).
+    ``plots="DIR"`` also writes the figures of ``alphaq convert --plots`` there (not with dry_run).
     Returns alphaq.convert.ConvertResult."""
     from alphaq.convert import ConvertConfig, run_convert
+    from alphaq.overrides import kv_overrides
 
     if like is not None and any(v is not None for v in (budget, bpw, target_size)):
         raise AlphaQError("like and another budget both set the budget; give one")
+    _pins(options, tensor_type, tensor_type_file)
+    options["kv_overrides"] = kv_overrides(override_kv) + kv_overrides(options.get("kv_overrides"))
     plan = _plan_config(mode, budget, bpw, 1 if like is not None else target_size, options)
     fields = {f.name for f in dataclasses.fields(ConvertConfig)}
     unknown = sorted(set(options) - fields)
@@ -65,24 +85,30 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
 
         options["split_max_size"] = parse_split_size(options["split_max_size"])
     cfg = ConvertConfig(model=Path(model), output=Path(output), plan=plan, progress=progress, force=force,
-                        like=like, **options)
+                        like=like, plots=None if plots is None else Path(plots), **options)
     return run_convert(cfg)
 
 
 def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | None = None,
-         target_size: int | str | None = None, mode: str = "fast", progress: bool = False, **options):
+         target_size: int | str | None = None, mode: str = "fast", progress: bool = False,
+         tensor_type=None, tensor_type_file=None, **options):
     """The allocation for a float GGUF without writing anything (modes "fast" and "paper": no
-    forward pass). Returns alphaq.plan.Plan."""
+    forward pass); takes convert's pins (output_tensor_type, tensor_type, ...). Returns
+    alphaq.plan.Plan."""
     from alphaq.plan import gguf_model_infos, make_plan
 
     if mode == "damage":
         raise AlphaQError("the damage mode runs the model; use alphaq.convert (plan takes mode 'fast' or 'paper')")
+    _pins(options, tensor_type, tensor_type_file)
     cfg = _plan_config(mode, budget, bpw, target_size, options)
     if options:
         raise AlphaQError(f"unknown option(s) {', '.join(sorted(options))}; see alphaq.plan.PlanConfig")
     path = Path(model)
     if not (path.is_file() and path.suffix == ".gguf"):
-        raise AlphaQError(f"{path} is not a .gguf file; plan reads a F32/F16/BF16 GGUF")
+        raise InputError(f"{path} is not a .gguf file; plan reads a F32/F16/BF16 GGUF")
+    from alphaq.feasibility import check_budget
+
+    check_budget(path, cfg)  # before the analysis
     tensors, header = gguf_model_infos(path, cfg.alignment)  # any part of a split GGUF: all of it
     stats = analyze(path, progress=progress)
     return make_plan(stats, tensors, cfg, fixed_bytes=header)

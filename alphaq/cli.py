@@ -2,7 +2,8 @@
 
 Every command module exposes ``register(subparsers)`` which adds its parser and sets
 ``func`` to a callable taking the parsed namespace and returning an exit code.
-User mistakes raise AlphaQError and become one line on stderr with exit code 2.
+User mistakes raise AlphaQError and become one line on stderr with exit code 2; any other
+exception is a bug and becomes one line and exit code 1, with the traceback under ``--debug``.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from alphaq import __version__
 from alphaq.errors import AlphaQError
 
 # Stage order: analyse -> plan -> convert -> eval, then run (generate in torch).
 COMMAND_MODULES = ("analyze", "plan", "convert", "eval", "run")
+DEBUG_HELP = "show the full traceback of an error (internal errors print one line without it)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alphaq", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"alphaq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -32,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # stage not built yet
             raise
         module.register(sub)
+    for command in sub.choices.values():  # also after the command (`alphaq convert ... --debug`);
+        # SUPPRESS: a sub-command's default must not overwrite a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -42,14 +49,29 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    debug = getattr(args, "debug", False)
     try:
         return int(args.func(args) or 0)
     except AlphaQError as exc:
-        print(f"alphaq {args.command}: error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"alphaq {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"alphaq {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001  (a bug: one line, the traceback on request)
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else "; rerun with --debug for the traceback"
+        print(f"alphaq {args.command}: internal error (a bug in alphaq, please report it): "
+              f"{type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (a multi-line message would read as several errors)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -31,15 +31,17 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from alphaq import __version__
 from alphaq.analyze import Cancelled, Throttle, analyze_model
-from alphaq.errors import AlphaQError
+from alphaq.errors import InputError, InternalError
 from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf_io import (FLOAT_TYPES, check_finite, copy_with_metadata, first_shard, header_bytes, model_bytes,
                             read_tensors)
 from alphaq.gguf_split import SplitSpec, split_gguf
 from alphaq.preflight import SPLIT_PART_OVERHEAD, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
-from alphaq.plan import Plan, PlanConfig, TensorInfo, format_size, make_plan
+from alphaq.overrides import KVOverride, Pins
+from alphaq.plan import Plan, PlanConfig, TensorInfo, check_budget, format_size, make_plan, plan_pins
 from alphaq.qtypes import llama_quantizes, padded, tensor_bytes
+from alphaq.records import MatrixStats
 from alphaq.quantize import STOCK_MIXES, mix_ftype, quantize_gguf, stock_mix_types
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral import SpectralConfig
@@ -70,11 +72,14 @@ class ConvertConfig:
     damage: DamageConfig = field(default_factory=DamageConfig)
     imatrix: Path | None = None  # a llama.cpp importance file to use instead of the self-made one
     like: str | None = None  # budget = the file size of this llama.cpp mix for this model
+    plots: Path | None = None  # write the figures of where the bits went here (alphaq.plots)
+    # llama-quantize's --override-kv: written into the output's metadata by llama.cpp's quantiser
+    kv_overrides: tuple[KVOverride, ...] = ()
     # output in parts, as llama-gguf-split --split-max-size / --split-max-tensors (alphaq.gguf_split)
     split_max_size: int | None = None  # bytes per part's tensor data at most
     split_max_tensors: int | None = None  # tensors per part at most
     keep_bf16: Path | None = None  # keep the float GGUF made from an HF checkpoint here
-    dry_run: bool = False  # pre-flight, stages and plan; write nothing
+    dry_run: bool = False  # pre-flight, stages and plan; write nothing (no figures either)
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,8 @@ class ConvertResult:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
     like: tuple[str, int] | None = None  # (mix, its size) when the budget was given by name
     float_bytes: int = 0  # size of the float GGUF the stages read (all its parts)
+    plots: tuple[Path, ...] = ()  # the figures written (convert --plots)
+    warnings: tuple[str, ...] = ()  # every WARNING logged during the run, repeated in the summary
     parts: tuple[Path, ...] = ()  # the output's parts when split (output is the first)
     kept_float: Path | None = None  # --keep-bf16
     dry_run: bool = False  # nothing written: file_bytes and tensor_counts are the plan's
@@ -123,22 +130,69 @@ def existing_parts(output: Path) -> list[Path]:
 
 def check_output(output: Path, force: bool, granularity: str, with_imatrix: bool = False, split: bool = False) -> None:
     if output.suffix != ".gguf":
-        raise AlphaQError(f"output {output} must end in .gguf")
+        raise InputError(f"output {output} must end in .gguf")
     if not output.parent.is_dir():
-        raise AlphaQError(f"output directory {output.parent} does not exist")
+        raise InputError(f"output directory {output.parent} does not exist")
     plan_json, tt_file = side_paths(output)
     targets = (existing_parts(output) if split else [output]) + [plan_json]
     targets += [tt_file] if granularity == "tensor" else []
     targets += [imatrix_path(output)] if with_imatrix else []
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
-        raise AlphaQError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+        raise InputError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+
+
+def check_plots_dir(plots: Path | None, force: bool) -> None:
+    """--plots DIR: a directory (or creatable as one) holding none of the figures' names, unless
+    ``force``. The alpha heatmaps' names depend on the model, so any ``heatmap_*.png`` counts."""
+    if plots is None:
+        return
+    from alphaq.plots import CONVERT_PLOT_NAMES
+
+    existing_ancestor = next(p for p in (plots, *plots.absolute().parents) if p.exists())
+    if not existing_ancestor.is_dir():
+        raise InputError(f"--plots {plots}: {existing_ancestor} is not a directory")
+    if plots.is_dir() and not force:
+        existing = sorted(str(p) for pattern in CONVERT_PLOT_NAMES for p in plots.glob(pattern))
+        if existing:
+            raise InputError(f"{', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''} already exist(s); "
+                              "pass --force to overwrite")
+
+
+class StagedPlots:
+    """--plots DIR: the figures rendered into a hidden directory inside DIR (created, with any
+    missing parents), renamed into DIR beside the other outputs by _publish. If the run fails,
+    nothing is left behind, not even a DIR that this run created."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.created = [p for p in (*reversed(out_dir.absolute().parents), out_dir.absolute()) if not p.exists()]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.stage = Path(tempfile.mkdtemp(prefix=".alphaq-plots-", dir=out_dir))
+        self.files: list[Path] = []
+
+    def render(self, plan: Plan, stats) -> None:
+        from alphaq.plots import write_convert_plots
+
+        self.files = write_convert_plots(plan, stats, self.stage)
+
+    def moves(self) -> list[tuple[Path, Path]]:
+        return [(p, self.out_dir / p.name) for p in self.files]
+
+    def close(self, published: bool) -> None:
+        for p in self.stage.glob("*"):
+            p.unlink()
+        self.stage.rmdir()
+        if not published:
+            for d in reversed(self.created):
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
 
 
 def check_float_gguf(path: Path) -> None:
     for t in read_tensors(path):
         if len(t.shape) >= 2 and t.type not in FLOAT_TYPES:
-            raise AlphaQError(
+            raise InputError(
                 f"{path} is already quantised ({t.name} is {t.type.name}); "
                 "alphaq needs an F32/F16/BF16 GGUF or an HF checkpoint")
 
@@ -201,15 +255,16 @@ def _noise_table(float_gguf: Path, stats, tensors, cfg: ConvertConfig):
 def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, tokenizer_fallback,
                       noise_table, damage=None) -> Plan:
     """Solve; for --target-size, re-solve once with the exact size of the alphaq keys."""
+    base_header += _QUANT_KV_MARGIN + sum(o.gguf_bytes for o in cfg.kv_overrides)
     plan = make_plan(stats, tensors, cfg.plan, noise_table=noise_table, damage=damage,
-                     fixed_bytes=padded(base_header + _QUANT_KV_MARGIN, cfg.plan.alignment))
+                     fixed_bytes=padded(base_header, cfg.plan.alignment))
     if cfg.plan.budget_mode != "size":
         return plan
     extra = metadata_bytes(alphaq_metadata(plan, cfg, tokenizer_fallback))
     # a split output: every further part has its own header
     extra += SPLIT_PART_OVERHEAD * (max_parts(cfg, len(tensors), int(cfg.plan.budget)) - 1)
     return make_plan(stats, tensors, cfg.plan, noise_table=noise_table, damage=damage,
-                     fixed_bytes=padded(base_header + _QUANT_KV_MARGIN + extra + 4096, cfg.plan.alignment))
+                     fixed_bytes=padded(base_header + extra + 4096, cfg.plan.alignment))
 
 
 def needs_spectral(cfg: ConvertConfig) -> bool:
@@ -232,7 +287,8 @@ def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig, user):
     ``user``: the user's importance matrix (read before any work), or None."""
     from alphaq.damage.run import self_calibrate
 
-    names = [t.name for t in tensors if llama_quantizes(t.name, t.shape)]
+    pinned = plan_pins(tensors, cfg.plan).types  # fixed types: no damage to measure
+    names = [t.name for t in tensors if llama_quantizes(t.name, t.shape) and t.name not in pinned]
     return self_calibrate(float_gguf, names, cfg.plan.candidates, text_cfg=cfg.selftext, cfg=cfg.damage,
                           user_imatrix=user, imatrix_source=str(cfg.imatrix), progress=cfg.progress,
                           per_expert=cfg.plan.granularity == "expert", use_cache=cfg.use_cache,
@@ -297,19 +353,57 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, out: Path, wanted):
     return conv.path, conv.tokenizer_fallback, stats
 
 
+class _WarningLog(logging.Handler):
+    """The WARNING lines of a run (alphaq's and the converter glue's loggers), kept for the
+    summary: nothing that went other than planned may stay in a log that scrolled away."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None = None) -> ConvertResult:
-    """The pipeline (module docstring). ``announce`` receives the pre-flight report (disk and time)
-    before any heavy work; the CLI prints it."""
-    cfg, source, has_experts, user_imatrix, pre = _prepare(cfg)
+    """Convert ``cfg.model`` into ``cfg.output`` (module docstring). ``announce`` receives the
+    pre-flight report (disk and time) before any heavy work; the CLI prints it. The result lists
+    every warning of the run, including the spectral stage's fallback to numpy."""
+    from dataclasses import replace
+
+    from alphaq import native
+
+    handler = _WarningLog()
+    loggers = [logging.getLogger("alphaq"), logging.getLogger("convert")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        result = _run_convert(cfg, announce)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    lines = [ln for ln in dict.fromkeys(handler.lines) if not ln.startswith("tokenizer fallback")]  # own line
+    why = native.unavailable_reason() if needs_spectral(cfg) else None
+    if why and why != "ALPHAQ_NATIVE=0" and not any("native kernels" in ln for ln in lines):
+        lines.append(f"native kernels unavailable ({why}); the spectral stage used numpy (same results, slower)")
+    return replace(result, warnings=tuple(lines))
+
+
+def _run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None) -> ConvertResult:
+    cfg, source, has_experts, user_imatrix, pins, pre = _prepare(cfg)
     if announce is not None:
         announce(pre.format(cfg.keep_bf16, _parts_note(cfg)))
     short = pre.shortfalls()
     if short and not cfg.dry_run:
-        raise AlphaQError(f"not enough disk space: {short[0]} (alphaq convert --dry-run shows the plan)")
-    wanted = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
+        raise InputError(f"not enough disk space: {short[0]} (alphaq convert --dry-run shows the plan)")
+    for line in pins.unused:
+        log.warning(line)
+    everything = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
+    wanted = (lambda m: everything(m) and m.tensor not in pins.types) if pins.types else everything
     damage_mode = cfg.plan.noise == "damage"
     seconds: dict[str, float] = {}
     tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=cfg.output.parent))
+    plots, published = None, []
     try:
         t0 = time.perf_counter()
         float_gguf, tokenizer_fallback, stats = _float_model(cfg, source, tmp_dir, wanted)
@@ -326,6 +420,7 @@ def run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None = Non
         plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback, noise,
                                  damage=calib.damage.costs if calib else None)
         seconds["plan"] = time.perf_counter() - t0
+        # (before quantising: an intermediate float model is deleted once the quantiser has read it)
         stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
         facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
                      float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None)
@@ -336,7 +431,8 @@ def run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None = Non
                          done_with_float=lambda: _release_float(cfg, float_gguf, tmp_dir))
         parts = _split_output(cfg, tmp_dir)
         seconds["quantise"] = time.perf_counter() - t0
-        published = _publish(cfg, plan, tmp_dir, calib, parts)
+        plots = _render_plots(cfg, plan, stats, seconds)
+        published = _publish(cfg, plan, tmp_dir, calib, parts, plots.moves() if plots else [])
     except BaseException:
         if cfg.keep_bf16 is not None:
             _kept_float_tmp(cfg.keep_bf16).unlink(missing_ok=True)  # the intermediate, not yet published
@@ -345,16 +441,34 @@ def run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None = Non
         for p in sorted(tmp_dir.glob("*")):
             p.unlink()
         tmp_dir.rmdir()
-    return _written_result(cfg, written, published, facts, calib)
+        if plots is not None:
+            plots.close(bool(published))
+    return _written_result(cfg, written, published, facts, calib, plots)
+
+
+def _render_plots(cfg: ConvertConfig, plan: Plan, stats, seconds: dict[str, float]) -> StagedPlots | None:
+    """--plots: the figures, staged for _publish (None without --plots)."""
+    if cfg.plots is None:
+        return None
+    t0 = time.perf_counter()
+    plots = StagedPlots(cfg.plots)
+    try:
+        plots.render(plan, stats)
+    except BaseException:
+        plots.close(published=False)
+        raise
+    seconds["plots"] = time.perf_counter() - t0
+    return plots
 
 
 def _prepare(cfg: ConvertConfig):
     """Every check that needs no heavy work, and the pre-flight figures: (cfg with a GGUF input
-    resolved to its first part, source, has experts, the user's imatrix, Preflight)."""
+    resolved to its first part, source, has experts, the user's imatrix, the pins, Preflight)."""
     damage_mode = cfg.plan.noise == "damage"
     split = bool(cfg.split_max_size or cfg.split_max_tensors)
     # a dry run writes nothing, so existing outputs do not matter, but the output's directory does
     check_output(cfg.output, cfg.force or cfg.dry_run, cfg.plan.granularity, with_imatrix=damage_mode, split=split)
+    check_options(cfg)
     if cfg.like is not None:
         mix_ftype(cfg.like)  # an unknown mix name fails before any work
     user_imatrix = None
@@ -367,35 +481,52 @@ def _prepare(cfg: ConvertConfig):
             from dataclasses import replace
 
             cfg = replace(cfg, model=first_shard(cfg.model))
-        check_options(cfg, model.source)
+        check_keep_bf16(cfg, model.source)
         has_experts = any(m.expert is not None for m in model.matrices())
+        if model.source == "hf":
+            from convert.hf_to_gguf import check_tokenizer_files
+
+            check_tokenizer_files(cfg.model)  # the converter's own error would name another cause
+        pinning = cfg.plan.output_tensor_type or cfg.plan.token_embedding_type or cfg.plan.tensor_types
+        if cfg.like is None and not pinning:  # (with pins, early_budget_check's range is the one that holds)
+            from alphaq.feasibility import check_budget as check_reachable
+
+            check_reachable(cfg.model, cfg.plan, model)  # from shapes alone: before converting or analysing
+        pins = early_budget_check(cfg, model)
         pre = preflight(cfg, model)
-        return cfg, model.source, has_experts, user_imatrix, pre
+        return cfg, model.source, has_experts, user_imatrix, pins, pre
 
 
-def check_options(cfg: ConvertConfig, source: str) -> None:
-    """--split-max-*, --keep-bf16 and --dry-run against each other and the input."""
+def check_options(cfg: ConvertConfig) -> None:
+    """--split-max-*, --dry-run and --plots against each other (before the model is opened)."""
     if cfg.split_max_size is not None and cfg.split_max_tensors is not None:
-        raise AlphaQError("--split-max-size and --split-max-tensors both set the split; give one")
+        raise InputError("--split-max-size and --split-max-tensors both set the split; give one")
     if cfg.split_max_size is not None or cfg.split_max_tensors is not None:
         SplitSpec(cfg.split_max_size, cfg.split_max_tensors)  # validates the values
         if cfg.plan.granularity == "expert":
-            raise AlphaQError("--split-max-size/--split-max-tensors need --granularity tensor "
-                              "(split expert-granular files are not supported)")
+            raise InputError("--split-max-size/--split-max-tensors need --granularity tensor "
+                             "(split expert-granular files are not supported)")
+    if cfg.dry_run and cfg.plots is not None:
+        raise InputError("--plots writes figures and --dry-run writes nothing; give one")
+    check_plots_dir(cfg.plots, cfg.force)
+
+
+def check_keep_bf16(cfg: ConvertConfig, source: str) -> None:
+    """--keep-bf16 against --dry-run, the input (``source``: "hf" or "gguf") and the outputs."""
     if cfg.keep_bf16 is None:
         return
     if cfg.dry_run:
-        raise AlphaQError("--keep-bf16 writes a file and --dry-run writes none; give one")
+        raise InputError("--keep-bf16 writes a file and --dry-run writes none; give one")
     if source != "hf":
-        raise AlphaQError(f"--keep-bf16 keeps the BF16 GGUF made from an HF checkpoint; {cfg.model} is already a GGUF")
+        raise InputError(f"--keep-bf16 keeps the BF16 GGUF made from an HF checkpoint; {cfg.model} is already a GGUF")
     if cfg.keep_bf16.suffix != ".gguf":
-        raise AlphaQError(f"--keep-bf16 {cfg.keep_bf16} must end in .gguf")
+        raise InputError(f"--keep-bf16 {cfg.keep_bf16} must end in .gguf")
     if not cfg.keep_bf16.parent.is_dir():
-        raise AlphaQError(f"--keep-bf16 directory {cfg.keep_bf16.parent} does not exist")
+        raise InputError(f"--keep-bf16 directory {cfg.keep_bf16.parent} does not exist")
     if cfg.keep_bf16.exists() and not cfg.force:
-        raise AlphaQError(f"{cfg.keep_bf16} already exists; pass --force to overwrite")
+        raise InputError(f"{cfg.keep_bf16} already exists; pass --force to overwrite")
     if cfg.keep_bf16.resolve() in {cfg.output.resolve(), *(p.resolve() for p in side_paths(cfg.output))}:
-        raise AlphaQError(f"--keep-bf16 {cfg.keep_bf16} is one of the outputs")
+        raise InputError(f"--keep-bf16 {cfg.keep_bf16} is one of the outputs")
 
 
 def _parts_note(cfg: ConvertConfig) -> str:
@@ -429,11 +560,41 @@ def _split_output(cfg: ConvertConfig, tmp_dir: Path) -> list[Path]:
     parts = split_gguf(final, tmp_dir / "part", spec)
     whole = [(t.name, t.type, t.n_bytes) for t in read_tensors(final)]
     if sorted(whole) != sorted((t.name, t.type, t.n_bytes) for t in read_tensors(parts[0])):
-        raise RuntimeError("the output's parts do not hold exactly the tensors of the whole file")
+        raise InternalError("the output's parts do not hold exactly the tensors of the whole file")
     final.unlink()
     if cfg.plan.budget_mode == "size" and sum(p.stat().st_size for p in parts) > cfg.plan.budget:
-        raise RuntimeError("the output's parts exceed --target-size (the split overhead bound is wrong)")
+        raise InternalError("the output's parts exceed --target-size (the split overhead bound is wrong)")
     return parts
+
+
+def early_budget_check(cfg: ConvertConfig, model) -> Pins:
+    """The pins and the budget against the model's shapes, before any expensive stage (the
+    same one-line errors as the plan's). An HF checkpoint's GGUF tensors are known only by the
+    matrices it will become: the check then uses the quantised tensors and no header, a lower
+    bound of the file. With --like the budget is known only from the float model: pins only."""
+    if model.source == "gguf":
+        check_float_gguf(cfg.model)
+        tensors, header = tensor_infos(cfg.model), header_bytes(cfg.model)
+    else:
+        tensors, header = _quantised_tensors(model.matrices()), 0
+    if cfg.like is not None:
+        return plan_pins(tensors, cfg.plan)
+    known = {t.name for t in tensors}
+    stats = [MatrixStats(m.tensor, m.block, m.expert, m.kind, m.rows, m.cols, m.params, float("nan"), float("nan"),
+                         0, 0, signal=False) for m in model.matrices() if m.tensor in known]
+    return check_budget(stats, tensors, cfg.plan, fixed_bytes=header)
+
+
+def _quantised_tensors(matrices) -> list[TensorInfo]:
+    """The GGUF tensors (name, numpy shape) that llama.cpp will quantise, from the matrices."""
+    dims: dict[str, tuple[int, int]] = {}
+    n_expert: dict[str, int] = {}
+    for m in matrices:
+        dims[m.tensor] = (m.rows, m.cols)
+        if m.expert is not None:
+            n_expert[m.tensor] = max(n_expert.get(m.tensor, 0), m.expert + 1)
+    shapes = {n: ((n_expert[n],) if n in n_expert else ()) + d for n, d in dims.items()}
+    return [TensorInfo(n, shape, "BF16") for n, shape in shapes.items() if llama_quantizes(n, shape)]
 
 
 def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):
@@ -450,7 +611,7 @@ def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):
         conv = convert_hf(cfg.model, out, outtype="bf16")
         check_finite(conv.path)
         return conv.path, conv.tokenizer_fallback, []
-    check_float_gguf(cfg.model)
+    # a GGUF input was checked to be float by early_budget_check
     if not needs_spectral(cfg):
         check_finite(cfg.model)
         return cfg.model, None, []
@@ -473,7 +634,7 @@ def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: P
     log.info("quantising %d tensors with llama.cpp's quantiser", len(types))
     quantised = tmp_dir / "quantised.gguf"
     quantize_gguf(float_gguf, quantised, to_llama, nthread=cfg.nthread, progress=cfg.progress,
-                  file_type_from=types, imatrix=means)
+                  file_type_from=types, imatrix=means, kv_overrides=cfg.kv_overrides)
     final = tmp_dir / "final.gguf"
     meta = alphaq_metadata(plan, cfg, tokenizer_fallback)
     if layouts:
@@ -487,10 +648,11 @@ def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: P
     return types, layouts
 
 
-def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib, parts: list[Path]) -> list[Path]:
-    """Side files first, then the model's parts from the last to the first (the first's presence
-    means the run completed; llama.cpp loads from it), then the kept BF16 model; nothing that
-    appeared meanwhile is replaced without --force. Returns the published model file(s)."""
+def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib, parts: list[Path],
+             plot_moves: list[tuple[Path, Path]]) -> list[Path]:
+    """Side files (and the figures) first, then the model's parts from the last to the first (the
+    first's presence means the run completed; llama.cpp loads from it), then the kept BF16 model;
+    nothing that appeared meanwhile is replaced without --force. Returns the published model file(s)."""
     split = parts[0].name != "final.gguf"
     targets = ([cfg.output.with_name(cfg.output.name.removesuffix(".gguf") + p.name.removeprefix("part"))
                 for p in parts] if split else [cfg.output])
@@ -506,14 +668,16 @@ def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib, parts: list[P
         write_imatrix(tmp_dir / "imatrix.gguf", calib.imatrix)
         staged.append((tmp_dir / "imatrix.gguf", imatrix_path(cfg.output)))
     check_output(cfg.output, cfg.force, cfg.plan.granularity, with_imatrix=calib is not None, split=split)
+    existing = [str(dst) for _, dst in plot_moves if dst.exists()]
+    existing += [str(cfg.keep_bf16)] if cfg.keep_bf16 is not None and cfg.keep_bf16.exists() else []
+    if existing and not cfg.force:
+        raise InputError(f"{', '.join(existing)} appeared meanwhile; pass --force to overwrite")
     stale = [p for p in existing_parts(cfg.output) if p not in targets] if split else []
-    for src, dst in staged + list(reversed(list(zip(parts, targets)))):
+    for src, dst in staged + plot_moves + list(reversed(list(zip(parts, targets)))):
         os.replace(src, dst)
     for p in stale:  # --force: parts of an earlier split of this output into another count
         p.unlink()
     if cfg.keep_bf16 is not None:
-        if cfg.keep_bf16.exists() and not cfg.force:
-            raise AlphaQError(f"{cfg.keep_bf16} appeared meanwhile; pass --force to overwrite")
         os.replace(_kept_float_tmp(cfg.keep_bf16), cfg.keep_bf16)
     return targets
 
@@ -540,7 +704,8 @@ def _planned_result(cfg: ConvertConfig, tensors, facts: dict) -> ConvertResult:
                          runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, **facts)
 
 
-def _written_result(cfg: ConvertConfig, written, published: list[Path], facts: dict, calib) -> ConvertResult:
+def _written_result(cfg: ConvertConfig, written, published: list[Path], facts: dict, calib,
+                    plots: StagedPlots | None) -> ConvertResult:
     types, layouts = written
     counts = Counter(t.name for t in types.values())
     counts.update(t.name for lay in layouts.values() for t in lay.types)  # one tensor per group
@@ -552,7 +717,7 @@ def _written_result(cfg: ConvertConfig, written, published: list[Path], facts: d
         runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, n_grouped=len(layouts),
         imatrix_file=imatrix_path(cfg.output) if calib else None,
         parts=tuple(published) if len(published) > 1 or published[0] != cfg.output else (),
-        kept_float=cfg.keep_bf16, **facts)
+        kept_float=cfg.keep_bf16, plots=tuple(dst for _, dst in plots.moves()) if plots else (), **facts)
 
 
 def _verify(path: Path, plan: Plan, types: dict, layouts: dict[str, ExpertGroups]) -> None:
@@ -565,17 +730,17 @@ def _verify(path: Path, plan: Plan, types: dict, layouts: dict[str, ExpertGroups
     wrong = [f"{n}: planned {t.name}, written {written[n].type.name if n in written else 'nothing'}"
              for n, t in expected.items() if n not in written or written[n].type != t]
     if wrong:
-        raise RuntimeError("llama.cpp wrote other types than planned: " + "; ".join(wrong[:5]))
+        raise InternalError("llama.cpp wrote other types than planned: " + "; ".join(wrong[:5]))
     align = plan.settings.get("alignment", 32)
     data = sum(padded(t.n_bytes, align) for t in written.values())
     planned = plan.totals.allocated_bytes + plan.totals.fixed_tensor_bytes
     if data != planned:
-        raise RuntimeError(f"tensor bytes {data} differ from the plan's prediction {planned}")
+        raise InternalError(f"tensor bytes {data} differ from the plan's prediction {planned}")
 
 
 def load_plan_from_gguf(path: Path) -> dict:
     """The plan JSON embedded in an AlphaQ GGUF (alphaq.plan)."""
     field_ = GGUFReader(path).get_field("alphaq.plan")
     if field_ is None:
-        raise AlphaQError(f"{path} has no alphaq.plan key: not written by alphaq convert")
+        raise InputError(f"{path} has no alphaq.plan key: not written by alphaq convert")
     return json.loads(field_.contents())

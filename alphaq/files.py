@@ -19,6 +19,25 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def read_json(path: Path) -> object:
+    """The JSON in ``path``; a file that is not valid JSON is an InputError naming the file and
+    where parsing stopped (line, column)."""
+    import json
+
+    from alphaq.errors import InputError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.start}): not a JSON file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
 def fingerprint(path: Path, samples_per_tensor: int = 8, sample_bytes: int = 1 << 16) -> str:
     """A content key for a GGUF file without reading all of it: the header (every key/value and
     tensor info) plus ``samples_per_tensor`` evenly spaced chunks of every tensor's data. A split

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, QuantizeError
 
 logger = logging.getLogger(__name__)
 
@@ -157,5 +157,6 @@ def quantize(
         int(t), x.ctypes.data_as(_c_float_p), out.ctypes.data_as(ctypes.c_void_p), 0, n_rows, n_per_row, qw
     )
     if written != out.size:
-        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {t.name}, expected {out.size}")
+        raise QuantizeError(f"ggml's quantiser wrote {written} bytes of {t.name} for {n_rows} rows of {n_per_row}, "
+                            f"expected {out.size}")
     return out

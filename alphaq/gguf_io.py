@@ -36,6 +36,24 @@ def read_tensors(path: Path) -> list[TensorRecord]:
     return [r for shard in shard_paths(path) for r in _read_header(shard)[0]]
 
 
+def check_gguf(path: Path) -> list[TensorRecord]:
+    """read_tensors, with an InputError naming the file when it is missing or not a readable GGUF."""
+    from alphaq.errors import InputError
+
+    if not path.is_file():
+        raise InputError(f"model {path} does not exist" if not path.exists() else f"model {path} is not a file")
+    try:
+        tensors = read_tensors(path)
+    except (ValueError, OSError, struct.error, UnicodeDecodeError, KeyError, IndexError) as exc:
+        raise InputError(f"{path}: not a readable GGUF file ({' '.join(str(exc).split())})") from None
+    if not tensors:
+        raise InputError(f"{path}: a GGUF file without tensors")
+    need, size = header_bytes(path) + sum(t.n_bytes for t in tensors), model_bytes(path)  # a split GGUF: all parts
+    if size < need:  # (a lower bound: the padding between tensors is not counted)
+        raise InputError(f"{path} is truncated: {size} bytes, its tensors alone need {need}")
+    return tensors
+
+
 # byte sizes of GGUF's fixed-size value types (GGUFValueType: UINT8 .. FLOAT64)
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY, _UINT32 = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY), int(GGUFValueType.UINT32)
@@ -179,7 +197,7 @@ def shard_paths(path: Path) -> list[Path]:
     llama.cpp loads a split model only from its first part (split.no 0) and finds the others by
     name (llama_split_prefix + llama_split_path, for split.count parts); here any part is accepted
     and resolves to the same list (the first part is ``[0]``, the path to hand to llama.cpp)."""
-    from alphaq.errors import AlphaQError
+    from alphaq.errors import InputError
 
     path = Path(path)
     h = file_header(path)
@@ -188,16 +206,16 @@ def shard_paths(path: Path) -> list[Path]:
     no = h.split_no or 0
     prefix = split_prefix(path, no, h.split_count)
     if prefix is None:
-        raise AlphaQError(f"{path} is part {no + 1} of a split GGUF of {h.split_count} (split.no, split.count), "
+        raise InputError(f"{path} is part {no + 1} of a split GGUF of {h.split_count} (split.no, split.count), "
                           f"but its name does not end in {SPLIT_SUFFIX.format(no + 1, h.split_count)}, so the "
                           "other parts cannot be found (llama.cpp's naming)")
     parts = [split_path(prefix, i, h.split_count) for i in range(h.split_count)]
     for i, part in enumerate(parts):
         if not part.is_file():
-            raise AlphaQError(f"split GGUF part {part} is missing (split.count {h.split_count} in {path})")
+            raise InputError(f"split GGUF part {part} is missing (split.count {h.split_count} in {path})")
         part_no = h.split_no if part == path else file_header(part).split_no
         if (part_no or 0) != i:
-            raise AlphaQError(f"{part} has split.no {part_no}, expected {i}: not a part of the same split GGUF")
+            raise InputError(f"{part} has split.no {part_no}, expected {i}: not a part of the same split GGUF")
     return parts
 
 
@@ -284,10 +302,10 @@ def check_finite(path: Path) -> None:
 
     The default path runs the model before anything else reads its weights, and a NaN weight
     would surface there as a NaN activation far from its cause."""
-    from alphaq.errors import AlphaQError
+    from alphaq.errors import InputError
 
     for part in shard_paths(path):
-        _check_finite_file(part, AlphaQError)
+        _check_finite_file(part, InputError)
 
 
 def _check_finite_file(path: Path, error) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import gguf
 
-from alphaq.errors import AlphaQError
+from alphaq.errors import InputError
 from alphaq.gguf_io import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT, file_header, split_path
 
 def parse_split_size(text: str) -> int:
@@ -37,13 +37,13 @@ def parse_split_size(text: str) -> int:
     One difference: gguf-split reads N with sscanf("%d"), so it takes '1.5G' as 1G; here anything
     but a whole number before the unit is refused."""
     if not text or text[-1] not in "MG":
-        raise AlphaQError(f"--split-max-size {text!r}: supported units are M (megabytes) or G (gigabytes), "
+        raise InputError(f"--split-max-size {text!r}: supported units are M (megabytes) or G (gigabytes), "
                           "e.g. 500M or 2G (llama-gguf-split's syntax)")
     if not re.fullmatch(r"[+-]?\d+", text[:-1]):
-        raise AlphaQError(f"--split-max-size {text!r}: give a whole number before M or G, e.g. 500M or 2G")
+        raise InputError(f"--split-max-size {text!r}: give a whole number before M or G, e.g. 500M or 2G")
     n = int(text[:-1])
     if n <= 0:
-        raise AlphaQError(f"--split-max-size {text!r}: size must be a positive value")
+        raise InputError(f"--split-max-size {text!r}: size must be a positive value")
     return n * (10**6 if text[-1] == "M" else 10**9)
 
 
@@ -56,9 +56,9 @@ class SplitSpec:
 
     def __post_init__(self) -> None:
         if (self.max_bytes is None) == (self.max_tensors is None):
-            raise AlphaQError("give one of --split-max-size and --split-max-tensors")
+            raise InputError("give one of --split-max-size and --split-max-tensors")
         if self.max_tensors is not None and self.max_tensors < 1:
-            raise AlphaQError(f"--split-max-tensors {self.max_tensors} must be at least 1")
+            raise InputError(f"--split-max-tensors {self.max_tensors} must be at least 1")
 
 
 def assign_parts(tensor_bytes: list[int], spec: SplitSpec) -> list[list[int]]:
@@ -73,7 +73,7 @@ def assign_parts(tensor_bytes: list[int], spec: SplitSpec) -> list[list[int]]:
             new_part = 0 < i < len(tensor_bytes) and i % spec.max_tensors == 0
         if new_part:
             if not parts[-1]:
-                raise AlphaQError("one of the split parts would have 0 tensors; the split limit is too small")
+                raise InputError("one of the split parts would have 0 tensors; the split limit is too small")
             parts.append([])
             current = n_padded
         else:
@@ -104,7 +104,7 @@ def _source(mm, path: Path) -> tuple[list[tuple[str, bytes]], list[_Tensor], int
     """(key/values as (key, raw bytes), tensors, alignment) of the GGUF being split."""
     h = file_header(path)
     if any(k in h.keys for k in (SPLIT_NO, SPLIT_COUNT)):
-        raise AlphaQError(f"{path} is already a part of a split GGUF")
+        raise InputError(f"{path} is already a part of a split GGUF")
     kvs, off = [], 24
     for key, end in zip(h.keys, h.kv_ends):
         kvs.append((key, bytes(mm[off:end])))
@@ -131,7 +131,7 @@ def split_gguf(src: Path, prefix: str | Path, spec: SplitSpec) -> list[Path]:
     with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         kvs, tensors, alignment = _source(mm, src)
         if alignment != gguf.GGUF_DEFAULT_ALIGNMENT:  # gguf-split pads data to 32 bytes whatever the alignment
-            raise AlphaQError(f"{src} has general.alignment {alignment}; gguf-split handles only 32")
+            raise InputError(f"{src} has general.alignment {alignment}; gguf-split handles only 32")
         parts = assign_parts([t.n_bytes for t in tensors], spec)
         paths = [split_path(prefix, i, len(parts)) for i in range(len(parts))]
         for no, (indices, path) in enumerate(zip(parts, paths)):

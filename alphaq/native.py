@@ -10,8 +10,10 @@
 The C file is compiled on first use with the machine's C compiler (``$CC``, else ``cc``;
 ``-O3 -march=native``) into ``~/.cache/alphaq/native``, keyed by the source, the compiler, its
 flags and the CPU's features, and loaded with ctypes (calls release the GIL, so threads run in parallel). Without a
-compiler `available` is False and callers use numpy; results agree to rounding (eigenvalues to
-~1e-15 * lambda_max, variances to ~1e-14 relative; tests). ``ALPHAQ_NATIVE=0`` turns it off.
+compiler, or when the compile fails, `available` is False and callers use numpy (logged once as a
+WARNING with the compiler's error; `unavailable_reason` says why, and `alphaq convert` lists it
+in its summary); results agree to rounding (eigenvalues to ~1e-15 * lambda_max, variances to
+~1e-14 relative; tests). ``ALPHAQ_NATIVE=0`` turns it off on purpose (logged at INFO).
 """
 
 from __future__ import annotations
@@ -75,9 +77,15 @@ def _compile(compiler: str) -> Path:
             os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
             return lib
         os.unlink(tmp)
-        last = run.stderr.strip().splitlines()[-1:]
-        errors.append(f"{' '.join(flags)}: {last[0] if last else f'exit code {run.returncode}'}")
+        errors.append(f"{' '.join(flags)}: {_compiler_error(run)}")
     raise OSError("; ".join(errors))
+
+
+def _compiler_error(run: subprocess.CompletedProcess) -> str:
+    """The compiler's first error line (its last is often just "compilation terminated.")."""
+    lines = [ln.strip() for ln in (run.stderr or "").splitlines() if ln.strip()]
+    first = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else None)
+    return first or f"exit code {run.returncode}"
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -102,7 +110,7 @@ def _load() -> dict:
         if os.environ.get("ALPHAQ_NATIVE", "1") == "0":
             why = "ALPHAQ_NATIVE=0"
         elif shutil.which(compiler) is None:
-            why = f"no C compiler ({compiler})"
+            why = f"no C compiler ({compiler}; set $CC)"
         else:
             try:
                 lib = ctypes.CDLL(str(_compile(compiler)))
@@ -110,10 +118,18 @@ def _load() -> dict:
                 _state["lib"] = lib
                 return _state
             except (OSError, AttributeError, subprocess.SubprocessError) as exc:
-                why = f"compiling {SOURCE.name} failed ({exc})"
-        log.info("native kernels unavailable (%s); the spectral stage uses numpy", why)
+                why = f"compiling {SOURCE.name} with {compiler} failed: {exc}"
+        # on purpose: INFO; otherwise the user should know the spectral stage runs ~2x slower
+        log.log(logging.INFO if why == "ALPHAQ_NATIVE=0" else logging.WARNING,
+                "native kernels unavailable (%s); the spectral stage uses numpy (same results, slower)", why)
         _state["error"] = why
         return _state
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled kernels are not used ("ALPHAQ_NATIVE=0", "no C compiler (...)", or
+    "compiling native.c with CC failed: <the compiler's error>"), or None when they are."""
+    return _load().get("error")
 
 
 def available() -> bool:

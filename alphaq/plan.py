@@ -30,8 +30,9 @@ from gguf import GGMLQuantizationType
 
 from alphaq import __version__
 from alphaq.costs import NOISE_MODELS, Importance, importance_weights, paper_noise
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, BudgetError, InputError
 from alphaq.files import atomic_write_text
+from alphaq.overrides import Pins, compile_pattern, parse_tensor_type, pin_type, resolve_pins
 from alphaq.qtypes import (
     DEFAULT_CANDIDATES,
     FULL_LADDER,
@@ -118,6 +119,13 @@ class PlanConfig:
     token_embd_type: str = "Q4_K"  # token embeddings
     output_type: str = "Q6_K"  # output head (llama.cpp's choice); also token_embd when tied
     alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT  # GGUF tensor-data alignment (bytes)
+    # pins, llama-quantize's --output-tensor-type / --token-embedding-type / --tensor-type
+    # (alphaq.overrides): fixed items whose bytes count against the budget; the knapsack
+    # allocates the rest. tensor_types: (pattern, type) pairs, first match wins; a "PATTERN=TYPE"
+    # string is read as llama-quantize reads it (pattern lower-cased)
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    tensor_types: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         def one_of(name, value, allowed):
@@ -131,7 +139,7 @@ class PlanConfig:
         one_of("noise model", self.noise, NOISE_MODELS)
         one_of("solver", self.solver, SOLVERS)
         if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and self.budget > 0):
-            raise AlphaQError(f"budget {self.budget} must be a positive finite number")
+            raise BudgetError(f"budget {self.budget} must be a positive finite number")
         resolve_types(self.types)
         for t in (self.non_expert_type, self.token_embd_type, self.output_type):
             resolve_type(t)
@@ -141,10 +149,22 @@ class PlanConfig:
             raise AlphaQError(f"mse_rows {self.mse_rows} must be >= 1 (or None for all rows)")
         if self.alignment < 1 or self.alignment & (self.alignment - 1):
             raise AlphaQError(f"alignment {self.alignment} must be a power of two")
+        for name, flag in (("output_tensor_type", "--output-tensor-type"),
+                           ("token_embedding_type", "--token-embedding-type")):
+            if getattr(self, name) is not None:  # kept as the canonical type name
+                object.__setattr__(self, name, pin_type(getattr(self, name), flag))
+        object.__setattr__(self, "tensor_types", tuple(_pin_entry(e) for e in self.tensor_types))
 
     @property
     def candidates(self) -> tuple[GGMLQuantizationType, ...]:
         return resolve_types(self.types)
+
+
+def _pin_entry(entry) -> tuple[str, str]:
+    if isinstance(entry, str):
+        return parse_tensor_type(entry)
+    pattern, type_name = entry
+    return compile_pattern(pattern).pattern, pin_type(type_name, f"--tensor-type {pattern}={type_name}")
 
 
 _SIZE_UNITS = {
@@ -266,6 +286,8 @@ class PlanTotals:
     lower_bound: float  # LP bound (certificate): objective - lower_bound >= suboptimality
     proven_optimal: bool
     n_fallback_items: int  # items whose chosen type is a fallback
+    n_pinned: int = 0  # tensors pinned by --output-tensor-type/--token-embedding-type/--tensor-type
+    pinned_bytes: int = 0  # their bytes, padded (part of fixed_tensor_bytes)
 
 
 @dataclass(frozen=True)
@@ -458,27 +480,32 @@ def _index(stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo]):
     return by_name, by_tensor
 
 
-def _select(by_name, by_tensor, cfg: PlanConfig) -> tuple[list[str], str]:
-    """Names of the allocated tensors (model order kept by the caller) and the effective policy."""
+def _select(by_name, by_tensor, cfg: PlanConfig, pinned: Mapping[str, object]) -> tuple[list[str], list[str], str]:
+    """(names of the allocated tensors, pinned tensors the allocation would otherwise hold, the
+    effective policy); model order is kept by the caller. A pinned tensor needs no statistics:
+    one is in the allocation's set by its name and shape as an analysed one would be."""
     quantised = {n for n, t in by_name.items() if llama_quantizes(n, t.shape)}
+    unanalysed_pins = [n for n in by_name if n in quantised and n in pinned and n not in by_tensor]
     if cfg.allocate == "every":
-        chosen = [n for n in by_name if n in quantised]
+        in_set = [n for n in by_name if n in quantised]
+        chosen = [n for n in in_set if n not in pinned]
         missing = [n for n in chosen if n not in by_tensor]
         if missing and cfg.noise != "damage":
             raise AlphaQError(f"--allocate every with the {cfg.noise} noise model needs statistics for every "
                               f"quantised tensor; there are none for {missing[0]}")
-        return chosen, "every"
+        return chosen, [n for n in in_set if n in pinned], "every"
     experts = [n for n, ss in by_tensor.items() if n in quantised and any(s.expert is not None for s in ss)]
+    experts += [n for n in unanalysed_pins if len(by_name[n].shape) == 3 and "_exps" in n]
     allocate = cfg.allocate
     if allocate == "experts" and not experts:
         logger.info("no routed-expert statistics: dense model, allocating over all analysed linear layers (App. A.4)")
         allocate = "all"
     if allocate == "experts":
-        chosen = experts
+        in_set = experts
     else:
-        chosen = [
-            n for n, ss in by_tensor.items() if n in quantised and _block_of(n, ss) is not None
-        ]
+        in_set = [n for n, ss in by_tensor.items() if n in quantised and _block_of(n, ss) is not None]
+        in_set += [n for n in unanalysed_pins if _block_of(n, ()) is not None]
+    chosen = [n for n in in_set if n not in pinned]
     for n in chosen:
         t, ss = by_name[n], by_tensor[n]
         if any(s.expert is None for s in ss) and len(ss) > 1:
@@ -489,7 +516,7 @@ def _select(by_name, by_tensor, cfg: PlanConfig) -> tuple[list[str], str]:
     skipped = [n for n in by_tensor if n not in quantised]
     if skipped:
         logger.debug("statistics for tensors llama.cpp does not quantise are ignored: %s", skipped)
-    return chosen, allocate
+    return chosen, [n for n in in_set if n in pinned], allocate
 
 
 def _units(chosen, by_name, by_tensor, cfg: PlanConfig) -> list[_Unit]:
@@ -512,7 +539,7 @@ def measurement_requests(
 ) -> dict[tuple[str, int | None], tuple[GGMLQuantizationType, ...]]:
     """For the measured noise model: which written types to measure for which (tensor, expert)."""
     by_name, by_tensor = _index(stats, tensors)
-    chosen, _ = _select(by_name, by_tensor, cfg)
+    chosen, _, _ = _select(by_name, by_tensor, cfg, plan_pins(tensors, cfg).types)
     out = {}
     for n in chosen:
         written = tuple(dict.fromkeys(effective_type(c, by_name[n].cols) for c in cfg.candidates))
@@ -553,25 +580,75 @@ def make_plan(
     damage: for cfg.noise == "damage": KL damage per (tensor, expert or None) per written type
       name, as alphaq.damage measures it (alphaq.damage.DamageTable.costs).
     """
+    setup = _setup(stats, tensors, cfg, fixed_bytes)
+    imp, weight = _importance(setup.chosen, setup.by_tensor, cfg)
+    options = _options(setup.units, cfg, _cost_function(cfg, weight, noise_table, damage))
+    groups = _budget_groups(setup, options, cfg)
+    choice, objective, lower, proven = _solve(setup.units, options, cfg, groups)
+    items = _items(setup.units, options, choice, weight, cfg)
+    totals = _totals(items, setup.fixed, tensors, cfg, setup.header, fixed_bytes is None, objective, lower, proven)
+    return Plan(_settings(cfg, imp, setup.allocate, setup.pins), tuple(items), tuple(setup.fixed), totals,
+                tuple(t.name for t in tensors))
+
+
+def check_budget(stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo], cfg: PlanConfig, *,
+                 fixed_bytes: int = 0) -> Pins:
+    """make_plan's budget checks alone, without costs or solving: the same one-line errors
+    (pins alone over the budget, or no choice of types under it), for refusing a run before its
+    expensive stages. ``tensors`` may be the quantised tensors only and ``fixed_bytes`` 0: a size
+    budget is then checked against a lower bound of the file. Returns the pins."""
+    setup = _setup(stats, tensors, cfg, fixed_bytes)
+    _budget_groups(setup, _options(setup.units, cfg, lambda u, wt: 0.0), cfg)
+    return setup.pins
+
+
+def plan_pins(tensors: Sequence[TensorInfo], cfg: PlanConfig) -> Pins:
+    """The pinned type of each tensor a pin takes (alphaq.overrides.resolve_pins)."""
+    return resolve_pins(((t.name, t.shape) for t in tensors), cfg.output_tensor_type, cfg.token_embedding_type,
+                        cfg.tensor_types)
+
+
+@dataclass
+class _Setup:
+    """Everything make_plan decides before the costs: what is allocated, what is fixed, and what
+    the fixed part takes of the budget."""
+
+    by_tensor: dict[str, list[MatrixStats]]
+    pins: Pins
+    chosen: list[str]
+    allocate: str
+    units: list[_Unit]
+    fixed: list[FixedTensor]
+    header: int
+    alloc_cap: int  # bytes of a size budget not available to the items (header, fixed, reserve)
+    pinned_load: dict[int | None, tuple[int, int]]  # budget group -> (params, budget units) of its pins
+    pinned_bytes: int  # padded bytes of every pinned tensor
+
+
+def _setup(stats, tensors, cfg: PlanConfig, fixed_bytes: int | None) -> _Setup:
     by_name, by_tensor = _index(stats, tensors)
-    chosen, allocate = _select(by_name, by_tensor, cfg)
-    if not chosen:
+    pins = plan_pins(tensors, cfg)
+    chosen, pinned_in_set, allocate = _select(by_name, by_tensor, cfg, pins.types)
+    if not chosen and not pinned_in_set:
         raise AlphaQError("nothing to allocate: no analysed tensor that llama.cpp quantises")
     units = _units(chosen, by_name, by_tensor, cfg)
     order = {t.name: i for i, t in enumerate(tensors)}
     units.sort(key=lambda u: (order[u.tensor.name], -1 if u.expert is None else u.expert))
-    imp, weight = _importance(chosen, by_tensor, cfg)
-    options = _options(units, cfg, _cost_function(cfg, weight, noise_table, damage))
-    fixed = _fixed_tensors(tensors, set(chosen), by_name, by_tensor, cfg)
-    fixed_tensor_bytes = sum(padded(f.bytes, cfg.alignment) for f in fixed)
+    fixed = _fixed_tensors(tensors, set(chosen), by_name, by_tensor, cfg, pins.types)
     header = estimate_header_bytes(tensors, alignment=cfg.alignment) if fixed_bytes is None else int(fixed_bytes)
     if header < 0:
         raise AlphaQError(f"fixed_bytes {fixed_bytes} must be >= 0")
     reserve = _expert_layout_reserve(units, len(cfg.candidates), cfg.alignment)
-    choice, objective, lower, proven = _solve(units, options, cfg, header + fixed_tensor_bytes + reserve)
-    items = _items(units, options, choice, weight, cfg)
-    totals = _totals(items, fixed, tensors, cfg, header, fixed_bytes is None, objective, lower, proven)
-    return Plan(_settings(cfg, imp, allocate), tuple(items), tuple(fixed), totals, tuple(t.name for t in tensors))
+    alloc_cap = header + sum(padded(f.bytes, cfg.alignment) for f in fixed) + reserve
+    by_fixed = {f.tensor: f for f in fixed}
+    load: dict[int | None, tuple[int, int]] = defaultdict(lambda: (0, 0))
+    for n in pinned_in_set:  # a bits/bpw budget averages over the pins too (size: in alloc_cap)
+        f, params = by_fixed[n], by_name[n].n_elements
+        size = params * nominal_bits(f.type) if cfg.budget_mode == "bits" else 8 * f.bytes
+        g = _block_of(n, ()) if cfg.scope == "block" else None
+        load[g] = (load[g][0] + params, load[g][1] + (size if cfg.budget_mode != "size" else 0))
+    pinned_bytes = sum(padded(f.bytes, cfg.alignment) for f in fixed if f.tensor in pins.types)
+    return _Setup(by_tensor, pins, chosen, allocate, units, fixed, header, alloc_cap, dict(load), pinned_bytes)
 
 
 @dataclass
@@ -644,18 +721,23 @@ def _options(units, cfg: PlanConfig, eta) -> _Options:
                 continue  # same written type as an earlier candidate: one option
             seen.add(wt)
             opt.costs[i, j] = cc[c.name]
-            if cfg.budget_mode == "bits":
-                opt.sizes[i, j] = opt.params[i] * nominal_bits(wt)
-            elif cfg.budget_mode == "bpw":
-                opt.sizes[i, j] = 8 * b
-            else:
-                opt.sizes[i, j] = padded(b, cfg.alignment) if cfg.granularity == "tensor" or u.expert is None else b
+            opt.sizes[i, j] = _budget_size(u, wt, b, cfg)
         opt.cand_costs.append(cc)
     return opt
 
 
-def _fixed_tensors(tensors, allocated_names, by_name, by_tensor, cfg: PlanConfig) -> list[FixedTensor]:
-    """Every tensor outside the allocation: copied in its source type, or a policy type."""
+def _budget_size(u: _Unit, wt: GGMLQuantizationType, n_bytes: int, cfg: PlanConfig) -> int:
+    """What the budget counts for unit ``u`` written as ``wt`` (``n_bytes`` unpadded): nominal
+    bits x weights, stored bits, or bytes in the file (an expert slice shares its tensor's padding)."""
+    if cfg.budget_mode == "bits":
+        return math.prod(u.shape) * nominal_bits(wt)
+    if cfg.budget_mode == "bpw":
+        return 8 * n_bytes
+    return padded(n_bytes, cfg.alignment) if cfg.granularity == "tensor" or u.expert is None else n_bytes
+
+
+def _fixed_tensors(tensors, allocated_names, by_name, by_tensor, cfg: PlanConfig, pinned) -> list[FixedTensor]:
+    """Every tensor outside the allocation: copied in its source type, pinned, or a policy type."""
     tied = OUTPUT not in by_name
     fixed: list[FixedTensor] = []
     for t in tensors:
@@ -665,7 +747,10 @@ def _fixed_tensors(tensors, allocated_names, by_name, by_tensor, cfg: PlanConfig
             src = _source_type(t)
             fixed.append(FixedTensor(t.name, t.shape, src, tensor_bytes(src, t.shape), False, "not quantised by llama.cpp"))
             continue
-        req, reason = _policy_type(t.name, cfg, tied)
+        if t.name in pinned:
+            req, reason = resolve_type(pinned[t.name][0]), pinned[t.name][1]
+        else:
+            req, reason = _policy_type(t.name, cfg, tied)
         if t.name not in by_tensor and reason == "policy: non-expert":
             reason = "policy: non-expert (not analysed)"
         wt = effective_type(req, t.cols)
@@ -673,31 +758,69 @@ def _fixed_tensors(tensors, allocated_names, by_name, by_tensor, cfg: PlanConfig
     return fixed
 
 
-def _solve(units, opt: _Options, cfg: PlanConfig, alloc_cap: int):
-    """The exact knapsack per budget group (one group, or one per block): choice per unit,
-    summed objective and lower bound, and whether every group was proven optimal."""
+def _budget_groups(setup: _Setup, opt: _Options, cfg: PlanConfig) -> list[tuple[int | None, np.ndarray, int]]:
+    """(group, its items, its capacity) per budget group (one, or one per block with scope=block),
+    after the one-line refusals: the pins alone over the budget, or no choice under it."""
     groups: dict[int | None, list[int]] = defaultdict(list)
-    for i, u in enumerate(units):
+    for i, u in enumerate(setup.units):
         groups[_block_of(u.tensor.name, u.stats) if cfg.scope == "block" else None].append(i)
+    for g in setup.pinned_load:
+        groups.setdefault(g, [])
+    if not groups:  # every quantised tensor pinned: a size budget still bounds the file
+        groups[None] = []
+    _check_pins_alone(setup, cfg, int(opt.params.sum()))
     total_params = int(opt.params.sum())
+    budget = Fraction(repr(float(cfg.budget)))  # the decimal the user typed, exactly
+    out = []
+    for g, idx in sorted(groups.items(), key=lambda kv: (-1 if kv[0] is None else kv[0])):
+        idx = np.array(idx, dtype=np.int64)
+        g_params = int(opt.params[idx].sum())
+        p_params, p_size = setup.pinned_load.get(g, (0, 0))
+        if cfg.budget_mode == "size":
+            share = Fraction(g_params, total_params) if total_params else Fraction(1)
+            cap = math.floor((math.floor(budget) - setup.alloc_cap) * share)
+        else:
+            cap = math.floor(budget * (g_params + p_params)) - p_size
+        sub_c, sub_s = opt.costs[idx], opt.sizes[idx]
+        lo = int(np.where(np.isfinite(sub_c), sub_s, np.iinfo(np.int64).max).min(axis=1).sum()) if len(idx) else 0
+        hi = int(np.where(np.isfinite(sub_c), sub_s, 0).max(axis=1).sum()) if len(idx) else 0
+        if cap < lo:
+            raise BudgetError(_infeasible_message(cfg, g, lo, hi, g_params, setup.alloc_cap, total_params,
+                                                  (p_params, p_size)))
+        if cap >= hi and len(idx):
+            logger.info("budget is not binding%s: every item gets its lowest-noise type", "" if g is None else f" in block {g}")
+        out.append((g, idx, cap))
+    return out
+
+
+def _check_pins_alone(setup: _Setup, cfg: PlanConfig, free_params: int) -> None:
+    """A one-line refusal when the pinned tensors alone take more than the budget."""
+    flags = "--output-tensor-type/--token-embedding-type/--tensor-type"
+    if cfg.budget_mode == "size":
+        if setup.pinned_bytes > math.floor(cfg.budget):
+            raise BudgetError(f"the pinned tensors ({flags}) alone take {format_size(setup.pinned_bytes)}, more "
+                              f"than the target size {format_size(int(cfg.budget))}")
+        return
+    p_params = sum(p for p, _ in setup.pinned_load.values())
+    p_size = sum(s for _, s in setup.pinned_load.values())
+    covered = p_params + free_params
+    if p_params and p_size > cfg.budget * covered:
+        unit = "nominal bits" if cfg.budget_mode == "bits" else "bits per weight"
+        raise BudgetError(f"the pinned tensors ({flags}) alone exceed the budget: {p_params:,} of the {covered:,} "
+                          f"weights it covers, at {p_size / p_params:.4f} {unit} each, make {p_size / covered:.4f} "
+                          f"{unit} on average, above {cfg.budget:g}")
+
+
+def _solve(units, opt: _Options, cfg: PlanConfig, groups):
+    """The exact knapsack per budget group: choice per unit, summed objective and lower bound,
+    and whether every group was proven optimal."""
     choice = np.zeros(len(units), dtype=np.int64)
     objective = lower = 0.0
     proven = True
-    for g, idx in sorted(groups.items(), key=lambda kv: (-1 if kv[0] is None else kv[0])):
-        idx = np.array(idx)
-        g_params = int(opt.params[idx].sum())
-        budget = Fraction(repr(float(cfg.budget)))  # the decimal the user typed, exactly
-        if cfg.budget_mode == "size":
-            cap = math.floor((math.floor(budget) - alloc_cap) * Fraction(g_params, total_params))
-        else:
-            cap = math.floor(budget * g_params)
+    for g, idx, cap in groups:
+        if not len(idx):
+            continue
         sub_c, sub_s = opt.costs[idx], opt.sizes[idx]
-        lo = int(np.where(np.isfinite(sub_c), sub_s, np.iinfo(np.int64).max).min(axis=1).sum())
-        hi = int(np.where(np.isfinite(sub_c), sub_s, 0).max(axis=1).sum())
-        if cap < lo:
-            raise AlphaQError(_infeasible_message(cfg, g, cap, lo, hi, g_params, alloc_cap, total_params))
-        if cap >= hi:
-            logger.info("budget is not binding%s: every item gets its lowest-noise type", "" if g is None else f" in block {g}")
         res = solve_mckp(sub_c, sub_s, cap, solver=cfg.solver)
         logger.info("solved %s%d items x %d types in %.3fs (%s, gap %.3g, core %d)", "" if g is None else f"block {g}: ",
                     len(idx), sub_c.shape[1], res.seconds, res.solver, res.gap, res.core_items)
@@ -730,7 +853,7 @@ def _items(units, opt: _Options, choice, weight, cfg: PlanConfig) -> list[PlanIt
     return items
 
 
-def _settings(cfg: PlanConfig, imp: Importance, allocate: str) -> dict:
+def _settings(cfg: PlanConfig, imp: Importance, allocate: str, pins: Pins) -> dict:
     return {
         "alphaq_version": __version__,
         "budget_mode": cfg.budget_mode,
@@ -754,6 +877,12 @@ def _settings(cfg: PlanConfig, imp: Importance, allocate: str) -> dict:
             "output": resolve_type(cfg.output_type).name,
         },
         "alignment": cfg.alignment,
+        "pins": {
+            "output_tensor_type": cfg.output_tensor_type,
+            "token_embedding_type": cfg.token_embedding_type,
+            "tensor_types": [list(e) for e in cfg.tensor_types],
+            "unused": list(pins.unused),  # flags and entries that pin no tensor (warnings)
+        },
     }
 
 
@@ -773,19 +902,20 @@ def _source_type(t: TensorInfo) -> GGMLQuantizationType:
         raise AlphaQError(f"{t.name}: unknown source dtype {t.dtype!r}") from None
 
 
-def _infeasible_message(cfg, g, cap, lo, hi, g_params, alloc_cap, total_params) -> str:
+def _infeasible_message(cfg, g, lo, hi, g_params, alloc_cap, total_params, pinned=(0, 0)) -> str:
     where = "" if g is None else f" in block {g} (scope=block)"
-    if cfg.budget_mode == "bits":
+    p_params, p_size = pinned
+    if cfg.budget_mode in ("bits", "bpw"):
+        n = g_params + p_params
+        lo_a, hi_a = (lo + p_size) / n, (hi + p_size) / n
+        name, unit = ("budget", "nominal bits") if cfg.budget_mode == "bits" else ("bpw", "bits per weight")
+        with_pins = f" with the pinned tensors ({p_params:,} of these {n:,} weights)" if p_params else ""
         return (
-            f"budget {cfg.budget} nominal bits is below the smallest achievable {lo / g_params:.4f}{where}; "
-            f"achievable range for these types: {lo / g_params:.4f} .. {hi / g_params:.4f} nominal bits"
+            f"{name} {cfg.budget} {'nominal bits ' if cfg.budget_mode == 'bits' else ''}is below the smallest "
+            f"achievable {lo_a:.4f}{where}{with_pins}; achievable range for these types: "
+            f"{lo_a:.4f} .. {hi_a:.4f} {unit}"
         )
-    if cfg.budget_mode == "bpw":
-        return (
-            f"bpw {cfg.budget} is below the smallest achievable {lo / g_params:.4f}{where}; "
-            f"achievable range for these types: {lo / g_params:.4f} .. {hi / g_params:.4f} bits per weight"
-        )
-    if g is None:
+    if g is None or not g_params:
         lo_f, hi_f = lo + alloc_cap, hi + alloc_cap
     else:  # the block's share scaled back to a whole file
         lo_f = alloc_cap + lo * total_params / g_params
@@ -830,8 +960,9 @@ def _allocated_layout_bytes(items, tensors, cfg) -> tuple[int, int]:
 
 def _totals(items, fixed, tensors, cfg, header, estimated, objective, lower, proven) -> PlanTotals:
     a_params = sum(it.params for it in items)
-    nominal = sum(it.params * nominal_bits(it.type) for it in items) / a_params
-    true_bits = sum(8 * it.bytes for it in items) / a_params
+    per_weight = a_params or math.nan  # every tensor pinned: nothing allocated, averages undefined
+    nominal = sum(it.params * nominal_bits(it.type) for it in items) / per_weight
+    true_bits = sum(8 * it.bytes for it in items) / per_weight
     allocated_bytes, layout_header = _allocated_layout_bytes(items, tensors, cfg)
     if layout_header:
         header = padded(header + layout_header, cfg.alignment)
@@ -854,7 +985,84 @@ def _totals(items, fixed, tensors, cfg, header, estimated, objective, lower, pro
         lower_bound=lower,
         proven_optimal=proven,
         n_fallback_items=sum(1 for it in items if it.is_fallback),
+        n_pinned=sum(1 for f in fixed if f.reason.startswith("pinned")),
+        pinned_bytes=sum(padded(f.bytes, cfg.alignment) for f in fixed if f.reason.startswith("pinned")),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# budget feasibility from shapes alone (before the float model is written or anything analysed)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetRange:
+    """The budgets a model can take with the candidate types, in the budget's own unit (nominal
+    bits, bits per weight, or file bytes), from tensor shapes and llama.cpp's shape fallbacks."""
+
+    low: float  # the smallest achievable (every allocated item at its smallest candidate)
+    high: float  # the largest the candidates can use (every item at its largest)
+    approximate: bool = False  # file bytes with an estimated header: a safe outer bound
+
+
+def allocated_names(tensors: Sequence[TensorInfo], cfg: PlanConfig, expert_tensors: set[str]) -> list[str]:
+    """The tensors the plan will allocate, in model order (the rule of `_select`, from names and
+    shapes: ``expert_tensors`` are the merged routed-expert tensors)."""
+    quantised = [t.name for t in tensors if llama_quantizes(t.name, t.shape)]
+    if cfg.allocate == "every":
+        return quantised
+    experts = [n for n in quantised if n in expert_tensors]
+    if cfg.allocate == "experts" and experts:
+        return experts
+    return [n for n in quantised if _block_of(n, ()) is not None]
+
+
+def budget_range(tensors: Sequence[TensorInfo], cfg: PlanConfig, expert_tensors: set[str], *,
+                 header: int = 0, extra_high: int = 0) -> BudgetRange:
+    """Smallest and largest budget for ``cfg``'s candidates on this model (the tightest block for
+    scope "block" in bits / bpw). File bytes add ``header`` to both ends and ``extra_high`` (what
+    is not known yet: estimated metadata, tensors of unknown type) to the high end."""
+    by_name = {t.name: t for t in tensors}
+    chosen = allocated_names(tensors, cfg, expert_tensors)
+    if not chosen:
+        raise AlphaQError("nothing to allocate: no tensor that llama.cpp quantises")
+    units = _units(chosen, by_name, {}, cfg)
+    lo: dict[int | None, int] = defaultdict(int)
+    hi: dict[int | None, int] = defaultdict(int)
+    params: dict[int | None, int] = defaultdict(int)
+    for u in units:
+        sizes = [_budget_size(u, wt, tensor_bytes(wt, u.shape), cfg)
+                 for wt in {effective_type(c, u.tensor.cols) for c in cfg.candidates}]
+        g = _block_of(u.tensor.name, ()) if cfg.scope == "block" and cfg.budget_mode != "size" else None
+        lo[g] += min(sizes)
+        hi[g] += max(sizes)
+        params[g] += math.prod(u.shape)
+    if cfg.budget_mode != "size":
+        return BudgetRange(max(lo[g] / params[g] for g in lo), max(hi[g] / params[g] for g in hi))
+    fixed = sum(padded(f.bytes, cfg.alignment) for f in _fixed_tensors(tensors, set(chosen), by_name, {}, cfg, {}))
+    base = header + fixed + _expert_layout_reserve(units, len(cfg.candidates), cfg.alignment)
+    return BudgetRange(base + lo[None], base + hi[None] + extra_high, approximate=extra_high > 0)
+
+
+def check_budget_range(cfg: PlanConfig, rng: BudgetRange, *, source: str = "") -> None:
+    """BudgetError when ``cfg.budget`` lies outside ``rng``: the message gives the range. A size
+    range that is approximate is a safe outer bound (the exact check runs when the plan is solved)."""
+    if rng.low * (1 - 1e-12) <= cfg.budget <= rng.high * (1 + 1e-12):  # rounding of low / high only
+        return
+    side = "below the smallest" if cfg.budget < rng.low else "above the largest"
+    names = [t.name for t in cfg.candidates]
+    types = ",".join(names) if len(names) <= 4 else f"{len(names)} from {names[0]} to {names[-1]}"
+    where = f" for {source}" if source else ""
+    if cfg.budget_mode == "size":
+        about = "about " if rng.approximate else ""
+        raise BudgetError(
+            f"--target-size {format_size(cfg.budget)} is {side} file these types ({types}) can give{where}; "
+            f"achievable range {about}{format_size(rng.low)} .. {format_size(rng.high)}")
+    flag, unit = ("--budget", "nominal bits") if cfg.budget_mode == "bits" else ("--bpw", "bits per weight")
+    raise BudgetError(
+        f"{flag} {cfg.budget:g} is {side} achievable with these types ({types}){where}; "
+        f"achievable range {rng.low:.4f} .. {rng.high:.4f} {unit}"
+        + (" (the tightest block, scope=block)" if cfg.scope == "block" else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -879,7 +1087,7 @@ def gguf_model_infos(path: Path, alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT) -
     heads = [file_header(p) for p in shard_paths(Path(path))]
     tensors = [TensorInfo(r.name, r.shape, r.type.name) for h in heads for r in h.records]
     if not tensors:
-        raise AlphaQError(f"{path} has no tensors")
+        raise InputError(f"{path} has no tensors")
     first = heads[0]
     added = sum(8 + len(key.encode()) + 4 + 4 for key in (gguf.Keys.General.QUANTIZATION_VERSION,
                                                            gguf.Keys.General.FILE_TYPE) if key not in first.keys)

@@ -9,8 +9,8 @@ Disk, per filesystem (the temporary files go in a hidden directory beside the ou
 * the float GGUF the stages read: an HF checkpoint is converted to BF16 first (the *intermediate*,
   estimated: 2 bytes per matrix weight, 4 per other weight, plus the tokenizer); a GGUF input is
   read where it is;
-* the output, at most: every quantised tensor in the largest type the plan may give it (candidates
-  and fixed types, after llama.cpp's shape fallback), the others as in the float model, the header
+* the output, at most: every quantised tensor in the largest type the plan may give it (candidates,
+  fixed types and pins, after llama.cpp's shape fallback), the others as in the float model, the header
   and the plan keys; with ``--target-size`` the target, if smaller;
 * the peak in the output's directory: llama.cpp's quantiser writes the output once and alphaq
   rewrites it once more with its keys (and, when splitting, once more as parts), so two copies of
@@ -116,8 +116,10 @@ def _largest_bytes(name: str, shape: tuple[int, ...], types: list[GGMLQuantizati
 
 
 def plan_types(cfg) -> list[GGMLQuantizationType]:
+    """Every type the plan may give a tensor: candidates, fixed types and pins."""
     p = cfg.plan
-    return [resolve_type(t) for t in (*p.types, p.non_expert_type, p.token_embd_type, p.output_type)]
+    pins = [p.output_tensor_type, p.token_embedding_type, *(t for _, t in p.tensor_types)]
+    return [resolve_type(t) for t in (*p.types, p.non_expert_type, p.token_embd_type, p.output_type, *pins) if t]
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ def preflight(cfg, model) -> Preflight:
     sizes = hf_sizes(model, cfg) if model.source == "hf" else gguf_sizes(model.path, cfg)
     float_bytes = sizes.float_bytes
     out = sizes.output_bound + PLAN_KEY_BYTES_PER_ITEM * sizes.items + (1 << 16)
+    out += sum(o.gguf_bytes for o in cfg.kv_overrides)  # --override-kv's keys
     if cfg.plan.budget_mode == "size" and cfg.like is None:
         out = min(out, int(cfg.plan.budget))
     out += SPLIT_PART_OVERHEAD * max_parts(cfg, sizes.tensors, out)

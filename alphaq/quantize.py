@@ -12,19 +12,21 @@ so they are byte-identical to a stock ``llama-quantize`` run without calibration
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, QuantizeError
 from alphaq.ggml import LLAMA_IMATRIX_TYPES
-from alphaq.gguf_io import first_shard, read_tensors  # llama.cpp loads a split GGUF from its first part
+from alphaq.gguf_io import first_shard, read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,16 @@ def tensor_pattern(name: str) -> str:
     return "^" + re.escape(name) + "$"
 
 
+def _load_path(src: Path) -> bytes:
+    """The path llama.cpp loads ``src`` from: the first part of a split GGUF. A file whose header
+    cannot be read goes to llama.cpp as it is, so that the refusal carries llama.cpp's own reason
+    (a missing part of a split GGUF is alphaq's one-line InputError)."""
+    try:
+        return str(first_shard(src)).encode()
+    except (ValueError, OSError, struct.error, UnicodeDecodeError):
+        return str(src).encode()
+
+
 def _llama():
     import llama_cpp
 
@@ -92,7 +104,7 @@ class _Keepalive:
 
 
 def _build_params(ftype: int, nthread: int, overrides: dict[str, GGMLQuantizationType] | None,
-                  imatrix: dict[str, np.ndarray] | None, dry_run: bool = False):
+                  imatrix: dict[str, np.ndarray] | None, dry_run: bool = False, kv_overrides=()):
     llama_cpp = _llama()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -122,7 +134,37 @@ def _build_params(ftype: int, nthread: int, overrides: dict[str, GGMLQuantizatio
         arr[len(imatrix)].name = None
         params.imatrix = arr
         keep.objects.append(arr)
+    if kv_overrides:
+        arr = _kv_override_array(kv_overrides)
+        params.kv_overrides = arr
+        keep.objects.append(arr)
     return params, keep
+
+
+# llama.h enum llama_model_kv_override_type
+_KV_TAGS = {"int": "LLAMA_KV_OVERRIDE_TYPE_INT", "float": "LLAMA_KV_OVERRIDE_TYPE_FLOAT",
+            "bool": "LLAMA_KV_OVERRIDE_TYPE_BOOL", "str": "LLAMA_KV_OVERRIDE_TYPE_STR"}
+
+
+def _kv_override_array(kv_overrides):
+    """llama_model_kv_override[] as llama-quantize builds it from --override-kv: one entry per
+    override in order, terminated by an empty key; llama-quant.cpp writes them into the output
+    (int as u32, float as f32) after its own keys, so a later one wins."""
+    llama_cpp = _llama()
+    arr = (llama_cpp.llama_model_kv_override * (len(kv_overrides) + 1))()
+    for i, o in enumerate(kv_overrides):
+        arr[i].key = o.key.encode()
+        arr[i].tag = int(getattr(llama_cpp, _KV_TAGS[o.kind]))
+        if o.kind == "int":
+            arr[i].value.val_i64 = o.value
+        elif o.kind == "float":
+            arr[i].value.val_f64 = o.value
+        elif o.kind == "bool":
+            arr[i].value.val_bool = o.value
+        else:
+            arr[i].value.val_str = o.value.encode()
+    arr[len(kv_overrides)].key = b""
+    return arr
 
 
 def ones_imatrix(src: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -139,12 +181,13 @@ def ones_imatrix(src: Path, names: list[str]) -> dict[str, np.ndarray]:
 def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantizationType], *,
                   nthread: int = 0, progress: bool = False,
                   file_type_from: dict[str, GGMLQuantizationType] | None = None,
-                  imatrix: dict[str, np.ndarray] | None = None) -> None:
+                  imatrix: dict[str, np.ndarray] | None = None, kv_overrides=()) -> None:
     """Quantise ``src`` into ``dst`` with exactly ``tensor_types`` (GGUF name -> written type).
 
     file_type_from: the types that decide general.file_type (default: tensor_types).
     imatrix: importance vectors (flat, per expert for merged tensors) handed to llama.cpp for
-      every tensor that has one; a tensor of a type that requires one and has none gets all-ones."""
+      every tensor that has one; a tensor of a type that requires one and has none gets all-ones.
+    kv_overrides: alphaq.overrides.KVOverride, written into ``dst`` by llama.cpp (--override-kv)."""
     llama_cpp = _llama()
     n_elements = {t.name: t.n_elements for t in read_tensors(src)}
     unknown = sorted(set(tensor_types) - set(n_elements))
@@ -154,15 +197,36 @@ def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantization
     needs = [n for n, t in tensor_types.items() if t in NEEDS_IMATRIX and n not in given]
     vectors = {**(ones_imatrix(src, needs) if needs else {}), **given}
     params, keep = _build_params(ftype_for(file_type_from or tensor_types, n_elements), nthread, tensor_types,
-                                 vectors or None)
+                                 vectors or None, kv_overrides=kv_overrides)
     from tqdm import tqdm
 
+    tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        if _PROGRESS_LINE.match(line):
+            bar.update(1)
+
     with tqdm(total=len(n_elements), desc="quantise", unit="tensor", disable=not progress,
-              dynamic_ncols=True) as bar, _captured_log(lambda line: bar.update(1) if _PROGRESS_LINE.match(line) else None):
-        rc = llama_cpp.llama_model_quantize(str(first_shard(src)).encode(), str(dst).encode(), ctypes.byref(params))
+              dynamic_ncols=True) as bar, _captured_log(on_line):
+        rc = llama_cpp.llama_model_quantize(_load_path(src), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0:
-        raise AlphaQError(f"llama.cpp's quantiser failed (code {rc}) on {src}; rerun with -v to see its log")
+        raise QuantizeError(f"llama.cpp's quantiser failed on {src}: {failure_reason(tail, rc)}")
+
+
+# llama.cpp's log lines kept to explain a failure (its reason is the last one or close to it)
+_LOG_TAIL = 64
+
+
+def failure_reason(lines, rc: int) -> str:
+    """llama.cpp's own reason from its log ("llama_model_quantize: failed to quantize: ..."), else
+    its last line, else the return code."""
+    text = [ln.strip() for ln in lines if ln.strip()]
+    for ln in reversed(text):
+        if "failed to quantize:" in ln:
+            return ln.split("failed to quantize:", 1)[1].strip()
+    return text[-1] if text else f"llama_model_quantize returned {rc}"
 
 
 def quantize_stock(src: Path, dst: Path, mix: str, *, nthread: int = 0,
@@ -173,10 +237,12 @@ def quantize_stock(src: Path, dst: Path, mix: str, *, nthread: int = 0,
     if ftype is None:
         raise AlphaQError(f"unknown llama.cpp mix {mix!r}; allowed: {', '.join(STOCK_MIXES)}")
     params, keep = _build_params(int(ftype), nthread, None, imatrix)
-    rc = llama_cpp.llama_model_quantize(str(first_shard(src)).encode(), str(dst).encode(), ctypes.byref(params))
+    tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
+    with _captured_log(tail.append):
+        rc = llama_cpp.llama_model_quantize(_load_path(src), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({mix}) failed with code {rc} for {src}")
+        raise QuantizeError(f"llama.cpp's quantiser failed on {src} ({mix}): {failure_reason(tail, rc)}")
 
 
 _DRY_RUN_LINE = re.compile(r"\]\s+(\S+)\s+- \[.*?\], type =\s*(\S+), size = .*?(?:\((\S+)\))?\s*$")
@@ -197,10 +263,11 @@ def stock_mix_types(src: Path, mix: str) -> dict[str, str]:
         imatrix = ones_imatrix(src, [t.name for t in read_tensors(src) if len(t.shape) >= 2])
     params, keep = _build_params(ftype, 1, None, imatrix, dry_run=True)
     with _captured_log(lines.append):
-        rc = llama_cpp.llama_model_quantize(str(first_shard(src)).encode(), b"/dev/null", ctypes.byref(params))
+        rc = llama_cpp.llama_model_quantize(_load_path(src), b"/dev/null", ctypes.byref(params))
     del keep
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize dry run ({mix}) failed with code {rc}")
+        raise QuantizeError(f"llama.cpp's quantiser failed on {src} ({mix}, dry run): "
+                            f"{failure_reason(lines[-_LOG_TAIL:], rc)}")
     types = {}
     for line in lines:
         m = _DRY_RUN_LINE.search(line.rstrip("\n"))

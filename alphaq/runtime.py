@@ -23,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-_REPO = Path(__file__).resolve().parent.parent
+# the directory holding this alphaq package (the checkout, or site-packages when installed): a
+# child finds the same alphaq as its parent
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def child_env(site: Path | None) -> dict[str, str]:
     """os.environ for a child Python whose llama_cpp comes from ``site`` (None: this environment's)."""
     env = dict(os.environ)
-    paths = ([str(site)] if site else []) + [str(_REPO)] + env.get("PYTHONPATH", "").split(os.pathsep)
+    paths = ([str(site)] if site else []) + [str(_PACKAGE_ROOT)] + env.get("PYTHONPATH", "").split(os.pathsep)
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return env
 

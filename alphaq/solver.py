@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, BudgetError, InternalError
 
 logger = logging.getLogger(__name__)
 
@@ -91,23 +91,36 @@ def _normalise(costs: np.ndarray, sizes: np.ndarray) -> _Normalised:
 def _check_capacity(norm: _Normalised, capacity: int) -> None:
     smallest = int(np.where(norm.avail, norm.size, np.iinfo(np.int64).max).min(axis=1).sum())
     if smallest > capacity:
-        raise AlphaQError(f"capacity {capacity} is below the smallest achievable total size {smallest}")
+        raise BudgetError(f"capacity {capacity} is below the smallest achievable total size {smallest}")
 
 
 def _result(costs, sizes, choice, lower_bound, proven, solver, t0, core=0) -> MCKPResult:
     idx = np.arange(len(choice))
-    objective = float(np.asarray(costs, dtype=np.float64)[idx, choice].sum())
+    c = np.asarray(costs, dtype=np.float64)
+    objective = float(c[idx, choice].sum())
     size = int(np.asarray(sizes, dtype=np.int64)[idx, choice].sum())
     return MCKPResult(
         choice=np.asarray(choice, dtype=np.int64),
         objective=objective,
         size=size,
-        lower_bound=min(float(lower_bound), objective),
+        lower_bound=_checked_bound(float(lower_bound), objective, c, solver),
         proven_optimal=bool(proven),
         solver=solver,
         seconds=time.perf_counter() - t0,
         core_items=core,
     )
+
+
+def _checked_bound(lower: float, objective: float, costs: np.ndarray, solver: str) -> float:
+    """The lower bound, which no feasible solution can beat: one above the objective of a feasible
+    solution is wrong (a bug), not a rounding to hide. Only the rounding of summing and rescaling
+    costs (relative 1e-9 of their magnitude) is clipped."""
+    finite = np.abs(costs[np.isfinite(costs)])
+    tol = 1e-9 * (float(finite.max(initial=0.0)) * costs.shape[0] + abs(objective)) + 1e-300
+    if not lower <= objective + tol:  # also catches NaN
+        raise InternalError(f"solver {solver}: lower bound {lower!r} exceeds the objective {objective!r} of a feasible "
+                            f"solution by {lower - objective:.3g} (tolerance {tol:.3g}); the bound is invalid")
+    return min(lower, objective)
 
 
 def solve_mckp(
@@ -309,7 +322,7 @@ def _solve_dp(norm: _Normalised, capacity: int, time_limit: float | None):
             choice = base.copy()
             choice[core] = best
             if int(norm.size[rows, choice].sum()) > capacity:  # the DP checks this exactly
-                raise RuntimeError("mckp dp produced an over-capacity solution")
+                raise InternalError("mckp dp produced an over-capacity solution")
             value = float(norm.cost[rows, choice].sum())
             if value < ub:
                 incumbent, ub = choice, value
@@ -453,7 +466,7 @@ def _solve_milp_exact(norm: _Normalised, capacity: int, backend, time_limit):
             return choice, lp.bound, proven
         cap -= over
         logger.debug("MILP solution over capacity by %d (tolerance); re-solving", over)
-    raise RuntimeError("MILP solver kept exceeding the capacity")
+    raise InternalError("MILP solver kept exceeding the capacity")
 
 
 def _flat_problem(norm: _Normalised):
@@ -483,7 +496,7 @@ def _highs(norm: _Normalised, capacity: int, time_limit):
     choice = np.zeros(n, dtype=np.int64)
     choice[item[x]] = opt[x]
     if np.bincount(item[x], minlength=n).min() != 1:
-        raise RuntimeError("HiGHS returned a solution without exactly one option per item")
+        raise InternalError("HiGHS returned a solution without exactly one option per item")
     return choice, res.status == 0
 
 
@@ -518,5 +531,5 @@ def _cbc(norm: _Normalised, capacity: int, time_limit):
     choice = np.zeros(n, dtype=np.int64)
     choice[item[x]] = opt[x]
     if np.bincount(item[x], minlength=n).min() != 1:
-        raise RuntimeError("CBC returned a solution without exactly one option per item")
+        raise InternalError("CBC returned a solution without exactly one option per item")
     return choice, prob.sol_status == pulp.LpSolutionOptimal  # not proven when stopped by the time limit

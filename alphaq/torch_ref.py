@@ -133,9 +133,32 @@ def head_counts(reader: gguf.GGUFReader, arch: gguf.MODEL_ARCH) -> tuple[int, in
     return n_head, int(kv.contents()) if kv is not None else n_head
 
 
-def assign_gguf(model, quantised: Path) -> set[str]:
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def check_unmapped(reader: gguf.GGUFReader, used: set[str], quantised: Path) -> None:
+    """Every tensor llama.cpp quantises (by its rule) or that is stored quantised must have found
+    its HF parameter: one left out would keep its float HF weight, so the reference model would
+    be partly unquantised without a sign. Tensors llama.cpp copies unchanged (norms, routers,
+    biases) stay as loaded from the HF checkpoint: the same values; they are listed at DEBUG."""
+    from alphaq.qtypes import llama_quantizes
+
+    left = [t for t in reader.tensors if t.name not in used]
+    bad = [t.name for t in left
+           if t.tensor_type not in _FLOAT_TYPES or llama_quantizes(t.name, tuple(reversed([int(d) for d in t.shape])))]
+    if bad:
+        raise AlphaQError(f"{quantised.name}: {len(bad)} quantisable tensor(s) have no HF parameter to replace, e.g. "
+                          f"{', '.join(bad[:3])}; the reference would keep their float weights (is the HF checkpoint "
+                          "the one this GGUF was converted from?)")
+    if left:
+        log.debug("%s: kept from the HF checkpoint (llama.cpp copies them unquantised): %s",
+                  quantised.name, ", ".join(t.name for t in left))
+
+
+def assign_gguf(model, quantised: Path, *, strict: bool = True) -> set[str]:
     """Replace every quantisable weight of ``model`` by the dequantised tensor of ``quantised``;
-    returns the names of the GGUF tensors it used."""
+    returns the names of the GGUF tensors it used. ``strict``: an unmapped quantisable tensor is
+    an error (check_unmapped); alphaq.torch_run, which places the rest itself, passes False."""
     from gguf.quants import dequantize
 
     arch, n_blocks = _arch_of(quantised)
@@ -148,7 +171,7 @@ def assign_gguf(model, quantised: Path) -> set[str]:
     names |= {part[0] for n in names if (part := _kv_b_part(n)) is not None}
     params = dict(model.named_parameters())
     # a tied parameter (lm_head = embed_tokens) is listed once, under the embedding; a GGUF tensor
-    # for the other name is left unused (the caller can tell) rather than overwriting the shared one
+    # for the other name is left unused rather than overwriting the shared one (strict: an error)
     targets = {n: t for n, t in hf_targets(model, names, arch, n_blocks).items() if t.param in params}
     from alphaq.weights import unpermute_qk
 
@@ -177,6 +200,8 @@ def assign_gguf(model, quantised: Path) -> set[str]:
         else:
             for slot in range(w.shape[0]):
                 _assign(params, tgt, experts[slot] if experts is not None else slot, w[slot])
+    if strict:
+        check_unmapped(reader, used, quantised)
     return used
 
 

@@ -37,7 +37,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
 
-from alphaq.errors import AlphaQError
+from alphaq.errors import InputError
+from alphaq.files import read_json
 from alphaq.gguf_io import release_pages, shard_paths
 from alphaq.qtypes import ggml_n_dims, quantisable_name
 
@@ -109,7 +110,7 @@ class WeightMatrix:
         """The matrix as a new float32 array (rows, cols)."""
         w = self._loader()
         if w.shape != (self.rows, self.cols):
-            raise AlphaQError(f"{self.label}: loaded shape {w.shape} != ({self.rows}, {self.cols})")
+            raise InputError(f"{self.label}: loaded shape {w.shape} != ({self.rows}, {self.cols})")
         return np.ascontiguousarray(w, dtype=np.float32)
 
 
@@ -127,6 +128,7 @@ class ModelWeights:
     n_blocks: int
     _matrices: list[WeightMatrix] = field(repr=False)
     _close: Callable[[], None] = field(repr=False, default=lambda: None)
+    n_elements: int = 0  # every stored tensor's elements (norms, routers, biases too)
 
     def matrices(self) -> list[WeightMatrix]:
         """Every analysable matrix / expert slice, in deterministic order (lazy loads)."""
@@ -147,12 +149,12 @@ def open_model(path: str | Path) -> ModelWeights:
     GGUF opens all of it)."""
     path = Path(path)
     if not path.exists():
-        raise AlphaQError(f"model path {path} does not exist")
+        raise InputError(f"model path {path} does not exist")
     if path.is_dir():
         return _open_hf(path)
     if path.suffix.lower() == ".gguf":
         return _open_gguf(path)
-    raise AlphaQError(f"{path} is neither an HF checkpoint directory nor a .gguf file")
+    raise InputError(f"{path} is neither an HF checkpoint directory nor a .gguf file")
 
 
 def supported_list() -> str:
@@ -171,14 +173,17 @@ def _hf_shards(path: Path) -> dict[str, Path]:
     """
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        doc = read_json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index} has no 'weight_map' object")
         missing = sorted({s for s in weight_map.values() if not (path / s).exists()})
         if missing:
-            raise AlphaQError(f"{index} names missing shard(s): {', '.join(missing)}")
+            raise InputError(f"{index} names missing shard(s): {', '.join(missing)}")
         return {name: path / shard for name, shard in sorted(weight_map.items())}
     single = path / "model.safetensors"
     if not single.exists():
-        raise AlphaQError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+        raise InputError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
     with _safe_open(single) as f:
         return {name: single for name in sorted(f.keys())}
 
@@ -191,7 +196,7 @@ def _safe_open(path: Path):
     try:
         return safe_open(path, framework="np")
     except SafetensorError as exc:
-        raise AlphaQError(f"cannot read safetensors file {path}: {exc} (truncated or corrupt?)") from None
+        raise InputError(f"cannot read safetensors file {path}: {exc} (truncated or corrupt?)") from None
 
 
 # safetensors dtype -> little-endian numpy dtype of the stored values (BF16 as raw uint16)
@@ -246,7 +251,7 @@ class _HFFiles:
         while done < raw.nbytes:
             n = os.preadv(fd, [buf[done:]], offset + done)
             if n <= 0:
-                raise AlphaQError(f"{shard}: tensor {name} is truncated")
+                raise InputError(f"{shard}: tensor {name} is truncated")
             done += n
         if info["dtype"] == "BF16":
             out = (raw.astype(np.uint32) << 16).view(np.float32)  # exact, as torch widens BF16
@@ -265,26 +270,32 @@ class _HFFiles:
 def _open_hf(path: Path) -> ModelWeights:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
-        raise AlphaQError(f"{path} is a directory without config.json, not an HF checkpoint")
-    config = json.loads(cfg_path.read_text())
+        raise InputError(f"{path} is a directory without config.json, not an HF checkpoint")
+    config = read_json(cfg_path)
+    if not isinstance(config, dict):
+        raise InputError(f"{cfg_path} is not a JSON object")
     archs = config.get("architectures") or []
     if not archs:
-        raise AlphaQError(f"{cfg_path} has no 'architectures'; supported: {supported_list()}")
+        raise InputError(f"{cfg_path} has no 'architectures'; supported: {supported_list()}")
     hf_arch = archs[0]
     if hf_arch not in SUPPORTED_ARCHITECTURES:
-        raise AlphaQError(f"unsupported architecture {hf_arch}; supported: {supported_list()}")
+        raise InputError(f"unsupported architecture {hf_arch}; supported: {supported_list()}")
     model_arch = SUPPORTED_ARCHITECTURES[hf_arch]
     text_cfg = config.get("text_config", config)
-    n_blocks = int(text_cfg["num_hidden_layers"])
+    n_blocks = text_cfg.get("num_hidden_layers") if isinstance(text_cfg, dict) else None
+    if not isinstance(n_blocks, int) or n_blocks < 1:
+        raise InputError(f"{cfg_path}: 'num_hidden_layers' is {n_blocks!r}; expected a positive integer")
     tmap = gguf.get_tensor_name_map(model_arch, n_blocks)
     shards = _hf_shards(path)
     files = _HFFiles()
     mats: list[WeightMatrix] = []
+    n_elements = 0
 
     for name, shard in shards.items():
         sl = files.get(shard).get_slice(name)
         shape = tuple(sl.get_shape())
         dtype = sl.get_dtype()
+        n_elements += math.prod(shape)
 
         def add(tensor: str, expert: int | None, rows: int, cols: int, loader, dtype=dtype) -> None:
             block, kind = _kind(tensor)
@@ -299,7 +310,7 @@ def _open_hf(path: Path) -> ModelWeights:
         if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
             continue  # biases, scales, buffers
         if dtype not in _HF_FLOAT_DTYPES:
-            raise AlphaQError(f"{path}: tensor {name} has dtype {dtype}; expected BF16/F16/F32")
+            raise InputError(f"{path}: tensor {name} has dtype {dtype}; expected BF16/F16/F32")
 
         def slice_loader(shard=shard, name=name, index=None, rows_sl=slice(None)):
             def load():
@@ -356,10 +367,11 @@ def _open_hf(path: Path) -> ModelWeights:
 
     mats.sort(key=_order)
     _check_unique(mats, path)
-    logger.info(
+    logger.debug(  # (DEBUG: a refused input then prints its one error line only)
         "%s: %s (%s), %d blocks, %d matrices", path, hf_arch, MODEL_ARCH_NAMES[model_arch], n_blocks, len(mats)
     )
-    return ModelWeights(path, "hf", MODEL_ARCH_NAMES[model_arch], model_arch, n_blocks, mats, files.close)
+    return ModelWeights(path, "hf", MODEL_ARCH_NAMES[model_arch], model_arch, n_blocks, mats, files.close,
+                        n_elements)
 
 
 def _deepseek2_kv_b(tmap, key: str, shape, cfg: dict, load_kv_b):
@@ -369,7 +381,7 @@ def _deepseek2_kv_b(tmap, key: str, shape, cfg: dict, load_kv_b):
     nope = int(cfg["qk_nope_head_dim"])
     rank = shape[1]
     if shape[0] != n_head_kv * (v_dim + nope):
-        raise AlphaQError(f"{key}: shape {shape} does not match {n_head_kv} heads x ({nope}+{v_dim})")
+        raise InputError(f"{key}: shape {shape} does not match {n_head_kv} heads x ({nope}+{v_dim})")
 
     def heads() -> np.ndarray:
         return load_kv_b().reshape(n_head_kv, nope + v_dim, rank)
@@ -385,7 +397,7 @@ def _deepseek2_kv_b(tmap, key: str, shape, cfg: dict, load_kv_b):
     for proj, rows, cols, loader in parts:
         gname = tmap.get_name(key.replace("kv_b_proj", proj))
         if gname is None:
-            raise AlphaQError(f"gguf-py has no tensor name for {key.replace('kv_b_proj', proj)}")
+            raise InputError(f"gguf-py has no tensor name for {key.replace('kv_b_proj', proj)}")
         out.append((gname + ".weight", rows, cols, loader))
     return out
 
@@ -395,7 +407,7 @@ def _check_unique(mats: list[WeightMatrix], path: Path) -> None:
     for m in mats:
         k = (m.tensor, m.expert)
         if k in seen:
-            raise AlphaQError(f"{path}: {m.label} appears twice (conflicting tensor names)")
+            raise InputError(f"{path}: {m.label} appears twice (conflicting tensor names)")
         seen.add(k)
 
 
@@ -438,7 +450,7 @@ def _gguf_readers(path: Path) -> list[gguf.GGUFReader]:
     try:
         return [gguf.GGUFReader(p) for p in shard_paths(path)]
     except (ValueError, OSError, struct.error) as exc:
-        raise AlphaQError(f"{path}: not a readable GGUF file ({exc})") from exc
+        raise InputError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
 def _open_gguf(path: Path) -> ModelWeights:
@@ -448,13 +460,13 @@ def _open_gguf(path: Path) -> ModelWeights:
     arch_name = _field(reader, gguf.Keys.General.ARCHITECTURE)
     names_to_arch = {MODEL_ARCH_NAMES[a]: a for a in SUPPORTED_GGUF_ARCHS}
     if arch_name not in names_to_arch:
-        raise AlphaQError(
+        raise InputError(
             f"{path}: unsupported GGUF architecture {arch_name!r}; supported: {sorted(names_to_arch)}"
         )
     model_arch = names_to_arch[arch_name]
     n_blocks = _field(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch_name))
     if n_blocks is None:
-        raise AlphaQError(f"{path}: missing {gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch_name)}")
+        raise InputError(f"{path}: missing {gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch_name)}")
     n_blocks = int(n_blocks)
     n_head = _field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch_name))
     n_head_kv = _field(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch_name), n_head)
@@ -462,7 +474,7 @@ def _open_gguf(path: Path) -> ModelWeights:
 
     for _, t in tensors:
         if ggml_n_dims(tuple(reversed([int(d) for d in t.shape]))) >= 2 and t.tensor_type not in FLOAT_TYPES:
-            raise AlphaQError(
+            raise InputError(
                 f"{path}: tensor {t.name} is {t.tensor_type.name}; only F32/F16/BF16 GGUF "
                 "weights can be analysed (a quantised file measures the quantiser, not the model)"
             )
@@ -495,5 +507,6 @@ def _open_gguf(path: Path) -> ModelWeights:
 
     mats.sort(key=_order)
     _check_unique(mats, path)
-    logger.info("%s: GGUF %s, %d blocks, %d matrices", path, arch_name, n_blocks, len(mats))
-    return ModelWeights(path, "gguf", arch_name, model_arch, n_blocks, mats)
+    logger.debug("%s: GGUF %s, %d blocks, %d matrices", path, arch_name, n_blocks, len(mats))
+    n_elements = sum(math.prod(int(d) for d in t.shape) for _, t in tensors)  # every part
+    return ModelWeights(path, "gguf", arch_name, model_arch, n_blocks, mats, n_elements=n_elements)

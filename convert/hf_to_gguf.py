@@ -7,6 +7,7 @@ clear line.
 
 from __future__ import annotations
 
+import glob
 import logging
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from alphaq.errors import AlphaQError
+from alphaq.errors import InputError
 from convert.run_upstream import FALLBACK_MARK
 from convert.vendor import ensure_vendor
 
@@ -25,6 +26,24 @@ log = logging.getLogger(__name__)
 class Conversion:
     path: Path  # the written float GGUF
     tokenizer_fallback: str | None  # the converter's warning when the SentencePiece fallback ran
+
+
+# Where llama.cpp's converter reads a vocabulary from (conversion/base.py, conversion/llama.py):
+# SentencePiece tokenizer.model (_set_vocab_sentencepiece), an HF tokenizer.json
+# (_set_vocab_llama_hf, and transformers' AutoTokenizer in _set_vocab_gpt2), or a slow BPE
+# tokenizer's vocab.json + merges.txt (AutoTokenizer). With none of them it fails deep inside
+# transformers ("You need to have sentencepiece or tiktoken installed ..."), which names another cause.
+TOKENIZER_CHOICES = (("tokenizer.model",), ("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    """InputError unless ``model_dir`` has the files of one tokenizer llama.cpp's converter reads."""
+    if any(all((model_dir / f).is_file() for f in files) for files in TOKENIZER_CHOICES):
+        return
+    present = [f for files in TOKENIZER_CHOICES for f in files if (model_dir / f).is_file()]
+    missing = [f for files in TOKENIZER_CHOICES for f in files if f not in present]
+    raise InputError(f"{model_dir} has no tokenizer llama.cpp's converter can read: it needs tokenizer.model "
+                     f"(SentencePiece) or tokenizer.json, or vocab.json with merges.txt; missing: {', '.join(missing)}")
 
 
 def convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16", extra: tuple[str, ...] = ()) -> Conversion:
@@ -49,9 +68,13 @@ def start_convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16",
 
 class RunningConversion:
     def __init__(self, model_dir: Path, out_path: Path, outtype: str, extra: tuple[str, ...] = ()):
+        check_tokenizer_files(model_dir)
         vendor = ensure_vendor()
-        cmd = [sys.executable, "-m", "convert.run_upstream", str(vendor), str(model_dir),
-               "--outtype", outtype, "--outfile", str(out_path), *extra]
+        cmd = [sys.executable, "-m", "convert.run_upstream", str(vendor.absolute()), str(Path(model_dir).absolute()),
+               "--outtype", outtype, "--outfile", str(Path(out_path).absolute()), *extra]
+        # run from the directory holding this `convert` package (the checkout, or site-packages
+        # when installed), so that `-m` finds this package and never another `convert` in the
+        # caller's directory; hence the absolute paths above
         root = Path(__file__).resolve().parents[1]
         self.model_dir, self.out_path = model_dir, out_path
         self._errlog = tempfile.TemporaryFile(mode="w+")
@@ -80,7 +103,7 @@ class RunningConversion:
         if returncode != 0 or written is None:
             lines = [ln for ln in stderr.splitlines() if ln.strip() and "Writing" not in ln]
             reason = lines[-1] if lines else f"exit code {returncode}"
-            raise AlphaQError(f"llama.cpp's converter failed on {self.model_dir}: {reason}")
+            raise InputError(f"llama.cpp's converter failed on {self.model_dir}: {reason}")
         if fallback:
             log.warning("tokenizer fallback: %s", fallback)
         return Conversion(written, fallback)
@@ -91,7 +114,7 @@ class RunningConversion:
         if self.out_path.exists():
             return self.out_path
         stem = self.out_path.name.removesuffix(".gguf")
-        return next(iter(sorted(self.out_path.parent.glob(f"{stem}-00001-of-*.gguf"))), None)
+        return next(iter(sorted(self.out_path.parent.glob(f"{glob.escape(stem)}-00001-of-*.gguf"))), None)
 
     def kill(self) -> None:
         """Stop the converter (if still running) and reap it."""

@@ -33,17 +33,26 @@ from pathlib import Path
 from alphaq.errors import AlphaQError
 from convert.vendor import LLAMA_CPP_PYTHON_VERSION, default_cache_root, fetch_sdist
 
-PATCH_DIR = Path(__file__).resolve().parent.parent / "ggml-patches"
+# Where the patch series is: inside the installed package (a wheel carries it as package data,
+# see setup.py), else at the top of the checkout this module runs from (source tree, editable).
+PATCH_DIRS = (Path(__file__).resolve().parent / "ggml-patches", Path(__file__).resolve().parent.parent / "ggml-patches")
 CUDA_ARGS = "-DGGML_CUDA=on"
 
 log = logging.getLogger(__name__)
 
 
+def patch_dir() -> Path:
+    """The directory holding the ggml-patches series this installation carries."""
+    for d in PATCH_DIRS:
+        if any(d.glob("*.patch")):
+            return d
+    raise AlphaQError(f"no ggml-patches series found (looked in {', '.join(map(str, PATCH_DIRS))}); "
+                      "reinstall alphaq from a complete source tree")
+
+
 def patch_files() -> list[Path]:
-    files = sorted(PATCH_DIR.glob("*.patch"))
-    if not files:
-        raise AlphaQError(f"no patches in {PATCH_DIR}")
-    return files
+    """The patch series, in the order it applies."""
+    return sorted(patch_dir().glob("*.patch"))
 
 
 def build_key(cmake_args: str = "") -> str:
@@ -59,7 +68,7 @@ def build_dir(cmake_args: str = "", cache_root: Path | None = None) -> Path:
 
 
 def apply_series(src: Path) -> None:
-    """Apply ggml-patches/*.patch, in order, to src/vendor/llama.cpp."""
+    """Apply the ggml-patches series (patch_files()), in order, to src/vendor/llama.cpp."""
     llama = src / "vendor" / "llama.cpp"
     # The sdist ships its own .git (and a submodule pointer in vendor/llama.cpp). Inside a git
     # work tree, `git apply` silently *skips* files outside the current directory, so both go:

@@ -205,9 +205,33 @@ def test_first_failing_matrix_in_model_order_is_raised(monkeypatch, torch_thread
         analyze_model(model, use_cache=False, progress=False)
 
 
-def test_select_known_and_throttle(monkeypatch, torch_threads):
-    import time
+class _SpyCondition:
+    """A throttle's condition variable that records when a thread has to wait for a slot."""
 
+    def __init__(self, inner: threading.Condition, blocked: threading.Event):
+        self.inner, self.blocked, self.waited = inner, blocked, False
+
+    def __enter__(self):
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+    def notify_all(self):
+        self.inner.notify_all()
+
+    def wait_for(self, predicate):
+        if not predicate():
+            self.waited = True
+            self.blocked.set()
+        return self.inner.wait_for(predicate)
+
+
+def test_select_known_and_throttle(monkeypatch, torch_threads):
+    """select / known / throttle, synchronised by events and a barrier (never by sleeping), so
+    the concurrency checks hold under any load: without a limit two matrices are analysed at
+    once (both workers meet at a barrier inside the analysis); with limit 1 the first matrix is
+    held until the other worker is seen waiting for its slot, and never two run at once."""
     torch_threads(2)
     model = FIXTURE_DIRS[0] if FIXTURE_DIRS else pytest.fail("no fixtures")
     full = analyze_model(model, use_cache=False, progress=False)
@@ -222,19 +246,27 @@ def test_select_known_and_throttle(monkeypatch, torch_threads):
     real = analyze_mod.analyze_matrix
     active, peak = [0], [0]
     lock = threading.Lock()
+    hold = {"first": lambda: None}  # run inside the first call of each pass, while it is active
+    overlap = threading.Event()
 
     def counting(w, *, name, cfg):
         with lock:
             calls.append(name)
+            first = len(calls) <= 2
             active[0] += 1
             peak[0] = max(peak[0], active[0])
+            if active[0] > 1:
+                overlap.set()  # (ends the throttle pass's wait at once if the limit is not kept)
         try:
-            time.sleep(0.01)
+            if first:
+                hold["first"]()
             return real(w, name=name, cfg=cfg)
         finally:
             with lock:
                 active[0] -= 1
 
+    both_in = threading.Barrier(2, timeout=600)  # a timeout only ever ends a failing run
+    hold["first"] = both_in.wait
     monkeypatch.setattr(analyze_mod, "analyze_matrix", counting)
     mixed = analyze_model(model, use_cache=False, progress=False,
                           known=lambda m: by_key.get((m.tensor, m.expert)))
@@ -247,8 +279,11 @@ def test_select_known_and_throttle(monkeypatch, torch_threads):
     calls.clear()
     peak[0] = 0
     throttle = analyze_mod.Throttle(limit=1)
+    overlap.clear()
+    spy = throttle._cv = _SpyCondition(throttle._cv, overlap)
+    hold["first"] = lambda: overlap.wait(timeout=600)  # the other worker waits for a slot (or, wrongly, runs)
     analyze_model(model, use_cache=False, progress=False, throttle=throttle)
-    assert peak[0] == 1 and len(calls) == len(full)
+    assert peak[0] == 1 and spy.waited and len(calls) == len(full)
     throttle.cancel()
     with pytest.raises(analyze_mod.Cancelled):
         analyze_model(model, use_cache=False, progress=False, throttle=throttle)

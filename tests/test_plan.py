@@ -576,8 +576,12 @@ def test_plan_command(tmp_path, monkeypatch, capsys):
     assert "achievable range" in capsys.readouterr().err
     assert cli.main(["plan", str(src), "--budget", "3", "--granularity", "expert", "--json", str(tmp_path / "e.json"),
                      "--tensor-type-file", str(tmp_path / "e.txt")]) == 2
-    assert cli.main(["plan", str(src), "--target-size", "2MiB", "--json", str(tmp_path / "s.json")]) == 0
-    assert json.loads((tmp_path / "s.json").read_text())["totals"]["predicted_file_bytes"] <= 2 * 2**20
+    assert cli.main(["plan", str(src), "--target-size", "1.5MiB", "--json", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["totals"]["predicted_file_bytes"] <= 1.5 * 2**20
+    capsys.readouterr()
+    # more than every type at its largest can fill (this tiny model tops out at ~1.6 MiB): refused
+    assert cli.main(["plan", str(src), "--target-size", "2MiB", "--json", str(tmp_path / "s2.json")]) == 2
+    assert "is above the largest file" in capsys.readouterr().err and not (tmp_path / "s2.json").exists()
 
 
 def test_multi_dim_non_expert_tensor_is_one_item():

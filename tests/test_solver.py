@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import linprog
 
 from alphaq import solver
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, InternalError
 from alphaq.solver import solve_mckp
 
 
@@ -142,3 +142,36 @@ def test_input_validation():
         solve_mckp(np.ones((1, 2)), np.array([[1.5, 2.0]]), 10)
     with pytest.raises(AlphaQError):
         solve_mckp(np.ones((1, 2)), np.array([[1, 2]]), 10, solver="gurobi")
+
+
+@pytest.mark.parametrize("kind", ["paper", "uniform", "holes"])
+def test_raw_lower_bound_never_exceeds_the_brute_force_optimum(kind):
+    """The bound the DP computes, before solve_mckp checks it, against the true optimum: the
+    result's bound used to be capped at the objective, which would hide a bound that is too high."""
+    rng = np.random.default_rng(17)
+    for _ in range(40):
+        costs, sizes = random_instance(rng, int(rng.integers(1, 7)), int(rng.integers(2, 5)), kind)
+        cap = capacity_between(rng, costs, sizes)
+        best, _ = brute_force(costs, sizes, cap)
+        norm = solver._normalise(costs, sizes)
+        _, lb, _, _ = solver._solve_dp(norm, cap, None)
+        raw = lb * norm.scale + float(norm.shift.sum())
+        assert raw <= best + 1e-12 * (1 + abs(best)), (raw, best)
+
+
+def test_an_invalid_lower_bound_is_an_internal_error(monkeypatch):
+    """A bound above a feasible solution's objective is a bug: raised, never clipped to the objective."""
+    rng = np.random.default_rng(4)
+    costs, sizes = random_instance(rng, 8, 3, "uniform")
+    cap = capacity_between(rng, costs, sizes)
+    assert solve_mckp(costs, sizes, cap).lower_bound <= solve_mckp(costs, sizes, cap).objective
+    real = solver._lp_relaxation
+
+    def inflated(norm, capacity):
+        lp = real(norm, capacity)
+        return solver._LP(lp.lam, lp.bound + 1.0, lp.choice, lp.integral)  # +1 = the largest cost, normalised
+
+    monkeypatch.setattr(solver, "_lp_relaxation", inflated)
+    for which in solver.SOLVERS:
+        with pytest.raises(InternalError, match="lower bound .* exceeds the objective"):
+            solve_mckp(costs, sizes, cap, solver=which)

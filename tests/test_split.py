@@ -219,14 +219,19 @@ def test_split_from_python_and_the_default_name(split_bf16, tmp_path, monkeypatc
 
 
 def test_split_output_summary_and_force(split_bf16, tmp_path, capsys):
-    out = tmp_path / "o.gguf"
+    from alphaq.plots import BYTES_PNG, TYPES_PNG
+
+    out, plots = tmp_path / "o.gguf", tmp_path / "figs"
     code, text, err = _run(capsys, "convert", split_bf16[0], "--fast", "-o", out, "--no-progress",
-                           "--split-max-size", "1M")
+                           "--split-max-size", "1M", "--plots", plots)
     assert code == 0, err
     parts = sorted(tmp_path.glob("o-*-of-*.gguf"))
     assert len(parts) == 2
     assert f"wrote {parts[0]}" in text and "in 2 parts" in text
     assert all(p.name in text for p in parts)
+    # the figures are published with the other side files, also for a split output
+    assert {TYPES_PNG, BYTES_PNG} <= {p.name for p in plots.iterdir()} and f"plots       {plots}/" in text
+    assert not [p for p in plots.iterdir() if p.name.startswith(".")]  # no staging left
     for p in parts:  # gguf-split's limit counts the part's tensor data only
         assert sum(-(-t.n_bytes // 32) * 32 for t in gguf_io.file_header(p).records) <= 1_000_000
     code, _, err = _run(capsys, "convert", split_bf16[0], "--fast", "-o", out, "--no-progress", "--split-max-size", "1M")
@@ -302,6 +307,23 @@ def test_dry_run_prints_disk_and_plan_and_writes_nothing(tmp_path, capsys):
     for needle in ("BF16 intermediate about", "output at most", f"peak need in {tmp_path}", "free", "time      about"):
         assert needle in pre, needle
     assert "dry run: nothing written" in text and "types       " in text and "not written (--dry-run)" in text
+    # --dry-run writes no figures: --plots with it is refused in one line, before any work
+    code, text, err = _run(capsys, "convert", FIXTURES / MODEL, "--fast", "-o", tmp_path / "o.gguf", "--dry-run",
+                           "--no-progress", "--plots", tmp_path / "figs")
+    assert code == 2 and err.strip().count("\n") == 0 and "--plots" in err and "--dry-run" in err
+    assert list(tmp_path.iterdir()) == [] and "pre-flight" not in text
+
+
+def test_dry_run_with_pins_and_split_input(split_bf16, tmp_path, capsys):
+    """The pins are checked and planned in a dry run (their types count in the pre-flight's bound)."""
+    code, text, err = _run(capsys, "convert", split_bf16[1], "--fast", "-o", tmp_path / "o.gguf", "--dry-run",
+                           "--no-progress", "--no-stock-compare", "--tensor-type", "attn_v=q8_0")
+    assert code == 0, err
+    assert "pinned      2 tensor(s)" in text and "dry run: nothing written" in text
+    assert list(tmp_path.iterdir()) == []
+    code, _, err = _run(capsys, "convert", split_bf16[1], "--fast", "-o", tmp_path / "o.gguf", "--dry-run",
+                        "--no-progress", "--tensor-type", "attn_v=q9_9")
+    assert code == 2 and "q9_9" in err and list(tmp_path.iterdir()) == []
 
 
 def test_preflight_bounds_hold(float_ggufs, tmp_path):

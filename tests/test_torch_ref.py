@@ -67,3 +67,25 @@ def test_torch_perplexity_matches_llama_cpp(q3, from_gguf):
     # and the quantisation is visible: the BF16 model scores differently
     bf = torch_ref.perplexity(torch_ref.load_hf(FIXTURES / "mixtral"), list(tokens), 128, 2, llm.token_bos())
     assert abs(bf - tp) > 1e-3 * bf
+
+
+def test_a_quantised_tensor_without_an_hf_parameter_is_an_error(q3, monkeypatch):
+    """The reference must not silently keep a float HF weight where the GGUF has a quantised one:
+    with one mapping missing (as for an unknown module layout), loading fails and names it."""
+    from alphaq.errors import AlphaQError
+
+    real = torch_ref.hf_targets
+
+    def without_q(model, names, arch, n_blocks):
+        out = real(model, names, arch, n_blocks)
+        out.pop("blk.1.attn_q.weight")
+        return out
+
+    monkeypatch.setattr(torch_ref, "hf_targets", without_q)
+    with pytest.raises(AlphaQError, match=r"1 quantisable tensor\(s\) have no HF parameter.*blk\.1\.attn_q\.weight"):
+        torch_ref.from_gguf(FIXTURES / "mixtral", q3[1])
+    # routers and norms, which llama.cpp copies unquantised, are no reason to refuse (same values)
+    model = torch_ref.load_hf(FIXTURES / "mixtral")
+    monkeypatch.setattr(torch_ref, "hf_targets", real)
+    used = torch_ref.assign_gguf(model, q3[1])
+    assert "blk.0.ffn_gate_inp.weight" not in used

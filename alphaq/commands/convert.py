@@ -8,11 +8,16 @@ the patched runtime (`make install-patched`).
 Modes (docs/ALLOCATION.md): the default measures each tensor's damage on text the model samples
 itself (no calibration data) and saves the importance matrix beside the output; --fast and
 --paper run no forward pass at all.
+
+llama-quantize's --output-tensor-type, --token-embedding-type, --tensor-type, --tensor-type-file
+and --override-kv keep its spelling and meaning; pinned tensors are fixed items whose bytes count
+against the budget (docs/ALLOCATION.md, "Pins").
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from alphaq.commands import plan as _plan_cmd
 from alphaq.damage import METHODS as DAMAGE_METHODS
 from alphaq.damage import DamageConfig
 from alphaq.errors import AlphaQError
+from alphaq.overrides import kv_overrides, parse_tensor_type, read_tensor_type_file
 from alphaq.plan import MODES, format_size
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral import XMIN_WINDOWS, SpectralConfig
@@ -70,9 +76,32 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-bf16", type=Path, metavar="PATH", help="keep the BF16 GGUF converted from an HF checkpoint "
                    "at PATH (default: deleted as soon as it has been quantised)")
     p.add_argument("--dry-run", action="store_true", help="print the disk and time needed, run the (cached) analysis "
-                   "stages and print the plan; write nothing")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+                   "stages and print the plan; write nothing (not with --keep-bf16 or --plots)")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="also write PNG figures of where the bits went into DIR (created): the type of every tensor "
+                        "(and expert) block by block, bytes per type, and the damage (default mode) or alpha "
+                        "(--fast/--paper) the allocation read")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs (figures included)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_llama_quantize_arguments(p)
+
+
+def add_llama_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    """llama-quantize's override flags, same spelling and meaning (alphaq.overrides). A pinned
+    tensor keeps its type; its bytes count against the budget and the knapsack allocates the rest."""
+    g = p.add_argument_group("llama-quantize's overrides", "same spelling and meaning as llama-quantize's; "
+                             "a pinned tensor's bytes count against the budget (docs/ALLOCATION.md)")
+    g.add_argument("--output-tensor-type", metavar="TYPE", help="pin output.weight to TYPE")
+    g.add_argument("--token-embedding-type", metavar="TYPE", help="pin token_embd.weight to TYPE")
+    # one list for both, in command-line order: the first matching entry wins (llama-quantize)
+    g.add_argument("--tensor-type", metavar="PATTERN=TYPE", dest="tensor_type_entries", action="append",
+                   type=lambda s: ("entry", s), default=[],
+                   help="pin every tensor whose name the regex PATTERN matches (unanchored) to TYPE; repeatable")
+    g.add_argument("--tensor-type-file", metavar="FILE", dest="tensor_type_entries", action="append",
+                   type=lambda s: ("file", s),
+                   help="PATTERN=TYPE entries separated by whitespace, e.g. the .tensor-types.txt of a plan")
+    g.add_argument("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=[],
+                   help="write metadata KEY into the output (TYPE int, float, bool or str); repeatable")
 
 
 def default_output(model: Path, args: argparse.Namespace) -> Path:
@@ -108,20 +137,29 @@ def run(args: argparse.Namespace) -> int:
 
         split_size = parse_split_size(args.split_max_size)
     cfg = ConvertConfig(
-        model=args.model, output=output, plan=_plan_cmd.config_from_args(args, args.mode),
+        model=args.model, output=output, plan=_with_pins(_plan_cmd.config_from_args(args, args.mode), args),
         spectral=SpectralConfig(xmin_window=args.xmin_window), force=args.force, nthread=args.threads,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, compare_stock=not args.no_stock_compare,
         progress=not args.no_progress, like=args.like, imatrix=args.imatrix,
         selftext=SelfTextConfig(n_seq=args.self_samples, n_ctx=args.self_ctx, seed=args.seed),
         damage=DamageConfig(method=args.damage, n_windows=min(args.damage_windows, args.self_samples)),
         split_max_size=split_size, split_max_tensors=args.split_max_tensors, keep_bf16=args.keep_bf16,
-        dry_run=args.dry_run,
+        dry_run=args.dry_run, plots=args.plots, kv_overrides=kv_overrides(args.override_kv),
     )
     if args.imatrix is not None and cfg.plan.noise != "damage":
         raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
     result = run_convert(cfg, announce=lambda text: print(text, flush=True))
     print(summary(result))
     return 0
+
+
+def _with_pins(plan, args: argparse.Namespace):
+    """The plan's configuration with the pins of the command line, in its order."""
+    entries = []
+    for kind, value in args.tensor_type_entries:
+        entries += [parse_tensor_type(value)] if kind == "entry" else read_tensor_type_file(value)
+    return dataclasses.replace(plan, output_tensor_type=args.output_tensor_type,
+                               token_embedding_type=args.token_embedding_type, tensor_types=tuple(entries))
 
 
 def summary(r) -> str:
@@ -136,11 +174,16 @@ def summary(r) -> str:
          + (f" in {len(r.parts)} parts, the first given to llama.cpp" if r.parts else "") + ")"),
         f"  budget      {budget}; gamma {s['gamma']:.4g} ({s['gamma_source']});"
         f" granularity {s['granularity']}, scope {s['scope']}, cost {s['noise']}, allocate {s['allocate_effective']}",
-        f"  allocated   {t.allocated_params:,} weights: {t.nominal_bits:.3f} nominal bits, {t.true_bpw:.3f} true bpw"
-        + (f"; {t.n_fallback_items} item(s) on llama.cpp's shape fallback" if t.n_fallback_items else ""),
+        (f"  allocated   {t.allocated_params:,} weights: {t.nominal_bits:.3f} nominal bits, {t.true_bpw:.3f} true bpw"
+         + (f"; {t.n_fallback_items} item(s) on llama.cpp's shape fallback" if t.n_fallback_items else ""))
+        if t.n_items else "  allocated   nothing: every tensor the allocation would hold is pinned",
         f"  whole file  {t.model_params:,} weights, {r.file_bytes * 8 / t.model_params:.3f} bpw",
         "  types       " + ", ".join(f"{n} x{c}" for n, c in r.tensor_counts.items()) + " (quantised tensors)",
     ]
+    if t.n_pinned:
+        lines.append(f"  pinned      {t.n_pinned} tensor(s), {format_size(t.pinned_bytes)} "
+                     "(--output-tensor-type/--token-embedding-type/--tensor-type; counted in the budget)")
+    lines += [f"  WARNING     {w}" for w in s.get("pins", {}).get("unused", ())]
     if r.stock_sizes:
         mix, size = min(r.stock_sizes.items(), key=lambda kv: abs(kv[1] - r.file_bytes))
         lines.append(f"  stock mix   nearest is llama.cpp {mix}: {format_size(size)} "
@@ -171,4 +214,14 @@ def summary(r) -> str:
         lines.append("  plan        not written (--dry-run); the analysis stages' results are cached for the real run")
     else:
         lines.append(f"  plan        {r.plan_json}" + (f", {r.tensor_type_file}" if r.tensor_type_file else ""))
+    if r.plots:
+        lines.append(f"  plots       {r.plots[0].parent}/: " + ", ".join(p.name for p in r.plots))
+    shown = r.warnings[:_MAX_WARNINGS]
+    for i, w in enumerate(shown):
+        lines.append(("  warnings    " if i == 0 else "              ") + w)
+    if len(r.warnings) > len(shown):
+        lines.append(f"              ... and {len(r.warnings) - len(shown)} more (in the log above)")
     return "\n".join(lines)
+
+
+_MAX_WARNINGS = 5  # in the summary; all of them are in the log

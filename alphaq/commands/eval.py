@@ -41,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from alphaq.evaluate import evaluate_text, load_llama
     from alphaq.runtime import patched_loaded
 
-    for path in [args.model, *( [args.ref] if args.ref else [] )]:
-        if not path.is_file():
-            raise AlphaQError(f"model {path} does not exist")
+    from alphaq.gguf_io import check_gguf
+
+    for path in [args.model, *([args.ref] if args.ref else [])]:
+        check_gguf(path)  # a missing, truncated or foreign file: one line, before llama.cpp loads it
     for t in args.text:
         if not t.is_file():
             raise AlphaQError(f"text {t} does not exist")
@@ -85,5 +86,6 @@ def _rerun_patched(args: argparse.Namespace) -> int:
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--force"] * args.force + ["--no-progress"] * args.no_progress
+    argv += ["--debug"] * getattr(args, "debug", False)
     return subprocess.run([sys.executable, "-c", "import sys; from alphaq.cli import main; sys.exit(main())", *argv],
                           env=child_env(patched_site())).returncode

@@ -164,17 +164,22 @@ def run(args: argparse.Namespace) -> int:
     model = Path(args.model)
     if not model.exists():
         raise AlphaQError(f"model {model} does not exist")
+    is_gguf = model.is_file() and model.suffix.lower() == ".gguf"
+    if cfg.budget_mode == "size" and not is_gguf:
+        raise AlphaQError("--target-size needs a GGUF model (every tensor must be known); use --budget or --bpw")
+    if cfg.budget_mode != "size" or args.fixed_bytes is None:  # (a given header size is checked when solving)
+        from alphaq.feasibility import check_budget
+
+        check_budget(model, cfg)  # before the analysis
 
     tensors: list[TensorInfo] | None = None
     header = args.fixed_bytes
-    if model.is_file() and model.suffix.lower() == ".gguf":
+    if is_gguf:
         tensors, gguf_header = gguf_model_infos(model, cfg.alignment)  # a split GGUF: every part
         header = gguf_header if header is None else header
 
     stats = _read_alphas(args.alphas) if args.alphas is not None else _analyze(model, args.cache_dir, not args.no_cache)
     if tensors is None:
-        if cfg.budget_mode == "size":
-            raise AlphaQError("--target-size needs a GGUF model (every tensor must be known); use --budget or --bpw")
         logger.warning("%s is not a GGUF: sizes cover the analysed matrices only", model)
         tensors = _tensors_from_stats(stats)
 

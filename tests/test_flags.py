@@ -1,0 +1,299 @@
+"""llama-quantize's flags in `alphaq convert`: --output-tensor-type, --token-embedding-type,
+--tensor-type, --tensor-type-file (pins) and --override-kv, checked against llama.cpp's own
+quantiser (its dry run, and the llama-quantize binary) and against the files written (gguf-py)."""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import math
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+import alphaq
+from alphaq.cli import build_parser
+from alphaq.cli import main as cli_main
+from alphaq.commands.convert import _with_pins
+from alphaq.convert import ConvertConfig, run_convert
+from alphaq.errors import AlphaQError
+from alphaq.gguf_io import read_tensors
+from alphaq.plan import PlanConfig, TensorInfo, make_plan, plan_pins
+from alphaq.qtypes import effective_type, llama_quantizes, nominal_bits
+from conftest import FIXTURES
+from test_plan import moe_model
+
+MODEL = "qwen2moe"  # the smallest fixture; its ffn_down_exps rows (96) take llama.cpp's shape fallback
+
+
+@pytest.fixture(scope="module")
+def model_gguf(tmp_path_factory) -> Path:
+    from convert.hf_to_gguf import convert_hf
+
+    return convert_hf(FIXTURES / MODEL, tmp_path_factory.mktemp("bf16") / f"{MODEL}.gguf").path
+
+
+def _types(path: Path) -> dict[str, T]:
+    return {t.name: t.type for t in read_tensors(path)}
+
+
+def _infos(path: Path) -> list[TensorInfo]:
+    return [TensorInfo(t.name, t.shape, t.type.name) for t in read_tensors(path)]
+
+
+def _expected_types(path: Path, cfg: PlanConfig, default: T) -> dict[str, T]:
+    """What alphaq pins, and the default type elsewhere, for every tensor llama.cpp quantises."""
+    pins = plan_pins(_infos(path), cfg).types
+    return {t.name: effective_type(T[pins[t.name][0]] if t.name in pins else default, t.shape[-1])
+            for t in read_tensors(path) if llama_quantizes(t.name, t.shape)}
+
+
+def _dry_run_types(lines) -> dict[str, T]:
+    from alphaq.quantize import _DRY_RUN_LINE
+
+    out = {}
+    for line in lines:
+        m = _DRY_RUN_LINE.search(line.rstrip("\n"))
+        if m:
+            out[m.group(1)] = T[(m.group(3) or m.group(2)).upper()]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# which tensor each pin takes: llama.cpp's own decisions
+# ----------------------------------------------------------------------------------------------
+
+PATTERNS = (
+    ("blk\\.1\\.", "Q4_0"),  # unanchored: every blk.1 tensor
+    ("ffn_down", "Q4_K"),  # ffn_down_exps (rows of 96: falls back to Q5_0) and ffn_down_shexp
+    ("ffn_down_shexp", "Q6_K"),  # every match taken by the entry before: pins nothing
+    ("attn_[qk]\\.weight$", "Q5_1"),
+    ("token_embd", "Q2_K"),  # --token-embedding-type comes first
+    ("gate_exps", "IQ4_NL"),
+    ("^nothing", "Q4_0"),  # matches no tensor
+)
+
+
+def test_pins_take_the_tensors_llama_quantiser_gives_them(model_gguf):
+    """llama_model_quantize's dry run with the same raw patterns (pure Q8_0 elsewhere): the type
+    of every tensor equals alphaq's resolution, shape fallback included."""
+    import llama_cpp
+
+    from alphaq.quantize import _captured_log
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.pure, params.dry_run = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 1, True, True
+    params.output_tensor_type, params.token_embedding_type = int(T.Q5_K), int(T.Q6_K)
+    arr = (llama_cpp.llama_model_tensor_override * (len(PATTERNS) + 1))()
+    keep = [p.encode() for p, _ in PATTERNS]
+    for i, ((_, t), b) in enumerate(zip(PATTERNS, keep)):
+        arr[i].pattern, arr[i].type = b, int(T[t])
+    arr[len(PATTERNS)].pattern = None
+    params.tt_overrides = arr
+    lines: list[str] = []
+    with _captured_log(lines.append):
+        assert llama_cpp.llama_model_quantize(str(model_gguf).encode(), b"/dev/null", ctypes.byref(params)) == 0
+    cfg = PlanConfig(output_tensor_type="q5_k", token_embedding_type="q6_k", tensor_types=PATTERNS)
+    expected = _expected_types(model_gguf, cfg, T.Q8_0)
+    llama = _dry_run_types(lines)
+    assert {n: llama[n] for n in expected} == expected
+    assert expected["blk.0.ffn_down_exps.weight"] == T.Q5_0 and expected["blk.0.ffn_down_shexp.weight"] == T.Q4_K
+    unused = plan_pins(_infos(model_gguf), cfg).unused
+    assert len(unused) == 3 and "ffn_down_shexp=q6_k pins nothing: every tensor it matches is taken" in unused[0]
+    assert "token_embd=q2_k pins nothing: every tensor it matches is taken" in unused[1]
+    assert "^nothing=q4_0 pins nothing: it matches no tensor" in unused[2]
+
+
+@pytest.mark.slow  # builds llama-quantize once (minutes) when it is not there yet
+def test_command_line_and_file_are_read_as_llama_quantize_reads_them(model_gguf, tmp_path):
+    """The llama-quantize binary's dry run with --tensor-type before --tensor-type-file (whose
+    entries are separated by spaces, tabs and newlines, patterns in upper case): alphaq's
+    parser gives every tensor the same type."""
+    from convert.tools import llama_quantize
+
+    tt = tmp_path / "tt.txt"
+    tt.write_text("FFN_UP_EXPS=Q5_K\tBLK\\.0\\.ATTN_V=q6_k \n\n ffn_up=q4_0\nattn=Q5_0\n")
+    flags = ["--output-tensor-type", "q5_k", "--token-embedding-type", "Q6_K", "--tensor-type", "attn_output=q4_1",
+             "--tensor-type-file", str(tt), "--tensor-type", "blk\\.1\\.attn_v=q8_0"]
+    res = subprocess.run([str(llama_quantize()), "--dry-run", "--pure", *flags, str(model_gguf), "Q8_0"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    args = build_parser().parse_args(["convert", str(model_gguf), *flags])
+    expected = _expected_types(model_gguf, _with_pins(PlanConfig(), args), T.Q8_0)
+    llama = _dry_run_types((res.stdout + res.stderr).splitlines())
+    assert {n: llama[n] for n in expected} == expected
+    assert expected["blk.1.ffn_up_exps.weight"] == T.Q5_K and expected["blk.1.attn_v.weight"] == T.Q5_0
+
+
+# ----------------------------------------------------------------------------------------------
+# the allocation around the pins
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pinned_tensors_are_fixed_and_the_knapsack_is_exact_over_the_rest():
+    """Brute force over every choice for the unpinned items: the plan's objective is the best one
+    whose nominal bits, the pinned tensor's included, stay within the budget."""
+    tensors, stats = moe_model(n_blocks=1, n_expert=2)
+    pinned = "blk.0.ffn_up_exps.weight"
+    cfg = PlanConfig(budget=3.0, tensor_types=(("ffn_up_exps", "Q4_K"),))
+    plan = make_plan(stats, tensors, cfg, fixed_bytes=0)
+    assert pinned not in {it.tensor for it in plan.items}
+    fixed = {f.tensor: f for f in plan.fixed}[pinned]
+    assert (fixed.type, fixed.reason) == (T.Q4_K, "pinned: --tensor-type ffn_up_exps=q4_k")
+    pinned_params = math.prod(fixed.shape)
+    pinned_bits = pinned_params * nominal_bits(T.Q4_K)
+    cap = math.floor(Fraction(3) * (sum(it.params for it in plan.items) + pinned_params))
+    best = math.inf
+    for combo in itertools.product(*(list(it.costs) for it in plan.items)):
+        bits = pinned_bits + sum(it.params * nominal_bits(T[it.written[c]]) for it, c in zip(plan.items, combo))
+        if bits <= cap:
+            best = min(best, sum(it.costs[c] for it, c in zip(plan.items, combo)))
+    assert plan.totals.objective == pytest.approx(best, rel=1e-12)
+    assert plan.totals.n_pinned == 1 and plan.settings["pins"]["tensor_types"] == [["ffn_up_exps", "Q4_K"]]
+
+
+def test_pins_count_in_each_block_and_in_a_size_budget():
+    tensors, stats = moe_model(n_blocks=2, n_expert=4)
+    cfg = dict(tensor_types=(("blk\\.1\\.ffn_down_exps", "Q8_0"),))
+    with pytest.raises(AlphaQError, match="in block 1 .*with the pinned tensors"):
+        make_plan(stats, tensors, PlanConfig(budget=3.0, scope="block", **cfg), fixed_bytes=0)
+    plan = make_plan(stats, tensors, PlanConfig(budget=3.0, **cfg), fixed_bytes=0)  # global: feasible
+    assert {f.tensor: f.type for f in plan.fixed}["blk.1.ffn_down_exps.weight"] == T.Q8_0
+    size = plan.totals.predicted_file_bytes
+    sized = make_plan(stats, tensors, PlanConfig(budget_mode="size", budget=size, **cfg), fixed_bytes=0)
+    assert sized.totals.predicted_file_bytes <= size
+    assert sized.totals.pinned_bytes == plan.totals.pinned_bytes > 0
+    with pytest.raises(AlphaQError, match="alone take"):
+        make_plan(stats, tensors, PlanConfig(budget_mode="size", budget=plan.totals.pinned_bytes - 1, **cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end (--fast: no forward pass)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pins_and_metadata_from_python_are_in_the_written_file(model_gguf, tmp_path):
+    out = tmp_path / "pinned.gguf"
+    r = alphaq.convert(model_gguf, out, mode="fast", budget=3, compare_stock=False, cache_dir=tmp_path / "cache",
+                       output_tensor_type="q8_0", token_embedding_type="Q6_K",
+                       tensor_type=["blk\\.0\\.ffn_down_exps=q4_k", "attn_v=f16"],
+                       override_kv=["general.name=str:pinned test", "qwen2moe.expert_used_count=int:2",
+                                    "test.scale=float:0.25", "test.flag=bool:false"])
+    types = _types(out)
+    assert types["output.weight"] == T.Q8_0 and types["token_embd.weight"] == T.Q6_K
+    assert types["blk.0.ffn_down_exps.weight"] == T.Q5_0  # Q4_K's shape fallback for rows of 96
+    assert types["blk.0.attn_v.weight"] == types["blk.1.attn_v.weight"] == T.F16
+    assert {f.tensor for f in r.plan.fixed if f.reason.startswith("pinned")} == {
+        "output.weight", "token_embd.weight", "blk.0.ffn_down_exps.weight", "blk.0.attn_v.weight",
+        "blk.1.attn_v.weight"}
+    # the budget (3 nominal bits over the routed experts) holds with the pinned expert tensor in it
+    experts = [t for t in read_tensors(out) if t.name.endswith("_exps.weight")]
+    assert sum(t.n_elements * nominal_bits(t.type) for t in experts) <= 3 * sum(t.n_elements for t in experts)
+    fields = gguf.GGUFReader(out).fields
+    for key, vtype, value in (("general.name", gguf.GGUFValueType.STRING, "pinned test"),
+                              ("qwen2moe.expert_used_count", gguf.GGUFValueType.UINT32, 2),
+                              ("test.scale", gguf.GGUFValueType.FLOAT32, 0.25),
+                              ("test.flag", gguf.GGUFValueType.BOOL, False)):
+        assert (fields[key].types[0], fields[key].contents()) == (vtype, value), key
+
+
+def test_tensor_type_file_of_a_plan_reproduces_its_file(model_gguf, tmp_path, capsys):
+    """convert --fast writes llama-quantize's tensor-type file beside its output; read back as
+    --tensor-type-file it pins every tensor: same types and bytes, nothing left to allocate. An
+    entry that pins nothing is a warning in the summary."""
+    first, again = tmp_path / "first.gguf", tmp_path / "again.gguf"
+    common = ["--fast", "--budget", "3", "--no-progress", "--no-stock-compare", "--cache-dir", str(tmp_path / "c")]
+    assert cli_main(["convert", str(model_gguf), "-o", str(first), *common]) == 0
+    tt_file = tmp_path / "first.tensor-types.txt"
+    capsys.readouterr()
+    assert cli_main(["convert", str(model_gguf), "-o", str(again), *common, "--tensor-type-file", str(tt_file),
+                     "--tensor-type", "no_such_tensor=q8_0"]) == 0
+    summary = capsys.readouterr().out
+    assert "allocated   nothing" in summary
+    assert "WARNING     --tensor-type no_such_tensor=q8_0 pins nothing" in summary
+    a = {t.name: t for t in gguf.GGUFReader(first).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(again).tensors}
+    assert {n: t.tensor_type for n, t in a.items()} == {n: t.tensor_type for n, t in b.items()}
+    for name, t in a.items():
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(b[name].data), err_msg=name)
+    assert (tmp_path / "again.tensor-types.txt").read_text() == tt_file.read_text()
+
+
+def test_damage_is_measured_only_for_unpinned_tensors(model_gguf, tmp_path, monkeypatch):
+    """The default mode measures no damage for a pinned tensor (its type is fixed)."""
+    import alphaq.damage.run as damage_run
+
+    class Reached(Exception):
+        pass
+
+    seen = {}
+
+    def record(model, names, *args, **kwargs):
+        seen["names"] = list(names)
+        raise Reached
+
+    monkeypatch.setattr(damage_run, "self_calibrate", record)
+    cfg = ConvertConfig(model=model_gguf, output=tmp_path / "d.gguf", progress=False, compare_stock=False,
+                        plan=PlanConfig(noise="damage", allocate="every", gamma=0.0, output_tensor_type="q8_0",
+                                        tensor_types=(("ffn_down_exps", "q4_k"),)))
+    with pytest.raises(Reached):
+        run_convert(cfg)
+    quantised = [t.name for t in read_tensors(model_gguf) if llama_quantizes(t.name, t.shape)]
+    pinned = {"output.weight", "blk.0.ffn_down_exps.weight", "blk.1.ffn_down_exps.weight"}
+    assert seen["names"] == [n for n in quantised if n not in pinned]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# mistakes: one line, before any expensive stage, nothing written
+# ----------------------------------------------------------------------------------------------
+
+
+def _file(tp: Path, text: str) -> str:
+    (tp / "tt.txt").write_text(text)
+    return str(tp / "tt.txt")
+
+
+BAD = {
+    "invalid regex": (lambda tp: ["--tensor-type", "exps(=q4_k"], "not a valid regular expression"),
+    "python-only regex": (lambda tp: ["--tensor-type", "(?P<x>exps)=q4_k"], "Python-only"),
+    "unknown pin type": (lambda tp: ["--tensor-type", "exps=q9_k"], "'q9_k'"),
+    "unknown output type": (lambda tp: ["--output-tensor-type", "q3"], "--output-tensor-type: unknown quant type"),
+    "entry without =": (lambda tp: ["--tensor-type", "exps"], "PATTERN=TYPE"),
+    "bad file entry": (lambda tp: ["--tensor-type-file", _file(tp, "attn_v=q8_0\njunk\n")], "'junk' has no '='"),
+    "missing file": (lambda tp: ["--tensor-type-file", str(tp / "none.txt")], "cannot read it"),
+    "pins over the bits": (lambda tp: ["--fast", "--tensor-type", "exps=f16"], "alone exceed the budget"),
+    "pins over the size": (lambda tp: ["--target-size", "2MiB", "--tensor-type", "exps=q8_0"], "alone take"),
+    "pins leave too little": (lambda tp: ["--fast", "--budget", "2", "--tensor-type", "blk\\.0\\.ffn_(up|gate)=q4_k"],
+                              "with the pinned tensors"),
+    "kv without =": (lambda tp: ["--override-kv", "general.name"], "KEY=TYPE:VALUE"),
+    "kv unknown type": (lambda tp: ["--override-kv", "a.b=i32:3"], "unknown type 'i32'"),
+    "kv bad bool": (lambda tp: ["--override-kv", "a.b=bool:yes"], "true or false"),
+    "kv bad int": (lambda tp: ["--override-kv", "a.b=int:3x"], "'3x' is not an int"),
+    "kv negative int": (lambda tp: ["--override-kv", "a.b=int:-1"], "uint32"),
+    "kv long str": (lambda tp: ["--override-kv", "a.b=str:" + "x" * 128], "127 bytes"),
+    "kv alphaq key": (lambda tp: ["--override-kv", "alphaq.plan=str:{}"], "cannot be overridden"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_flags_are_one_line_before_any_work(case, tmp_path, capsys, monkeypatch):
+    import alphaq.convert as convert_mod
+
+    def expensive(*a, **k):
+        raise AssertionError("reached the float model stage")
+
+    monkeypatch.setattr(convert_mod, "_float_model", expensive)
+    work = tmp_path / "work"
+    work.mkdir()
+    args, needle = BAD[case]
+    code = cli_main(["convert", str(FIXTURES / MODEL), "-o", str(work / "o.gguf"), "--no-progress", *args(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("alphaq convert: error: ") and needle in err[-1], err[-1]
+    assert list(work.iterdir()) == []
