@@ -33,7 +33,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from alphaq.errors import AlphaQError
-from alphaq.expert_gguf import group_name, read_layouts
+from alphaq.expert_gguf import group_name, map_name, read_layouts
 from alphaq.imatrix import _arch_of, _expert_name
 from alphaq.weights import QK_PERMUTED_ARCHS  # Mixtral is arch 'llama' in GGUF
 
@@ -201,7 +201,9 @@ def assign_gguf(model, quantised: Path, *, strict: bool = True) -> set[str]:
             for slot in range(w.shape[0]):
                 _assign(params, tgt, experts[slot] if experts is not None else slot, w[slot])
     if strict:
-        check_unmapped(reader, used, quantised)
+        # an expert-granular file's type-group maps are indices, not weights (read_layouts read them)
+        maps = {map_name(lay.tensor) for lay in read_layouts(quantised).values()}
+        check_unmapped(reader, used | maps, quantised)
     return used
 
 

@@ -59,7 +59,8 @@ def model_pieces(name: str, work: Path):
         im = collect_imatrix(s, tokens)
         table = measure(s, Reference(s, tokens), names, resolve_types(["Q4_K"]), DamageConfig(method="direct"),
                         imatrix=im.means(), tokens=im.counts)
-    measured = {n: table.costs[(n, None)]["Q4_K"] for n in names}
+    # one type per tensor: Q4_K, or its shape fallback (rows not a multiple of 256)
+    measured = {n: next(iter(table.costs[(n, None)].values())) for n in names}
     return bf16, names, tokens, im.means(), measured
 
 
@@ -125,15 +126,18 @@ def quant_error(tm: TorchModel, name: str, means) -> list:
     """Q4_K quantisation error of each matrix of ``name`` (HF layout: rows quantise alike)."""
     import torch
 
-    from alphaq.damage import quant_dequant
     from gguf import GGMLQuantizationType
+
+    from alphaq.damage import quant_dequant
+    from alphaq.qtypes import effective_type
 
     m = means.get(name)
     out = []
     for e, w in enumerate(tm.slices(name)):
         w2 = w.detach().numpy().reshape(-1, w.shape[-1])
         me = None if m is None else m.reshape(-1, w.shape[-1])[e]
-        out.append(torch.from_numpy(quant_dequant(w2, GGMLQuantizationType.Q4_K, me) - w2).reshape(w.shape))
+        t = effective_type(GGMLQuantizationType.Q4_K, w2.shape[1])  # as llama.cpp writes it
+        out.append(torch.from_numpy(quant_dequant(w2, t, me) - w2).reshape(w.shape))
     return out
 
 
@@ -179,18 +183,55 @@ def fisher(tm: TorchModel, names, errors, draws: int) -> dict[str, float]:
     return {n: 0.5 * acc[n] / draws / n_tok for n in names}
 
 
+def _upstream(name: str, n_blocks: int) -> bool:
+    """Does a router read what this tensor changes? Everything before the last block's experts."""
+    import re
+
+    m = re.match(r"blk\.(\d+)\.", name)
+    if m is None:
+        return name.startswith("token_embd")
+    last = int(m.group(1)) == n_blocks - 1
+    return not (last and ("_exps" in name or "_shexp" in name or "ffn_" in name))
+
+
+def report(data: dict) -> str:
+    """A markdown table: per model, medians over the tensors a router reads downstream."""
+    import re
+
+    rows = ["| model | tensors upstream of a router | measured / torch | frozen / torch (no routing change) "
+            "| fisher / frozen | fisher / measured, upstream | fisher / measured, the rest |",
+            "|---|---|---|---|---|---|---|"]
+    for model, res in data["models"].items():
+        n_blocks = 1 + max(int(m.group(1)) for n in res if (m := re.match(r"blk\.(\d+)\.", n)))
+        up = [r for n, r in res.items() if _upstream(n, n_blocks)]
+        rest = [r for n, r in res.items() if not _upstream(n, n_blocks)]
+
+        def med(rs, a, b):
+            return f"{np.median([r[a] / r[b] for r in rs]):.2f} ({min(r[a] / r[b] for r in rs):.2f}–{max(r[a] / r[b] for r in rs):.2f})"
+        rows.append(f"| {model} | {len(up)} of {len(res)} | {med(list(res.values()), 'measured', 'torch')} | "
+                    f"{med(up, 'frozen', 'torch')} | {med(list(res.values()), 'fisher', 'frozen')} | "
+                    f"{med(up, 'fisher', 'measured')} | {med(rest, 'fisher', 'measured')} |")
+    return "\n".join(rows) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mixtral", "qwen2moe", "qwen3moe", "deepseek2"])
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "fisher-routing.json")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-fisher")
+    ap.add_argument("--report-only", action="store_true", help="print the table of an existing --out")
     args = ap.parse_args()
+    if args.report_only:
+        print(report(json.loads(args.out.read_text())))
+        return 0
     results = {}
     for name in args.models:
         t0 = time.perf_counter()
         bf16, names, tokens, means, measured = model_pieces(name, args.work / name)
         tm = TorchModel(name, bf16, names, tokens)
+        # DeepSeek-2's attn_k_b / attn_v_b are one HF matrix (kv_b_proj) split by the converter: left out
+        names = [n for n in names if n in tm.targets]
         errors = {n: quant_error(tm, n, means) for n in names}
         kls = torch_kls(tm, names, errors)
         fis = fisher(tm, names, errors, args.draws)
@@ -199,7 +240,9 @@ def main() -> int:
         print(f"{name}: {time.perf_counter() - t0:.0f} s")
         for n, r in results[name].items():
             print(f"  {n:30s} " + "  ".join(f"{k} {v:.2e}" for k, v in r.items()))
-    args.out.write_text(json.dumps({"draws": args.draws, "type": "Q4_K", "models": results}, indent=1) + "\n")
+    data = {"draws": args.draws, "type": "Q4_K", "models": results}
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    print(report(data))
     return 0
 
 
