@@ -616,21 +616,25 @@ def _float_model(cfg: ConvertConfig, source: str, work: Workspace, wanted):
     interrupted run kept there); stats only where the plan uses alpha."""
     if source == "gguf":  # checked to be float by early_budget_check
         return cfg.model, None, _read_float(cfg, cfg.model, wanted)
-    if work.found is not None:
-        return work.found.path, work.found.tokenizer_fallback, _read_float(cfg, work.found.path, wanted)
+    found = work.found
+    if found is not None:
+        return found.path, found.tokenizer_fallback, _read_float(cfg, found.path, wanted, checked=found.finite)
     if needs_spectral(cfg):
         path, fallback, stats = _convert_and_analyze_hf(cfg, work.float_path, wanted)
     else:
         path, fallback, stats = *_convert_hf(cfg, work.float_path), []
-    work.complete(fallback, cfg.model)  # from here on an interrupted run keeps it for the next
+    # from here on an interrupted run keeps it for the next (_convert_hf checked its values)
+    work.complete(fallback, cfg.model, finite=not needs_spectral(cfg))
     return path, fallback, stats
 
 
-def _read_float(cfg: ConvertConfig, path: Path, wanted) -> list:
+def _read_float(cfg: ConvertConfig, path: Path, wanted, checked: bool = False) -> list:
     """A float GGUF that this run did not convert: alpha where the plan uses it, else the NaN check
-    the forward stages need (the spectral stage reports non-finite matrices itself)."""
+    the forward stages need (the spectral stage reports non-finite matrices itself), unless
+    ``checked`` already."""
     if not needs_spectral(cfg):
-        check_finite(path)
+        if not checked:
+            check_finite(path)
         return []
     return analyze_model(path, cfg.spectral, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
                          progress=cfg.progress, select=wanted)

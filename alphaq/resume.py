@@ -88,6 +88,7 @@ def file_facts(path: Path) -> dict:
 class Intermediate:
     path: Path  # the complete BF16 GGUF
     tokenizer_fallback: str | None  # the converter's fallback warning, as when it ran
+    finite: bool = False  # its values were checked to be finite (alphaq.gguf_io.check_finite)
 
 
 def _expected(model_dir: Path) -> dict:
@@ -113,10 +114,11 @@ def verified(float_path: Path, record_path: Path, model_dir: Path) -> tuple[Inte
             return None, f"its {key} differs from this run's"
     if record.get("file") != facts or facts["data_end"] > facts["bytes"]:
         return None, f"{float_path.name} differs from its record (size, mtime, tensors or data extent)"
-    return Intermediate(float_path, record.get("tokenizer_fallback")), ""
+    return Intermediate(float_path, record.get("tokenizer_fallback"), record.get("finite") is True), ""
 
 
-def write_record(float_path: Path, record_path: Path, model_dir: Path, tokenizer_fallback: str | None) -> None:
+def write_record(float_path: Path, record_path: Path, model_dir: Path, tokenizer_fallback: str | None,
+                 finite: bool = False) -> None:
     """Mark the intermediate complete (after the converter exited and its output was checked)."""
     facts = file_facts(float_path)
     if facts["data_end"] > facts["bytes"]:
@@ -124,7 +126,7 @@ def write_record(float_path: Path, record_path: Path, model_dir: Path, tokenizer
 
         raise InternalError(f"{float_path}: the converter's tensors end at byte {facts['data_end']}, "
                             f"past the end of the file ({facts['bytes']})")
-    record = {**_expected(model_dir), "file": facts, "tokenizer_fallback": tokenizer_fallback}
+    record = {**_expected(model_dir), "file": facts, "tokenizer_fallback": tokenizer_fallback, "finite": finite}
     atomic_write_text(record_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
@@ -170,8 +172,8 @@ class Workspace:
             self.discard_float()
         self.float_dir.mkdir(exist_ok=True)
 
-    def complete(self, tokenizer_fallback: str | None, model_dir: Path) -> None:
-        write_record(self.float_path, self.record_path, model_dir, tokenizer_fallback)
+    def complete(self, tokenizer_fallback: str | None, model_dir: Path, finite: bool = False) -> None:
+        write_record(self.float_path, self.record_path, model_dir, tokenizer_fallback, finite)
 
     def discard_float(self) -> None:
         """Delete the intermediate, its record first (a file without a record is never reused)."""

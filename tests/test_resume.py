@@ -42,8 +42,8 @@ REUSED = {"convert": [], "self text": ["bf16 intermediate"], "importance": ["bf1
 SAFETY_TIMEOUT = 900  # seconds; only so that a hung run fails instead of blocking CI (not a synchronisation)
 
 
-def command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "alphaq.cli", "convert", str(FIXTURES / MODEL), "-o", str(out), *SETTINGS, *extra]
+def command(out: Path, *extra: str, settings=SETTINGS) -> list[str]:
+    return [sys.executable, "-m", "alphaq.cli", "convert", str(FIXTURES / MODEL), "-o", str(out), *settings, *extra]
 
 
 def environment(cache: Path, pause: str | None = None) -> dict[str, str]:
@@ -54,10 +54,10 @@ def environment(cache: Path, pause: str | None = None) -> dict[str, str]:
     return env
 
 
-def convert(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+def convert(out: Path, cache: Path, *extra: str, settings=SETTINGS) -> subprocess.CompletedProcess:
     out.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(command(out, *extra), env=environment(cache), cwd=ROOT, capture_output=True, text=True,
-                          timeout=SAFETY_TIMEOUT)
+    return subprocess.run(command(out, *extra, settings=settings), env=environment(cache), cwd=ROOT,
+                          capture_output=True, text=True, timeout=SAFETY_TIMEOUT)
 
 
 def reused(summary: str) -> list[str]:
@@ -74,7 +74,7 @@ def _read_line(fd: int) -> str:
     return data.decode().strip()
 
 
-def stop_in(stage: str, sig: signal.Signals, out: Path, cache: Path, fifos: Path) -> tuple[int, str]:
+def stop_in(stage: str, sig: signal.Signals, out: Path, cache: Path, fifos: Path, settings=SETTINGS) -> tuple[int, str]:
     """Run the command, send ``sig`` once it is inside ``stage``; (exit status, stderr)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fifos.mkdir()
@@ -85,7 +85,7 @@ def stop_in(stage: str, sig: signal.Signals, out: Path, cache: Path, fifos: Path
     ready, go = os.open(fifos / "ready", os.O_RDWR), os.open(fifos / "go", os.O_RDWR)
     err = (fifos / "stderr").open("w+")
     try:
-        proc = subprocess.Popen(command(out), env=environment(cache, f"{stage}:{fifos}"), cwd=ROOT,
+        proc = subprocess.Popen(command(out, settings=settings), env=environment(cache, f"{stage}:{fifos}"), cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=err)
 
         def on_exit() -> None:  # a run that ends before the stage must not leave the test waiting
@@ -167,6 +167,23 @@ def test_no_resume_deletes_the_kept_intermediate_and_converts_again(reference, t
         assert (out.parent / name).read_bytes() == reference[name], name
 
 
+@SLOW
+def test_fast_mode_resumes_from_the_kept_intermediate(tmp_path):
+    """--fast analyses the checkpoint beside the converter; resumed, it analyses the kept BF16 file
+    (same alphas by construction), so the output is the same."""
+    fast = ("--fast", "--budget", "3", "--no-stock-compare", "--no-progress", "--threads", "1")
+    ref = convert(tmp_path / "ref" / "o.gguf", tmp_path / "ref-cache", settings=fast)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out, cache = tmp_path / "out" / "o.gguf", tmp_path / "cache"
+    code, err = stop_in("quantise", signal.SIGINT, out, cache, tmp_path / "fifos", settings=fast)
+    assert code == 130 and (out.parent / PARTIAL / "bf16.json").is_file(), err[-3000:]
+    proc = convert(out, cache, settings=fast)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert reused(proc.stdout) == ["bf16 intermediate"]
+    for name in ("o.gguf", "o.plan.json", "o.tensor-types.txt"):
+        assert (out.parent / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
 # ---- the pieces, without a conversion --------------------------------------------------------
 
 
@@ -233,6 +250,8 @@ def test_a_kept_intermediate_is_reused_only_while_its_record_holds(tmp_path, mon
     rejected("its source differs")
     put_back(weights, wst)
     assert resume.verified(f, rec, ckpt)[0] is not None
+    resume.write_record(f, rec, ckpt, None, finite=True)
+    assert resume.verified(f, rec, ckpt)[0] == resume.Intermediate(f, None, finite=True)
     monkeypatch.setattr(resume, "converter_settings", lambda: {"outtype": "f16"})
     rejected("its converter differs")
     monkeypatch.undo()
@@ -321,3 +340,20 @@ def test_an_error_line_carries_its_notes():
     exc.add_note("the BF16 intermediate is kept in /x/bf16.gguf: re-running the same command reuses it")
     assert _one_line(exc) == ("budget out of range; the BF16 intermediate is kept in /x/bf16.gguf: "
                               "re-running the same command reuses it")
+
+
+def test_the_preflight_counts_a_reused_intermediate_as_on_disk(tmp_path):
+    from alphaq.convert import ConvertConfig
+    from alphaq.plan import MODES, PlanConfig
+    from alphaq.preflight import preflight
+    from alphaq.weights import open_model
+
+    cfg = ConvertConfig(model=FIXTURES / MODEL, output=tmp_path / "o.gguf", plan=PlanConfig(**MODES["damage"]))
+    kept = _gguf(tmp_path / "bf16.gguf")
+    with open_model(cfg.model) as model:
+        fresh, again = preflight(cfg, model), preflight(cfg, model, reused=kept)
+    size = kept.stat().st_size
+    assert again.float_bytes == size and again.reused == kept
+    assert again.needs[tmp_path] == max(0, max(size + fresh.output_bytes, 2 * fresh.output_bytes) - size)
+    assert "float model" in fresh.stage_seconds and "float model" not in again.stage_seconds
+    assert f"kept by an interrupted run and reused: {kept}" in again.format(None)
