@@ -24,7 +24,6 @@ byte-identical: tests/test_resume.py), so the caches hold across a reconversion 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -206,6 +205,8 @@ class Workspace:
 
 def _lock(d: Path, output: Path) -> int:
     """An exclusive flock on directory ``d`` (created); retried when a run that just ended removed it."""
+    import fcntl
+
     while True:
         d.mkdir(exist_ok=True)
         try:

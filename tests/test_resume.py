@@ -121,8 +121,9 @@ def reference(tmp_path_factory) -> dict[str, bytes]:
 
 
 SLOW = pytest.mark.slow
+DEFAULT_CASES = {("self text", signal.SIGINT), ("quantise", signal.SIGKILL)}  # the others are slow
 CASES = [pytest.param(stage, sig, id=f"{sig.name}-{stage.replace(' ', '-')}",
-                      marks=() if (stage, sig) in {("self text", signal.SIGINT), ("quantise", signal.SIGKILL)} else SLOW)
+                      marks=() if (stage, sig) in DEFAULT_CASES else SLOW)
          for stage in STAGES for sig in (signal.SIGINT, signal.SIGKILL)]
 
 

@@ -65,7 +65,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xmin-window", choices=XMIN_WINDOWS, default=SpectralConfig.xmin_window,
                    help="PL_Alpha_Hill tail window (default: %(default)s, the reference code's effective one)")
     p.add_argument("--threads", type=int, default=0, help="quantiser threads (default: all cores)")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the caches (alpha, own text, importance, damage)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the caches (alpha, own text, importance, damage)")
     p.add_argument("--cache-dir", type=Path, help="alpha cache (default ~/.cache/alphaq/spectral)")
     p.add_argument("--no-stock-compare", action="store_true", help="skip the stock-mix size comparison")
     split = p.add_mutually_exclusive_group()

@@ -128,8 +128,8 @@ def _self_text(model: Path, text_cfg: SelfTextConfig, model_key: str, use_cache:
     return cached_sample(model, text_cfg, progress=progress, key=model_key)
 
 
-def _importance(session: Callable[[], object], tokens: np.ndarray, text_cfg: SelfTextConfig, model_key: str, use_cache: bool,
-                progress: bool, reused: list[str]) -> Imatrix:
+def _importance(session: Callable[[], object], tokens: np.ndarray, text_cfg: SelfTextConfig, model_key: str,
+                use_cache: bool, progress: bool, reused: list[str]) -> Imatrix:
     """The importance matrix of the model's own text, cached under ~/.cache/alphaq/importance keyed
     by the model's content and the text's settings (the text is a function of both)."""
     from alphaq.importance.collect import collect_imatrix
@@ -167,5 +167,6 @@ def _save_imatrix(path: Path, imatrix: Imatrix) -> None:
 def _load_imatrix(path: Path) -> Imatrix:
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-        return Imatrix(sums={n: z[f"sums/{n}"] for n in meta["names"]}, counts={n: z[f"counts/{n}"] for n in meta["names"]},
+        names = meta["names"]
+        return Imatrix(sums={n: z[f"sums/{n}"] for n in names}, counts={n: z[f"counts/{n}"] for n in names},
                        datasets=meta["datasets"], chunk_count=meta["chunk_count"], chunk_size=meta["chunk_size"])
