@@ -61,7 +61,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     (or a list), ``tensor_type_file=path`` (or a list), ``override_kv="general.name=str:x"`` (or a
     list). Other keyword options are PlanConfig fields (types, gamma, granularity, ...) or
     ConvertConfig fields (imatrix, nthread, use_cache, split_max_size (bytes, or "2G" as
-    llama-gguf-split), split_max_tensors, keep_bf16, dry_run, ...).
+    llama-gguf-split), split_max_tensors, keep_bf16, dry_run, resume (False: convert an HF checkpoint
+    afresh rather than reuse the BF16 intermediate an interrupted run kept), ...).
     ``plots="DIR"`` also writes the figures of ``alphaq convert --plots`` there (not with dry_run).
     Returns alphaq.convert.ConvertResult."""
     from alphaq.convert import ConvertConfig, run_convert

@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"alphaq {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"alphaq {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", ()))  # e.g. what a re-run reuses
+        print(f"alphaq {args.command}: interrupted{notes}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001  (a bug: one line, the traceback on request)
         if debug:
@@ -70,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The message on one line (a multi-line message would read as several errors)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """The message and its notes (e.g. what a re-run reuses) on one line (a multi-line message
+    would read as several errors)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text + "".join(f"; {' '.join(n.split())}" for n in getattr(exc, "__notes__", ()))
 
 
 if __name__ == "__main__":

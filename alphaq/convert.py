@@ -7,9 +7,10 @@ Default (damage):
 Paper / fast (no forward pass at all):
     float GGUF ──spectral──> alphas ──plan──> types ──llama_model_quantize(overrides)──> ...
 
-Everything is written under temporary names in the output's directory and renamed at the very
-end, so a failed or interrupted run leaves nothing behind, and nothing existing is replaced
-without ``force``.
+Everything is written under temporary names in a hidden directory beside the output and renamed
+at the very end, so a failed or interrupted run leaves no output behind, and nothing existing is
+replaced without ``force``. The one thing a failed run keeps is a complete BF16 intermediate, which
+re-running the same command reuses (alphaq.resume); the later stages' results are cached.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from alphaq.overrides import KVOverride, Pins
 from alphaq.plan import Plan, PlanConfig, TensorInfo, check_budget, format_size, make_plan, plan_pins
 from alphaq.qtypes import llama_quantizes, padded, tensor_bytes
 from alphaq.records import MatrixStats
+from alphaq.resume import Workspace, pause_for_test
 from alphaq.quantize import STOCK_MIXES, mix_ftype, quantize_gguf, stock_mix_types
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral import SpectralConfig
@@ -80,6 +82,7 @@ class ConvertConfig:
     split_max_tensors: int | None = None  # tensors per part at most
     keep_bf16: Path | None = None  # keep the float GGUF made from an HF checkpoint here
     dry_run: bool = False  # pre-flight, stages and plan; write nothing (no figures either)
+    resume: bool = True  # reuse a BF16 intermediate kept by an interrupted run (alphaq.resume)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class ConvertResult:
     kept_float: Path | None = None  # --keep-bf16
     dry_run: bool = False  # nothing written: file_bytes and tensor_counts are the plan's
     preflight: Preflight | None = None
+    reused: tuple[str, ...] = ()  # stages whose results an earlier run left (intermediate, caches)
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -320,6 +324,11 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, out: Path, wanted):
 
     log.info("converting %s to a BF16 GGUF with llama.cpp's converter", cfg.model)
     running = start_convert_hf(cfg.model, out, outtype="bf16")
+    try:
+        pause_for_test("convert")
+    except BaseException:
+        running.kill()
+        raise
     throttle = Throttle(limit=1, background=True)
 
     def watch() -> None:
@@ -400,47 +409,56 @@ def _run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None) -> 
         log.warning(line)
     everything = analysed(cfg, has_experts) if cfg.plan.allocate != "every" else (lambda m: True)
     wanted = (lambda m: everything(m) and m.tensor not in pins.types) if pins.types else everything
-    damage_mode = cfg.plan.noise == "damage"
-    seconds: dict[str, float] = {}
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".alphaq-", dir=cfg.output.parent))
-    plots, published = None, []
+    work = Workspace(cfg.output, cfg.keep_bf16)
+    work.open(cfg.model if source == "hf" else None, cfg.resume)
     try:
-        t0 = time.perf_counter()
-        float_gguf, tokenizer_fallback, stats = _float_model(cfg, source, tmp_dir, wanted)
-        seconds["float model + spectral" if needs_spectral(cfg) else "float model"] = time.perf_counter() - t0
-        tensors = tensor_infos(float_gguf)
-        base_header = header_bytes(float_gguf)
-        float_bytes = model_bytes(float_gguf)
-        cfg, like = like_budget(cfg, float_gguf, base_header)
-        calib = _self_calibration(float_gguf, tensors, cfg, user_imatrix) if damage_mode else None
-        if calib is not None:
-            seconds.update(calib.seconds)
-        t0 = time.perf_counter()
-        noise = _noise_table(float_gguf, stats, tensors, cfg)
-        plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback, noise,
-                                 damage=calib.damage.costs if calib else None)
-        seconds["plan"] = time.perf_counter() - t0
-        # (before quantising: an intermediate float model is deleted once the quantiser has read it)
-        stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
-        facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
-                     float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None)
-        if cfg.dry_run:
-            return _planned_result(cfg, tensors, facts)
-        t0 = time.perf_counter()
-        written = _write(cfg, plan, float_gguf, tensors, tmp_dir, tokenizer_fallback, calib.imatrix if calib else None,
-                         done_with_float=lambda: _release_float(cfg, float_gguf, tmp_dir))
-        parts = _split_output(cfg, tmp_dir)
-        seconds["quantise"] = time.perf_counter() - t0
-        plots = _render_plots(cfg, plan, stats, seconds)
-        published = _publish(cfg, plan, tmp_dir, calib, parts, plots.moves() if plots else [])
-    except BaseException:
-        if cfg.keep_bf16 is not None:
-            _kept_float_tmp(cfg.keep_bf16).unlink(missing_ok=True)  # the intermediate, not yet published
+        result = _stages(cfg, source, work, wanted, user_imatrix, pre)
+    except BaseException as exc:
+        note = work.close(keep_float=True)  # a complete intermediate stays for the re-run
+        if note is not None:
+            exc.add_note(note)
         raise
+    work.close(keep_float=work.found is not None)  # (a dry run leaves one it reused as it was)
+    return result
+
+
+def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatrix, pre: Preflight) -> ConvertResult:
+    """Float model, forward stages, plan, then (unless a dry run) quantise and publish, in ``work``."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    float_gguf, tokenizer_fallback, stats = _float_model(cfg, source, work, wanted)
+    seconds["float model + spectral" if needs_spectral(cfg) else "float model"] = time.perf_counter() - t0
+    tensors = tensor_infos(float_gguf)
+    base_header = header_bytes(float_gguf)
+    float_bytes = model_bytes(float_gguf)
+    cfg, like = like_budget(cfg, float_gguf, base_header)
+    calib = _self_calibration(float_gguf, tensors, cfg, user_imatrix) if cfg.plan.noise == "damage" else None
+    if calib is not None:
+        seconds.update(calib.seconds)
+    t0 = time.perf_counter()
+    noise = _noise_table(float_gguf, stats, tensors, cfg)
+    plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback, noise,
+                             damage=calib.damage.costs if calib else None)
+    seconds["plan"] = time.perf_counter() - t0
+    # (before quantising: an intermediate float model is deleted once the quantiser has read it)
+    stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
+    reused = (("bf16 intermediate",) if work.found else ()) + (calib.reused if calib else ())
+    facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
+                 float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None,
+                 reused=reused)
+    if cfg.dry_run:
+        return _planned_result(cfg, tensors, facts)
+    pause_for_test("quantise")
+    t0 = time.perf_counter()
+    written = _write(cfg, plan, float_gguf, tensors, work.dir, tokenizer_fallback, calib.imatrix if calib else None,
+                     done_with_float=lambda: _release_float(cfg, float_gguf, work))
+    parts = _split_output(cfg, work.dir)
+    seconds["quantise"] = time.perf_counter() - t0
+    plots = _render_plots(cfg, plan, stats, seconds)
+    published = []
+    try:
+        published = _publish(cfg, plan, work, calib, parts, plots.moves() if plots else [])
     finally:
-        for p in sorted(tmp_dir.glob("*")):
-            p.unlink()
-        tmp_dir.rmdir()
         if plots is not None:
             plots.close(bool(published))
     return _written_result(cfg, written, published, facts, calib, plots)
@@ -493,7 +511,8 @@ def _prepare(cfg: ConvertConfig):
 
             check_reachable(cfg.model, cfg.plan, model)  # from shapes alone: before converting or analysing
         pins = early_budget_check(cfg, model)
-        pre = preflight(cfg, model)
+        kept = Workspace(cfg.output, cfg.keep_bf16).peek(cfg.model) if model.source == "hf" and cfg.resume else None
+        pre = preflight(cfg, model, reused=kept.path if kept else None)
         return cfg, model.source, has_experts, user_imatrix, pins, pre
 
 
@@ -537,17 +556,11 @@ def _parts_note(cfg: ConvertConfig) -> str:
     return ""
 
 
-def _kept_float_tmp(keep: Path) -> Path:
-    """Where the converter writes the BF16 model that --keep-bf16 keeps: a hidden name beside it
-    (same filesystem, so publishing it is a rename)."""
-    return keep.with_name(f".{keep.stem}.alphaq-{os.getpid()}.gguf")
-
-
-def _release_float(cfg: ConvertConfig, float_gguf: Path, tmp_dir: Path) -> None:
+def _release_float(cfg: ConvertConfig, float_gguf: Path, work: Workspace) -> None:
     """The quantiser (and the expert-groups writer) have read the float model: an intermediate one
     (HF input, not kept) is deleted now, so the output's copies never coexist with it on disk."""
-    if float_gguf.parent == tmp_dir and cfg.keep_bf16 is None:
-        float_gguf.unlink()
+    if float_gguf == work.float_path and cfg.keep_bf16 is None:
+        work.discard_float()
 
 
 def _split_output(cfg: ConvertConfig, tmp_dir: Path) -> list[Path]:
@@ -597,27 +610,50 @@ def _quantised_tensors(matrices) -> list[TensorInfo]:
     return [TensorInfo(n, shape, "BF16") for n, shape in shapes.items() if llama_quantizes(n, shape)]
 
 
-def _float_model(cfg: ConvertConfig, source: str, tmp_dir: Path, wanted):
+def _float_model(cfg: ConvertConfig, source: str, work: Workspace, wanted):
     """(float GGUF, tokenizer fallback, spectral stats): the input itself when it is a float GGUF,
-    else llama.cpp's converter's BF16 output (in tmp_dir, or under a temporary name beside
-    --keep-bf16); stats only where the plan uses alpha."""
-    if source == "hf":
-        keep = cfg.keep_bf16
-        out = _kept_float_tmp(keep) if keep else tmp_dir / "float.gguf"
-        if needs_spectral(cfg):
-            return _convert_and_analyze_hf(cfg, out, wanted)
-        from convert.hf_to_gguf import convert_hf
+    else llama.cpp's converter's BF16 output (the intermediate in ``work``, or the one an
+    interrupted run kept there); stats only where the plan uses alpha."""
+    if source == "gguf":  # checked to be float by early_budget_check
+        return cfg.model, None, _read_float(cfg, cfg.model, wanted)
+    found = work.found
+    if found is not None:
+        return found.path, found.tokenizer_fallback, _read_float(cfg, found.path, wanted, checked=found.finite)
+    if needs_spectral(cfg):
+        path, fallback, stats = _convert_and_analyze_hf(cfg, work.float_path, wanted)
+    else:
+        path, fallback, stats = *_convert_hf(cfg, work.float_path), []
+    # from here on an interrupted run keeps it for the next (_convert_hf checked its values)
+    work.complete(fallback, cfg.model, finite=not needs_spectral(cfg))
+    return path, fallback, stats
 
-        conv = convert_hf(cfg.model, out, outtype="bf16")
-        check_finite(conv.path)
-        return conv.path, conv.tokenizer_fallback, []
-    # a GGUF input was checked to be float by early_budget_check
+
+def _read_float(cfg: ConvertConfig, path: Path, wanted, checked: bool = False) -> list:
+    """A float GGUF that this run did not convert: alpha where the plan uses it, else the NaN check
+    the forward stages need (the spectral stage reports non-finite matrices itself), unless
+    ``checked`` already."""
     if not needs_spectral(cfg):
-        check_finite(cfg.model)
-        return cfg.model, None, []
-    stats = analyze_model(cfg.model, cfg.spectral, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
-                          progress=cfg.progress, select=wanted)
-    return cfg.model, None, stats
+        if not checked:
+            check_finite(path)
+        return []
+    return analyze_model(path, cfg.spectral, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
+                         progress=cfg.progress, select=wanted)
+
+
+def _convert_hf(cfg: ConvertConfig, out: Path) -> tuple[Path, str | None]:
+    """llama.cpp's converter alone (no alpha needed): (BF16 GGUF, tokenizer fallback)."""
+    from convert.hf_to_gguf import start_convert_hf
+
+    log.info("converting %s to a BF16 GGUF with llama.cpp's converter", cfg.model)
+    running = start_convert_hf(cfg.model, out, outtype="bf16")
+    try:
+        pause_for_test("convert")
+        conv = running.wait()
+    except BaseException:
+        running.kill()  # e.g. Ctrl-C: never leave the converter running
+        raise
+    check_finite(conv.path)
+    return conv.path, conv.tokenizer_fallback
 
 
 def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: Path, tokenizer_fallback, imatrix,
@@ -648,7 +684,7 @@ def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: P
     return types, layouts
 
 
-def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib, parts: list[Path],
+def _publish(cfg: ConvertConfig, plan: Plan, work: Workspace, calib, parts: list[Path],
              plot_moves: list[tuple[Path, Path]]) -> list[Path]:
     """Side files (and the figures) first, then the model's parts from the last to the first (the
     first's presence means the run completed; llama.cpp loads from it), then the kept BF16 model;
@@ -657,6 +693,7 @@ def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib, parts: list[P
     targets = ([cfg.output.with_name(cfg.output.name.removesuffix(".gguf") + p.name.removeprefix("part"))
                 for p in parts] if split else [cfg.output])
     plan_json, tt_file = side_paths(cfg.output)
+    tmp_dir = work.dir
     staged = [(tmp_dir / "plan.json", plan_json)]
     staged[0][0].write_text(_plan_json(plan, targets, parts))
     if cfg.plan.granularity == "tensor":
@@ -678,7 +715,7 @@ def _publish(cfg: ConvertConfig, plan: Plan, tmp_dir: Path, calib, parts: list[P
     for p in stale:  # --force: parts of an earlier split of this output into another count
         p.unlink()
     if cfg.keep_bf16 is not None:
-        os.replace(_kept_float_tmp(cfg.keep_bf16), cfg.keep_bf16)
+        work.publish_float(cfg.keep_bf16)
     return targets
 
 

@@ -16,6 +16,9 @@ Disk, per filesystem (the temporary files go in a hidden directory beside the ou
   rewrites it once more with its keys (and, when splitting, once more as parts), so two copies of
   the output coexist; the intermediate is deleted as soon as the quantiser has read it, unless
   kept (``--keep-bf16``) or needed by the expert-groups writer (``--granularity expert``).
+
+A BF16 intermediate kept by an interrupted run (alphaq.resume), which this run reuses, is already on
+disk: its bytes are not needed again, and its conversion takes no time.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Preflight:
     needs: dict[Path, int]  # a directory per filesystem -> peak bytes needed there
     free: dict[Path, int]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    reused: Path | None = None  # the intermediate an interrupted run kept, reused
 
     @property
     def seconds(self) -> float:
@@ -76,7 +80,9 @@ class Preflight:
     def format(self, keep_bf16: Path | None, parts: str = "") -> str:
         kept = (f"kept at {keep_bf16}" if keep_bf16 else "deleted once quantised; --keep-bf16 PATH keeps it")
         lines = [f"pre-flight  {self.n_blocks} blocks, {self.weights_per_block:,} quantisable weights per block",
-                 (f"  disk      BF16 intermediate about {format_size(self.float_bytes)} ({kept})" if self.intermediate
+                 (f"  disk      BF16 intermediate {format_size(self.float_bytes)}, kept by an interrupted run "
+                  f"and reused: {self.reused} ({kept})" if self.reused else
+                  f"  disk      BF16 intermediate about {format_size(self.float_bytes)} ({kept})" if self.intermediate
                   else f"  disk      float model {format_size(self.float_bytes)} (read in place)"),
                  f"            output at most {format_size(self.output_bytes)}{parts}"]
         for d, n in self.needs.items():
@@ -184,11 +190,12 @@ def _filesystem_dirs(dirs: list[Path]) -> dict[int, Path]:
     return out
 
 
-def preflight(cfg, model) -> Preflight:
+def preflight(cfg, model, reused: Path | None = None) -> Preflight:
     """Disk and time for converting ``model`` (alphaq.weights.ModelWeights of cfg.model) with
-    ``cfg`` (alphaq.convert.ConvertConfig)."""
+    ``cfg`` (alphaq.convert.ConvertConfig); ``reused``: the BF16 intermediate of an interrupted run,
+    which this one reuses."""
     sizes = hf_sizes(model, cfg) if model.source == "hf" else gguf_sizes(model.path, cfg)
-    float_bytes = sizes.float_bytes
+    float_bytes = reused.stat().st_size if reused else sizes.float_bytes
     out = sizes.output_bound + PLAN_KEY_BYTES_PER_ITEM * sizes.items + (1 << 16)
     out += sum(o.gguf_bytes for o in cfg.kv_overrides)  # --override-kv's keys
     if cfg.plan.budget_mode == "size" and cfg.like is None:
@@ -207,11 +214,15 @@ def preflight(cfg, model) -> Preflight:
         needs[out_fs] = 2 * out
         if float_dir is not None:
             needs[float_dir] = float_bytes
+    if reused is not None:  # already on disk
+        needs[float_dir] = max(0, needs[float_dir] - float_bytes)
     blocks = [m for m in model.matrices() if m.block is not None]
     per_block = sum(m.params for m in blocks) // max(1, model.n_blocks)
+    seconds = stage_seconds(cfg, model.source, model.n_blocks, per_block)
+    if reused is not None:
+        seconds.pop("float model", None)
     return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
-                     {d: shutil.disk_usage(d).free for d in needs},
-                     stage_seconds(cfg, model.source, model.n_blocks, per_block))
+                     {d: shutil.disk_usage(d).free for d in needs}, seconds, reused)
 
 
 def max_parts(cfg, n_tensors: int, out_bytes: int) -> int:

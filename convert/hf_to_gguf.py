@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from alphaq.errors import InputError
-from convert.run_upstream import FALLBACK_MARK
+from convert.run_upstream import FALLBACK_MARK, PARENT_ENV
 from convert.vendor import ensure_vendor
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,12 @@ class RunningConversion:
         root = Path(__file__).resolve().parents[1]
         self.model_dir, self.out_path = model_dir, out_path
         self._errlog = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ)
+        if threading.current_thread() is threading.main_thread():  # (run_upstream._die_with_parent)
+            env[PARENT_ENV] = str(os.getpid())
         try:
-            self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=self._errlog, text=True)
+            self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=self._errlog, text=True,
+                                         env=env)
         except BaseException:
             self._errlog.close()
             raise

@@ -39,7 +39,29 @@ def _with_tokenizer_fallback(model_class):
     return model_class
 
 
+PARENT_ENV = "ALPHAQ_CONVERTER_PARENT"
+
+
+def _die_with_parent() -> None:
+    """Linux: be killed when the alphaq process that started us dies, even by SIGKILL (which gives it
+    no chance to stop us), so that no orphaned converter keeps writing. The parent asks for it by
+    setting PARENT_ENV to its pid, only from its main thread: the signal follows the thread that
+    started the process."""
+    import os
+
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it died before the prctl
+        os._exit(1)
+
+
 def main(argv: list[str]) -> None:
+    _die_with_parent()
     vendor = Path(argv[0])
     sys.path.insert(0, str(vendor))
     sys.path.insert(1, str(vendor / "gguf-py"))  # the converter's own gguf-py, same as upstream

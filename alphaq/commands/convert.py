@@ -65,7 +65,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xmin-window", choices=XMIN_WINDOWS, default=SpectralConfig.xmin_window,
                    help="PL_Alpha_Hill tail window (default: %(default)s, the reference code's effective one)")
     p.add_argument("--threads", type=int, default=0, help="quantiser threads (default: all cores)")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the caches (alpha, own text, damage)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the caches (alpha, own text, importance, damage)")
     p.add_argument("--cache-dir", type=Path, help="alpha cache (default ~/.cache/alphaq/spectral)")
     p.add_argument("--no-stock-compare", action="store_true", help="skip the stock-mix size comparison")
     split = p.add_mutually_exclusive_group()
@@ -75,6 +76,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                        "tensors each, as llama-gguf-split")
     p.add_argument("--keep-bf16", type=Path, metavar="PATH", help="keep the BF16 GGUF converted from an HF checkpoint "
                    "at PATH (default: deleted as soon as it has been quantised)")
+    p.add_argument("--no-resume", action="store_true", help="convert the HF checkpoint afresh: delete the BF16 "
+                   "intermediate an interrupted run of this command kept (default: reuse it when it is complete)")
     p.add_argument("--dry-run", action="store_true", help="print the disk and time needed, run the (cached) analysis "
                    "stages and print the plan; write nothing (not with --keep-bf16 or --plots)")
     p.add_argument("--plots", type=Path, metavar="DIR",
@@ -144,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         selftext=SelfTextConfig(n_seq=args.self_samples, n_ctx=args.self_ctx, seed=args.seed),
         damage=DamageConfig(method=args.damage, n_windows=min(args.damage_windows, args.self_samples)),
         split_max_size=split_size, split_max_tensors=args.split_max_tensors, keep_bf16=args.keep_bf16,
-        dry_run=args.dry_run, plots=args.plots, kv_overrides=kv_overrides(args.override_kv),
+        dry_run=args.dry_run, plots=args.plots, kv_overrides=kv_overrides(args.override_kv), resume=not args.no_resume,
     )
     if args.imatrix is not None and cfg.plan.noise != "damage":
         raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
@@ -194,6 +197,9 @@ def summary(r) -> str:
         lines.append(f"  data read   {read}")
         if r.imatrix_file is not None:
             lines.append(f"  importance  {r.imatrix_file} (llama.cpp imatrix format)")
+    if r.reused:
+        lines.append("  reused      " + ", ".join(r.reused) + " (from an earlier run of this model; "
+                     "--no-resume converts afresh, --no-cache recomputes the rest)")
     if r.seconds:
         lines.append("  time        " + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()))
     if r.imatrix_source is not None:

@@ -3,7 +3,7 @@
     float GGUF ──sample──> own text ──eval callback──> importance matrix
                ──fake-quantise one tensor at a time──> KL on own text ──> damage table
 
-Each stage's result is cached under ~/.cache/alphaq/{selftext,damage}, keyed by the model's
+Each stage's result is cached under ~/.cache/alphaq/{selftext,importance,damage}, keyed by the model's
 content and every setting that changes it, so re-running a conversion (another budget, or after
 an interruption) reuses the finished stages. The model is loaded into llama.cpp once for the
 importance matrix and the measurements.
@@ -15,7 +15,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from gguf import GGMLQuantizationType
 from alphaq.damage import DamageConfig, DamageTable, Reference
 from alphaq.files import atomic_write_text, cache_root, fingerprint
 from alphaq.importance.imatrix_file import Imatrix
-from alphaq.selftext import SelfTextConfig, cached_sample, sample
+from alphaq.resume import pause_for_test
+from alphaq.selftext import SelfTextConfig, cached_sample, load_sample, sample, sample_cache_path
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class SelfCalibration:
     damage: DamageTable
     seconds: dict[str, float]
     imatrix_source: str  # "self" or the user's file
+    reused: tuple[str, ...] = ()  # stages read from the cache: "self text", "importance", "damage"
 
 
 def _damage_key(model_key: str, text_cfg: SelfTextConfig, cfg: DamageConfig, names: Sequence[str],
@@ -65,34 +68,105 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
     """Run (or reuse) the three stages on the float GGUF ``model`` for the weights ``names``."""
     from alphaq.damage.measure import measure
     from alphaq.forward import Session
-    from alphaq.importance.collect import collect_imatrix
 
     seconds: dict[str, float] = {}
+    reused: list[str] = []
     t0 = time.perf_counter()
     model_key = fingerprint(model)
-    if use_cache:
-        tokens = cached_sample(model, text_cfg, progress=progress, key=model_key)
-    else:
-        tokens = sample(model, text_cfg, progress=progress)
+    tokens = _self_text(model, text_cfg, model_key, use_cache, progress, reused)
     seconds["self_text"] = time.perf_counter() - t0
-    with Session(model, text_cfg.n_ctx, n_threads=n_threads) as session:
+    with ExitStack() as stack:
+        # llama.cpp loads the model only for a stage that runs (not when both come from the cache)
+        session = _lazy(lambda: stack.enter_context(Session(model, text_cfg.n_ctx, n_threads=n_threads)))
         t0 = time.perf_counter()
-        imatrix = user_imatrix or collect_imatrix(session, tokens, progress=progress,
-                                                  dataset=f"alphaq self text {text_cfg.n_seq}x{text_cfg.n_ctx} seed {text_cfg.seed}")
+        imatrix = user_imatrix or _importance(session, tokens, text_cfg, model_key, use_cache, progress, reused)
         seconds["importance"] = time.perf_counter() - t0
         key = _damage_key(model_key, text_cfg, cfg, names, candidates, per_expert, _imatrix_key(imatrix))
         path = cache_root() / "damage" / f"{key}.json"
         if use_cache and path.exists():
             log.info("damage: reusing %s", path)
-            table = DamageTable.from_json(json.loads(path.read_text()))
-        else:
             t0 = time.perf_counter()
-            ref = Reference(session, tokens[: cfg.n_windows])
-            table = measure(session, ref, names, candidates, cfg, imatrix=imatrix.means(),
+            table = DamageTable.from_json(json.loads(path.read_text()))
+            reused.append("damage")
+            seconds["damage"] = time.perf_counter() - t0  # (the table's own seconds are the measurement's)
+        else:
+            pause_for_test("damage")
+            t0 = time.perf_counter()
+            ref = Reference(session(), tokens[: cfg.n_windows])
+            table = measure(session(), ref, names, candidates, cfg, imatrix=imatrix.means(),
                             tokens=imatrix.counts, per_expert=per_expert, progress=progress)
             table.seconds["reference"] = round(time.perf_counter() - t0 - sum(table.seconds.values()), 3)
             if use_cache:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(table.to_json(), sort_keys=True) + "\n")
-        seconds["damage"] = sum(table.seconds.values())
-    return SelfCalibration(tokens, imatrix, table, seconds, "self" if user_imatrix is None else imatrix_source)
+            seconds["damage"] = sum(table.seconds.values())
+    return SelfCalibration(tokens, imatrix, table, seconds, "self" if user_imatrix is None else imatrix_source,
+                           tuple(reused))
+
+
+def _lazy(make):
+    """A getter that calls ``make`` once, on first use."""
+    made = []
+
+    def get():
+        if not made:
+            made.append(make())
+        return made[0]
+
+    return get
+
+
+def _self_text(model: Path, text_cfg: SelfTextConfig, model_key: str, use_cache: bool, progress: bool,
+               reused: list[str]) -> np.ndarray:
+    if not use_cache:
+        return sample(model, text_cfg, progress=progress)
+    tokens = load_sample(sample_cache_path(model_key, text_cfg))
+    if tokens is not None and tokens.shape == (text_cfg.n_seq, text_cfg.n_ctx):
+        log.info("self text: reusing %s", sample_cache_path(model_key, text_cfg))
+        reused.append("self text")
+        return tokens
+    return cached_sample(model, text_cfg, progress=progress, key=model_key)
+
+
+def _importance(session: Callable[[], object], tokens: np.ndarray, text_cfg: SelfTextConfig, model_key: str,
+                use_cache: bool, progress: bool, reused: list[str]) -> Imatrix:
+    """The importance matrix of the model's own text, cached under ~/.cache/alphaq/importance keyed
+    by the model's content and the text's settings (the text is a function of both)."""
+    from alphaq.importance.collect import collect_imatrix
+
+    dataset = f"alphaq self text {text_cfg.n_seq}x{text_cfg.n_ctx} seed {text_cfg.seed}"
+    blob = json.dumps({"model": model_key, "text": asdict(text_cfg), "dataset": dataset, "v": 1}, sort_keys=True)
+    path = cache_root() / "importance" / f"{hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()}.npz"
+    if use_cache and path.exists():
+        log.info("importance: reusing %s", path)
+        reused.append("importance")
+        return _load_imatrix(path)
+    pause_for_test("importance")
+    imatrix = collect_imatrix(session(), tokens, progress=progress, dataset=dataset)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_imatrix(path, imatrix)
+    return imatrix
+
+
+def _save_imatrix(path: Path, imatrix: Imatrix) -> None:
+    """Exactly as collected (numpy's own format: no float32 rounding of the counts), atomically."""
+    import io
+    import os
+
+    arrays = {f"sums/{n}": v for n, v in imatrix.sums.items()} | {f"counts/{n}": v for n, v in imatrix.counts.items()}
+    meta = {"datasets": imatrix.datasets, "chunk_count": imatrix.chunk_count, "chunk_size": imatrix.chunk_size,
+            "names": list(imatrix.sums)}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _load_imatrix(path: Path) -> Imatrix:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        names = meta["names"]
+        return Imatrix(sums={n: z[f"sums/{n}"] for n in names}, counts={n: z[f"counts/{n}"] for n in names},
+                       datasets=meta["datasets"], chunk_count=meta["chunk_count"], chunk_size=meta["chunk_size"])

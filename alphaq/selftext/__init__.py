@@ -20,6 +20,7 @@ import numpy as np
 
 from alphaq.errors import AlphaQError
 from alphaq.files import cache_root, fingerprint
+from alphaq.resume import pause_for_test
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def sample(model: Path, cfg: SelfTextConfig = SelfTextConfig(), *, progress: boo
         if s.bos < 0:
             raise AlphaQError(f"{model} has no BOS token to start its own text from")
         ban = _banned(s)
+        pause_for_test("self text")
         out = np.zeros((cfg.n_seq, cfg.n_ctx), dtype=np.int32)
         out[:, 0] = s.bos
         s.clear()
@@ -85,24 +87,37 @@ def sample(model: Path, cfg: SelfTextConfig = SelfTextConfig(), *, progress: boo
     return out
 
 
+def sample_cache_path(key: str, cfg: SelfTextConfig, cache_dir: Path | None = None) -> Path:
+    """Where `cached_sample` keeps the text of the model whose fingerprint is ``key``."""
+    d = Path(cache_dir) if cache_dir else cache_root() / "selftext"
+    return d / f"{key}-{cfg.n_seq}x{cfg.n_ctx}-t{cfg.temperature:g}-s{cfg.seed}.npy"
+
+
+def load_sample(path: Path) -> np.ndarray | None:
+    """The cached tokens at ``path``, or None when there are none (or they are unreadable)."""
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable cache entry %s (%s)", path, exc)
+        return None
+
+
 def cached_sample(model: Path, cfg: SelfTextConfig = SelfTextConfig(), *, progress: bool = False,
                   cache_dir: Path | None = None, key: str | None = None) -> np.ndarray:
     """`sample`, cached under ~/.cache/alphaq/selftext keyed by the model's content and ``cfg``."""
-    key = key or fingerprint(model)
-    d = Path(cache_dir) if cache_dir else cache_root() / "selftext"
-    stem = f"{key}-{cfg.n_seq}x{cfg.n_ctx}-t{cfg.temperature:g}-s{cfg.seed}"
-    path = d / f"{stem}.npy"
-    if path.exists():
-        tokens = np.load(path)
-        if tokens.shape == (cfg.n_seq, cfg.n_ctx):
-            log.info("self text: reusing %s", path)
-            return tokens
+    path = sample_cache_path(key or fingerprint(model), cfg, cache_dir)
+    tokens = load_sample(path)
+    if tokens is not None and tokens.shape == (cfg.n_seq, cfg.n_ctx):
+        log.info("self text: reusing %s", path)
+        return tokens
     tokens = sample(model, cfg, progress=progress)
-    d.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, tokens)
     tmp.replace(path)
-    (d / f"{stem}.json").write_text(json.dumps({"model": str(model), **asdict(cfg)}, indent=1) + "\n")
+    path.with_suffix(".json").write_text(json.dumps({"model": str(model), **asdict(cfg)}, indent=1) + "\n")
     return tokens
 
 
