@@ -167,7 +167,8 @@ def _with_pins(plan, args: argparse.Namespace):
 
 def summary(r) -> str:
     t, s = r.plan.totals, r.plan.settings
-    mode = {"bits": "nominal bits over expert weights", "bpw": "true bits per allocated weight",
+    over = "expert weights" if s["allocate_effective"] == "experts" else "allocated weights"
+    mode = {"bits": f"nominal bits over {over}", "bpw": "true bits per allocated weight",
             "size": "bytes, whole file"}[s["budget_mode"]]
     budget = (f"{r.like[0]}'s size for this model, {format_size(r.like[1])}" if r.like
               else f"{s['budget']:g} {mode}")
