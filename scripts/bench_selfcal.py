@@ -18,7 +18,8 @@ Q6_K it writes, all from the same BF16 GGUF with llama.cpp's quantiser:
 ablations (--variants): alpha-g1, alpha-gpaper (the default's damage times (alpha_tilde/alpha)^gamma,
 gamma 1 and App. A.7's formula), experts-only (the default's damage, routed experts only, the rest on
 the fast mode's policy types), no-imatrix (damage measured and files quantised without any importance
-matrix), w4 (the damage measured on 4 of the 16 windows)
+matrix), w4 (the damage measured on 4 of the 16 windows), domain-bias (the stock mix with an
+importance matrix from prose only and from code only, next to the self and the mixed real one)
 
 every alphaq variant at no more than the stock file's size, and scores each against the BF16
 model on the held-out test split (prose and code, tests/fixtures/heldout): mean KL per token,
@@ -74,9 +75,11 @@ class Model:
         self.seconds: dict[str, float] = {}
         self._calibrate()
 
-    def _real_text(self) -> str:
+    def _real_text(self, domain: str | None = None) -> str:
         from alphaq.corpus import read_text
 
+        if domain is not None:  # one domain only (the domain-bias study)
+            return read_text(domain, "val", max_chars=80_000)
         prose, code = read_text("prose", "val", max_chars=80_000), read_text("code", "val", max_chars=80_000)
         step = 2_000  # interleaved: windows are read from the start, a concatenation would be all prose
         return "\n\n".join(p for i in range(0, max(len(prose), len(code)), step)
@@ -94,10 +97,14 @@ class Model:
         self.seconds["self_text"] = time.perf_counter() - t0
         llm = load_llama(self.bf16, self.n_ctx)
         real_tokens = np.array(windows(llm, self._real_text(), self.n_ctx, 16), dtype=np.int32)
+        domain_tokens = {d: np.array(windows(llm, self._real_text(d), self.n_ctx, 16), dtype=np.int32)
+                         for d in DOMAINS} if "domain-bias" in self.variants else {}
         del llm
         types = resolve_types(MODES["damage"]["types"])
         self.imatrix, self.damage = {}, {}
         with Session(self.bf16, self.n_ctx) as s:
+            for d, toks in domain_tokens.items():  # prose-only and code-only importance (no damage table)
+                self.imatrix[d] = collect_imatrix(s, toks).means()
             for src, toks in (("self", self_tokens), ("real", real_tokens)):
                 t0 = time.perf_counter()
                 im = collect_imatrix(s, toks)
@@ -191,9 +198,12 @@ def run_model(name: str, args) -> dict:
         files = {"stock": m.stock(mix, None), "stock+real": m.stock(mix, "real"), "stock+self": m.stock(mix, "self")}
         if args.no_stock:
             files = {k: v for k, v in files.items() if k == "stock+real"}
+        if "domain-bias" in args.variants:  # the mix with importance from one real domain only
+            files.update({f"stock+{d}": m.stock(mix, d) for d in DOMAINS})
         size = files["stock+real"].stat().st_size
         for v in args.variants:
-            files[v] = m.alphaq(v, mix, size)
+            if v != "domain-bias":
+                files[v] = m.alphaq(v, mix, size)
         for v, path in files.items():
             cell[v] = m.score(path) if path is not None else None
         cell["stock_bytes"] = size

@@ -24,17 +24,17 @@ GRID = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K", "IQ3_XX
 SHOWN = ("stock", "stock+real", "stock+self", "default", "real-driven", "direct", "fast", "paper")
 
 
-def windows(cell: dict) -> np.ndarray:
-    return np.concatenate([np.asarray(cell[d]) for d in DOMAINS])
+def windows(cell: dict, domains=DOMAINS) -> np.ndarray:
+    return np.concatenate([np.asarray(cell[d]) for d in domains])
 
 
-def mean(cell: dict | None) -> float:
-    return float("nan") if cell is None else float(np.mean([np.mean(cell[d]) for d in DOMAINS]))
+def mean(cell: dict | None, domains=DOMAINS) -> float:
+    return float("nan") if cell is None else float(np.mean([np.mean(cell[d]) for d in domains]))
 
 
-def paired(a: dict, b: dict) -> tuple[float, float]:
+def paired(a: dict, b: dict, domains=DOMAINS) -> tuple[float, float]:
     """(mean of a - b, its standard error) over the shared windows."""
-    d = windows(a) - windows(b)
+    d = windows(a, domains) - windows(b, domains)
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
@@ -82,7 +82,7 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
-def head_to_head(results: dict, a: str, b: str) -> str:
+def head_to_head(results: dict, a: str, b: str, domains=DOMAINS) -> str:
     """'a vs b: W better, T ties, L worse (median ratio r)' over every cell with both files."""
     better = tie = worse = 0
     ratios = []
@@ -90,13 +90,23 @@ def head_to_head(results: dict, a: str, b: str) -> str:
         for cell in res["cells"].values():
             if not (cell.get(a) and cell.get(b)):
                 continue
-            diff, se = paired(cell[a], cell[b])
+            diff, se = paired(cell[a], cell[b], domains)
             better += diff < -2 * se
             worse += diff > 2 * se
             tie += abs(diff) <= 2 * se
-            ratios.append(mean(cell[a]) / mean(cell[b]))
-    return (f"| {a} vs {b} | {better} | {tie} | {worse} | {np.median(ratios):.3f} | "
+            ratios.append(mean(cell[a], domains) / mean(cell[b], domains))
+    label = f"{a} vs {b}" + ("" if domains == DOMAINS else f", KL on {'+'.join(domains)}")
+    return (f"| {label} | {better} | {tie} | {worse} | {np.median(ratios):.3f} | "
             f"{min(ratios):.2f}–{max(ratios):.2f} |")
+
+
+def domain_bias(results: dict) -> list[str]:
+    """Importance from one real domain against the model's own text, scored per domain."""
+    lines = ["| comparison | first lower (≥ 2 SE) | tie | first higher | median KL ratio | range |",
+             "|---|---|---|---|---|---|"]
+    for src in ("stock+prose", "stock+code", "stock+real"):
+        lines += [head_to_head(results, src, "stock+self", (d,)) for d in DOMAINS]
+    return lines
 
 
 def comparisons(results: dict, pairs) -> list[str]:
@@ -130,6 +140,12 @@ def main() -> int:
                 "no-imatrix: no importance matrix anywhere (damage and quantisation).", "",
                 *comparisons(abl, [(v, "default") for v in ("w4", "alpha-g1", "alpha-gpaper", "experts-only",
                                                               "no-imatrix")]), ""]
+    domain = args.json.with_name("selfcal-domain.json")
+    if domain.exists():
+        out += ["## Domain bias (bench/selfcal-domain.json; IQ2_XXS, Q3_K_M, Q5_K_M sizes)", "",
+                "llama.cpp's mix quantised with an importance matrix from prose only, code only, or both "
+                "(real text, val split, 16 windows each) against the one from the model's own text, with "
+                "the KL scored on each held-out domain separately.", "", *domain_bias(json.loads(domain.read_text())), ""]
     for name, res in results.items():
         out += model_table(name, res)
     args.out.write_text("\n".join(out) + "\n")

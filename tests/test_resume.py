@@ -85,8 +85,11 @@ def stop_in(stage: str, sig: signal.Signals, out: Path, cache: Path, fifos: Path
     ready, go = os.open(fifos / "ready", os.O_RDWR), os.open(fifos / "go", os.O_RDWR)
     err = (fifos / "stderr").open("w+")
     try:
+        # SIGINT at its default in the child: a shell's background job (how CI may start the suite)
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
         proc = subprocess.Popen(command(out, settings=settings), env=environment(cache, f"{stage}:{fifos}"), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=err)
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
         def on_exit() -> None:  # a run that ends before the stage must not leave the test waiting
             proc.wait()
