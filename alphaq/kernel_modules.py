@@ -1,9 +1,9 @@
 """Torch modules that compute with a GGUF's raw quantised blocks through the Triton kernels.
 
 ``install(model, gguf_path)`` swaps, in an HF model already holding that GGUF's weights
-(``alphaq.torch_run``), every ``nn.Linear`` for a ``QuantLinear`` (``kernels.matmul.linear`` on the
+(``alphaq.torch_run``), every ``nn.Linear`` for a ``QuantLinear`` (``alphaq.kernels.matmul.linear`` on the
 tensor's ggml blocks) and every transformers-5 fused experts module for a ``QuantExperts``
-(``kernels.moe`` over the type groups of the expert-granular format, ``kernels.layouts.GroupedExperts``).
+(``alphaq.kernels.moe`` over the type groups of the expert-granular format, ``alphaq.kernels.layouts.GroupedExperts``).
 Embeddings, norms and routers stay dense: they are not matmuls over quantised rows.
 
 Layouts, per HF experts module (transformers 5 ``MixtralExperts`` etc.):
@@ -37,8 +37,8 @@ from alphaq.expert_gguf import group_name, read_layouts
 from alphaq.imatrix import _arch_of
 from alphaq.torch_ref import head_counts, hf_targets
 from alphaq.weights import QK_PERMUTED_ARCHS, unpermute_qk
-from kernels import torch_ref as kernels_ref
-from kernels.layouts import GroupedExperts, check_type, row_length
+from alphaq.kernels import torch_ref as kernels_ref
+from alphaq.kernels.layouts import GroupedExperts, check_type, row_length
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,11 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels import matmul
+        from alphaq.kernels import matmul
 
         tiles = tiles_for(x)
         flat = x.reshape(-1, self.in_features)  # (T, in_features)
-        if flat.shape[0] == 1:  # decode: the GEMV, as kernels.matmul.linear dispatches
+        if flat.shape[0] == 1:  # decode: the GEMV, as alphaq.kernels.matmul.linear dispatches
             y = matmul.gemv(flat, self.data, self.qtype, block_rows=tiles.rows)
         else:
             y = matmul.gemm(flat, self.data, self.qtype, *tiles.gemm)
@@ -129,7 +129,7 @@ class QuantExperts(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        from kernels import moe
+        from alphaq.kernels import moe
 
         p, rows = self.projections, tiles_for(x).rows
         gate = moe.expert_outputs(x, top_k_index, p["gate"], block_rows=rows)  # (T, k, inter)

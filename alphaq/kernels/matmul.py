@@ -1,9 +1,9 @@
 """Fused dequantise + matmul on raw GGUF blocks: a GEMV for decode and a GEMM for prefill.
 
-Both dequantise a weight tile into registers with ``kernels.dequant.dequant_elements`` and never
+Both dequantise a weight tile into registers with ``alphaq.kernels.dequant.dequant_elements`` and never
 write the dense weight to global memory. Inputs are widened to float32 and accumulation is float32;
-the decoded weights are bit for bit those of ``kernels.dequant.dequantize`` (same launch options),
-so results differ from ``kernels.torch_ref.linear`` only by float32 summation order
+the decoded weights are bit for bit those of ``alphaq.kernels.dequant.dequantize`` (same launch options),
+so results differ from ``alphaq.kernels.torch_ref.linear`` only by float32 summation order
 (tests/test_kernels.py states the bound).
 """
 
@@ -14,15 +14,15 @@ import triton
 import triton.language as tl
 
 from alphaq.errors import AlphaQError
-from kernels import layouts
-from kernels.dequant import (
+from alphaq.kernels import layouts
+from alphaq.kernels.dequant import (
     LAUNCH_OPTIONS,
     dequant_elements,
     lookup_table_on,
     to_output,
     triton_dtype,
 )
-from kernels.layouts import Q
+from alphaq.kernels.layouts import Q
 
 
 @triton.jit

@@ -10,7 +10,7 @@ Bit-exactness: each decoder performs the same float32 operations, in the same or
 numpy code of gguf-py 0.19.0 ``gguf/quants.py`` (e.g. Q4_K: (d*sc)*q - (dmin*m), two roundings,
 never an FMA). On a GPU every kernel is therefore compiled with ``enable_fp_fusion=False``
 (``LAUNCH_OPTIONS``: no mul+add contraction). Byte offsets come from
-``kernels.layouts.BLOCK_FIELDS``; change a decoder together with that table.
+``alphaq.kernels.layouts.BLOCK_FIELDS``; change a decoder together with that table.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from alphaq.errors import AlphaQError
-from kernels import layouts
-from kernels.layouts import Q
+from alphaq.kernels import layouts
+from alphaq.kernels.layouts import Q
 
 # ggml type ids, as compile-time constants for the type dispatch in `dequant_elements`
 _IQ1_S = tl.constexpr(int(Q.IQ1_S))
@@ -214,7 +214,7 @@ def dequant_elements(row_ptr, cols, mask, table_ptr, QTYPE: tl.constexpr, BLOCK_
                      TYPE_SIZE: tl.constexpr):
     """Weights at columns `cols` of the rows starting at byte pointers `row_ptr` (broadcast), fp32.
 
-    table_ptr: the type's lookup table (kernels.layouts.lookup_table), ignored by other types.
+    table_ptr: the type's lookup table (alphaq.kernels.layouts.lookup_table), ignored by other types.
     """
     blk = row_ptr + (cols // BLOCK_SIZE) * TYPE_SIZE
     j = cols % BLOCK_SIZE

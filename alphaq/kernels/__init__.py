@@ -9,7 +9,7 @@ Modules, one concern each:
 * ``moe``       -- Triton grouped MoE projection over the type groups of one projection
 
 Triton is an optional extra (``pip install '.[gpu]'``). ``layouts`` and ``torch_ref`` never import it;
-``dequant``, ``matmul`` and ``moe`` do, so import them explicitly (``from kernels import matmul``).
+``dequant``, ``matmul`` and ``moe`` do, so import them explicitly (``from alphaq.kernels import matmul``).
 To run them on CPU (Triton's interpreter; used by the tests), set ``TRITON_INTERPRET=1`` before
 anything imports Triton and keep it set: Triton reads it at import and at every launch.
 See docs/KERNELS.md.

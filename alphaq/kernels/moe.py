@@ -1,11 +1,11 @@
-"""Grouped MoE projection over the expert-granular format (``kernels.layouts.GroupedExperts``).
+"""Grouped MoE projection over the expert-granular format (``alphaq.kernels.layouts.GroupedExperts``).
 
 One kernel launch per type group (the type is a compile-time constant). Each launch covers all
 T*k (token, chosen expert) pairs; a pair whose expert lives in another group does no work (its
 column loop is empty and it stores nothing), so only the selected experts of each group are read
 and every pair is written by exactly one launch. No host synchronisation happens between launches.
 
-Each pair is a GEMV (``kernels.matmul.row_dots``): an expert chosen by several tokens is read once
+Each pair is a GEMV (``alphaq.kernels.matmul.row_dots``): an expert chosen by several tokens is read once
 per token. That is the right shape for decode; a prefill path would sort pairs by expert and run a
 GEMM per expert (not done here).
 """
@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 
 from alphaq.errors import AlphaQError
-from kernels import layouts, torch_ref
-from kernels.dequant import LAUNCH_OPTIONS, lookup_table_on, to_output, triton_dtype
-from kernels.layouts import GroupedExperts
-from kernels.matmul import row_dots
+from alphaq.kernels import layouts, torch_ref
+from alphaq.kernels.dequant import LAUNCH_OPTIONS, lookup_table_on, to_output, triton_dtype
+from alphaq.kernels.layouts import GroupedExperts
+from alphaq.kernels.matmul import row_dots
 
 
 @triton.jit

@@ -12,8 +12,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from alphaq.errors import AlphaQError
-from kernels import layouts
-from kernels.layouts import GroupedExperts
+from alphaq.kernels import layouts
+from alphaq.kernels.layouts import GroupedExperts
 
 
 def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
