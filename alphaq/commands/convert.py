@@ -207,8 +207,11 @@ def summary(r) -> str:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        lines.append(f"  memory      the damage stages hold the float model in RAM ({format_size(r.float_bytes)}); "
-                     f"peak RSS of this process {format_size(peak)}")
+        # with importance and damage both reused from the cache, llama.cpp never loaded the model
+        loaded = not {"importance", "damage"} <= set(r.reused)
+        held = (f"the damage stages hold the float model in RAM ({format_size(r.float_bytes)})" if loaded
+                else "the forward stages were reused: the float model was not loaded")
+        lines.append(f"  memory      {held}; peak RSS of this process {format_size(peak)}")
     if r.parts:
         lines.append("  parts       " + ", ".join(f"{p.name} ({format_size(p.stat().st_size)})" for p in r.parts))
     if r.kept_float:
