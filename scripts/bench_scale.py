@@ -221,15 +221,19 @@ def full_targets(fits: dict) -> list[tuple[str, dict, float, str]]:
     return out
 
 
-def project(fit: dict, mode: str, blocks: float, cores: int) -> tuple[float, str]:
-    """Projected seconds and the arithmetic behind them."""
+def project(fit: dict, mode: str, blocks: float, cores: int, scaled: bool) -> tuple[float, str]:
+    """Projected seconds and the arithmetic behind them. ``scaled``: ``blocks`` are weight
+    equivalents of another arch's blocks, which says nothing of a quadratic stage's tensor count."""
     quad = fit[mode].get("quadratic", {})
+    if quad and scaled:
+        return float("nan"), (f"not projected: the {', '.join(quad)} stage grows with tensors x forward pass, "
+                              "which scaling by weights does not capture")
     rate, fixed = fit[mode]["wall_linear_part" if quad else "wall"]
     t2 = rate * blocks + fixed + sum(a * blocks ** 2 + c for a, c in quad.values())
     text = f"{rate:.2f} s/block x {blocks:.2f} + {fixed:.1f} s fixed"
     text += "".join(f" + {k} {a:.2f} s/block^2 x {blocks:.2f}^2 + {c:.1f} s" for k, (a, c) in quad.items())
     text += f" = {_dur(t2)}"
-    if cores == 2:
+    if cores == 2 or math.isnan(t2):
         return t2, text
     q = sum(r * blocks + f for k, (r, f) in fit[mode]["stages"].items() if k in CORE_SCALED_STAGES - QUADRATIC_STAGES)
     t = t2 - q * (1 - 2 / cores)
@@ -247,10 +251,11 @@ def projection_table(fits: dict, modes: list[str]) -> list[dict]:
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for name, fit, blocks, how in full_targets(fits):
+        scaled = name == V3["name"]
         params = next((f["params"] for f in [*FULL.values(), V3] if f["name"] == name))
         for mode in modes:
-            t2, a2 = project(fit, mode, blocks, 2)
-            t16, a16 = project(fit, mode, blocks, 16)
+            t2, a2 = project(fit, mode, blocks, 2, scaled)
+            t16, a16 = project(fit, mode, blocks, 16, scaled)
             out = fit[mode]["out_bytes"][0] * blocks + fit[mode]["out_bytes"][1]
             disk = fit[mode]["peak_disk_bytes"][0] * blocks + fit[mode]["peak_disk_bytes"][1]
             print(f"| {name} | {how} | {mode} | {a2} | {a16} | {_gib(out)} | {_gib(disk)} | {_gib(params * 2)} |")
@@ -269,6 +274,13 @@ def report_measured(points: list[dict], fits: dict, modes: list[str]) -> None:
             st = ", ".join(f"{k} {v:.1f}" for k, v in m["stages"].items())
             print(f"| {p['arch']} | {p['blocks']} | {mode} | {m['wall']:.1f} s | {st} | {_gib(m['peak_rss_bytes'])} | "
                   f"{_gib(m['peak_tree_rss_bytes'])} | {_gib(m['out_bytes'])} | {_gib(m['peak_disk_bytes'])} |")
+    print("\n## Peak RSS against block count (target: flat, at most 4 GiB for every process)")
+    for arch in fits:
+        lo, hi = [p for p in points if p["arch"] == arch]
+        for mode in lo["median"]:
+            a, b = lo["median"][mode]["peak_rss_bytes"], hi["median"][mode]["peak_rss_bytes"]
+            print(f"# {arch} {mode}: largest process {_gib(a)} at {lo['blocks']} blocks, {_gib(b)} at {hi['blocks']} "
+                  f"({b / a:.2f}x); {'within' if max(a, b) <= 4 * 2**30 else 'OVER'} 4 GiB")
     print("\n## Seconds per MoE block (difference between the two block counts / difference in blocks)")
     print("| arch | weights a block | mode | wall s/block (fixed s) | ratio to stock, per block | stages s/block |")
     print("|---|---|---|---|---|---|")
