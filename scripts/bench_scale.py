@@ -259,8 +259,10 @@ def projection_table(fits: dict, modes: list[str]) -> list[dict]:
             out = fit[mode]["out_bytes"][0] * blocks + fit[mode]["out_bytes"][1]
             disk = fit[mode]["peak_disk_bytes"][0] * blocks + fit[mode]["peak_disk_bytes"][1]
             print(f"| {name} | {how} | {mode} | {a2} | {a16} | {_gib(out)} | {_gib(disk)} | {_gib(params * 2)} |")
-            rows.append({"model": name, "mode": mode, "blocks_equivalent": blocks, "how": how, "projected_s_2core": None if math.isnan(t2) else t2,
-                         "arithmetic_2core": a2, "projected_s_16core": None if math.isnan(t16) else t16, "arithmetic_16core": a16,
+            seconds = [None if math.isnan(t) else t for t in (t2, t16)]
+            rows.append({"model": name, "mode": mode, "blocks_equivalent": blocks, "how": how,
+                         "projected_s_2core": seconds[0], "arithmetic_2core": a2,
+                         "projected_s_16core": seconds[1], "arithmetic_16core": a16,
                          "projected_out_bytes": out, "projected_peak_disk_bytes": disk, "bf16_bytes": params * 2})
     return rows
 
