@@ -41,6 +41,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -311,6 +312,7 @@ def main() -> int:
     if args.blocks and (min(args.blocks) < 1 or args.blocks[0] == args.blocks[1]):
         raise SystemExit(f"--blocks {args.blocks[0]} {args.blocks[1]}: need two different counts >= 1")
     bench_convert.IDLE["wait_s"] = args.wait_idle
+    tempfile.tempdir = tempfile.gettempdir()  # fix ours now: the children get TMPDIR=<work folder>, deleted after
     cache = ROOT / ".cache" / "scale"
     cache.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
