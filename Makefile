@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DEMO_OUT := out/mixtral-alphaq-b3.gguf
 
-.PHONY: setup patched install-patched demo test test-fast bench bench-spectral bench-expert clean
+.PHONY: setup patched install-patched demo test test-fast bench bench-spectral bench-expert bench-scale clean
 
 setup:
 	@bash scripts/setup.sh
@@ -44,6 +44,12 @@ bench: setup patched
 
 bench-spectral: setup
 	$(PY) scripts/bench_spectral.py
+
+# Real-shape conversion benchmark (Qwen3-30B-A3B, DeepSeek-V2-Lite, Mixtral-8x7B block shapes,
+# random weights, two block counts each, <= ~25 GB of disk at once) and the full-model projection
+# table; writes bench/scale.json. Add `--modes stock fast default` via SCALE_ARGS (the default is slow).
+bench-scale: setup
+	$(PY) scripts/bench_scale.py $(SCALE_ARGS)
 
 bench-expert: setup patched
 	$(PY) scripts/bench_expert.py

@@ -81,7 +81,7 @@ ru = resource.getrusage(resource.RUSAGE_CHILDREN)
 stages = {}
 if out_path:  # convert_alphaq.py's summary line "time  stage 1.0 s, stage 2.0 s, ..."
     for line in open(out_path):
-        if line.strip().startswith("time "):
+        if line.strip().startswith("time ") and " about " not in line:  # not the pre-flight estimate
             for part in line.strip()[5:].split(","):  # "float model 5.7 s"
                 words = part.split()
                 stages[" ".join(words[:-2])] = float(words[-2])

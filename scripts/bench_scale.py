@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Conversion time, memory and disk at real MoE shapes, and a projection to the full models.
+
+    python scripts/bench_scale.py [--archs qwen3moe deepseek2-lite mixtral-8x7b] [--blocks 2 4]
+                                  [--modes stock fast default] [--repeats 1] [--keep] [--json bench/scale.json]
+
+For each architecture and each of two block counts it generates a seeded random checkpoint with
+the real model's block shapes and checkpoint layout (scripts/make_large_random_moe.py; cached in
+.cache/scale/, deleted after its runs unless --keep, so that at most one model is on disk at a
+time), then times, alternating in every repeat:
+  * stock:   llama.cpp's converter (BF16) + llama_model_quantize Q3_K_M (scripts/bench_convert.py's
+             stock pipeline, with each of the two steps timed)
+  * fast:    convert_alphaq.py MODEL --fast --like Q3_K_M
+  * default: convert_alphaq.py MODEL --like Q3_K_M (only with --modes ... default: slow, about
+             40 min at 4 Qwen3 blocks on a 2-core machine)
+each with --no-cache, so every measurement is paid. It records wall time, the per-stage seconds
+of the summary's ``time`` line, the peak RSS of the largest process and of the whole process tree
+(bench_convert.measure), the output size, and the peak disk use of the run's work folder (every
+temporary file goes there: TMPDIR points at it).
+
+Seconds per block = (value at the larger count - value at the smaller) / (difference in blocks),
+so fixed costs (start-up, embeddings, DeepSeek's dense block 0) drop out; fixed = value - rate x
+blocks. "Blocks" are MoE blocks: a deepseek2-lite model of N blocks has N + 1 layers.
+
+The projection table (printed, and stored in the JSON) extrapolates those rates to the full models;
+every number in it is a projection, with its arithmetic. Assumptions, stated again in the output:
+time is linear in MoE blocks; the real vocabulary's embedding and output matrices (this benchmark
+uses a 1,024-piece vocabulary) cost the per-weight rate of a block; on 16 cores the
+llama_model_quantize stages run 8x faster than on 2 (linear scaling in cores, an assumption) and
+every other stage is not sped up at all; the default mode's damage stage is quadratic in blocks
+(number of tensors x cost of a forward pass) and is fitted as a x blocks^2 + c.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_convert  # noqa: E402  (the stock pipeline, the RSS sampler and the idle wait)
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ("qwen3moe", "deepseek2-lite", "mixtral-8x7b")
+# Block counts that keep one model plus its work files within about 25 GB of disk.
+DEFAULT_BLOCKS = {"qwen3moe": (2, 4), "deepseek2-lite": (2, 4), "mixtral-8x7b": (1, 2)}
+EXTRA_LAYERS = {"deepseek2-lite": 1}  # the dense block 0 (first_k_dense_replace=1)
+CORE_SCALED_STAGES = {"quantize", "quantise"}  # llama_model_quantize, multi-threaded C++
+# The default mode's damage stage is (tensors) x (one forward pass), both proportional to the
+# blocks: it is fitted as a x blocks^2 + c, not linearly.
+QUADRATIC_STAGES = {"damage"}
+
+# The full models: MoE blocks, real vocabulary x hidden (embedding + untied output), BF16 weights
+# of the published checkpoint (parameters x 2 bytes, from the model cards: 30.5B, 15.7B, 46.7B, 671B).
+FULL = {
+    "qwen3moe": dict(name="Qwen3-30B-A3B", blocks=48, vocab=151936, hidden=2048, params=30.5e9),
+    "deepseek2-lite": dict(name="DeepSeek-V2-Lite", blocks=26, vocab=102400, hidden=2048, params=15.7e9),
+    "mixtral-8x7b": dict(name="Mixtral-8x7B", blocks=32, vocab=32000, hidden=4096, params=46.7e9),
+}
+# DeepSeek-V3: 61 layers (3 dense of width 18432, then 58 MoE of 256 routed + 1 shared expert of
+# 2048 x 7168), MLA with 128 heads (q_lora 1536, kv_lora 512, qk 128 + 64, v 128), vocab 129280.
+V3_MLA = 7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168
+V3 = dict(name="DeepSeek-V3-class", blocks=58, vocab=129280, hidden=7168, params=671e9,
+          expert=3 * 2048 * 7168, block_weights=257 * 3 * 2048 * 7168 + 256 * 7168 + V3_MLA,
+          dense_weights=3 * (3 * 18432 * 7168 + V3_MLA))
+EXPERT_WEIGHTS = {"qwen3moe": 3 * 768 * 2048, "deepseek2-lite": 3 * 1408 * 2048, "mixtral-8x7b": 3 * 14336 * 4096}
+
+# bench_convert's stock pipeline, each step timed; prints a summary-style "time" line for measure().
+_STOCK_TIMED = r"""
+import sys, subprocess, time
+from pathlib import Path
+from convert.vendor import ensure_vendor
+from alphaq.quantize import quantize_stock
+model, work = Path(sys.argv[1]), Path(sys.argv[2])
+t0 = time.perf_counter()
+subprocess.run([sys.executable, "-m", "convert.run_upstream", str(ensure_vendor()), str(model),
+                "--outtype", "bf16", "--outfile", str(work / "stock-bf16.gguf")], check=True,
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+t1 = time.perf_counter()
+quantize_stock(work / "stock-bf16.gguf", work / "stock.gguf", "Q3_K_M")
+print(f"  time        convert {t1 - t0:.1f} s, quantize {time.perf_counter() - t1:.1f} s")
+"""
+
+MODE_ARGS = {"fast": ("--fast", "--like", "Q3_K_M"), "default": ("--like", "Q3_K_M")}
+
+
+def folder_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass  # deleted while we walked
+    return total
+
+
+def run_mode(mode: str, model: Path, work: Path) -> dict:
+    """One measured run in an empty ``work``; adds output bytes and the work folder's peak disk use."""
+    work.mkdir(parents=True)
+    peak, done = [0], threading.Event()
+
+    def sample_disk():
+        while not done.wait(0.5):
+            peak[0] = max(peak[0], folder_bytes(work))
+
+    if mode == "stock":
+        cmd = [sys.executable, "-c", _STOCK_TIMED, str(model), str(work)]
+    else:
+        cmd = bench_convert.alphaq_cmd(ROOT, model, str(work), mode, MODE_ARGS[mode])
+    sampler = threading.Thread(target=sample_disk, daemon=True)
+    old_tmp = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(work)  # the child's temporary files count in the work folder
+    sampler.start()
+    try:
+        row = bench_convert.measure(cmd)
+    finally:
+        done.set()
+        sampler.join()
+        if old_tmp is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = old_tmp
+    row["out_bytes"] = (work / f"{mode}.gguf").stat().st_size
+    row["peak_disk_bytes"] = max(peak[0], folder_bytes(work))
+    shutil.rmtree(work)
+    return row
+
+
+def make_model(arch: str, blocks: int, cache: Path) -> tuple[Path, float]:
+    path = cache / f"{arch}-{blocks}blk"
+    t = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_large_random_moe.py"), str(path), "--arch", arch,
+                    "--layers", str(blocks + EXTRA_LAYERS.get(arch, 0))], check=True, cwd=ROOT)
+    return path, time.perf_counter() - t
+
+
+def bench_point(arch: str, blocks: int, modes: list[str], repeats: int, cache: Path, keep: bool) -> dict:
+    model, gen_s = make_model(arch, blocks, cache)
+    hf_bytes = sum(p.stat().st_size for p in model.glob("model*.safetensors"))
+    rows: dict[str, list[dict]] = {m: [] for m in modes}
+    try:
+        for i in range(repeats):
+            for mode in modes:
+                rows[mode].append(run_mode(mode, model, cache / f"work-{arch}-{blocks}-{i}-{mode}"))
+                r = rows[mode][-1]
+                print(f"#   {arch} {blocks} blk {mode}: {r['wall']:.1f} s, peak RSS {r['peak_rss_kib'] / 2**20:.2f} GiB "
+                      f"(tree {r['peak_tree_rss_kib'] / 2**20:.2f}), stages {r['stages']}", flush=True)
+    finally:
+        if not keep:
+            shutil.rmtree(model)
+    out = {"arch": arch, "blocks": blocks, "layers": blocks + EXTRA_LAYERS.get(arch, 0), "hf_bf16_bytes": hf_bytes,
+           "generate_s": round(gen_s, 1), "runs": rows}
+    out["median"] = {m: summarise(v) for m, v in rows.items()}
+    return out
+
+
+def summarise(runs: list[dict]) -> dict:
+    keys = {k for r in runs for k in r["stages"]}
+    return {"wall": statistics.median(r["wall"] for r in runs),
+            "stages": {k: statistics.median(r["stages"].get(k, 0.0) for r in runs) for k in sorted(keys)},
+            "peak_rss_bytes": max(r["peak_rss_kib"] for r in runs) * 1024,
+            "peak_tree_rss_bytes": max(r["peak_tree_rss_kib"] for r in runs) * 1024,
+            "out_bytes": statistics.median(r["out_bytes"] for r in runs),
+            "peak_disk_bytes": max(r["peak_disk_bytes"] for r in runs)}
+
+
+def linear(a: tuple[int, float], b: tuple[int, float]) -> tuple[float, float]:
+    """(per block, fixed) through two (blocks, value) points."""
+    rate = (b[1] - a[1]) / (b[0] - a[0])
+    return rate, a[1] - rate * a[0]
+
+
+def per_block(lo: dict, hi: dict) -> dict:
+    """For every mode: wall, stage seconds, output and peak disk bytes as (per block, fixed)."""
+    out = {"block_weights": (hi["hf_bf16_bytes"] - lo["hf_bf16_bytes"]) / 2 / (hi["blocks"] - lo["blocks"])}
+    for mode in lo["median"]:
+        a, b = lo["median"][mode], hi["median"][mode]
+        fit = lambda f: linear((lo["blocks"], f(a)), (hi["blocks"], f(b)))  # noqa: E731
+        quad = {k: linear((lo["blocks"] ** 2, a["stages"][k]), (hi["blocks"] ** 2, b["stages"].get(k, 0.0)))
+                for k in a["stages"] if k in QUADRATIC_STAGES}
+        rest = lambda m: m["wall"] - sum(m["stages"].get(k, 0.0) for k in quad)  # noqa: E731
+        out[mode] = {"wall": fit(lambda m: m["wall"]), "quadratic": quad, "wall_linear_part": fit(rest),
+                     "stages": {k: fit(lambda m, k=k: m["stages"].get(k, 0.0)) for k in a["stages"]},
+                     "out_bytes": fit(lambda m: m["out_bytes"]), "peak_disk_bytes": fit(lambda m: m["peak_disk_bytes"])}
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _dur(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def full_targets(fits: dict) -> list[tuple[str, dict, float, str]]:
+    """(name, fit of the measured arch used, weight-equivalent blocks, how they were counted)."""
+    out = []
+    for arch, fit in fits.items():
+        f = FULL[arch]
+        vocab = (f["vocab"] - 1024) * f["hidden"] * 2 / fit["block_weights"]
+        out.append((f["name"], fit, f["blocks"] + vocab,
+                    f"{f['blocks']} blocks + {vocab:.2f} block-equivalents of vocabulary ({f['vocab']} x {f['hidden']} x 2)"))
+    ref = min(fits, key=lambda a: abs(math.log(V3["expert"] / EXPERT_WEIGHTS[a])))
+    w = fits[ref]["block_weights"]
+    scale = V3["block_weights"] / w
+    rest = (V3["dense_weights"] + V3["vocab"] * V3["hidden"] * 2) / w
+    out.append((V3["name"], fits[ref], V3["blocks"] * scale + rest,
+                f"rates of {ref} (the measured expert shape nearest 2048 x 7168 in weights): 58 blocks x "
+                f"{V3['block_weights'] / 1e9:.2f}G / {w / 1e9:.3f}G weights a block = {V3['blocks'] * scale:.1f} "
+                f"+ {rest:.2f} for 3 dense blocks and the vocabulary"))
+    return out
+
+
+def project(fit: dict, mode: str, blocks: float, cores: int, scaled: bool) -> tuple[float, str]:
+    """Projected seconds and the arithmetic behind them. ``scaled``: ``blocks`` are weight
+    equivalents of another arch's blocks, which says nothing of a quadratic stage's tensor count."""
+    quad = fit[mode].get("quadratic", {})
+    if quad and scaled:
+        return float("nan"), (f"not projected: the {', '.join(quad)} stage grows with tensors x forward pass, "
+                              "which scaling by weights does not capture")
+    rate, fixed = fit[mode]["wall_linear_part" if quad else "wall"]
+    t2 = rate * blocks + fixed + sum(a * blocks ** 2 + c for a, c in quad.values())
+    text = f"{rate:.2f} s/block x {blocks:.2f} + {fixed:.1f} s fixed"
+    text += "".join(f" + {k} {a:.2f} s/block^2 x {blocks:.2f}^2 + {c:.1f} s" for k, (a, c) in quad.items())
+    text += f" = {_dur(t2)}"
+    if cores == 2 or math.isnan(t2):
+        return t2, text
+    q = sum(r * blocks + f for k, (r, f) in fit[mode]["stages"].items() if k in CORE_SCALED_STAGES - QUADRATIC_STAGES)
+    t = t2 - q * (1 - 2 / cores)
+    return t, f"{_dur(t2)} - quantize {_dur(q)} x (1 - 2/{cores}) = {_dur(t)}"
+
+
+def projection_table(fits: dict, modes: list[str]) -> list[dict]:
+    print("\n## PROJECTIONS (not measurements): full models, extrapolated from the per-block rates above")
+    print("# assumptions: time, output and work-folder disk are linear in MoE blocks; the real vocabulary's embedding and")
+    print("# output matrices cost the per-weight rate of a block; on 16 cores only llama_model_quantize gets faster,")
+    print("# by 16/2 = 8x (ASSUMED linear scaling in cores, not measured); every other stage is kept as on 2 cores.")
+    print("# the default mode's damage stage is projected as a x blocks^2 + c (tensors x forward pass, both ~ blocks).")
+    print("| model (projection) | blocks counted as | mode | projected time, 2 cores | projected time, 16 cores | "
+          "projected output | projected peak work-folder disk | BF16 weights (params x 2) |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name, fit, blocks, how in full_targets(fits):
+        scaled = name == V3["name"]
+        params = next((f["params"] for f in [*FULL.values(), V3] if f["name"] == name))
+        for mode in modes:
+            t2, a2 = project(fit, mode, blocks, 2, scaled)
+            t16, a16 = project(fit, mode, blocks, 16, scaled)
+            out = fit[mode]["out_bytes"][0] * blocks + fit[mode]["out_bytes"][1]
+            disk = fit[mode]["peak_disk_bytes"][0] * blocks + fit[mode]["peak_disk_bytes"][1]
+            print(f"| {name} | {how} | {mode} | {a2} | {a16} | {_gib(out)} | {_gib(disk)} | {_gib(params * 2)} |")
+            seconds = [None if math.isnan(t) else t for t in (t2, t16)]
+            rows.append({"model": name, "mode": mode, "blocks_equivalent": blocks, "how": how,
+                         "projected_s_2core": seconds[0], "arithmetic_2core": a2,
+                         "projected_s_16core": seconds[1], "arithmetic_16core": a16,
+                         "projected_out_bytes": out, "projected_peak_disk_bytes": disk, "bf16_bytes": params * 2})
+    return rows
+
+
+def report_measured(points: list[dict], fits: dict, modes: list[str]) -> None:
+    print("\n## Measured")
+    print("| arch | MoE blocks | mode | wall | stages (s) | peak RSS, largest process | peak RSS, process tree | output | peak work-folder disk |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for p in points:
+        for mode, m in p["median"].items():
+            st = ", ".join(f"{k} {v:.1f}" for k, v in m["stages"].items())
+            print(f"| {p['arch']} | {p['blocks']} | {mode} | {m['wall']:.1f} s | {st} | {_gib(m['peak_rss_bytes'])} | "
+                  f"{_gib(m['peak_tree_rss_bytes'])} | {_gib(m['out_bytes'])} | {_gib(m['peak_disk_bytes'])} |")
+    print("\n## Peak RSS against block count (target: flat, at most 4 GiB for every process)")
+    for arch in fits:
+        lo, hi = [p for p in points if p["arch"] == arch]
+        for mode in lo["median"]:
+            a, b = lo["median"][mode]["peak_rss_bytes"], hi["median"][mode]["peak_rss_bytes"]
+            print(f"# {arch} {mode}: largest process {_gib(a)} at {lo['blocks']} blocks, {_gib(b)} at {hi['blocks']} "
+                  f"({b / a:.2f}x); {'within' if max(a, b) <= 4 * 2**30 else 'OVER'} 4 GiB")
+    print("\n## Seconds per MoE block (difference between the two block counts / difference in blocks)")
+    print("| arch | weights a block | mode | wall s/block (fixed s) | ratio to stock, per block | stages s/block |")
+    print("|---|---|---|---|---|---|")
+    for arch, fit in fits.items():
+        for mode in modes:
+            rate, fixed = fit[mode]["wall"]
+            ratio = rate / fit["stock"]["wall"][0] if "stock" in fit and fit["stock"]["wall"][0] > 0 else float("nan")
+            st = ", ".join(f"{k} {r:.2f}" for k, (r, _) in fit[mode]["stages"].items())
+            print(f"| {arch} | {fit['block_weights'] / 1e6:.0f}M | {mode} | {rate:.2f} ({fixed:.1f}) | {ratio:.2f}x | {st} |")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
+    p.add_argument("--blocks", nargs=2, type=int, metavar=("A", "B"),
+                   help=f"MoE block counts for every arch (default per arch: {DEFAULT_BLOCKS})")
+    p.add_argument("--modes", nargs="+", choices=("stock", "fast", "default"), default=["stock", "fast"],
+                   help="pipelines to time (default: %(default)s; 'default' is slow)")
+    p.add_argument("--repeats", type=int, default=1, help="alternating runs per pipeline; medians (default: %(default)s)")
+    p.add_argument("--keep", action="store_true", help="keep the generated models in .cache/scale/")
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "scale.json")
+    p.add_argument("--label", default="", help="stored in the JSON, e.g. 'smoke run on a loaded machine'")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="before each run wait up to S seconds for the CPUs to be idle (shared machine)")
+    args = p.parse_args()
+    if args.blocks and (min(args.blocks) < 1 or args.blocks[0] == args.blocks[1]):
+        raise SystemExit(f"--blocks {args.blocks[0]} {args.blocks[1]}: need two different counts >= 1")
+    bench_convert.IDLE["wait_s"] = args.wait_idle
+    tempfile.tempdir = tempfile.gettempdir()  # fix ours now: the children get TMPDIR=<work folder>, deleted after
+    cache = ROOT / ".cache" / "scale"
+    cache.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()
+    print(f"# load average before: {' '.join(f'{x:.2f}' for x in load0)}; {os.cpu_count()} CPUs; modes {args.modes}", flush=True)
+    points, fits = [], {}
+    for arch in args.archs:
+        lo, hi = sorted(args.blocks or DEFAULT_BLOCKS[arch])
+        pair = [bench_point(arch, n, args.modes, args.repeats, cache, args.keep) for n in (lo, hi)]
+        points += pair
+        fits[arch] = per_block(*pair)
+    report_measured(points, fits, args.modes)
+    proj = projection_table(fits, args.modes)
+    load1 = os.getloadavg()
+    print(f"# load average after: {' '.join(f'{x:.2f}' for x in load1)}")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    args.json.write_text(json.dumps({
+        "label": args.label, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpus": os.cpu_count(), "load_before": load0, "load_after": load1, "modes": args.modes, "repeats": args.repeats,
+        "points": points, "per_block": fits, "projections": proj}, indent=1))
+    print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
