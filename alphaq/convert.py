@@ -599,15 +599,11 @@ def early_budget_check(cfg: ConvertConfig, model) -> Pins:
 
 
 def _quantised_tensors(matrices) -> list[TensorInfo]:
-    """The GGUF tensors (name, numpy shape) that llama.cpp will quantise, from the matrices."""
-    dims: dict[str, tuple[int, int]] = {}
-    n_expert: dict[str, int] = {}
-    for m in matrices:
-        dims[m.tensor] = (m.rows, m.cols)
-        if m.expert is not None:
-            n_expert[m.tensor] = max(n_expert.get(m.tensor, 0), m.expert + 1)
-    shapes = {n: ((n_expert[n],) if n in n_expert else ()) + d for n, d in dims.items()}
-    return [TensorInfo(n, shape, "BF16") for n, shape in shapes.items() if llama_quantizes(n, shape)]
+    """The GGUF tensors (name, numpy shape) that llama.cpp will quantise, from the matrices, as
+    the BF16 intermediate will hold them."""
+    from alphaq.feasibility import matrix_tensors
+
+    return [TensorInfo(t.name, t.shape, "BF16") for t in matrix_tensors(matrices) if llama_quantizes(t.name, t.shape)]
 
 
 def _float_model(cfg: ConvertConfig, source: str, work: Workspace, wanted):
