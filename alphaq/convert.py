@@ -109,6 +109,7 @@ class ConvertResult:
     dry_run: bool = False  # nothing written: file_bytes and tensor_counts are the plan's
     preflight: Preflight | None = None
     reused: tuple[str, ...] = ()  # stages whose results an earlier run left (intermediate, caches)
+    damage_note: str | None = None  # how the damage table was obtained (default mode)
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -445,7 +446,7 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     reused = (("bf16 intermediate",) if work.found else ()) + (calib.reused if calib else ())
     facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
                  float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None,
-                 reused=reused)
+                 reused=reused, damage_note=calib.damage.describe() if calib else None)
     if cfg.dry_run:
         return _planned_result(cfg, tensors, facts)
     pause_for_test("quantise")

@@ -47,12 +47,15 @@ STAGE_SECONDS_PER_BLOCK = {
     "float model": 32.6 / 4,  # llama.cpp's converter to BF16 (HF input only)
     "self text": 74.4 / 4,  # 16 sequences of 256 tokens sampled from the model
     "importance": 43.8 / 4,  # the importance matrix on that text
-    "damage": 1606.3 / 4,  # --damage estimate on 16 windows; scaled by --damage-windows / 16
+    # --damage estimate, 16 windows, every block measured (30 tensors): per measured block, see
+    # damage_seconds (each measurement is a forward pass over all blocks)
+    "damage": 1606.3 / 4,
     "quantise": 531.7 / 4,  # llama.cpp's quantiser with the chosen (mostly IQ) types
     # --fast / --paper: the whole run minus the float model (69 s at 4 blocks, issue 17's measurement)
     "spectral + quantise": (69.0 - 32.6) / 4,
 }
 REFERENCE_DAMAGE_WINDOWS = 16
+REFERENCE_BLOCKS = 4
 PLAN_KEY_BYTES_PER_ITEM = 1024  # the alphaq.plan key holds every item's costs as JSON
 SPLIT_PART_OVERHEAD = 256  # per part: GGUF header, split keys, padding
 
@@ -109,12 +112,24 @@ def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> di
     out["self text"] = rate["self text"] * scale
     if cfg.imatrix is None:
         out["importance"] = rate["importance"] * scale
-    damage = rate["damage"] * scale * cfg.damage.n_windows / REFERENCE_DAMAGE_WINDOWS
+    damage = damage_seconds(cfg.damage, n_blocks) * weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
     if cfg.damage.method == "direct":  # one measurement per candidate type instead of one per tensor
         damage *= len(cfg.plan.types)
     out["damage"] = damage
     out["quantise"] = rate["quantise"] * scale
     return out
+
+
+def damage_seconds(damage_cfg, n_blocks: int) -> float:
+    """The damage stage at the reference model's weights per block: measured blocks (all, or the
+    anchors) x a forward pass over n_blocks x windows, from the reference run's rate."""
+    from alphaq.damage import ANCHORED_WINDOWS, FULL_WINDOWS
+
+    anchors = damage_cfg.anchors
+    measured = n_blocks if anchors is None else min(anchors, n_blocks)
+    windows = damage_cfg.n_windows or (FULL_WINDOWS if measured == n_blocks else ANCHORED_WINDOWS)
+    per_block_block_window = STAGE_SECONDS_PER_BLOCK["damage"] / REFERENCE_BLOCKS / REFERENCE_DAMAGE_WINDOWS
+    return per_block_block_window * measured * n_blocks * windows
 
 
 def _largest_bytes(name: str, shape: tuple[int, ...], types: list[GGMLQuantizationType]) -> int:

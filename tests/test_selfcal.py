@@ -124,6 +124,22 @@ def test_swap_writes_the_rounded_values_and_restores_the_bytes(session):
     np.testing.assert_array_equal(buf.view(), before)
 
 
+@pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.1.ffn_down_exps.weight"])
+def test_threaded_swap_in_row_blocks_equals_one_quantisation_of_each_matrix(session, own_text, monkeypatch, name):
+    # the swap quantises row blocks and experts on threads: the values must not depend on it
+    monkeypatch.setattr(Swap, "ROWS_PER_JOB", 7)
+    means = collect_imatrix(session, own_text).means()[name]
+    buf = session.weights[name]
+    before = buf.view().copy()
+    mats = before.reshape(-1, *buf.shape[-2:])
+    imat = means.reshape(len(mats), buf.shape[-1])
+    expected = np.stack([from_float32(quant_dequant(to_float32(m, GGML_TYPE_BF16), Q4_K, imat[e]), GGML_TYPE_BF16)
+                         for e, m in enumerate(mats)]).reshape(before.shape)
+    with Swap(buf, Q4_K, imat):
+        np.testing.assert_array_equal(buf.view(), expected)
+    np.testing.assert_array_equal(buf.view(), before)
+
+
 def test_kl_direction_and_value_against_numpy():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((5, 7)) * 3, rng.standard_normal((5, 7)) * 3
@@ -190,6 +206,47 @@ def test_estimated_damage_ranks_like_the_direct_measurement(own_text, session):
     assert spearmanr(a, b).statistic > 0.9
     for k in direct.costs:  # the reference type is measured, not estimated
         assert est.costs[k]["Q4_K"] == pytest.approx(direct.costs[k]["Q4_K"], rel=1e-9)
+
+
+def test_depth_anchors_pick_first_last_and_between():
+    from alphaq.damage.anchors import anchor_positions, depth_anchors
+
+    assert anchor_positions(48, 4) == [0, 16, 31, 47]
+    assert anchor_positions(3, 4) == [0, 1, 2]
+    assert anchor_positions(5, 1) == [2]
+    names = ["token_embd.weight", *(f"blk.{b}.{k}" for b in range(10) for k in ("attn_q.weight", "ffn_up_exps.weight")),
+             "blk.0.ffn_up.weight", "output.weight"]  # a dense block 0 has its own kind
+    a = depth_anchors(names, 3)
+    assert a.measured == {"token_embd.weight", "output.weight", "blk.0.ffn_up.weight",
+                          *(f"blk.{b}.{k}" for b in (0, 4, 9) for k in ("attn_q.weight", "ffn_up_exps.weight"))}
+    assert a.of("blk.7.attn_q.weight") == ["blk.0.attn_q.weight", "blk.4.attn_q.weight", "blk.9.attn_q.weight"]
+    values = {"blk.0.attn_q.weight": 1.0, "blk.4.attn_q.weight": 3.0, "blk.9.attn_q.weight": 13.0}
+    assert a.interpolate("blk.2.attn_q.weight", values) == pytest.approx(2.0)
+    assert a.interpolate("blk.7.attn_q.weight", values) == pytest.approx(9.0)
+    assert depth_anchors(names, None).measured == set(names)
+    assert DamageConfig().windows(names) == 4 and DamageConfig(anchors=10).windows(names) == 16
+
+
+def test_anchored_damage_is_the_anchor_rate_times_own_weighted_error(own_text, session):
+    im = collect_imatrix(session, own_text)
+    ref = Reference(session, own_text[:2])
+    names = ["blk.0.attn_v.weight", "blk.1.attn_v.weight", "blk.0.ffn_gate_exps.weight", "blk.1.ffn_gate_exps.weight"]
+    types = resolve_types(["IQ2_XXS", "Q3_K", "Q4_K", "Q6_K"])
+    kw = dict(imatrix=im.means(), tokens=im.counts)
+    full = measure(session, ref, names, types, DamageConfig(anchors=None), **kw)
+    one = measure(session, ref, names, types, DamageConfig(anchors=1), **kw)
+    assert set(one.measured) == {"blk.0.attn_v.weight", "blk.0.ffn_gate_exps.weight"}
+    assert one.interpolated == {"blk.1.attn_v.weight": ["blk.0.attn_v.weight"],
+                                "blk.1.ffn_gate_exps.weight": ["blk.0.ffn_gate_exps.weight"]}
+    for name in one.measured:  # measured exactly as without anchors
+        assert one.costs[(name, None)] == full.costs[(name, None)]
+    for name, (anchor,) in one.interpolated.items():
+        err, anchor_err = full.weighted_error[(name, None)], full.weighted_error[(anchor, None)]
+        for t in ("IQ2_XXS", "Q3_K", "Q6_K"):
+            rate = full.costs[(anchor, None)][t] / anchor_err[t]
+            assert one.costs[(name, None)][t] == pytest.approx(rate * err[t], rel=1e-9)
+        # and it is an estimate, not the measurement
+        assert one.costs[(name, None)]["Q4_K"] != pytest.approx(full.costs[(name, None)]["Q4_K"], rel=1e-6)
 
 
 def test_per_expert_costs_add_up_to_the_tensor(own_text, session):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -363,6 +364,7 @@ def test_time_estimate_scales_the_benchmark_table():
     from alphaq.convert import ConvertConfig
     from alphaq.preflight import REFERENCE_WEIGHTS_PER_BLOCK, STAGE_SECONDS_PER_BLOCK, stage_seconds
 
+    from alphaq.damage import DamageConfig
     from alphaq.plan import MODES, PlanConfig
 
     cfg = ConvertConfig(model=Path("m"), output=Path("o.gguf"), plan=PlanConfig(**MODES["damage"]))
@@ -370,5 +372,9 @@ def test_time_estimate_scales_the_benchmark_table():
     assert got == pytest.approx({k: 4 * STAGE_SECONDS_PER_BLOCK[k] for k in
                                  ("float model", "self text", "importance", "damage", "quantise")})
     assert sum(got.values()) == pytest.approx(32.6 + 74.4 + 43.8 + 1606.3 + 531.7)
+    # 8 blocks of half the weights: the damage stage measures 4 anchor blocks on 4 windows, each
+    # measurement a forward pass over all 8 blocks; with every block measured it is quadratic
     half = stage_seconds(cfg, "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)
-    assert "float model" not in half and half["damage"] == pytest.approx(1606.3)
+    assert "float model" not in half and half["damage"] == pytest.approx(1606.3 * (4 * 8 * 4) / (4 * 4 * 16) / 2)
+    every = stage_seconds(replace(cfg, damage=DamageConfig(anchors=None)), "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)
+    assert every["damage"] == pytest.approx(1606.3 * (8 * 8 * 16) / (4 * 4 * 16) / 2)

@@ -56,8 +56,11 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damage", choices=DAMAGE_METHODS, default=DamageConfig.method,
                    help="estimate: KL measured once per tensor, scaled per type (default); direct: per tensor and type")
     p.add_argument("--damage-windows", type=int, default=DamageConfig.n_windows,
-                   help="sequences of own text each damage measurement runs (default: %(default)s; fewer is "
-                        "proportionally faster and noisier)")
+                   help="sequences of own text each damage measurement runs (default: 16 when every block is "
+                        "measured, 4 when depth anchors are used; fewer is proportionally faster and noisier)")
+    p.add_argument("--damage-anchors", type=_anchors, default=DamageConfig.anchors, metavar="N|all",
+                   help="blocks measured per tensor kind, the others interpolated over depth (default: "
+                        "%(default)s; 'all' measures every block: quadratic in depth)")
     p.add_argument("--self-samples", type=int, default=SelfTextConfig.n_seq,
                    help="sequences of its own text the model writes (default: %(default)s)")
     p.add_argument("--self-ctx", type=int, default=SelfTextConfig.n_ctx, help="tokens per sequence (default: %(default)s)")
@@ -145,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir, use_cache=not args.no_cache, compare_stock=not args.no_stock_compare,
         progress=not args.no_progress, like=args.like, imatrix=args.imatrix,
         selftext=SelfTextConfig(n_seq=args.self_samples, n_ctx=args.self_ctx, seed=args.seed),
-        damage=DamageConfig(method=args.damage, n_windows=min(args.damage_windows, args.self_samples)),
+        damage=DamageConfig(method=args.damage, anchors=args.damage_anchors,
+                            n_windows=None if args.damage_windows is None else min(args.damage_windows, args.self_samples)),
         split_max_size=split_size, split_max_tensors=args.split_max_tensors, keep_bf16=args.keep_bf16,
         dry_run=args.dry_run, plots=args.plots, kv_overrides=kv_overrides(args.override_kv), resume=not args.no_resume,
     )
@@ -154,6 +158,19 @@ def run(args: argparse.Namespace) -> int:
     result = run_convert(cfg, announce=lambda text: print(text, flush=True))
     print(summary(result))
     return 0
+
+
+def _anchors(text: str) -> int | None:
+    """--damage-anchors: a positive count or 'all'."""
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of blocks or 'all'")
+    return n
 
 
 def _with_pins(plan, args: argparse.Namespace):
@@ -198,6 +215,8 @@ def summary(r) -> str:
         lines.append(f"  data read   {read}")
         if r.imatrix_file is not None:
             lines.append(f"  importance  {r.imatrix_file} (llama.cpp imatrix format)")
+    if r.damage_note:
+        lines.append(f"  damage      {r.damage_note}")
     if r.reused:
         lines.append("  reused      " + ", ".join(r.reused) + " (from an earlier run of this model; "
                      "--no-resume converts afresh, --no-cache recomputes the rest)")

@@ -45,22 +45,43 @@ log = logging.getLogger(__name__)
 METHODS = ("estimate", "direct")
 
 
+# Windows of own text per measurement when the configuration leaves it open: 16 where every block
+# is measured (small models: minutes), 4 where depth anchors stand in for most blocks (deep models,
+# where each measurement is a forward pass over the whole model). On the bench zoo 4 windows tie 16
+# (bench/SELFCAL.md, "w4 vs default": median KL ratio 1.000, 15 of 20 cells within 2 SE).
+FULL_WINDOWS, ANCHORED_WINDOWS = 16, 4
+
+
 @dataclass(frozen=True)
 class DamageConfig:
     method: str = "estimate"
     reference_type: str = "Q4_K"  # the one type measured per tensor under "estimate"
-    n_windows: int = 16  # windows of self text the KL is measured on
+    n_windows: int | None = None  # windows of self text the KL is measured on; None: see windows()
     mse_rows: int | None = 128  # rows per matrix for the weighted error (evenly spaced); None = all
     # experts per merged tensor for a tensor's error ratio (evenly spaced; all under expert
     # granularity, where each expert is an item); None = all
     max_experts: int | None = 16
+    # blocks measured per tensor kind, the others interpolated over depth (alphaq.damage.anchors);
+    # None = every block
+    anchors: int | None = 4
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise AlphaQError(f"damage method {self.method!r} is not one of: {', '.join(METHODS)}")
         resolve_type(self.reference_type)
-        if self.n_windows < 1:
+        if self.n_windows is not None and self.n_windows < 1:
             raise AlphaQError(f"damage windows {self.n_windows} must be >= 1")
+        if self.anchors is not None and self.anchors < 1:
+            raise AlphaQError(f"damage anchors {self.anchors} must be >= 1 (or all blocks)")
+
+    def windows(self, names) -> int:
+        """Windows per measurement for the weights ``names``: the configured number, else 16 when
+        every block is measured and 4 when anchors stand in for some."""
+        from alphaq.damage.anchors import depth_anchors
+
+        if self.n_windows is not None:
+            return self.n_windows
+        return FULL_WINDOWS if len(depth_anchors(names, self.anchors).measured) == len(names) else ANCHORED_WINDOWS
 
 
 @dataclass
@@ -69,6 +90,7 @@ class DamageTable:
 
     costs: dict[tuple[str, int | None], dict[str, float]]  # (tensor, expert or None) -> type -> damage
     measured: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> type -> measured KL
+    interpolated: dict[str, list[str]] = field(default_factory=dict)  # tensor -> the anchors it is interpolated from
     weighted_error: dict[tuple[str, int | None], dict[str, float]] = field(default_factory=dict)
     method: str = "estimate"
     seconds: dict[str, float] = field(default_factory=dict)
@@ -77,7 +99,7 @@ class DamageTable:
     def to_json(self) -> dict:
         return {
             "method": self.method, "n_tokens": self.n_tokens, "seconds": self.seconds,
-            "measured": self.measured,
+            "measured": self.measured, "interpolated": self.interpolated,
             "costs": [{"tensor": k[0], "expert": k[1], "costs": v} for k, v in self.costs.items()],
             "weighted_error": [{"tensor": k[0], "expert": k[1], "error": v} for k, v in self.weighted_error.items()],
         }
@@ -85,7 +107,7 @@ class DamageTable:
     @classmethod
     def from_json(cls, d: dict) -> DamageTable:
         return cls(costs={(c["tensor"], c["expert"]): c["costs"] for c in d["costs"]},
-                   measured=d["measured"],
+                   measured=d["measured"], interpolated=d.get("interpolated", {}),
                    weighted_error={(c["tensor"], c["expert"]): c["error"] for c in d["weighted_error"]},
                    method=d["method"], seconds=d["seconds"], n_tokens=d["n_tokens"])
 
@@ -158,21 +180,40 @@ def matrices(buf: WeightBuffer) -> int:
 
 
 class Swap:
-    """Overwrite one weight (or one expert slice of it) with fake-quantised values, then restore."""
+    """Overwrite one weight (or one expert slice of it) with fake-quantised values, then restore.
+
+    The slices are quantised on a thread per core (ggml's quantiser releases the GIL); every row
+    is quantised on its own, so the values do not depend on how the rows are shared out."""
+
+    ROWS_PER_JOB = 2048  # a 2-D weight in row blocks: the real vocabulary's embedding is 1.2 GB of float32
 
     def __init__(self, buf: WeightBuffer, t: GGMLQuantizationType, means: np.ndarray | None,
                  expert: int | None = None):
         self.buf, self.t, self.means, self.expert = buf, t, means, expert
 
+    def _jobs(self, view: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(slice of the buffer, its importance vector) for every piece quantised on its own."""
+        if len(self.buf.shape) == 3:
+            experts = range(matrices(self.buf)) if self.expert is None else [self.expert]
+            return [(view[e], None if self.means is None else self.means[e]) for e in experts]
+        rows = view.reshape(-1, self.buf.shape[-1])
+        imat = None if self.means is None else self.means[0]
+        return [(rows[i:i + self.ROWS_PER_JOB], imat) for i in range(0, rows.shape[0], self.ROWS_PER_JOB)]
+
+    def _fake_quantise(self, job: tuple[np.ndarray, np.ndarray | None]) -> None:
+        target, imat = job
+        w = to_float32(target, self.buf.ggml_type)
+        target[...] = from_float32(quant_dequant(w, self.t, imat), self.buf.ggml_type).reshape(target.shape)
+
     def __enter__(self) -> Swap:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from alphaq.forward import _default_threads
+
         view = self.buf.view()
         self.saved = view.copy()
-        experts = range(matrices(self.buf)) if self.expert is None else [self.expert]
-        for e in experts:
-            target = view[e] if len(self.buf.shape) == 3 else view.reshape(-1, self.buf.shape[-1])
-            w = to_float32(target, self.buf.ggml_type)
-            imat = None if self.means is None else self.means[e]
-            target[...] = from_float32(quant_dequant(w, self.t, imat), self.buf.ggml_type).reshape(target.shape)
+        with ThreadPoolExecutor(max_workers=_default_threads()) as pool:
+            list(pool.map(self._fake_quantise, self._jobs(view)))
         return self
 
     def __exit__(self, *exc) -> None:

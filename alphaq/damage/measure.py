@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType
 
 from alphaq.costs import sample_rows
 from alphaq.damage import DamageConfig, DamageTable, Reference, Swap, matrices, quant_dequant, to_float32
+from alphaq.damage.anchors import depth_anchors
 from alphaq.errors import AlphaQError
 from alphaq.forward import Session, WeightBuffer
 from alphaq.qtypes import effective_type, resolve_type
@@ -105,15 +106,20 @@ def measure(session: Session, ref: Reference, names: Sequence[str], candidates: 
 
     imatrix: flat mean squared activations per weight (the quantiser's importance vectors);
     tokens: tokens per matrix (per expert for merged expert tensors); per_expert: one item per
-    expert slice of a merged expert tensor (expert granularity)."""
+    expert slice of a merged expert tensor (expert granularity). Under ``cfg.anchors`` only the
+    anchor blocks' tensors are run through the model; the others get their kind's damage per unit
+    of weighted error, interpolated over depth (see `depth_anchors`)."""
     from tqdm import tqdm
 
     missing = [n for n in names if n not in session.weights]
     if missing:
         raise AlphaQError(f"llama.cpp never reads {missing[0]} when it runs {session.path.name}; cannot measure it")
     reference = resolve_type(cfg.reference_type)
+    anchors = depth_anchors(names, cfg.anchors)
     table = DamageTable(costs={}, method=cfg.method, n_tokens=ref.n_tokens)
     t_err = t_kl = 0.0
+    per_error: dict[str, dict[str, float]] = {}  # measured tensor -> type -> damage / weighted error
+    later = []  # tensors whose damage comes from their kind's anchors, once every anchor is measured
     for name in tqdm(names, desc="damage", unit="tensor", disable=not progress, dynamic_ncols=True):
         buf = session.weights[name]
         cols = buf.shape[-1]
@@ -126,13 +132,27 @@ def measure(session: Session, ref: Reference, names: Sequence[str], candidates: 
         errors = weighted_errors(buf, types, means, None if tokens is None else tokens.get(name), cfg.mse_rows,
                                  None if split else sampled_experts(matrices(buf), cfg.max_experts))
         t1 = time.perf_counter()
+        t_err += t1 - t0
+        if name not in anchors.measured:
+            later.append((name, errors, written, split))
+            continue
         damage = _tensor_damage(session, ref, buf, written, ref_t, means, errors, cfg)
         t_kl += time.perf_counter() - t1
-        t_err += t1 - t0
         table.measured[name] = dict(damage) if cfg.method == "direct" else {ref_t.name: _measured_ref(damage, errors, ref_t)}
+        per_error[name] = {t: d / e if (e := _total(errors, t)) > 0 else 0.0 for t, d in damage.items()}
+        _fill(table, name, damage, errors, written, split)
+    for name, errors, written, split in later:
+        damage = {t.name: anchors.interpolate(name, {a: per_error[a][t.name] for a in anchors.of(name)})
+                  * _total(errors, t.name) for t in written}
+        table.interpolated[name] = anchors.of(name)
         _fill(table, name, damage, errors, written, split)
     table.seconds = {"weighted_error": round(t_err, 3), "kl": round(t_kl, 3)}
     return table
+
+
+def _total(errors: Mapping, type_name: str) -> float:
+    """A tensor's weighted error at one type: the sum over its (sampled) matrices."""
+    return sum(err[type_name] for err in errors.values())
 
 
 def _measured_ref(damage, errors, ref_t) -> float:

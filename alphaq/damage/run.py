@@ -92,7 +92,7 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
         else:
             pause_for_test("damage")
             t0 = time.perf_counter()
-            ref = Reference(session(), tokens[: cfg.n_windows])
+            ref = Reference(session(), tokens[: cfg.windows(names)])
             table = measure(session(), ref, names, candidates, cfg, imatrix=imatrix.means(),
                             tokens=imatrix.counts, per_expert=per_expert, progress=progress)
             table.seconds["reference"] = round(time.perf_counter() - t0 - sum(table.seconds.values()), 3)
