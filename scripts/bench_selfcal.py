@@ -18,7 +18,8 @@ Q6_K it writes, all from the same BF16 GGUF with llama.cpp's quantiser:
 ablations (--variants): alpha-g1, alpha-gpaper (the default's damage times (alpha_tilde/alpha)^gamma,
 gamma 1 and App. A.7's formula), experts-only (the default's damage, routed experts only, the rest on
 the fast mode's policy types), no-imatrix (damage measured and files quantised without any importance
-matrix), w4 (the damage measured on 4 of the 16 windows), domain-bias (the stock mix with an
+matrix), w4 (the damage measured on 4 of the 16 windows), a1 / a1w4 (depth anchors, alphaq.damage.anchors:
+one block per tensor kind measured, the other block's damage interpolated from it; 16 / 4 windows), domain-bias (the stock mix with an
 importance matrix from prose only and from code only, next to the self and the mixed real one)
 
 every alphaq variant at no more than the stock file's size, and scores each against the BF16
@@ -123,6 +124,10 @@ class Model:
                 self.damage[("self", "w4")] = measure(s, Reference(s, self_tokens[:4]), self.names, types,
                                                       DamageConfig(n_windows=4), imatrix=self.imatrix["self"],
                                                       tokens=self.counts_self).costs
+            for v, cfg, n in (("a1", DamageConfig(anchors=1), 16), ("a1w4", DamageConfig(anchors=1), 4)):
+                if v in self.variants:  # one anchor block per kind: the other block's damage interpolated
+                    self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
+                                                       imatrix=self.imatrix["self"], tokens=self.counts_self).costs
             if "no-imatrix" in self.variants:
                 self.damage[("none", "estimate")] = measure(s, Reference(s, self_tokens[:16]), self.names, types,
                                                             DamageConfig()).costs
@@ -147,7 +152,8 @@ class Model:
             return out
         src, method = {"default": ("self", "estimate"), "real-driven": ("real", "estimate"),
                        "direct": ("self", "direct"), "no-imatrix": ("none", "estimate"), "alpha-g1": ("self", "estimate"),
-                       "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4")}.get(variant, (None, None))
+                       "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4"),
+                       "a1": ("self", "a1"), "a1w4": ("self", "a1w4")}.get(variant, (None, None))
         try:
             if src is not None:
                 changes = {"alpha-g1": dict(gamma=1.0), "alpha-gpaper": dict(gamma=None),

@@ -140,6 +140,15 @@ def main() -> int:
                 "no-imatrix: no importance matrix anywhere (damage and quantisation).", "",
                 *comparisons(abl, [(v, "default") for v in ("w4", "alpha-g1", "alpha-gpaper", "experts-only",
                                                               "no-imatrix")]), ""]
+    anchors = args.json.with_name("selfcal-anchors.json")
+    if anchors.exists():
+        out += ["## Depth anchors (bench/selfcal-anchors.json; 5 sizes per model)", "",
+                "The deep-model damage path (alphaq.damage.anchors) at its extreme on these 2-block models: one "
+                "block per tensor kind measured, the other block's damage = the measured block's damage per "
+                "unit of importance-weighted error times its own weighted error. a1: 16 windows; a1w4: 4 "
+                "windows, as the default uses once anchors stand in for blocks. Each against the default "
+                "(every tensor measured, 16 windows) on the same cells.", "",
+                *comparisons(json.loads(anchors.read_text()), [(v, "default") for v in ("a1", "a1w4")]), ""]
     domain = args.json.with_name("selfcal-domain.json")
     if domain.exists():
         out += ["## Domain bias (bench/selfcal-domain.json; IQ2_XXS, Q3_K_M, Q5_K_M sizes)", "",

@@ -61,6 +61,11 @@ class DamageConfig:
     # experts per merged tensor for a tensor's error ratio (evenly spaced; all under expert
     # granularity, where each expert is an item); None = all
     max_experts: int | None = 16
+    # at most this many weights per tensor for its weighted errors (fewer rows per sampled expert;
+    # not under expert granularity): every candidate type is quantised on the sample, and at
+    # Qwen3-30B-A3B's 2048-wide experts 16 x 128 rows took 36 s of 2 cores per tensor (30 min at 48
+    # blocks). The bench zoo's tensors are all below it.
+    max_sampled_weights: int | None = 1 << 20
     # blocks measured per tensor kind, the others interpolated over depth (alphaq.damage.anchors);
     # None = every block
     anchors: int | None = 4

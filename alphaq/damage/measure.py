@@ -82,6 +82,16 @@ def sampled_experts(n_mat: int, max_experts: int | None) -> list[int] | None:
     return sorted(set(np.linspace(0, n_mat - 1, max_experts).round().astype(int).tolist()))
 
 
+def sample_size(buf: WeightBuffer, experts: Sequence[int] | None, cfg: DamageConfig) -> int | None:
+    """Rows per sampled matrix for a tensor's weighted errors: cfg.mse_rows, fewer when the sample
+    would hold more than cfg.max_sampled_weights weights (never fewer than 16 rows)."""
+    if cfg.max_sampled_weights is None:
+        return cfg.mse_rows
+    n_mat = len(experts) if experts is not None else matrices(buf)
+    fits = max(16, cfg.max_sampled_weights // (n_mat * buf.shape[-1]))
+    return fits if cfg.mse_rows is None else min(cfg.mse_rows, fits)
+
+
 def _tensor_damage(session: Session, ref: Reference, buf: WeightBuffer, written, ref_t, means, errors,
                    cfg: DamageConfig) -> dict[str, float]:
     """Damage of the whole tensor per written type: measured directly, or one measurement scaled."""
@@ -129,8 +139,9 @@ def measure(session: Session, ref: Reference, names: Sequence[str], candidates: 
         means = split_means(None if imatrix is None else imatrix.get(name), buf)
         t0 = time.perf_counter()
         split = per_expert and len(buf.shape) == 3 and "_exps" in name
-        errors = weighted_errors(buf, types, means, None if tokens is None else tokens.get(name), cfg.mse_rows,
-                                 None if split else sampled_experts(matrices(buf), cfg.max_experts))
+        experts = None if split else sampled_experts(matrices(buf), cfg.max_experts)
+        errors = weighted_errors(buf, types, means, None if tokens is None else tokens.get(name),
+                                 cfg.mse_rows if split else sample_size(buf, experts, cfg), experts)
         t1 = time.perf_counter()
         t_err += t1 - t0
         if name not in anchors.measured:
