@@ -85,8 +85,20 @@ if out_path:  # convert_alphaq.py's summary line "time  stage 1.0 s, stage 2.0 s
             for part in line.strip()[5:].split(","):  # "float model 5.7 s"
                 words = part.split()
                 stages[" ".join(words[:-2])] = float(words[-2])
+damage = {}
+if out_path:  # the default mode's "damage  N tensor(s) measured ... on T tokens ...; weighted error 1.0 s, ..."
+    import re
+    for line in open(out_path):
+        if line.strip().startswith("damage "):
+            text = line.strip()
+            damage = {k.replace(" ", "_"): float(v) for k, v in
+                      re.findall(r"(weighted error|fake quantise|forward|reference) ([0-9.]+) s", text)}
+            damage["measured"] = int(re.search(r"(\d+) tensor\(s\) measured", text)[1])
+            damage["tokens"] = int(re.search(r"on ([0-9,]+) tokens", text)[1].replace(",", ""))
+            m = re.search(r"(\d+) interpolated", text)
+            damage["interpolated"] = int(m[1]) if m else 0
 print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "peak_rss_kib": ru.ru_maxrss,
-                  "peak_tree_rss_kib": peak_tree, "stages": stages}))
+                  "peak_tree_rss_kib": peak_tree, "stages": stages, "damage": damage}))
 """
 
 _STOCK = r"""

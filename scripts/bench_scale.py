@@ -27,8 +27,11 @@ every number in it is a projection, with its arithmetic. Assumptions, stated aga
 time is linear in MoE blocks; the real vocabulary's embedding and output matrices (this benchmark
 uses a 1,024-piece vocabulary) cost the per-weight rate of a block; on 16 cores the
 llama_model_quantize stages run 8x faster than on 2 (linear scaling in cores, an assumption) and
-every other stage is not sped up at all; the default mode's damage stage is quadratic in blocks
-(number of tensors x cost of a forward pass) and is fitted as a x blocks^2 + c.
+every other stage is not sped up at all; the default mode's damage stage is projected from its
+parts in the summary (per measurement: fake quantisation + a forward pass over every block and
+token; per tensor: weighted errors; one reference pass) with the default depth anchors: every
+block measured on 16 windows up to 4 blocks, then 4 blocks per tensor kind on 4 windows
+(alphaq.damage.anchors), so measurements stop growing with depth but each one still runs every block.
 """
 
 from __future__ import annotations
@@ -171,7 +174,8 @@ def summarise(runs: list[dict]) -> dict:
             "peak_rss_bytes": max(r["peak_rss_kib"] for r in runs) * 1024,
             "peak_tree_rss_bytes": max(r["peak_tree_rss_kib"] for r in runs) * 1024,
             "out_bytes": statistics.median(r["out_bytes"] for r in runs),
-            "peak_disk_bytes": max(r["peak_disk_bytes"] for r in runs)}
+            "peak_disk_bytes": max(r["peak_disk_bytes"] for r in runs),
+            "damage": {k: statistics.median(r["damage"][k] for r in runs) for k in runs[0].get("damage", {})}}
 
 
 def linear(a: tuple[int, float], b: tuple[int, float]) -> tuple[float, float]:
@@ -188,11 +192,47 @@ def per_block(lo: dict, hi: dict) -> dict:
         fit = lambda f: linear((lo["blocks"], f(a)), (hi["blocks"], f(b)))  # noqa: E731
         quad = {k: linear((lo["blocks"] ** 2, a["stages"][k]), (hi["blocks"] ** 2, b["stages"].get(k, 0.0)))
                 for k in a["stages"] if k in QUADRATIC_STAGES}
+        model = damage_model(lo, hi, mode)
         rest = lambda m: m["wall"] - sum(m["stages"].get(k, 0.0) for k in quad)  # noqa: E731
-        out[mode] = {"wall": fit(lambda m: m["wall"]), "quadratic": quad, "wall_linear_part": fit(rest),
+        out[mode] = {"wall": fit(lambda m: m["wall"]), "quadratic": {} if model else quad, "damage_model": model,
+                     "wall_linear_part": fit(rest),
                      "stages": {k: fit(lambda m, k=k: m["stages"].get(k, 0.0)) for k in a["stages"]},
                      "out_bytes": fit(lambda m: m["out_bytes"]), "peak_disk_bytes": fit(lambda m: m["peak_disk_bytes"])}
     return out
+
+
+def damage_model(lo: dict, hi: dict, mode: str) -> dict | None:
+    """The damage stage's cost parts, from the two runs' summary lines, for projecting it to any depth
+    under the default depth anchors (alphaq.damage.anchors): per measurement its fake quantisation and
+    a forward pass over every block and token; per tensor its weighted errors; one reference pass."""
+    a, b = lo["median"][mode].get("damage"), hi["median"][mode].get("damage")
+    if not a or not b or b["interpolated"]:
+        return None
+    kinds = (b["measured"] - a["measured"]) / (hi["blocks"] - lo["blocks"])  # measured tensors per block
+    return {"kinds": kinds, "outside": b["measured"] - kinds * hi["blocks"],
+            "fake_per_measurement": b["fake_quantise"] / b["measured"],
+            "forward_per_measurement_block_token": b["forward"] / (b["measured"] * hi["blocks"] * b["tokens"]),
+            "reference_per_block_token": b["reference"] / (hi["blocks"] * b["tokens"]),
+            "weighted_error_per_tensor": b["weighted_error"] / b["measured"], "measured_at": hi["blocks"]}
+
+
+def project_damage(m: dict, blocks: float) -> tuple[float, str]:
+    """The damage stage at ``blocks`` with the default anchors and windows, and its arithmetic."""
+    from alphaq.damage import ANCHORED_WINDOWS, FULL_WINDOWS, DamageConfig
+
+    anchors = DamageConfig().anchors
+    measured = m["kinds"] * min(anchors, blocks) + m["outside"]
+    tensors = m["kinds"] * blocks + m["outside"]
+    tokens = 256 * (FULL_WINDOWS if blocks <= anchors else ANCHORED_WINDOWS)
+    fwd = measured * m["forward_per_measurement_block_token"] * blocks * tokens
+    fake = measured * m["fake_per_measurement"]
+    ref = m["reference_per_block_token"] * blocks * tokens
+    err = tensors * m["weighted_error_per_tensor"]
+    text = (f"damage: {measured:.0f} measurements x ({m['fake_per_measurement']:.1f} s fake quantisation + "
+            f"{blocks:.1f} blocks x {tokens} tokens x {m['forward_per_measurement_block_token'] * 1e3:.3f} ms) + "
+            f"reference {_dur(ref)} + {tensors:.0f} tensors x {m['weighted_error_per_tensor']:.1f} s weighted errors "
+            f"= {_dur(fwd + fake + ref + err)}")
+    return fwd + fake + ref + err, text
 
 
 def _gib(n: float) -> str:
@@ -225,7 +265,16 @@ def full_targets(fits: dict) -> list[tuple[str, dict, float, str]]:
 def project(fit: dict, mode: str, blocks: float, cores: int, scaled: bool) -> tuple[float, str]:
     """Projected seconds and the arithmetic behind them. ``scaled``: ``blocks`` are weight
     equivalents of another arch's blocks, which says nothing of a quadratic stage's tensor count."""
-    quad = fit[mode].get("quadratic", {})
+    quad, model = fit[mode].get("quadratic", {}), fit[mode].get("damage_model")
+    if model is not None:
+        if scaled:
+            return float("nan"), ("not projected: the damage stage's measurements count tensors, which scaling "
+                                  "by weights does not capture")
+        rate, fixed = fit[mode]["wall_linear_part"]
+        d, d_text = project_damage(model, blocks)
+        t2 = rate * blocks + fixed + d
+        text = f"{rate:.2f} s/block x {blocks:.2f} + {fixed:.1f} s fixed + {d_text} = {_dur(t2)}"
+        return _on_cores(fit, mode, blocks, cores, t2, text)
     if quad and scaled:
         return float("nan"), (f"not projected: the {', '.join(quad)} stage grows with tensors x forward pass, "
                               "which scaling by weights does not capture")
@@ -234,6 +283,11 @@ def project(fit: dict, mode: str, blocks: float, cores: int, scaled: bool) -> tu
     text = f"{rate:.2f} s/block x {blocks:.2f} + {fixed:.1f} s fixed"
     text += "".join(f" + {k} {a:.2f} s/block^2 x {blocks:.2f}^2 + {c:.1f} s" for k, (a, c) in quad.items())
     text += f" = {_dur(t2)}"
+    return _on_cores(fit, mode, blocks, cores, t2, text)
+
+
+def _on_cores(fit: dict, mode: str, blocks: float, cores: int, t2: float, text: str) -> tuple[float, str]:
+    """2-core seconds to ``cores``: only llama_model_quantize's stage assumed to scale."""
     if cores == 2 or math.isnan(t2):
         return t2, text
     q = sum(r * blocks + f for k, (r, f) in fit[mode]["stages"].items() if k in CORE_SCALED_STAGES - QUADRATIC_STAGES)
@@ -246,7 +300,8 @@ def projection_table(fits: dict, modes: list[str]) -> list[dict]:
     print("# assumptions: time, output and work-folder disk are linear in MoE blocks; the real vocabulary's embedding and")
     print("# output matrices cost the per-weight rate of a block; on 16 cores only llama_model_quantize gets faster,")
     print("# by 16/2 = 8x (ASSUMED linear scaling in cores, not measured); every other stage is kept as on 2 cores.")
-    print("# the default mode's damage stage is projected as a x blocks^2 + c (tensors x forward pass, both ~ blocks).")
+    print("# the default mode's damage stage: measurements (at most 4 anchor blocks per tensor kind) x a forward pass over")
+    print("# every block, + weighted errors per tensor, from the parts the summary reports (see project_damage).")
     print("| model (projection) | blocks counted as | mode | projected time, 2 cores | projected time, 16 cores | "
           "projected output | projected peak work-folder disk | BF16 weights (params x 2) |")
     print("|---|---|---|---|---|---|---|---|")

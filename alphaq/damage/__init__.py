@@ -100,10 +100,24 @@ class DamageTable:
     method: str = "estimate"
     seconds: dict[str, float] = field(default_factory=dict)
     n_tokens: int = 0
+    passes: int = 0  # measurements run (each a forward pass over every window)
+
+    def describe(self) -> str:
+        """One line for the convert summary: what was measured, what was interpolated, the seconds."""
+        line = f"{len(self.measured)} tensor(s) measured ({self.method}) on {self.n_tokens:,} tokens of own text"
+        if self.interpolated:
+            n_anchor = len({a for anchors in self.interpolated.values() for a in anchors})
+            line += (f"; {len(self.interpolated)} interpolated over depth from {n_anchor} anchor tensor(s) "
+                     "(--damage-anchors all measures every one)")
+        if self.seconds:
+            line += "; " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in self.seconds.items())
+        if self.passes:
+            line += f" ({self.passes} measurements)"
+        return line
 
     def to_json(self) -> dict:
         return {
-            "method": self.method, "n_tokens": self.n_tokens, "seconds": self.seconds,
+            "method": self.method, "n_tokens": self.n_tokens, "seconds": self.seconds, "passes": self.passes,
             "measured": self.measured, "interpolated": self.interpolated,
             "costs": [{"tensor": k[0], "expert": k[1], "costs": v} for k, v in self.costs.items()],
             "weighted_error": [{"tensor": k[0], "expert": k[1], "error": v} for k, v in self.weighted_error.items()],
@@ -114,7 +128,7 @@ class DamageTable:
         return cls(costs={(c["tensor"], c["expert"]): c["costs"] for c in d["costs"]},
                    measured=d["measured"], interpolated=d.get("interpolated", {}),
                    weighted_error={(c["tensor"], c["expert"]): c["error"] for c in d["weighted_error"]},
-                   method=d["method"], seconds=d["seconds"], n_tokens=d["n_tokens"])
+                   method=d["method"], seconds=d["seconds"], n_tokens=d["n_tokens"], passes=d.get("passes", 0))
 
 
 # -- KL on the model's own text -------------------------------------------------------------------
@@ -137,6 +151,8 @@ class Reference:
     def __init__(self, session: Session, windows: np.ndarray):
         self.windows = [[int(t) for t in w] for w in windows]
         self.logprobs = [log_softmax(session.logits(w)).astype(np.float32) for w in self.windows]
+        self.seconds = 0.0  # spent in kl(): the measurements' forward passes
+        self.passes = 0  # kl() calls
 
     @property
     def n_tokens(self) -> int:
@@ -144,9 +160,14 @@ class Reference:
 
     def kl(self, session: Session) -> float:
         """Mean KL(reference || session's model as it is now) per token over all windows."""
+        import time
+
+        t0 = time.perf_counter()
         total = 0.0
         for w, ref in zip(self.windows, self.logprobs):
             total += float(kl_per_token(ref.astype(np.float64), log_softmax(session.logits(w))).sum())
+        self.seconds += time.perf_counter() - t0
+        self.passes += 1
         return total / self.n_tokens
 
 
