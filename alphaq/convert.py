@@ -39,10 +39,10 @@ from alphaq.gguf_io import (FLOAT_TYPES, check_finite, copy_with_metadata, first
 from alphaq.gguf_split import SplitSpec, split_gguf
 from alphaq.preflight import SPLIT_PART_OVERHEAD, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
+from alphaq.feasibility import check_budget, matrix_tensors, quantised_tensors
 from alphaq.overrides import KVOverride, Pins
-from alphaq.plan import Plan, PlanConfig, TensorInfo, check_budget, format_size, make_plan, plan_pins
+from alphaq.plan import Plan, PlanConfig, TensorInfo, format_size, make_plan, plan_pins
 from alphaq.qtypes import llama_quantizes, padded, tensor_bytes
-from alphaq.records import MatrixStats
 from alphaq.resume import Workspace, pause_for_test
 from alphaq.quantize import STOCK_MIXES, mix_ftype, quantize_gguf, stock_mix_types
 from alphaq.selftext import SelfTextConfig
@@ -505,12 +505,7 @@ def _prepare(cfg: ConvertConfig):
             from convert.hf_to_gguf import check_tokenizer_files
 
             check_tokenizer_files(cfg.model)  # the converter's own error would name another cause
-        pinning = cfg.plan.output_tensor_type or cfg.plan.token_embedding_type or cfg.plan.tensor_types
-        if cfg.like is None and not pinning:  # (with pins, early_budget_check's range is the one that holds)
-            from alphaq.feasibility import check_budget as check_reachable
-
-            check_reachable(cfg.model, cfg.plan, model)  # from shapes alone: before converting or analysing
-        pins = early_budget_check(cfg, model)
+        pins = early_budget_check(cfg, model)  # from shapes alone: before converting or analysing
         kept = Workspace(cfg.output, cfg.keep_bf16).peek(cfg.model) if model.source == "hf" and cfg.resume else None
         pre = preflight(cfg, model, reused=kept.path if kept else None)
         return cfg, model.source, has_experts, user_imatrix, pins, pre
@@ -581,29 +576,16 @@ def _split_output(cfg: ConvertConfig, tmp_dir: Path) -> list[Path]:
 
 
 def early_budget_check(cfg: ConvertConfig, model) -> Pins:
-    """The pins and the budget against the model's shapes, before any expensive stage (the
-    same one-line errors as the plan's). An HF checkpoint's GGUF tensors are known only by the
-    matrices it will become: the check then uses the quantised tensors and no header, a lower
-    bound of the file. With --like the budget is known only from the float model: pins only."""
+    """The pins and the budget against the model's shapes, before any expensive stage
+    (alphaq.feasibility.check_budget: the same one-line errors as the plan's). With --like the
+    budget is known only from the float model: pins only."""
     if model.source == "gguf":
         check_float_gguf(cfg.model)
-        tensors, header = tensor_infos(cfg.model), header_bytes(cfg.model)
-    else:
-        tensors, header = _quantised_tensors(model.matrices()), 0
-    if cfg.like is not None:
-        return plan_pins(tensors, cfg.plan)
-    known = {t.name for t in tensors}
-    stats = [MatrixStats(m.tensor, m.block, m.expert, m.kind, m.rows, m.cols, m.params, float("nan"), float("nan"),
-                         0, 0, signal=False) for m in model.matrices() if m.tensor in known]
-    return check_budget(stats, tensors, cfg.plan, fixed_bytes=header)
-
-
-def _quantised_tensors(matrices) -> list[TensorInfo]:
-    """The GGUF tensors (name, numpy shape) that llama.cpp will quantise, from the matrices, as
-    the BF16 intermediate will hold them."""
-    from alphaq.feasibility import matrix_tensors
-
-    return [TensorInfo(t.name, t.shape, "BF16") for t in matrix_tensors(matrices) if llama_quantizes(t.name, t.shape)]
+    if cfg.like is None:
+        return check_budget(cfg.model, cfg.plan, model)
+    if model.source == "gguf":
+        return plan_pins(tensor_infos(cfg.model), cfg.plan)
+    return plan_pins(quantised_tensors(matrix_tensors(model.matrices())), cfg.plan)
 
 
 def _float_model(cfg: ConvertConfig, source: str, work: Workspace, wanted):
