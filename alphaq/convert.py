@@ -35,7 +35,7 @@ from alphaq.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import InputError, InternalError
 from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf_io import (FLOAT_TYPES, check_finite, copy_with_metadata, first_shard, header_bytes, model_bytes,
-                            read_tensors)
+                            quantised_header_bytes, read_tensors)
 from alphaq.gguf_split import SplitSpec, split_gguf
 from alphaq.preflight import SPLIT_PART_OVERHEAD, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
@@ -51,8 +51,10 @@ from alphaq.weights import open_model
 
 log = logging.getLogger(__name__)
 
-# Bytes llama_model_quantize adds to a float GGUF's header (general.quantization_version and the
-# rewritten general.file_type) — a small safety margin for --target-size before the exact re-check.
+# What the plan allows on top of the float GGUF's header for the header llama_model_quantize
+# writes into alphaq's file: general.quantization_version and general.file_type where absent (at
+# most ~90 bytes; the float header is otherwise no smaller: ggml only drops dimensions). On alphaq's
+# side of a size budget only: a stock mix's size (--like) is exact (quantised_header_bytes).
 _QUANT_KV_MARGIN = 256
 
 
@@ -94,7 +96,7 @@ class ConvertResult:
     file_bytes: int
     tensor_counts: dict[str, int]  # written type -> number of quantised tensors
     tokenizer_fallback: str | None
-    stock_sizes: dict[str, int] = field(default_factory=dict)  # mix -> predicted file bytes
+    stock_sizes: dict[str, int] = field(default_factory=dict)  # mix -> its file's bytes (stock_size)
     runtime: str = STOCK_RUNTIME  # what runs the file: stock llama.cpp, or the patched one
     n_grouped: int = 0  # merged expert tensors stored as type groups (expert granularity)
     imatrix_file: Path | None = None  # the importance matrix used, saved in llama.cpp's format
@@ -232,16 +234,19 @@ def metadata_bytes(meta: dict) -> int:
     return n
 
 
-def stock_size(float_gguf: Path, mix: str, header: int, alignment: int) -> int:
-    """Predicted file size of a llama.cpp mix, from llama.cpp's own dry-run decisions."""
+def stock_size(float_gguf: Path, mix: str, alignment: int, header: int | None = None) -> int:
+    """Size of the file llama.cpp's quantiser writes for ``mix``: its dry run's types, padded
+    tensor bytes, and the header it writes (``header``: quantised_header_bytes, when known)."""
     shapes = {t.name: t.shape for t in read_tensors(float_gguf)}
     types = stock_mix_types(float_gguf, mix)
+    header = quantised_header_bytes(float_gguf) if header is None else header
     return header + sum(padded(tensor_bytes(GGMLQuantizationType[t], shapes[n]), alignment) for n, t in types.items())
 
 
-def stock_sizes(float_gguf: Path, header: int, alignment: int, mixes=STOCK_MIXES) -> dict[str, int]:
-    """Predicted file size of each llama.cpp stock mix."""
-    return {mix: stock_size(float_gguf, mix, header, alignment) for mix in mixes}
+def stock_sizes(float_gguf: Path, alignment: int, mixes=STOCK_MIXES) -> dict[str, int]:
+    """File size of each llama.cpp stock mix (stock_size)."""
+    header = quantised_header_bytes(float_gguf)
+    return {mix: stock_size(float_gguf, mix, alignment, header) for mix in mixes}
 
 
 def _noise_table(float_gguf: Path, stats, tensors, cfg: ConvertConfig):
@@ -276,13 +281,16 @@ def needs_spectral(cfg: ConvertConfig) -> bool:
     return cfg.plan.noise != "damage" or cfg.plan.gamma is None or cfg.plan.gamma != 0
 
 
-def like_budget(cfg: ConvertConfig, float_gguf: Path, base_header: int) -> tuple[ConvertConfig, tuple[str, int] | None]:
-    """--like MIX: the budget becomes that llama.cpp mix's file size for this model (its dry run)."""
+def like_budget(cfg: ConvertConfig, float_gguf: Path) -> tuple[ConvertConfig, tuple[str, int] | None]:
+    """--like MIX: the budget becomes the size of the file llama.cpp writes for that mix (its dry
+    run, exact). What alphaq's own file holds beyond llama.cpp's (its keys, --override-kv, the
+    allowance for the quantiser's keys) is counted on the plan's side (_plan_with_header), so the
+    output is no larger than llama.cpp's own file."""
     if cfg.like is None:
         return cfg, None
     from dataclasses import replace
 
-    size = stock_size(float_gguf, cfg.like.upper(), base_header + _QUANT_KV_MARGIN, cfg.plan.alignment)
+    size = stock_size(float_gguf, cfg.like.upper(), cfg.plan.alignment)
     return replace(cfg, plan=replace(cfg.plan, budget_mode="size", budget=float(size))), (cfg.like.upper(), size)
 
 
@@ -431,7 +439,7 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     tensors = tensor_infos(float_gguf)
     base_header = header_bytes(float_gguf)
     float_bytes = model_bytes(float_gguf)
-    cfg, like = like_budget(cfg, float_gguf, base_header)
+    cfg, like = like_budget(cfg, float_gguf)
     calib = _self_calibration(float_gguf, tensors, cfg, user_imatrix) if cfg.plan.noise == "damage" else None
     if calib is not None:
         seconds.update(calib.seconds)
@@ -441,7 +449,7 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
                              damage=calib.damage.costs if calib else None)
     seconds["plan"] = time.perf_counter() - t0
     # (before quantising: an intermediate float model is deleted once the quantiser has read it)
-    stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
+    stock = stock_sizes(float_gguf, cfg.plan.alignment) if cfg.compare_stock else {}
     reused = (("bf16 intermediate",) if work.found else ()) + (calib.reused if calib else ())
     facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
                  float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None,
@@ -562,6 +570,9 @@ def _split_output(cfg: ConvertConfig, tmp_dir: Path) -> list[Path]:
     """tmp_dir/final.gguf in parts as llama-gguf-split writes them (alphaq.gguf_split), or as is."""
     final = tmp_dir / "final.gguf"
     if not (cfg.split_max_size or cfg.split_max_tensors):
+        if cfg.plan.budget_mode == "size" and final.stat().st_size > cfg.plan.budget:
+            raise InternalError(f"the output ({final.stat().st_size} B) exceeds its size budget "
+                                f"({int(cfg.plan.budget)} B; the header bound is wrong)")
         return [final]
     spec = SplitSpec(cfg.split_max_size, cfg.split_max_tensors)
     log.info("writing the output in parts (%s)", _parts_note(cfg).lstrip(", "))

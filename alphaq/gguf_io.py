@@ -236,6 +236,31 @@ def read_field(path: Path, key: str):
     return None if field is None else field.contents()
 
 
+def quantised_header_bytes(path: Path) -> int:
+    """Bytes before the tensor data of the file llama_model_quantize writes from the float GGUF
+    ``path`` (any part of a split GGUF: the single file it stands for), without --override-kv.
+    llama-quant.cpp copies the key/values without the split keys and sets
+    general.quantization_version and general.file_type (u32, added when absent); ggml writes each
+    tensor info with ggml_n_dims dimensions, so trailing ne of 1 that gguf-py's writer keeps (a
+    (1, n) router of a shared expert) are dropped; padded to the alignment."""
+    heads = [file_header(p) for p in shard_paths(path)]
+    first = heads[0]
+    added = sum(8 + len(key.encode()) + 4 + 4 for key in (gguf.Keys.General.QUANTIZATION_VERSION,
+                                                           gguf.Keys.General.FILE_TYPE) if key not in first.keys)
+    infos = sum(8 + len(r.name.encode()) + 4 + 8 * _ggml_n_dims(r.shape) + 4 + 8 for h in heads for r in h.records)
+    size = first.kv_end - first.split_kv_bytes + added + infos
+    return -(-size // first.alignment) * first.alignment
+
+
+def _ggml_n_dims(shape: tuple[int, ...]) -> int:
+    """ggml_n_dims of a tensor of numpy ``shape`` (ne reversed): its dimensions up to the last
+    ne above 1, at least one."""
+    ne = list(reversed(shape))
+    while len(ne) > 1 and ne[-1] == 1:
+        ne.pop()
+    return len(ne)
+
+
 def header_bytes(path: Path) -> int:
     """Bytes before the tensor data: magic, key/values, tensor infos, alignment padding. For a split
     GGUF: of the single file it stands for (the first part's key/values without the split keys, as
