@@ -40,6 +40,7 @@ from alphaq.gguf_split import SplitSpec, split_gguf
 from alphaq.preflight import SPLIT_PART_OVERHEAD, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
 from alphaq.feasibility import check_budget, matrix_tensors, quantised_tensors
+from alphaq.files import check_plots_dir
 from alphaq.overrides import KVOverride, Pins
 from alphaq.plan import Plan, PlanConfig, TensorInfo, format_size, make_plan, plan_pins
 from alphaq.qtypes import llama_quantizes, padded, tensor_bytes
@@ -146,23 +147,6 @@ def check_output(output: Path, force: bool, granularity: str, with_imatrix: bool
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
         raise InputError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
-
-
-def check_plots_dir(plots: Path | None, force: bool) -> None:
-    """--plots DIR: a directory (or creatable as one) holding none of the figures' names, unless
-    ``force``. The alpha heatmaps' names depend on the model, so any ``heatmap_*.png`` counts."""
-    if plots is None:
-        return
-    from alphaq.plots import CONVERT_PLOT_NAMES
-
-    existing_ancestor = next(p for p in (plots, *plots.absolute().parents) if p.exists())
-    if not existing_ancestor.is_dir():
-        raise InputError(f"--plots {plots}: {existing_ancestor} is not a directory")
-    if plots.is_dir() and not force:
-        existing = sorted(str(p) for pattern in CONVERT_PLOT_NAMES for p in plots.glob(pattern))
-        if existing:
-            raise InputError(f"{', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''} already exist(s); "
-                              "pass --force to overwrite")
 
 
 class StagedPlots:
