@@ -18,6 +18,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
+from alphaq.qtypes import ggml_n_dims
+
 FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
 
 
@@ -247,18 +249,9 @@ def quantised_header_bytes(path: Path) -> int:
     first = heads[0]
     added = sum(8 + len(key.encode()) + 4 + 4 for key in (gguf.Keys.General.QUANTIZATION_VERSION,
                                                            gguf.Keys.General.FILE_TYPE) if key not in first.keys)
-    infos = sum(8 + len(r.name.encode()) + 4 + 8 * _ggml_n_dims(r.shape) + 4 + 8 for h in heads for r in h.records)
+    infos = sum(8 + len(r.name.encode()) + 4 + 8 * ggml_n_dims(r.shape) + 4 + 8 for h in heads for r in h.records)
     size = first.kv_end - first.split_kv_bytes + added + infos
     return -(-size // first.alignment) * first.alignment
-
-
-def _ggml_n_dims(shape: tuple[int, ...]) -> int:
-    """ggml_n_dims of a tensor of numpy ``shape`` (ne reversed): its dimensions up to the last
-    ne above 1, at least one."""
-    ne = list(reversed(shape))
-    while len(ne) > 1 and ne[-1] == 1:
-        ne.pop()
-    return len(ne)
 
 
 def header_bytes(path: Path) -> int:
