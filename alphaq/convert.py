@@ -35,14 +35,15 @@ from alphaq.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import InputError, InternalError
 from alphaq.expert_gguf import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf_io import (FLOAT_TYPES, check_finite, copy_with_metadata, first_shard, header_bytes, model_bytes,
-                            read_tensors)
+                            quantised_header_bytes, read_tensors)
 from alphaq.gguf_split import SplitSpec, split_gguf
 from alphaq.preflight import SPLIT_PART_OVERHEAD, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
+from alphaq.feasibility import check_budget, matrix_tensors, quantised_tensors
+from alphaq.files import check_plots_dir
 from alphaq.overrides import KVOverride, Pins
-from alphaq.plan import Plan, PlanConfig, TensorInfo, check_budget, format_size, make_plan, plan_pins
+from alphaq.plan import Plan, PlanConfig, TensorInfo, format_size, make_plan, plan_pins
 from alphaq.qtypes import llama_quantizes, padded, tensor_bytes
-from alphaq.records import MatrixStats
 from alphaq.resume import Workspace, pause_for_test
 from alphaq.quantize import STOCK_MIXES, mix_ftype, quantize_gguf, stock_mix_types
 from alphaq.selftext import SelfTextConfig
@@ -51,8 +52,10 @@ from alphaq.weights import open_model
 
 log = logging.getLogger(__name__)
 
-# Bytes llama_model_quantize adds to a float GGUF's header (general.quantization_version and the
-# rewritten general.file_type) — a small safety margin for --target-size before the exact re-check.
+# What the plan allows on top of the float GGUF's header for the header llama_model_quantize
+# writes into alphaq's file: general.quantization_version and general.file_type where absent (at
+# most ~90 bytes; the float header is otherwise no smaller: ggml only drops dimensions). On alphaq's
+# side of a size budget only: a stock mix's size (--like) is exact (quantised_header_bytes).
 _QUANT_KV_MARGIN = 256
 
 
@@ -94,7 +97,7 @@ class ConvertResult:
     file_bytes: int
     tensor_counts: dict[str, int]  # written type -> number of quantised tensors
     tokenizer_fallback: str | None
-    stock_sizes: dict[str, int] = field(default_factory=dict)  # mix -> predicted file bytes
+    stock_sizes: dict[str, int] = field(default_factory=dict)  # mix -> its file's bytes (stock_size)
     runtime: str = STOCK_RUNTIME  # what runs the file: stock llama.cpp, or the patched one
     n_grouped: int = 0  # merged expert tensors stored as type groups (expert granularity)
     imatrix_file: Path | None = None  # the importance matrix used, saved in llama.cpp's format
@@ -145,23 +148,6 @@ def check_output(output: Path, force: bool, granularity: str, with_imatrix: bool
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
         raise InputError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
-
-
-def check_plots_dir(plots: Path | None, force: bool) -> None:
-    """--plots DIR: a directory (or creatable as one) holding none of the figures' names, unless
-    ``force``. The alpha heatmaps' names depend on the model, so any ``heatmap_*.png`` counts."""
-    if plots is None:
-        return
-    from alphaq.plots import CONVERT_PLOT_NAMES
-
-    existing_ancestor = next(p for p in (plots, *plots.absolute().parents) if p.exists())
-    if not existing_ancestor.is_dir():
-        raise InputError(f"--plots {plots}: {existing_ancestor} is not a directory")
-    if plots.is_dir() and not force:
-        existing = sorted(str(p) for pattern in CONVERT_PLOT_NAMES for p in plots.glob(pattern))
-        if existing:
-            raise InputError(f"{', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''} already exist(s); "
-                              "pass --force to overwrite")
 
 
 class StagedPlots:
@@ -233,16 +219,19 @@ def metadata_bytes(meta: dict) -> int:
     return n
 
 
-def stock_size(float_gguf: Path, mix: str, header: int, alignment: int) -> int:
-    """Predicted file size of a llama.cpp mix, from llama.cpp's own dry-run decisions."""
+def stock_size(float_gguf: Path, mix: str, alignment: int, header: int | None = None) -> int:
+    """Size of the file llama.cpp's quantiser writes for ``mix``: its dry run's types, padded
+    tensor bytes, and the header it writes (``header``: quantised_header_bytes, when known)."""
     shapes = {t.name: t.shape for t in read_tensors(float_gguf)}
     types = stock_mix_types(float_gguf, mix)
+    header = quantised_header_bytes(float_gguf) if header is None else header
     return header + sum(padded(tensor_bytes(GGMLQuantizationType[t], shapes[n]), alignment) for n, t in types.items())
 
 
-def stock_sizes(float_gguf: Path, header: int, alignment: int, mixes=STOCK_MIXES) -> dict[str, int]:
-    """Predicted file size of each llama.cpp stock mix."""
-    return {mix: stock_size(float_gguf, mix, header, alignment) for mix in mixes}
+def stock_sizes(float_gguf: Path, alignment: int, mixes=STOCK_MIXES) -> dict[str, int]:
+    """File size of each llama.cpp stock mix (stock_size)."""
+    header = quantised_header_bytes(float_gguf)
+    return {mix: stock_size(float_gguf, mix, alignment, header) for mix in mixes}
 
 
 def _noise_table(float_gguf: Path, stats, tensors, cfg: ConvertConfig):
@@ -277,13 +266,16 @@ def needs_spectral(cfg: ConvertConfig) -> bool:
     return cfg.plan.noise != "damage" or cfg.plan.gamma is None or cfg.plan.gamma != 0
 
 
-def like_budget(cfg: ConvertConfig, float_gguf: Path, base_header: int) -> tuple[ConvertConfig, tuple[str, int] | None]:
-    """--like MIX: the budget becomes that llama.cpp mix's file size for this model (its dry run)."""
+def like_budget(cfg: ConvertConfig, float_gguf: Path) -> tuple[ConvertConfig, tuple[str, int] | None]:
+    """--like MIX: the budget becomes the size of the file llama.cpp writes for that mix (its dry
+    run, exact). What alphaq's own file holds beyond llama.cpp's (its keys, --override-kv, the
+    allowance for the quantiser's keys) is counted on the plan's side (_plan_with_header), so the
+    output is no larger than llama.cpp's own file."""
     if cfg.like is None:
         return cfg, None
     from dataclasses import replace
 
-    size = stock_size(float_gguf, cfg.like.upper(), base_header + _QUANT_KV_MARGIN, cfg.plan.alignment)
+    size = stock_size(float_gguf, cfg.like.upper(), cfg.plan.alignment)
     return replace(cfg, plan=replace(cfg.plan, budget_mode="size", budget=float(size))), (cfg.like.upper(), size)
 
 
@@ -432,7 +424,7 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     tensors = tensor_infos(float_gguf)
     base_header = header_bytes(float_gguf)
     float_bytes = model_bytes(float_gguf)
-    cfg, like = like_budget(cfg, float_gguf, base_header)
+    cfg, like = like_budget(cfg, float_gguf)
     calib = _self_calibration(float_gguf, tensors, cfg, user_imatrix) if cfg.plan.noise == "damage" else None
     if calib is not None:
         seconds.update(calib.seconds)
@@ -442,7 +434,7 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
                              damage=calib.damage.costs if calib else None)
     seconds["plan"] = time.perf_counter() - t0
     # (before quantising: an intermediate float model is deleted once the quantiser has read it)
-    stock = stock_sizes(float_gguf, base_header, cfg.plan.alignment) if cfg.compare_stock else {}
+    stock = stock_sizes(float_gguf, cfg.plan.alignment) if cfg.compare_stock else {}
     reused = (("bf16 intermediate",) if work.found else ()) + (calib.reused if calib else ())
     facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
                  float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None,
@@ -506,12 +498,7 @@ def _prepare(cfg: ConvertConfig):
             from convert.hf_to_gguf import check_tokenizer_files
 
             check_tokenizer_files(cfg.model)  # the converter's own error would name another cause
-        pinning = cfg.plan.output_tensor_type or cfg.plan.token_embedding_type or cfg.plan.tensor_types
-        if cfg.like is None and not pinning:  # (with pins, early_budget_check's range is the one that holds)
-            from alphaq.feasibility import check_budget as check_reachable
-
-            check_reachable(cfg.model, cfg.plan, model)  # from shapes alone: before converting or analysing
-        pins = early_budget_check(cfg, model)
+        pins = early_budget_check(cfg, model)  # from shapes alone: before converting or analysing
         kept = Workspace(cfg.output, cfg.keep_bf16).peek(cfg.model) if model.source == "hf" and cfg.resume else None
         pre = preflight(cfg, model, reused=kept.path if kept else None)
         return cfg, model.source, has_experts, user_imatrix, pins, pre
@@ -568,6 +555,9 @@ def _split_output(cfg: ConvertConfig, tmp_dir: Path) -> list[Path]:
     """tmp_dir/final.gguf in parts as llama-gguf-split writes them (alphaq.gguf_split), or as is."""
     final = tmp_dir / "final.gguf"
     if not (cfg.split_max_size or cfg.split_max_tensors):
+        if cfg.plan.budget_mode == "size" and final.stat().st_size > cfg.plan.budget:
+            raise InternalError(f"the output ({final.stat().st_size} B) exceeds its size budget "
+                                f"({int(cfg.plan.budget)} B; the header bound is wrong)")
         return [final]
     spec = SplitSpec(cfg.split_max_size, cfg.split_max_tensors)
     log.info("writing the output in parts (%s)", _parts_note(cfg).lstrip(", "))
@@ -582,29 +572,16 @@ def _split_output(cfg: ConvertConfig, tmp_dir: Path) -> list[Path]:
 
 
 def early_budget_check(cfg: ConvertConfig, model) -> Pins:
-    """The pins and the budget against the model's shapes, before any expensive stage (the
-    same one-line errors as the plan's). An HF checkpoint's GGUF tensors are known only by the
-    matrices it will become: the check then uses the quantised tensors and no header, a lower
-    bound of the file. With --like the budget is known only from the float model: pins only."""
+    """The pins and the budget against the model's shapes, before any expensive stage
+    (alphaq.feasibility.check_budget: the same one-line errors as the plan's). With --like the
+    budget is known only from the float model: pins only."""
     if model.source == "gguf":
         check_float_gguf(cfg.model)
-        tensors, header = tensor_infos(cfg.model), header_bytes(cfg.model)
-    else:
-        tensors, header = _quantised_tensors(model.matrices()), 0
-    if cfg.like is not None:
-        return plan_pins(tensors, cfg.plan)
-    known = {t.name for t in tensors}
-    stats = [MatrixStats(m.tensor, m.block, m.expert, m.kind, m.rows, m.cols, m.params, float("nan"), float("nan"),
-                         0, 0, signal=False) for m in model.matrices() if m.tensor in known]
-    return check_budget(stats, tensors, cfg.plan, fixed_bytes=header)
-
-
-def _quantised_tensors(matrices) -> list[TensorInfo]:
-    """The GGUF tensors (name, numpy shape) that llama.cpp will quantise, from the matrices, as
-    the BF16 intermediate will hold them."""
-    from alphaq.feasibility import matrix_tensors
-
-    return [TensorInfo(t.name, t.shape, "BF16") for t in matrix_tensors(matrices) if llama_quantizes(t.name, t.shape)]
+    if cfg.like is None:
+        return check_budget(cfg.model, cfg.plan, model)
+    if model.source == "gguf":
+        return plan_pins(tensor_infos(cfg.model), cfg.plan)
+    return plan_pins(quantised_tensors(matrix_tensors(model.matrices())), cfg.plan)
 
 
 def _float_model(cfg: ConvertConfig, source: str, work: Workspace, wanted):

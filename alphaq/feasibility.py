@@ -2,7 +2,8 @@
 
 `check_budget` runs before any expensive stage (llama.cpp's converter, the spectral analysis, the
 model's own text): it reads only the safetensors headers of an HF checkpoint (alphaq.weights) or
-the header of a GGUF, and refuses with a BudgetError that gives the achievable range. The solver
+the header of a GGUF, and hands what they tell to the budget check (alphaq.plan.check_budget),
+which refuses with a BudgetError that gives the achievable range. The solver
 checks the exact size again later (alphaq.plan); this check never refuses a budget that one
 would accept, because every unknown is bounded from the safe side:
 
@@ -18,14 +19,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alphaq.overrides import Pins
 from alphaq.plan import (
     DEFAULT_KV_METADATA_BYTES,
     PlanConfig,
     TensorInfo,
     budget_range,
-    check_budget_range,
     estimate_header_bytes,
 )
+from alphaq.plan import check_budget as plan_check_budget
+from alphaq.qtypes import llama_quantizes
+from alphaq.records import MatrixStats
 from alphaq.weights import ModelWeights, WeightMatrix, open_model
 
 # alphaq's own keys in the output (alphaq.plan holds the plan JSON): at most this much per matrix
@@ -49,26 +53,53 @@ def matrix_tensors(mats: list[WeightMatrix]) -> list[TensorInfo]:
     return [TensorInfo(n, shp, dtype[n]) for n, shp in shapes.items()]
 
 
-def check_budget(model: Path, cfg: PlanConfig, opened: ModelWeights | None = None) -> None:
-    """BudgetError unless ``cfg.budget`` is within what ``cfg``'s candidates can reach on ``model``
-    (HF checkpoint directory or float GGUF); reads headers only. ``opened``: ``model`` as the
-    caller already opened it (only its list of matrices and their shapes is read)."""
-    from alphaq.gguf_io import header_bytes, read_tensors
+def quantised_tensors(tensors: list[TensorInfo]) -> list[TensorInfo]:
+    """Of an HF checkpoint's ``matrix_tensors``, those llama.cpp will quantise, as the BF16
+    intermediate will hold them."""
+    return [TensorInfo(t.name, t.shape, "BF16") for t in tensors if llama_quantizes(t.name, t.shape)]
 
+
+def check_budget(model: Path, cfg: PlanConfig, opened: ModelWeights | None = None) -> Pins:
+    """The budget check before any expensive stage (alphaq.plan.check_budget, with what the
+    shapes tell): BudgetError unless ``cfg.budget`` is within what ``cfg``'s candidates can reach
+    on ``model`` (HF checkpoint directory or float GGUF) and what the pins leave; reads headers
+    only. ``opened``: ``model`` as the caller already opened it (only its list of matrices and
+    their shapes is read). Returns the pins (alphaq.overrides.Pins)."""
     if opened is None:
         with open_model(model) as opened:
             pass
-    mats, source, n_elements = opened.matrices(), opened.source, opened.n_elements
-    experts = {m.tensor for m in mats if m.expert is not None}
-    plan_keys = PLAN_KEYS_FIXED + PLAN_KEYS_PER_MATRIX * len(mats)
+    mats = opened.matrices()
+    tensors, header, quantised, known_header = _shapes(model, opened.source, mats, cfg)
+    rng = budget_range(tensors, cfg, {m.tensor for m in mats if m.expert is not None}, header=header,
+                       extra_high=_unknown_bytes(model, opened, tensors, len(mats)))
+    names = {t.name for t in quantised}
+    stats = [MatrixStats(m.tensor, m.block, m.expert, m.kind, m.rows, m.cols, m.params, float("nan"), float("nan"),
+                         0, 0, signal=False) for m in mats if m.tensor in names]
+    return plan_check_budget(stats, quantised, cfg, fixed_bytes=known_header, reachable=rng, source=model.name)
+
+
+def _shapes(model: Path, source: str, mats: list[WeightMatrix], cfg: PlanConfig):
+    """(tensors and header bytes for the reachable range; tensors and header bytes for the plan's
+    own checks). A GGUF's are its own, both times. An HF checkpoint's GGUF tensors are known only
+    by the matrices it will become: the range estimates the header; the plan's checks take the
+    quantised tensors and no header, a lower bound of the file."""
+    from alphaq.gguf_io import header_bytes, read_tensors
+
     if source == "gguf":
         tensors = [TensorInfo(t.name, t.shape, t.type.name) for t in read_tensors(model)]
-        header, extra = header_bytes(model), plan_keys
-    else:
-        tensors = matrix_tensors(mats)
-        header = estimate_header_bytes(tensors, kv_bytes=0, alignment=cfg.alignment)
-        unquantised = max(0, n_elements - sum(t.n_elements for t in tensors))
-        tokenizer = sum((model / f).stat().st_size for f in TOKENIZER_FILES if (model / f).is_file())
-        extra = 4 * unquantised + DEFAULT_KV_METADATA_BYTES + tokenizer + plan_keys
-    rng = budget_range(tensors, cfg, experts, header=header, extra_high=extra)
-    check_budget_range(cfg, rng, source=model.name)
+        header = header_bytes(model)
+        return tensors, header, tensors, header
+    tensors = matrix_tensors(mats)
+    return tensors, estimate_header_bytes(tensors, kv_bytes=0, alignment=cfg.alignment), quantised_tensors(tensors), 0
+
+
+def _unknown_bytes(model: Path, opened: ModelWeights, tensors: list[TensorInfo], n_matrices: int) -> int:
+    """What the high end of a size range allows for the bytes not known from the shapes: alphaq's
+    own keys; for an HF checkpoint also the tensors llama.cpp copies unquantised (as F32) and the
+    metadata (tokenizer included)."""
+    plan_keys = PLAN_KEYS_FIXED + PLAN_KEYS_PER_MATRIX * n_matrices
+    if opened.source == "gguf":
+        return plan_keys
+    unquantised = max(0, opened.n_elements - sum(t.n_elements for t in tensors))
+    tokenizer = sum((model / f).stat().st_size for f in TOKENIZER_FILES if (model / f).is_file())
+    return 4 * unquantised + DEFAULT_KV_METADATA_BYTES + tokenizer + plan_keys

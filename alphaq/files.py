@@ -82,3 +82,24 @@ def cache_root() -> Path:
     """~/.cache/alphaq (or $XDG_CACHE_HOME/alphaq), read at call time."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "alphaq"
+
+
+def check_plots_dir(plots: Path | None, force: bool, names: tuple[str, ...] | None = None) -> None:
+    """--plots DIR: a directory (or creatable as one) holding none of the figures' names, unless
+    ``force``. ``names``: globs of every figure the command may write (default: convert's,
+    alphaq.plots.CONVERT_PLOT_NAMES); the alpha heatmaps' names depend on the model, so any
+    ``heatmap_*.png`` counts."""
+    if plots is None:
+        return
+    from alphaq.errors import InputError
+
+    if names is None:
+        from alphaq.plots import CONVERT_PLOT_NAMES as names
+    existing_ancestor = next(p for p in (plots, *plots.absolute().parents) if p.exists())
+    if not existing_ancestor.is_dir():
+        raise InputError(f"--plots {plots}: {existing_ancestor} is not a directory")
+    if plots.is_dir() and not force:
+        existing = sorted(str(p) for pattern in names for p in plots.glob(pattern))
+        if existing:
+            raise InputError(f"{', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''} already exist(s); "
+                              "pass --force to overwrite")

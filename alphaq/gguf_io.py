@@ -18,6 +18,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
+from alphaq.qtypes import ggml_n_dims
+
 FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
 
 
@@ -234,6 +236,22 @@ def read_field(path: Path, key: str):
     reader = GGUFReader(first_shard(path))
     field = reader.get_field(key)
     return None if field is None else field.contents()
+
+
+def quantised_header_bytes(path: Path) -> int:
+    """Bytes before the tensor data of the file llama_model_quantize writes from the float GGUF
+    ``path`` (any part of a split GGUF: the single file it stands for), without --override-kv.
+    llama-quant.cpp copies the key/values without the split keys and sets
+    general.quantization_version and general.file_type (u32, added when absent); ggml writes each
+    tensor info with ggml_n_dims dimensions, so trailing ne of 1 that gguf-py's writer keeps (a
+    (1, n) router of a shared expert) are dropped; padded to the alignment."""
+    heads = [file_header(p) for p in shard_paths(path)]
+    first = heads[0]
+    added = sum(8 + len(key.encode()) + 4 + 4 for key in (gguf.Keys.General.QUANTIZATION_VERSION,
+                                                           gguf.Keys.General.FILE_TYPE) if key not in first.keys)
+    infos = sum(8 + len(r.name.encode()) + 4 + 8 * ggml_n_dims(r.shape) + 4 + 8 for h in heads for r in h.records)
+    size = first.kv_end - first.split_kv_bytes + added + infos
+    return -(-size // first.alignment) * first.alignment
 
 
 def header_bytes(path: Path) -> int:

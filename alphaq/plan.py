@@ -592,12 +592,18 @@ def make_plan(
 
 
 def check_budget(stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo], cfg: PlanConfig, *,
-                 fixed_bytes: int = 0) -> Pins:
-    """make_plan's budget checks alone, without costs or solving: the same one-line errors
-    (pins alone over the budget, or no choice of types under it), for refusing a run before its
-    expensive stages. ``tensors`` may be the quantised tensors only and ``fixed_bytes`` 0: a size
-    budget is then checked against a lower bound of the file. Returns the pins."""
+                 fixed_bytes: int = 0, reachable: BudgetRange | None = None, source: str = "") -> Pins:
+    """The one budget check before a run's expensive stages (alphaq.feasibility.check_budget
+    derives its inputs from shapes): make_plan's own refusals without costs or solving (pins
+    alone over the budget, or no choice of types under it), and, when no tensor is pinned, the
+    ``reachable`` range (budget_range; refuses a budget above it too, which make_plan accepts as
+    not binding; pins move both ends of it, so with pins only make_plan's checks apply).
+    ``tensors`` may be the quantised tensors only and ``fixed_bytes`` 0: a size budget is then
+    checked against a lower bound of the file. ``source`` names the model in the range's message.
+    Returns the pins."""
     setup = _setup(stats, tensors, cfg, fixed_bytes)
+    if reachable is not None and not setup.pins.types:
+        check_budget_range(cfg, reachable, source=source)
     _budget_groups(setup, _options(setup.units, cfg, lambda u, wt: 0.0), cfg)
     return setup.pins
 

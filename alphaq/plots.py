@@ -134,9 +134,9 @@ TYPES_EXPERTS_PNG = "types_experts.png"  # expert granularity: block x expert, a
 BYTES_PNG = "bytes_per_type.png"  # tensor bytes per written type
 DAMAGE_PNG = "damage.png"  # damage mode: block x tensor-kind map of the measured damage
 DAMAGE_EXPERTS_PNG = "damage_experts.png"  # ... and per expert under expert granularity
-# every name `convert --plots` may write (the alpha figures: write_plots); "*" is a glob
-CONVERT_PLOT_NAMES = (TYPES_PNG, TYPES_EXPERTS_PNG, BYTES_PNG, DAMAGE_PNG, DAMAGE_EXPERTS_PNG,
-                      "alpha_blocks_boxplot.png", "heatmap_*.png")
+# every name `analyze --plots` (write_plots) and `convert --plots` may write; "*" is a glob
+ANALYZE_PLOT_NAMES = ("alpha_blocks_boxplot.png", "heatmap_*.png")
+CONVERT_PLOT_NAMES = (TYPES_PNG, TYPES_EXPERTS_PNG, BYTES_PNG, DAMAGE_PNG, DAMAGE_EXPERTS_PNG, *ANALYZE_PLOT_NAMES)
 OUTSIDE_BLOCKS = "other"  # the row of the tensors outside the blocks (token_embd, output)
 MIXED = "mixed"  # a merged expert tensor whose experts got several types
 _MIXED_COLOR = "#c8c8c8"

@@ -267,7 +267,47 @@ class _HFFiles:
         self._headers.clear()
 
 
+@dataclass(frozen=True)
+class _HFConfig:
+    """What config.json says about the model's tensors."""
+
+    hf_arch: str  # architectures[0]
+    model_arch: MODEL_ARCH
+    n_blocks: int
+    text_cfg: dict  # config.json, or its text_config part (multimodal checkpoints)
+
+
+# one matrix of an HF tensor: (GGUF tensor name, expert or None, rows, cols, float32 loader)
+_HFMatrix = tuple[str, int | None, int, int, Callable[[], np.ndarray]]
+
+
 def _open_hf(path: Path) -> ModelWeights:
+    c = _read_hf_config(path)
+    tmap = gguf.get_tensor_name_map(c.model_arch, c.n_blocks)
+    files = _HFFiles()
+    mats: list[WeightMatrix] = []
+    n_elements = 0
+    for name, shard in _hf_shards(path).items():
+        sl = files.get(shard).get_slice(name)
+        shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+        n_elements += math.prod(shape)
+        if not _is_weight_matrix(path, name, shape, dtype, c.n_blocks):
+            continue
+        for tensor, expert, rows, cols, load in _hf_matrices(path, c, tmap, name, shape,
+                                                             _slice_loader(files, shard, name)):
+            block, kind = _kind(tensor)
+            mats.append(WeightMatrix(tensor, block, expert, kind, rows, cols, load, dtype))
+    mats.sort(key=_order)
+    _check_unique(mats, path)
+    logger.debug(  # (DEBUG: a refused input then prints its one error line only)
+        "%s: %s (%s), %d blocks, %d matrices", path, c.hf_arch, MODEL_ARCH_NAMES[c.model_arch], c.n_blocks, len(mats)
+    )
+    return ModelWeights(path, "hf", MODEL_ARCH_NAMES[c.model_arch], c.model_arch, c.n_blocks, mats, files.close,
+                        n_elements)
+
+
+def _read_hf_config(path: Path) -> _HFConfig:
+    """config.json: the architecture (one llama.cpp converts) and the block count."""
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise InputError(f"{path} is a directory without config.json, not an HF checkpoint")
@@ -280,98 +320,86 @@ def _open_hf(path: Path) -> ModelWeights:
     hf_arch = archs[0]
     if hf_arch not in SUPPORTED_ARCHITECTURES:
         raise InputError(f"unsupported architecture {hf_arch}; supported: {supported_list()}")
-    model_arch = SUPPORTED_ARCHITECTURES[hf_arch]
     text_cfg = config.get("text_config", config)
     n_blocks = text_cfg.get("num_hidden_layers") if isinstance(text_cfg, dict) else None
     if not isinstance(n_blocks, int) or n_blocks < 1:
         raise InputError(f"{cfg_path}: 'num_hidden_layers' is {n_blocks!r}; expected a positive integer")
-    tmap = gguf.get_tensor_name_map(model_arch, n_blocks)
-    shards = _hf_shards(path)
-    files = _HFFiles()
-    mats: list[WeightMatrix] = []
-    n_elements = 0
+    return _HFConfig(hf_arch, SUPPORTED_ARCHITECTURES[hf_arch], n_blocks, text_cfg)
 
-    for name, shard in shards.items():
-        sl = files.get(shard).get_slice(name)
-        shape = tuple(sl.get_shape())
-        dtype = sl.get_dtype()
-        n_elements += math.prod(shape)
 
-        def add(tensor: str, expert: int | None, rows: int, cols: int, loader, dtype=dtype) -> None:
-            block, kind = _kind(tensor)
-            mats.append(WeightMatrix(tensor, block, expert, kind, rows, cols, loader, dtype))
+def _is_weight_matrix(path: Path, name: str, shape: tuple[int, ...], dtype: str, n_blocks: int) -> bool:
+    """Whether the HF tensor ``name`` is a weight matrix of the model's blocks (or outside them);
+    such a tensor in a dtype other than float is an InputError."""
+    if len(shape) < 2:
+        return False
+    layer = re.match(r"^model\.layers\.(\d+)\.", name)
+    if layer and int(layer[1]) >= n_blocks:
+        return False  # multi-token-prediction layers; the converter skips them too
+    key = name.removesuffix(".weight")
+    if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
+        return False  # biases, scales, buffers
+    if dtype not in _HF_FLOAT_DTYPES:
+        raise InputError(f"{path}: tensor {name} has dtype {dtype}; expected BF16/F16/F32")
+    return True
 
-        if len(shape) < 2:
-            continue
-        layer = re.match(r"^model\.layers\.(\d+)\.", name)
-        if layer and int(layer[1]) >= n_blocks:
-            continue  # multi-token-prediction layers; the converter skips them too
-        key = name.removesuffix(".weight")
-        if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
-            continue  # biases, scales, buffers
-        if dtype not in _HF_FLOAT_DTYPES:
-            raise InputError(f"{path}: tensor {name} has dtype {dtype}; expected BF16/F16/F32")
 
-        def slice_loader(shard=shard, name=name, index=None, rows_sl=slice(None)):
-            def load():
-                return files.read(shard, name, index, rows_sl)
-            return load
+def _slice_loader(files: _HFFiles, shard: Path, name: str):
+    """make(index=None, rows_sl=slice(None)): a loader of tensor ``name`` (or of ``[index]`` of it,
+    rows ``rows_sl`` of that), read when called."""
+    def make(index: int | None = None, rows_sl: slice = slice(None)) -> Callable[[], np.ndarray]:
+        def load():
+            return files.read(shard, name, index, rows_sl)
+        return load
+    return make
 
-        m = _HF_EXPERT.match(key)
-        if m:  # legacy per-expert 2-D tensor: one slice of the merged GGUF tensor
-            gname = tmap.get_name(f"{m['prefix']}.{m['rest']}")
-            if gname is None:
-                logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
-                continue
-            tensor = gname + ".weight"
-            if llama_quantizes(tensor, 3):
-                add(tensor, int(m["expert"]), shape[0], shape[1], slice_loader())
-            continue
 
-        if key.endswith("experts.gate_up_proj") and len(shape) == 3:
-            # transformers-5 fused (n_expert, 2*n_ff, n_embd): gate = first half of the rows,
-            # up = second half, as conversion/qwen.py Qwen2MoeModel.modify_tensors splits it.
-            n_ff = shape[1] // 2
-            base = key.removesuffix(".gate_up_proj")
-            for proj, rows_sl in (("gate_proj", slice(0, n_ff)), ("up_proj", slice(n_ff, 2 * n_ff))):
-                gname = tmap.get_name(f"{base}.{proj}")
-                if gname is not None and not llama_quantizes(gname + ".weight", 3):
-                    continue
-                if gname is None:
-                    logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, proj)
-                    continue
-                for e in range(shape[0]):
-                    add(gname + ".weight", e, n_ff, shape[2], slice_loader(index=e, rows_sl=rows_sl))
-            continue
-
-        if model_arch == MODEL_ARCH.DEEPSEEK2 and key.endswith("kv_b_proj"):
-            for tensor, rows, cols, loader in _deepseek2_kv_b(tmap, key, shape, text_cfg, slice_loader()):
-                if llama_quantizes(tensor, 3):
-                    add(tensor, None, rows, cols, loader)
-            continue
-
-        gname = tmap.get_name(key)
+def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ...], slice_loader) -> list[_HFMatrix]:
+    """The matrices llama.cpp quantises that the HF weight ``name`` becomes (none when its GGUF
+    tensor is not quantised or has no GGUF name, the latter logged)."""
+    key = name.removesuffix(".weight")
+    m = _HF_EXPERT.match(key)
+    if m:  # legacy per-expert 2-D tensor: one slice of the merged GGUF tensor
+        gname = tmap.get_name(f"{m['prefix']}.{m['rest']}")
         if gname is None:
             logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
-            continue
+            return []
         tensor = gname + ".weight"
-        if not llama_quantizes(tensor, ggml_n_dims(shape)):
-            continue
-        if len(shape) == 3 and tmap.get_type(key) in EXPERT_TENSORS:  # fused (n_expert, rows, cols)
-            for e in range(shape[0]):
-                add(tensor, e, shape[1], shape[2], slice_loader(index=e))
-        else:
-            rows = math.prod(shape[:-1])
-            base_loader = slice_loader()
-            add(tensor, None, rows, shape[-1], lambda f=base_loader, r=rows: f().reshape(r, -1))
+        return [(tensor, int(m["expert"]), shape[0], shape[1], slice_loader())] if llama_quantizes(tensor, 3) else []
+    if key.endswith("experts.gate_up_proj") and len(shape) == 3:
+        return _fused_gate_up(path, tmap, key, shape, slice_loader)
+    if c.model_arch == MODEL_ARCH.DEEPSEEK2 and key.endswith("kv_b_proj"):
+        return [(tensor, None, rows, cols, loader)
+                for tensor, rows, cols, loader in _deepseek2_kv_b(tmap, key, shape, c.text_cfg, slice_loader())
+                if llama_quantizes(tensor, 3)]
+    gname = tmap.get_name(key)
+    if gname is None:
+        logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
+        return []
+    tensor = gname + ".weight"
+    if not llama_quantizes(tensor, ggml_n_dims(shape)):
+        return []
+    if len(shape) == 3 and tmap.get_type(key) in EXPERT_TENSORS:  # fused (n_expert, rows, cols)
+        return [(tensor, e, shape[1], shape[2], slice_loader(index=e)) for e in range(shape[0])]
+    rows = math.prod(shape[:-1])
+    base_loader = slice_loader()
+    return [(tensor, None, rows, shape[-1], lambda f=base_loader, r=rows: f().reshape(r, -1))]
 
-    mats.sort(key=_order)
-    _check_unique(mats, path)
-    logger.debug(  # (DEBUG: a refused input then prints its one error line only)
-        "%s: %s (%s), %d blocks, %d matrices", path, hf_arch, MODEL_ARCH_NAMES[model_arch], n_blocks, len(mats)
-    )
-    return ModelWeights(path, "hf", MODEL_ARCH_NAMES[model_arch], model_arch, n_blocks, mats, files.close,
-                        n_elements)
+
+def _fused_gate_up(path: Path, tmap, key: str, shape: tuple[int, ...], slice_loader) -> list[_HFMatrix]:
+    """transformers-5 fused (n_expert, 2*n_ff, n_embd): gate = first half of the rows, up = second
+    half, as conversion/qwen.py Qwen2MoeModel.modify_tensors splits it."""
+    n_ff = shape[1] // 2
+    base = key.removesuffix(".gate_up_proj")
+    out: list[_HFMatrix] = []
+    for proj, rows_sl in (("gate_proj", slice(0, n_ff)), ("up_proj", slice(n_ff, 2 * n_ff))):
+        gname = tmap.get_name(f"{base}.{proj}")
+        if gname is not None and not llama_quantizes(gname + ".weight", 3):
+            continue
+        if gname is None:
+            logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, proj)
+            continue
+        out += [(gname + ".weight", e, n_ff, shape[2], slice_loader(index=e, rows_sl=rows_sl)) for e in range(shape[0])]
+    return out
 
 
 def _deepseek2_kv_b(tmap, key: str, shape, cfg: dict, load_kv_b):

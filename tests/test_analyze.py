@@ -386,6 +386,13 @@ def test_cli_analyze_writes_csv_and_plots(tmp_path, capsys):
     assert cli_main(argv) == 2  # refuses to overwrite
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--force" in err
+    # the figures alone are not overwritten either (convert --plots' rule), before any analysis
+    fresh = tmp_path / "again.csv"
+    written = {p: (plots / p).read_bytes() for p in pngs}
+    assert cli_main([*argv[:3], str(fresh), *argv[4:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--force" in err and str(plots / "alpha_blocks_boxplot.png") in err
+    assert not fresh.exists() and {p: (plots / p).read_bytes() for p in pngs} == written
     assert cli_main(argv + ["--force"]) == 0
 
 

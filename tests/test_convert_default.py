@@ -8,7 +8,7 @@ import pytest
 
 from alphaq.cli import main as cli_main
 from alphaq.convert import stock_size
-from alphaq.gguf_io import header_bytes, read_tensors
+from alphaq.gguf_io import read_tensors
 from alphaq.importance.imatrix_file import Imatrix, read_imatrix, write_imatrix
 from alphaq.qtypes import llama_quantizes
 
@@ -26,7 +26,7 @@ def test_like_reaches_every_size_and_stays_within_it(mix, float_ggufs, tmp_path,
     text = capsys.readouterr().out
     assert f"{mix}'s size for this model" in text
     assert "no calibration data" in text
-    limit = stock_size(model, mix, header_bytes(model), 32)
+    limit = stock_size(model, mix, 32)
     assert 0.9 * limit < out.stat().st_size <= limit
     import llama_cpp
 
@@ -138,7 +138,7 @@ def test_expert_granularity_allocates_each_expert_on_its_damage_share(float_gguf
     experts = [it for it in plan["items"] if it["expert"] is not None]
     n_expert = {t.name: t.shape[0] for t in read_tensors(model) if "_exps" in t.name}
     assert len(experts) == sum(n_expert.values())
-    assert out.stat().st_size <= stock_size(model, "Q3_K_M", header_bytes(model), 32)
+    assert out.stat().st_size <= stock_size(model, "Q3_K_M", 32)
 
 
 def test_make_demo_script_runs_on_a_default_conversion(float_ggufs, tmp_path):

@@ -164,6 +164,55 @@ def test_the_size_range_contains_what_the_solver_finds(float_ggufs):
         check_budget(gguf_file, PlanConfig(**{**fast, "budget_mode": "size", "budget": low * 0.9}))
 
 
+def test_the_budget_is_checked_once_before_any_work(tmp_path, work, monkeypatch):
+    """convert checks the budget once (alphaq.feasibility.check_budget into alphaq.plan's check):
+    the shapes are derived once, the plan's checks and the range run once each."""
+    import alphaq.feasibility
+    import alphaq.plan
+
+    calls = {"matrix_tensors": 0, "_setup": 0, "check_budget_range": 0}
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def spy(*a, **k):
+            calls[name] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, spy)
+
+    counted(alphaq.feasibility, "matrix_tensors")
+    counted(alphaq.plan, "_setup")
+    counted(alphaq.plan, "check_budget_range")
+    import alphaq.convert as convert_mod
+
+    class Reached(Exception):
+        pass
+
+    def reached(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(convert_mod, "_float_model", reached)
+    with pytest.raises(Reached):
+        alphaq.convert(checkpoint(tmp_path), work / "o.gguf", budget=3, mode="fast")
+    assert calls == {"matrix_tensors": 1, "_setup": 1, "check_budget_range": 1}
+
+
+def test_pins_move_the_reachable_range(tmp_path):
+    """The range from shapes holds without pins only: a tensor pinned above the candidates lifts
+    the largest bpw, so the range is not checked then (make_plan's own checks are)."""
+    from alphaq.feasibility import check_budget
+    from alphaq.plan import MODES, PlanConfig
+
+    cfg = {**MODES["fast"], "budget_mode": "bpw", "budget": 5.0}
+    with pytest.raises(alphaq.BudgetError, match="--bpw 5 is above the largest achievable"):
+        check_budget(FIXTURES / MODEL, PlanConfig(**cfg))
+    pins = check_budget(FIXTURES / MODEL, PlanConfig(**cfg, tensor_types=(("ffn_down_exps", "Q8_0"),)))
+    assert pins.types and all("ffn_down_exps" in n for n in pins.types)
+    with pytest.raises(alphaq.BudgetError, match="with the pinned tensors"):
+        check_budget(FIXTURES / MODEL, PlanConfig(**{**cfg, "budget": 3.0}, tensor_types=(("ffn_down_exps", "Q8_0"),)))
+
+
 def test_quantiser_failure_is_a_quantize_error_with_llama_cpps_reason(tmp_path):
     from alphaq.quantize import quantize_stock
 

@@ -216,6 +216,7 @@ def test_tensor_type_file_of_a_plan_reproduces_its_file(model_gguf, tmp_path, ca
     summary = capsys.readouterr().out
     assert "allocated   nothing" in summary
     assert "WARNING     --tensor-type no_such_tensor=q8_0 pins nothing" in summary
+    assert summary.count("no_such_tensor=q8_0 pins nothing") == 1, summary  # not again under warnings
     a = {t.name: t for t in gguf.GGUFReader(first).tensors}
     b = {t.name: t for t in gguf.GGUFReader(again).tensors}
     assert {n: t.tensor_type for n, t in a.items()} == {n: t.tensor_type for n, t in b.items()}

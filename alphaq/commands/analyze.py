@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="HF checkpoint directory or F32/F16/BF16 GGUF file")
     p.add_argument("--csv", required=True, type=Path, help="output CSV, one row per matrix")
     p.add_argument("--plots", type=Path, metavar="DIR", help="also write box plots and heatmaps here")
-    p.add_argument("--force", action="store_true", help="overwrite an existing CSV")
+    p.add_argument("--force", action="store_true", help="overwrite an existing CSV and existing figures in --plots")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the alpha cache")
     p.add_argument("--cache-dir", type=Path, help="alpha cache (default ~/.cache/alphaq/spectral)")
     p.add_argument("--block-size", type=int, default=SpectralConfig.block_size, help="FARMS block side")
@@ -42,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.csv.exists() and not args.force:  # fail before the long part
         raise AlphaQError(f"{args.csv} exists; pass --force to overwrite it")
+    if args.plots:
+        from alphaq.files import check_plots_dir
+        from alphaq.plots import ANALYZE_PLOT_NAMES
+
+        check_plots_dir(args.plots, args.force, ANALYZE_PLOT_NAMES)  # the rule of convert --plots
     cfg = SpectralConfig(
         block_size=args.block_size, bins=args.bins, xmin_window=args.xmin_window, device=args.device
     )

@@ -204,7 +204,8 @@ def summary(r) -> str:
     if t.n_pinned:
         lines.append(f"  pinned      {t.n_pinned} tensor(s), {format_size(t.pinned_bytes)} "
                      "(--output-tensor-type/--token-embedding-type/--tensor-type; counted in the budget)")
-    lines += [f"  WARNING     {w}" for w in s.get("pins", {}).get("unused", ())]
+    unused_pins = s.get("pins", {}).get("unused", ())
+    lines += [f"  WARNING     {w}" for w in unused_pins]  # beside the pins (not again under warnings)
     if r.stock_sizes:
         mix, size = min(r.stock_sizes.items(), key=lambda kv: abs(kv[1] - r.file_bytes))
         lines.append(f"  stock mix   nearest is llama.cpp {mix}: {format_size(size)} "
@@ -245,11 +246,12 @@ def summary(r) -> str:
         lines.append(f"  plan        {r.plan_json}" + (f", {r.tensor_type_file}" if r.tensor_type_file else ""))
     if r.plots:
         lines.append(f"  plots       {r.plots[0].parent}/: " + ", ".join(p.name for p in r.plots))
-    shown = r.warnings[:_MAX_WARNINGS]
+    warnings = [w for w in r.warnings if w not in unused_pins]
+    shown = warnings[:_MAX_WARNINGS]
     for i, w in enumerate(shown):
         lines.append(("  warnings    " if i == 0 else "              ") + w)
-    if len(r.warnings) > len(shown):
-        lines.append(f"              ... and {len(r.warnings) - len(shown)} more (in the log above)")
+    if len(warnings) > len(shown):
+        lines.append(f"              ... and {len(warnings) - len(shown)} more (in the log above)")
     return "\n".join(lines)
 
 
