@@ -36,26 +36,28 @@ from gguf import GGMLQuantizationType
 from alphaq.plan import format_size
 from alphaq.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
 
-# Seconds per transformer block for each stage, measured by scripts/bench_convert.py on
-# Qwen3-30B-A3B's block shapes (bench/convert-real-shape.txt: 4 blocks, random weights, 2-core
-# CPU, --like Q3_K_M --no-cache). A model's estimate scales them by its quantisable weights per
-# block over REFERENCE_WEIGHTS_PER_BLOCK. Update the table when a stage changes speed (the damage
-# stage is being made cheaper).
+# Seconds per transformer block for each stage, measured by scripts/bench_scale.py on
+# Qwen3-30B-A3B's block shapes (bench/scale-default.json and bench/scale.json: 4 blocks, random
+# weights, 2-core CPU, --like Q3_K_M --no-cache; the value at 4 blocks / 4, so fixed costs are
+# spread over the blocks). A model's estimate scales them by its quantisable weights per block over
+# REFERENCE_WEIGHTS_PER_BLOCK. Update the table when a stage changes speed.
 # experts 3 x 128 x 2048 x 768 + attention q, o 2 x 4096 x 2048 + k, v 2 x 512 x 2048
 REFERENCE_WEIGHTS_PER_BLOCK = 622_854_144
 STAGE_SECONDS_PER_BLOCK = {
-    "float model": 32.6 / 4,  # llama.cpp's converter to BF16 (HF input only)
-    "self text": 74.4 / 4,  # 16 sequences of 256 tokens sampled from the model
-    "importance": 43.8 / 4,  # the importance matrix on that text
-    # --damage estimate, 16 windows, every block measured (30 tensors): per measured block, see
-    # damage_seconds (each measurement is a forward pass over all blocks)
-    "damage": 1606.3 / 4,
-    "quantise": 531.7 / 4,  # llama.cpp's quantiser with the chosen (mostly IQ) types
-    # --fast / --paper: the whole run minus the float model (69 s at 4 blocks, issue 17's measurement)
-    "spectral + quantise": (69.0 - 32.6) / 4,
+    "float model": 75.0 / 4,  # llama.cpp's converter to BF16 (HF input only)
+    "self text": 87.8 / 4,  # 16 sequences of 256 tokens sampled from the model
+    "importance": 50.2 / 4,  # the importance matrix on that text
+    "quantise": 576.4 / 4,  # llama.cpp's quantiser with the chosen (mostly IQ) types
+    # --fast / --paper: the whole run minus the stock converter's time (146.1 - 39.0 s at 4 blocks)
+    "spectral + quantise": (146.1 - 39.0) / 4,
 }
-REFERENCE_DAMAGE_WINDOWS = 16
-REFERENCE_BLOCKS = 4
+# The damage stage from its parts in the same run (30 measurements on 16 windows of 256 tokens, every
+# block measured): per measurement the fake quantisation (299.2 s / 30) and a forward pass over
+# every block and token (1108.4 s / (30 x 4 blocks x 4096 tokens)), one reference pass (33.0 s /
+# (4 x 4096)), and each tensor's weighted errors (56.5 s / 30).
+DAMAGE_PARTS = {"fake_per_measurement": 299.2 / 30, "forward_per_measurement_block_token": 1108.4 / (30 * 4 * 4096),
+                "reference_per_block_token": 33.0 / (4 * 4096), "weighted_error_per_tensor": 56.5 / 30}
+KINDS_PER_BLOCK, TENSORS_OUTSIDE_BLOCKS = 7, 2  # Qwen3-MoE: q, k, v, o, gate/up/down experts; embedding, output
 PLAN_KEY_BYTES_PER_ITEM = 1024  # the alphaq.plan key holds every item's costs as JSON
 SPLIT_PART_OVERHEAD = 256  # per part: GGUF header, split keys, padding
 
@@ -121,15 +123,20 @@ def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> di
 
 
 def damage_seconds(damage_cfg, n_blocks: int) -> float:
-    """The damage stage at the reference model's weights per block: measured blocks (all, or the
-    anchors) x a forward pass over n_blocks x windows, from the reference run's rate."""
+    """The damage stage at the reference model's weights per block and kinds of tensor: measured
+    tensors (every block, or the anchors) x (fake quantisation + a forward pass over n_blocks and the
+    windows' tokens), one reference pass, and every tensor's weighted errors."""
     from alphaq.damage import ANCHORED_WINDOWS, FULL_WINDOWS
 
     anchors = damage_cfg.anchors
-    measured = n_blocks if anchors is None else min(anchors, n_blocks)
-    windows = damage_cfg.n_windows or (FULL_WINDOWS if measured == n_blocks else ANCHORED_WINDOWS)
-    per_block_block_window = STAGE_SECONDS_PER_BLOCK["damage"] / REFERENCE_BLOCKS / REFERENCE_DAMAGE_WINDOWS
-    return per_block_block_window * measured * n_blocks * windows
+    blocks_measured = n_blocks if anchors is None else min(anchors, n_blocks)
+    windows = damage_cfg.n_windows or (FULL_WINDOWS if blocks_measured == n_blocks else ANCHORED_WINDOWS)
+    tokens = windows * 256
+    measured = KINDS_PER_BLOCK * blocks_measured + TENSORS_OUTSIDE_BLOCKS
+    p = DAMAGE_PARTS
+    return (measured * (p["fake_per_measurement"] + p["forward_per_measurement_block_token"] * n_blocks * tokens)
+            + p["reference_per_block_token"] * n_blocks * tokens
+            + (KINDS_PER_BLOCK * n_blocks + TENSORS_OUTSIDE_BLOCKS) * p["weighted_error_per_tensor"])
 
 
 def _largest_bytes(name: str, shape: tuple[int, ...], types: list[GGMLQuantizationType]) -> int:

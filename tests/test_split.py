@@ -362,19 +362,25 @@ def test_not_enough_disk_stops_before_converting(tmp_path, capsys, monkeypatch):
 
 def test_time_estimate_scales_the_benchmark_table():
     from alphaq.convert import ConvertConfig
-    from alphaq.preflight import REFERENCE_WEIGHTS_PER_BLOCK, STAGE_SECONDS_PER_BLOCK, stage_seconds
-
     from alphaq.damage import DamageConfig
     from alphaq.plan import MODES, PlanConfig
+    from alphaq.preflight import DAMAGE_PARTS as P
+    from alphaq.preflight import REFERENCE_WEIGHTS_PER_BLOCK, STAGE_SECONDS_PER_BLOCK, stage_seconds
 
     cfg = ConvertConfig(model=Path("m"), output=Path("o.gguf"), plan=PlanConfig(**MODES["damage"]))
     got = stage_seconds(cfg, "hf", 4, REFERENCE_WEIGHTS_PER_BLOCK)
-    assert got == pytest.approx({k: 4 * STAGE_SECONDS_PER_BLOCK[k] for k in
-                                 ("float model", "self text", "importance", "damage", "quantise")})
-    assert sum(got.values()) == pytest.approx(32.6 + 74.4 + 43.8 + 1606.3 + 531.7)
-    # 8 blocks of half the weights: the damage stage measures 4 anchor blocks on 4 windows, each
-    # measurement a forward pass over all 8 blocks; with every block measured it is quadratic
+    assert got["float model"] + got["self text"] + got["importance"] + got["quantise"] == pytest.approx(
+        4 * sum(STAGE_SECONDS_PER_BLOCK[k] for k in ("float model", "self text", "importance", "quantise")))
+    # the benchmark's own run: 30 measurements on 16 windows of every block, which took 1497.1 s
+    assert got["damage"] == pytest.approx(299.2 + 1108.4 + 33.0 + 56.5)
+    # 8 blocks of half the weights: 4 anchor blocks per kind (30 measurements) on 4 windows, each a
+    # forward pass over all 8 blocks; 58 tensors' weighted errors
     half = stage_seconds(cfg, "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)
-    assert "float model" not in half and half["damage"] == pytest.approx(1606.3 * (4 * 8 * 4) / (4 * 4 * 16) / 2)
+    expected = (30 * (P["fake_per_measurement"] + P["forward_per_measurement_block_token"] * 8 * 1024)
+                + P["reference_per_block_token"] * 8 * 1024 + 58 * P["weighted_error_per_tensor"]) / 2
+    assert "float model" not in half and half["damage"] == pytest.approx(expected)
+    # with every block measured it is quadratic: 58 measurements on 16 windows
     every = stage_seconds(replace(cfg, damage=DamageConfig(anchors=None)), "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)
-    assert every["damage"] == pytest.approx(1606.3 * (8 * 8 * 16) / (4 * 4 * 16) / 2)
+    expected = (58 * (P["fake_per_measurement"] + P["forward_per_measurement_block_token"] * 8 * 4096)
+                + P["reference_per_block_token"] * 8 * 4096 + 58 * P["weighted_error_per_tensor"]) / 2
+    assert every["damage"] == pytest.approx(expected)
