@@ -398,7 +398,8 @@ def test_convert_alphaq_script_runs_as_documented(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.exists()
     for needle in ("true bpw", "types", "nearest is llama.cpp", "runtime", "own text only",
-                   "  damage      16 tensor(s) measured (estimate) on 4,096 tokens of own text; weighted error"):
+                   "  damage      16 tensor(s) measured (estimate) on 4,096 tokens of own text; weighted error",
+                   "fake quantise", "forward", "reference", "(16 measurements)"):
         assert needle in proc.stdout, proc.stdout
 
 

@@ -110,7 +110,9 @@ class DamageTable:
             line += (f"; {len(self.interpolated)} interpolated over depth from {n_anchor} anchor tensor(s) "
                      "(--damage-anchors all measures every one)")
         if self.seconds:
-            line += "; " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in self.seconds.items())
+            order = ("weighted_error", "fake_quantise", "forward", "reference")  # a cached table's keys are sorted
+            parts = sorted(self.seconds.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+            line += "; " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in parts)
         if self.passes:
             line += f" ({self.passes} measurements)"
         return line
