@@ -114,7 +114,7 @@ def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> di
     out["self text"] = rate["self text"] * scale
     if cfg.imatrix is None:
         out["importance"] = rate["importance"] * scale
-    damage = damage_seconds(cfg.damage, n_blocks) * weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
+    damage = damage_seconds(cfg.damage, n_blocks, cfg.selftext.n_ctx) * weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
     if cfg.damage.method == "direct":  # one measurement per candidate type instead of one per tensor
         damage *= len(cfg.plan.types)
     out["damage"] = damage
@@ -122,16 +122,13 @@ def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> di
     return out
 
 
-def damage_seconds(damage_cfg, n_blocks: int) -> float:
+def damage_seconds(damage_cfg, n_blocks: int, n_ctx: int) -> float:
     """The damage stage at the reference model's weights per block and kinds of tensor: measured
     tensors (every block, or the anchors) x (fake quantisation + a forward pass over n_blocks and the
     windows' tokens), one reference pass, and every tensor's weighted errors."""
-    from alphaq.damage import ANCHORED_WINDOWS, FULL_WINDOWS
-
     anchors = damage_cfg.anchors
     blocks_measured = n_blocks if anchors is None else min(anchors, n_blocks)
-    windows = damage_cfg.n_windows or (FULL_WINDOWS if blocks_measured == n_blocks else ANCHORED_WINDOWS)
-    tokens = windows * 256
+    tokens = damage_cfg.windows_when(blocks_measured == n_blocks) * n_ctx
     measured = KINDS_PER_BLOCK * blocks_measured + TENSORS_OUTSIDE_BLOCKS
     p = DAMAGE_PARTS
     return (measured * (p["fake_per_measurement"] + p["forward_per_measurement_block_token"] * n_blocks * tokens)

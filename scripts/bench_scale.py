@@ -218,12 +218,13 @@ def damage_model(lo: dict, hi: dict, mode: str) -> dict | None:
 
 def project_damage(m: dict, blocks: float) -> tuple[float, str]:
     """The damage stage at ``blocks`` with the default anchors and windows, and its arithmetic."""
-    from alphaq.damage import ANCHORED_WINDOWS, FULL_WINDOWS, DamageConfig
+    from alphaq.damage import DamageConfig
+    from alphaq.selftext import SelfTextConfig
 
-    anchors = DamageConfig().anchors
-    measured = m["kinds"] * min(anchors, blocks) + m["outside"]
+    cfg = DamageConfig()
+    measured = m["kinds"] * min(cfg.anchors, blocks) + m["outside"]
     tensors = m["kinds"] * blocks + m["outside"]
-    tokens = 256 * (FULL_WINDOWS if blocks <= anchors else ANCHORED_WINDOWS)
+    tokens = SelfTextConfig().n_ctx * cfg.windows_when(blocks <= cfg.anchors)
     fwd = measured * m["forward_per_measurement_block_token"] * blocks * tokens
     fake = measured * m["fake_per_measurement"]
     ref = m["reference_per_block_token"] * blocks * tokens

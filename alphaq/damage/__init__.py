@@ -30,6 +30,7 @@ damage of a tensor is the sum of its experts' output errors on the tokens they s
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,9 +85,13 @@ class DamageConfig:
         every block is measured and 4 when anchors stand in for some."""
         from alphaq.damage.anchors import depth_anchors
 
+        return self.windows_when(len(depth_anchors(names, self.anchors).measured) == len(names))
+
+    def windows_when(self, every_block_measured: bool) -> int:
+        """The configured windows, else 16 when every block is measured and 4 otherwise."""
         if self.n_windows is not None:
             return self.n_windows
-        return FULL_WINDOWS if len(depth_anchors(names, self.anchors).measured) == len(names) else ANCHORED_WINDOWS
+        return FULL_WINDOWS if every_block_measured else ANCHORED_WINDOWS
 
 
 @dataclass
@@ -162,8 +167,6 @@ class Reference:
 
     def kl(self, session: Session) -> float:
         """Mean KL(reference || session's model as it is now) per token over all windows."""
-        import time
-
         t0 = time.perf_counter()
         total = 0.0
         for w, ref in zip(self.windows, self.logprobs):
