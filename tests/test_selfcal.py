@@ -249,6 +249,25 @@ def test_anchored_damage_is_the_anchor_rate_times_own_weighted_error(own_text, s
         assert one.costs[(name, None)]["Q4_K"] != pytest.approx(full.costs[(name, None)]["Q4_K"], rel=1e-6)
 
 
+def test_capped_error_sample_reads_fewer_rows_and_keeps_the_ratios(own_text, session):
+    from alphaq.damage.measure import sample_size, sampled_experts
+
+    name = "blk.0.ffn_gate_exps.weight"
+    buf = session.weights[name]
+    experts = sampled_experts(buf.shape[0], 16)
+    assert sample_size(buf, experts, DamageConfig()) == 128  # the zoo's tensors are below the cap
+    assert sample_size(buf, experts, DamageConfig(max_sampled_weights=1)) == 16  # never fewer than 16 rows
+    im = collect_imatrix(session, own_text)
+    ref = Reference(session, own_text[:1])
+    types = resolve_types(["IQ2_XXS", "Q3_K", "Q4_K", "Q6_K"])
+    kw = dict(imatrix=im.means(), tokens=im.counts)
+    full = measure(session, ref, [name], types, DamageConfig(), **kw).weighted_error[(name, None)]
+    capped = measure(session, ref, [name], types, DamageConfig(max_sampled_weights=1), **kw).weighted_error[(name, None)]
+    assert capped != full
+    for t in ("IQ2_XXS", "Q3_K", "Q6_K"):  # the ratios that scale the damage barely move on 16 rows
+        assert capped[t] / capped["Q4_K"] == pytest.approx(full[t] / full["Q4_K"], rel=0.15)
+
+
 def test_per_expert_costs_add_up_to_the_tensor(own_text, session):
     im = collect_imatrix(session, own_text)
     ref = Reference(session, own_text[:2])
