@@ -1,7 +1,9 @@
 """llama.cpp forward passes over a float GGUF, for the stages that run the model on its own text.
 
-A `Session` loads the model fully into writable CPU memory (no mmap, no repacked weight buffers)
-and gives the three things those stages need:
+A `Session` loads the model on the CPU with no repacked weight buffers, memory-mapped where the OS
+allows it (see `alphaq.mapped`: the weights then cost page cache, not private memory, and a weight is
+made writable copy-on-write while it is fake-quantised), else into a malloc'd writable copy. It
+gives the three things those stages need:
 
 * `logits(tokens)`: the logits at every position of one window, one ``llama_decode``;
 * `step(tokens)`: one token for each of several sequences decoded together (sampling);
@@ -21,12 +23,14 @@ import ctypes
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from alphaq.errors import AlphaQError
+from alphaq.mapped import Mapper, in_mapped_file
+from alphaq.mapped import available as mmap_available
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,7 @@ class WeightBuffer:
     ggml_type: int
     shape: tuple[int, ...]
     n_bytes: int
+    mapper: Mapper | None = field(default=None, compare=False, repr=False)  # set: the bytes are the mmapped file's
 
     def view(self) -> np.ndarray:
         """The weight's bytes as a writable numpy array of its element type (BF16 as uint16)."""
@@ -117,7 +122,10 @@ Callback = Callable[[GGMLTensor], None]
 class Session:
     """One float GGUF loaded by llama.cpp on the CPU, with a context for windows of ``n_ctx``."""
 
-    def __init__(self, path: Path, n_ctx: int, *, n_seq: int = 1, n_threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int, *, n_seq: int = 1, n_threads: int | None = None,
+                 mapped: bool | None = None):
+        """mapped: load with mmap and write weights copy-on-write (default where the OS allows it),
+        or False for llama.cpp's malloc'd copy of the whole model."""
         import llama_cpp as lc
 
         from alphaq.gguf_io import first_shard
@@ -131,7 +139,9 @@ class Session:
         lc.llama_backend_init()
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0
-        mp.load_mode = 0  # LLAMA_LOAD_MODE_NONE: read into a malloc'd, writable buffer
+        self._mapper = Mapper() if (mmap_available() if mapped is None else mapped) else None
+        # LLAMA_LOAD_MODE_MMAP (1): compute from the file's pages; NONE (0): a malloc'd, writable copy
+        mp.load_mode = 1 if self._mapper else 0
         mp.use_extra_bufts = False  # no repacked copies: the buffer we write is the one computed with
         with _quiet(lc):
             self._model = lc.llama_model_load_from_file(str(path).encode(), mp)
@@ -166,6 +176,8 @@ class Session:
             lc.llama_free(self._ctx)
             lc.llama_model_free(self._model)
             self._ctx = self._model = None
+        if getattr(self, "_mapper", None):
+            self._mapper.close()
 
     def __enter__(self) -> Session:
         return self
@@ -249,10 +261,12 @@ class Session:
                     while len(shape) > 2 and shape[0] == 1:
                         shape = shape[1:]
                     n_bytes = int(s.nb[GGML_MAX_DIMS - 1]) * int(s.ne[GGML_MAX_DIMS - 1])
-                    found[name] = WeightBuffer(name, int(s.data), int(s.type), shape, n_bytes)
+                    found[name] = WeightBuffer(name, int(s.data), int(s.type), shape, n_bytes, self._mapper)
 
         with self.watch(lambda t: True, note):
             self.logits([self.bos if self.bos >= 0 else 0, 1])
+        if self._mapper:  # a weight llama.cpp copied out of the file (none on the CPU today) is written in place
+            found = {n: b if in_mapped_file(b.address, b.n_bytes) else replace(b, mapper=None) for n, b in found.items()}
         self.weights = found
 
 

@@ -242,10 +242,16 @@ class Swap:
         from alphaq.forward import _default_threads
 
         view = self.buf.view()
-        self.saved = view.copy()
+        mapper = self.buf.mapper
+        if mapper is not None:  # copy-on-write pages; the file's bytes come back on revert
+            mapper.private(self.buf.address, self.buf.n_bytes)
+        self.saved = None if mapper is not None else view.copy()
         with ThreadPoolExecutor(max_workers=_default_threads()) as pool:
             list(pool.map(self._fake_quantise, self._jobs(view)))
         return self
 
     def __exit__(self, *exc) -> None:
-        self.buf.view()[...] = self.saved
+        if self.saved is None:
+            self.buf.mapper.revert(self.buf.address, self.buf.n_bytes)
+        else:
+            self.buf.view()[...] = self.saved
