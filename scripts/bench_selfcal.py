@@ -19,7 +19,9 @@ ablations (--variants): alpha-g1, alpha-gpaper (the default's damage times (alph
 gamma 1 and App. A.7's formula), experts-only (the default's damage, routed experts only, the rest on
 the fast mode's policy types), no-imatrix (damage measured and files quantised without any importance
 matrix), w4 (the damage measured on 4 of the 16 windows), a1 / a1w4 (depth anchors, alphaq.damage.anchors:
-one block per tensor kind measured, the other block's damage interpolated from it; 16 / 4 windows), domain-bias (the stock mix with an
+one block per tensor kind measured, the other block's damage interpolated from it; 16 / 4 windows), deep-default / deep-a4w16 /
+deep-all (for models deeper than 4 blocks, --models DIR: the product's default, 4 anchor blocks per kind on 4 windows; the same
+on 16 windows; every block measured on 16 windows), domain-bias (the stock mix with an
 importance matrix from prose only and from code only, next to the self and the mixed real one)
 
 every alphaq variant at no more than the stock file's size, and scores each against the BF16
@@ -63,7 +65,8 @@ class Model:
         from convert.hf_to_gguf import convert_hf
 
         self.name, self.work, self.n_ctx, self.variants = name, work, n_ctx, tuple(variants)
-        self.hf = ROOT / "tests" / "fixtures" / name
+        # a fixture name, or the folder of another trained HF model (e.g. an 8-block bench model)
+        self.hf = Path(name) if Path(name).is_dir() else ROOT / "tests" / "fixtures" / name
         work.mkdir(parents=True, exist_ok=True)
         self.bf16 = work / "bf16.gguf"
         if not self.bf16.exists():
@@ -128,6 +131,12 @@ class Model:
                 if v in self.variants:  # one anchor block per kind: the other block's damage interpolated
                     self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
                                                        imatrix=self.imatrix["self"], tokens=self.counts_self).costs
+            for v, cfg in (("deep-default", DamageConfig()), ("deep-a4w16", DamageConfig(n_windows=16)),
+                           ("deep-all", DamageConfig(anchors=None))):
+                if v in self.variants:  # the product's depth settings (windows as the product picks them)
+                    n = cfg.windows(self.names)
+                    self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
+                                                       imatrix=self.imatrix["self"], tokens=self.counts_self).costs
             if "no-imatrix" in self.variants:
                 self.damage[("none", "estimate")] = measure(s, Reference(s, self_tokens[:16]), self.names, types,
                                                             DamageConfig()).costs
@@ -153,7 +162,8 @@ class Model:
         src, method = {"default": ("self", "estimate"), "real-driven": ("real", "estimate"),
                        "direct": ("self", "direct"), "no-imatrix": ("none", "estimate"), "alpha-g1": ("self", "estimate"),
                        "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4"),
-                       "a1": ("self", "a1"), "a1w4": ("self", "a1w4")}.get(variant, (None, None))
+                       "a1": ("self", "a1"), "a1w4": ("self", "a1w4"), "deep-default": ("self", "deep-default"),
+                       "deep-a4w16": ("self", "deep-a4w16"), "deep-all": ("self", "deep-all")}.get(variant, (None, None))
         try:
             if src is not None:
                 changes = {"alpha-g1": dict(gamma=1.0), "alpha-gpaper": dict(gamma=None),
@@ -197,7 +207,7 @@ class Model:
 
 
 def run_model(name: str, args) -> dict:
-    m = Model(name, ROOT / ".cache" / "bench-selfcal" / name, args.n_ctx, args.windows, args.variants)
+    m = Model(name, ROOT / ".cache" / "bench-selfcal" / Path(name).name, args.n_ctx, args.windows, args.variants)
     res = {"seconds": m.seconds, "cells": {}}
     for mix in args.mixes:
         cell = {}

@@ -229,9 +229,7 @@ def summary(r) -> str:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # with importance and damage both reused from the cache, llama.cpp never loaded the model
         loaded = not {"importance", "damage"} <= set(r.reused)
-        held = (f"the damage stages hold the float model in RAM ({format_size(r.float_bytes)})" if loaded
-                else "the forward stages were reused: the float model was not loaded")
-        lines.append(f"  memory      {held}; peak RSS of this process {format_size(peak)}")
+        lines.append(f"  memory      {_forward_memory(r.float_bytes, loaded)}; peak RSS of this process {format_size(peak)}")
     if r.parts:
         lines.append("  parts       " + ", ".join(f"{p.name} ({format_size(p.stat().st_size)})" for p in r.parts))
     if r.kept_float:
@@ -256,3 +254,15 @@ def summary(r) -> str:
 
 
 _MAX_WARNINGS = 5  # in the summary; all of them are in the log
+
+
+def _forward_memory(float_bytes: int, loaded: bool) -> str:
+    """What the forward stages cost in memory (see alphaq.mapped)."""
+    from alphaq import mapped
+
+    if not loaded:
+        return "the forward stages were reused: the float model was not loaded"
+    if mapped.available():
+        return (f"the forward stages memory-map the float model ({format_size(float_bytes)} of page cache the OS "
+                "can drop; smaller than RAM it runs at full speed, larger it pages from disk on every pass)")
+    return f"the forward stages hold the float model in RAM ({format_size(float_bytes)})"

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Memory of the forward stages at real shapes: llama.cpp's malloc'd copy against the memory-mapped
+model (alphaq.mapped), and the mapped model under a memory limit smaller than the model.
+
+    python scripts/bench_mapped_memory.py [--blocks 2] [--limit-fraction 0.5] [--json bench/mapped-memory.json]
+
+Generates a seeded random checkpoint with Qwen3-30B-A3B's block shapes (scripts/make_large_random_moe.py),
+converts it to BF16 with llama.cpp's converter, then runs the forward stages' work in a child process
+per case: load the model, score 3 windows of 256 tokens (the damage stage's pass), fake-quantise one
+expert tensor in place and score a window (one measurement), and decode 32 steps of 16 sequences
+(the self-text stage's pass). Each child runs in its own memory cgroup (v1 or v2; needs root), which
+gives the group's peak memory (page cache included) and, sampled every 0.2 s, the peak of its
+anonymous (private) memory. Cases:
+
+  copy            llama.cpp's malloc'd copy of the model (the forward stages before alphaq.mapped)
+  mapped          the memory-mapped model, no limit
+  mapped-limited  mapped, with the group limited to --limit-fraction of the BF16 file: the
+                  larger-than-RAM case, emulated (the kernel must drop and re-read the model's pages)
+  copy-limited    the copy under the same limit (expected: killed for memory)
+
+Page cache is dropped before each case (echo 3 > /proc/sys/vm/drop_caches) so that every case
+starts cold. Random weights measure memory and time, never quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASES = ("copy", "mapped", "mapped-limited", "copy-limited")
+
+
+def child(mode: str, gguf: str) -> None:
+    """The forward stages' work on one model; prints one JSON line."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+
+    from alphaq.damage import Swap
+    from alphaq.forward import Session
+
+    out: dict = {}
+    t = time.perf_counter()
+    with Session(Path(gguf), 256, n_seq=16, mapped=mode.startswith("mapped")) as s:
+        out["load_s"] = time.perf_counter() - t
+        rng = np.random.default_rng(0)
+        windows = rng.integers(3, s.n_vocab, size=(4, 256))
+        t = time.perf_counter()
+        for w in windows[:3]:
+            s.logits(w)
+        out["window_s"] = (time.perf_counter() - t) / 3
+        t = time.perf_counter()
+        with Swap(s.weights["blk.0.ffn_up_exps.weight"], GGMLQuantizationType.Q4_K, None):
+            s.logits(windows[3])
+        out["measurement_s"] = time.perf_counter() - t
+        s.clear()
+        t = time.perf_counter()
+        for pos in range(32):
+            s.step(rng.integers(3, s.n_vocab, size=16), pos)
+        out["decode_step_s"] = (time.perf_counter() - t) / 32
+    print(json.dumps(out), flush=True)
+
+
+class Group:
+    """A memory cgroup for one child: v2 (memory.max, memory.peak) or v1 (limit_in_bytes, max_usage)."""
+
+    def __init__(self, name: str, limit: int | None):
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+        self.v2 = v2
+        self.path = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/memory") / name
+        if self.path.exists():
+            self.path.rmdir()
+        self.path.mkdir()
+        if limit is not None:
+            (self.path / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(limit))
+
+    def join(self) -> None:  # runs in the child before exec
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def anon(self) -> int:
+        stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
+        return int(stat["anon" if self.v2 else "rss"])
+
+    def peak(self) -> int | None:
+        f = self.path / ("memory.peak" if self.v2 else "memory.max_usage_in_bytes")
+        return int(f.read_text()) if f.exists() else None
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def run_case(case: str, gguf: Path, limit: int) -> dict:
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+    group = Group(f"alphaq-bench-{os.getpid()}", limit if case.endswith("limited") else None)
+    peak_anon, done = [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.2):
+            try:
+                peak_anon[0] = max(peak_anon[0], group.anon())
+            except (OSError, KeyError):
+                pass
+
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", case.split("-")[0], str(gguf)],
+                            preexec_fn=group.join, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    sampler = threading.Thread(target=sample, daemon=True)  # started after the fork: preexec_fn and threads
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    row = {"case": case, "rc": proc.returncode, "wall_s": round(wall, 1), "limit_bytes": limit if case.endswith("limited") else None,
+           "group_peak_bytes": group.peak(), "peak_anon_bytes": peak_anon[0]}
+    group.remove()
+    if proc.returncode == 0:
+        row.update({k: round(v, 3) for k, v in json.loads(stdout.strip().splitlines()[-1]).items()})
+    else:
+        row["stderr_tail"] = stderr[-300:]
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", nargs=2, metavar=("MODE", "GGUF"), help=argparse.SUPPRESS)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--limit-fraction", type=float, default=0.5)
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "mapped-memory.json")
+    p.add_argument("--keep", action="store_true", help="keep the generated model in .cache/scale/")
+    args = p.parse_args()
+    if args.child:
+        child(*args.child)
+        return 0
+    from convert.hf_to_gguf import convert_hf
+
+    cache = ROOT / ".cache" / "scale"
+    model = cache / f"qwen3moe-{args.blocks}blk"
+    gguf = cache / f"qwen3moe-{args.blocks}blk-bf16.gguf"
+    try:
+        if not gguf.exists():
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "make_large_random_moe.py"), str(model),
+                            "--arch", "qwen3moe", "--layers", str(args.blocks)], check=True, cwd=ROOT)
+            convert_hf(model, gguf)
+        size = gguf.stat().st_size
+        limit = int(size * args.limit_fraction)
+        rows = []
+        for case in args.cases:
+            rows.append(run_case(case, gguf, limit))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(model, ignore_errors=True)
+            gguf.unlink(missing_ok=True)
+    args.json.write_text(json.dumps({"model": f"Qwen3-30B-A3B shapes, {args.blocks} blocks, random weights",
+                                     "bf16_bytes": size, "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
