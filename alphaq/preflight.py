@@ -58,6 +58,10 @@ STAGE_SECONDS_PER_BLOCK = {
 DAMAGE_PARTS = {"fake_per_measurement": 299.2 / 30, "forward_per_measurement_block_token": 1108.4 / (30 * 4 * 4096),
                 "reference_per_block_token": 33.0 / (4 * 4096), "weighted_error_per_tensor": 56.5 / 30}
 KINDS_PER_BLOCK, TENSORS_OUTSIDE_BLOCKS = 7, 2  # Qwen3-MoE: q, k, v, o, gate/up/down experts; embedding, output
+# private memory of the forward stages besides the weight being fake-quantised: Python, numpy,
+# llama.cpp's compute buffers for a 256-token window (bench/mapped-memory.json: 0.55 GB peak anonymous
+# at Qwen3-30B-A3B shapes with a 0.40 GB expert tensor copied on write)
+PRIVATE_OVERHEAD_BYTES = 200 << 20
 PLAN_KEY_BYTES_PER_ITEM = 1024  # the alphaq.plan key holds every item's costs as JSON
 SPLIT_PART_OVERHEAD = 256  # per part: GGUF header, split keys, padding
 
@@ -73,6 +77,9 @@ class Preflight:
     free: dict[Path, int]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     reused: Path | None = None  # the intermediate an interrupted run kept, reused
+    forward: bool = False  # the run has forward stages (the default mode), which map the float model
+    largest_weight_bytes: int = 0  # the largest float weight: private while it is fake-quantised
+    ram_available: int | None = None  # MemAvailable, where the OS says
 
     @property
     def seconds(self) -> float:
@@ -93,10 +100,28 @@ class Preflight:
         for d, n in self.needs.items():
             lines.append(f"            peak need in {d}: {format_size(n)} (temporary files included); "
                          f"free {format_size(self.free[d])}")
+        if self.forward:
+            lines.append(self._memory_line())
         stages = ", ".join(f"{k} {_duration(v)}" for k, v in self.stage_seconds.items())
         lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (2-core CPU, "
                      f"bench/convert-real-shape.txt; cached stages are skipped): {stages}")
         return "\n".join(lines)
+
+
+    def _memory_line(self) -> str:
+        """RAM for the forward stages: the mapped float model is page cache (alphaq.mapped); private
+        memory is the one weight copied while it is measured plus llama.cpp's compute buffers."""
+        private = self.largest_weight_bytes + PRIVATE_OVERHEAD_BYTES
+        if self.ram_available is None:
+            fits = ""
+        elif self.ram_available >= self.float_bytes + private:
+            fits = f"; available RAM {format_size(self.ram_available)} holds it"
+        else:
+            fits = (f"; available RAM {format_size(self.ram_available)} does not hold it: every forward pass "
+                    "reads the missing part from disk again, much slower (bench/mapped-memory.json)")
+        return (f"  memory    the forward stages memory-map the float model ({format_size(self.float_bytes)} of "
+                f"page cache){fits}; private memory about {format_size(private)} (the largest weight, copied "
+                "while it is measured, and compute buffers)")
 
 
 def _duration(s: float) -> str:
@@ -241,7 +266,26 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
     if reused is not None:
         seconds.pop("float model", None)
     return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
-                     {d: shutil.disk_usage(d).free for d in needs}, seconds, reused)
+                     {d: shutil.disk_usage(d).free for d in needs}, seconds, reused,
+                     forward=cfg.plan.noise == "damage", largest_weight_bytes=_largest_weight_bytes(model),
+                     ram_available=ram_available())
+
+
+def _largest_weight_bytes(model) -> int:
+    """The largest weight tensor in BF16 (an expert tensor holds all its experts' slices)."""
+    per_tensor: dict[str, int] = {}
+    for m in model.matrices():
+        per_tensor[m.tensor] = per_tensor.get(m.tensor, 0) + m.params
+    return 2 * max(per_tensor.values(), default=0)
+
+
+def ram_available() -> int | None:
+    """The kernel's estimate of memory available without swapping (/proc/meminfo MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def max_parts(cfg, n_tensors: int, out_bytes: int) -> int:

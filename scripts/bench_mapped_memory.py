@@ -18,8 +18,13 @@ anonymous (private) memory. Cases:
                   larger-than-RAM case, emulated (the kernel must drop and re-read the model's pages)
   copy-limited    the copy under the same limit (expected: killed for memory)
 
-Page cache is dropped before each case (echo 3 > /proc/sys/vm/drop_caches) so that every case
-starts cold. Random weights measure memory and time, never quality.
+Page cache is written back and dropped before each case (sync; echo 3 > /proc/sys/vm/drop_caches)
+so that every case starts cold and the model's pages are charged to the case's group (a page
+already cached elsewhere would not count against its limit). Each child also reports the bytes it read from storage (/proc/self/io read_bytes) and
+its major page faults: under the limit the model's pages are read again on every pass, and that
+volume divided by a disk's read rate is what paging costs there (a VM's disk may be cached by its
+host, so the seconds measured here can understate it). Random weights measure memory and time,
+never quality.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -67,6 +73,10 @@ def child(mode: str, gguf: str) -> None:
         for pos in range(32):
             s.step(rng.integers(3, s.n_vocab, size=16), pos)
         out["decode_step_s"] = (time.perf_counter() - t) / 32
+    # what paging cost: bytes this process had read from storage, and page faults that needed it
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    out["storage_read_bytes"] = int(io["read_bytes"])
+    out["major_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     print(json.dumps(out), flush=True)
 
 
@@ -104,6 +114,7 @@ class Group:
 
 
 def run_case(case: str, gguf: Path, limit: int) -> dict:
+    os.sync()  # dirty pages (the freshly written model) are not dropped: write them first
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     except OSError:

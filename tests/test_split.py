@@ -384,3 +384,24 @@ def test_time_estimate_scales_the_benchmark_table():
     expected = (58 * (P["fake_per_measurement"] + P["forward_per_measurement_block_token"] * 8 * 4096)
                 + P["reference_per_block_token"] * 8 * 4096 + 58 * P["weighted_error_per_tensor"]) / 2
     assert every["damage"] == pytest.approx(expected)
+
+def test_preflight_states_the_forward_stages_memory(float_ggufs, tmp_path, monkeypatch):
+    import alphaq.preflight as pf
+    from alphaq.convert import ConvertConfig
+    from alphaq.plan import MODES, PlanConfig
+    from alphaq.weights import open_model
+
+    cfg = ConvertConfig(model=float_ggufs[MODEL], output=tmp_path / "o.gguf", plan=PlanConfig(**MODES["damage"]))
+    with open_model(float_ggufs[MODEL]) as model:
+        tensors = {}
+        for m in model.matrices():
+            tensors[m.tensor] = tensors.get(m.tensor, 0) + m.params
+        monkeypatch.setattr(pf, "ram_available", lambda: 10**12)
+        roomy = pf.preflight(cfg, model)
+        monkeypatch.setattr(pf, "ram_available", lambda: roomy.float_bytes // 2)
+        tight = pf.preflight(cfg, model)
+        fast = pf.preflight(ConvertConfig(model=cfg.model, output=cfg.output, plan=PlanConfig(**MODES["fast"])), model)
+    assert roomy.largest_weight_bytes == 2 * max(tensors.values())
+    assert "memory-map the float model" in roomy.format(None) and "holds it" in roomy.format(None)
+    assert "does not hold it" in tight.format(None) and "reads the missing part from disk" in tight.format(None)
+    assert "memory" not in fast.format(None)  # no forward pass in the fast mode
