@@ -88,7 +88,6 @@ def compute_imatrix(hf_dir: Path, gguf_path: Path, text: str | None, cfg: Imatri
     (the model converted from ``hf_dir``), measured on ``text`` (or on token ``windows``,
     (n, n_ctx) ids used as they are)."""
     import torch
-    from torch import nn
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -107,6 +106,23 @@ def compute_imatrix(hf_dir: Path, gguf_path: Path, text: str | None, cfg: Imatri
         windows, n_win = _text_windows(hf_dir, text, cfg)
 
     acc = _Accumulator()
+    hooks = _register_hooks(model, tmap, gguf_shapes, acc)
+    try:
+        with torch.no_grad():
+            for i in tqdm(range(0, n_win, cfg.batch), desc="imatrix", unit="batch", disable=not progress):
+                model(input_ids=windows[i:i + cfg.batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    data, expert_tokens = _means(acc, gguf_shapes)
+    return ImatrixResult(data, expert_tokens, int(windows.numel()))
+
+
+def _register_hooks(model, tmap, gguf_shapes: dict, acc: _Accumulator) -> list:
+    """Forward hooks that feed ``acc`` the inputs of every GGUF weight: one per nn.Linear, and one
+    per fused expert module (transformers' gate_up_proj / down_proj parameters)."""
+    from torch import nn
+
     hooks = []
     for mod_name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
@@ -121,42 +137,48 @@ def compute_imatrix(hf_dir: Path, gguf_path: Path, text: str | None, cfg: Imatri
 
             hooks.append(mod.register_forward_pre_hook(hook))
         elif hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and isinstance(mod.down_proj, nn.Parameter):
-            m = _LAYER.search(mod_name + ".")
-            if m is None:
-                raise AlphaQError(f"expert module {mod_name} has no layer index")
-            block = int(m.group(1))
-            names = tuple(_expert_name(k, block) for k in (gguf.MODEL_TENSOR.FFN_GATE_EXP,
-                                                            gguf.MODEL_TENSOR.FFN_UP_EXP,
-                                                            gguf.MODEL_TENSOR.FFN_DOWN_EXP))
-            missing = [n for n in names if n not in gguf_shapes]
-            if missing:
-                raise AlphaQError(f"{mod_name}: GGUF has no {missing[0]}")
+            hooks.append(mod.register_forward_pre_hook(_expert_hook(mod_name, gguf_shapes, acc), with_kwargs=True))
+    return hooks
 
-            def ehook(m, args, kwargs, names=names):
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                top_k_index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
-                n_expert = m.gate_up_proj.shape[0]  # (n_expert, 2*inter, hidden)
-                with torch.no_grad():
-                    for e in range(n_expert):
-                        tok_idx = (top_k_index == e).any(dim=-1).nonzero().flatten()
-                        if tok_idx.numel() == 0:
-                            continue
-                        x = hidden[tok_idx]  # (tokens, hidden)
-                        gate, up = nn.functional.linear(x, m.gate_up_proj[e]).chunk(2, dim=-1)
-                        h = m.act_fn(gate) * up  # (tokens, inter)
-                        acc.add(names[0], x, n_expert, e)
-                        acc.add(names[1], x, n_expert, e)
-                        acc.add(names[2], h, n_expert, e)
 
-            hooks.append(mod.register_forward_pre_hook(ehook, with_kwargs=True))
-    try:
+def _expert_hook(mod_name: str, gguf_shapes: dict, acc: _Accumulator):
+    """The hook of one fused expert module: each expert's routed tokens, per gate/up/down weight."""
+    import torch
+    from torch import nn
+
+    m = _LAYER.search(mod_name + ".")
+    if m is None:
+        raise AlphaQError(f"expert module {mod_name} has no layer index")
+    block = int(m.group(1))
+    names = tuple(_expert_name(k, block) for k in (gguf.MODEL_TENSOR.FFN_GATE_EXP,
+                                                    gguf.MODEL_TENSOR.FFN_UP_EXP,
+                                                    gguf.MODEL_TENSOR.FFN_DOWN_EXP))
+    missing = [n for n in names if n not in gguf_shapes]
+    if missing:
+        raise AlphaQError(f"{mod_name}: GGUF has no {missing[0]}")
+
+    def ehook(m, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        top_k_index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+        n_expert = m.gate_up_proj.shape[0]  # (n_expert, 2*inter, hidden)
         with torch.no_grad():
-            for i in tqdm(range(0, n_win, cfg.batch), desc="imatrix", unit="batch", disable=not progress):
-                model(input_ids=windows[i:i + cfg.batch])
-    finally:
-        for h in hooks:
-            h.remove()
+            for e in range(n_expert):
+                tok_idx = (top_k_index == e).any(dim=-1).nonzero().flatten()
+                if tok_idx.numel() == 0:
+                    continue
+                x = hidden[tok_idx]  # (tokens, hidden)
+                gate, up = nn.functional.linear(x, m.gate_up_proj[e]).chunk(2, dim=-1)
+                h = m.act_fn(gate) * up  # (tokens, inter)
+                acc.add(names[0], x, n_expert, e)
+                acc.add(names[1], x, n_expert, e)
+                acc.add(names[2], h, n_expert, e)
 
+    return ehook
+
+
+def _means(acc: _Accumulator, gguf_shapes: dict) -> tuple[dict, dict]:
+    """Mean squared activations per weight (all-ones for an expert no token reached) and token
+    counts per expert, checked against the GGUF shapes."""
     data, expert_tokens = {}, {}
     for name, sums in acc.sums.items():
         counts = acc.counts[name]
@@ -174,7 +196,7 @@ def compute_imatrix(hf_dir: Path, gguf_path: Path, text: str | None, cfg: Imatri
         data[name] = vec.astype(np.float32)
         if n_expert > 1:
             expert_tokens[name] = counts.copy()
-    return ImatrixResult(data, expert_tokens, int(windows.numel()))
+    return data, expert_tokens
 
 
 def _text_windows(hf_dir: Path, text: str, cfg: ImatrixConfig):

@@ -332,6 +332,65 @@ def _solve_dp(norm: _Normalised, capacity: int, time_limit: float | None):
     raise AssertionError("unreachable")
 
 
+@dataclass(frozen=True)
+class _CoreBounds:
+    """What the core DP knows before it starts, per core item (rows) and option (columns)."""
+
+    base: np.ndarray  # the base option per item
+    delta: np.ndarray  # (k, m) size change against the base
+    rc: np.ndarray  # (k, m) reduced cost, 0 at the base, inf where not allowed
+    min_dev: np.ndarray  # cheapest real deviation per item
+    suffix: np.ndarray  # suffix[j]: largest total size decrease available from items j..k-1
+    rate_up: np.ndarray  # cheapest reduced cost per unit of size increase over items j..k-1
+    rate_down: np.ndarray  # the same per unit of decrease
+
+
+def _core_bounds(norm, red, base, core, cand) -> _CoreBounds:
+    k = len(core)
+    kr = np.arange(k)
+    base_c = base[core]
+    allow = cand[core].copy()  # (k, m) deviations still allowed, plus the base option
+    allow[kr, base_c] = True
+    delta = norm.size[core] - norm.size[core, base_c][:, None]
+    rc = np.where(allow, red[core], np.inf)
+    rc[kr, base_c] = 0.0
+    min_dev = np.where(cand[core], red[core], np.inf).min(axis=1)
+    min_delta = np.where(allow, delta, 0).min(axis=1)
+    suffix = np.concatenate([np.cumsum(min_delta[::-1])[::-1], [0]])
+    # closing a size gap of z costs at least rate * z
+    dev = cand[core]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(dev & (delta > 0), red[core] / np.where(delta > 0, delta, 1), np.inf).min(axis=1)
+        down = np.where(dev & (delta < 0), red[core] / np.where(delta < 0, -delta, 1), np.inf).min(axis=1)
+    rate_up = np.concatenate([np.minimum.accumulate(up[::-1])[::-1], [np.inf]])
+    rate_down = np.concatenate([np.minimum.accumulate(down[::-1])[::-1], [np.inf]])
+    return _CoreBounds(base_c, delta, rc, min_dev, suffix, rate_up, rate_down)
+
+
+def _completion_bound(b: _CoreBounds, nD, nR, nxt: int, cap_dev, lam) -> np.ndarray:
+    """Lower bound on (objective - L) of any completion of states (nD, nR) after item nxt - 1.
+    Under capacity with slack z: stay (lam * z) or deviate again (at least the next item's cheapest
+    deviation, and at least min(rate_up, lam) * z to use or leave the slack). Over capacity by e:
+    deviate down, at least max(next deviation, rate_down * e)."""
+    next_dev = b.min_dev[nxt] if nxt < len(b.min_dev) else np.inf
+    z = (cap_dev - nD).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # inf * 0 in the branch np.where discards
+        under = np.minimum(lam * z, np.maximum(next_dev, min(b.rate_up[nxt], lam) * z))
+        over = np.maximum(next_dev, b.rate_down[nxt] * -z)
+    return nR + np.where(z >= 0, under, over)
+
+
+def _pareto(nD, nR, par, pick, lam, tol):
+    """Drop states dominated by one with smaller-or-equal D and smaller-or-equal R - lam*D."""
+    v = nR - lam * nD
+    order = np.lexsort((v, nD))
+    nD, nR, par, pick, v = nD[order], nR[order], par[order], pick[order], v[order]
+    run = np.minimum.accumulate(v)
+    keep = np.ones(len(v), dtype=bool)
+    keep[1:] = v[1:] < run[:-1] - tol
+    return nD[keep], nR[keep], par[keep], pick[keep]
+
+
 def _core_dp(norm, red, base, core, cand, cap_dev, lam, gap, tol, time_limit):
     """Exact DP over core items with states (size deviation D, reduced cost R) from the base.
 
@@ -342,27 +401,7 @@ def _core_dp(norm, red, base, core, cand, cap_dev, lam, gap, tol, time_limit):
     incumbent (objective L + gap), or None if there is none.
     """
     t0 = time.perf_counter()
-    k = len(core)
-    kr = np.arange(k)
-    base_c = base[core]
-    allow = cand[core].copy()  # (k, m) deviations still allowed, plus the base option
-    allow[kr, base_c] = True
-    delta = norm.size[core] - norm.size[core, base_c][:, None]  # (k, m) size change vs base
-    rc = np.where(allow, red[core], np.inf)  # (k, m) reduced cost; 0 at the base
-    rc[kr, base_c] = 0.0
-    min_dev = np.where(cand[core], red[core], np.inf).min(axis=1)  # cheapest real deviation
-    # suffix[j] = largest total size decrease available from core items j..k-1
-    min_delta = np.where(allow, delta, 0).min(axis=1)
-    suffix = np.concatenate([np.cumsum(min_delta[::-1])[::-1], [0]])
-    # cheapest reduced cost per unit of size change, up and down, over items j..k-1: closing a
-    # size gap of z costs at least rate * z
-    dev = cand[core]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        up = np.where(dev & (delta > 0), red[core] / np.where(delta > 0, delta, 1), np.inf).min(axis=1)
-        down = np.where(dev & (delta < 0), red[core] / np.where(delta < 0, -delta, 1), np.inf).min(axis=1)
-    rate_up = np.concatenate([np.minimum.accumulate(up[::-1])[::-1], [np.inf]])
-    rate_down = np.concatenate([np.minimum.accumulate(down[::-1])[::-1], [np.inf]])
-
+    b = _core_bounds(norm, red, base, core, cand)
     D = np.zeros(1, dtype=np.int64)
     R = np.zeros(1, dtype=np.float64)
     parents: list[np.ndarray] = []
@@ -370,46 +409,25 @@ def _core_dp(norm, red, base, core, cand, cap_dev, lam, gap, tol, time_limit):
     limit = gap  # prune states whose R cannot beat the best known objective (L + limit)
     best_final: tuple[float, int, int] | None = None  # (value, layer, state) for early completions
 
-    for layer in range(k):
-        if min_dev[layer] > limit + tol:
+    for layer in range(len(core)):
+        if b.min_dev[layer] > limit + tol:
             break  # items are sorted by cheapest deviation: no later item can deviate either
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
             raise _CoreTooLarge
-        js = np.flatnonzero(rc[layer] <= limit + tol)  # includes the base (r = 0)
-        d, r = delta[layer, js], rc[layer, js]
+        js = np.flatnonzero(b.rc[layer] <= limit + tol)  # includes the base (r = 0)
         if len(D) * len(js) > _DP_MAX_PAIRS:
             raise _CoreTooLarge
-        nD = (D[:, None] + d[None, :]).ravel()
-        nR = (R[:, None] + r[None, :]).ravel()
+        nD = (D[:, None] + b.delta[layer, js][None, :]).ravel()
+        nR = (R[:, None] + b.rc[layer, js][None, :]).ravel()
         par = np.repeat(np.arange(len(D)), len(js))
         pick = np.tile(js, len(D))
-        # lower bound on (objective - L) of any completion: stay (pay lam * slack, only if
-        # feasible now) or deviate again (pay at least the next item's cheapest deviation)
-        # lower bound on (objective - L) of any completion. Under capacity with slack z: stay
-        # (lam * z) or deviate again (at least the next item's cheapest deviation, and at least
-        # min(rate_up, lam) * z to use or leave the slack). Over capacity by e: deviate down, at
-        # least max(next deviation, rate_down * e).
-        nxt = layer + 1
-        next_dev = min_dev[nxt] if nxt < k else np.inf
-        z = (cap_dev - nD).astype(np.float64)
-        with np.errstate(invalid="ignore"):  # inf * 0 in the branch np.where discards
-            under = np.minimum(lam * z, np.maximum(next_dev, min(rate_up[nxt], lam) * z))
-            over = np.maximum(next_dev, rate_down[nxt] * -z)
-        bound = nR + np.where(z >= 0, under, over)
-        keep = (bound < limit - tol) & (nD + suffix[layer + 1] <= cap_dev)
-        nD, nR, par, pick = nD[keep], nR[keep], par[keep], pick[keep]
-        if len(nD) == 0:
+        bound = _completion_bound(b, nD, nR, layer + 1, cap_dev, lam)
+        keep = (bound < limit - tol) & (nD + b.suffix[layer + 1] <= cap_dev)
+        if not keep.any():
             break
-        v = nR - lam * nD
-        order = np.lexsort((v, nD))
-        nD, nR, par, pick, v = nD[order], nR[order], par[order], pick[order], v[order]
-        run = np.minimum.accumulate(v)
-        pareto = np.ones(len(v), dtype=bool)
-        pareto[1:] = v[1:] < run[:-1] - tol
-        nD, nR, par, pick = nD[pareto], nR[pareto], par[pareto], pick[pareto]
+        D, R, par, pick = _pareto(nD[keep], nR[keep], par[keep], pick[keep], lam, tol)
         parents.append(par)
         picks.append(pick)
-        D, R = nD, nR
         # tighten the limit with states that are already feasible when the remaining core items
         # stay at their base option: objective - L = R + lam * (slack left)
         feas = D <= cap_dev
@@ -421,11 +439,11 @@ def _core_dp(norm, red, base, core, cand, cap_dev, lam, gap, tol, time_limit):
                 best_final = (limit, layer, int(np.flatnonzero(feas)[j]))
     if best_final is None:
         return None
-    _, layer, s = best_final
-    chosen = base_c.copy()  # base for core items after `layer`
+    _, layer, state = best_final
+    chosen = b.base.copy()  # base for core items after `layer`
     for li in range(layer, -1, -1):
-        chosen[li] = picks[li][s]
-        s = int(parents[li][s])
+        chosen[li] = picks[li][state]
+        state = int(parents[li][state])
     return chosen
 
 

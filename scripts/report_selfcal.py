@@ -115,6 +115,23 @@ def comparisons(results: dict, pairs) -> list[str]:
     return lines + [head_to_head(results, a, b) for a, b in pairs]
 
 
+DEEP = ("stock", "stock+real", "stock+self", "deep-all", "deep-a4w16", "deep-default")
+
+
+def deep_table(results: dict) -> list[str]:
+    """Per model and mix: the depth settings against every block measured and against stock."""
+    lines = ["| model | mix | " + " | ".join(DEEP) + " | default / all blocks (diff ± SE) | default / best stock | verdict |",
+             "|---|---|" + "---|" * (len(DEEP) + 3)]
+    for name, res in results.items():
+        for mix, cell in sorted(res["cells"].items(), key=lambda kv: GRID.index(kv[0]) if kv[0] in GRID else 99):
+            vals = " | ".join("—" if not cell.get(c) else f"{mean(cell[c]):.5f}" for c in DEEP)
+            diff, se = paired(cell["deep-default"], cell["deep-all"])
+            v, base, ratio, _, _ = verdict(cell, "deep-default")
+            lines.append(f"| {Path(name).name} | {mix} | {vals} | {mean(cell['deep-default']) / mean(cell['deep-all']):.3f} "
+                         f"({diff:+.5f} ± {se:.5f}) | {ratio:.2f} (vs {base}) | {v} |")
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "selfcal.json")
@@ -149,6 +166,17 @@ def main() -> int:
                 "windows, as the default uses once anchors stand in for blocks. Each against the default "
                 "(every tensor measured, 16 windows) on the same cells.", "",
                 *comparisons(json.loads(anchors.read_text()), [(v, "default") for v in ("a1", "a1w4")]), ""]
+    deep = args.json.with_name("selfcal-deep.json")
+    if deep.exists():
+        res = json.loads(deep.read_text())
+        out += ["## Depth anchors on an 8-block model (bench/selfcal-deep.json)", "",
+                "A model deeper than 4 blocks, trained here like the fixtures (scripts/train_tiny_moe.py --zoo bench "
+                "--only mixtral-bench --steps 1000, CPU). deep-all: every block measured on 16 windows; deep-a4w16: "
+                "4 anchor blocks per tensor kind (0, 2, 5, 7), the others interpolated over depth, 16 windows; "
+                "deep-default: what the product does at this depth (4 anchors, 4 windows). Every file at most the "
+                "stock file's size.", "",
+                *comparisons(res, [("deep-default", "deep-all"), ("deep-a4w16", "deep-all"),
+                                   ("deep-default", "deep-a4w16")]), "", *deep_table(res), ""]
     domain = args.json.with_name("selfcal-domain.json")
     if domain.exists():
         out += ["## Domain bias (bench/selfcal-domain.json; IQ2_XXS, Q3_K_M, Q5_K_M sizes)", "",
