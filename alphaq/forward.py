@@ -107,13 +107,17 @@ class WeightBuffer:
     n_bytes: int
     mapper: Mapper | None = field(default=None, compare=False, repr=False)  # set: the bytes are the mmapped file's
 
-    def view(self) -> np.ndarray:
-        """The weight's bytes as a writable numpy array of its element type (BF16 as uint16)."""
+    def view(self, writable: bool = False) -> np.ndarray:
+        """The weight's bytes as a numpy array of its element type (BF16 as uint16). A mapped weight's
+        pages are read-only until ``mapper.private`` (a write would kill the process), so its view
+        is writable only when asked for, after that call (see damage.Swap)."""
         dtype = _NP_DTYPE.get(self.ggml_type)
         if dtype is None:
             raise AlphaQError(f"{self.name} is stored as ggml type {self.ggml_type}; the model must be F32/F16/BF16")
         buf = (ctypes.c_char * self.n_bytes).from_address(self.address)
-        return np.ndarray(self.shape, dtype=dtype, buffer=buf)
+        out = np.ndarray(self.shape, dtype=dtype, buffer=buf)
+        out.flags.writeable = writable or self.mapper is None
+        return out
 
 
 Callback = Callable[[GGMLTensor], None]

@@ -25,6 +25,9 @@ def _run(model, is_mapped: bool) -> tuple[list[np.ndarray], list[str]]:
     with Session(model, 64, mapped=is_mapped) as s:
         experts, embd = s.weights["blk.0.ffn_down_exps.weight"], s.weights["token_embd.weight"]
         assert all((b.mapper is not None) == is_mapped for b in s.weights.values())
+        # a mapped weight's pages are read-only outside a Swap: numpy refuses the write
+        # instead of the process dying on it
+        assert experts.view().flags.writeable == (not is_mapped)
         logits.append(s.logits(WINDOW))
         perms.append(mapped.permissions(experts.address))
         with Swap(experts, GGMLQuantizationType.Q2_K, None):

@@ -241,10 +241,10 @@ class Swap:
 
         from alphaq.forward import _default_threads
 
-        view = self.buf.view()
         mapper = self.buf.mapper
         if mapper is not None:  # copy-on-write pages; the file's bytes come back on revert
             mapper.private(self.buf.address, self.buf.n_bytes)
+        view = self.buf.view(writable=True)
         self.saved = None if mapper is not None else view.copy()
         with ThreadPoolExecutor(max_workers=_default_threads()) as pool:
             list(pool.map(self._fake_quantise, self._jobs(view)))
@@ -254,4 +254,4 @@ class Swap:
         if self.saved is None:
             self.buf.mapper.revert(self.buf.address, self.buf.n_bytes)
         else:
-            self.buf.view()[...] = self.saved
+            self.buf.view(writable=True)[...] = self.saved
