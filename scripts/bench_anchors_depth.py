@@ -17,8 +17,9 @@ own text, 16 windows, the estimate at Q4_K). From that one table:
   mean KL to the BF16 model on the held-out test split (tests/fixtures/heldout, 24 windows per
   domain, the second half of each 256-token window scored), with the paired standard error.
 
-Windows are 16 here for both, so the comparison isolates the interpolation (the product uses 4
-windows once anchors stand in for blocks; bench/SELFCAL.md measures that separately).
+"all-blocks" and "anchored" both use 16 windows, so their comparison isolates the interpolation;
+"default" is the product's own table at this depth (DamageConfig(): the anchors measured on 4
+windows), measured separately.
 Results: bench/anchors-depth.json. Work files: .cache/bench-anchors/NAME/.
 """
 
@@ -40,7 +41,8 @@ DOMAINS = ("prose", "code")
 
 
 def measure_all(bf16: Path, names: list[str]):
-    """Self text, importance and the damage table with every block measured (16 windows)."""
+    """Self text, importance, the damage table with every block measured (16 windows), and the
+    product's own table at this depth (DamageConfig(): anchors, and the windows it picks)."""
     from alphaq.damage import DamageConfig, Reference
     from alphaq.damage.measure import measure
     from alphaq.forward import Session
@@ -56,8 +58,14 @@ def measure_all(bf16: Path, names: list[str]):
         table = measure(s, Reference(s, tokens[:16]), names, resolve_types(MODES["damage"]["types"]),
                         DamageConfig(anchors=None, n_windows=16), imatrix=im.means(), tokens=im.counts,
                         progress=True)
-        seconds = time.perf_counter() - t
-    return im, table, seconds
+        seconds = {"all_blocks": time.perf_counter() - t}
+        cfg = DamageConfig()
+        t = time.perf_counter()
+        product = measure(s, Reference(s, tokens[:cfg.windows(names)]), names,
+                          resolve_types(MODES["damage"]["types"]), cfg, imatrix=im.means(), tokens=im.counts)
+        seconds["default"] = time.perf_counter() - t
+        seconds["default_windows"] = cfg.windows(names)
+    return im, table, product, seconds
 
 
 def anchored_costs(table, names: list[str], n_anchors: int) -> tuple[dict, list[dict]]:
@@ -116,8 +124,9 @@ def score(path: Path, refs: dict, n_ctx: int) -> dict:
     return out
 
 
-def plans(fm, bf16: Path, work: Path, im, full: dict, anchored: dict, mixes: list[str], n_ctx: int) -> dict:
-    """Per mix: stock+self, the full-table plan and the anchored plan, their costs and KL."""
+def plans(fm, bf16: Path, work: Path, im, full: dict, variants: dict, mixes: list[str], n_ctx: int) -> dict:
+    """Per mix: stock+self and a plan from each table of ``variants`` (label -> costs), with the
+    plan's cost under the full table and the file's KL."""
     from alphaq import baselines
     from alphaq.evaluate import load_llama, reference_run
     from alphaq.plan import MODES, PlanConfig, make_plan
@@ -134,7 +143,7 @@ def plans(fm, bf16: Path, work: Path, im, full: dict, anchored: dict, mixes: lis
             baselines.stock(fm, stock, mix, imatrix=im.means())
         cell = {"stock+self": score(stock, refs, n_ctx)}
         cfg = replace(PlanConfig(**MODES["damage"]), budget_mode="size", budget=float(stock.stat().st_size))
-        for label, costs in (("all-blocks", full), ("anchored", anchored)):
+        for label, costs in variants.items():
             plan = make_plan([], fm.tensors, cfg, fixed_bytes=fm.header, damage=costs)
             types = plan.tensor_types()
             path = work / f"{label}@{mix}.gguf"
@@ -165,11 +174,12 @@ def main() -> int:
         convert_hf(args.model, bf16)
     fm = baselines.FloatModel.open(bf16)
     names = [t.name for t in fm.tensors if llama_quantizes(t.name, t.shape)]
-    im, table, seconds = measure_all(bf16, names)
+    im, table, product, seconds = measure_all(bf16, names)
     anchored, rows = anchored_costs(table, names, args.anchors)
     summary = rate_summary(rows, table)
     print(json.dumps(summary, indent=1), flush=True)
-    cells = plans(fm, bf16, work, im, table.costs, anchored, args.mixes, 256)
+    cells = plans(fm, bf16, work, im, table.costs,
+                  {"all-blocks": table.costs, "anchored": anchored, "default": product.costs}, args.mixes, 256)
     args.json.write_text(json.dumps({"model": str(args.model), "anchors": args.anchors, "measure_seconds": seconds,
                                      "rates": summary, "tensors": rows, "cells": cells}, indent=1) + "\n")
     return 0
