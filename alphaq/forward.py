@@ -270,7 +270,8 @@ class Session:
         with self.watch(lambda t: True, note):
             self.logits([self.bos if self.bos >= 0 else 0, 1])
         if self._mapper:  # a weight llama.cpp copied out of the file (none on the CPU today) is written in place
-            found = {n: b if in_mapped_file(b.address, b.n_bytes) else replace(b, mapper=None) for n, b in found.items()}
+            inside = in_mapped_file([(b.address, b.n_bytes) for b in found.values()])
+            found = {n: b if ok else replace(b, mapper=None) for (n, b), ok in zip(found.items(), inside)}
         self.weights = found
 
 

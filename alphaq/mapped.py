@@ -64,9 +64,11 @@ def permissions(address: int) -> str | None:
     return next((perm for start, end, _, perm, _ in _mappings() if start <= address < end), None)
 
 
-def in_mapped_file(address: int, n_bytes: int) -> bool:
-    """Whether [address, address + n_bytes) lies in one file-backed mapping."""
-    return any(start <= address and address + n_bytes <= end for start, end, *_ in _mappings())
+def in_mapped_file(spans: list[tuple[int, int]]) -> list[bool]:
+    """For each [address, address + n_bytes) span: whether it lies in one file-backed mapping
+    (/proc/self/maps read once for all of them)."""
+    maps = _mappings()
+    return [any(start <= a and a + n <= end for start, end, *_ in maps) for a, n in spans]
 
 
 def file_range(address: int, n_bytes: int) -> FileRange:

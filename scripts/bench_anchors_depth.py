@@ -79,18 +79,14 @@ def anchored_costs(table, names: list[str], n_anchors: int) -> tuple[dict, list[
         (ref_type, kl), = table.measured[n].items()
         if table.weighted_error[(n, None)].get(ref_type, 0.0) > 0:
             rate[n] = kl / table.weighted_error[(n, None)][ref_type]
+    # per tensor and type: damage / weighted error (the estimate scales one KL, so one rate per tensor)
+    per_error = {n: {t: d / e if (e := table.weighted_error[(n, None)][t]) > 0 else 0.0
+                     for t, d in table.costs[(n, None)].items()} for n in names}
     costs, rows = dict(table.costs), []
     for n in names:
         if n in anchors.measured:
             continue
-        # the rate per type: damage / weighted error of each type (the estimate scales one KL,
-        # so the rate is the same for every type of a tensor)
-        per_type = {t: table.costs[(n, None)][t] / e if (e := table.weighted_error[(n, None)][t]) > 0 else 0.0
-                    for t in table.costs[(n, None)]}
-        interp = {t: anchors.interpolate(n, {a: table.costs[(a, None)][t] / table.weighted_error[(a, None)][t]
-                                              if table.weighted_error[(a, None)][t] > 0 else 0.0
-                                              for a in anchors.of(n)}) for t in per_type}
-        costs[(n, None)] = {t: interp[t] * table.weighted_error[(n, None)][t] for t in per_type}
+        costs[(n, None)] = anchors.damage(n, per_error, table.weighted_error[(n, None)])
         got = anchors.interpolate(n, {a: rate[a] for a in anchors.of(n)})
         rows.append({"tensor": n, "measured_rate": rate.get(n), "interpolated_rate": got,
                      "ratio": got / rate[n] if rate.get(n) else None, "anchors": anchors.of(n)})

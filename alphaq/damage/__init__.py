@@ -245,13 +245,13 @@ class Swap:
         if mapper is not None:  # copy-on-write pages; the file's bytes come back on revert
             mapper.private(self.buf.address, self.buf.n_bytes)
         view = self.buf.view(writable=True)
-        self.saved = None if mapper is not None else view.copy()
+        self.saved = view.copy() if mapper is None else None
         with ThreadPoolExecutor(max_workers=_default_threads()) as pool:
             list(pool.map(self._fake_quantise, self._jobs(view)))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.saved is None:
+        if self.buf.mapper is not None:
             self.buf.mapper.revert(self.buf.address, self.buf.n_bytes)
         else:
             self.buf.view(writable=True)[...] = self.saved

@@ -60,6 +60,13 @@ class DepthAnchors:
         xs = [b for b, _ in self.anchors[kind]]
         return float(np.interp(block, xs, [values[a] for _, a in self.anchors[kind]]))
 
+    def damage(self, name: str, rates: Mapping[str, Mapping[str, float]],
+               errors: Mapping[str, float]) -> dict[str, float]:
+        """An unmeasured tensor's damage per type: its kind's damage per unit of weighted error at
+        the anchors (``rates``: anchor tensor -> type -> rate), interpolated to its block, times its
+        own weighted error (``errors``: type -> error)."""
+        return {t: self.interpolate(name, {a: rates[a][t] for a in self.of(name)}) * e for t, e in errors.items()}
+
 
 def depth_anchors(names: Sequence[str], anchors: int | None) -> DepthAnchors:
     """The tensors to measure, of ``names``, with at most ``anchors`` blocks per kind (None: all)."""

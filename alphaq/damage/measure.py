@@ -154,8 +154,7 @@ def measure(session: Session, ref: Reference, names: Sequence[str], candidates: 
         per_error[name] = {t: d / e if (e := _total(errors, t)) > 0 else 0.0 for t, d in damage.items()}
         _fill(table, name, damage, errors, written, split)
     for name, errors, written, split in later:
-        damage = {t.name: anchors.interpolate(name, {a: per_error[a][t.name] for a in anchors.of(name)})
-                  * _total(errors, t.name) for t in written}
+        damage = anchors.damage(name, per_error, {t.name: _total(errors, t.name) for t in written})
         table.interpolated[name] = anchors.of(name)
         _fill(table, name, damage, errors, written, split)
     table.seconds = {"weighted_error": round(t_err, 3), "fake_quantise": round(t_kl - (ref.seconds - fwd0), 3),
