@@ -10,12 +10,9 @@ The front door (alphaq.api):
 
 __version__ = "0.1.0"
 
-from alphaq import api as _api  # noqa: E402
-from alphaq import analyze, convert, plan  # noqa: E402  (modules, made callable below)
+# plain functions: no module of the package is named like them (the stages live in their folders)
+from alphaq.api import analyze, convert, plan  # noqa: E402
 from alphaq.errors import AlphaQError, BudgetError, InputError, InternalError, QuantizeError  # noqa: E402
-
-for _name in ("analyze", "convert", "plan"):
-    _api.make_callable(f"alphaq.{_name}", getattr(_api, _name))
 
 __all__ = ["AlphaQError", "BudgetError", "InputError", "InternalError", "QuantizeError", "__version__", "analyze",
            "convert", "plan"]

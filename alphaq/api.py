@@ -20,7 +20,7 @@ from alphaq.errors import AlphaQError, InputError
 
 
 def _plan_config(mode: str, budget, bpw, target_size, options: dict):
-    from alphaq.plan import MODES, PlanConfig, parse_size
+    from alphaq.allocate.plan import MODES, PlanConfig, parse_size
 
     if mode not in MODES:
         raise AlphaQError(f"mode {mode!r} is not one of: {', '.join(MODES)}")
@@ -41,7 +41,7 @@ def _plan_config(mode: str, budget, bpw, target_size, options: dict):
 def _pins(options: dict, tensor_type, tensor_type_file) -> None:
     """llama-quantize's --tensor-type / --tensor-type-file as keyword arguments: their entries
     (in that order) go before any ``tensor_types`` pairs given directly."""
-    from alphaq.overrides import tensor_type_entries
+    from alphaq.allocate.overrides import tensor_type_entries
 
     entries = tensor_type_entries(tensor_type, tensor_type_file)
     if entries:
@@ -56,7 +56,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
 
     Budget: one of ``budget`` (nominal bits), ``bpw``, ``target_size`` (bytes or "12GiB") or
     ``like`` (a llama.cpp mix name); default 3 nominal bits. ``mode``: "damage" (default),
-    "fast" or "paper" (alphaq.plan.MODES). llama-quantize's overrides, same syntax:
+    "fast" or "paper" (alphaq.allocate.plan.MODES). llama-quantize's overrides, same syntax:
     ``output_tensor_type="q8_0"``, ``token_embedding_type="q6_k"``, ``tensor_type="attn_v=q8_0"``
     (or a list), ``tensor_type_file=path`` (or a list), ``override_kv="general.name=str:x"`` (or a
     list). Other keyword options are PlanConfig fields (types, gamma, granularity, ...) or
@@ -64,9 +64,9 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     llama-gguf-split), split_max_tensors, keep_bf16, dry_run, resume (False: convert an HF checkpoint
     afresh rather than reuse the BF16 intermediate an interrupted run kept), ...).
     ``plots="DIR"`` also writes the figures of ``alphaq convert --plots`` there (not with dry_run).
-    Returns alphaq.convert.ConvertResult."""
-    from alphaq.convert import ConvertConfig, run_convert
-    from alphaq.overrides import kv_overrides
+    Returns alphaq.pipeline.convert.ConvertResult."""
+    from alphaq.pipeline.convert import ConvertConfig, run_convert
+    from alphaq.allocate.overrides import kv_overrides
 
     if like is not None and any(v is not None for v in (budget, bpw, target_size)):
         raise AlphaQError("like and another budget both set the budget; give one")
@@ -76,13 +76,13 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     fields = {f.name for f in dataclasses.fields(ConvertConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise AlphaQError(f"unknown option(s) {', '.join(unknown)}; see alphaq.plan.PlanConfig and "
-                          "alphaq.convert.ConvertConfig")
+        raise AlphaQError(f"unknown option(s) {', '.join(unknown)}; see alphaq.allocate.plan.PlanConfig and "
+                          "alphaq.pipeline.convert.ConvertConfig")
     for key in ("imatrix", "keep_bf16"):
         if options.get(key) is not None:
             options[key] = Path(options[key])
     if isinstance(options.get("split_max_size"), str):  # llama-gguf-split's syntax, e.g. "2G"
-        from alphaq.gguf_split import parse_split_size
+        from alphaq.gguf.split import parse_split_size
 
         options["split_max_size"] = parse_split_size(options["split_max_size"])
     cfg = ConvertConfig(model=Path(model), output=Path(output), plan=plan, progress=progress, force=force,
@@ -95,19 +95,19 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
          tensor_type=None, tensor_type_file=None, **options):
     """The allocation for a float GGUF without writing anything (modes "fast" and "paper": no
     forward pass); takes convert's pins (output_tensor_type, tensor_type, ...). Returns
-    alphaq.plan.Plan."""
-    from alphaq.plan import gguf_model_infos, make_plan
+    alphaq.allocate.plan.Plan."""
+    from alphaq.allocate.plan import gguf_model_infos, make_plan
 
     if mode == "damage":
         raise AlphaQError("the damage mode runs the model; use alphaq.convert (plan takes mode 'fast' or 'paper')")
     _pins(options, tensor_type, tensor_type_file)
     cfg = _plan_config(mode, budget, bpw, target_size, options)
     if options:
-        raise AlphaQError(f"unknown option(s) {', '.join(sorted(options))}; see alphaq.plan.PlanConfig")
+        raise AlphaQError(f"unknown option(s) {', '.join(sorted(options))}; see alphaq.allocate.plan.PlanConfig")
     path = Path(model)
     if not (path.is_file() and path.suffix == ".gguf"):
         raise InputError(f"{path} is not a .gguf file; plan reads a F32/F16/BF16 GGUF")
-    from alphaq.feasibility import check_budget
+    from alphaq.allocate.feasibility import check_budget
 
     check_budget(path, cfg)  # before the analysis
     tensors, header = gguf_model_infos(path, cfg.alignment)  # any part of a split GGUF: all of it
@@ -116,27 +116,7 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
 
 
 def analyze(model: str | os.PathLike, *, progress: bool = False, **options):
-    """PL_Alpha_Hill and the other spectral statistics of every weight matrix (alphaq.analyze)."""
-    from alphaq.analyze import analyze_model
+    """PL_Alpha_Hill and the other spectral statistics of every weight matrix (alphaq.spectral.analyze)."""
+    from alphaq.spectral.analyze import analyze_model
 
     return analyze_model(Path(model), progress=progress, **options)
-
-
-def make_callable(module_name: str, function) -> None:
-    """Let the module ``alphaq.<name>`` be called as ``function``.
-
-    The front door's names are those of the pipeline's own modules (alphaq.convert, alphaq.plan,
-    alphaq.analyze); Python binds a submodule to its package attribute whenever it is imported,
-    which would replace a plain function of that name. A callable module keeps both working:
-    ``alphaq.convert(...)`` and ``from alphaq.convert import run_convert``."""
-    import sys
-    import types
-
-    module = sys.modules[module_name]
-
-    class _CallableModule(types.ModuleType):
-        def __call__(self, *args, **kwargs):
-            return function(*args, **kwargs)
-
-    _CallableModule.__call__.__doc__ = function.__doc__
-    module.__class__ = _CallableModule

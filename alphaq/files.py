@@ -47,7 +47,7 @@ def fingerprint(path: Path, samples_per_tensor: int = 8, sample_bytes: int = 1 <
     a re-converted or edited model never reuses them, while a 60 GB file costs a few MB of reads."""
     import hashlib
 
-    from alphaq.gguf_io import shard_paths
+    from alphaq.gguf.io import shard_paths
 
     parts = shard_paths(path)
     if len(parts) == 1:
@@ -61,7 +61,7 @@ def fingerprint(path: Path, samples_per_tensor: int = 8, sample_bytes: int = 1 <
 def _file_fingerprint(path: Path, samples_per_tensor: int, sample_bytes: int) -> str:
     import hashlib
 
-    from alphaq.gguf_io import file_header
+    from alphaq.gguf.io import file_header
 
     h = hashlib.blake2b(digest_size=20)
     head = file_header(path)

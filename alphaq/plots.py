@@ -30,8 +30,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from alphaq.errors import AlphaQError
-from alphaq.plan import format_size
-from alphaq.qtypes import true_bpw
+from alphaq.allocate.plan import format_size
+from alphaq.gguf.qtypes import true_bpw
 from alphaq.records import MatrixStats
 
 logger = logging.getLogger(__name__)

@@ -64,7 +64,7 @@ def start_convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16",
                      extra: tuple[str, ...] = ()) -> "RunningConversion":
     """Start convert_hf_to_gguf.py on ``model_dir`` in the background; ``.wait()`` gives the
     `Conversion` (or raises its error), ``.kill()`` stops it. The caller may work meanwhile
-    (`alphaq.convert` analyses the checkpoint beside it)."""
+    (`alphaq.pipeline.convert` analyses the checkpoint beside it)."""
     return RunningConversion(model_dir, out_path, outtype, extra)
 
 

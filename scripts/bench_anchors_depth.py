@@ -45,10 +45,10 @@ def measure_all(bf16: Path, names: list[str]):
     product's own table at this depth (DamageConfig(): anchors, and the windows it picks)."""
     from alphaq.damage import DamageConfig, Reference
     from alphaq.damage.measure import measure
-    from alphaq.forward import Session
+    from alphaq.runtime.forward import Session
     from alphaq.importance.collect import collect_imatrix
-    from alphaq.plan import MODES
-    from alphaq.qtypes import resolve_types
+    from alphaq.allocate.plan import MODES
+    from alphaq.gguf.qtypes import resolve_types
     from alphaq.selftext import SelfTextConfig, cached_sample
 
     tokens = cached_sample(bf16, SelfTextConfig())
@@ -109,7 +109,7 @@ def rate_summary(rows: list[dict], table) -> dict:
 
 
 def score(path: Path, refs: dict, n_ctx: int) -> dict:
-    from alphaq.evaluate import load_llama, window_logprobs
+    from alphaq.evaluate.perplexity import load_llama, window_logprobs
 
     llm = load_llama(path, n_ctx)
     pos = np.arange(n_ctx // 2 - 1, n_ctx - 1)
@@ -123,10 +123,10 @@ def score(path: Path, refs: dict, n_ctx: int) -> dict:
 def plans(fm, bf16: Path, work: Path, im, full: dict, variants: dict, mixes: list[str], n_ctx: int) -> dict:
     """Per mix: stock+self and a plan from each table of ``variants`` (label -> costs), with the
     plan's cost under the full table and the file's KL."""
-    from alphaq import baselines
-    from alphaq.evaluate import load_llama, reference_run
-    from alphaq.plan import MODES, PlanConfig, make_plan
-    from alphaq.quantize import quantize_gguf
+    from alphaq.evaluate import baselines
+    from alphaq.evaluate.perplexity import load_llama, reference_run
+    from alphaq.allocate.plan import MODES, PlanConfig, make_plan
+    from alphaq.gguf.quantize import quantize_gguf
 
     ref = load_llama(bf16, n_ctx)
     refs = {d: reference_run(ref, (ROOT / "tests/fixtures/heldout" / f"{d}.txt").read_text(errors="replace"),
@@ -159,8 +159,8 @@ def main() -> int:
     p.add_argument("--mixes", nargs="+", default=["IQ2_XXS", "Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K"])
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "anchors-depth.json")
     args = p.parse_args()
-    from alphaq import baselines
-    from alphaq.qtypes import llama_quantizes
+    from alphaq.evaluate import baselines
+    from alphaq.gguf.qtypes import llama_quantizes
     from convert.hf_to_gguf import convert_hf
 
     work = ROOT / ".cache" / "bench-anchors" / args.model.name

@@ -109,7 +109,7 @@ model, work = Path(sys.argv[1]), Path(sys.argv[2])
 subprocess.run([sys.executable, "-m", "convert.run_upstream", str(ensure_vendor()), str(model),
                 "--outtype", "bf16", "--outfile", str(work / "stock-bf16.gguf")], check=True,
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-from alphaq.quantize import quantize_stock
+from alphaq.gguf.quantize import quantize_stock
 quantize_stock(work / "stock-bf16.gguf", work / "stock-q3km.gguf", "Q3_K_M")
 """
 

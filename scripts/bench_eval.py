@@ -14,7 +14,7 @@ the end from all cached results; bench/notes.md (hand-written), if present, head
 
 Variants (all from the same BF16 GGUF, all written by llama_model_quantize):
   stock-MIX             llama.cpp mixes Q2_K … Q4_K_M, uncalibrated
-  stock-MIX+imatrix     the same with an importance matrix from val-split text (alphaq.imatrix);
+  stock-MIX+imatrix     the same with an importance matrix from val-split text (alphaq.importance.real_text);
                         also IQ2_XXS and IQ1_S, which llama.cpp writes only with one
   alphaq-gG@MIX+imatrix AlphaQ (calibration-free) at the size of the calibrated stock mix
   alphaq-all-g1@MIX     AlphaQ γ=1 at the mix's size with --allocate all (attention in the knapsack)
@@ -49,10 +49,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alphaq import baselines
+from alphaq.evaluate import baselines
 from alphaq.errors import AlphaQError
-from alphaq.plan import PlanConfig
-from alphaq.quantize import STOCK_MIXES
+from alphaq.allocate.plan import PlanConfig
+from alphaq.gguf.quantize import STOCK_MIXES
 
 DOMAINS = ("prose", "code")
 CAL_MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")  # matched-size comparisons for freq/imatrix
@@ -103,8 +103,8 @@ def calibration_imatrix(model_dir: Path, bf16: Path, fm, work: Path, domain: str
         z = np.load(path)
         return ({k[2:]: z[k] for k in z.files if k.startswith("d:")},
                 {k[2:]: z[k] for k in z.files if k.startswith("e:")})
-    from alphaq.corpus import read_text
-    from alphaq.imatrix import ImatrixConfig, compute_imatrix
+    from alphaq.evaluate.corpus import read_text
+    from alphaq.importance.real_text import ImatrixConfig, compute_imatrix
 
     if domain is None:
         prose, code = read_text("prose", "val", max_chars=80_000), read_text("code", "val", max_chars=80_000)
@@ -130,7 +130,7 @@ class Bench:
 
             convert_hf(model_dir, self.bf16)
         self.fm = baselines.FloatModel.open(self.bf16)
-        from alphaq.analyze import analyze_model
+        from alphaq.spectral.analyze import analyze_model
 
         self.stats = analyze_model(self.bf16, progress=False)
         self._refs = None
@@ -140,7 +140,7 @@ class Bench:
     # ---- cached inputs -------------------------------------------------------------------------
     def refs(self):
         if self._refs is None:
-            from alphaq.evaluate import load_llama, reference_run
+            from alphaq.evaluate.perplexity import load_llama, reference_run
 
             ref = load_llama(self.bf16, self.n_ctx, n_threads=self.threads)
             self._refs = {d: reference_run(ref, (ROOT / "tests/fixtures/heldout" / f"{d}.txt").read_text(errors="replace"),
@@ -239,7 +239,7 @@ class Bench:
             scored = {d["n_scored"] for d in res.get("domains", {}).values()}
             if "error" in res or scored == {self.n_ctx // 2 * self.n_windows}:
                 return res  # else measured with another window count: measure again
-        from alphaq.evaluate import evaluate_vs_reference, load_llama
+        from alphaq.evaluate.perplexity import evaluate_vs_reference, load_llama
 
         t0 = time.time()
         try:
@@ -449,12 +449,12 @@ EXPERT_CONFIGS = {
 
 
 def torch_expert_granular(model: str, zoo: Path, work: Path, n_ctx: int, windows: int, budgets) -> list[dict]:
-    """KL(BF16 || plan) through alphaq.torch_ref for tensor- vs expert-granular AlphaQ plans at the
+    """KL(BF16 || plan) through alphaq.runtime.torch_ref for tensor- vs expert-granular AlphaQ plans at the
     same nominal budget; both granularities are quantised with ggml and run in float32 torch."""
     import torch
     from transformers import AutoTokenizer
 
-    from alphaq import torch_ref
+    from alphaq.runtime import torch_ref
 
     bench = Bench(zoo / model, work / model, n_ctx, windows, 1)
     tok = AutoTokenizer.from_pretrained(zoo / model)

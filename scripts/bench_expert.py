@@ -33,10 +33,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alphaq import runtime  # noqa: E402
-from alphaq.convert import ConvertConfig, run_convert  # noqa: E402
-from alphaq.expert_gguf import read_layouts  # noqa: E402
-from alphaq.plan import PlanConfig  # noqa: E402
+from alphaq.runtime import isolated as runtime  # noqa: E402
+from alphaq.pipeline.convert import ConvertConfig, run_convert  # noqa: E402
+from alphaq.gguf.expert import read_layouts  # noqa: E402
+from alphaq.allocate.plan import PlanConfig  # noqa: E402
 
 DOMAINS = ("prose", "code")
 # the patched llama.cpp's other graph for grouped projections (what GPUs run): a sum of masked
@@ -69,7 +69,7 @@ def scores(lp: np.ndarray, ref: np.ndarray, tokens: np.ndarray) -> dict:
 def tokens_of(bf16: Path, text: Path, n_ctx: int, windows: int) -> np.ndarray:
     import llama_cpp
 
-    from alphaq.evaluate import windows as make_windows
+    from alphaq.evaluate.perplexity import windows as make_windows
 
     llm = llama_cpp.Llama(model_path=str(bf16), vocab_only=True, verbose=False)
     return np.array(make_windows(llm, text.read_text(errors="replace"), n_ctx, windows))
@@ -117,8 +117,8 @@ def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups:
     tests/test_patched_runtime.py), decode/prefill against the unsplit file, paired rounds."""
     from gguf import GGMLQuantizationType
 
-    from alphaq.expert_gguf import ExpertGroups, write_expert_gguf
-    from alphaq.gguf_io import read_tensors
+    from alphaq.gguf.expert import ExpertGroups, write_expert_gguf
+    from alphaq.gguf.io import read_tensors
 
     split = tensor_file.with_name(tensor_file.stem + f"-split{groups}.gguf")
     layouts = {}

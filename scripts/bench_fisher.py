@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 def model_pieces(name: str, work: Path):
     """BF16 GGUF, own text, importance means, measured KL at Q4_K per tensor (llama.cpp)."""
-    from alphaq import baselines
+    from alphaq.evaluate import baselines
     from alphaq.damage import DamageConfig, Reference
     from alphaq.damage.measure import measure
-    from alphaq.forward import Session
+    from alphaq.runtime.forward import Session
     from alphaq.importance.collect import collect_imatrix
-    from alphaq.qtypes import llama_quantizes, resolve_types
+    from alphaq.gguf.qtypes import llama_quantizes, resolve_types
     from alphaq.selftext import SelfTextConfig, cached_sample
     from convert.hf_to_gguf import convert_hf
 
@@ -70,8 +70,8 @@ class TorchModel:
     def __init__(self, name: str, bf16: Path, names, tokens):
         import torch
 
-        from alphaq.imatrix import _arch_of
-        from alphaq.torch_ref import hf_targets, load_hf
+        from alphaq.importance.real_text import _arch_of
+        from alphaq.runtime.torch_ref import hf_targets, load_hf
 
         self.model = load_hf(ROOT / "tests" / "fixtures" / name)
         arch, n_blocks = _arch_of(bf16)
@@ -129,7 +129,7 @@ def quant_error(tm: TorchModel, name: str, means) -> list:
     from gguf import GGMLQuantizationType
 
     from alphaq.damage import quant_dequant
-    from alphaq.qtypes import effective_type
+    from alphaq.gguf.qtypes import effective_type
 
     m = means.get(name)
     out = []

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Memory of the forward stages at real shapes: llama.cpp's malloc'd copy against the memory-mapped
-model (alphaq.mapped), and the mapped model under a memory limit smaller than the model.
+model (alphaq.runtime.mapped), and the mapped model under a memory limit smaller than the model.
 
     python scripts/bench_mapped_memory.py [--blocks 2] [--limit-fraction 0.5] [--json bench/mapped-memory.json]
 
@@ -12,7 +12,7 @@ expert tensor in place and score a window (one measurement), and decode 32 steps
 gives the group's peak memory (page cache included) and, sampled every 0.2 s, the peak of its
 anonymous (private) memory. Cases:
 
-  copy            llama.cpp's malloc'd copy of the model (the forward stages before alphaq.mapped)
+  copy            llama.cpp's malloc'd copy of the model (the forward stages before alphaq.runtime.mapped)
   mapped          the memory-mapped model, no limit
   mapped-limited  mapped, with the group limited to --limit-fraction of the BF16 file: the
                   larger-than-RAM case, emulated (the kernel must drop and re-read the model's pages)
@@ -52,7 +52,7 @@ def child(mode: str, gguf: str) -> None:
     from gguf import GGMLQuantizationType
 
     from alphaq.damage import Swap
-    from alphaq.forward import Session
+    from alphaq.runtime.forward import Session
 
     out: dict = {}
     t = time.perf_counter()

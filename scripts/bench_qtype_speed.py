@@ -5,7 +5,7 @@
 
 The final quantise stage's time is set by the types a plan picks, not by the allocation: llama.cpp
 quantises Q3_K in a few ns per weight and the IQ grid types in hundreds. This measures it with the
-same ggml build llama_model_quantize uses (alphaq.ggml), one thread, on a seeded Gaussian matrix,
+same ggml build llama_model_quantize uses (alphaq.gguf.ggml), one thread, on a seeded Gaussian matrix,
 and reports each type's median time per weight against Q3_K's (the bulk of the stock Q3_K_M mix)
 in the same run. Random weights: the times are the quantiser's, not a quality measure.
 """
@@ -25,8 +25,8 @@ from gguf import GGMLQuantizationType
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alphaq.ggml import needs_imatrix, quantize  # noqa: E402
-from alphaq.qtypes import FULL_LADDER  # noqa: E402
+from alphaq.gguf.ggml import needs_imatrix, quantize  # noqa: E402
+from alphaq.gguf.qtypes import FULL_LADDER  # noqa: E402
 
 TYPES = (*FULL_LADDER, "IQ4_NL", "Q5_0", "Q5_1")  # the ladder and llama.cpp's shape fallbacks
 

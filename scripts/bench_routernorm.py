@@ -7,11 +7,11 @@
 For each benchmark model (.cache/zoo/NAME; BF16 GGUF .cache/bench/NAME/bf16.gguf, made by
 scripts/bench_eval.py or here) and stock mix MIX, every variant below gets target size = the stock
 mix's actual file size (as ``alphaq@MIX`` in bench_eval.py), the same candidates (IQ1_S…Q4_K),
-the same non-expert policy and the same knapsack (alphaq.plan); they differ only in the cost:
+the same non-expert policy and the same knapsack (alphaq.allocate.plan); they differ only in the cost:
 
   stock@MIX             llama.cpp's own mix (reference point; run in the patched runtime too)
   routernorm@MIX        paper 004 as we read its abstract: router-norm change Δ_e and max row
-                        variance v_e -> importance x Var·2^(-2b) (alphaq.baselines.RouterNormConfig)
+                        variance v_e -> importance x Var·2^(-2b) (alphaq.evaluate.baselines.RouterNormConfig)
   routernorm-delta@MIX  ablation: Δ_e only (no v_e promotion)
   routernorm-var@MIX    ablation: v_e promotion only (no Δ_e term)
   alphaq-g1@MIX         AlphaQ, γ = 1 (the repository default), expert granularity
@@ -55,11 +55,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_expert import bf16_of, scores, tokens_of
 
-from alphaq import baselines, runtime
+from alphaq.evaluate import baselines
+
+from alphaq.runtime import isolated as runtime
 from alphaq.errors import AlphaQError
-from alphaq.expert_gguf import read_layouts
-from alphaq.plan import PlanConfig, make_plan
-from alphaq.qtypes import DEFAULT_CANDIDATES
+from alphaq.gguf.expert import read_layouts
+from alphaq.allocate.plan import PlanConfig, make_plan
+from alphaq.gguf.qtypes import DEFAULT_CANDIDATES
 
 DOMAINS = ("prose", "code")
 MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")  # bench_eval.CAL_MIXES
@@ -98,7 +100,7 @@ class Bench:
 
     def __init__(self, name: str, zoo: Path, work: Path, n_ctx: int, windows: int, threads: int,
                  types: tuple[str, ...] = DEFAULT_CANDIDATES):
-        from alphaq.analyze import analyze_model
+        from alphaq.spectral.analyze import analyze_model
         from convert.patched import ensure_site
 
         self.name, self.hf_dir, self.n_ctx, self.windows, self.threads = name, zoo / name, n_ctx, windows, threads

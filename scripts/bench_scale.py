@@ -82,7 +82,7 @@ _STOCK_TIMED = r"""
 import sys, subprocess, time
 from pathlib import Path
 from convert.vendor import ensure_vendor
-from alphaq.quantize import quantize_stock
+from alphaq.gguf.quantize import quantize_stock
 model, work = Path(sys.argv[1]), Path(sys.argv[2])
 t0 = time.perf_counter()
 subprocess.run([sys.executable, "-m", "convert.run_upstream", str(ensure_vendor()), str(model),

@@ -45,13 +45,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alphaq import baselines  # noqa: E402
+from alphaq.evaluate import baselines  # noqa: E402
 from alphaq.damage import DamageConfig, Reference  # noqa: E402
 from alphaq.damage.measure import measure  # noqa: E402
 from alphaq.errors import AlphaQError  # noqa: E402
-from alphaq.plan import MODES, PlanConfig, make_plan  # noqa: E402
-from alphaq.qtypes import llama_quantizes, resolve_types  # noqa: E402
-from alphaq.quantize import IMATRIX_MIXES, quantize_gguf  # noqa: E402
+from alphaq.allocate.plan import MODES, PlanConfig, make_plan  # noqa: E402
+from alphaq.gguf.qtypes import llama_quantizes, resolve_types  # noqa: E402
+from alphaq.gguf.quantize import IMATRIX_MIXES, quantize_gguf  # noqa: E402
 
 GRID = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K_S",
         "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
@@ -61,7 +61,7 @@ log = logging.getLogger("bench_selfcal")
 
 class Model:
     def __init__(self, name: str, work: Path, n_ctx: int, windows: int, variants=()):
-        from alphaq.evaluate import load_llama, reference_run
+        from alphaq.evaluate.perplexity import load_llama, reference_run
         from convert.hf_to_gguf import convert_hf
 
         self.name, self.work, self.n_ctx, self.variants = name, work, n_ctx, tuple(variants)
@@ -80,7 +80,7 @@ class Model:
         self._calibrate()
 
     def _real_text(self, domain: str | None = None) -> str:
-        from alphaq.corpus import read_text
+        from alphaq.evaluate.corpus import read_text
 
         if domain is not None:  # one domain only (the domain-bias study)
             return read_text(domain, "val", max_chars=80_000)
@@ -91,8 +91,8 @@ class Model:
 
     def _calibrate(self) -> None:
         """Self text and real text: importance matrices and damage tables (estimate and direct)."""
-        from alphaq.evaluate import load_llama, windows
-        from alphaq.forward import Session
+        from alphaq.evaluate.perplexity import load_llama, windows
+        from alphaq.runtime.forward import Session
         from alphaq.importance.collect import collect_imatrix
         from alphaq.selftext import SelfTextConfig, cached_sample
 
@@ -183,7 +183,7 @@ class Model:
 
     def spectral(self):
         if not hasattr(self, "_stats"):
-            from alphaq.analyze import analyze_model
+            from alphaq.spectral.analyze import analyze_model
 
             self._stats = analyze_model(self.bf16, progress=False)
         return self._stats
@@ -191,7 +191,7 @@ class Model:
     # -- scoring ------------------------------------------------------------------------------------
 
     def score(self, path: Path) -> dict:
-        from alphaq.evaluate import load_llama, window_logprobs
+        from alphaq.evaluate.perplexity import load_llama, window_logprobs
 
         llm = load_llama(path, self.n_ctx)
         out = {"bytes": path.stat().st_size}

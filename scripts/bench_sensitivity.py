@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from gguf import GGMLQuantizationType
 
-from alphaq import baselines
-from alphaq.costs import importance_weights
-from alphaq.plan import llama_quantizes
-from alphaq.qtypes import nominal_bits
+from alphaq.evaluate import baselines
+from alphaq.allocate.costs import importance_weights
+from alphaq.allocate.plan import llama_quantizes
+from alphaq.gguf.qtypes import nominal_bits
 
 DOMAINS = ("prose", "code")
 
@@ -51,8 +51,8 @@ def main() -> int:
     args = p.parse_args()
     from scipy.stats import spearmanr
 
-    from alphaq.analyze import analyze_model
-    from alphaq.evaluate import evaluate_vs_reference, load_llama, reference_run
+    from alphaq.spectral.analyze import analyze_model
+    from alphaq.evaluate.perplexity import evaluate_vs_reference, load_llama, reference_run
 
     work = args.work / args.model / "sensitivity"
     work.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def main() -> int:
     base_types = {t.name: GGMLQuantizationType.Q8_0 for t in fm.tensors if llama_quantizes(t.name, t.shape)}
     base = work / "base-q8_0.gguf"
     if not base.exists():
-        from alphaq.quantize import quantize_gguf
+        from alphaq.gguf.quantize import quantize_gguf
 
         quantize_gguf(bf16, base, base_types, nthread=args.threads)
     texts = {d: (ROOT / "tests/fixtures/heldout" / f"{d}.txt").read_text(errors="replace") for d in DOMAINS}
@@ -96,7 +96,7 @@ def main() -> int:
         t0 = time.time()
         out = work / f"{name.removesuffix('.weight')}-{args.type}.gguf"
         if not out.exists():
-            from alphaq.quantize import quantize_gguf
+            from alphaq.gguf.quantize import quantize_gguf
 
             quantize_gguf(bf16, out, {**base_types, name: qt}, nthread=args.threads)
         llm = load_llama(out, args.n_ctx, n_threads=args.threads)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the exact MCKP solvers of alphaq.solver (not a test; figures go to docs/ALLOCATION.md).
+"""Benchmark the exact MCKP solvers of alphaq.allocate.solver (not a test; figures go to docs/ALLOCATION.md).
 
 Instances follow the paper's Eq. 4-5: item i is a matrix with N_i parameters (a few MoE shapes),
 option b in {1, 2, 3, 4, 5} nominal bits costs eta = w_i * Var_i * 2^(-2b) with log-normal
@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from alphaq.solver import solve_mckp
+from alphaq.allocate.solver import solve_mckp
 
 
 def paper_instance(rng: np.random.Generator, n: int, m: int):
@@ -63,7 +63,7 @@ def bench_solvers(args) -> None:
 
 
 def bench_plan(args) -> None:
-    from alphaq.plan import PlanConfig, TensorInfo, make_plan
+    from alphaq.allocate.plan import PlanConfig, TensorInfo, make_plan
     from alphaq.records import MatrixStats
 
     rng = np.random.default_rng(args.seed)

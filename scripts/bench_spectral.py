@@ -2,8 +2,8 @@
 """Benchmark the spectral engine against the plain oracle, same matrices, same run.
 
 Random BF16 expert matrices in the shapes of Mixtral-8x7B, Qwen1.5-MoE, OLMoE and Qwen3-MoE.
-For each shape: ms/matrix of the production path (`alphaq.spectral.analyze_matrix`: batched
-float64 Gram eigenvalues from alphaq/native.c + pruned KS search) and of the oracle from tests/test_spectral.py
+For each shape: ms/matrix of the production path (`alphaq.spectral.alpha.analyze_matrix`: batched
+float64 Gram eigenvalues from alphaq/spectral/native.c + pruned KS search) and of the oracle from tests/test_spectral.py
 (one numpy float64 SVD per 256x256 block, a Python loop over xmin candidates), the speed-up,
 and whether both give the same alpha and tail size k. A second table checks the float32
 eigvalsh shortcut against the oracle (why the production path stays in float64).
@@ -13,7 +13,7 @@ eigvalsh shortcut against the oracle (why the production path stays in float64).
     python scripts/bench_spectral.py --baseline-root /tmp/base   # also time another checkout's engine
 
 Production path and oracle (and the baseline engine, with --baseline-root: the
-alphaq/spectral.py of another checkout, e.g. ``git archive HEAD | tar -x -C /tmp/base``) are
+alphaq/spectral/alpha.py of another checkout, e.g. ``git archive HEAD | tar -x -C /tmp/base``) are
 timed in alternating rounds, so load drift on the shared machine hits all alike; speed-ups are
 ratios of medians. The oracle runs once on shapes above --oracle-once-above parameters (it is
 O(N^2) there). numpy's OpenBLAS is pinned to one thread (see below); torch keeps its default
@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from alphaq import native  # noqa: E402
-from alphaq.spectral import SpectralConfig, analyze_matrix, farms_grid, hill_alpha  # noqa: E402
+from alphaq.spectral import native  # noqa: E402
+from alphaq.spectral.alpha import SpectralConfig, analyze_matrix, farms_grid, hill_alpha  # noqa: E402
 from test_spectral import oracle_alpha, oracle_eigs  # noqa: E402  (the one oracle, shared with tests)
 
 SHAPES = {
@@ -76,7 +76,7 @@ def alternating(fns: dict, repeats: dict) -> tuple[dict, dict]:
 
 
 def load_baseline(root: Path):
-    """alphaq/spectral.py of another checkout, as a separate module."""
+    """alphaq/spectral/alpha.py of another checkout, as a separate module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("baseline_spectral", root / "alphaq" / "spectral.py")
@@ -124,7 +124,7 @@ def main() -> int:
     p.add_argument("--oracle-once-above", type=float, default=20e6, help="params; oracle runs once above")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--no-oracle", action="store_true", help="time the production path only")
-    p.add_argument("--baseline-root", type=Path, help="also time this checkout's alphaq/spectral.py")
+    p.add_argument("--baseline-root", type=Path, help="also time this checkout's alphaq/spectral/alpha.py")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -160,7 +160,7 @@ def main() -> int:
                 fns["floor1"] = lambda: np.linalg.eigvalsh(grams)
                 fns["floor"] = lambda: list(pool.map(np.linalg.eigvalsh, np.array_split(grams, cores)))
                 reps["floor1"] = reps["floor"] = args.repeats
-                if native.available():  # what the production path uses instead (alphaq/native.c)
+                if native.available():  # what the production path uses instead (alphaq/spectral/native.c)
                     fns["native1"] = lambda: native.symmetric_eigenvalues(grams)
                     reps["native1"] = args.repeats
             for fn in fns.values():
@@ -211,7 +211,7 @@ def main() -> int:
     print("\n## the eigensolver: LAPACK's floor and the native kernel\n")
     print("Every block needs one float64 256x256 symmetric eigensolve. LAPACK's (numpy eigvalsh) alone,")
     print("on one thread per core, bounded the speed-up of an eigvalsh-based path from above; the")
-    print("production path uses alphaq/native.c instead (same Gram matrices, same run, 1 thread).\n")
+    print("production path uses alphaq/spectral/native.c instead (same Gram matrices, same run, 1 thread).\n")
     print("| shape | blocks | eigvalsh ms (1 thread) | native ms (1 thread) | native speed-up | threads | "
           "eigvalsh ms (threads) | eigvalsh ceiling | measured speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -20,7 +20,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
 
-    from alphaq.convert import load_plan_from_gguf
+    from alphaq.pipeline.convert import load_plan_from_gguf
 
     plan = load_plan_from_gguf(args.gguf)
     per_type = Counter()

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alphaq import corpus  # noqa: E402
+from alphaq.evaluate import corpus  # noqa: E402
 
 log = logging.getLogger("train_tiny_moe")
 

@@ -1,4 +1,4 @@
-"""alphaq.analyze / alphaq analyze: fixtures, CSV, cache, CLI, plots."""
+"""alphaq.spectral.analyze / alphaq analyze: fixtures, CSV, cache, CLI, plots."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import alphaq.analyze as analyze_mod
-from alphaq.analyze import analyze_model, read_csv, write_csv
+import alphaq.spectral.analyze as analyze_mod
+from alphaq.spectral.analyze import analyze_model, read_csv, write_csv
 from alphaq.cli import main as cli_main
 from alphaq.errors import AlphaQError
 from alphaq.plots import expert_alpha_grid, write_plots
 from alphaq.records import MatrixStats
-from alphaq.spectral import SpectralConfig
+from alphaq.spectral.alpha import SpectralConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_DIRS = sorted(p.parent for p in FIXTURES.glob("*/config.json"))
@@ -321,7 +321,7 @@ def test_background_throttle_lowers_the_analysing_thread_while_limited():
 def test_hf_reader_gives_torch_float32_values(dtype, tmp_path):
     """HF weights are read with plain preads (no memory map, no torch): every matrix, expert slice
     and fused gate/up half equals safetensors + torch's own float32 conversion."""
-    from alphaq.weights import open_model
+    from alphaq.model.weights import open_model
 
     src = next((d for d in FIXTURE_DIRS if d.name == "qwen3moe"), None) or pytest.fail("no qwen3moe fixture")
     with safe_open(src / "model.safetensors", framework="pt") as f:

@@ -21,7 +21,7 @@ def test_plan_and_analyze_from_python(float_ggufs):
     assert stats and all(s.tensor for s in stats)
     p = alphaq.plan(float_ggufs["qwen3moe"], target_size="2MiB")
     assert p.totals.predicted_file_bytes <= 2 * 2**20
-    from alphaq.convert import run_convert  # the modules stay importable beside the callables
+    from alphaq.pipeline.convert import run_convert  # the modules stay importable beside the callables
 
     assert callable(run_convert) and callable(alphaq.convert)
 

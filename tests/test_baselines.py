@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 
-from alphaq import baselines
+from alphaq.evaluate import baselines
 from alphaq.errors import AlphaQError
-from alphaq.plan import PlanConfig
+from alphaq.allocate.plan import PlanConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 Q = GGMLQuantizationType
@@ -23,7 +23,7 @@ Q = GGMLQuantizationType
 
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory, float_ggufs):
-    from alphaq.analyze import analyze_model
+    from alphaq.spectral.analyze import analyze_model
 
     out = tmp_path_factory.mktemp("baselines")
     bf16 = float_ggufs["mixtral"]
@@ -34,8 +34,8 @@ def mixtral(tmp_path_factory, float_ggufs):
 
 @pytest.fixture(scope="module")
 def imatrix(mixtral):
-    from alphaq.corpus import read_text
-    from alphaq.imatrix import ImatrixConfig, compute_imatrix
+    from alphaq.evaluate.corpus import read_text
+    from alphaq.importance.real_text import ImatrixConfig, compute_imatrix
 
     fm, _, _ = mixtral
     text = read_text("prose", "val", max_chars=30_000)
@@ -71,7 +71,7 @@ def test_imatrix_matches_hidden_states_oracle(mixtral, imatrix):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alphaq.corpus import read_text
+    from alphaq.evaluate.corpus import read_text
 
     model = AutoModelForCausalLM.from_pretrained(FIXTURES / "mixtral", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(FIXTURES / "mixtral")
@@ -177,7 +177,7 @@ def test_router_norm_costs_match_an_oracle_from_the_files(mixtral):
     gate_inp = {t.name: np.asarray(t.data, np.float64) for t in reader.tensors if t.name.endswith("ffn_gate_inp.weight")}
     assert len(gate_inp) == 2
     slices = {}
-    from alphaq.weights import open_model
+    from alphaq.model.weights import open_model
 
     with open_model(fm.path) as w:
         for m in w.matrices():
@@ -215,8 +215,8 @@ def test_router_norm_costs_match_an_oracle_from_the_files(mixtral):
 def test_calibrated_loss_weights_each_expert_by_its_own_activations(mixtral, imatrix):
     """measure_table with an imatrix: slice (tensor, e) is weighted by columns e*cols..(e+1)*cols
     of that tensor's (expert-major) imatrix vector, i.e. the loss on the calibration text."""
-    from alphaq import costs
-    from alphaq.weights import open_model
+    from alphaq.allocate import costs
+    from alphaq.model.weights import open_model
 
     fm, stats, _ = mixtral
     cfg = PlanConfig(noise="measured", mse_rows=16)
@@ -239,7 +239,7 @@ def test_alpha_only_costs_are_importance_times_bits_without_variance(mixtral):
     plan it solves is the brute-force optimum of those costs under the budget."""
     import itertools
 
-    from alphaq.qtypes import nominal_bits
+    from alphaq.gguf.qtypes import nominal_bits
 
     fm, stats, _ = mixtral
     cfg = PlanConfig(budget=2.5, noise="measured", gamma=0.0)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from alphaq.cli import main as cli_main
-from alphaq.convert import ConvertConfig, load_plan_from_gguf, run_convert
-from alphaq.evaluate import perplexity
-from alphaq.gguf_io import read_tensors
-from alphaq.plan import PlanConfig
-from alphaq.qtypes import effective_type, nominal_bits, resolve_type
-from alphaq.quantize import quantize_stock
+from alphaq.pipeline.convert import ConvertConfig, load_plan_from_gguf, run_convert
+from alphaq.evaluate.perplexity import perplexity
+from alphaq.gguf.io import read_tensors
+from alphaq.allocate.plan import PlanConfig
+from alphaq.gguf.qtypes import effective_type, nominal_bits, resolve_type
+from alphaq.gguf.quantize import quantize_stock
 from conftest import FIXTURES, MODEL_FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_header_reader_matches_gguf_py(float_ggufs, tmp_path):
     """read_tensors/header_bytes parse the header themselves (gguf-py's reader is ~50x slower):
     same records and data offset on every fixture's float GGUF, on quantised files, and on a
     file with a non-default alignment and every kind of key/value."""
-    from alphaq import gguf_io
+    from alphaq.gguf import io as gguf_io
 
     files = list(float_ggufs.values())
     for mix in ("Q2_K", "Q4_K_M"):
@@ -167,8 +167,8 @@ def test_only_the_allocated_matrices_are_analysed(source, float_ggufs, cache_dir
     (attention and shared experts get fixed types), and the plan is what analysing every matrix
     gave (only the fixed tensors' reason now says "not analysed"); with --allocate all
     everything is analysed."""
-    import alphaq.analyze as analyze_mod
-    import alphaq.convert as convert_mod
+    import alphaq.spectral.analyze as analyze_mod
+    import alphaq.pipeline.convert as convert_mod
 
     seen = []
     real = analyze_mod.analyze_weight
@@ -245,7 +245,7 @@ def test_hf_weights_that_the_converter_rounds_are_analysed_from_its_output(tmp_p
     values, not from the F32 safetensors."""
     from safetensors.torch import load_file, save_file
 
-    from alphaq.analyze import analyze_model
+    from alphaq.spectral.analyze import analyze_model
     from convert.hf_to_gguf import convert_hf
 
     d = tmp_path / "f32"
@@ -268,7 +268,7 @@ def test_converter_failure_stops_the_analysis_and_is_reported(tmp_path, capsys, 
     failure has cancelled the analysis (an event), so this holds under any load."""
     import threading
 
-    import alphaq.analyze as analyze_mod
+    import alphaq.spectral.analyze as analyze_mod
 
     d = tmp_path / "bad-tokenizer"
     shutil.copytree(FIXTURES / "mixtral", d)
@@ -406,8 +406,8 @@ def test_convert_alphaq_script_runs_as_documented(tmp_path):
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
 def test_quantisable_rule_matches_llama_cpp_dry_run(name, float_ggufs):
     """Which tensors llama.cpp re-types (our qtypes.llama_quantizes) equals its own decisions."""
-    from alphaq.qtypes import llama_quantizes
-    from alphaq.quantize import stock_mix_types
+    from alphaq.gguf.qtypes import llama_quantizes
+    from alphaq.gguf.quantize import stock_mix_types
 
     src = float_ggufs[name]
     decided = stock_mix_types(src, "Q4_K_M")
@@ -428,7 +428,7 @@ def test_measured_noise_and_target_size_convert(float_ggufs, cache_dir, tmp_path
 def test_warnings_of_the_run_are_repeated_in_the_summary(float_ggufs, tmp_path, capsys, monkeypatch):
     """No silent fallback: the spectral stage on numpy (the C kernel failed to build) is a WARNING
     in the log and a line of the summary, with the compiler's error."""
-    from alphaq import native
+    from alphaq.spectral import native
 
     why = "compiling native.c with cc failed: -O3: native.c:1:1: error: test"
     monkeypatch.setattr(native, "_state", {"error": why})

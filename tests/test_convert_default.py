@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from alphaq.cli import main as cli_main
-from alphaq.convert import stock_size
-from alphaq.gguf_io import read_tensors
+from alphaq.pipeline.convert import stock_size
+from alphaq.gguf.io import read_tensors
 from alphaq.importance.imatrix_file import Imatrix, read_imatrix, write_imatrix
-from alphaq.qtypes import llama_quantizes
+from alphaq.gguf.qtypes import llama_quantizes
 
 
 def _convert(model, out, *args):
@@ -102,12 +102,12 @@ def test_a_users_imatrix_file_is_used(legacy, float_ggufs, tmp_path, capsys):
 
 
 def test_fast_and_paper_modes_run_no_forward_pass(float_ggufs, tmp_path, monkeypatch):
-    import alphaq.forward
+    import alphaq.runtime.forward
 
     def refuse(*a, **k):
         raise AssertionError("a forward pass ran")
 
-    monkeypatch.setattr(alphaq.forward.Session, "__init__", refuse)
+    monkeypatch.setattr(alphaq.runtime.forward.Session, "__init__", refuse)
     for mode in ("--fast", "--paper"):
         out = tmp_path / f"o{mode}.gguf"
         assert _convert(float_ggufs["mixtral"], out, mode, "--budget", "3") == 0

@@ -15,9 +15,9 @@ from matplotlib.image import imread
 
 import alphaq
 from alphaq.cli import main as cli_main
-from alphaq.convert import tensor_infos
-from alphaq.gguf_io import FLOAT_TYPES, read_tensors
-from alphaq.plan import MODES, PlanConfig, make_plan
+from alphaq.pipeline.convert import tensor_infos
+from alphaq.gguf.io import FLOAT_TYPES, read_tensors
+from alphaq.allocate.plan import MODES, PlanConfig, make_plan
 from alphaq.plots import (
     BYTES_PNG,
     DAMAGE_EXPERTS_PNG,
@@ -33,7 +33,7 @@ from alphaq.plots import (
     type_map,
     write_convert_plots,
 )
-from alphaq.qtypes import effective_type, resolve_type, true_bpw
+from alphaq.gguf.qtypes import effective_type, resolve_type, true_bpw
 
 MODEL = "qwen2moe"  # the smallest fixture
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-from alphaq import corpus
+from alphaq.evaluate import corpus
 
 
 def test_splits_are_disjoint_and_cover_both_domains():

@@ -38,7 +38,7 @@ def work(tmp_path, monkeypatch) -> Path:
     w = tmp_path / "work"
     w.mkdir()
     monkeypatch.chdir(w)
-    import alphaq.analyze
+    import alphaq.spectral.analyze
     import alphaq.damage.run
     import convert.hf_to_gguf
 
@@ -47,7 +47,7 @@ def work(tmp_path, monkeypatch) -> Path:
 
     monkeypatch.setattr(convert.hf_to_gguf, "start_convert_hf", started)
     monkeypatch.setattr(convert.hf_to_gguf, "convert_hf", started)
-    monkeypatch.setattr(alphaq.analyze, "analyze_weight", started)
+    monkeypatch.setattr(alphaq.spectral.analyze, "analyze_weight", started)
     monkeypatch.setattr(alphaq.damage.run, "self_calibrate", started)
     return w
 
@@ -121,10 +121,10 @@ def test_the_early_range_is_the_solvers_exact_range(mode, float_ggufs):
 
     from gguf import GGMLQuantizationType
 
-    from alphaq.convert import tensor_infos
-    from alphaq.feasibility import matrix_tensors
-    from alphaq.plan import MODES, PlanConfig, budget_range, make_plan
-    from alphaq.weights import open_model
+    from alphaq.pipeline.convert import tensor_infos
+    from alphaq.allocate.feasibility import matrix_tensors
+    from alphaq.allocate.plan import MODES, PlanConfig, budget_range, make_plan
+    from alphaq.model.weights import open_model
 
     gguf_file = float_ggufs[MODEL]
     tensors = tensor_infos(gguf_file)
@@ -147,9 +147,9 @@ def test_the_size_range_contains_what_the_solver_finds(float_ggufs):
     """The file-size range checked before any work is a safe outer bound of the exact one: the
     smallest and largest plans the solver makes for the BF16 GGUF lie inside the range of both
     the GGUF and the HF checkpoint, and 10 % below the smallest is refused."""
-    from alphaq.convert import tensor_infos
-    from alphaq.feasibility import check_budget
-    from alphaq.plan import MODES, PlanConfig, budget_range
+    from alphaq.pipeline.convert import tensor_infos
+    from alphaq.allocate.feasibility import check_budget
+    from alphaq.allocate.plan import MODES, PlanConfig, budget_range
 
     hf, gguf_file = FIXTURES / MODEL, float_ggufs[MODEL]
     fast = {**MODES["fast"], "budget": 3.0}
@@ -165,10 +165,10 @@ def test_the_size_range_contains_what_the_solver_finds(float_ggufs):
 
 
 def test_the_budget_is_checked_once_before_any_work(tmp_path, work, monkeypatch):
-    """convert checks the budget once (alphaq.feasibility.check_budget into alphaq.plan's check):
+    """convert checks the budget once (alphaq.allocate.feasibility.check_budget into alphaq.allocate.plan's check):
     the shapes are derived once, the plan's checks and the range run once each."""
-    import alphaq.feasibility
-    import alphaq.plan
+    import alphaq.allocate.feasibility
+    import alphaq.allocate.plan
 
     calls = {"matrix_tensors": 0, "_setup": 0, "check_budget_range": 0}
 
@@ -181,10 +181,10 @@ def test_the_budget_is_checked_once_before_any_work(tmp_path, work, monkeypatch)
 
         monkeypatch.setattr(module, name, spy)
 
-    counted(alphaq.feasibility, "matrix_tensors")
-    counted(alphaq.plan, "_setup")
-    counted(alphaq.plan, "check_budget_range")
-    import alphaq.convert as convert_mod
+    counted(alphaq.allocate.feasibility, "matrix_tensors")
+    counted(alphaq.allocate.plan, "_setup")
+    counted(alphaq.allocate.plan, "check_budget_range")
+    import alphaq.pipeline.convert as convert_mod
 
     class Reached(Exception):
         pass
@@ -201,8 +201,8 @@ def test_the_budget_is_checked_once_before_any_work(tmp_path, work, monkeypatch)
 def test_pins_move_the_reachable_range(tmp_path):
     """The range from shapes holds without pins only: a tensor pinned above the candidates lifts
     the largest bpw, so the range is not checked then (make_plan's own checks are)."""
-    from alphaq.feasibility import check_budget
-    from alphaq.plan import MODES, PlanConfig
+    from alphaq.allocate.feasibility import check_budget
+    from alphaq.allocate.plan import MODES, PlanConfig
 
     cfg = {**MODES["fast"], "budget_mode": "bpw", "budget": 5.0}
     with pytest.raises(alphaq.BudgetError, match="--bpw 5 is above the largest achievable"):
@@ -214,7 +214,7 @@ def test_pins_move_the_reachable_range(tmp_path):
 
 
 def test_quantiser_failure_is_a_quantize_error_with_llama_cpps_reason(tmp_path):
-    from alphaq.quantize import quantize_stock
+    from alphaq.gguf.quantize import quantize_stock
 
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + bytes(60))
@@ -241,7 +241,7 @@ def test_python_front_door_raises_the_kinds(tmp_path, work):
 
 @pytest.fixture
 def crashing(monkeypatch):
-    import alphaq.convert as convert_mod
+    import alphaq.pipeline.convert as convert_mod
 
     def crash(cfg, announce=None):
         raise ValueError("something\nbroke")

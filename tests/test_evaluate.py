@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alphaq.evaluate import (
+from alphaq.evaluate.perplexity import (
     evaluate_text,
     evaluate_vs_reference,
     load_llama,
@@ -19,7 +19,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory, float_ggufs):
-    from alphaq.quantize import quantize_stock
+    from alphaq.gguf.quantize import quantize_stock
 
     out = tmp_path_factory.mktemp("evaluate")
     bf16 = float_ggufs["mixtral"]
@@ -80,7 +80,7 @@ def numpy_kl(p_logits, q_logits) -> np.ndarray:
 
 
 class FixedLogits:
-    """Stands in for llama_cpp.Llama in alphaq.evaluate: the same logits for any window."""
+    """Stands in for llama_cpp.Llama in alphaq.evaluate.perplexity: the same logits for any window."""
 
     def __init__(self, logits):
         self.logits, self.scores = logits, None
@@ -118,7 +118,7 @@ def test_kl_is_reference_to_model_against_numpy():
     np.testing.assert_allclose(kl_per_token(log_softmax(ref_logits), log_softmax(model_logits)),
                                numpy_kl(ref_logits, model_logits), rtol=1e-9)
 
-    class Session:  # alphaq.forward.Session's one method Reference uses
+    class Session:  # alphaq.runtime.forward.Session's one method Reference uses
         def __init__(self, logits):
             self.out = logits
 

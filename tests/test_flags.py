@@ -20,11 +20,11 @@ import alphaq
 from alphaq.cli import build_parser
 from alphaq.cli import main as cli_main
 from alphaq.commands.convert import _with_pins
-from alphaq.convert import ConvertConfig, run_convert
+from alphaq.pipeline.convert import ConvertConfig, run_convert
 from alphaq.errors import AlphaQError
-from alphaq.gguf_io import read_tensors
-from alphaq.plan import PlanConfig, TensorInfo, make_plan, plan_pins
-from alphaq.qtypes import effective_type, llama_quantizes, nominal_bits
+from alphaq.gguf.io import read_tensors
+from alphaq.allocate.plan import PlanConfig, TensorInfo, make_plan, plan_pins
+from alphaq.gguf.qtypes import effective_type, llama_quantizes, nominal_bits
 from conftest import FIXTURES
 from test_plan import moe_model
 
@@ -54,7 +54,7 @@ def _expected_types(path: Path, cfg: PlanConfig, default: T) -> dict[str, T]:
 
 
 def _dry_run_types(lines) -> dict[str, T]:
-    from alphaq.quantize import _DRY_RUN_LINE
+    from alphaq.gguf.quantize import _DRY_RUN_LINE
 
     out = {}
     for line in lines:
@@ -84,7 +84,7 @@ def test_pins_take_the_tensors_llama_quantiser_gives_them(model_gguf):
     of every tensor equals alphaq's resolution, shape fallback included."""
     import llama_cpp
 
-    from alphaq.quantize import _captured_log
+    from alphaq.gguf.quantize import _captured_log
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread, params.pure, params.dry_run = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 1, True, True
@@ -284,7 +284,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_flags_are_one_line_before_any_work(case, tmp_path, capsys, monkeypatch):
-    import alphaq.convert as convert_mod
+    import alphaq.pipeline.convert as convert_mod
 
     def expensive(*a, **k):
         raise AssertionError("reached the float model stage")

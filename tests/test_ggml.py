@@ -1,4 +1,4 @@
-"""alphaq.ggml (ctypes to libggml-base) against gguf-py's reference quantisers and dequantisers."""
+"""alphaq.gguf.ggml (ctypes to libggml-base) against gguf-py's reference quantisers and dequantisers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize as gguf_quantize
 
-from alphaq import costs, ggml, qtypes
+from alphaq.allocate import costs
+
+from alphaq.gguf import ggml
+
+from alphaq.gguf import qtypes
 from alphaq.errors import AlphaQError
 
 

@@ -107,7 +107,7 @@ def test_gguf_empty_dataset_list_is_still_written(tmp_path):
 
 
 def _libggml():
-    from alphaq.ggml import find_libggml
+    from alphaq.gguf.ggml import find_libggml
 
     try:
         lib = ctypes.CDLL(str(find_libggml()))

@@ -10,10 +10,10 @@ import gguf
 import numpy as np
 import pytest
 
-from alphaq.forward import Session
+from alphaq.runtime.forward import Session
 from alphaq.importance.collect import collect_imatrix
 from alphaq.importance.imatrix_file import read_imatrix, write_imatrix
-from alphaq.quantize import quantize_stock
+from alphaq.gguf.quantize import quantize_stock
 from alphaq.selftext import SelfTextConfig, sample
 
 

@@ -1,8 +1,8 @@
 """kernels/: Triton dequantisation, fused matmuls and grouped MoE against gguf-py and torch.
 
-References: gguf-py 0.19.0's ``gguf.quants.dequantize`` (bit for bit) and ``alphaq.kernels.torch_ref``
+References: gguf-py 0.19.0's ``gguf.quants.dequantize`` (bit for bit) and ``alphaq.runtime.kernels.torch_ref``
 (gguf-py dequantisation + an fp32 torch matmul), itself checked against a dense einsum here.
-Weights are quantised by libggml's own quantiser (``alphaq.ggml``; all-ones imatrix for IQ1_S).
+Weights are quantised by libggml's own quantiser (``alphaq.gguf.ggml``; all-ones imatrix for IQ1_S).
 
 The Triton tests run on CPU under TRITON_INTERPRET=1 (set below unless already set); with
 TRITON_INTERPRET=0 on a CUDA machine they run on the GPU. Without Triton (an optional extra) they
@@ -20,10 +20,10 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from alphaq import ggml
+from alphaq.gguf import ggml
 from alphaq.errors import AlphaQError
-from alphaq.kernels import layouts, torch_ref
-from alphaq.kernels.layouts import GroupedExperts
+from alphaq.runtime.kernels import layouts, torch_ref
+from alphaq.runtime.kernels.layouts import GroupedExperts
 
 # Triton reads TRITON_INTERPRET when it is first imported (its own @jit helpers such as tl.zeros),
 # when each kernel module is imported and at every launch, so it is set before anything imports
@@ -44,7 +44,7 @@ def ids_of(t: Q) -> str:
 @pytest.fixture(scope="module")
 def tk(triton_device) -> SimpleNamespace:
     """The Triton kernel modules and the device they run on."""
-    from alphaq.kernels import dequant, matmul, moe
+    from alphaq.runtime.kernels import dequant, matmul, moe
 
     return SimpleNamespace(dequant=dequant, matmul=matmul, moe=moe, device=triton_device)
 
@@ -217,7 +217,7 @@ def test_dequantize_to_half_rounds_like_torch(tk, t, out_dtype):
 
 
 def test_bf16_output_rounds_ties_to_even_and_keeps_specials(tk):
-    """The integer rounding in alphaq.kernels.dequant.to_output on the cases that tell rounding modes apart."""
+    """The integer rounding in alphaq.runtime.kernels.dequant.to_output on the cases that tell rounding modes apart."""
     values = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), 3.3961e38, -3.3961e38, np.inf,
                        -np.inf, 0.0, -0.0, 1e-40, -1e-40, np.nan, -np.nan] * 4, dtype=np.float32)
     data = torch.from_numpy(values.view(np.uint8).reshape(4, -1))

@@ -1,4 +1,4 @@
-"""The forward stages' memory-mapped model (alphaq.mapped): the same numbers as llama.cpp's malloc'd
+"""The forward stages' memory-mapped model (alphaq.runtime.mapped): the same numbers as llama.cpp's malloc'd
 copy, weights written copy-on-write and reverted to the file, and no private copy of the model."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
-from alphaq import mapped
+from alphaq.runtime import mapped
 from alphaq.damage import Swap
-from alphaq.forward import Session
+from alphaq.runtime.forward import Session
 
 pytestmark = pytest.mark.skipif(not mapped.available(), reason="copy-on-write mapping needs Linux /proc/self/maps")
 

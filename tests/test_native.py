@@ -1,4 +1,4 @@
-"""alphaq.native (the spectral stage's compiled kernels) against LAPACK and numpy: eigvalsh for the
+"""alphaq.spectral.native (the spectral stage's compiled kernels) against LAPACK and numpy: eigvalsh for the
 symmetric matrices, scipy's eigvalsh_tridiagonal for the QL half, np.var for the moments."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from alphaq import native, spectral
-from alphaq.spectral import SpectralConfig, farms_eigenvalues, hill_alpha
+from alphaq.spectral import native
+
+from alphaq.spectral import alpha as spectral
+from alphaq.spectral.alpha import SpectralConfig, farms_eigenvalues, hill_alpha
 
 def any_backend(test):
     """Marks a test that runs with or without the compiled kernel."""
@@ -116,7 +118,7 @@ def test_out_of_range_input_is_refused_and_lapack_takes_the_batch(caplog):
     grams[1] *= 1e160
     with pytest.raises(np.linalg.LinAlgError, match="matrix 1 of 3"):
         native.symmetric_eigenvalues(grams)
-    with caplog.at_level(logging.WARNING, logger="alphaq.spectral"):
+    with caplog.at_level(logging.WARNING, logger="alphaq.spectral.alpha"):
         got = spectral._gram_eigenvalues(grams)
     np.testing.assert_array_equal(got, np.linalg.eigvalsh(grams))
     assert "native eigensolver failed" in caplog.text
@@ -148,11 +150,11 @@ def test_a_failed_compile_is_a_warning_with_the_compilers_error(monkeypatch, tmp
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(cc))
-    with caplog.at_level(logging.INFO, logger="alphaq.native"):
+    with caplog.at_level(logging.INFO, logger="alphaq.spectral.native"):
         assert not native.available()
     assert native.unavailable_reason().startswith(f"compiling native.c with {cc} failed")
     assert "error: no such instruction" in native.unavailable_reason()
-    [record] = [r for r in caplog.records if r.name == "alphaq.native"]
+    [record] = [r for r in caplog.records if r.name == "alphaq.spectral.native"]
     assert record.levelno == logging.WARNING and "error: no such instruction" in record.getMessage()
     assert not list(tmp_path.rglob("*.so")), "a failed compile left a library behind"
     with pytest.raises(RuntimeError, match="unavailable"):
@@ -163,20 +165,20 @@ def test_a_failed_compile_is_a_warning_with_the_compilers_error(monkeypatch, tmp
 def test_without_a_compiler_it_says_so(monkeypatch, caplog):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    with caplog.at_level(logging.INFO, logger="alphaq.native"):
+    with caplog.at_level(logging.INFO, logger="alphaq.spectral.native"):
         assert not native.available()
     assert native.unavailable_reason() == "no C compiler (/nonexistent/cc; set $CC)"
-    assert [r.levelno for r in caplog.records if r.name == "alphaq.native"] == [logging.WARNING]
+    assert [r.levelno for r in caplog.records if r.name == "alphaq.spectral.native"] == [logging.WARNING]
 
 
 @any_backend
 def test_alphaq_native_0_turns_it_off(monkeypatch, caplog):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("ALPHAQ_NATIVE", "0")
-    with caplog.at_level(logging.INFO, logger="alphaq.native"):
+    with caplog.at_level(logging.INFO, logger="alphaq.spectral.native"):
         assert not native.available()
     assert native.unavailable_reason() == "ALPHAQ_NATIVE=0"
-    assert [r.levelno for r in caplog.records if r.name == "alphaq.native"] == [logging.INFO]  # on purpose
+    assert [r.levelno for r in caplog.records if r.name == "alphaq.spectral.native"] == [logging.INFO]  # on purpose
 
 
 @pytest.mark.parametrize("size", [1, 7, 8, 9, 1000, 3 * 2**20 + 5])

@@ -2,7 +2,7 @@
 stock llama.cpp's refusal of expert-granular files.
 
 The patched llama-cpp-python wheel is built once per patch series (convert/patched.py, cached in
-~/.cache/alphaq/patched) and run in child processes (alphaq/runtime.py), next to the stock one.
+~/.cache/alphaq/patched) and run in child processes (alphaq/runtime/isolated.py), next to the stock one.
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from alphaq import ggml, runtime, torch_ref
-from alphaq.convert import ConvertConfig, run_convert
-from alphaq.expert_gguf import ExpertGroups, read_layouts, write_expert_gguf
-from alphaq.plan import PlanConfig
-from alphaq.quantize import quantize_gguf
+from alphaq.gguf import ggml
+
+from alphaq.runtime import isolated as runtime
+
+from alphaq.runtime import torch_ref
+from alphaq.pipeline.convert import ConvertConfig, run_convert
+from alphaq.gguf.expert import ExpertGroups, read_layouts, write_expert_gguf
+from alphaq.allocate.plan import PlanConfig
+from alphaq.gguf.quantize import quantize_gguf
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,8 +202,8 @@ def test_every_architecture_gets_grouped_tensors(expert_files):
 def test_file_layout_matches_the_plan(expert_files):
     """Every expert is stored in the type its plan gave it: grouped projections through their
     groups and map, uniform ones as the stock 3-D tensor; and the map is what the format says."""
-    from alphaq.convert import load_plan_from_gguf
-    from alphaq.gguf_io import read_tensors
+    from alphaq.pipeline.convert import load_plan_from_gguf
+    from alphaq.gguf.io import read_tensors
 
     for path in expert_files.values():
         planned = {(it["tensor"], it["expert"]): it["type"] for it in load_plan_from_gguf(path)["items"]}
@@ -222,7 +226,7 @@ def test_file_layout_matches_the_plan(expert_files):
 def test_stock_environment_explains_what_an_expert_file_needs(expert_files):
     """alphaq eval & co. on the stock runtime: a one-line error naming the patched runtime."""
     from alphaq.errors import AlphaQError
-    from alphaq.evaluate import load_llama
+    from alphaq.evaluate.perplexity import load_llama
 
     path = next(p for p in expert_files.values() if read_layouts(p))
     with pytest.raises(AlphaQError, match="expert-granular and needs the patched llama.cpp"):
@@ -241,7 +245,7 @@ def test_stock_llama_cpp_refuses_expert_files(arch, expert_files):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_patched_logits_match_torch_reference(arch, expert_files, float_ggufs, patched_site, tmp_path):
     """Patched llama.cpp on an expert-granular file vs the HF model holding the same dequantised
-    weights (alphaq.torch_ref). Tolerance as for tensor granularity (tests/test_torch_ref.py):
+    weights (alphaq.runtime.torch_ref). Tolerance as for tensor granularity (tests/test_torch_ref.py):
     perplexity within 1 %, since llama.cpp quantises activations; plus ≥ 90 % top-1 agreement."""
     import torch
 
@@ -268,10 +272,10 @@ def test_patched_logits_match_torch_reference(arch, expert_files, float_ggufs, p
 
 
 def _window_tokens(float_gguf: Path, n_ctx: int, n_windows: int) -> list[list[int]]:
-    """The token windows alphaq.evaluate scores (BOS first); the float file has the same vocabulary."""
+    """The token windows alphaq.evaluate.perplexity scores (BOS first); the float file has the same vocabulary."""
     import llama_cpp
 
-    from alphaq.evaluate import windows
+    from alphaq.evaluate.perplexity import windows
 
     llm = llama_cpp.Llama(model_path=str(float_gguf), vocab_only=True, verbose=False)
     return windows(llm, PROSE.read_text(errors="replace"), n_ctx, n_windows)
@@ -291,7 +295,7 @@ def test_split_uniform_projection_gives_stock_logits(qtype, fused, float_ggufs, 
     else:
         monkeypatch.setenv("LLAMA_EXPERT_GROUPS_NO_FUSE", "1")
     bf16 = float_ggufs["mixtral"]
-    from alphaq.baselines import FloatModel
+    from alphaq.evaluate.baselines import FloatModel
 
     tensors = FloatModel.open(bf16).tensors
     types = {t.name: qtype for t in tensors if len(t.shape) >= 2 and "ffn_gate_inp" not in t.name}
@@ -340,7 +344,7 @@ def test_alphaq_eval_patched_runs_expert_files(expert_files, float_ggufs, patche
     import json
     import sys
 
-    from alphaq.evaluate import windows
+    from alphaq.evaluate.perplexity import windows
 
     (arch, _), path = next(((k, p) for k, p in expert_files.items() if read_layouts(p)))
     monkeypatch.setenv("ALPHAQ_PATCHED_SITE", str(patched_site))

@@ -1,4 +1,4 @@
-"""alphaq.plan: Eq. 4-5 against a plain oracle and brute force, and the written plan against llama.cpp.
+"""alphaq.allocate.plan: Eq. 4-5 against a plain oracle and brute force, and the written plan against llama.cpp.
 
 The statistics here are synthetic on purpose: these tests check the allocation arithmetic (known
 optimal answers), not whether PL_Alpha_Hill predicts anything.
@@ -18,9 +18,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from alphaq import cli, costs, ggml
+from alphaq import cli
+
+from alphaq.allocate import costs
+
+from alphaq.gguf import ggml
 from alphaq.errors import AlphaQError
-from alphaq.plan import (
+from alphaq.allocate.plan import (
     PlanConfig,
     TensorInfo,
     gguf_output_header_bytes,
@@ -30,7 +34,7 @@ from alphaq.plan import (
     measurement_requests,
     parse_size,
 )
-from alphaq.qtypes import nominal_bits, padded, tensor_bytes
+from alphaq.gguf.qtypes import nominal_bits, padded, tensor_bytes
 from alphaq.records import MatrixStats
 
 EXPERT_KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
@@ -486,7 +490,7 @@ def _write_tiny_gguf(path, tensors, seed=0):
 
 def test_llama_cpp_writes_exactly_the_plan(tmp_path):
     """End to end: the tensor-type file drives llama_model_quantize; every written type, every tensor's
-    bytes and the file size equal the plan, and the written bytes equal alphaq.ggml.quantize."""
+    bytes and the file size equal the plan, and the written bytes equal alphaq.gguf.ggml.quantize."""
     tensors, stats = moe_model(embd=160, seed=4)  # gate/up fall back, down (ne0 512) does not
     tensors = [TensorInfo(t.name, t.shape, "F32") for t in tensors]
     src, dst, tt = tmp_path / "tiny-f32.gguf", tmp_path / "tiny-q.gguf", tmp_path / "tt.txt"
@@ -620,7 +624,7 @@ def test_huge_gamma_stays_finite_and_optimal():
 def test_damage_cost_plan_is_the_brute_force_optimum_over_every_tensor(target):
     """The damage cost allocates every quantised tensor (embeddings and output included) from a
     damage table, with no spectral statistics; its plan is the exhaustive optimum under the size."""
-    from alphaq.plan import MODES, TensorInfo, make_plan
+    from alphaq.allocate.plan import MODES, TensorInfo, make_plan
 
     tensors = [TensorInfo("token_embd.weight", (512, 256), "BF16"), TensorInfo("blk.0.attn_norm.weight", (256,), "F32"),
                TensorInfo("blk.0.attn_q.weight", (256, 256), "BF16"),

@@ -1,4 +1,4 @@
-"""alphaq.qtypes against the real references: ggml's own sizes (ctypes) and llama.cpp's quantiser."""
+"""alphaq.gguf.qtypes against the real references: ggml's own sizes (ctypes) and llama.cpp's quantiser."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from alphaq import ggml, qtypes
+from alphaq.gguf import ggml
+
+from alphaq.gguf import qtypes
 from alphaq.errors import AlphaQError
 
 

@@ -1,4 +1,4 @@
-"""Interrupted conversions resume (issue 17, point 3; alphaq/resume.py).
+"""Interrupted conversions resume (issue 17, point 3; alphaq/pipeline/resume.py).
 
 `alphaq convert` on an HF fixture is stopped by SIGINT or SIGKILL inside each stage (the HF->BF16
 conversion, the self text, the importance matrix, the damage measurements, quantising) and then run
@@ -6,7 +6,7 @@ again with the same command. The re-run must succeed with outputs byte-identical
 run's, the killed run must have left no output file (only the documented resumable directory), and
 the stages that had finished must be reused (the summary's "reused" line).
 
-Synchronisation is by the test hook `alphaq.resume.pause_for_test` (ALPHAQ_TEST_PAUSE_AT=STAGE:DIR):
+Synchronisation is by the test hook `alphaq.pipeline.resume.pause_for_test` (ALPHAQ_TEST_PAUSE_AT=STAGE:DIR):
 the run writes STAGE into the named pipe DIR/ready when it reaches STAGE and then blocks on DIR/go,
 so the signal always lands in that stage, whatever the machine's speed. Each run has its own cache
 directory (XDG_CACHE_HOME), so no test sees another's cached stages. Two cases run by default; the
@@ -33,7 +33,7 @@ MODEL = "mixtral"
 SETTINGS = ("--self-samples", "2", "--self-ctx", "16", "--damage-windows", "1", "--types", "Q4_K,Q8_0",
             "--budget", "5", "--no-stock-compare", "--no-progress", "--threads", "1")
 OUTPUTS = ("o.gguf", "o.imatrix.gguf", "o.plan.json", "o.tensor-types.txt")
-PARTIAL = ".o.gguf.alphaq-partial"  # alphaq.resume.partial_dir of o.gguf
+PARTIAL = ".o.gguf.alphaq-partial"  # alphaq.pipeline.resume.partial_dir of o.gguf
 STAGES = ("convert", "self text", "importance", "damage", "quantise")
 # what a re-run reuses after a stop in each stage: every stage that had finished
 REUSED = {"convert": [], "self text": ["bf16 intermediate"], "importance": ["bf16 intermediate", "self text"],
@@ -214,7 +214,7 @@ def _gguf(path: Path) -> Path:
 
 
 def test_a_kept_intermediate_is_reused_only_while_its_record_holds(tmp_path, monkeypatch):
-    from alphaq import resume
+    from alphaq.pipeline import resume
 
     ckpt = _checkpoint(tmp_path)
     f, rec = _gguf(tmp_path / "bf16.gguf"), tmp_path / "bf16.json"
@@ -265,7 +265,7 @@ def test_a_kept_intermediate_is_reused_only_while_its_record_holds(tmp_path, mon
 
 def test_the_workspace_locks_clears_and_keeps_only_a_complete_intermediate(tmp_path):
     from alphaq.errors import InputError
-    from alphaq.resume import Workspace
+    from alphaq.pipeline.resume import Workspace
 
     ckpt, out = _checkpoint(tmp_path), tmp_path / "out" / "o.gguf"
     out.parent.mkdir()
@@ -302,7 +302,7 @@ def test_the_workspace_locks_clears_and_keeps_only_a_complete_intermediate(tmp_p
 
 
 def test_keep_bf16_makes_the_intermediate_beside_its_path(tmp_path):
-    from alphaq.resume import Workspace
+    from alphaq.pipeline.resume import Workspace
 
     ckpt, out, keep = _checkpoint(tmp_path), tmp_path / "out" / "o.gguf", tmp_path / "kept" / "m.gguf"
     out.parent.mkdir()
@@ -347,10 +347,10 @@ def test_an_error_line_carries_its_notes():
 
 
 def test_the_preflight_counts_a_reused_intermediate_as_on_disk(tmp_path):
-    from alphaq.convert import ConvertConfig
-    from alphaq.plan import MODES, PlanConfig
-    from alphaq.preflight import preflight
-    from alphaq.weights import open_model
+    from alphaq.pipeline.convert import ConvertConfig
+    from alphaq.allocate.plan import MODES, PlanConfig
+    from alphaq.pipeline.preflight import preflight
+    from alphaq.model.weights import open_model
 
     cfg = ConvertConfig(model=FIXTURES / MODEL, output=tmp_path / "o.gguf", plan=PlanConfig(**MODES["damage"]))
     kept = _gguf(tmp_path / "bf16.gguf")

@@ -29,9 +29,9 @@ from alphaq.damage import (
     to_float32,
 )
 from alphaq.damage.measure import measure
-from alphaq.forward import GGML_TYPE_BF16, Session
+from alphaq.runtime.forward import GGML_TYPE_BF16, Session
 from alphaq.importance.collect import collect_imatrix
-from alphaq.qtypes import resolve_types
+from alphaq.gguf.qtypes import resolve_types
 from alphaq.selftext import SelfTextConfig, draw, sample
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -72,7 +72,7 @@ def test_draws_follow_softmax_at_the_temperature():
 
 
 def test_importance_matches_torch_hooks_on_the_hf_model(float_ggufs, own_text, session):
-    from alphaq.imatrix import compute_imatrix
+    from alphaq.importance.real_text import compute_imatrix
 
     ours = collect_imatrix(session, own_text)
     ref = compute_imatrix(FIXTURES / "mixtral", float_ggufs["mixtral"], None, windows=own_text)
@@ -91,8 +91,8 @@ def test_importance_matches_torch_hooks_on_the_hf_model(float_ggufs, own_text, s
 
 
 def test_fake_quantisation_equals_what_llama_cpp_writes(float_ggufs, own_text, session, tmp_path):
-    from alphaq.quantize import quantize_gguf
-    from alphaq.gguf_io import read_tensors
+    from alphaq.gguf.quantize import quantize_gguf
+    from alphaq.gguf.io import read_tensors
 
     means = collect_imatrix(session, own_text).means()
     name = "blk.1.ffn_down_exps.weight"
@@ -168,8 +168,8 @@ def test_in_buffer_kl_matches_a_quantised_file_run_by_llama_cpp(float_ggufs, own
     """One tensor at Q4_K in llama.cpp's buffer vs a GGUF llama.cpp quantised with only that tensor
     at Q4_K (everything else BF16): KL(BF16 file || that file), both run by llama-cpp-python and
     scored in plain numpy."""
-    from alphaq.gguf_io import read_tensors
-    from alphaq.quantize import quantize_gguf
+    from alphaq.gguf.io import read_tensors
+    from alphaq.gguf.quantize import quantize_gguf
 
     name = "blk.1.attn_output.weight"
     ref = Reference(session, own_text)

@@ -1,4 +1,4 @@
-"""alphaq.solver against known optimal answers: brute force, and the three exact methods against each other."""
+"""alphaq.allocate.solver against known optimal answers: brute force, and the three exact methods against each other."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from alphaq import solver
+from alphaq.allocate import solver
 from alphaq.errors import AlphaQError, InternalError
-from alphaq.solver import solve_mckp
+from alphaq.allocate.solver import solve_mckp
 
 
 def brute_force(costs, sizes, capacity):

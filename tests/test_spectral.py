@@ -1,4 +1,4 @@
-"""alphaq.spectral against a plain oracle written from the paper / reference code, and against
+"""alphaq.spectral.alpha against a plain oracle written from the paper / reference code, and against
 matrices whose power-law exponent is known."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from alphaq.errors import AlphaQError
-from alphaq.spectral import (
+from alphaq.spectral.alpha import (
     SpectralConfig,
     analyze_matrix,
     farms_eigenvalues,
@@ -269,7 +269,7 @@ def test_degenerate_matrices_have_no_signal(case, caplog):
         # every singular value equal: a flat spectrum has no tail to fit
         "scaled_orthogonal": (0.1 * np.linalg.qr(rng.standard_normal((256, 256)))[0]),
     }[case]
-    with caplog.at_level(logging.WARNING, logger="alphaq.spectral"):
+    with caplog.at_level(logging.WARNING, logger="alphaq.spectral.alpha"):
         res = analyze_matrix(w, name=f"t.{case}")
     assert res.signal is False
     assert math.isnan(res.alpha) and res.k == 0
@@ -315,7 +315,7 @@ def test_numpy_lapack_path_matches_the_torch_path(monkeypatch):
     """With numpy's OpenBLAS pinnable, the CPU path takes Gram products and eigenvalues from numpy
     instead of torch (MKL). Two LAPACKs round differently, so the eigenvalues may differ in the
     last bits, never more: within 1e-12 of lambda_max, and the same alpha and k."""
-    from alphaq import spectral
+    from alphaq.spectral import alpha as spectral
 
     if spectral._OpenBLAS.lib() is None:
         pytest.skip("numpy's OpenBLAS not found: the torch path is the only one")
@@ -359,7 +359,7 @@ def testpinned_threads_nest_across_threads_and_restore(torch_threads):
     thread; callers nested inside it, from any thread, get 1; the last one out restores."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from alphaq import spectral
+    from alphaq.spectral import alpha as spectral
 
     torch_threads(2)
     blas = spectral._OpenBLAS.lib()
@@ -387,7 +387,7 @@ def test_importing_the_stage_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, alphaq.cli; alphaq.cli.build_parser(); import alphaq.convert; "
+    code = ("import sys, alphaq.cli; alphaq.cli.build_parser(); import alphaq.pipeline.convert; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

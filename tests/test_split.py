@@ -16,10 +16,10 @@ import gguf
 import numpy as np
 import pytest
 
-from alphaq import gguf_io
+from alphaq.gguf import io as gguf_io
 from alphaq.cli import main as cli_main
 from alphaq.errors import AlphaQError
-from alphaq.gguf_split import SplitSpec, assign_parts, parse_split_size, split_gguf
+from alphaq.gguf.split import SplitSpec, assign_parts, parse_split_size, split_gguf
 from conftest import FIXTURES
 
 MODEL = "qwen2moe"  # the smallest fixture
@@ -49,10 +49,10 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_every_part_resolves_to_the_whole_model(split_bf16, float_ggufs):
     from alphaq.files import fingerprint
-    from alphaq.plan import gguf_model_infos
-    from alphaq.weights import open_model
+    from alphaq.allocate.plan import gguf_model_infos
+    from alphaq.model.weights import open_model
 
-    from alphaq.plan import gguf_output_header_bytes, gguf_tensor_infos
+    from alphaq.allocate.plan import gguf_output_header_bytes, gguf_tensor_infos
 
     whole = float_ggufs[MODEL]
     reader = gguf.GGUFReader(whole)  # the reader-based functions gguf_model_infos replaces
@@ -283,7 +283,7 @@ def test_keep_bf16_keeps_the_float_model(float_ggufs, tmp_path, capsys):
 
 
 def test_without_keep_bf16_the_intermediate_is_gone_before_the_output_is_rewritten(tmp_path, capsys, monkeypatch):
-    from alphaq import convert
+    from alphaq.pipeline import convert
 
     seen = []
     real = convert.copy_with_metadata
@@ -328,8 +328,8 @@ def test_dry_run_with_pins_and_split_input(split_bf16, tmp_path, capsys):
 
 
 def test_preflight_bounds_hold(float_ggufs, tmp_path):
-    from alphaq.convert import ConvertConfig, run_convert
-    from alphaq.plan import MODES, PlanConfig
+    from alphaq.pipeline.convert import ConvertConfig, run_convert
+    from alphaq.allocate.plan import MODES, PlanConfig
 
     for name, plan in (("bits", dict(budget=4.0)), ("size", dict(budget_mode="size", budget=3e6))):
         cfg = ConvertConfig(model=FIXTURES / MODEL, output=tmp_path / f"{name}.gguf", progress=False,
@@ -343,7 +343,7 @@ def test_preflight_bounds_hold(float_ggufs, tmp_path):
 
 
 def test_not_enough_disk_stops_before_converting(tmp_path, capsys, monkeypatch):
-    import alphaq.preflight as pf
+    import alphaq.pipeline.preflight as pf
     import convert.hf_to_gguf as h2g
 
     monkeypatch.setattr(pf.shutil, "disk_usage", lambda d: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
@@ -361,11 +361,11 @@ def test_not_enough_disk_stops_before_converting(tmp_path, capsys, monkeypatch):
 
 
 def test_time_estimate_scales_the_benchmark_table():
-    from alphaq.convert import ConvertConfig
+    from alphaq.pipeline.convert import ConvertConfig
     from alphaq.damage import DamageConfig
-    from alphaq.plan import MODES, PlanConfig
-    from alphaq.preflight import DAMAGE_PARTS as P
-    from alphaq.preflight import REFERENCE_WEIGHTS_PER_BLOCK, STAGE_SECONDS_PER_BLOCK, stage_seconds
+    from alphaq.allocate.plan import MODES, PlanConfig
+    from alphaq.pipeline.preflight import DAMAGE_PARTS as P
+    from alphaq.pipeline.preflight import REFERENCE_WEIGHTS_PER_BLOCK, STAGE_SECONDS_PER_BLOCK, stage_seconds
 
     cfg = ConvertConfig(model=Path("m"), output=Path("o.gguf"), plan=PlanConfig(**MODES["damage"]))
     got = stage_seconds(cfg, "hf", 4, REFERENCE_WEIGHTS_PER_BLOCK)
@@ -386,10 +386,10 @@ def test_time_estimate_scales_the_benchmark_table():
     assert every["damage"] == pytest.approx(expected)
 
 def test_preflight_states_the_forward_stages_memory(float_ggufs, tmp_path, monkeypatch):
-    import alphaq.preflight as pf
-    from alphaq.convert import ConvertConfig
-    from alphaq.plan import MODES, PlanConfig
-    from alphaq.weights import open_model
+    import alphaq.pipeline.preflight as pf
+    from alphaq.pipeline.convert import ConvertConfig
+    from alphaq.allocate.plan import MODES, PlanConfig
+    from alphaq.model.weights import open_model
 
     cfg = ConvertConfig(model=float_ggufs[MODEL], output=tmp_path / "o.gguf", plan=PlanConfig(**MODES["damage"]))
     with open_model(float_ggufs[MODEL]) as model:

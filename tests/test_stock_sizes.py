@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from alphaq.cli import main as cli_main
-from alphaq.convert import stock_size
-from alphaq.gguf_io import file_header, quantised_header_bytes, read_field, read_tensors
-from alphaq.quantize import IMATRIX_MIXES, ones_imatrix, quantize_stock
+from alphaq.pipeline.convert import stock_size
+from alphaq.gguf.io import file_header, quantised_header_bytes, read_field, read_tensors
+from alphaq.gguf.quantize import IMATRIX_MIXES, ones_imatrix, quantize_stock
 
 _ALIGNMENT = 32  # the tensor data's alignment in both files
 MODEL = "qwen2moe"  # its (1, n) shared-expert routers lose a dimension in llama.cpp's header

@@ -8,7 +8,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
-from alphaq import baselines, torch_ref
+from alphaq.evaluate import baselines
+
+from alphaq.runtime import torch_ref
 
 FIXTURES = Path(__file__).parent / "fixtures"
 Q = GGMLQuantizationType
@@ -22,7 +24,7 @@ def q3(tmp_path_factory, float_ggufs):
     types = {t.name: (Q.Q3_K if "_exps" in t.name else Q.Q4_K)
              for t in fm.tensors if len(t.shape) >= 2 and "ffn_gate_inp" not in t.name}
     q = out / "q.gguf"
-    from alphaq.quantize import quantize_gguf
+    from alphaq.gguf.quantize import quantize_gguf
 
     quantize_gguf(bf16, q, types, nthread=1)
     return bf16, q, types
@@ -54,7 +56,7 @@ def test_torch_perplexity_matches_llama_cpp(q3, from_gguf):
     """Same windows through llama.cpp and through torch with the same dequantised weights.
     llama.cpp quantises activations (Q8_K) in its k-quant dot products; tolerance 1 %."""
 
-    from alphaq.evaluate import load_llama, perplexity
+    from alphaq.evaluate.perplexity import load_llama, perplexity
 
     _, q, _ = q3
     text = (FIXTURES / "heldout" / "prose.txt").read_text(errors="replace")

@@ -1,4 +1,4 @@
-"""alphaq run / alphaq.torch_run: a GGUF in torch, checked against the HF model, llama.cpp and itself.
+"""alphaq run / alphaq.runtime.torch_run: a GGUF in torch, checked against the HF model, llama.cpp and itself.
 
 References, in order of strictness:
 * the HF checkpoint: a BF16 GGUF must load into exactly the HF parameters (bit for bit, every
@@ -25,12 +25,14 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 
-from alphaq import runtime, torch_run
+from alphaq.runtime import isolated as runtime
+
+from alphaq.runtime import torch_run
 from alphaq.cli import main as cli_main
-from alphaq.convert import ConvertConfig, run_convert
+from alphaq.pipeline.convert import ConvertConfig, run_convert
 from alphaq.errors import AlphaQError
-from alphaq.expert_gguf import read_layouts
-from alphaq.plan import PlanConfig
+from alphaq.gguf.expert import read_layouts
+from alphaq.allocate.plan import PlanConfig
 
 # Triton reads TRITON_INTERPRET at import and at every launch (see tests/test_kernels.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -73,8 +75,8 @@ def expert_model(expert_files):
 def f32_files(float_ggufs, tmp_path_factory) -> dict[str, Path]:
     """Each fixture with every matrix in F32: llama.cpp then multiplies in fp32, without
     quantising activations (only its F16 KV cache rounds)."""
-    from alphaq.baselines import FloatModel
-    from alphaq.quantize import quantize_gguf
+    from alphaq.evaluate.baselines import FloatModel
+    from alphaq.gguf.quantize import quantize_gguf
 
     out = tmp_path_factory.mktemp("run-f32")
     files = {}
@@ -87,10 +89,10 @@ def f32_files(float_ggufs, tmp_path_factory) -> dict[str, Path]:
 
 
 def _prose_window(float_gguf: Path) -> list[int]:
-    """The first window alphaq.evaluate scores (BOS first), tokenised by llama.cpp as runtime.logprobs does."""
+    """The first window alphaq.evaluate.perplexity scores (BOS first), tokenised by llama.cpp as runtime.logprobs does."""
     import llama_cpp
 
-    from alphaq.evaluate import windows
+    from alphaq.evaluate.perplexity import windows
 
     llm = llama_cpp.Llama(model_path=str(float_gguf), vocab_only=True, verbose=False)
     return windows(llm, PROSE.read_text(errors="replace"), N_CTX, 1)[0]
@@ -114,7 +116,7 @@ def _discrepancy(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def test_bf16_gguf_loads_the_hf_weights_exactly(arch, float_ggufs):
     """Every parameter, built from config.json alone and filled from the BF16 GGUF, equals the HF
     checkpoint's (BF16 -> fp32 is exact): the mapping inverts everything the converter did."""
-    from alphaq.torch_ref import load_hf
+    from alphaq.runtime.torch_ref import load_hf
 
     model = torch_run.load(float_ggufs[arch], FIXTURES / arch)
     hf = dict(load_hf(FIXTURES / arch).named_parameters())
@@ -349,7 +351,7 @@ def test_kernel_path_matches_plain_path(arch, expert_files, triton_device):
     fp32 path's (measured ratio <= 1.3; both ~3e-6 on logits of magnitude ~14), and that yardstick
     must itself be rounding-sized (< 1e-5 of the largest logit), so a routing flip cannot inflate it.
     A mis-decoded block or a wrong expert moves logits by > 1e-2."""
-    from alphaq.kernel_modules import QuantExperts, QuantLinear
+    from alphaq.runtime.kernel_modules import QuantExperts, QuantLinear
 
     path = expert_files[arch]
     plain = torch_run.load(path, FIXTURES / arch)
@@ -373,7 +375,7 @@ def test_kernel_path_matches_plain_path(arch, expert_files, triton_device):
 def test_kernel_path_keeps_only_split_kv_b_dense(expert_files):
     """DeepSeek-2 stores kv_b_proj as attn_k_b, quantised along the other axis (per head,
     transposed), so its rows cannot feed the kernels; every other Linear becomes a QuantLinear."""
-    from alphaq import kernel_modules
+    from alphaq.runtime import kernel_modules
 
     model = torch_run.load(expert_files["deepseek2"], FIXTURES / "deepseek2")
     dense = kernel_modules.install(model, expert_files["deepseek2"])

@@ -1,4 +1,4 @@
-"""alphaq.weights: HF and GGUF sources give the matrices llama.cpp's converter writes."""
+"""alphaq.model.weights: HF and GGUF sources give the matrices llama.cpp's converter writes."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from gguf import GGMLQuantizationType as QT
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alphaq.analyze import analyze_model
+from alphaq.spectral.analyze import analyze_model
 from alphaq.errors import AlphaQError
-from alphaq.weights import ggml_n_dims, llama_quantizes, open_model, unpermute_qk
+from alphaq.model.weights import ggml_n_dims, llama_quantizes, open_model, unpermute_qk
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from alphaq.errors import AlphaQError
-from alphaq.spectral import DEVICES, XMIN_WINDOWS, SpectralConfig
+from alphaq.spectral.alpha import DEVICES, XMIN_WINDOWS, SpectralConfig
 
 
 def register(subparsers) -> None:
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alphaq.analyze import analyze_model, write_csv
+    from alphaq.spectral.analyze import analyze_model, write_csv
 
     if args.csv.exists() and not args.force:  # fail before the long part
         raise AlphaQError(f"{args.csv} exists; pass --force to overwrite it")

@@ -25,10 +25,10 @@ from alphaq.commands import plan as _plan_cmd
 from alphaq.damage import METHODS as DAMAGE_METHODS
 from alphaq.damage import DamageConfig
 from alphaq.errors import AlphaQError
-from alphaq.overrides import kv_overrides, parse_tensor_type, read_tensor_type_file
-from alphaq.plan import MODES, format_size
+from alphaq.allocate.overrides import kv_overrides, parse_tensor_type, read_tensor_type_file
+from alphaq.allocate.plan import MODES, format_size
 from alphaq.selftext import SelfTextConfig
-from alphaq.spectral import XMIN_WINDOWS, SpectralConfig
+from alphaq.spectral.alpha import XMIN_WINDOWS, SpectralConfig
 
 
 def register(subparsers) -> None:
@@ -93,7 +93,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_llama_quantize_arguments(p: argparse.ArgumentParser) -> None:
-    """llama-quantize's override flags, same spelling and meaning (alphaq.overrides). A pinned
+    """llama-quantize's override flags, same spelling and meaning (alphaq.allocate.overrides). A pinned
     tensor keeps its type; its bytes count against the budget and the knapsack allocates the rest."""
     g = p.add_argument_group("llama-quantize's overrides", "same spelling and meaning as llama-quantize's; "
                              "a pinned tensor's bytes count against the budget (docs/ALLOCATION.md)")
@@ -124,7 +124,7 @@ def default_output(model: Path, args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alphaq.convert import ConvertConfig, run_convert
+    from alphaq.pipeline.convert import ConvertConfig, run_convert
 
     given = [f for f, v in (("--budget", args.budget), ("--bpw", args.bpw), ("--target-size", args.target_size),
                             ("--like", args.like)) if v is not None]
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or default_output(args.model, args)
     split_size = None
     if args.split_max_size is not None:
-        from alphaq.gguf_split import parse_split_size
+        from alphaq.gguf.split import parse_split_size
 
         split_size = parse_split_size(args.split_max_size)
     cfg = ConvertConfig(
@@ -257,8 +257,8 @@ _MAX_WARNINGS = 5  # in the summary; all of them are in the log
 
 
 def _forward_memory(float_bytes: int, loaded: bool) -> str:
-    """What the forward stages cost in memory (see alphaq.mapped)."""
-    from alphaq import mapped
+    """What the forward stages cost in memory (see alphaq.runtime.mapped)."""
+    from alphaq.runtime import mapped
 
     if not loaded:
         return "the forward stages were reused: the float model was not loaded"

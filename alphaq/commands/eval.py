@@ -38,10 +38,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alphaq.evaluate import evaluate_text, load_llama
-    from alphaq.runtime import patched_loaded
+    from alphaq.evaluate.perplexity import evaluate_text, load_llama
+    from alphaq.runtime.isolated import patched_loaded
 
-    from alphaq.gguf_io import check_gguf
+    from alphaq.gguf.io import check_gguf
 
     for path in [args.model, *([args.ref] if args.ref else [])]:
         check_gguf(path)  # a missing, truncated or foreign file: one line, before llama.cpp loads it
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _rerun_patched(args: argparse.Namespace) -> int:
     """This command again, in a child whose llama_cpp is the patched one."""
-    from alphaq.runtime import child_env
+    from alphaq.runtime.isolated import child_env
     from convert.patched import patched_site
 
     argv = ["eval", str(args.model), "--n-ctx", str(args.n_ctx)]

@@ -1,6 +1,6 @@
 """`alphaq plan MODEL --budget 3 --json plan.json [--tensor-type-file tt.txt]`.
 
-Analyses MODEL (alphaq.analyze), solves the allocation (alphaq.plan) and writes the plan JSON and,
+Analyses MODEL (alphaq.spectral.analyze), solves the allocation (alphaq.allocate.plan) and writes the plan JSON and,
 for tensor granularity, a llama-quantize --tensor-type-file. MODEL is best the F16/BF16/F32 GGUF
 that llama-quantize will read: then every tensor and the output header size are known exactly.
 """
@@ -11,9 +11,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from alphaq.costs import NOISE_MODELS, measure_noise
+from alphaq.allocate.costs import NOISE_MODELS, measure_noise
 from alphaq.errors import AlphaQError
-from alphaq.plan import (
+from alphaq.allocate.plan import (
     ALLOCATE,
     MODES,
     GRANULARITIES,
@@ -26,9 +26,9 @@ from alphaq.plan import (
     measurement_requests,
     parse_size,
 )
-from alphaq.qtypes import DEFAULT_CANDIDATES, FULL_LADDER
+from alphaq.gguf.qtypes import DEFAULT_CANDIDATES, FULL_LADDER
 from alphaq.records import MatrixStats
-from alphaq.solver import DEFAULT_SOLVER, SOLVERS
+from alphaq.allocate.solver import DEFAULT_SOLVER, SOLVERS
 
 logger = logging.getLogger(__name__)
 
@@ -118,20 +118,21 @@ def config_from_args(args: argparse.Namespace, mode: str = "fast") -> PlanConfig
 
 
 def _analyze(model: Path, cache_dir: Path | None, use_cache: bool = True) -> list[MatrixStats]:
-    """The spectral stage (alphaq.analyze), with its default configuration."""
-    from alphaq import analyze, spectral
+    """The spectral stage (alphaq.spectral.analyze), with its default configuration."""
+    from alphaq.spectral import analyze
+    from alphaq.spectral import alpha as spectral
 
     return analyze.analyze_model(model, spectral.SpectralConfig(), cache_dir=cache_dir, use_cache=use_cache, progress=True)
 
 
 def _read_alphas(path: Path) -> list[MatrixStats]:
-    from alphaq import analyze
+    from alphaq.spectral import analyze
 
     return analyze.read_csv(path)
 
 
 def _measure(model: Path, requests, max_rows):
-    from alphaq.weights import open_model
+    from alphaq.model.weights import open_model
 
     with open_model(model) as weights:  # the matrices load lazily from the open files
         return measure_noise(weights.matrices(), requests, max_rows=max_rows, progress=True)
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.budget_mode == "size" and not is_gguf:
         raise AlphaQError("--target-size needs a GGUF model (every tensor must be known); use --budget or --bpw")
     if cfg.budget_mode != "size" or args.fixed_bytes is None:  # (a given header size is checked when solving)
-        from alphaq.feasibility import check_budget
+        from alphaq.allocate.feasibility import check_budget
 
         check_budget(model, cfg)  # before the analysis
 

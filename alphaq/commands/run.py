@@ -1,6 +1,6 @@
 """`alphaq run MODEL.gguf --hf HF_DIR --prompt TEXT [-n 32] [--device cpu|cuda] [--greedy]`.
 
-Generates text from a GGUF (expert-granular files included) in torch (alphaq.torch_run): the
+Generates text from a GGUF (expert-granular files included) in torch (alphaq.runtime.torch_run): the
 architecture and tokenizer come from HF_DIR, the checkpoint the GGUF was converted from; every
 weight comes from the GGUF. On CPU the weights are dequantised once; on CUDA linear layers and
 experts run the Triton kernels on the raw GGUF blocks.
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alphaq import torch_run
+    from alphaq.runtime import torch_run
 
     sampling = torch_run.Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     if args.n_tokens < 1:

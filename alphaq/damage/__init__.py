@@ -5,7 +5,7 @@ quantised to t), per token, on the model's own text (alphaq.selftext). The costs
 allocation are these damages, summed over tensors (assumed additive), and an exact knapsack on
 bytes picks the types.
 
-Measuring runs llama.cpp itself: the float model is loaded once (alphaq.forward.Session), a tensor
+Measuring runs llama.cpp itself: the float model is loaded once (alphaq.runtime.forward.Session), a tensor
 is overwritten in llama.cpp's own buffer with its fake-quantised values (ggml's quantiser with the
 importance vector, gguf-py's dequantiser, rounded back to the buffer's float type), the windows
 are run, and the original bytes are put back. No file is re-quantised or re-loaded.
@@ -38,8 +38,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from alphaq.errors import AlphaQError
-from alphaq.forward import GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, Session, WeightBuffer
-from alphaq.qtypes import resolve_type
+from alphaq.runtime.forward import GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, Session, WeightBuffer
+from alphaq.gguf.qtypes import resolve_type
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def from_float32(x: np.ndarray, ggml_type: int) -> np.ndarray:
 
 def quant_dequant(w: np.ndarray, t: GGMLQuantizationType, imatrix: np.ndarray | None) -> np.ndarray:
     """(rows, cols) float32 through ggml's quantiser (with the importance vector) and back."""
-    from alphaq.ggml import needs_imatrix, quantize
+    from alphaq.gguf.ggml import needs_imatrix, quantize
 
     imat = imatrix if imatrix is not None else ("ones" if needs_imatrix(t) else None)
     q = quantize(np.ascontiguousarray(w, dtype=np.float32), t, imat)
@@ -239,7 +239,7 @@ class Swap:
     def __enter__(self) -> Swap:
         from concurrent.futures import ThreadPoolExecutor
 
-        from alphaq.forward import _default_threads
+        from alphaq.runtime.forward import _default_threads
 
         mapper = self.buf.mapper
         if mapper is not None:  # copy-on-write pages; the file's bytes come back on revert

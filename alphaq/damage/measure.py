@@ -11,12 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from alphaq.costs import sample_rows
+from alphaq.allocate.costs import sample_rows
 from alphaq.damage import DamageConfig, DamageTable, Reference, Swap, matrices, quant_dequant, to_float32
 from alphaq.damage.anchors import depth_anchors
 from alphaq.errors import AlphaQError
-from alphaq.forward import Session, WeightBuffer
-from alphaq.qtypes import effective_type, resolve_type
+from alphaq.runtime.forward import Session, WeightBuffer
+from alphaq.gguf.qtypes import effective_type, resolve_type
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def weighted_errors(buf: WeightBuffer, types: Sequence[GGMLQuantizationType], me
 
 
 def _threads() -> int:
-    from alphaq.forward import _default_threads
+    from alphaq.runtime.forward import _default_threads
 
     return _default_threads()
 

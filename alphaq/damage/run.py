@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType
 from alphaq.damage import DamageConfig, DamageTable, Reference
 from alphaq.files import atomic_write_text, cache_root, fingerprint
 from alphaq.importance.imatrix_file import Imatrix
-from alphaq.resume import pause_for_test
+from alphaq.pipeline.resume import pause_for_test
 from alphaq.selftext import SelfTextConfig, cached_sample, load_sample, sample, sample_cache_path
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
                    progress: bool = False, use_cache: bool = True, n_threads: int | None = None) -> SelfCalibration:
     """Run (or reuse) the three stages on the float GGUF ``model`` for the weights ``names``."""
     from alphaq.damage.measure import measure
-    from alphaq.forward import Session
+    from alphaq.runtime.forward import Session
 
     seconds: dict[str, float] = {}
     reused: list[str] = []

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from alphaq.errors import AlphaQError
-from alphaq.forward import GGML_TYPE_F32, GGMLTensor, Session, ops, tensor_array
+from alphaq.runtime.forward import GGML_TYPE_F32, GGMLTensor, Session, ops, tensor_array
 from alphaq.importance.imatrix_file import Imatrix
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import numpy as np
 
 from alphaq.errors import AlphaQError
 from alphaq.files import cache_root, fingerprint
-from alphaq.resume import pause_for_test
+from alphaq.pipeline.resume import pause_for_test
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def sample(model: Path, cfg: SelfTextConfig = SelfTextConfig(), *, progress: boo
     """(n_seq, n_ctx) int32 tokens the model wrote, each row starting with BOS."""
     from tqdm import tqdm
 
-    from alphaq.forward import Session
+    from alphaq.runtime.forward import Session
 
     rng = np.random.default_rng(cfg.seed)
     with Session(model, cfg.n_ctx, n_seq=cfg.n_seq, n_threads=n_threads) as s:

@@ -1,0 +1,540 @@
+"""Weights stage input: the quantisable matrices of an HF checkpoint or a float GGUF file.
+
+`open_model(path)` returns a `ModelWeights` whose `.matrices()` lists one `WeightMatrix` per
+2-D weight and per expert slice of a merged expert tensor, named with GGUF tensor names
+(gguf-py's `TensorNameMap`), in a deterministic order: token_embd, then blocks ascending
+(tensors by name, experts ascending), then output. Nothing is read until `WeightMatrix.load()`,
+which returns one float32 ``(rows, cols)`` array: read with ``pread`` from a safetensors shard, or
+copied from a memory-mapped GGUF (whose pages are then released).
+
+Both sources present the *same* matrices, as llama.cpp's converter would write them
+(vendor/llama.cpp/convert_hf_to_gguf.py + conversion/*.py of llama-cpp-python 0.3.36):
+
+- HF per-expert tensors ``...experts.E.<proj>.weight`` are slices ``expert=E`` of the merged
+  GGUF tensor (``blk.N.ffn_gate_exps.weight``); fused 3-D ``...experts.gate_up_proj`` is split
+  in two halves along the rows as ``conversion/qwen.py`` does.
+- DeepSeek-V2 ``kv_b_proj`` becomes ``attn_k_b`` and ``attn_v_b`` (``conversion/deepseek.py``).
+- llama-style converters permute Q/K rows for RoPE (``LlamaModel.permute``); the GGUF reader
+  undoes it, so HF and GGUF input give identical matrices, hence identical alpha.
+- A non-expert tensor with more than two dims (attn_k_b, attn_v_b) is analysed as the
+  matrix ggml quantises: ``(prod(outer dims), ne0)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
+
+from alphaq.errors import InputError
+from alphaq.files import read_json
+from alphaq.gguf.io import release_pages, shard_paths
+from alphaq.gguf.qtypes import ggml_n_dims, quantisable_name
+
+logger = logging.getLogger(__name__)
+
+# HF `architectures[0]` -> gguf-py architecture: the one place that lists what we support.
+SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
+    "MixtralForCausalLM": MODEL_ARCH.LLAMA,  # llama.cpp converts Mixtral as LLAMA
+    "Qwen2MoeForCausalLM": MODEL_ARCH.QWEN2MOE,
+    "Qwen3MoeForCausalLM": MODEL_ARCH.QWEN3MOE,
+    "OlmoeForCausalLM": MODEL_ARCH.OLMOE,
+    "DeepseekV2ForCausalLM": MODEL_ARCH.DEEPSEEK2,
+    "LlamaForCausalLM": MODEL_ARCH.LLAMA,
+    "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
+    "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
+}
+SUPPORTED_GGUF_ARCHS: frozenset[MODEL_ARCH] = frozenset(SUPPORTED_ARCHITECTURES.values())
+
+# Converters that permute Q/K rows for RoPE: conversion/llama.py `LlamaModel` (undo_permute).
+QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA})
+
+# GGUF float types we can read as weights; anything else is already quantised.
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+_HF_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+
+# Merged expert tensors are the gguf-py tensors named "..._exps".
+EXPERT_TENSORS: frozenset[MODEL_TENSOR] = frozenset(
+    t for t, name in gguf.TENSOR_NAMES.items() if name.endswith("_exps")
+)
+
+# transformers-5 fused expert parameters carry no ".weight" suffix
+_FUSED_EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj", "experts.gate_proj", "experts.up_proj")
+_HF_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<rest>[^.]+)$")
+_GGUF_BLOCK = re.compile(r"^blk\.(?P<bid>\d+)\.(?P<kind>.+)\.weight$")
+
+
+def llama_quantizes(name: str, n_dims: int) -> bool:
+    """Would llama.cpp quantise a GGUF tensor of this name and ggml_n_dims? (rule in alphaq.gguf.qtypes)"""
+    return n_dims >= 2 and quantisable_name(name)
+
+
+def _kind(tensor: str) -> tuple[int | None, str]:
+    m = _GGUF_BLOCK.match(tensor)
+    if m:
+        return int(m["bid"]), m["kind"]
+    return None, tensor.removesuffix(".weight")
+
+
+@dataclass(frozen=True)
+class WeightMatrix:
+    tensor: str  # GGUF tensor name, e.g. "blk.0.ffn_down_exps.weight"
+    block: int | None  # None for token_embd / output
+    expert: int | None  # slice of a merged expert tensor, None otherwise
+    kind: str  # GGUF name without "blk.N." and ".weight": "ffn_down_exps", "attn_q", ...
+    rows: int  # numpy rows (GGUF ne1)
+    cols: int  # row length seen by ggml (GGUF ne0)
+    _loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    dtype: str = field(default="", compare=False)  # stored type: safetensors dtype or GGUF type name
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def label(self) -> str:
+        return self.tensor if self.expert is None else f"{self.tensor}[expert {self.expert}]"
+
+    def load(self) -> np.ndarray:
+        """The matrix as a new float32 array (rows, cols)."""
+        w = self._loader()
+        if w.shape != (self.rows, self.cols):
+            raise InputError(f"{self.label}: loaded shape {w.shape} != ({self.rows}, {self.cols})")
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _order(m: WeightMatrix) -> tuple:
+    group = 1 if m.block is not None else (0 if m.kind == "token_embd" else 2)
+    return (group, m.block if m.block is not None else -1, m.tensor, -1 if m.expert is None else m.expert)
+
+
+@dataclass
+class ModelWeights:
+    path: Path
+    source: str  # "hf" | "gguf"
+    arch: str  # gguf architecture name as in general.architecture, e.g. "qwen2moe"
+    model_arch: MODEL_ARCH
+    n_blocks: int
+    _matrices: list[WeightMatrix] = field(repr=False)
+    _close: Callable[[], None] = field(repr=False, default=lambda: None)
+    n_elements: int = 0  # every stored tensor's elements (norms, routers, biases too)
+
+    def matrices(self) -> list[WeightMatrix]:
+        """Every analysable matrix / expert slice, in deterministic order (lazy loads)."""
+        return list(self._matrices)
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> "ModelWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_model(path: str | Path) -> ModelWeights:
+    """Open an HF checkpoint directory or a float (F32/F16/BF16) GGUF file (any part of a split
+    GGUF opens all of it)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model path {path} does not exist")
+    if path.is_dir():
+        return _open_hf(path)
+    if path.suffix.lower() == ".gguf":
+        return _open_gguf(path)
+    raise InputError(f"{path} is neither an HF checkpoint directory nor a .gguf file")
+
+
+def supported_list() -> str:
+    return ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+
+
+# --------------------------------------------------------------------------------------
+# HF checkpoints (safetensors)
+# --------------------------------------------------------------------------------------
+
+
+def _hf_shards(path: Path) -> dict[str, Path]:
+    """tensor name -> shard file, from model.safetensors.index.json or model.safetensors.
+
+    Other *.safetensors files in the directory (e.g. a saved router init) are not weights.
+    """
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        doc = read_json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index} has no 'weight_map' object")
+        missing = sorted({s for s in weight_map.values() if not (path / s).exists()})
+        if missing:
+            raise InputError(f"{index} names missing shard(s): {', '.join(missing)}")
+        return {name: path / shard for name, shard in sorted(weight_map.items())}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise InputError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    with _safe_open(single) as f:
+        return {name: single for name in sorted(f.keys())}
+
+
+def _safe_open(path: Path):
+    """safe_open with a one-line AlphaQError for truncated or corrupt files. Used to validate and
+    list tensors (framework "np" does not import torch); data is read by `_HFFiles.read`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="np")
+    except SafetensorError as exc:
+        raise InputError(f"cannot read safetensors file {path}: {exc} (truncated or corrupt?)") from None
+
+
+# safetensors dtype -> little-endian numpy dtype of the stored values (BF16 as raw uint16)
+_ST_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+
+
+class _HFFiles:
+    """safetensors shards: handles (validation, listing) opened on first use, and plain reads of
+    tensor data with ``pread`` into fresh buffers. Unlike a memory map, that leaves nothing of the
+    file resident in this process (peak RSS stays ~one matrix, see docs/DESIGN.md "Memory"), and
+    it needs no torch."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, shard: Path):
+        if shard not in self._open:
+            self._open[shard] = _safe_open(shard)
+        return self._open[shard]
+
+    def _header(self, shard: Path) -> tuple[int, dict, int]:
+        with self._lock:
+            if shard not in self._headers:
+                self.get(shard)  # validated by safetensors first
+                fd = os.open(shard, os.O_RDONLY)
+                (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                self._headers[shard] = (8 + n, json.loads(os.pread(fd, n, 8)))
+                self._fds[shard] = fd
+            start, meta = self._headers[shard]
+            return start, meta, self._fds[shard]
+
+    def read(self, shard: Path, name: str, index: int | None = None, rows: slice = slice(None)) -> np.ndarray:
+        """float32 copy of tensor ``name`` (or of ``[index]`` of it), rows ``rows`` of that."""
+        start, meta, fd = self._header(shard)
+        info = meta[name]
+        dt = _ST_DTYPES[info["dtype"]]
+        shape = list(info["shape"])
+        offset = start + int(info["data_offsets"][0])
+        if index is not None:
+            offset += index * math.prod(shape[1:]) * dt.itemsize
+            shape = shape[1:]
+        r0, r1, step = rows.indices(shape[0])
+        if step != 1:
+            raise ValueError("row slices must be contiguous")
+        offset += r0 * math.prod(shape[1:]) * dt.itemsize
+        shape[0] = max(0, r1 - r0)
+        raw = np.empty(math.prod(shape), dtype=dt)
+        buf, done = memoryview(raw).cast("B"), 0
+        while done < raw.nbytes:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise InputError(f"{shard}: tensor {name} is truncated")
+            done += n
+        if info["dtype"] == "BF16":
+            out = (raw.astype(np.uint32) << 16).view(np.float32)  # exact, as torch widens BF16
+        else:
+            out = raw.astype(np.float32)  # F16 exact; F32 copy; F64 rounded to nearest, as torch
+        return out.reshape(shape)
+
+    def close(self) -> None:
+        self._open.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._headers.clear()
+
+
+@dataclass(frozen=True)
+class _HFConfig:
+    """What config.json says about the model's tensors."""
+
+    hf_arch: str  # architectures[0]
+    model_arch: MODEL_ARCH
+    n_blocks: int
+    text_cfg: dict  # config.json, or its text_config part (multimodal checkpoints)
+
+
+# one matrix of an HF tensor: (GGUF tensor name, expert or None, rows, cols, float32 loader)
+_HFMatrix = tuple[str, int | None, int, int, Callable[[], np.ndarray]]
+
+
+def _open_hf(path: Path) -> ModelWeights:
+    c = _read_hf_config(path)
+    tmap = gguf.get_tensor_name_map(c.model_arch, c.n_blocks)
+    files = _HFFiles()
+    mats: list[WeightMatrix] = []
+    n_elements = 0
+    for name, shard in _hf_shards(path).items():
+        sl = files.get(shard).get_slice(name)
+        shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+        n_elements += math.prod(shape)
+        if not _is_weight_matrix(path, name, shape, dtype, c.n_blocks):
+            continue
+        for tensor, expert, rows, cols, load in _hf_matrices(path, c, tmap, name, shape,
+                                                             _slice_loader(files, shard, name)):
+            block, kind = _kind(tensor)
+            mats.append(WeightMatrix(tensor, block, expert, kind, rows, cols, load, dtype))
+    mats.sort(key=_order)
+    _check_unique(mats, path)
+    logger.debug(  # (DEBUG: a refused input then prints its one error line only)
+        "%s: %s (%s), %d blocks, %d matrices", path, c.hf_arch, MODEL_ARCH_NAMES[c.model_arch], c.n_blocks, len(mats)
+    )
+    return ModelWeights(path, "hf", MODEL_ARCH_NAMES[c.model_arch], c.model_arch, c.n_blocks, mats, files.close,
+                        n_elements)
+
+
+def _read_hf_config(path: Path) -> _HFConfig:
+    """config.json: the architecture (one llama.cpp converts) and the block count."""
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise InputError(f"{path} is a directory without config.json, not an HF checkpoint")
+    config = read_json(cfg_path)
+    if not isinstance(config, dict):
+        raise InputError(f"{cfg_path} is not a JSON object")
+    archs = config.get("architectures") or []
+    if not archs:
+        raise InputError(f"{cfg_path} has no 'architectures'; supported: {supported_list()}")
+    hf_arch = archs[0]
+    if hf_arch not in SUPPORTED_ARCHITECTURES:
+        raise InputError(f"unsupported architecture {hf_arch}; supported: {supported_list()}")
+    text_cfg = config.get("text_config", config)
+    n_blocks = text_cfg.get("num_hidden_layers") if isinstance(text_cfg, dict) else None
+    if not isinstance(n_blocks, int) or n_blocks < 1:
+        raise InputError(f"{cfg_path}: 'num_hidden_layers' is {n_blocks!r}; expected a positive integer")
+    return _HFConfig(hf_arch, SUPPORTED_ARCHITECTURES[hf_arch], n_blocks, text_cfg)
+
+
+def _is_weight_matrix(path: Path, name: str, shape: tuple[int, ...], dtype: str, n_blocks: int) -> bool:
+    """Whether the HF tensor ``name`` is a weight matrix of the model's blocks (or outside them);
+    such a tensor in a dtype other than float is an InputError."""
+    if len(shape) < 2:
+        return False
+    layer = re.match(r"^model\.layers\.(\d+)\.", name)
+    if layer and int(layer[1]) >= n_blocks:
+        return False  # multi-token-prediction layers; the converter skips them too
+    key = name.removesuffix(".weight")
+    if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
+        return False  # biases, scales, buffers
+    if dtype not in _HF_FLOAT_DTYPES:
+        raise InputError(f"{path}: tensor {name} has dtype {dtype}; expected BF16/F16/F32")
+    return True
+
+
+def _slice_loader(files: _HFFiles, shard: Path, name: str):
+    """make(index=None, rows_sl=slice(None)): a loader of tensor ``name`` (or of ``[index]`` of it,
+    rows ``rows_sl`` of that), read when called."""
+    def make(index: int | None = None, rows_sl: slice = slice(None)) -> Callable[[], np.ndarray]:
+        def load():
+            return files.read(shard, name, index, rows_sl)
+        return load
+    return make
+
+
+def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ...], slice_loader) -> list[_HFMatrix]:
+    """The matrices llama.cpp quantises that the HF weight ``name`` becomes (none when its GGUF
+    tensor is not quantised or has no GGUF name, the latter logged)."""
+    key = name.removesuffix(".weight")
+    m = _HF_EXPERT.match(key)
+    if m:  # legacy per-expert 2-D tensor: one slice of the merged GGUF tensor
+        gname = tmap.get_name(f"{m['prefix']}.{m['rest']}")
+        if gname is None:
+            logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
+            return []
+        tensor = gname + ".weight"
+        return [(tensor, int(m["expert"]), shape[0], shape[1], slice_loader())] if llama_quantizes(tensor, 3) else []
+    if key.endswith("experts.gate_up_proj") and len(shape) == 3:
+        return _fused_gate_up(path, tmap, key, shape, slice_loader)
+    if c.model_arch == MODEL_ARCH.DEEPSEEK2 and key.endswith("kv_b_proj"):
+        return [(tensor, None, rows, cols, loader)
+                for tensor, rows, cols, loader in _deepseek2_kv_b(tmap, key, shape, c.text_cfg, slice_loader())
+                if llama_quantizes(tensor, 3)]
+    gname = tmap.get_name(key)
+    if gname is None:
+        logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
+        return []
+    tensor = gname + ".weight"
+    if not llama_quantizes(tensor, ggml_n_dims(shape)):
+        return []
+    if len(shape) == 3 and tmap.get_type(key) in EXPERT_TENSORS:  # fused (n_expert, rows, cols)
+        return [(tensor, e, shape[1], shape[2], slice_loader(index=e)) for e in range(shape[0])]
+    rows = math.prod(shape[:-1])
+    base_loader = slice_loader()
+    return [(tensor, None, rows, shape[-1], lambda f=base_loader, r=rows: f().reshape(r, -1))]
+
+
+def _fused_gate_up(path: Path, tmap, key: str, shape: tuple[int, ...], slice_loader) -> list[_HFMatrix]:
+    """transformers-5 fused (n_expert, 2*n_ff, n_embd): gate = first half of the rows, up = second
+    half, as conversion/qwen.py Qwen2MoeModel.modify_tensors splits it."""
+    n_ff = shape[1] // 2
+    base = key.removesuffix(".gate_up_proj")
+    out: list[_HFMatrix] = []
+    for proj, rows_sl in (("gate_proj", slice(0, n_ff)), ("up_proj", slice(n_ff, 2 * n_ff))):
+        gname = tmap.get_name(f"{base}.{proj}")
+        if gname is not None and not llama_quantizes(gname + ".weight", 3):
+            continue
+        if gname is None:
+            logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, proj)
+            continue
+        out += [(gname + ".weight", e, n_ff, shape[2], slice_loader(index=e, rows_sl=rows_sl)) for e in range(shape[0])]
+    return out
+
+
+def _deepseek2_kv_b(tmap, key: str, shape, cfg: dict, load_kv_b):
+    """conversion/deepseek.py DeepseekV2Model.modify_tensors: kv_b_proj -> k_b (transposed), v_b."""
+    n_head_kv = int(cfg["num_key_value_heads"])
+    v_dim = int(cfg["v_head_dim"])
+    nope = int(cfg["qk_nope_head_dim"])
+    rank = shape[1]
+    if shape[0] != n_head_kv * (v_dim + nope):
+        raise InputError(f"{key}: shape {shape} does not match {n_head_kv} heads x ({nope}+{v_dim})")
+
+    def heads() -> np.ndarray:
+        return load_kv_b().reshape(n_head_kv, nope + v_dim, rank)
+
+    def k_b() -> np.ndarray:  # (n_head, rank, nope) -> ggml rows (n_head*rank, nope)
+        return heads()[:, :nope, :].transpose(0, 2, 1).reshape(n_head_kv * rank, nope)
+
+    def v_b() -> np.ndarray:  # (n_head, v_dim, rank) -> (n_head*v_dim, rank)
+        return heads()[:, nope:, :].reshape(n_head_kv * v_dim, rank)
+
+    out = []
+    parts = (("k_b_proj", n_head_kv * rank, nope, k_b), ("v_b_proj", n_head_kv * v_dim, rank, v_b))
+    for proj, rows, cols, loader in parts:
+        gname = tmap.get_name(key.replace("kv_b_proj", proj))
+        if gname is None:
+            raise InputError(f"gguf-py has no tensor name for {key.replace('kv_b_proj', proj)}")
+        out.append((gname + ".weight", rows, cols, loader))
+    return out
+
+
+def _check_unique(mats: list[WeightMatrix], path: Path) -> None:
+    seen: set[tuple[str, int | None]] = set()
+    for m in mats:
+        k = (m.tensor, m.expert)
+        if k in seen:
+            raise InputError(f"{path}: {m.label} appears twice (conflicting tensor names)")
+        seen.add(k)
+
+
+# --------------------------------------------------------------------------------------
+# GGUF files
+# --------------------------------------------------------------------------------------
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_to_f32(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Float GGUF tensor data (as GGUFReader exposes it) -> float32, same numpy shape."""
+    if qtype == GGMLQuantizationType.BF16:
+        # the reader exposes BF16 as raw bytes (uint8, last axis 2x) or uint16
+        u16 = data.view(np.uint16) if data.dtype == np.uint8 else data.astype(np.uint16, copy=False)
+        return (u16.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(data, dtype=np.float32)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of conversion/llama.py ``LlamaModel.permute`` for a (rows, cols) matrix."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _load_released(reader: gguf.GGUFReader, view: np.ndarray, qtype) -> np.ndarray:
+    """float32 copy of a memory-mapped tensor, then drop its pages from this process (without
+    this, analysing a model keeps all of it resident: peak RSS ~ model size)."""
+    out = np.array(gguf_to_f32(np.asarray(view), qtype), dtype=np.float32, copy=True)
+    release_pages(reader, view)
+    return out
+
+
+def _gguf_readers(path: Path) -> list[gguf.GGUFReader]:
+    """One reader per part of the GGUF model ``path`` (gguf_io.shard_paths: any part of a split
+    GGUF opens the whole model; the first part holds its key/values)."""
+    try:
+        return [gguf.GGUFReader(p) for p in shard_paths(path)]
+    except (ValueError, OSError, struct.error) as exc:
+        raise InputError(f"{path}: not a readable GGUF file ({exc})") from exc
+
+
+def _open_gguf(path: Path) -> ModelWeights:
+    readers = _gguf_readers(path)
+    reader = readers[0]
+    tensors = [(r, t) for r in readers for t in r.tensors]
+    arch_name = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    names_to_arch = {MODEL_ARCH_NAMES[a]: a for a in SUPPORTED_GGUF_ARCHS}
+    if arch_name not in names_to_arch:
+        raise InputError(
+            f"{path}: unsupported GGUF architecture {arch_name!r}; supported: {sorted(names_to_arch)}"
+        )
+    model_arch = names_to_arch[arch_name]
+    n_blocks = _field(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch_name))
+    if n_blocks is None:
+        raise InputError(f"{path}: missing {gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch_name)}")
+    n_blocks = int(n_blocks)
+    n_head = _field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch_name))
+    n_head_kv = _field(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch_name), n_head)
+    tmap = gguf.get_tensor_name_map(model_arch, n_blocks)
+
+    for _, t in tensors:
+        if ggml_n_dims(tuple(reversed([int(d) for d in t.shape]))) >= 2 and t.tensor_type not in FLOAT_TYPES:
+            raise InputError(
+                f"{path}: tensor {t.name} is {t.tensor_type.name}; only F32/F16/BF16 GGUF "
+                "weights can be analysed (a quantised file measures the quantiser, not the model)"
+            )
+
+    mats: list[WeightMatrix] = []
+    for reader, t in tensors:
+        ne = [int(d) for d in t.shape]  # GGUF ne = (cols, rows[, n_expert])
+        np_shape = tuple(reversed(ne))
+        if not llama_quantizes(t.name, ggml_n_dims(np_shape)):
+            continue
+        block, kind = _kind(t.name)
+        qtype = t.tensor_type
+        is_expert = len(ne) == 3 and tmap.get_type(t.name.removesuffix(".weight")) in EXPERT_TENSORS
+        perm_heads = None
+        if model_arch in QK_PERMUTED_ARCHS and kind in ("attn_q", "attn_k"):
+            perm_heads = int(n_head) if kind == "attn_q" else int(n_head_kv)
+        if is_expert:
+            for e in range(ne[2]):
+                def load(t=t, e=e, qtype=qtype, reader=reader):
+                    return _load_released(reader, t.data[e], qtype)  # (rows, cols) of expert e
+                mats.append(WeightMatrix(t.name, block, e, kind, ne[1], ne[0], load, qtype.name))
+        else:
+            rows = math.prod(np_shape[:-1])
+
+            def load(t=t, qtype=qtype, rows=rows, heads=perm_heads, reader=reader):
+                w = _load_released(reader, t.data, qtype).reshape(rows, -1)
+                return unpermute_qk(w, heads) if heads else w
+
+            mats.append(WeightMatrix(t.name, block, None, kind, rows, ne[0], load, qtype.name))
+
+    mats.sort(key=_order)
+    _check_unique(mats, path)
+    logger.debug("%s: GGUF %s, %d blocks, %d matrices", path, arch_name, n_blocks, len(mats))
+    n_elements = sum(math.prod(int(d) for d in t.shape) for _, t in tensors)  # every part
+    return ModelWeights(path, "gguf", arch_name, model_arch, n_blocks, mats, n_elements=n_elements)

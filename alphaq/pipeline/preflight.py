@@ -1,0 +1,297 @@
+"""Before any heavy work: the disk a conversion needs, and about how long it takes.
+
+`alphaq convert` prints this first (``--dry-run`` prints it and writes nothing) and stops with one
+line when a filesystem cannot hold its peak need. Sizes come from the model's headers only (HF:
+the safetensors headers; GGUF: its header), nothing is loaded.
+
+Disk, per filesystem (the temporary files go in a hidden directory beside the output):
+
+* the float GGUF the stages read: an HF checkpoint is converted to BF16 first (the *intermediate*,
+  estimated: 2 bytes per matrix weight, 4 per other weight, plus the tokenizer); a GGUF input is
+  read where it is;
+* the output, at most: every quantised tensor in the largest type the plan may give it (candidates,
+  fixed types and pins, after llama.cpp's shape fallback), the others as in the float model, the header
+  and the plan keys; with ``--target-size`` the target, if smaller;
+* the peak in the output's directory: llama.cpp's quantiser writes the output once and alphaq
+  rewrites it once more with its keys (and, when splitting, once more as parts), so two copies of
+  the output coexist; the intermediate is deleted as soon as the quantiser has read it, unless
+  kept (``--keep-bf16``) or needed by the expert-groups writer (``--granularity expert``).
+
+A BF16 intermediate kept by an interrupted run (alphaq.pipeline.resume), which this run reuses, is already on
+disk: its bytes are not needed again, and its conversion takes no time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf import GGMLQuantizationType
+
+from alphaq.allocate.plan import format_size
+from alphaq.gguf.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
+
+# Seconds per transformer block for each stage, measured by scripts/bench_scale.py on
+# Qwen3-30B-A3B's block shapes (bench/scale-default.json and bench/scale.json: 4 blocks, random
+# weights, 2-core CPU, --like Q3_K_M --no-cache; the value at 4 blocks / 4, so fixed costs are
+# spread over the blocks). A model's estimate scales them by its quantisable weights per block over
+# REFERENCE_WEIGHTS_PER_BLOCK. Update the table when a stage changes speed.
+# experts 3 x 128 x 2048 x 768 + attention q, o 2 x 4096 x 2048 + k, v 2 x 512 x 2048
+REFERENCE_WEIGHTS_PER_BLOCK = 622_854_144
+STAGE_SECONDS_PER_BLOCK = {
+    "float model": 75.0 / 4,  # llama.cpp's converter to BF16 (HF input only)
+    "self text": 87.8 / 4,  # 16 sequences of 256 tokens sampled from the model
+    "importance": 50.2 / 4,  # the importance matrix on that text
+    "quantise": 576.4 / 4,  # llama.cpp's quantiser with the chosen (mostly IQ) types
+    # --fast / --paper: the whole run minus the stock converter's time (146.1 - 39.0 s at 4 blocks)
+    "spectral + quantise": (146.1 - 39.0) / 4,
+}
+# The damage stage from its parts in the same run (30 measurements on 16 windows of 256 tokens, every
+# block measured): per measurement the fake quantisation (299.2 s / 30) and a forward pass over
+# every block and token (1108.4 s / (30 x 4 blocks x 4096 tokens)), one reference pass (33.0 s /
+# (4 x 4096)), and each tensor's weighted errors (56.5 s / 30).
+DAMAGE_PARTS = {"fake_per_measurement": 299.2 / 30, "forward_per_measurement_block_token": 1108.4 / (30 * 4 * 4096),
+                "reference_per_block_token": 33.0 / (4 * 4096), "weighted_error_per_tensor": 56.5 / 30}
+KINDS_PER_BLOCK, TENSORS_OUTSIDE_BLOCKS = 7, 2  # Qwen3-MoE: q, k, v, o, gate/up/down experts; embedding, output
+# private memory of the forward stages besides the weight being fake-quantised: Python, numpy,
+# llama.cpp's compute buffers for a 256-token window (bench/mapped-memory.json: 0.55 GB peak anonymous
+# at Qwen3-30B-A3B shapes with a 0.40 GB expert tensor copied on write)
+PRIVATE_OVERHEAD_BYTES = 200 << 20
+PLAN_KEY_BYTES_PER_ITEM = 1024  # the alphaq.plan key holds every item's costs as JSON
+SPLIT_PART_OVERHEAD = 256  # per part: GGUF header, split keys, padding
+
+
+@dataclass(frozen=True)
+class Preflight:
+    n_blocks: int
+    weights_per_block: int
+    float_bytes: int  # the float GGUF the stages read (HF input: an estimate of the intermediate)
+    intermediate: bool  # the float GGUF is written by this run (HF input)
+    output_bytes: int  # upper bound of the output, all parts
+    needs: dict[Path, int]  # a directory per filesystem -> peak bytes needed there
+    free: dict[Path, int]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    reused: Path | None = None  # the intermediate an interrupted run kept, reused
+    forward: bool = False  # the run has forward stages (the default mode), which map the float model
+    largest_weight_bytes: int = 0  # the largest float weight: private while it is fake-quantised
+    ram_available: int | None = None  # MemAvailable, where the OS says
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+    def shortfalls(self) -> list[str]:
+        return [f"{d} has {format_size(self.free[d])} free; the conversion needs up to {format_size(n)} there"
+                for d, n in self.needs.items() if self.free[d] < n]
+
+    def format(self, keep_bf16: Path | None, parts: str = "") -> str:
+        kept = (f"kept at {keep_bf16}" if keep_bf16 else "deleted once quantised; --keep-bf16 PATH keeps it")
+        lines = [f"pre-flight  {self.n_blocks} blocks, {self.weights_per_block:,} quantisable weights per block",
+                 (f"  disk      BF16 intermediate {format_size(self.float_bytes)}, kept by an interrupted run "
+                  f"and reused: {self.reused} ({kept})" if self.reused else
+                  f"  disk      BF16 intermediate about {format_size(self.float_bytes)} ({kept})" if self.intermediate
+                  else f"  disk      float model {format_size(self.float_bytes)} (read in place)"),
+                 f"            output at most {format_size(self.output_bytes)}{parts}"]
+        for d, n in self.needs.items():
+            lines.append(f"            peak need in {d}: {format_size(n)} (temporary files included); "
+                         f"free {format_size(self.free[d])}")
+        if self.forward:
+            lines.append(self._memory_line())
+        stages = ", ".join(f"{k} {_duration(v)}" for k, v in self.stage_seconds.items())
+        lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (2-core CPU, "
+                     f"bench/convert-real-shape.txt; cached stages are skipped): {stages}")
+        return "\n".join(lines)
+
+
+    def _memory_line(self) -> str:
+        """RAM for the forward stages: the mapped float model is page cache (alphaq.runtime.mapped); private
+        memory is the one weight copied while it is measured plus llama.cpp's compute buffers."""
+        private = self.largest_weight_bytes + PRIVATE_OVERHEAD_BYTES
+        if self.ram_available is None:
+            fits = ""
+        elif self.ram_available >= self.float_bytes + private:
+            fits = f"; available RAM {format_size(self.ram_available)} holds it"
+        else:
+            fits = (f"; available RAM {format_size(self.ram_available)} does not hold it: every forward pass "
+                    "reads the missing part from disk again, much slower (bench/mapped-memory.json)")
+        return (f"  memory    the forward stages memory-map the float model ({format_size(self.float_bytes)} of "
+                f"page cache){fits}; private memory about {format_size(private)} (the largest weight, copied "
+                "while it is measured, and compute buffers)")
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> dict[str, float]:
+    """The stage-rate table applied to this model and these settings (alphaq.pipeline.convert.ConvertConfig)."""
+    scale = n_blocks * weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
+    rate = STAGE_SECONDS_PER_BLOCK
+    out = {"float model": rate["float model"] * scale} if source == "hf" else {}
+    if cfg.plan.noise != "damage":
+        out["spectral + quantise"] = rate["spectral + quantise"] * scale
+        return out
+    out["self text"] = rate["self text"] * scale
+    if cfg.imatrix is None:
+        out["importance"] = rate["importance"] * scale
+    damage = damage_seconds(cfg.damage, n_blocks, cfg.selftext.n_ctx) * weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
+    if cfg.damage.method == "direct":  # one measurement per candidate type instead of one per tensor
+        damage *= len(cfg.plan.types)
+    out["damage"] = damage
+    out["quantise"] = rate["quantise"] * scale
+    return out
+
+
+def damage_seconds(damage_cfg, n_blocks: int, n_ctx: int) -> float:
+    """The damage stage at the reference model's weights per block and kinds of tensor: measured
+    tensors (every block, or the anchors) x (fake quantisation + a forward pass over n_blocks and the
+    windows' tokens), one reference pass, and every tensor's weighted errors."""
+    anchors = damage_cfg.anchors
+    blocks_measured = n_blocks if anchors is None else min(anchors, n_blocks)
+    tokens = damage_cfg.windows_when(blocks_measured == n_blocks) * n_ctx
+    measured = KINDS_PER_BLOCK * blocks_measured + TENSORS_OUTSIDE_BLOCKS
+    p = DAMAGE_PARTS
+    return (measured * (p["fake_per_measurement"] + p["forward_per_measurement_block_token"] * n_blocks * tokens)
+            + p["reference_per_block_token"] * n_blocks * tokens
+            + (KINDS_PER_BLOCK * n_blocks + TENSORS_OUTSIDE_BLOCKS) * p["weighted_error_per_tensor"])
+
+
+def _largest_bytes(name: str, shape: tuple[int, ...], types: list[GGMLQuantizationType]) -> int:
+    return max(tensor_bytes(effective_type(t, shape[-1]), shape) for t in types)
+
+
+def plan_types(cfg) -> list[GGMLQuantizationType]:
+    """Every type the plan may give a tensor: candidates, fixed types and pins."""
+    p = cfg.plan
+    pins = [p.output_tensor_type, p.token_embedding_type, *(t for _, t in p.tensor_types)]
+    return [resolve_type(t) for t in (*p.types, p.non_expert_type, p.token_embd_type, p.output_type, *pins) if t]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    float_bytes: int  # the float GGUF (HF input: an estimate of the converter's BF16 output)
+    output_bound: int  # the output at most, without the plan keys
+    items: int  # plan items (tensors; expert slices count one each)
+    tensors: int  # tensors of the output, at most
+
+
+def gguf_sizes(path: Path, cfg) -> Sizes:
+    """Sizes of a float GGUF (any part of a split one)."""
+    from alphaq.gguf.io import header_bytes, model_bytes, read_tensors
+
+    types = plan_types(cfg)
+    out, items = header_bytes(path), 0
+    records = read_tensors(path)
+    for t in records:
+        if llama_quantizes(t.name, t.shape):
+            out += _largest_bytes(t.name, t.shape, types)
+            items += t.shape[0] if len(t.shape) == 3 else 1
+        else:
+            out += t.n_bytes
+        out += cfg.plan.alignment
+    return Sizes(model_bytes(path), out, items, len(records))
+
+
+def hf_sizes(model, cfg) -> Sizes:
+    """Sizes of an HF checkpoint (alphaq.model.weights.ModelWeights: its matrices are the ones llama.cpp
+    quantises)."""
+    types = plan_types(cfg)
+    mats = model.matrices()
+    matrix_weights = sum(m.params for m in mats)
+    n_stored, stored_weights = _safetensors_weights(model.path)
+    other = max(0, stored_weights - matrix_weights)
+    header = sum(p.stat().st_size for p in model.path.glob("tokenizer*") if p.is_file()) + (1 << 20)
+    out = header + 4 * other + sum(_largest_bytes(m.tensor, (m.rows, m.cols), types) for m in mats)
+    n_tensors = n_stored + len({m.tensor for m in mats})  # every stored tensor, and the merged ones
+    return Sizes(header + 2 * matrix_weights + 4 * other, out + n_tensors * cfg.plan.alignment, len(mats), n_tensors)
+
+
+def _safetensors_weights(path: Path) -> tuple[int, int]:
+    """(tensors, weights) in the safetensors files of the checkpoint (from their headers)."""
+    index = path / "model.safetensors.index.json"
+    files = (sorted({path / s for s in json.loads(index.read_text())["weight_map"].values()})
+             if index.exists() else [path / "model.safetensors"])
+    tensors = weights = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        shapes = [v["shape"] for k, v in header.items() if k != "__metadata__"]
+        tensors += len(shapes)
+        weights += sum(math.prod(s) for s in shapes)
+    return tensors, weights
+
+
+def _filesystem_dirs(dirs: list[Path]) -> dict[int, Path]:
+    out: dict[int, Path] = {}
+    for d in dirs:
+        out.setdefault(os.stat(d).st_dev, d)
+    return out
+
+
+def preflight(cfg, model, reused: Path | None = None) -> Preflight:
+    """Disk and time for converting ``model`` (alphaq.model.weights.ModelWeights of cfg.model) with
+    ``cfg`` (alphaq.pipeline.convert.ConvertConfig); ``reused``: the BF16 intermediate of an interrupted run,
+    which this one reuses."""
+    sizes = hf_sizes(model, cfg) if model.source == "hf" else gguf_sizes(model.path, cfg)
+    float_bytes = reused.stat().st_size if reused else sizes.float_bytes
+    out = sizes.output_bound + PLAN_KEY_BYTES_PER_ITEM * sizes.items + (1 << 16)
+    out += sum(o.gguf_bytes for o in cfg.kv_overrides)  # --override-kv's keys
+    if cfg.plan.budget_mode == "size" and cfg.like is None:
+        out = min(out, int(cfg.plan.budget))
+    out += SPLIT_PART_OVERHEAD * max_parts(cfg, sizes.tensors, out)
+    out_dir = cfg.output.parent
+    dirs = _filesystem_dirs([out_dir] + ([cfg.keep_bf16.parent] if cfg.keep_bf16 else []))
+    needs = {d: 0 for d in dirs.values()}
+    intermediate = model.source == "hf"
+    float_dir = dirs[os.stat(cfg.keep_bf16.parent if cfg.keep_bf16 else out_dir).st_dev] if intermediate else None
+    out_fs = dirs[os.stat(out_dir).st_dev]
+    float_stays = cfg.keep_bf16 is not None or cfg.plan.granularity == "expert"
+    if float_dir == out_fs:
+        needs[out_fs] = float_bytes + 2 * out if float_stays else max(float_bytes + out, 2 * out)
+    else:
+        needs[out_fs] = 2 * out
+        if float_dir is not None:
+            needs[float_dir] = float_bytes
+    if reused is not None:  # already on disk
+        needs[float_dir] = max(0, needs[float_dir] - float_bytes)
+    blocks = [m for m in model.matrices() if m.block is not None]
+    per_block = sum(m.params for m in blocks) // max(1, model.n_blocks)
+    seconds = stage_seconds(cfg, model.source, model.n_blocks, per_block)
+    if reused is not None:
+        seconds.pop("float model", None)
+    return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
+                     {d: shutil.disk_usage(d).free for d in needs}, seconds, reused,
+                     forward=cfg.plan.noise == "damage", largest_weight_bytes=_largest_weight_bytes(model),
+                     ram_available=ram_available())
+
+
+def _largest_weight_bytes(model) -> int:
+    """The largest weight tensor in BF16 (an expert tensor holds all its experts' slices)."""
+    per_tensor: dict[str, int] = {}
+    for m in model.matrices():
+        per_tensor[m.tensor] = per_tensor.get(m.tensor, 0) + m.params
+    return 2 * max(per_tensor.values(), default=0)
+
+
+def ram_available() -> int | None:
+    """The kernel's estimate of memory available without swapping (/proc/meminfo MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def max_parts(cfg, n_tensors: int, out_bytes: int) -> int:
+    """At most this many parts when the output is split (1 when it is not)."""
+    if cfg.split_max_tensors:
+        return max(1, -(-n_tensors // cfg.split_max_tensors))
+    if cfg.split_max_size:
+        return max(1, min(n_tensors, 2 * -(-out_bytes // cfg.split_max_size) + 1))
+    return 1
