@@ -62,7 +62,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     list). Other keyword options are PlanConfig fields (types, gamma, granularity, ...) or
     ConvertConfig fields (imatrix, nthread, use_cache, split_max_size (bytes, or "2G" as
     llama-gguf-split), split_max_tensors, keep_bf16, dry_run, resume (False: convert an HF checkpoint
-    afresh rather than reuse the BF16 intermediate an interrupted run kept), ...).
+    afresh rather than reuse the BF16 intermediate an interrupted run kept), working_copy ("auto",
+    "float" or "q8_0": what the forward stages run), ...).
     ``plots="DIR"`` also writes the figures of ``alphaq convert --plots`` there (not with dry_run).
     Returns alphaq.pipeline.convert.ConvertResult."""
     from alphaq.pipeline.convert import ConvertConfig, run_convert

@@ -17,6 +17,10 @@ anonymous (private) memory. Cases:
   mapped-limited  mapped, with the group limited to --limit-fraction of the BF16 file: the
                   larger-than-RAM case, emulated (the kernel must drop and re-read the model's pages)
   copy-limited    the copy under the same limit (expected: killed for memory)
+  q8copy          the Q8_0 working copy of the model (--working-copy q8_0; written by llama.cpp's
+                  quantiser first), memory-mapped, no limit
+  q8copy-limited  the Q8_0 copy under the same limit (--working-copy auto's case: the float model
+                  does not fit, its copy does); not run unless asked for with --cases
 
 Page cache is written back and dropped before each case (sync; echo 3 > /proc/sys/vm/drop_caches)
 so that every case starts cold and the model's pages are charged to the case's group (a page
@@ -43,7 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CASES = ("copy", "mapped", "mapped-limited", "copy-limited")
+CASES = ("copy", "mapped", "mapped-limited", "copy-limited", "q8copy", "q8copy-limited")
+DEFAULT_CASES = CASES[:4]
 
 
 def child(mode: str, gguf: str) -> None:
@@ -56,7 +61,7 @@ def child(mode: str, gguf: str) -> None:
 
     out: dict = {}
     t = time.perf_counter()
-    with Session(Path(gguf), 256, n_seq=16, mapped=mode.startswith("mapped")) as s:
+    with Session(Path(gguf), 256, n_seq=16, mapped=mode in ("mapped", "q8copy")) as s:
         out["load_s"] = time.perf_counter() - t
         rng = np.random.default_rng(0)
         windows = rng.integers(3, s.n_vocab, size=(4, 256))
@@ -148,12 +153,22 @@ def run_case(case: str, gguf: Path, limit: int) -> dict:
     return row
 
 
+def _q8_copy(gguf: Path, cache: Path) -> dict:
+    """The Q8_0 working copy, as --working-copy q8_0 writes it (llama.cpp's quantiser), timed."""
+    from alphaq.gguf.quantize import quantize_stock
+
+    path = cache / "q8_0-copy.gguf"
+    t = time.perf_counter()
+    quantize_stock(gguf, path, "Q8_0")
+    return {"path": path, "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - t, 1)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", nargs=2, metavar=("MODE", "GGUF"), help=argparse.SUPPRESS)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--limit-fraction", type=float, default=0.5)
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES))
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "mapped-memory.json")
     p.add_argument("--keep", action="store_true", help="keep the generated model in .cache/scale/")
     args = p.parse_args()
@@ -172,16 +187,20 @@ def main() -> int:
             convert_hf(model, gguf)
         size = gguf.stat().st_size
         limit = int(size * args.limit_fraction)
+        copy = _q8_copy(gguf, cache) if any(c.startswith("q8copy") for c in args.cases) else None
         rows = []
         for case in args.cases:
-            rows.append(run_case(case, gguf, limit))
+            rows.append(run_case(case, copy["path"] if case.startswith("q8copy") else gguf, limit))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(model, ignore_errors=True)
             gguf.unlink(missing_ok=True)
+        (cache / "q8_0-copy.gguf").unlink(missing_ok=True)
+    extra = {"q8_0_copy": {k: v for k, v in copy.items() if k != "path"}} if copy else {}
     args.json.write_text(json.dumps({"model": f"Qwen3-30B-A3B shapes, {args.blocks} blocks, random weights",
-                                     "bf16_bytes": size, "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+                                     "bf16_bytes": size, "limit_fraction": args.limit_fraction, "cpus": os.cpu_count(),
+                                     **extra, "rows": rows}, indent=2) + "\n")
     return 0
 
 

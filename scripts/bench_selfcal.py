@@ -22,7 +22,9 @@ matrix), w4 (the damage measured on 4 of the 16 windows), a1 / a1w4 (depth ancho
 one block per tensor kind measured, the other block's damage interpolated from it; 16 / 4 windows), deep-default / deep-a4w16 /
 deep-all (for models deeper than 4 blocks, --models DIR: the product's default, 4 anchor blocks per kind on 4 windows; the same
 on 16 windows; every block measured on 16 windows), domain-bias (the stock mix with an
-importance matrix from prose only and from code only, next to the self and the mixed real one)
+importance matrix from prose only and from code only, next to the self and the mixed real one),
+q8copy (the default's self text, importance matrix and damage all from a Q8_0 working copy of the model,
+as --working-copy q8_0 does for models larger than RAM; the file is quantised from the BF16 model)
 
 every alphaq variant at no more than the stock file's size, and scores each against the BF16
 model on the held-out test split (prose and code, tests/fixtures/heldout): mean KL per token,
@@ -140,6 +142,13 @@ class Model:
             if "no-imatrix" in self.variants:
                 self.damage[("none", "estimate")] = measure(s, Reference(s, self_tokens[:16]), self.names, types,
                                                             DamageConfig()).costs
+        if "q8copy" in self.variants:  # the product's forward stages on a Q8_0 working copy (--working-copy q8_0)
+            from alphaq.damage.run import self_calibrate
+
+            t0 = time.perf_counter()
+            calib = self_calibrate(self.bf16, self.names, types, working_copy="q8_0", work_dir=self.work)
+            self.seconds["q8copy_stages"] = time.perf_counter() - t0
+            self.imatrix["q8copy"], self.damage[("q8copy", "estimate")] = calib.imatrix.means(), calib.damage.costs
 
     # -- files --------------------------------------------------------------------------------------
 
@@ -163,7 +172,8 @@ class Model:
                        "direct": ("self", "direct"), "no-imatrix": ("none", "estimate"), "alpha-g1": ("self", "estimate"),
                        "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4"),
                        "a1": ("self", "a1"), "a1w4": ("self", "a1w4"), "deep-default": ("self", "deep-default"),
-                       "deep-a4w16": ("self", "deep-a4w16"), "deep-all": ("self", "deep-all")}.get(variant, (None, None))
+                       "deep-a4w16": ("self", "deep-a4w16"), "deep-all": ("self", "deep-all"),
+                       "q8copy": ("q8copy", "estimate")}.get(variant, (None, None))
         try:
             if src is not None:
                 changes = {"alpha-g1": dict(gamma=1.0), "alpha-gpaper": dict(gamma=None),

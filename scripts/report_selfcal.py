@@ -63,9 +63,9 @@ def model_table(name: str, res: dict) -> list[str]:
     return lines + ["", f"Stage times on this model (2-core CPU, shared): {secs}.", ""]
 
 
-def summary(results: dict) -> list[str]:
+def summary(results: dict, variants=("default", "real-driven", "direct", "fast", "paper", "stock+self")) -> list[str]:
     lines = ["| variant | wins | ties | losses | no file | median ratio to best stock |", "|---|---|---|---|---|---|"]
-    for variant in ("default", "real-driven", "direct", "fast", "paper", "stock+self"):
+    for variant in variants:
         counts = {"win": 0, "tie": 0, "loss": 0, "no file": 0}
         ratios = []
         for res in results.values():
@@ -132,6 +132,43 @@ def deep_table(results: dict) -> list[str]:
     return lines
 
 
+# (side file, title ({} = the file), what it compares, its tables): each study's section, when its file exists
+SIDE_STUDIES = (
+    ("selfcal-ablation.json", "Ablations (bench/{}; 5 sizes per model)",
+     "Each against the default on the same cells. w4: damage measured on 4 windows of own text "
+     "instead of 16; alpha-g1 / alpha-gpaper: the damage times (α̃/α)^γ with γ = 1 / the App. A.7 "
+     "formula; experts-only: only routed experts allocated, the rest on the fast mode's policy; "
+     "no-imatrix: no importance matrix anywhere (damage and quantisation).",
+     lambda res: comparisons(res, [(v, "default") for v in ("w4", "alpha-g1", "alpha-gpaper", "experts-only",
+                                                            "no-imatrix")])),
+    ("selfcal-anchors.json", "Depth anchors (bench/{}; 5 sizes per model)",
+     "The deep-model damage path (alphaq.damage.anchors) at its extreme on these 2-block models: one "
+     "block per tensor kind measured, the other block's damage = the measured block's damage per "
+     "unit of importance-weighted error times its own weighted error. a1: 16 windows; a1w4: 4 "
+     "windows, as the default uses once anchors stand in for blocks. Each against the default "
+     "(every tensor measured, 16 windows) on the same cells.",
+     lambda res: comparisons(res, [(v, "default") for v in ("a1", "a1w4")])),
+    ("selfcal-deep.json", "Depth anchors on an 8-block model (bench/{})",
+     "A model deeper than 4 blocks, trained here like the fixtures (scripts/train_tiny_moe.py --zoo bench "
+     "--only mixtral-bench --steps 1000, CPU). deep-all: every block measured on 16 windows; deep-a4w16: "
+     "4 anchor blocks per tensor kind (0, 2, 5, 7), the others interpolated over depth, 16 windows; "
+     "deep-default: what the product does at this depth (4 anchors, 4 windows). Every file at most the "
+     "stock file's size.",
+     lambda res: [*comparisons(res, [("deep-default", "deep-all"), ("deep-a4w16", "deep-all"),
+                                     ("deep-default", "deep-a4w16")]), "", *deep_table(res)]),
+    ("selfcal-q8copy.json", "Q8_0 working copy (bench/{}; 5 sizes per model)",
+     "q8copy: the default's self text, importance matrix and damage all from a Q8_0 copy of the model "
+     "(--working-copy q8_0, what auto picks when the float model does not fit in RAM), the file quantised "
+     "from the BF16 model with that importance matrix; against the default (every stage on the BF16 "
+     "model) on the same cells, and both against the better stock file (stock+real here).",
+     lambda res: [*comparisons(res, [("q8copy", "default")]), "", *summary(res, ("default", "q8copy"))]),
+    ("selfcal-domain.json", "Domain bias (bench/{}; IQ2_XXS, Q3_K_M, Q5_K_M sizes)",
+     "llama.cpp's mix quantised with an importance matrix from prose only, code only, or both "
+     "(real text, val split, 16 windows each) against the one from the model's own text, with "
+     "the KL scored on each held-out domain separately.", domain_bias),
+)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "selfcal.json")
@@ -147,42 +184,10 @@ def main() -> int:
            "## Head to head (same cells)", "",
            *comparisons(results, [("default", "real-driven"), ("default", "direct"), ("stock+self", "stock+real")]),
            ""]
-    ablation = args.json.with_name("selfcal-ablation.json")
-    if ablation.exists():
-        abl = json.loads(ablation.read_text())
-        out += ["## Ablations (bench/selfcal-ablation.json; 5 sizes per model)", "",
-                "Each against the default on the same cells. w4: damage measured on 4 windows of own text "
-                "instead of 16; alpha-g1 / alpha-gpaper: the damage times (α̃/α)^γ with γ = 1 / the App. A.7 "
-                "formula; experts-only: only routed experts allocated, the rest on the fast mode's policy; "
-                "no-imatrix: no importance matrix anywhere (damage and quantisation).", "",
-                *comparisons(abl, [(v, "default") for v in ("w4", "alpha-g1", "alpha-gpaper", "experts-only",
-                                                              "no-imatrix")]), ""]
-    anchors = args.json.with_name("selfcal-anchors.json")
-    if anchors.exists():
-        out += ["## Depth anchors (bench/selfcal-anchors.json; 5 sizes per model)", "",
-                "The deep-model damage path (alphaq.damage.anchors) at its extreme on these 2-block models: one "
-                "block per tensor kind measured, the other block's damage = the measured block's damage per "
-                "unit of importance-weighted error times its own weighted error. a1: 16 windows; a1w4: 4 "
-                "windows, as the default uses once anchors stand in for blocks. Each against the default "
-                "(every tensor measured, 16 windows) on the same cells.", "",
-                *comparisons(json.loads(anchors.read_text()), [(v, "default") for v in ("a1", "a1w4")]), ""]
-    deep = args.json.with_name("selfcal-deep.json")
-    if deep.exists():
-        res = json.loads(deep.read_text())
-        out += ["## Depth anchors on an 8-block model (bench/selfcal-deep.json)", "",
-                "A model deeper than 4 blocks, trained here like the fixtures (scripts/train_tiny_moe.py --zoo bench "
-                "--only mixtral-bench --steps 1000, CPU). deep-all: every block measured on 16 windows; deep-a4w16: "
-                "4 anchor blocks per tensor kind (0, 2, 5, 7), the others interpolated over depth, 16 windows; "
-                "deep-default: what the product does at this depth (4 anchors, 4 windows). Every file at most the "
-                "stock file's size.", "",
-                *comparisons(res, [("deep-default", "deep-all"), ("deep-a4w16", "deep-all"),
-                                   ("deep-default", "deep-a4w16")]), "", *deep_table(res), ""]
-    domain = args.json.with_name("selfcal-domain.json")
-    if domain.exists():
-        out += ["## Domain bias (bench/selfcal-domain.json; IQ2_XXS, Q3_K_M, Q5_K_M sizes)", "",
-                "llama.cpp's mix quantised with an importance matrix from prose only, code only, or both "
-                "(real text, val split, 16 windows each) against the one from the model's own text, with "
-                "the KL scored on each held-out domain separately.", "", *domain_bias(json.loads(domain.read_text())), ""]
+    for file, title, intro, body in SIDE_STUDIES:
+        side = args.json.with_name(file)
+        if side.exists():
+            out += [f"## {title.format(file)}", "", intro, "", *body(json.loads(side.read_text())), ""]
     for name, res in results.items():
         out += model_table(name, res)
     args.out.write_text("\n".join(out) + "\n")

@@ -25,6 +25,7 @@ from alphaq.commands import plan as _plan_cmd
 from alphaq.damage import METHODS as DAMAGE_METHODS
 from alphaq.damage import DamageConfig
 from alphaq.errors import AlphaQError
+from alphaq.pipeline.preflight import WORKING_COPY_CHOICES
 from alphaq.allocate.overrides import kv_overrides, parse_tensor_type, read_tensor_type_file
 from alphaq.allocate.plan import MODES, format_size
 from alphaq.selftext import SelfTextConfig
@@ -61,6 +62,10 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damage-anchors", type=_anchors, default=DamageConfig.anchors, metavar="N|all",
                    help="blocks measured per tensor kind, the others interpolated over depth (default: "
                         "%(default)s; 'all' measures every block: quadratic in depth)")
+    p.add_argument("--working-copy", choices=WORKING_COPY_CHOICES, default="auto",
+                   help="what the forward stages run: the float model (memory-mapped), or a Q8_0 copy of it "
+                        "written beside the output, half the bytes, as llama-imatrix users do (default: auto, "
+                        "the copy only when the float model does not fit in available RAM)")
     p.add_argument("--self-samples", type=int, default=SelfTextConfig.n_seq,
                    help="sequences of its own text the model writes (default: %(default)s)")
     p.add_argument("--self-ctx", type=int, default=SelfTextConfig.n_ctx, help="tokens per sequence (default: %(default)s)")
@@ -151,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         damage=DamageConfig(method=args.damage, anchors=args.damage_anchors,
                             n_windows=None if args.damage_windows is None else min(args.damage_windows, args.self_samples)),
         split_max_size=split_size, split_max_tensors=args.split_max_tensors, keep_bf16=args.keep_bf16,
-        dry_run=args.dry_run, plots=args.plots, kv_overrides=kv_overrides(args.override_kv), resume=not args.no_resume,
+        dry_run=args.dry_run, plots=args.plots, working_copy=args.working_copy, kv_overrides=kv_overrides(args.override_kv), resume=not args.no_resume,
     )
     if args.imatrix is not None and cfg.plan.noise != "damage":
         raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
@@ -229,7 +234,7 @@ def summary(r) -> str:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # with importance and damage both reused from the cache, llama.cpp never loaded the model
         loaded = not {"importance", "damage"} <= set(r.reused)
-        lines.append(f"  memory      {_forward_memory(r.float_bytes, loaded)}; peak RSS of this process {format_size(peak)}")
+        lines.append(f"  memory      {_forward_memory(r.float_bytes, loaded, r.working_copy)}; peak RSS of this process {format_size(peak)}")
     if r.parts:
         lines.append("  parts       " + ", ".join(f"{p.name} ({format_size(p.stat().st_size)})" for p in r.parts))
     if r.kept_float:
@@ -256,13 +261,17 @@ def summary(r) -> str:
 _MAX_WARNINGS = 5  # in the summary; all of them are in the log
 
 
-def _forward_memory(float_bytes: int, loaded: bool) -> str:
+def _forward_memory(float_bytes: int, loaded: bool, working_copy: str | None) -> str:
     """What the forward stages cost in memory (see alphaq.runtime.mapped)."""
+    from alphaq.pipeline.preflight import working_copy_bytes
     from alphaq.runtime import mapped
 
     if not loaded:
         return "the forward stages were reused: the float model was not loaded"
+    what, size = "the float model", float_bytes
+    if working_copy == "q8_0":
+        what, size = "a Q8_0 working copy of the float model (--working-copy)", working_copy_bytes(float_bytes)
     if mapped.available():
-        return (f"the forward stages memory-map the float model ({format_size(float_bytes)} of page cache the OS "
-                "can drop; smaller than RAM it runs at full speed, larger it pages from disk on every pass)")
-    return f"the forward stages hold the float model in RAM ({format_size(float_bytes)})"
+        return (f"the forward stages memory-map {what} (about {format_size(size)} of page cache the OS can drop; "
+                "smaller than RAM it runs at full speed, larger it pages from disk on every pass)")
+    return f"the forward stages hold {what} in RAM (about {format_size(size)})"

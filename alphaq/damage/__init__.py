@@ -38,7 +38,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from alphaq.errors import AlphaQError
-from alphaq.runtime.forward import GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, Session, WeightBuffer
+from alphaq.runtime.forward import GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q8_0, Session, WeightBuffer
 from alphaq.gguf.qtypes import resolve_type
 
 log = logging.getLogger(__name__)
@@ -180,13 +180,21 @@ class Reference:
 
 
 def to_float32(raw: np.ndarray, ggml_type: int) -> np.ndarray:
+    """A buffer's rows as float32 (a Q8_0 working copy's through gguf-py's dequantiser)."""
     if ggml_type == GGML_TYPE_BF16:
         return (raw.astype(np.uint32) << 16).view(np.float32)
+    if ggml_type == GGML_TYPE_Q8_0:
+        return np.asarray(dequantize(raw, GGMLQuantizationType.Q8_0), dtype=np.float32)
     return raw.astype(np.float32)
 
 
 def from_float32(x: np.ndarray, ggml_type: int) -> np.ndarray:
-    """float32 -> the buffer's element type; BF16 rounded to nearest even, as ggml's converter does."""
+    """float32 -> the buffer's element type; BF16 rounded to nearest even, as ggml's converter does;
+    Q8_0 by ggml's quantiser (a fake-quantised weight in a Q8_0 working copy is its Q8_0 rounding)."""
+    if ggml_type == GGML_TYPE_Q8_0:
+        from alphaq.gguf.ggml import quantize
+
+        return quantize(x.reshape(-1, x.shape[-1]), GGMLQuantizationType.Q8_0, None)
     if ggml_type == GGML_TYPE_BF16:
         u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
         return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
@@ -227,7 +235,7 @@ class Swap:
         if len(self.buf.shape) == 3:
             experts = range(matrices(self.buf)) if self.expert is None else [self.expert]
             return [(view[e], None if self.means is None else self.means[e]) for e in experts]
-        rows = view.reshape(-1, self.buf.shape[-1])
+        rows = view.reshape(-1, view.shape[-1])  # elements, or a Q8_0 copy's bytes per row
         imat = None if self.means is None else self.means[0]
         return [(rows[i:i + self.ROWS_PER_JOB], imat) for i in range(0, rows.shape[0], self.ROWS_PER_JOB)]
 

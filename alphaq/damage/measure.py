@@ -50,7 +50,7 @@ def weighted_errors(buf: WeightBuffer, types: Sequence[GGMLQuantizationType], me
     chosen = range(n_mat) if experts is None else experts
     samples = {}
     for e in chosen:
-        raw = view[e] if len(buf.shape) == 3 else view.reshape(-1, buf.shape[-1])
+        raw = view[e] if len(buf.shape) == 3 else view.reshape(-1, view.shape[-1])
         samples[e] = (raw.shape[0], to_float32(raw[sample_rows(raw.shape[0], max_rows)], buf.ggml_type))
 
     def one(e: int, t: GGMLQuantizationType) -> float:

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from alphaq.damage import DamageConfig, DamageTable, Reference
+from alphaq.errors import AlphaQError
 from alphaq.files import atomic_write_text, cache_root, fingerprint
 from alphaq.importance.imatrix_file import Imatrix
 from alphaq.pipeline.resume import pause_for_test
@@ -42,6 +43,7 @@ class SelfCalibration:
     seconds: dict[str, float]
     imatrix_source: str  # "self" or the user's file
     reused: tuple[str, ...] = ()  # stages read from the cache: "self text", "importance", "damage"
+    working_copy: str = "float"  # the model the stages ran on: "float" or "q8_0" (WORKING_COPIES)
 
 
 def _damage_key(model_key: str, text_cfg: SelfTextConfig, cfg: DamageConfig, names: Sequence[str],
@@ -64,20 +66,29 @@ def _imatrix_key(imatrix: Imatrix) -> str:
 def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQuantizationType], *,
                    text_cfg: SelfTextConfig = SelfTextConfig(), cfg: DamageConfig = DamageConfig(),
                    user_imatrix: Imatrix | None = None, imatrix_source: str = "self", per_expert: bool = False,
-                   progress: bool = False, use_cache: bool = True, n_threads: int | None = None) -> SelfCalibration:
-    """Run (or reuse) the three stages on the float GGUF ``model`` for the weights ``names``."""
+                   progress: bool = False, use_cache: bool = True, n_threads: int | None = None,
+                   working_copy: str = "float", work_dir: Path | None = None) -> SelfCalibration:
+    """Run (or reuse) the three stages on the float GGUF ``model`` for the weights ``names``.
+
+    working_copy: "float" runs them on ``model`` itself; "q8_0" on a Q8_0 copy that llama.cpp's
+    quantiser writes into ``work_dir`` first (models larger than RAM, as llama-imatrix users do:
+    half the bytes to hold or re-read; see WORKING_COPIES), made only when a stage must run and
+    deleted when they are done. Its stages are cached apart from the float model's."""
     from alphaq.damage.measure import measure
     from alphaq.runtime.forward import Session
 
+    if working_copy not in WORKING_COPIES:
+        raise AlphaQError(f"working copy {working_copy!r}: allowed {', '.join(WORKING_COPIES)}")
     seconds: dict[str, float] = {}
     reused: list[str] = []
     t0 = time.perf_counter()
-    model_key = fingerprint(model)
-    tokens = _self_text(model, text_cfg, model_key, use_cache, progress, reused)
-    seconds["self_text"] = time.perf_counter() - t0
+    model_key = fingerprint(model) + ("" if working_copy == "float" else f"+{working_copy}")
     with ExitStack() as stack:
+        working = _lazy(lambda: stack.enter_context(_working_model(model, working_copy, work_dir, n_threads, seconds)))
+        tokens = _self_text(working, text_cfg, model_key, use_cache, progress, reused)
+        seconds["self_text"] = time.perf_counter() - t0 - seconds.get("working_copy", 0.0)
         # llama.cpp loads the model only for a stage that runs (not when both come from the cache)
-        session = _lazy(lambda: stack.enter_context(Session(model, text_cfg.n_ctx, n_threads=n_threads)))
+        session = _lazy(lambda: stack.enter_context(Session(working(), text_cfg.n_ctx, n_threads=n_threads)))
         t0 = time.perf_counter()
         imatrix = user_imatrix or _importance(session, tokens, text_cfg, model_key, use_cache, progress, reused)
         seconds["importance"] = time.perf_counter() - t0
@@ -101,7 +112,33 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
                 atomic_write_text(path, json.dumps(table.to_json(), sort_keys=True) + "\n")
             seconds["damage"] = sum(table.seconds.values())
     return SelfCalibration(tokens, imatrix, table, seconds, "self" if user_imatrix is None else imatrix_source,
-                           tuple(reused))
+                           tuple(reused), working_copy)
+
+
+# what the forward stages can run: the float model, or its Q8_0 copy (the alphaq convert flag
+# --working-copy; "auto" picks q8_0 when the float model does not fit in RAM, alphaq.pipeline.convert)
+WORKING_COPIES = ("float", "q8_0")
+
+
+@contextmanager
+def _working_model(model: Path, working_copy: str, work_dir: Path | None, n_threads: int | None,
+                   seconds: dict[str, float]):
+    """The GGUF the forward stages load: ``model``, or its Q8_0 copy, written by llama.cpp's quantiser
+    (its Q8_0 mix: every matrix Q8_0, norms F32) into ``work_dir`` and deleted afterwards."""
+    if working_copy == "float":
+        yield model
+        return
+    import tempfile
+
+    from alphaq.gguf.quantize import quantize_stock
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".alphaq-q8_0-", dir=work_dir) as tmp:
+        copy = Path(tmp) / "working-copy-q8_0.gguf"
+        log.info("forward stages: writing a Q8_0 working copy of %s to %s", model.name, copy)
+        quantize_stock(model, copy, "Q8_0", nthread=n_threads or 0)
+        seconds["working_copy"] = time.perf_counter() - t0
+        yield copy
 
 
 def _lazy(make):
@@ -116,16 +153,17 @@ def _lazy(make):
     return get
 
 
-def _self_text(model: Path, text_cfg: SelfTextConfig, model_key: str, use_cache: bool, progress: bool,
-               reused: list[str]) -> np.ndarray:
+def _self_text(model: Callable[[], Path], text_cfg: SelfTextConfig, model_key: str, use_cache: bool,
+               progress: bool, reused: list[str]) -> np.ndarray:
+    """``model``: a getter, so that a working copy is made only when the text is not cached."""
     if not use_cache:
-        return sample(model, text_cfg, progress=progress)
+        return sample(model(), text_cfg, progress=progress)
     tokens = load_sample(sample_cache_path(model_key, text_cfg))
     if tokens is not None and tokens.shape == (text_cfg.n_seq, text_cfg.n_ctx):
         log.info("self text: reusing %s", sample_cache_path(model_key, text_cfg))
         reused.append("self text")
         return tokens
-    return cached_sample(model, text_cfg, progress=progress, key=model_key)
+    return cached_sample(model(), text_cfg, progress=progress, key=model_key)
 
 
 def _importance(session: Callable[[], object], tokens: np.ndarray, text_cfg: SelfTextConfig, model_key: str,

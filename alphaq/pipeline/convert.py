@@ -37,7 +37,7 @@ from alphaq.gguf.expert import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, gro
 from alphaq.gguf.io import (FLOAT_TYPES, check_finite, copy_with_metadata, first_shard, header_bytes, model_bytes,
                             quantised_header_bytes, read_tensors)
 from alphaq.gguf.split import SplitSpec, split_gguf
-from alphaq.pipeline.preflight import SPLIT_PART_OVERHEAD, Preflight, max_parts, preflight
+from alphaq.pipeline.preflight import SPLIT_PART_OVERHEAD, WORKING_COPY_CHOICES, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
 from alphaq.allocate.feasibility import check_budget, matrix_tensors, quantised_tensors
 from alphaq.files import check_plots_dir
@@ -86,6 +86,10 @@ class ConvertConfig:
     keep_bf16: Path | None = None  # keep the float GGUF made from an HF checkpoint here
     dry_run: bool = False  # pre-flight, stages and plan; write nothing (no figures either)
     resume: bool = True  # reuse a BF16 intermediate kept by an interrupted run (alphaq.pipeline.resume)
+    # what the forward stages run (default mode): "float" the float model, memory-mapped; "q8_0" a
+    # Q8_0 copy (half the bytes, as llama-imatrix users do); "auto" q8_0 only when the float model
+    # does not fit in available RAM (alphaq.pipeline.preflight.choose_working_copy)
+    working_copy: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class ConvertResult:
     preflight: Preflight | None = None
     reused: tuple[str, ...] = ()  # stages whose results an earlier run left (intermediate, caches)
     damage_note: str | None = None  # how the damage table was obtained (default mode)
+    working_copy: str | None = None  # what the forward stages ran: "float" or "q8_0" (default mode)
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -279,9 +284,10 @@ def like_budget(cfg: ConvertConfig, float_gguf: Path) -> tuple[ConvertConfig, tu
     return replace(cfg, plan=replace(cfg.plan, budget_mode="size", budget=float(size))), (cfg.like.upper(), size)
 
 
-def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig, user):
+def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig, user, working_copy: str, work_dir: Path):
     """The default path's forward stages (alphaq.damage.run) for every tensor llama.cpp quantises;
-    ``user``: the user's importance matrix (read before any work), or None."""
+    ``user``: the user's importance matrix (read before any work), or None; ``working_copy``: the
+    pre-flight's choice ("float" or "q8_0", made in ``work_dir``)."""
     from alphaq.damage.run import self_calibrate
 
     pinned = plan_pins(tensors, cfg.plan).types  # fixed types: no damage to measure
@@ -289,7 +295,7 @@ def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig, user):
     return self_calibrate(float_gguf, names, cfg.plan.candidates, text_cfg=cfg.selftext, cfg=cfg.damage,
                           user_imatrix=user, imatrix_source=str(cfg.imatrix), progress=cfg.progress,
                           per_expert=cfg.plan.granularity == "expert", use_cache=cfg.use_cache,
-                          n_threads=cfg.nthread or None)
+                          n_threads=cfg.nthread or None, working_copy=working_copy, work_dir=work_dir)
 
 
 def analysed(cfg: ConvertConfig, has_experts: bool):
@@ -425,7 +431,8 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     base_header = header_bytes(float_gguf)
     float_bytes = model_bytes(float_gguf)
     cfg, like = like_budget(cfg, float_gguf)
-    calib = _self_calibration(float_gguf, tensors, cfg, user_imatrix) if cfg.plan.noise == "damage" else None
+    calib = (_self_calibration(float_gguf, tensors, cfg, user_imatrix, pre.working_copy, work.dir)
+             if cfg.plan.noise == "damage" else None)
     if calib is not None:
         seconds.update(calib.seconds)
     t0 = time.perf_counter()
@@ -438,7 +445,8 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     reused = (("bf16 intermediate",) if work.found else ()) + (calib.reused if calib else ())
     facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
                  float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None,
-                 reused=reused, damage_note=calib.damage.describe() if calib else None)
+                 reused=reused, damage_note=calib.damage.describe() if calib else None,
+                 working_copy=calib.working_copy if calib else None)
     if cfg.dry_run:
         return _planned_result(cfg, tensors, facts)
     pause_for_test("quantise")
@@ -515,6 +523,8 @@ def check_options(cfg: ConvertConfig) -> None:
                              "(split expert-granular files are not supported)")
     if cfg.dry_run and cfg.plots is not None:
         raise InputError("--plots writes figures and --dry-run writes nothing; give one")
+    if cfg.working_copy not in WORKING_COPY_CHOICES:
+        raise InputError(f"--working-copy {cfg.working_copy!r}: allowed {', '.join(WORKING_COPY_CHOICES)}")
     check_plots_dir(cfg.plots, cfg.force)
 
 

@@ -62,6 +62,12 @@ KINDS_PER_BLOCK, TENSORS_OUTSIDE_BLOCKS = 7, 2  # Qwen3-MoE: q, k, v, o, gate/up
 # llama.cpp's compute buffers for a 256-token window (bench/mapped-memory.json: 0.55 GB peak anonymous
 # at Qwen3-30B-A3B shapes with a 0.40 GB expert tensor copied on write)
 PRIVATE_OVERHEAD_BYTES = 200 << 20
+# a Q8_0 working copy of a 16-bit model: 34 bytes per 32 weights instead of 64 (norms stay F32)
+Q8_0_BYTES_PER_FLOAT_BYTE = 34 / 64
+# llama.cpp's quantiser writing that copy, per weight, 1 thread (bench/qtype-speed.json, Q8_0: 6.1 ns)
+# plus reading the float model and writing the copy (not measured apart; the copy is one pass)
+Q8_0_SECONDS_PER_WEIGHT = 6.1e-9
+WORKING_COPY_CHOICES = ("auto", "float", "q8_0")
 PLAN_KEY_BYTES_PER_ITEM = 1024  # the alphaq.plan key holds every item's costs as JSON
 SPLIT_PART_OVERHEAD = 256  # per part: GGUF header, split keys, padding
 
@@ -80,6 +86,7 @@ class Preflight:
     forward: bool = False  # the run has forward stages (the default mode), which map the float model
     largest_weight_bytes: int = 0  # the largest float weight: private while it is fake-quantised
     ram_available: int | None = None  # MemAvailable, where the OS says
+    working_copy: str = "float"  # what the forward stages run: the float model, or a Q8_0 copy of it
 
     @property
     def seconds(self) -> float:
@@ -109,19 +116,39 @@ class Preflight:
 
 
     def _memory_line(self) -> str:
-        """RAM for the forward stages: the mapped float model is page cache (alphaq.runtime.mapped); private
+        """RAM for the forward stages: the mapped model is page cache (alphaq.runtime.mapped); private
         memory is the one weight copied while it is measured plus llama.cpp's compute buffers."""
-        private = self.largest_weight_bytes + PRIVATE_OVERHEAD_BYTES
+        q8 = self.working_copy == "q8_0"
+        mapped = working_copy_bytes(self.float_bytes) if q8 else self.float_bytes
+        private = (working_copy_bytes(self.largest_weight_bytes) if q8 else self.largest_weight_bytes)
+        private += PRIVATE_OVERHEAD_BYTES
+        what = (f"a Q8_0 working copy of the float model (--working-copy; about {format_size(mapped)}, written "
+                "beside the output and deleted after the forward stages)" if q8
+                else f"the float model ({format_size(mapped)})")
         if self.ram_available is None:
             fits = ""
-        elif self.ram_available >= self.float_bytes + private:
+        elif self.ram_available >= mapped + private:
             fits = f"; available RAM {format_size(self.ram_available)} holds it"
         else:
             fits = (f"; available RAM {format_size(self.ram_available)} does not hold it: every forward pass "
                     "reads the missing part from disk again, much slower (bench/mapped-memory.json)")
-        return (f"  memory    the forward stages memory-map the float model ({format_size(self.float_bytes)} of "
-                f"page cache){fits}; private memory about {format_size(private)} (the largest weight, copied "
-                "while it is measured, and compute buffers)")
+        return (f"  memory    the forward stages memory-map {what}{fits}; private memory about "
+                f"{format_size(private)} (the largest weight, copied while it is measured, and compute buffers)")
+
+
+def working_copy_bytes(float_bytes: int) -> int:
+    """About the bytes of a Q8_0 copy of a 16-bit model of ``float_bytes`` (an F32 model's is smaller)."""
+    return int(float_bytes * Q8_0_BYTES_PER_FLOAT_BYTE)
+
+
+def choose_working_copy(choice: str, float_bytes: int, private_bytes: int, ram: int | None) -> str:
+    """--working-copy auto: the float model when it fits in available RAM with the stages' private
+    memory (or when the OS does not say), else a Q8_0 copy: mapped, a model larger than RAM is read
+    from disk again on every forward pass (measured: decode steps 13x slower under a limit of half
+    the model, bench/mapped-memory.json), and the copy holds half the bytes."""
+    if choice != "auto":
+        return choice
+    return "q8_0" if ram is not None and float_bytes + private_bytes > ram else "float"
 
 
 def _duration(s: float) -> str:
@@ -260,15 +287,21 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
             needs[float_dir] = float_bytes
     if reused is not None:  # already on disk
         needs[float_dir] = max(0, needs[float_dir] - float_bytes)
+    forward, largest, ram = cfg.plan.noise == "damage", _largest_weight_bytes(model), ram_available()
+    working = choose_working_copy(cfg.working_copy, float_bytes, largest + PRIVATE_OVERHEAD_BYTES, ram) if forward else "float"
+    if working == "q8_0":  # the copy sits beside the output while the float model is still there
+        float_there = float_bytes if float_dir == out_fs and reused is None else 0
+        needs[out_fs] = max(needs[out_fs], float_there + working_copy_bytes(float_bytes))
     blocks = [m for m in model.matrices() if m.block is not None]
     per_block = sum(m.params for m in blocks) // max(1, model.n_blocks)
     seconds = stage_seconds(cfg, model.source, model.n_blocks, per_block)
     if reused is not None:
         seconds.pop("float model", None)
+    if working == "q8_0":
+        seconds = {**seconds, "working copy": Q8_0_SECONDS_PER_WEIGHT * sum(m.params for m in model.matrices())}
     return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
-                     {d: shutil.disk_usage(d).free for d in needs}, seconds, reused,
-                     forward=cfg.plan.noise == "damage", largest_weight_bytes=_largest_weight_bytes(model),
-                     ram_available=ram_available())
+                     {d: shutil.disk_usage(d).free for d in needs}, seconds, reused, forward=forward,
+                     largest_weight_bytes=largest, ram_available=ram, working_copy=working)
 
 
 def _largest_weight_bytes(model) -> int:

@@ -59,7 +59,7 @@ GGMLTensor._fields_ = [
 ]
 
 _GGML_OBJECT_SIZE = 32  # struct ggml_object: offs, size, next, type + padding
-GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_I32, GGML_TYPE_BF16 = 0, 1, 26, 30
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_I32, GGML_TYPE_BF16 = 0, 1, 8, 26, 30
 _NP_DTYPE = {GGML_TYPE_F32: np.float32, GGML_TYPE_F16: np.float16, GGML_TYPE_I32: np.int32,
              GGML_TYPE_BF16: np.uint16}
 
@@ -108,14 +108,21 @@ class WeightBuffer:
     mapper: Mapper | None = field(default=None, compare=False, repr=False)  # set: the bytes are the mmapped file's
 
     def view(self, writable: bool = False) -> np.ndarray:
-        """The weight's bytes as a numpy array of its element type (BF16 as uint16). A mapped weight's
-        pages are read-only until ``mapper.private`` (a write would kill the process), so its view
-        is writable only when asked for, after that call (see damage.Swap)."""
-        dtype = _NP_DTYPE.get(self.ggml_type)
+        """The weight's bytes as a numpy array of its element type (BF16 as uint16; a Q8_0 working
+        copy's rows as uint8 bytes, shape (..., rows, bytes per row)). A mapped weight's pages are
+        read-only until ``mapper.private`` (a write would kill the process), so its view is
+        writable only when asked for, after that call (see damage.Swap)."""
+        dtype, shape = _NP_DTYPE.get(self.ggml_type), self.shape
+        if self.ggml_type == GGML_TYPE_Q8_0:
+            from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+            dtype, shape = np.uint8, (*shape[:-1], shape[-1] // block * block_bytes)
         if dtype is None:
-            raise AlphaQError(f"{self.name} is stored as ggml type {self.ggml_type}; the model must be F32/F16/BF16")
+            raise AlphaQError(f"{self.name} is stored as ggml type {self.ggml_type}; the forward stages run "
+                              "F32/F16/BF16 models or a Q8_0 working copy")
         buf = (ctypes.c_char * self.n_bytes).from_address(self.address)
-        out = np.ndarray(self.shape, dtype=dtype, buffer=buf)
+        out = np.ndarray(shape, dtype=dtype, buffer=buf)
         out.flags.writeable = writable or self.mapper is None
         return out
 
