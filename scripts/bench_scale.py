@@ -206,14 +206,18 @@ def damage_model(lo: dict, hi: dict, mode: str) -> dict | None:
     under the default depth anchors (alphaq.damage.anchors): per measurement its fake quantisation and
     a forward pass over every block and token; per tensor its weighted errors; one reference pass."""
     a, b = lo["median"][mode].get("damage"), hi["median"][mode].get("damage")
-    if not a or not b or b["interpolated"]:
+    if not a or not b:
         return None
-    kinds = (b["measured"] - a["measured"]) / (hi["blocks"] - lo["blocks"])  # measured tensors per block
-    return {"kinds": kinds, "outside": b["measured"] - kinds * hi["blocks"],
+    tensors = lambda d: d["measured"] + d.get("interpolated", 0)  # noqa: E731  (weighted errors: every tensor)
+    kinds = (tensors(b) - tensors(a)) / (hi["blocks"] - lo["blocks"])  # tensors per block
+    # the deeper run already interpolates some blocks: every kind is at its anchor count, so any
+    # deeper model measures as many tensors as it did (otherwise: kinds x min(anchors, blocks) + outside)
+    capped = b["measured"] if b.get("interpolated") else None
+    return {"kinds": kinds, "outside": tensors(b) - kinds * hi["blocks"], "measured_capped": capped,
             "fake_per_measurement": b["fake_quantise"] / b["measured"],
             "forward_per_measurement_block_token": b["forward"] / (b["measured"] * hi["blocks"] * b["tokens"]),
             "reference_per_block_token": b["reference"] / (hi["blocks"] * b["tokens"]),
-            "weighted_error_per_tensor": b["weighted_error"] / b["measured"], "measured_at": hi["blocks"]}
+            "weighted_error_per_tensor": b["weighted_error"] / tensors(b), "measured_at": hi["blocks"]}
 
 
 def project_damage(m: dict, blocks: float) -> tuple[float, str]:
@@ -222,7 +226,7 @@ def project_damage(m: dict, blocks: float) -> tuple[float, str]:
     from alphaq.selftext import SelfTextConfig
 
     cfg = DamageConfig()
-    measured = m["kinds"] * min(cfg.anchors, blocks) + m["outside"]
+    measured = m.get("measured_capped") or m["kinds"] * min(cfg.anchors, blocks) + m["outside"]
     tensors = m["kinds"] * blocks + m["outside"]
     tokens = SelfTextConfig().n_ctx * cfg.windows_when(blocks <= cfg.anchors)
     fwd = measured * m["forward_per_measurement_block_token"] * blocks * tokens
@@ -351,6 +355,22 @@ def report_measured(points: list[dict], fits: dict, modes: list[str]) -> None:
             print(f"| {arch} | {fit['block_weights'] / 1e6:.0f}M | {mode} | {rate:.2f} ({fixed:.1f}) | {ratio:.2f}x | {st} |")
 
 
+def reproject(path: Path) -> int:
+    """Fits and projections again from a result file's measured points (after a change to the
+    projection's arithmetic); the points, and the commit that measured them, stay as they were."""
+    data = json.loads(path.read_text())
+    fits = {}
+    for arch in dict.fromkeys(p["arch"] for p in data["points"]):
+        lo, hi = sorted((p for p in data["points"] if p["arch"] == arch), key=lambda p: p["blocks"])
+        fits[arch] = per_block(lo, hi)
+    data["per_block"], data["projections"] = fits, projection_table(fits, data["modes"])
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    data["reprojected"] = {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    path.write_text(json.dumps(data, indent=1))
+    print(f"# wrote {path}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
@@ -364,7 +384,11 @@ def main() -> int:
     p.add_argument("--label", default="", help="stored in the JSON, e.g. 'smoke run on a loaded machine'")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each run wait up to S seconds for the CPUs to be idle (shared machine)")
+    p.add_argument("--reproject", action="store_true",
+                   help="measure nothing: recompute the per-block fits and projections of --json from its points")
     args = p.parse_args()
+    if args.reproject:
+        return reproject(args.json)
     if args.blocks and (min(args.blocks) < 1 or args.blocks[0] == args.blocks[1]):
         raise SystemExit(f"--blocks {args.blocks[0]} {args.blocks[1]}: need two different counts >= 1")
     bench_convert.IDLE["wait_s"] = args.wait_idle
