@@ -162,6 +162,10 @@ SIDE_STUDIES = (
      "from the BF16 model with that importance matrix; against the default (every stage on the BF16 "
      "model) on the same cells, and both against the better stock file (stock+real here).",
      lambda res: [*comparisons(res, [("q8copy", "default")]), "", *summary(res, ("default", "q8copy"))]),
+    ("selfcal-q8copy-deep.json", "Q8_0 working copy on the 8-block model (bench/{}; 6 sizes)",
+     "The same on the 8-block trained model of the depth-anchor study, against the product's own setting "
+     "there (deep-default: 4 anchor blocks per kind, 4 windows; the copy's stages run the same settings).",
+     lambda res: [*comparisons(res, [("q8copy", "deep-default")]), "", *summary(res, ("deep-default", "q8copy"))]),
     ("selfcal-domain.json", "Domain bias (bench/{}; IQ2_XXS, Q3_K_M, Q5_K_M sizes)",
      "llama.cpp's mix quantised with an importance matrix from prose only, code only, or both "
      "(real text, val split, 16 windows each) against the one from the model's own text, with "
