@@ -270,7 +270,7 @@ def _forward_memory(float_bytes: int, loaded: bool, working_copy: str | None) ->
         return "the forward stages were reused: the float model was not loaded"
     what, size = "the float model", float_bytes
     if working_copy == "q8_0":
-        what, size = "a Q8_0 working copy of the float model (--working-copy)", working_copy_bytes(float_bytes)
+        what, size = "a Q8_0 working copy of the float model", working_copy_bytes(float_bytes)
     if mapped.available():
         return (f"the forward stages memory-map {what} (about {format_size(size)} of page cache the OS can drop; "
                 "smaller than RAM it runs at full speed, larger it pages from disk on every pass)")

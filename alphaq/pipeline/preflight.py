@@ -297,8 +297,10 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
     seconds = stage_seconds(cfg, model.source, model.n_blocks, per_block)
     if reused is not None:
         seconds.pop("float model", None)
-    if working == "q8_0":
-        seconds = {**seconds, "working copy": Q8_0_SECONDS_PER_WEIGHT * sum(m.params for m in model.matrices())}
+    if working == "q8_0":  # written before the forward stages, after the float model
+        copy = {"working copy": Q8_0_SECONDS_PER_WEIGHT * sum(m.params for m in model.matrices())}
+        seconds = {k: v for k, v in seconds.items() if k == "float model"} | copy | {
+            k: v for k, v in seconds.items() if k != "float model"}
     return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
                      {d: shutil.disk_usage(d).free for d in needs}, seconds, reused, forward=forward,
                      largest_weight_bytes=largest, ram_available=ram, working_copy=working)
