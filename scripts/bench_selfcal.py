@@ -24,7 +24,10 @@ deep-all (for models deeper than 4 blocks, --models DIR: the product's default, 
 on 16 windows; every block measured on 16 windows), domain-bias (the stock mix with an
 importance matrix from prose only and from code only, next to the self and the mixed real one),
 q8copy (the default's self text, importance matrix and damage all from a Q8_0 working copy of the model,
-as --working-copy q8_0 does for models larger than RAM; the file is quantised from the BF16 model)
+as --working-copy q8_0 does for models larger than RAM; the file is quantised from the BF16 model),
+cheap-ladder (the default's damage, candidates restricted to the k-quants and Q8_0, --types
+Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0: the types llama.cpp's quantiser writes fastest); every cell also
+records each file's quantise cost per weight estimated from bench/qtype-speed.json
 
 every alphaq variant at no more than the stock file's size, and scores each against the BF16
 model on the held-out test split (prose and code, tests/fixtures/heldout): mean KL per token,
@@ -58,6 +61,9 @@ from alphaq.gguf.quantize import IMATRIX_MIXES, quantize_gguf  # noqa: E402
 GRID = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K_S",
         "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 DOMAINS = ("prose", "code")
+# `--types` restricted to the k-quants and Q8_0: llama.cpp's quantiser writes them 2-25x faster per
+# weight than the IQ types (bench/qtype-speed.json), at a quality cost the cheap-ladder variant measures
+CHEAP_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 log = logging.getLogger("bench_selfcal")
 
 
@@ -172,12 +178,13 @@ class Model:
                        "direct": ("self", "direct"), "no-imatrix": ("none", "estimate"), "alpha-g1": ("self", "estimate"),
                        "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4"),
                        "a1": ("self", "a1"), "a1w4": ("self", "a1w4"), "deep-default": ("self", "deep-default"),
-                       "deep-a4w16": ("self", "deep-a4w16"), "deep-all": ("self", "deep-all"),
+                       "deep-a4w16": ("self", "deep-a4w16"), "deep-all": ("self", "deep-all"), "cheap-ladder": ("self", "estimate"),
                        "q8copy": ("q8copy", "estimate")}.get(variant, (None, None))
         try:
             if src is not None:
                 changes = {"alpha-g1": dict(gamma=1.0), "alpha-gpaper": dict(gamma=None),
-                           "experts-only": dict(allocate="experts")}.get(variant, {})
+                           "experts-only": dict(allocate="experts"), "cheap-ladder": dict(types=CHEAP_LADDER)
+                           }.get(variant, {})
                 cfg = replace(PlanConfig(**MODES["damage"]), budget_mode="size", budget=float(size), **changes)
                 stats = self.spectral() if changes else []
                 plan = make_plan(stats, self.fm.tensors, cfg, fixed_bytes=self.fm.header, damage=self.damage[(src, method)])
@@ -232,11 +239,30 @@ def run_model(name: str, args) -> dict:
                 files[v] = m.alphaq(v, mix, size)
         for v, path in files.items():
             cell[v] = m.score(path) if path is not None else None
+            if cell[v] is not None:  # what llama.cpp's quantiser would spend on this file's types
+                cell[v]["quantise_ns_per_weight"] = quantise_rate(path, imatrix=v != "stock")
         cell["stock_bytes"] = size
         res["cells"][mix] = cell
         log.info("%s %s: %s", name, mix, {v: None if c is None else round(mean_kl(c), 5) for v, c in cell.items()
                                            if isinstance(c, dict)})
     return res
+
+
+def quantise_rate(path: Path, imatrix: bool) -> float:
+    """Mean ns per weight that llama.cpp's quantiser takes for this file's types, one thread, from
+    bench/qtype-speed.json (an estimate from per-type rates, not a timing of this file)."""
+    from gguf import GGUFReader
+
+    rates = json.loads((ROOT / "bench" / "qtype-speed.json").read_text())["types"]
+    key = "with_imatrix_ns" if imatrix else "without_imatrix_ns"
+    total = weights = 0.0
+    for t in GGUFReader(path).tensors:
+        rate = rates.get(t.tensor_type.name, {})
+        ns = rate.get(key) or rate.get("with_imatrix_ns")
+        if ns is not None:  # quantised types only (F32 norms are copied)
+            total += ns * int(t.n_elements)
+            weights += int(t.n_elements)
+    return total / weights if weights else 0.0
 
 
 def mean_kl(c: dict) -> float:

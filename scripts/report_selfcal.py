@@ -132,6 +132,17 @@ def deep_table(results: dict) -> list[str]:
     return lines
 
 
+def quantise_cost(results: dict, variants=("stock", "stock+real", "default", "cheap-ladder")) -> list[str]:
+    """Estimated quantiser ns per weight of each variant's files (bench_selfcal.quantise_rate)."""
+    lines = ["| variant | estimated quantise ns/weight, median | range | files |", "|---|---|---|---|"]
+    for v in variants:
+        rates = [c[v]["quantise_ns_per_weight"] for res in results.values() for c in res["cells"].values()
+                 if c.get(v) and "quantise_ns_per_weight" in c[v]]
+        if rates:
+            lines.append(f"| {v} | {np.median(rates):.0f} | {min(rates):.0f}–{max(rates):.0f} | {len(rates)} |")
+    return lines
+
+
 # (side file, title ({} = the file), what it compares, its tables): each study's section, when its file exists
 SIDE_STUDIES = (
     ("selfcal-ablation.json", "Ablations (bench/{}; 5 sizes per model)",
@@ -166,6 +177,13 @@ SIDE_STUDIES = (
      "The same on the 8-block trained model of the depth-anchor study, against the product's own setting "
      "there (deep-default: 4 anchor blocks per kind, 4 windows; the copy's stages run the same settings).",
      lambda res: [*comparisons(res, [("q8copy", "deep-default")]), "", *summary(res, ("deep-default", "q8copy"))]),
+    ("selfcal-cheap.json", "A cheap ladder (bench/{}; 5 sizes per model)",
+     "cheap-ladder: the default's damage with the candidates restricted to the k-quants and Q8_0 (--types "
+     "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0), the types llama.cpp's quantiser writes fastest. Quality against the "
+     "default (full ladder) and the stock files; speed as llama.cpp's quantiser time per weight for each "
+     "file's types, estimated from the per-type rates of bench/qtype-speed.json (one thread; not a timing).",
+     lambda res: [*comparisons(res, [("cheap-ladder", "default")]), "",
+                  *summary(res, ("default", "cheap-ladder")), "", *quantise_cost(res)]),
     ("selfcal-domain.json", "Domain bias (bench/{}; IQ2_XXS, Q3_K_M, Q5_K_M sizes)",
      "llama.cpp's mix quantised with an importance matrix from prose only, code only, or both "
      "(real text, val split, 16 windows each) against the one from the model's own text, with "

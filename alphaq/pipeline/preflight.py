@@ -64,9 +64,9 @@ KINDS_PER_BLOCK, TENSORS_OUTSIDE_BLOCKS = 7, 2  # Qwen3-MoE: q, k, v, o, gate/up
 PRIVATE_OVERHEAD_BYTES = 200 << 20
 # a Q8_0 working copy of a 16-bit model: 34 bytes per 32 weights instead of 64 (norms stay F32)
 Q8_0_BYTES_PER_FLOAT_BYTE = 34 / 64
-# llama.cpp's quantiser writing that copy, per weight, 1 thread (bench/qtype-speed.json, Q8_0: 6.1 ns)
-# plus reading the float model and writing the copy (not measured apart; the copy is one pass)
-Q8_0_SECONDS_PER_WEIGHT = 6.1e-9
+# llama.cpp's quantiser writing that copy, reading and writing included, on this 2-core machine:
+# 14.4 s for 2.50 GB of BF16 at Qwen3-30B-A3B shapes (bench/working-copy-memory.json)
+Q8_0_SECONDS_PER_WEIGHT = 14.4 / (2_501_969_312 / 2)
 WORKING_COPY_CHOICES = ("auto", "float", "q8_0")
 PLAN_KEY_BYTES_PER_ITEM = 1024  # the alphaq.plan key holds every item's costs as JSON
 SPLIT_PART_OVERHEAD = 256  # per part: GGUF header, split keys, padding
