@@ -38,6 +38,7 @@ per domain, with per-window values kept for paired standard errors. Results: ben
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -248,12 +249,17 @@ def run_model(name: str, args) -> dict:
     return res
 
 
+@functools.cache
+def _qtype_rates() -> dict:
+    return json.loads((ROOT / "bench" / "qtype-speed.json").read_text())["types"]
+
+
 def quantise_rate(path: Path, imatrix: bool) -> float:
     """Mean ns per weight that llama.cpp's quantiser takes for this file's types, one thread, from
     bench/qtype-speed.json (an estimate from per-type rates, not a timing of this file)."""
     from gguf import GGUFReader
 
-    rates = json.loads((ROOT / "bench" / "qtype-speed.json").read_text())["types"]
+    rates = _qtype_rates()
     key = "with_imatrix_ns" if imatrix else "without_imatrix_ns"
     total = weights = 0.0
     for t in GGUFReader(path).tensors:

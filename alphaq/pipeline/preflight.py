@@ -33,6 +33,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
+from alphaq.damage.run import WORKING_COPIES
 from alphaq.allocate.plan import format_size
 from alphaq.gguf.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
 
@@ -67,7 +68,7 @@ Q8_0_BYTES_PER_FLOAT_BYTE = 34 / 64
 # llama.cpp's quantiser writing that copy, reading and writing included, on this 2-core machine:
 # 14.4 s for 2.50 GB of BF16 at Qwen3-30B-A3B shapes (bench/working-copy-memory.json)
 Q8_0_SECONDS_PER_WEIGHT = 14.4 / (2_501_969_312 / 2)
-WORKING_COPY_CHOICES = ("auto", "float", "q8_0")
+WORKING_COPY_CHOICES = ("auto", *WORKING_COPIES)  # what --working-copy takes: auto picks one of them
 PLAN_KEY_BYTES_PER_ITEM = 1024  # the alphaq.plan key holds every item's costs as JSON
 SPLIT_PART_OVERHEAD = 256  # per part: GGUF header, split keys, padding
 
