@@ -345,6 +345,34 @@ def test_parallel_and_serial_paths_are_identical(kind, torch_threads):
     assert torch.get_num_threads() == 1  # restored to what it was
 
 
+def test_one_block_matrices_on_pool_threads_equal_a_serial_run(torch_threads):
+    """Matrices narrower than a block get an SVD from torch (MKL's LAPACK). MKL takes its thread
+    count per calling thread: a pool thread that never set it ran the SVD on two threads, which
+    rounds differently, so a model's alphas depended on which thread analysed a matrix (CI saw
+    HF and GGUF input give alphas a unit in the last place apart). Every pool thread is pinned."""
+    import threading
+
+    from alphaq.spectral import alpha as spectral
+
+    mats = [random_matrix((256, 96), seed=s) for s in range(6)]
+    cfg = SpectralConfig(device="cpu")
+    torch_threads(2)
+    with spectral.pinned_threads():  # the caller pins itself; fresh threads inside it must too
+        serial = [analyze_matrix(w, cfg=cfg) for w in mats]
+        got = [None] * len(mats)
+
+        def one(i):
+            got[i] = analyze_matrix(mats[i], cfg=cfg)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(mats))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert got == serial
+    assert torch.get_num_threads() == 2
+
+
 def test_non_finite_error_comes_first_on_the_parallel_path(torch_threads):
     torch_threads(2)
     w = random_matrix((512, 768), seed=4)  # 2 x 3 blocks: block batches go to the pool

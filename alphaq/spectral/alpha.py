@@ -73,7 +73,7 @@ XMIN_WINDOWS = ("reference", "corrected")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Bump when anything that changes results changes; it is part of the analysis cache key.
-ESTIMATOR_VERSION = 1
+ESTIMATOR_VERSION = 2  # 2: SVDs on pool threads pinned to one MKL thread, as on the caller's
 
 _EPS64 = float(np.finfo(np.float64).eps)
 # a spectrum whose max/min - 1 is below this is flat up to rounding; its Hill alpha would be
@@ -176,6 +176,8 @@ class _OpenBLAS:
 _pin_lock = threading.Lock()
 _pin_depth = 0
 _pin_saved: tuple[int, int | None] = (1, None)
+_pin_period = 0  # counts outermost entries: a thread pinned in an earlier period pins again
+_pinned_here = threading.local()  # .period: the period in which this thread pinned itself
 
 
 @contextmanager
@@ -188,19 +190,26 @@ def pinned_threads():
     those up, and on a loaded machine a spinning OpenMP barrier can make them ~100x slower
     (measured on this project's shared 2-core box); MKL's eigvalsh also rounds differently with
     two threads. Parallelism comes from thread pools over block batches or matrices instead.
-    Thread counts are process-wide, so they are set once by the outermost caller (any thread)
-    and restored when the last one leaves.
+    Thread counts are set once by the outermost caller (any thread) and restored when the last
+    one leaves. MKL's LAPACK (torch's SVD) takes its thread count per calling thread, though: a
+    thread that never set it runs an SVD on two threads, which rounds differently from one (CI
+    saw the same matrix give two alphas a unit in the last place apart). So every thread that
+    enters pins itself too (`_pin_this_thread`), and results never depend on which thread ran.
     """
-    global _pin_depth, _pin_saved
+    global _pin_depth, _pin_saved, _pin_period
     with _pin_lock:
         _pin_depth += 1
         outer = _pin_depth == 1
         if outer:
+            _pin_period += 1
             blas = _OpenBLAS.lib()
             _pin_saved = (torch.get_num_threads(), blas[0]() if blas else None)
             torch.set_num_threads(1)
+            _pinned_here.period = _pin_period
             if blas:
                 blas[1](1)
+        else:
+            _pin_this_thread()
     try:
         yield _pin_saved[0] if outer else 1
     finally:
@@ -211,6 +220,14 @@ def pinned_threads():
                 torch.set_num_threads(n_torch)
                 if n_blas is not None:
                     _OpenBLAS.lib()[1](n_blas)
+
+
+def _pin_this_thread() -> None:
+    """One intra-op (and MKL) thread for the calling thread, once per pinned period; under
+    `_pin_lock`, inside a pinned period."""
+    if getattr(_pinned_here, "period", None) != _pin_period:
+        torch.set_num_threads(1)
+        _pinned_here.period = _pin_period
 
 
 def resolve_device(device: str) -> torch.device:
@@ -326,7 +343,11 @@ def _blocked_eigs(
         # one single-threaded block batch per core: LAPACK's syevd on 256x256 matrices scales
         # poorly across intra-op threads (docs/SPECTRAL.md); torch and numpy release the GIL.
         # (CUDA kernels issued from several threads share the default stream: still correct.)
-        parts = list(pool.map(lambda t: _blocks_eigs(w, *t, nc, b, dev), tasks))
+        def batch(task):
+            with pinned_threads():  # a pool thread pins itself too (MKL's count is per thread)
+                return _blocks_eigs(w, *task, nc, b, dev)
+
+        parts = list(pool.map(batch, tasks))
     else:
         parts = [_blocks_eigs(w, i, j, nc, b, dev) for i, j in tasks]
     eig = torch.cat(parts)  # (nr*nc, b)
