@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """How long ggml's quantiser takes per weight for each type, with and without an importance vector.
 
-    python scripts/bench_qtype_speed.py [--rows 512] [--cols 2048] [--repeats 3] [--json bench/qtype-speed.json]
+    python scripts/bench_qtype_speed.py [--rows 512] [--cols 2048] [--repeats 3] [--json alphaq/gguf/quantise_speed.json]
 
 The final quantise stage's time is set by the types a plan picks, not by the allocation: llama.cpp
 quantises Q3_K in a few ns per weight and the IQ grid types in hundreds. This measures it with the
 same ggml build llama_model_quantize uses (alphaq.gguf.ggml), one thread, on a seeded Gaussian matrix,
 and reports each type's median time per weight against Q3_K's (the bulk of the stock Q3_K_M mix)
-in the same run. Random weights: the times are the quantiser's, not a quality measure.
+in the same run. Random weights: the times are the quantiser's, not a quality measure. Every type a
+plan can write is measured (the candidates, llama.cpp's shape fallbacks, F16/BF16/F32): the table is
+package data (alphaq.gguf.speed) that `--max-quantise-ns` and the benchmarks read.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alphaq.gguf.ggml import needs_imatrix, quantize  # noqa: E402
-from alphaq.gguf.qtypes import FULL_LADDER  # noqa: E402
+from alphaq.gguf.qtypes import allowed_type_names  # noqa: E402
+from alphaq.gguf.speed import TABLE  # noqa: E402
 
-TYPES = (*FULL_LADDER, "IQ4_NL", "Q5_0", "Q5_1")  # the ladder and llama.cpp's shape fallbacks
+TYPES = tuple(allowed_type_names())  # every type a plan can write
 
 
 def seconds_per_weight(w: np.ndarray, t: GGMLQuantizationType, imatrix, repeats: int) -> float:
@@ -46,7 +49,7 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--cols", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", type=Path, default=ROOT / "bench" / "qtype-speed.json")
+    p.add_argument("--json", type=Path, default=TABLE)
     args = p.parse_args()
     rng = np.random.default_rng(0)
     w = rng.standard_normal((args.rows, args.cols)).astype(np.float32)

@@ -26,8 +26,10 @@ importance matrix from prose only and from code only, next to the self and the m
 q8copy (the default's self text, importance matrix and damage all from a Q8_0 working copy of the model,
 as --working-copy q8_0 does for models larger than RAM; the file is quantised from the BF16 model),
 cheap-ladder (the default's damage, candidates restricted to the k-quants and Q8_0, --types
-Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0: the types llama.cpp's quantiser writes fastest); every cell also
-records each file's quantise cost per weight estimated from bench/qtype-speed.json
+Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0: the types llama.cpp's quantiser writes fastest), capN (the default
+under --max-quantise-ns N: the full ladder, the quantiser's estimated time capped at N ns per
+weight); every cell also records each file's quantise cost per weight estimated from
+alphaq/gguf/quantise_speed.json
 
 every alphaq variant at no more than the stock file's size, and scores each against the BF16
 model on the held-out test split (prose and code, tests/fixtures/heldout): mean KL per token,
@@ -38,7 +40,6 @@ per domain, with per-window values kept for paired standard errors. Results: ben
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import sys
@@ -63,7 +64,7 @@ GRID = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K", "IQ3_XX
         "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 DOMAINS = ("prose", "code")
 # `--types` restricted to the k-quants and Q8_0: llama.cpp's quantiser writes them 2-25x faster per
-# weight than the IQ types (bench/qtype-speed.json), at a quality cost the cheap-ladder variant measures
+# weight than the IQ types (alphaq/gguf/quantise_speed.json), at a quality cost the cheap-ladder variant measures
 CHEAP_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 log = logging.getLogger("bench_selfcal")
 
@@ -180,14 +181,15 @@ class Model:
                        "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4"),
                        "a1": ("self", "a1"), "a1w4": ("self", "a1w4"), "deep-default": ("self", "deep-default"),
                        "deep-a4w16": ("self", "deep-a4w16"), "deep-all": ("self", "deep-all"), "cheap-ladder": ("self", "estimate"),
-                       "q8copy": ("q8copy", "estimate")}.get(variant, (None, None))
+                       "q8copy": ("q8copy", "estimate")}.get(variant, ("self", "estimate") if variant.startswith("cap")
+                                                             else (None, None))
         try:
             if src is not None:
                 changes = {"alpha-g1": dict(gamma=1.0), "alpha-gpaper": dict(gamma=None),
                            "experts-only": dict(allocate="experts"), "cheap-ladder": dict(types=CHEAP_LADDER)
-                           }.get(variant, {})
+                           }.get(variant, dict(max_quantise_ns=float(variant[3:])) if variant.startswith("cap") else {})
                 cfg = replace(PlanConfig(**MODES["damage"]), budget_mode="size", budget=float(size), **changes)
-                stats = self.spectral() if changes else []
+                stats = self.spectral() if "gamma" in changes or "allocate" in changes else []
                 plan = make_plan(stats, self.fm.tensors, cfg, fixed_bytes=self.fm.header, damage=self.damage[(src, method)])
                 quantize_gguf(self.bf16, out, plan.tensor_types(), imatrix=self.imatrix.get(src))
             else:
@@ -249,24 +251,18 @@ def run_model(name: str, args) -> dict:
     return res
 
 
-@functools.cache
-def _qtype_rates() -> dict:
-    return json.loads((ROOT / "bench" / "qtype-speed.json").read_text())["types"]
-
-
 def quantise_rate(path: Path, imatrix: bool) -> float:
-    """Mean ns per weight that llama.cpp's quantiser takes for this file's types, one thread, from
-    bench/qtype-speed.json (an estimate from per-type rates, not a timing of this file)."""
+    """Mean ns per weight that llama.cpp's quantiser takes for this file's quantised tensors, one
+    thread, from alphaq/gguf/quantise_speed.json (an estimate from per-type rates, not a timing of
+    this file; the plan's totals.quantise_ns_per_weight is the same estimate)."""
     from gguf import GGUFReader
 
-    rates = _qtype_rates()
-    key = "with_imatrix_ns" if imatrix else "without_imatrix_ns"
-    total = weights = 0.0
+    from alphaq.gguf.speed import quantise_ns
+
+    total = weights = 0
     for t in GGUFReader(path).tensors:
-        rate = rates.get(t.tensor_type.name, {})
-        ns = rate.get(key) or rate.get("with_imatrix_ns")
-        if ns is not None:  # quantised types only (F32 norms are copied)
-            total += ns * int(t.n_elements)
+        if llama_quantizes(t.name, tuple(int(d) for d in reversed(t.shape))):  # not the F32 norms it copies
+            total += quantise_ns(t.tensor_type, imatrix) * int(t.n_elements)
             weights += int(t.n_elements)
     return total / weights if weights else 0.0
 

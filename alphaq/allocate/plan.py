@@ -46,6 +46,8 @@ from alphaq.gguf.qtypes import (
 )
 from alphaq.records import MatrixStats
 from alphaq.allocate.solver import SOLVERS, solve_mckp
+from alphaq.allocate.time_cap import solve_time_capped
+from alphaq.gguf.speed import quantise_ns
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,9 @@ class PlanConfig:
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
     tensor_types: tuple[tuple[str, str], ...] = ()
+    # a cap on llama.cpp's quantiser time for the whole file, as the mean ns per quantised weight
+    # of its types (one thread, alphaq.gguf.speed's table); None: no cap (alphaq.allocate.time_cap)
+    max_quantise_ns: float | None = None
 
     def __post_init__(self) -> None:
         def one_of(name, value, allowed):
@@ -147,6 +152,8 @@ class PlanConfig:
             raise AlphaQError(f"gamma {self.gamma} must be finite")
         if self.mse_rows is not None and self.mse_rows < 1:
             raise AlphaQError(f"mse_rows {self.mse_rows} must be >= 1 (or None for all rows)")
+        if self.max_quantise_ns is not None and not (math.isfinite(self.max_quantise_ns) and self.max_quantise_ns > 0):
+            raise BudgetError(f"max_quantise_ns {self.max_quantise_ns} must be a positive number of ns per weight")
         if self.alignment < 1 or self.alignment & (self.alignment - 1):
             raise AlphaQError(f"alignment {self.alignment} must be a power of two")
         for name, flag in (("output_tensor_type", "--output-tensor-type"),
@@ -288,6 +295,9 @@ class PlanTotals:
     n_fallback_items: int  # items whose chosen type is a fallback
     n_pinned: int = 0  # tensors pinned by --output-tensor-type/--token-embedding-type/--tensor-type
     pinned_bytes: int = 0  # their bytes, padded (part of fixed_tensor_bytes)
+    # llama.cpp's quantiser time for the file's types, mean ns per quantised weight, one thread
+    # (alphaq.gguf.speed's table: an estimate, not a timing)
+    quantise_ns_per_weight: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -584,7 +594,7 @@ def make_plan(
     imp, weight = _importance(setup.chosen, setup.by_tensor, cfg)
     options = _options(setup.units, cfg, _cost_function(cfg, weight, noise_table, damage))
     groups = _budget_groups(setup, options, cfg)
-    choice, objective, lower, proven = _solve(setup.units, options, cfg, groups)
+    choice, objective, lower, proven = _solve(options, cfg, groups, _time_cap(options, setup.fixed, cfg))
     items = _items(setup.units, options, choice, weight, cfg)
     totals = _totals(items, setup.fixed, tensors, cfg, setup.header, fixed_bytes is None, objective, lower, proven)
     return Plan(_settings(cfg, imp, setup.allocate, setup.pins), tuple(items), tuple(setup.fixed), totals,
@@ -664,6 +674,7 @@ class _Options:
 
     costs: np.ndarray  # (n, m) eta; inf for a duplicate written type
     sizes: np.ndarray  # (n, m) what the budget counts
+    times: np.ndarray  # (n, m) llama.cpp's quantiser time for the item in each written type, ns (estimate)
     unit_bytes: np.ndarray  # (n, m) bytes of the item in each candidate's written type
     params: np.ndarray  # (n,)
     written: list[list[GGMLQuantizationType]]
@@ -712,8 +723,8 @@ def _cost_function(cfg: PlanConfig, weight, noise_table, damage):
 def _options(units, cfg: PlanConfig, eta) -> _Options:
     cands = cfg.candidates
     n, m = len(units), len(cands)
-    opt = _Options(np.full((n, m), np.inf), np.zeros((n, m), dtype=np.int64), np.zeros((n, m), dtype=np.int64),
-                   np.array([math.prod(u.shape) for u in units], dtype=np.int64), [], [])
+    opt = _Options(np.full((n, m), np.inf), np.zeros((n, m), dtype=np.int64), np.zeros((n, m)),
+                   np.zeros((n, m), dtype=np.int64), np.array([math.prod(u.shape) for u in units], dtype=np.int64), [], [])
     for i, u in enumerate(units):
         w_types = [effective_type(c, u.tensor.cols) for c in cands]
         opt.written.append(w_types)
@@ -723,6 +734,7 @@ def _options(units, cfg: PlanConfig, eta) -> _Options:
             cc[c.name] = eta(u, wt)
             b = tensor_bytes(wt, u.shape)
             opt.unit_bytes[i, j] = b
+            opt.times[i, j] = opt.params[i] * quantise_ns(wt)
             if wt in seen:
                 continue  # same written type as an earlier candidate: one option
             seen.add(wt)
@@ -817,25 +829,49 @@ def _check_pins_alone(setup: _Setup, cfg: PlanConfig, free_params: int) -> None:
                           f"{unit} on average, above {cfg.budget:g}")
 
 
-def _solve(units, opt: _Options, cfg: PlanConfig, groups):
-    """The exact knapsack per budget group: choice per unit, summed objective and lower bound,
-    and whether every group was proven optimal."""
-    choice = np.zeros(len(units), dtype=np.int64)
+def _time_cap(opt: _Options, fixed: Sequence[FixedTensor], cfg: PlanConfig) -> float | None:
+    """The items' share of cfg.max_quantise_ns, in ns: the cap over every quantised weight of the
+    file minus what the fixed tensors' types take."""
+    if cfg.max_quantise_ns is None:
+        return None
+    quantised = [f for f in fixed if f.quantised]
+    weights = int(opt.params.sum()) + sum(math.prod(f.shape) for f in quantised)
+    fixed_ns = sum(math.prod(f.shape) * quantise_ns(f.type) for f in quantised)
+    if fixed_ns > cfg.max_quantise_ns * weights:
+        raise BudgetError(f"--max-quantise-ns {cfg.max_quantise_ns:g}: the tensors outside the allocation alone take "
+                          f"{fixed_ns / weights:.0f} ns per weight of the file")
+    return cfg.max_quantise_ns * weights - fixed_ns
+
+
+def _solve(opt: _Options, cfg: PlanConfig, groups, time_cap: float | None):
+    """The exact knapsack per budget group, under the quantiser time cap when there is one:
+    choice per unit, summed objective and lower bound, and whether the result is proven optimal."""
+    if time_cap is None:
+        choice, objective, lower, proven = _solve_groups(opt.costs, opt, cfg, groups, logger.info)
+        if not proven:
+            logger.warning("the solver could not prove optimality; see totals.lower_bound for the gap")
+        return choice, objective, lower, proven
+    weights = int(opt.params.sum())  # the cap's own unit in the error: ns per allocated weight
+    res = solve_time_capped(lambda costs: _solve_groups(costs, opt, cfg, groups, logger.debug), opt.costs, opt.times,
+                            time_cap, describe=lambda ns: f"{ns / weights:.0f} ns per allocated weight")
+    return res.choice, res.objective, res.lower_bound, res.proven_optimal
+
+
+def _solve_groups(costs: np.ndarray, opt: _Options, cfg: PlanConfig, groups, log):
+    choice = np.zeros(costs.shape[0], dtype=np.int64)
     objective = lower = 0.0
     proven = True
     for g, idx, cap in groups:
         if not len(idx):
             continue
-        sub_c, sub_s = opt.costs[idx], opt.sizes[idx]
+        sub_c, sub_s = costs[idx], opt.sizes[idx]
         res = solve_mckp(sub_c, sub_s, cap, solver=cfg.solver)
-        logger.info("solved %s%d items x %d types in %.3fs (%s, gap %.3g, core %d)", "" if g is None else f"block {g}: ",
-                    len(idx), sub_c.shape[1], res.seconds, res.solver, res.gap, res.core_items)
+        log("solved %s%d items x %d types in %.3fs (%s, gap %.3g, core %d)", "" if g is None else f"block {g}: ",
+            len(idx), sub_c.shape[1], res.seconds, res.solver, res.gap, res.core_items)
         choice[idx] = res.choice
         objective += res.objective
         lower += res.lower_bound
         proven &= res.proven_optimal
-    if not proven:
-        logger.warning("the solver could not prove optimality; see totals.lower_bound for the gap")
     return choice, objective, lower, proven
 
 
@@ -877,6 +913,7 @@ def _settings(cfg: PlanConfig, imp: Importance, allocate: str, pins: Pins) -> di
         "mse_rows": cfg.mse_rows if cfg.noise == "measured" else None,
         "weight_by_params": cfg.weight_by_params,
         "solver": cfg.solver,
+        "max_quantise_ns": cfg.max_quantise_ns,
         "policy": {
             "non_expert": resolve_type(cfg.non_expert_type).name,
             "token_embd": resolve_type(cfg.token_embd_type).name,
@@ -993,7 +1030,15 @@ def _totals(items, fixed, tensors, cfg, header, estimated, objective, lower, pro
         n_fallback_items=sum(1 for it in items if it.is_fallback),
         n_pinned=sum(1 for f in fixed if f.reason.startswith("pinned")),
         pinned_bytes=sum(padded(f.bytes, cfg.alignment) for f in fixed if f.reason.startswith("pinned")),
+        quantise_ns_per_weight=_quantise_ns_per_weight(items, fixed),
     )
+
+
+def _quantise_ns_per_weight(items, fixed) -> float:
+    """Mean quantiser ns per quantised weight of the file's types (alphaq.gguf.speed)."""
+    parts = [(it.params, it.type) for it in items] + [(math.prod(f.shape), f.type) for f in fixed if f.quantised]
+    weights = sum(n for n, _ in parts)
+    return sum(n * quantise_ns(t) for n, t in parts) / weights if weights else math.nan
 
 
 # ----------------------------------------------------------------------------------------------

@@ -205,6 +205,9 @@ def summary(r) -> str:
         if t.n_items else "  allocated   nothing: every tensor the allocation would hold is pinned",
         f"  whole file  {t.model_params:,} weights, {r.file_bytes * 8 / t.model_params:.3f} bpw",
         "  types       " + ", ".join(f"{n} x{c}" for n, c in r.tensor_counts.items()) + " (quantised tensors)",
+        f"  quantiser   about {t.quantise_ns_per_weight:.0f} ns per weight for these types (one thread, "
+        "alphaq/gguf/quantise_speed.json)" + (f"; capped at {s['max_quantise_ns']:g} (--max-quantise-ns)"
+                                              if s.get("max_quantise_ns") else ""),
     ]
     if t.n_pinned:
         lines.append(f"  pinned      {t.n_pinned} tensor(s), {format_size(t.pinned_bytes)} "

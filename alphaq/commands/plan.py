@@ -72,6 +72,10 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = Tr
     p.add_argument("--mse-rows", type=int, default=128, help="measured noise: rows per matrix, 0 = all (default: %(default)s)")
     p.add_argument("--weight-by-params", action="store_true", help="scale each matrix's cost by its parameter count")
     p.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER, help="default: %(default)s")
+    p.add_argument("--max-quantise-ns", type=float, metavar="NS",
+                   help="cap llama.cpp's quantiser time: the file's types at most NS ns per weight on average "
+                        "(one thread, alphaq/gguf/quantise_speed.json; the IQ types take 200-1100, the k-quants "
+                        "20-190); default: no cap")
     p.add_argument("--non-expert-type", default="Q4_K", help="attention / shared experts / dense FFN (default: %(default)s)")
     p.add_argument("--token-embd-type", default="Q4_K", help="default: %(default)s")
     p.add_argument("--output-type", default="Q6_K", help="default: %(default)s")
@@ -111,6 +115,7 @@ def config_from_args(args: argparse.Namespace, mode: str = "fast") -> PlanConfig
         mse_rows=args.mse_rows or None,
         weight_by_params=args.weight_by_params,
         solver=args.solver,
+        max_quantise_ns=args.max_quantise_ns,
         non_expert_type=args.non_expert_type,
         token_embd_type=args.token_embd_type,
         output_type=args.output_type,
