@@ -853,7 +853,8 @@ def _solve(opt: _Options, cfg: PlanConfig, groups, time_cap: float | None):
         return choice, objective, lower, proven
     weights = int(opt.params.sum())  # the cap's own unit in the error: ns per allocated weight
     res = solve_time_capped(lambda costs: _solve_groups(costs, opt, cfg, groups, logger.debug), opt.costs, opt.times,
-                            time_cap, describe=lambda ns: f"{ns / weights:.0f} ns per allocated weight")
+                            time_cap, sizes=opt.sizes, groups=[(idx, cap) for _, idx, cap in groups],
+                            describe=lambda ns: f"{ns / weights:.0f} ns per allocated weight")
     return res.choice, res.objective, res.lower_bound, res.proven_optimal
 
 

@@ -8,9 +8,15 @@ weight for the k-quants, hundreds for the IQ grid types), and at a model's full 
 can take longer than everything else. The byte budget stays the exact knapsack of
 alphaq.allocate.solver; the time is relaxed with one Lagrange multiplier mu shared by every budget
 group: each step solves the knapsack on cost + mu * time, and a bisection over mu finds the
-smallest multiplier whose solution meets the cap. So the cap is always met, the IQ types stay
-where they buy the most, and for every mu tried, (lower bound of the penalised problem) - mu *
-time_cap bounds the capped optimum from below (weak duality): the plan's gap stays a certificate.
+smallest multiplier whose solution meets the cap. The Lagrangian moves in jumps (on a small
+model the first feasible solution can sit well below the cap), so a greedy pass then spends the
+slack: the single change of an item's type that lowers the cost most while both constraints hold,
+repeated until none is left. Where a gap to the bound remains and the problem is small enough
+(`_MILP_MAX_VARS`), HiGHS solves it with both constraints (scipy.optimize.milp, time-limited); its
+answer is taken only if it is better and meets both caps in exact arithmetic. So the cap is
+always met, the IQ types stay where they buy the most, and for every mu tried, (lower bound of
+the penalised problem) - mu * time_cap bounds the capped optimum from below (weak duality): the
+plan's gap stays a certificate.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 # bisection steps over log(mu) once the cap is bracketed: the multiplier to ~1e-6 relative
 _STEPS = 24
+# HiGHS on both constraints when (items x options) stays below this, for at most _MILP_SECONDS
+_MILP_MAX_VARS = 60_000
+_MILP_SECONDS = 30.0
 
 # solve(costs) -> (choice, penalised objective, penalised lower bound, proven optimal)
 Solve = Callable[[np.ndarray], tuple[np.ndarray, float, float, bool]]
@@ -44,10 +53,13 @@ class CappedSolution:
 
 
 def solve_time_capped(solve: Solve, costs: np.ndarray, times: np.ndarray, time_cap: float, *,
+                      sizes: np.ndarray, groups: list[tuple[np.ndarray, int]],
                       describe: Callable[[float], str]) -> CappedSolution:
     """The cheapest choice under the byte budget whose summed ``times`` stay within ``time_cap``.
 
-    ``describe(time)`` words a time for the error when even the fastest types exceed the cap."""
+    ``solve`` is the exact knapsack over every budget group; ``sizes`` and ``groups`` (item indices
+    and capacity per group) are what it respects, for the greedy pass. ``describe(time)`` words a
+    time for the error when even the fastest types exceed the cap."""
     rows = np.arange(costs.shape[0])
 
     def total(values: np.ndarray, choice: np.ndarray) -> float:
@@ -83,9 +95,81 @@ def solve_time_capped(solve: Solve, costs: np.ndarray, times: np.ndarray, time_c
             hi = mid
         else:
             lo = mid
-    objective = best["objective"]
+    choice = _spend_slack(best["choice"], costs, times, time_cap, sizes, groups)
+    objective = total(costs, choice)
     lower = min(best["lower"], objective)
     proven = objective - lower <= 1e-9 * max(abs(objective), 1e-300)
+    if not proven and np.isfinite(costs).sum() <= _MILP_MAX_VARS:
+        exact = _milp(costs, times, time_cap, sizes, groups)
+        if exact is not None and total(costs, exact[0]) < objective:
+            choice, objective = exact[0], total(costs, exact[0])
+        if exact is not None and exact[1]:  # HiGHS proved its answer optimal
+            lower, proven = objective, True
     logger.info("quantiser time cap binds: multiplier %.3g, objective %.6g (lower bound %.6g)", best["mu"], objective,
                 lower)
-    return CappedSolution(best["choice"], objective, lower, proven, best["mu"], total(times, best["choice"]))
+    return CappedSolution(choice, objective, lower, proven, best["mu"], total(times, choice))
+
+
+def _spend_slack(choice: np.ndarray, costs: np.ndarray, times: np.ndarray, time_cap: float, sizes: np.ndarray,
+                 groups: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """Greedy improvement of a feasible choice: change one item's type at a time, the change that
+    lowers the cost most among those that keep every group's bytes and the time within their caps."""
+    choice = choice.copy()
+    rows = np.arange(len(choice))
+    group_of = np.zeros(len(choice), dtype=np.int64)
+    size_slack = np.zeros(len(groups), dtype=np.int64)
+    for g, (idx, cap) in enumerate(groups):
+        group_of[idx] = g
+        size_slack[g] = cap - int(sizes[idx, choice[idx]].sum())
+    time_slack = time_cap - float(times[rows, choice].sum())
+    finite = np.isfinite(costs)
+    for _ in range(len(choice) * costs.shape[1]):  # each step lowers the cost: at most one per option
+        gain = costs[rows, choice][:, None] - costs
+        d_size = sizes - sizes[rows, choice][:, None]
+        d_time = times - times[rows, choice][:, None]
+        ok = finite & (gain > 0) & (d_size <= size_slack[group_of][:, None]) & (d_time <= time_slack)
+        if not ok.any():
+            break
+        i, j = np.unravel_index(np.argmax(np.where(ok, gain, -np.inf)), costs.shape)
+        size_slack[group_of[i]] -= int(d_size[i, j])
+        time_slack -= float(d_time[i, j])
+        choice[i] = j
+    return choice
+
+
+def _milp(costs, times, time_cap, sizes, groups) -> tuple[np.ndarray, bool] | None:
+    """HiGHS on the problem with both constraints: (choice, proven optimal), or None when it found
+    nothing or its answer breaks a cap outside its float tolerance (checked exactly here)."""
+    import scipy.sparse as sp
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n, m = costs.shape
+    item, opt = np.nonzero(np.isfinite(costs))
+    c = costs[item, opt] - np.min(np.where(np.isfinite(costs), costs, np.inf), axis=1)[item]
+    c = c / (c.max() or 1.0)  # shifted and scaled per problem: HiGHS's tolerances are absolute
+    nv = len(item)
+    rows = [sp.csr_matrix((np.ones(nv), (item, np.arange(nv))), shape=(n, nv))]
+    lo, hi = [np.ones(n)], [np.ones(n)]
+    for idx, cap in groups:
+        member = np.isin(item, idx)
+        scale = float(sizes.max()) or 1.0
+        rows.append(sp.csr_matrix(np.where(member, sizes[item, opt] / scale, 0.0).reshape(1, -1)))
+        lo.append([-np.inf]), hi.append([cap / scale])
+    t_scale = float(times.max()) or 1.0
+    rows.append(sp.csr_matrix((times[item, opt] / t_scale).reshape(1, -1)))
+    lo.append([-np.inf]), hi.append([time_cap / t_scale])
+    res = milp(c, constraints=LinearConstraint(sp.vstack(rows).tocsr(), np.concatenate(lo), np.concatenate(hi)),
+               integrality=np.ones(nv), bounds=Bounds(0, 1),
+               options={"mip_rel_gap": 0.0, "disp": False, "time_limit": _MILP_SECONDS})
+    if res.x is None:
+        return None
+    x = res.x > 0.5
+    if np.bincount(item[x], minlength=n).min() != 1 or np.bincount(item[x], minlength=n).max() != 1:
+        return None
+    choice = np.zeros(n, dtype=np.int64)
+    choice[item[x]] = opt[x]
+    r = np.arange(n)
+    if float(times[r, choice].sum()) > time_cap or any(int(sizes[idx, choice[idx]].sum()) > cap for idx, cap in groups):
+        logger.debug("HiGHS answer breaks a cap outside its tolerance; kept the Lagrangian one")
+        return None
+    return choice, res.status == 0
