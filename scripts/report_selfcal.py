@@ -132,9 +132,11 @@ def deep_table(results: dict) -> list[str]:
     return lines
 
 
-def quantise_cost(results: dict, variants=("stock", "stock+real", "default", "cheap-ladder")) -> list[str]:
+def quantise_cost(results: dict) -> list[str]:
     """Estimated quantiser ns per weight of each variant's files (bench_selfcal.quantise_rate)."""
     lines = ["| variant | estimated quantise ns/weight, median | range | files |", "|---|---|---|---|"]
+    variants = dict.fromkeys(v for res in results.values() for c in res["cells"].values() for v in c
+                             if isinstance(c[v], dict))
     for v in variants:
         rates = [c[v]["quantise_ns_per_weight"] for res in results.values() for c in res["cells"].values()
                  if c.get(v) and "quantise_ns_per_weight" in c[v]]
@@ -181,9 +183,18 @@ SIDE_STUDIES = (
      "cheap-ladder: the default's damage with the candidates restricted to the k-quants and Q8_0 (--types "
      "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0), the types llama.cpp's quantiser writes fastest. Quality against the "
      "default (full ladder) and the stock files; speed as llama.cpp's quantiser time per weight for each "
-     "file's types, estimated from the per-type rates of bench/qtype-speed.json (one thread; not a timing).",
+     "file's types, estimated from the per-type rates then in bench/qtype-speed.json (one thread; not a "
+     "timing; that table is now alphaq/gguf/quantise_speed.json, re-measured, about 25 % lower throughout).",
      lambda res: [*comparisons(res, [("cheap-ladder", "default")]), "",
                   *summary(res, ("default", "cheap-ladder")), "", *quantise_cost(res)]),
+    ("selfcal-cap.json", "A cap on the quantiser's time (bench/{}; 5 sizes per model)",
+     "capN: the default (full ladder, same damage) under --max-quantise-ns N: the file's types may take "
+     "llama.cpp's quantiser at most N ns per weight on average (one thread, per-type rates of "
+     "alphaq/gguf/quantise_speed.json; an estimate, not a timing). No file where even the fastest types "
+     "under the size exceed the cap. Quality against the default and the stock files; the estimated "
+     "quantiser time of every variant's files.",
+     lambda res: [*comparisons(res, [("cap150", "default"), ("cap100", "default")]), "",
+                  *summary(res, ("default", "cap150", "cap100")), "", *quantise_cost(res)]),
     ("selfcal-domain.json", "Domain bias (bench/{}; IQ2_XXS, Q3_K_M, Q5_K_M sizes)",
      "llama.cpp's mix quantised with an importance matrix from prose only, code only, or both "
      "(real text, val split, 16 windows each) against the one from the model's own text, with "
