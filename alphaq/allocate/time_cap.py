@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -158,9 +161,10 @@ def _milp(costs, times, time_cap, sizes, groups) -> tuple[np.ndarray, bool] | No
     t_scale = float(times.max()) or 1.0
     rows.append(sp.csr_matrix((times[item, opt] / t_scale).reshape(1, -1)))
     lo.append([-np.inf]), hi.append([time_cap / t_scale])
-    res = milp(c, constraints=LinearConstraint(sp.vstack(rows).tocsr(), np.concatenate(lo), np.concatenate(hi)),
-               integrality=np.ones(nv), bounds=Bounds(0, 1),
-               options={"mip_rel_gap": 0.0, "disp": False, "time_limit": _MILP_SECONDS})
+    with _quiet_stdout():  # HiGHS prints solver internals to the C stdout even with disp off
+        res = milp(c, constraints=LinearConstraint(sp.vstack(rows).tocsr(), np.concatenate(lo), np.concatenate(hi)),
+                   integrality=np.ones(nv), bounds=Bounds(0, 1),
+                   options={"mip_rel_gap": 0.0, "disp": False, "time_limit": _MILP_SECONDS})
     if res.x is None:
         return None
     x = res.x > 0.5
@@ -173,3 +177,17 @@ def _milp(costs, times, time_cap, sizes, groups) -> tuple[np.ndarray, bool] | No
         logger.debug("HiGHS answer breaks a cap outside its tolerance; kept the Lagrangian one")
         return None
     return choice, res.status == 0
+
+
+@contextmanager
+def _quiet_stdout():
+    """File descriptor 1 to /dev/null for the duration (C code's printf included)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
