@@ -365,7 +365,12 @@ def test_time_estimate_scales_the_benchmark_table():
     from alphaq.damage import DamageConfig
     from alphaq.allocate.plan import MODES, PlanConfig
     from alphaq.pipeline.preflight import DAMAGE_PARTS as P
-    from alphaq.pipeline.preflight import REFERENCE_WEIGHTS_PER_BLOCK, STAGE_SECONDS_PER_BLOCK, stage_seconds
+    from alphaq.pipeline.preflight import (
+        QUANTISE_WALL_PER_ESTIMATE,
+        REFERENCE_WEIGHTS_PER_BLOCK,
+        STAGE_SECONDS_PER_BLOCK,
+        stage_seconds,
+    )
 
     cfg = ConvertConfig(model=Path("m"), output=Path("o.gguf"), plan=PlanConfig(**MODES["damage"]))
     got = stage_seconds(cfg, "hf", 4, REFERENCE_WEIGHTS_PER_BLOCK)
@@ -384,6 +389,16 @@ def test_time_estimate_scales_the_benchmark_table():
     expected = (58 * (P["fake_per_measurement"] + P["forward_per_measurement_block_token"] * 8 * 4096)
                 + P["reference_per_block_token"] * 8 * 4096 + 58 * P["weighted_error_per_tensor"]) / 2
     assert every["damage"] == pytest.approx(expected)
+    # a quantiser time cap bounds the quantise stage: the measured wall time per estimated ns-weight
+    # (bench/quantise-cap.json) times the cap; a loose cap leaves the benchmark's rate
+    capped = stage_seconds(replace(cfg, plan=replace(cfg.plan, max_quantise_ns=100.0)), "hf", 4,
+                           REFERENCE_WEIGHTS_PER_BLOCK)
+    assert capped["quantise"] == pytest.approx(QUANTISE_WALL_PER_ESTIMATE * 100e-9 * 4 * REFERENCE_WEIGHTS_PER_BLOCK)
+    assert capped["quantise"] < got["quantise"] / 3
+    loose = stage_seconds(replace(cfg, plan=replace(cfg.plan, max_quantise_ns=5000.0)), "hf", 4,
+                          REFERENCE_WEIGHTS_PER_BLOCK)
+    assert loose["quantise"] == got["quantise"]
+
 
 def test_preflight_states_the_forward_stages_memory(float_ggufs, tmp_path, monkeypatch):
     import alphaq.pipeline.preflight as pf

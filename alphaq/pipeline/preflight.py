@@ -59,6 +59,11 @@ STAGE_SECONDS_PER_BLOCK = {
 DAMAGE_PARTS = {"fake_per_measurement": 299.2 / 30, "forward_per_measurement_block_token": 1108.4 / (30 * 4 * 4096),
                 "reference_per_block_token": 33.0 / (4 * 4096), "weighted_error_per_tensor": 56.5 / 30}
 KINDS_PER_BLOCK, TENSORS_OUTSIDE_BLOCKS = 7, 2  # Qwen3-MoE: q, k, v, o, gate/up/down experts; embedding, output
+# The quantise stage under --max-quantise-ns: wall seconds per (weight x the plan's estimated ns per
+# weight x 1e-9), i.e. against the one-thread table estimate, on this 2-core machine. Qwen3-30B-A3B
+# shapes, 2 blocks, 1.25G weights (bench/quantise-cap.json): 102.0 s at an estimated 146.2 ns, 68.0 s
+# at 93.5 (and 247.6 s at the uncapped default's 371.1). The larger ratio of the two capped runs.
+QUANTISE_WALL_PER_ESTIMATE = max(102.0 / (146.2e-9 * 1_250_984_608), 68.0 / (93.5e-9 * 1_250_984_608))
 # private memory of the forward stages besides the weight being fake-quantised: Python, numpy,
 # llama.cpp's compute buffers for a 256-token window (bench/mapped-memory.json: 0.55 GB peak anonymous
 # at Qwen3-30B-A3B shapes with a 0.40 GB expert tensor copied on write)
@@ -172,6 +177,9 @@ def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> di
         damage *= len(cfg.plan.types)
     out["damage"] = damage
     out["quantise"] = rate["quantise"] * scale
+    if cfg.plan.max_quantise_ns is not None:  # the cap bounds the quantiser's time from above
+        capped = QUANTISE_WALL_PER_ESTIMATE * cfg.plan.max_quantise_ns * 1e-9 * n_blocks * weights_per_block
+        out["quantise"] = min(out["quantise"], capped)
     return out
 
 
