@@ -397,21 +397,28 @@ def main() -> int:
     cache.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
     print(f"# load average before: {' '.join(f'{x:.2f}' for x in load0)}; {os.cpu_count()} CPUs; modes {args.modes}", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    def save(points: list[dict], **more) -> None:  # after every point, so a run cut short keeps what it measured
+        args.json.write_text(json.dumps({
+            "label": args.label, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cpus": os.cpu_count(), "load_before": load0, "modes": args.modes, "repeats": args.repeats,
+            "points": points, **more}, indent=1))
+
     points, fits = [], {}
     for arch in args.archs:
         lo, hi = sorted(args.blocks or DEFAULT_BLOCKS[arch])
-        pair = [bench_point(arch, n, args.modes, args.repeats, cache, args.keep) for n in (lo, hi)]
+        pair = []
+        for n in (lo, hi):
+            pair.append(bench_point(arch, n, args.modes, args.repeats, cache, args.keep))
+            save(points + pair)
         points += pair
         fits[arch] = per_block(*pair)
     report_measured(points, fits, args.modes)
     proj = projection_table(fits, args.modes)
     load1 = os.getloadavg()
     print(f"# load average after: {' '.join(f'{x:.2f}' for x in load1)}")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    args.json.write_text(json.dumps({
-        "label": args.label, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpus": os.cpu_count(), "load_before": load0, "load_after": load1, "modes": args.modes, "repeats": args.repeats,
-        "points": points, "per_block": fits, "projections": proj}, indent=1))
+    save(points, load_after=load1, per_block=fits, projections=proj)
     print(f"# wrote {args.json}")
     return 0
 
