@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # bisection steps over log(mu) once the cap is bracketed: the multiplier to ~1e-6 relative
 _STEPS = 24
+# the greedy pass stops after this many moves (each one a scan of every option; the choice stays feasible)
+_GREEDY_MAX_MOVES = 10_000
 # HiGHS on both constraints when (items x options) stays below this, for at most _MILP_SECONDS
 _MILP_MAX_VARS = 60_000
 _MILP_SECONDS = 30.0
@@ -126,7 +128,7 @@ def _spend_slack(choice: np.ndarray, costs: np.ndarray, times: np.ndarray, time_
         size_slack[g] = cap - int(sizes[idx, choice[idx]].sum())
     time_slack = time_cap - float(times[rows, choice].sum())
     finite = np.isfinite(costs)
-    for _ in range(len(choice) * costs.shape[1]):  # each step lowers the cost: at most one per option
+    for _ in range(min(len(choice) * costs.shape[1], _GREEDY_MAX_MOVES)):  # each move lowers the cost
         gain = costs[rows, choice][:, None] - costs
         d_size = sizes - sizes[rows, choice][:, None]
         d_time = times - times[rows, choice][:, None]
