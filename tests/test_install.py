@@ -92,6 +92,7 @@ def test_pip_install_outside_the_repo_converts_and_carries_the_patch_series(tmp_
         (p.name, p.read_bytes()) for p in sorted((ROOT / "ggml-patches").glob("*.patch"))]
     assert info["key"] == build_key(), "the installed series must reuse the checkout's cached wheel"
     assert (site / "alphaq" / "spectral" / "native.c").is_file()
+    assert (site / "alphaq" / "gguf" / "quantise_speed.json").is_file()  # every plan's quantiser estimate
 
     # `alphaq convert` from a directory outside the repository, paths relative to it
     model = os.path.relpath(MODEL, work)
