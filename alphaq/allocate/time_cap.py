@@ -77,7 +77,7 @@ def solve_time_capped(solve: Solve, costs: np.ndarray, times: np.ndarray, time_c
     if total(times, fastest) > time_cap:
         raise BudgetError(f"the quantiser time cap cannot be met under this budget: the fastest types it allows take "
                           f"{describe(total(times, fastest))}, the cap is {describe(time_cap)}")
-    best = {"choice": fastest, "objective": total(costs, fastest), "mu": math.inf, "lower": -math.inf}
+    best = {"choice": fastest, "objective": total(costs, fastest), "mu": math.inf, "lower": lower}  # mu = 0 bounds too
 
     def attempt(mu: float) -> bool:
         pick, _, pen_lower, _ = solve(costs + mu * times)
