@@ -28,7 +28,11 @@ as --working-copy q8_0 does for models larger than RAM; the file is quantised fr
 cheap-ladder (the default's damage, candidates restricted to the k-quants and Q8_0, --types
 Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0: the types llama.cpp's quantiser writes fastest), capN (the default
 under --max-quantise-ns N: the full ladder, the quantiser's estimated time capped at N ns per
-weight); every cell also records each file's quantise cost per weight estimated from
+weight), expert (the default at --granularity expert: each expert slice of a merged expert tensor is
+an item with its own type, its damage the tensor's measured damage shared out by the slices'
+weighted errors; the file has expert groups, so a run with this variant re-starts itself under the
+patched llama.cpp (ggml-patches/, convert/patched.py) and scores every file there, stock ones and the
+tensor-granular default included); every cell also records each file's quantise cost per weight estimated from
 alphaq/gguf/quantise_speed.json
 
 every alphaq variant at no more than the stock file's size, and scores each against the BF16
@@ -147,6 +151,10 @@ class Model:
                     n = cfg.windows(self.names)
                     self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
                                                        imatrix=self.imatrix["self"], tokens=self.counts_self).costs
+            if "expert" in self.variants:  # one item per expert slice (expert granularity)
+                self.damage[("self", "expert")] = measure(s, Reference(s, self_tokens[:16]), self.names, types,
+                                                          DamageConfig(), imatrix=self.imatrix["self"],
+                                                          tokens=self.counts_self, per_expert=True).costs
             if "no-imatrix" in self.variants:
                 self.damage[("none", "estimate")] = measure(s, Reference(s, self_tokens[:16]), self.names, types,
                                                             DamageConfig()).costs
@@ -181,17 +189,23 @@ class Model:
                        "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4"),
                        "a1": ("self", "a1"), "a1w4": ("self", "a1w4"), "deep-default": ("self", "deep-default"),
                        "deep-a4w16": ("self", "deep-a4w16"), "deep-all": ("self", "deep-all"), "cheap-ladder": ("self", "estimate"),
-                       "q8copy": ("q8copy", "estimate")}.get(variant, ("self", "estimate") if variant.startswith("cap")
+                       "q8copy": ("q8copy", "estimate"), "expert": ("self", "expert")}.get(variant, ("self", "estimate") if variant.startswith("cap")
                                                              else (None, None))
         try:
             if src is not None:
                 changes = {"alpha-g1": dict(gamma=1.0), "alpha-gpaper": dict(gamma=None),
-                           "experts-only": dict(allocate="experts"), "cheap-ladder": dict(types=CHEAP_LADDER)
-                           }.get(variant, dict(max_quantise_ns=float(variant[3:])) if variant.startswith("cap") else {})
+                           "experts-only": dict(allocate="experts"), "cheap-ladder": dict(types=CHEAP_LADDER),
+                           "expert": dict(granularity="expert")}.get(variant, dict(max_quantise_ns=float(variant[3:])) if variant.startswith("cap") else {})
                 cfg = replace(PlanConfig(**MODES["damage"]), budget_mode="size", budget=float(size), **changes)
                 stats = self.spectral() if "gamma" in changes or "allocate" in changes else []
-                plan = make_plan(stats, self.fm.tensors, cfg, fixed_bytes=self.fm.header, damage=self.damage[(src, method)])
-                quantize_gguf(self.bf16, out, plan.tensor_types(), imatrix=self.imatrix.get(src))
+                if variant == "expert":  # expert groups: the format keys in the header, the groups writer
+                    plan = make_plan(stats, self.fm.tensors, cfg, fixed_bytes=baselines.expert_header_bytes(self.fm),
+                                     damage=self.damage[(src, method)])
+                    baselines.write_expert_plan(self.fm, plan, out, imatrix=self.imatrix[src])
+                else:
+                    plan = make_plan(stats, self.fm.tensors, cfg, fixed_bytes=self.fm.header,
+                                     damage=self.damage[(src, method)])
+                    quantize_gguf(self.bf16, out, plan.tensor_types(), imatrix=self.imatrix.get(src))
             else:
                 cfg = replace(PlanConfig(**MODES[variant]), budget_mode="size", budget=float(size))
                 plan = baselines.solve(self.fm, self.spectral(), cfg)
@@ -271,6 +285,21 @@ def mean_kl(c: dict) -> float:
     return float(np.mean([np.mean(c[d]) for d in DOMAINS]))
 
 
+def _under_patched_runtime() -> None:
+    """Re-start this script with the patched llama_cpp first on its path (expert-granular files
+    load only there); every file of the run is then scored by the same runtime."""
+    import os
+
+    from alphaq.runtime.isolated import child_env, patched_loaded
+
+    if patched_loaded():
+        return
+    from convert.patched import patched_site
+
+    env = child_env(patched_site())
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mixtral", "qwen2moe", "qwen3moe", "deepseek2"])
@@ -281,6 +310,8 @@ def main() -> int:
     p.add_argument("--no-stock", action="store_true", help="score only stock+real among the stock files (ablation runs)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "selfcal.json")
     args = p.parse_args()
+    if "expert" in args.variants:
+        _under_patched_runtime()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.models:

@@ -196,6 +196,14 @@ SIDE_STUDIES = (
      "quantiser time of every variant's files.",
      lambda res: [*comparisons(res, [("cap150", "default"), ("cap100", "default")]), "",
                   *summary(res, ("default", "cap150", "cap100")), "", *quantise_cost(res)]),
+    ("selfcal-granularity.json", "Tensor against expert granularity, patched runtime (bench/{}; 5 sizes per model)",
+     "expert: the default at --granularity expert: every expert slice of a merged expert tensor is an item with "
+     "its own type, its damage the tensor's measured damage (one KL measurement per tensor, as at tensor "
+     "granularity) shared out by the slices' importance-weighted errors; the file stores expert groups, which "
+     "only the patched llama.cpp (ggml-patches/) loads. Every file of this study, the stock one and the "
+     "tensor-granular default included, was scored in that patched runtime. Sizes at most the stock file's; "
+     "the expert file pays for its group layout inside the same size.",
+     lambda res: [*comparisons(res, [("expert", "default")]), "", *summary(res, ("default", "expert"))]),
     ("selfcal-domain.json", "Domain bias (bench/{}; IQ2_XXS, Q3_K_M, Q5_K_M sizes)",
      "llama.cpp's mix quantised with an importance matrix from prose only, code only, or both "
      "(real text, val split, 16 windows each) against the one from the model's own text, with "

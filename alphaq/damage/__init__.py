@@ -224,20 +224,25 @@ class Swap:
     The slices are quantised on a thread per core (ggml's quantiser releases the GIL); every row
     is quantised on its own, so the values do not depend on how the rows are shared out."""
 
-    ROWS_PER_JOB = 2048  # a 2-D weight in row blocks: the real vocabulary's embedding is 1.2 GB of float32
+    # every weight in row blocks (8M weights = 32 MB of float32 for a 4096-wide row): a whole
+    # Mixtral-8x7B expert at once (14336 x 4096) held 2 GB per thread in float32 copies and the
+    # dequantiser's temporaries, 4 GiB over the mapped model on 2 threads; the real vocabulary's
+    # embedding is 1.2 GB of float32
+    ROWS_PER_JOB = 2048
 
     def __init__(self, buf: WeightBuffer, t: GGMLQuantizationType, means: np.ndarray | None,
                  expert: int | None = None):
         self.buf, self.t, self.means, self.expert = buf, t, means, expert
 
     def _jobs(self, view: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """(slice of the buffer, its importance vector) for every piece quantised on its own."""
-        if len(self.buf.shape) == 3:
+        """(row block of the buffer, its importance vector) for every piece quantised on its own."""
+        if len(self.buf.shape) == 3:  # each expert with its own importance vector
             experts = range(matrices(self.buf)) if self.expert is None else [self.expert]
-            return [(view[e], None if self.means is None else self.means[e]) for e in experts]
-        rows = view.reshape(-1, view.shape[-1])  # elements, or a Q8_0 copy's bytes per row
-        imat = None if self.means is None else self.means[0]
-        return [(rows[i:i + self.ROWS_PER_JOB], imat) for i in range(0, rows.shape[0], self.ROWS_PER_JOB)]
+            slabs = [(view[e], None if self.means is None else self.means[e]) for e in experts]
+        else:  # rows of elements, or a Q8_0 copy's bytes per row
+            slabs = [(view.reshape(-1, view.shape[-1]), None if self.means is None else self.means[0])]
+        return [(rows[i:i + self.ROWS_PER_JOB], imat) for rows, imat in slabs
+                for i in range(0, rows.shape[0], self.ROWS_PER_JOB)]
 
     def _fake_quantise(self, job: tuple[np.ndarray, np.ndarray | None]) -> None:
         target, imat = job

@@ -383,9 +383,12 @@ def expert_header_bytes(model: FloatModel) -> int:
     return padded(model.header + metadata_bytes(FORMAT_KEYS), gguf.GGUF_DEFAULT_ALIGNMENT)
 
 
-def write_expert_plan(model: FloatModel, plan: Plan, out: Path, *, nthread: int = 0) -> int:
+def write_expert_plan(model: FloatModel, plan: Plan, out: Path, *, nthread: int = 0,
+                      imatrix: dict[str, np.ndarray] | None = None) -> int:
     """Write an expert- (or tensor-) granular plan the way ``alphaq convert`` does, without the
-    alphaq.* plan keys (so every baseline carries the same metadata); returns the file size."""
+    alphaq.* plan keys (so every baseline carries the same metadata); returns the file size.
+    imatrix: flat importance vectors by tensor name, for llama.cpp's quantiser and the
+    expert-groups writer alike (None: llama.cpp's default)."""
     import tempfile
 
     from alphaq.gguf.expert import group_layouts, write_expert_gguf
@@ -397,10 +400,10 @@ def write_expert_plan(model: FloatModel, plan: Plan, out: Path, *, nthread: int 
     to_llama = {**types, **{t.name: GGMLQuantizationType[t.dtype] for t in model.tensors if t.name in layouts}}
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         quantised = Path(tmp) / "quantised.gguf"
-        quantize_gguf(model.path, quantised, to_llama, nthread=nthread, file_type_from=types)
+        quantize_gguf(model.path, quantised, to_llama, nthread=nthread, file_type_from=types, imatrix=imatrix)
         if layouts:
             final = Path(tmp) / "final.gguf"
-            write_expert_gguf(quantised, model.path, layouts, {}, final)
+            write_expert_gguf(quantised, model.path, layouts, {}, final, imatrix=imatrix)
             final.replace(out)
         else:  # every projection got one type: a stock file as llama.cpp wrote it
             quantised.replace(out)
