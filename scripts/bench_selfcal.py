@@ -198,13 +198,12 @@ class Model:
                            "expert": dict(granularity="expert")}.get(variant, dict(max_quantise_ns=float(variant[3:])) if variant.startswith("cap") else {})
                 cfg = replace(PlanConfig(**MODES["damage"]), budget_mode="size", budget=float(size), **changes)
                 stats = self.spectral() if "gamma" in changes or "allocate" in changes else []
-                if variant == "expert":  # expert groups: the format keys in the header, the groups writer
-                    plan = make_plan(stats, self.fm.tensors, cfg, fixed_bytes=baselines.expert_header_bytes(self.fm),
-                                     damage=self.damage[(src, method)])
+                grouped = cfg.granularity == "expert"  # expert groups: format keys in the header, the groups writer
+                header = baselines.expert_header_bytes(self.fm) if grouped else self.fm.header
+                plan = make_plan(stats, self.fm.tensors, cfg, fixed_bytes=header, damage=self.damage[(src, method)])
+                if grouped:
                     baselines.write_expert_plan(self.fm, plan, out, imatrix=self.imatrix[src])
                 else:
-                    plan = make_plan(stats, self.fm.tensors, cfg, fixed_bytes=self.fm.header,
-                                     damage=self.damage[(src, method)])
                     quantize_gguf(self.bf16, out, plan.tensor_types(), imatrix=self.imatrix.get(src))
             else:
                 cfg = replace(PlanConfig(**MODES[variant]), budget_mode="size", budget=float(size))
