@@ -19,7 +19,10 @@ Memory: each command runs in a fresh process; "peak RSS" is the largest peak of 
 of its tree (RUSAGE_CHILDREN), divided by the BF16 model size (streaming target <= 0.5 on models
 with >= 8 blocks). "peak tree RSS" is the largest sum of the RSS of all processes of the tree at
 one moment (sampled every 50 ms), which counts processes that run at the same time (alphaq runs
-llama.cpp's converter beside its own spectral stage) together.
+llama.cpp's converter beside its own spectral stage) together. RSS counts the file-backed pages of
+memory-mapped files (the model), which the OS may drop and read again; "peak private" counts only
+the anonymous and shared-memory pages (RssAnon + RssShmem of /proc/PID/status, sampled the same
+way), of the largest process and summed over the tree; the RssFile peaks are kept beside them.
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs one command; prints its wall time, the peak RSS of its largest process (RUSAGE_CHILDREN)
-# and the peak of the summed RSS of its process tree (sampled from /proc every 50 ms).
+# Runs one command; prints its wall time, the peak RSS of its largest process (RUSAGE_CHILDREN),
+# and, sampled from /proc every 50 ms: the peak summed RSS of its process tree, the peak private
+# memory (RssAnon + RssShmem) of its largest process and of the tree, and the same for RssFile.
 _MEASURE = r"""
 import json, os, resource, subprocess, sys, threading, time
 
-def tree_rss_kib(root):
+FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+def children():
     kids = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -51,26 +57,44 @@ def tree_rss_kib(root):
             except (OSError, IndexError, ValueError):
                 continue
             kids.setdefault(ppid, []).append(int(d))
-    total, todo = 0, [root]
+    return kids
+
+def tree_pids(root):
+    kids, todo, out = children(), [root], []
     while todo:
         pid = todo.pop()
+        out.append(pid)
         todo += kids.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next((int(l.split()[1]) for l in f if l.startswith("VmRSS:")), 0)
-        except OSError:
-            pass
-    return total
+    return out
+
+def memory_kib(pid):  # {"VmRSS": ..., "RssAnon": ..., "RssFile": ..., "RssShmem": ...} of one process
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {k: int(v.split()[0]) for k, v in (l.split(":", 1) for l in f) if k in FIELDS}
+    except (OSError, ValueError):
+        return {}
+
+def private_kib(m):  # memory the process needs: anonymous + shared-memory pages, not the file-backed ones
+    return m.get("RssAnon", 0) + m.get("RssShmem", 0)
+
+peaks = dict.fromkeys(("tree_rss", "private", "tree_private", "file", "tree_file"), 0)
+
+def sample_once(root):
+    mems = [m for m in map(memory_kib, tree_pids(root)) if m]
+    now = {"tree_rss": sum(m.get("VmRSS", 0) for m in mems),
+           "private": max(map(private_kib, mems), default=0), "tree_private": sum(map(private_kib, mems)),
+           "file": max((m.get("RssFile", 0) for m in mems), default=0),
+           "tree_file": sum(m.get("RssFile", 0) for m in mems)}
+    for k, v in now.items():
+        peaks[k] = max(peaks[k], v)
 
 t = time.perf_counter()
 out_path = os.environ.get("BENCH_STDOUT")
 proc = subprocess.Popen(sys.argv[1:], stdout=open(out_path, "w") if out_path else subprocess.DEVNULL,
                         stderr=subprocess.PIPE, text=True)
-peak_tree = 0
 def sample():
-    global peak_tree
     while proc.poll() is None:
-        peak_tree = max(peak_tree, tree_rss_kib(proc.pid))
+        sample_once(proc.pid)
         time.sleep(0.05)
 threading.Thread(target=sample, daemon=True).start()
 stderr = proc.communicate()[1]
@@ -98,7 +122,9 @@ if out_path:  # the default mode's "damage  N tensor(s) measured ... on T tokens
             m = re.search(r"(\d+) interpolated", text)
             damage["interpolated"] = int(m[1]) if m else 0
 print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "peak_rss_kib": ru.ru_maxrss,
-                  "peak_tree_rss_kib": peak_tree, "stages": stages, "damage": damage}))
+                  "peak_tree_rss_kib": peaks["tree_rss"], "peak_private_kib": peaks["private"],
+                  "peak_tree_private_kib": peaks["tree_private"], "peak_file_kib": peaks["file"],
+                  "peak_tree_file_kib": peaks["tree_file"], "stages": stages, "damage": damage}))
 """
 
 _STOCK = r"""
@@ -185,6 +211,8 @@ def bench(model: Path, repeats: int, baseline: Path | None) -> dict:
         "alphaq_peak_tree_rss": max(r["peak_tree_rss_kib"] for r in rows["alphaq"]) * 1024,
         "stock_peak_rss": max(r["peak_rss_kib"] for r in rows["stock"]) * 1024,
         "stock_peak_tree_rss": max(r["peak_tree_rss_kib"] for r in rows["stock"]) * 1024,
+        "alphaq_peak_private": max(r["peak_private_kib"] for r in rows["alphaq"]) * 1024,
+        "stock_peak_private": max(r["peak_private_kib"] for r in rows["stock"]) * 1024,
     }
     if baseline:
         out["baseline_s"] = med["baseline"]

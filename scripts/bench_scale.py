@@ -15,7 +15,8 @@ time), then times, alternating in every repeat:
              40 min at 4 Qwen3 blocks on a 2-core machine)
 each with --no-cache, so every measurement is paid. It records wall time, the per-stage seconds
 of the summary's ``time`` line, the peak RSS of the largest process and of the whole process tree
-(bench_convert.measure), the output size, and the peak disk use of the run's work folder (every
+and their peak private memory (RssAnon + RssShmem: RSS without the pages of memory-mapped files,
+which the OS may drop; bench_convert.measure), the output size, and the peak disk use of the run's work folder (every
 temporary file goes there: TMPDIR points at it).
 
 Seconds per block = (value at the larger count - value at the smaller) / (difference in blocks),
@@ -157,7 +158,8 @@ def bench_point(arch: str, blocks: int, modes: list[str], repeats: int, cache: P
                 rows[mode].append(run_mode(mode, model, cache / f"work-{arch}-{blocks}-{i}-{mode}"))
                 r = rows[mode][-1]
                 print(f"#   {arch} {blocks} blk {mode}: {r['wall']:.1f} s, peak RSS {r['peak_rss_kib'] / 2**20:.2f} GiB "
-                      f"(tree {r['peak_tree_rss_kib'] / 2**20:.2f}), stages {r['stages']}", flush=True)
+                      f"(tree {r['peak_tree_rss_kib'] / 2**20:.2f}), peak private {r['peak_private_kib'] / 2**20:.2f} GiB "
+                      f"(tree {r['peak_tree_private_kib'] / 2**20:.2f}), stages {r['stages']}", flush=True)
     finally:
         if not keep:
             shutil.rmtree(model)
@@ -173,6 +175,8 @@ def summarise(runs: list[dict]) -> dict:
             "stages": {k: statistics.median(r["stages"].get(k, 0.0) for r in runs) for k in sorted(keys)},
             "peak_rss_bytes": max(r["peak_rss_kib"] for r in runs) * 1024,
             "peak_tree_rss_bytes": max(r["peak_tree_rss_kib"] for r in runs) * 1024,
+            **{f"peak_{k}_bytes": max(r[f"peak_{k}_kib"] for r in runs) * 1024
+               for k in ("private", "tree_private", "file", "tree_file")},
             "out_bytes": statistics.median(r["out_bytes"] for r in runs),
             "peak_disk_bytes": max(r["peak_disk_bytes"] for r in runs),
             "damage": {k: statistics.median(r["damage"][k] for r in runs) for k in runs[0].get("damage", {})}}
@@ -240,8 +244,8 @@ def project_damage(m: dict, blocks: float) -> tuple[float, str]:
     return fwd + fake + ref + err, text
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+def _gib(n: float, digits: int = 1) -> str:
+    return f"{n / 2**30:.{digits}f} GiB"
 
 
 def _dur(s: float) -> str:
@@ -330,20 +334,21 @@ def projection_table(fits: dict, modes: list[str]) -> list[dict]:
 
 def report_measured(points: list[dict], fits: dict, modes: list[str]) -> None:
     print("\n## Measured")
-    print("| arch | MoE blocks | mode | wall | stages (s) | peak RSS, largest process | peak RSS, process tree | output | peak work-folder disk |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| arch | MoE blocks | mode | wall | stages (s) | peak RSS, largest process | peak RSS, process tree | "
+          "peak private, largest process | peak private, process tree | output | peak work-folder disk |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for p in points:
         for mode, m in p["median"].items():
             st = ", ".join(f"{k} {v:.1f}" for k, v in m["stages"].items())
-            print(f"| {p['arch']} | {p['blocks']} | {mode} | {m['wall']:.1f} s | {st} | {_gib(m['peak_rss_bytes'])} | "
-                  f"{_gib(m['peak_tree_rss_bytes'])} | {_gib(m['out_bytes'])} | {_gib(m['peak_disk_bytes'])} |")
-    print("\n## Peak RSS against block count (target: flat, at most 4 GiB for every process)")
+            print(f"| {p['arch']} | {p['blocks']} | {mode} | {m['wall']:.1f} s | {st} | {_gib(m['peak_rss_bytes'], 2)} | "
+                  f"{_gib(m['peak_tree_rss_bytes'], 2)} | {_gib(m['peak_private_bytes'], 2)} | "
+                  f"{_gib(m['peak_tree_private_bytes'], 2)} | {_gib(m['out_bytes'])} | {_gib(m['peak_disk_bytes'])} |")
+    print("\n## Peak RSS and peak private memory against block count (target: flat, at most 4 GiB for every process)")
     for arch in fits:
         lo, hi = [p for p in points if p["arch"] == arch]
         for mode in lo["median"]:
-            a, b = lo["median"][mode]["peak_rss_bytes"], hi["median"][mode]["peak_rss_bytes"]
-            print(f"# {arch} {mode}: largest process {_gib(a)} at {lo['blocks']} blocks, {_gib(b)} at {hi['blocks']} "
-                  f"({b / a:.2f}x); {'within' if max(a, b) <= 4 * 2**30 else 'OVER'} 4 GiB")
+            for what in ("rss", "private"):
+                print(f"# {arch} {mode}: {against_blocks(lo, hi, mode, what)}")
     print("\n## Seconds per MoE block (difference between the two block counts / difference in blocks)")
     print("| arch | weights a block | mode | wall s/block (fixed s) | ratio to stock, per block | stages s/block |")
     print("|---|---|---|---|---|---|")
@@ -353,6 +358,13 @@ def report_measured(points: list[dict], fits: dict, modes: list[str]) -> None:
             ratio = rate / fit["stock"]["wall"][0] if "stock" in fit and fit["stock"]["wall"][0] > 0 else float("nan")
             st = ", ".join(f"{k} {r:.2f}" for k, (r, _) in fit[mode]["stages"].items())
             print(f"| {arch} | {fit['block_weights'] / 1e6:.0f}M | {mode} | {rate:.2f} ({fixed:.1f}) | {ratio:.2f}x | {st} |")
+
+
+def against_blocks(lo: dict, hi: dict, mode: str, what: str) -> str:
+    """The largest process's peak ``what`` ("rss" or "private") at the two block counts, against 4 GiB."""
+    a, b = (p["median"][mode][f"peak_{what}_bytes"] for p in (lo, hi))
+    return (f"largest process, peak {'RSS' if what == 'rss' else 'private'} {_gib(a, 2)} at {lo['blocks']} blocks, "
+            f"{_gib(b, 2)} at {hi['blocks']} ({b / a:.2f}x); {'within' if max(a, b) <= 4 * 2**30 else 'OVER'} 4 GiB")
 
 
 def reproject(path: Path) -> int:
