@@ -9,6 +9,10 @@ build flags, so a changed patch always rebuilds and an unchanged one never does.
     python -m convert.patched                 # build (or reuse) the CPU wheel, print its path
     python -m convert.patched --install       # ... and pip install it into this environment
     python -m convert.patched --cuda          # CUDA build (-DGGML_CUDA=on; needs nvcc)
+    CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" python -m convert.patched --cuda --no-build-isolation --site
+                                              # extra CMake flags as llama-cpp-python takes them;
+                                              # an offline machine builds with its own
+                                              # scikit-build-core; print the private site
     python -m convert.patched --cuda-compile-check [--arch 90]
                                               # nvcc-compile just the CUDA files the series
                                               # touches (minutes, not the hours of a full build)
@@ -93,14 +97,22 @@ def _set_version(src: Path, key: str) -> None:
     init.write_text(text.replace(old, f'__version__ = "{LLAMA_CPP_PYTHON_VERSION}+alphaq.{key}"'))
 
 
-def ensure_wheel(cuda: bool = False, cache_root: Path | None = None) -> Path:
-    """The patched wheel, built once per (sdist, patch series, flags)."""
-    cmake_args = CUDA_ARGS if cuda else ""
-    out = build_dir(cmake_args, cache_root)
+def cmake_args(cuda: bool) -> str:
+    """The build's CMake flags: CUDA's, then the user's CMAKE_ARGS (llama-cpp-python's own way to
+    pass flags, e.g. -DCMAKE_CUDA_ARCHITECTURES=90), so a build differing in either is its own wheel."""
+    return " ".join(a for a in (CUDA_ARGS if cuda else "", os.environ.get("CMAKE_ARGS", "").strip()) if a)
+
+
+def ensure_wheel(cuda: bool = False, cache_root: Path | None = None, build_isolation: bool = True) -> Path:
+    """The patched wheel, built once per (sdist, patch series, flags). ``build_isolation=False``
+    builds with this environment's scikit-build-core (pip's --no-build-isolation; for machines
+    without access to PyPI)."""
+    flags = cmake_args(cuda)
+    out = build_dir(flags, cache_root)
     wheels = sorted(out.glob("llama_cpp_python-*.whl"))
     if wheels:
         return wheels[0]
-    key = build_key(cmake_args)
+    key = build_key(flags)
     sdist = fetch_sdist(cache_root)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -111,11 +123,11 @@ def ensure_wheel(cuda: bool = False, cache_root: Path | None = None) -> Path:
         apply_series(src)
         _set_version(src, key)
         staging = tmp_path / "wheel"
-        env = {**os.environ, "CMAKE_ARGS": cmake_args}
-        log.info("building the patched llama-cpp-python wheel (%s); this takes minutes",
-                 "CUDA" if cuda else "CPU")
-        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", str(src), "-w", str(staging)],
-                              env=env, capture_output=True, text=True)
+        env = {**os.environ, "CMAKE_ARGS": flags}
+        log.info("building the patched llama-cpp-python wheel (%s); this takes minutes", flags or "CPU")
+        isolation = [] if build_isolation else ["--no-build-isolation"]
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, str(src),
+                               "-w", str(staging)], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             (out.parent / f"{key}.build.log").write_text(proc.stdout + proc.stderr)
             raise AlphaQError(f"building the patched wheel failed; log: {out.parent / f'{key}.build.log'}")
@@ -125,10 +137,10 @@ def ensure_wheel(cuda: bool = False, cache_root: Path | None = None) -> Path:
     return sorted(out.glob("llama_cpp_python-*.whl"))[0]
 
 
-def ensure_site(cuda: bool = False, cache_root: Path | None = None) -> Path:
+def ensure_site(cuda: bool = False, cache_root: Path | None = None, build_isolation: bool = True) -> Path:
     """A private site-packages holding only the patched llama_cpp (for side-by-side use with the
     stock one: put it first on PYTHONPATH in a subprocess)."""
-    wheel = ensure_wheel(cuda, cache_root)
+    wheel = ensure_wheel(cuda, cache_root, build_isolation)
     site = wheel.parent / "site"
     if (site / "llama_cpp").is_dir():
         return site
@@ -196,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=on (needs nvcc)")
     ap.add_argument("--install", action="store_true", help="pip install the wheel into this environment")
+    ap.add_argument("--site", action="store_true",
+                    help="print the private site holding the patched llama_cpp (ALPHAQ_PATCHED_SITE), not the wheel")
+    ap.add_argument("--no-build-isolation", dest="build_isolation", action="store_false",
+                    help="build with this environment's scikit-build-core (pip's flag; for offline machines)")
     ap.add_argument("--cuda-compile-check", action="store_true",
                     help="compile only the CUDA sources the series changes, with nvcc")
     ap.add_argument("--arch", default="90", help="CUDA arch for --cuda-compile-check (default: %(default)s)")
@@ -211,14 +227,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'ok  ' if ok else 'FAIL'} {rel}" + ("" if ok else "\n" + tail))
         return 0 if all(ok for _, ok, _ in results) else 1
     try:
-        wheel = ensure_wheel(args.cuda)
+        wheel = ensure_wheel(args.cuda, build_isolation=args.build_isolation)
+        site = ensure_site(args.cuda, build_isolation=args.build_isolation) if args.site else None
     except AlphaQError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.install:
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
                        check=True)
-    print(wheel)
+    print(site or wheel)
     return 0
 
 

@@ -291,17 +291,21 @@ def test_expert_file_greedy_generation_matches_patched_llama_cpp(arch, expert_fi
     part in 5 of 32 runs, always where torch's margin is <= 0.025 (here: deepseek2, at the first
     token, margin 0.005). After a parting the continuations are different texts, so they are not
     compared further; the teacher-forced test above covers every position."""
+    _assert_greedy_agrees(arch, expert_model(arch), expert_files[arch], float_ggufs[arch], patched_site)
+
+
+def _assert_greedy_agrees(arch: str, model, path: Path, float_gguf: Path, site: Path, gpu_layers: int = 0) -> None:
+    """The comparison described in test_expert_file_greedy_generation_matches_patched_llama_cpp:
+    ``model``'s 32 greedy tokens against llama.cpp's (``site``'s build, ``gpu_layers`` offloaded)."""
     import llama_cpp
 
-    path = expert_files[arch]
-    model = expert_model(arch)
     tokenizer = torch_run.load_tokenizer(FIXTURES / arch)
-    vocab = llama_cpp.Llama(model_path=str(float_ggufs[arch]), vocab_only=True, verbose=False)
+    vocab = llama_cpp.Llama(model_path=str(float_gguf), vocab_only=True, verbose=False)
     prompt = GREEDY_PROMPT
     ids = tokenizer(prompt)["input_ids"]
     assert ids == vocab.tokenize(prompt.encode(), add_bos=True, special=True)  # same prompt tokens
     gen = torch_run.generate(model, ids, 32, GREEDY, [tokenizer.eos_token_id])
-    theirs = runtime.generate(patched_site, path, prompt, 32)["text"].encode()
+    theirs = runtime.generate(site, path, prompt, 32, gpu_layers=gpu_layers)["text"].encode()
     ours, parted = b"", False
     for i, tok in enumerate(gen.tokens):
         if tok == vocab.token_eos():
@@ -314,7 +318,8 @@ def test_expert_file_greedy_generation_matches_patched_llama_cpp(arch, expert_fi
         consistent = [t for t in range(gen.logits.shape[1])
                       if (p := vocab.detokenize([t], prev_tokens=ids + gen.tokens[:i])) and rest.startswith(p)]
         consistent = consistent if rest else [vocab.token_eos()]
-        margin = float(gen.logits[i].max() - max(gen.logits[i][t] for t in consistent)) if consistent else np.inf
+        logits = gen.logits[i].double().cpu()
+        margin = float(logits.max() - max(logits[t] for t in consistent)) if consistent else np.inf
         assert margin <= NEAR_TIE, (arch, prompt, i, margin, theirs, ours)
         parted = True
         break
@@ -370,6 +375,22 @@ def test_kernel_path_matches_plain_path(arch, expert_files, triton_device):
     e_kernel = float((_step_logits(kernel, prompt, continuation) - ref).abs().max())
     assert e_plain < 1e-5 * float(ref.abs().max()), e_plain
     assert e_kernel <= 4 * e_plain, (e_kernel, e_plain)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kernel_path_on_cuda_generates_what_patched_llama_cpp_does(arch, expert_files, float_ggufs, patched_site):
+    """`alphaq run` on a GPU (the Triton kernels on the raw blocks, device cuda) against the patched
+    llama.cpp's greedy completion, all layers offloaded where its build has CUDA: the same 32 tokens,
+    up to a near-tie as in the CPU test above. Needs a CUDA device (skipped elsewhere)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") != "0":
+        pytest.skip("TRITON_INTERPRET=1: the kernels run on the CPU in this process")
+    model = torch_run.load(expert_files[arch], FIXTURES / arch, device="cuda", use_kernels=True,
+                           llama_cpp_routing=True)
+    gpu_layers = -1 if any((patched_site / "llama_cpp" / "lib").glob("libggml-cuda*")) else 0
+    _assert_greedy_agrees(arch, model, expert_files[arch], float_ggufs[arch], patched_site, gpu_layers)
 
 
 def test_kernel_path_keeps_only_split_kv_b_dense(expert_files):

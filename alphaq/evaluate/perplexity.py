@@ -24,7 +24,8 @@ class Perplexity:
     n_windows: int
 
 
-def load_llama(path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: int | None = None):
+def load_llama(path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: int | None = None,
+               n_gpu_layers: int = 0):
     """llama-cpp-python's Llama for ``path`` (any part of a split GGUF: llama.cpp is given the first)."""
     import llama_cpp
 
@@ -40,7 +41,7 @@ def load_llama(path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: in
                           f"make install-patched)")
 
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                           seed=0, verbose=False, n_threads=n_threads)
+                           seed=0, verbose=False, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
 
 
 def window_logprobs(llm, tokens: list[int]) -> np.ndarray:

@@ -3,7 +3,8 @@
 The stock and the patched runtime (convert/patched.py) are both called ``llama_cpp``, so one
 process can load only one of them. Tests and benchmarks that compare them run each in a child
 process: ``site`` (a directory holding a ``llama_cpp`` package) goes first on PYTHONPATH; None
-means the environment's own llama_cpp.
+means the environment's own llama_cpp. ``gpu_layers`` (llama.cpp's -ngl; -1: all) offloads layers in
+a GPU build; the child reads it from ALPHAQ_GPU_LAYERS.
 
     python -m alphaq.runtime.isolated load MODEL                   # llama.cpp's own log on stderr
     python -m alphaq.runtime.isolated logprobs MODEL TEXT N_CTX WINDOWS OUT.npy
@@ -52,22 +53,33 @@ def run(site: Path | None, *args: str, check: bool = True, env: dict[str, str] |
     return proc
 
 
-def logprobs(site: Path | None, model: Path, text: Path, n_ctx: int, windows: int, out: Path) -> np.ndarray:
+def _gpu_env(gpu_layers: int) -> dict[str, str]:
+    return {"ALPHAQ_GPU_LAYERS": str(gpu_layers)}
+
+
+def _gpu_layers() -> int:
+    return int(os.environ.get("ALPHAQ_GPU_LAYERS", "0"))
+
+
+def logprobs(site: Path | None, model: Path, text: Path, n_ctx: int, windows: int, out: Path,
+             gpu_layers: int = 0) -> np.ndarray:
     """log-softmax at every position of the first ``windows`` windows: (windows, n_ctx, n_vocab)."""
-    run(site, "logprobs", model, text, n_ctx, windows, out)
+    run(site, "logprobs", model, text, n_ctx, windows, out, env=_gpu_env(gpu_layers))
     return np.load(out)
 
 
-def generate(site: Path | None, model: Path, prompt: str, n_tokens: int) -> dict:
-    return json.loads(run(site, "generate", model, prompt, n_tokens).stdout.strip().splitlines()[-1])
+def generate(site: Path | None, model: Path, prompt: str, n_tokens: int, gpu_layers: int = 0) -> dict:
+    out = run(site, "generate", model, prompt, n_tokens, env=_gpu_env(gpu_layers)).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def interleaved_speed(site: Path | None, models: list[Path], n_prompt: int, n_gen: int, rounds: int,
-                      threads: int, env: dict[str, str] | None = None) -> dict:
+                      threads: int, env: dict[str, str] | None = None, gpu_layers: int = 0) -> dict:
     """Prefill and decode tokens/s of several files loaded in *one* process, timed in alternating
     rounds: ``{"prefill": [[tps per round] per model], "decode": [...]}``. Machine load and the
     per-process speed swings of this VM then hit every file alike, so per-round ratios are paired."""
-    out = run(site, "interleaved", n_prompt, n_gen, rounds, threads, *models, env=env).stdout
+    out = run(site, "interleaved", n_prompt, n_gen, rounds, threads, *models,
+              env={**(env or {}), **_gpu_env(gpu_layers)}).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -84,7 +96,7 @@ def _child_load(model: str) -> None:
 def _child_logprobs(model: str, text: str, n_ctx: str, n_windows: str, out: str) -> None:
     from alphaq.evaluate.perplexity import load_llama, window_logprobs, windows
 
-    llm = load_llama(Path(model), int(n_ctx), n_threads=2)
+    llm = load_llama(Path(model), int(n_ctx), n_threads=2, n_gpu_layers=_gpu_layers())
     ws = windows(llm, Path(text).read_text(errors="replace"), int(n_ctx), int(n_windows))
     np.save(out, np.stack([window_logprobs(llm, w) for w in ws]).astype(np.float32))
 
@@ -92,7 +104,7 @@ def _child_logprobs(model: str, text: str, n_ctx: str, n_windows: str, out: str)
 def _child_generate(model: str, prompt: str, n_tokens: str) -> None:
     from alphaq.evaluate.perplexity import load_llama
 
-    llm = load_llama(Path(model), 256, logits_all=False, n_threads=2)
+    llm = load_llama(Path(model), 256, logits_all=False, n_threads=2, n_gpu_layers=_gpu_layers())
     res = llm.create_completion(prompt, max_tokens=int(n_tokens), temperature=0.0, seed=0)
     toks = llm.tokenize(res["choices"][0]["text"].encode(), add_bos=False)
     print(json.dumps({"text": res["choices"][0]["text"], "n_tokens": len(toks),
@@ -109,6 +121,7 @@ def _child_interleaved(n_prompt: str, n_gen: str, rounds: str, threads: str, *mo
     loaded = []
     for m in models:
         mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = _gpu_layers()
         model = lc.llama_model_load_from_file(m.encode(), mp)
         if not model:
             raise SystemExit(f"cannot load {m}")

@@ -1,6 +1,7 @@
-// Runs one ggml_mul_mat_id_groups on the CPU backend of the ggml it is linked against.
+// Runs one ggml_mul_mat_id_groups on a backend of the ggml it is linked against (tests/c/harness.h;
+// the op is CPU-only, other backends answer "skip").
 //
-// usage: mul_mat_id_groups IN OUT
+// usage: mul_mat_id_groups IN OUT [BACKEND]
 //   IN : int32 header {n_groups, ne00, ne01, n_expert, ne11, n_used, n_tokens, n_threads}, then
 //        the group types (int32 [n_groups]), the group slot counts (int32 [n_groups]), the map
 //        (int32 [n_groups][n_expert]: slot of expert e in group g, or -1), each group's weights
@@ -15,7 +16,6 @@ int main(int argc, char ** argv) {
     FILE * in = open_input(argc, argv, h);
     const int n_groups = h[0];
     const int64_t ne00 = h[1], ne01 = h[2], n_expert = h[3], ne11 = h[4], n_used = h[5], n_tokens = h[6];
-    const int n_threads = h[7];
     if (n_groups < 1 || n_groups > GGML_MUL_MAT_ID_MAX_GROUPS) {
         fprintf(stderr, "bad n_groups %d\n", n_groups);
         return 2;
@@ -23,34 +23,29 @@ int main(int argc, char ** argv) {
     int32_t types[GGML_MUL_MAT_ID_MAX_GROUPS], slots[GGML_MUL_MAT_ID_MAX_GROUPS];
     read_exact(in, types, sizeof(int32_t) * n_groups);
     read_exact(in, slots, sizeof(int32_t) * n_groups);
-
-    size_t w_bytes = 0;
-    for (int g = 0; g < n_groups; ++g) {
-        w_bytes += ggml_row_size((enum ggml_type) types[g], ne00) * ne01 * slots[g];
-    }
-    const size_t b_bytes = sizeof(float) * ne00 * ne11 * n_tokens;
-    const size_t d_bytes = sizeof(float) * ne01 * n_used * n_tokens;
-    struct ggml_init_params params = {
-        /*.mem_size   =*/ w_bytes + b_bytes + d_bytes + sizeof(int32_t)*(n_used*n_tokens + n_groups*n_expert)
-                          + 64*ggml_tensor_overhead() + ggml_graph_overhead() + (16 << 20), // + work buffer
-        /*.mem_buffer =*/ NULL,
-        /*.no_alloc   =*/ false,
-    };
-    struct ggml_context * ctx = ggml_init(params);
+    ggml_backend_t backend = open_backend(argc, argv, h[7]);
+    struct ggml_context * ctx = new_meta_context();
 
     struct ggml_tensor * map = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_expert, n_groups);
-    read_exact(in, map->data, ggml_nbytes(map));
     struct ggml_tensor * as[GGML_MUL_MAT_ID_MAX_GROUPS];
     for (int g = 0; g < n_groups; ++g) {
         as[g] = ggml_new_tensor_3d(ctx, (enum ggml_type) types[g], ne00, ne01, slots[g]);
-        read_exact(in, as[g]->data, ggml_nbytes(as[g]));
     }
     struct ggml_tensor * b   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, ne00, ne11, n_tokens);
     struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_used, n_tokens);
-    read_exact(in, b->data, ggml_nbytes(b));
-    read_exact(in, ids->data, ggml_nbytes(ids));
+    struct ggml_tensor * dst = ggml_mul_mat_id_groups(ctx, as, n_groups, map, b, ids);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, backend);
+    read_tensor(in, map);
+    for (int g = 0; g < n_groups; ++g) {
+        read_tensor(in, as[g]);
+    }
+    read_tensor(in, b);
+    read_tensor(in, ids);
     fclose(in);
 
-    struct ggml_tensor * dst = ggml_mul_mat_id_groups(ctx, as, n_groups, map, b, ids);
-    return compute_and_write(ctx, dst, n_threads, argv[2]);
+    const int rc = compute_and_write(ctx, backend, dst, argv[2]);
+    ggml_backend_buffer_free(buf);
+    ggml_free(ctx);
+    ggml_backend_free(backend);
+    return rc;
 }
