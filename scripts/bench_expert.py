@@ -110,11 +110,9 @@ def fmt_ratio(row: dict, key: str) -> str:
     return f"{row[key]:.2f}× ({min(per):.2f}–{max(per):.2f})"
 
 
-def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups: int,
-                   args: argparse.Namespace) -> dict:
-    """The runtime cost of the group machinery alone: every expert tensor of ``tensor_file`` split
-    into ``groups`` groups of its own type (same bytes, same arithmetic, exact same logits — see
-    tests/test_patched_runtime.py), decode/prefill against the unsplit file, paired rounds."""
+def write_split(tensor_file: Path, bf16: Path, groups: int) -> tuple[Path, int]:
+    """``tensor_file`` with every expert tensor split into ``groups`` groups of its own type (same
+    bytes, same arithmetic): the file and the number of tensors split."""
     from gguf import GGMLQuantizationType
 
     from alphaq.gguf.expert import ExpertGroups, write_expert_gguf
@@ -128,7 +126,16 @@ def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups:
             layouts[t.name] = ExpertGroups(t.name, t.shape, (GGMLQuantizationType(t.type),) * groups,
                                            tuple(tuple(range(g, n, groups)) for g in range(groups)))
     write_expert_gguf(tensor_file, bf16, layouts, {}, split)
-    row = {"model": name, "file": tensor_file.name, "groups": groups, "split_tensors": len(layouts)}
+    return split, len(layouts)
+
+
+def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups: int,
+                   args: argparse.Namespace) -> dict:
+    """The runtime cost of the group machinery alone: every expert tensor of ``tensor_file`` split
+    into ``groups`` groups of its own type (same bytes, same arithmetic, exact same logits — see
+    tests/test_patched_runtime.py), decode/prefill against the unsplit file, paired rounds."""
+    split, n_split = write_split(tensor_file, bf16, groups)
+    row = {"model": name, "file": tensor_file.name, "groups": groups, "split_tensors": n_split}
     row.update(fused_and_masked(site, {"unsplit": tensor_file, "split": split}, args))
     return row
 

@@ -11,7 +11,10 @@
     python scripts/bench_gpu.py runtime MODEL_DIR --work DIR --json OUT.json [--budget 3]
         MODEL_DIR is an HF checkpoint (scripts/make_large_random_moe.py for real shapes). It is
         converted twice with --fast: at expert granularity (--budget), then at tensor granularity
-        to the expert file's size (--target-size). Then, on the GPU:
+        to the expert file's size (--target-size). Where the expert file has no mixed-type
+        projection (random weights can give all experts of a tensor one type), the expert file
+        is the tensor file with every expert tensor split into 2 groups of its own type (same
+        bytes: what the groups alone cost). Then, on the GPU:
         * llama.cpp (the patched build of this environment, every layer offloaded): prefill and
           decode tok/s of both files loaded in one process, timed in alternating rounds
           (alphaq.runtime.isolated.interleaved_speed); the expert/tensor ratio per round;
@@ -35,6 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def gpu_name() -> str:
@@ -138,7 +142,12 @@ def runtime_speed(args: argparse.Namespace) -> dict:
     secs["tensor"] = convert([str(bf16), "--fast", "--target-size", f"{expert.stat().st_size}B", "-o", str(tensor)])
     sizes = {k: p.stat().st_size for k, p in (("expert", expert), ("tensor", tensor), ("bf16", bf16))}
     grouped = len(read_layouts(expert))
-    print(f"converted in {secs}; sizes {sizes}; {grouped} grouped expert tensors", flush=True)
+    if not grouped:  # random weights can give every expert of a tensor one type: split them instead
+        from bench_expert import write_split
+
+        expert, grouped = write_split(tensor, bf16, 2)
+        sizes["expert"] = expert.stat().st_size
+    print(f"converted in {secs}; sizes {sizes}; {grouped} grouped expert tensors ({expert.name})", flush=True)
 
     r = isolated.interleaved_speed(patched_site(), [tensor, expert], args.n_prompt, args.n_gen, args.rounds, 16, gpu_layers=-1)
     llama = {}

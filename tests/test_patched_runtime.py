@@ -89,14 +89,16 @@ def _mul_mat_id(exe: Path, tmp: Path, wq: np.ndarray, qtype, shape, b: np.ndarra
 @pytest.mark.parametrize("qtype", OP_TYPES, ids=lambda t: t.name)
 def test_masked_mul_mat_id_matches_numpy(qtype, ne11, n_tokens, backend, mmid_binary, tmp_path):
     """Patched ggml mul_mat_id with random ids including -1, against a numpy reference on gguf-py's
-    dequantised weights. Masked slots must be exactly 0 (dst starts as NaN); unmasked slots must
-    equal a run without masks (same dot products, fewer of them): bit-identical on the CPU at 7
-    tokens; within 1e-5 of the largest output otherwise (measured: at 40 tokens the CPU differs in
-    the last bits for IQ1_M and Q6_K, up to 8e-5 relative on single outputs; CUDA's batched
-    kernels may split sums by how many tokens reach an expert); and close to the float reference:
-    ggml quantises the activations
-    (Q8_K / Q8_0 on the CPU, Q8_1 on CUDA) for its dot products, which costs < 2 % relative error on
-    these shapes. 7 tokens take CUDA's vector kernel (mmvq), 40 its batched ones (mmq, mmf)."""
+    dequantised weights. Both runs, with and without masks, must be close to the float reference:
+    ggml quantises the activations (Q8_K / Q8_0 on the CPU, Q8_1 on CUDA) for its dot products,
+    which costs < 2 % relative error on these shapes. Masked slots must be exactly 0 (dst starts as
+    NaN). Unmasked slots must equal the unmasked run (same dot products, fewer of them):
+    bit-identical on the CPU at 7 tokens; otherwise within 2e-3 of the largest output (measured: at
+    40 tokens the CPU differs in the last bits for IQ1_M and Q6_K, up to 8e-5 relative on single
+    outputs; on an H200, IQ1_M's batched path, which rounds to fp16, by 1.1e-3 of the largest).
+    Token 1 has every slot masked: a token with several masked slots broke CUDA's batched path for
+    broadcast input (ggml-patches/0002). 7 tokens take CUDA's vector kernel (mmvq), 40 its batched
+    ones (mmq, or dequantisation and cuBLAS)."""
     rng = np.random.default_rng(int(qtype) * 10 + ne11 + 1000 * (n_tokens != 7))
     n_as, ne01, ne00, n_used = 4, 16, 256, 2
     w = rng.standard_normal((n_as, ne01, ne00)).astype(np.float32)
@@ -107,19 +109,21 @@ def test_masked_mul_mat_id_matches_numpy(qtype, ne11, n_tokens, backend, mmid_bi
     masked = ids.copy()
     mask = rng.random(ids.shape) < 0.4
     mask[0, 0], mask[0, 1] = True, False  # at least one of each
+    mask[1, :] = True  # a token with every slot masked
     masked[mask] = -1
 
     full = _mul_mat_id(mmid_binary, tmp_path, wq, qtype, w.shape, b, ids, backend)
     out = _mul_mat_id(mmid_binary, tmp_path, wq, qtype, w.shape, b, masked, backend)
 
+    ref = np.einsum("tjnk,tjk->tjn", wd[ids], b[:, np.arange(n_used) % ne11])
+    for name, got, keep in (("unmasked", full, ~np.zeros_like(mask)), ("masked", out, ~mask)):
+        err = np.linalg.norm(got[keep] - ref[keep]) / np.linalg.norm(ref[keep])
+        assert err < 0.02, f"{qtype.name}, {name} run: relative error {err:.4f}"
     assert np.all(out[mask] == 0.0)
     if backend == "CPU" and n_tokens == 7:
         np.testing.assert_array_equal(out[~mask], full[~mask])
     else:
-        assert np.abs(out[~mask] - full[~mask]).max() <= 1e-5 * np.abs(full).max()
-    ref = np.einsum("tjnk,tjk->tjn", wd[ids], b[:, np.arange(n_used) % ne11])
-    err = np.linalg.norm(full - ref) / np.linalg.norm(ref)
-    assert err < 0.02, f"{qtype.name}: relative error {err:.4f}"
+        assert np.abs(out[~mask] - full[~mask]).max() <= 2e-3 * np.abs(full).max()
 
 
 @pytest.fixture(scope="session")

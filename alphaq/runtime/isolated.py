@@ -22,6 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":
+    # A child imports llama_cpp before numpy: on a GPU machine (H200, CUDA 13.0, Python 3.12,
+    # numpy 2.5, 2026-12-04) the CUDA build crashed inside llama_model_load_from_file (in
+    # llama_model::print_info) whenever numpy had been imported first, and ran when llama_cpp came first.
+    import llama_cpp  # noqa: F401
+
 import numpy as np
 
 # the directory holding this alphaq package (the checkout, or site-packages when installed): a
