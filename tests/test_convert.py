@@ -439,3 +439,22 @@ def test_warnings_of_the_run_are_repeated_in_the_summary(float_ggufs, tmp_path, 
     summary = capsys.readouterr().out
     [line] = [ln for ln in summary.splitlines() if ln.startswith("  warnings")]
     assert f"native kernels unavailable ({why})" in line
+
+
+@pytest.mark.parametrize("patched, damage, grouped, hint", [(True, True, 0, True), (False, True, 0, False),
+                                                             (True, False, 0, False), (True, True, 3, False)])
+def test_runtime_line_points_patched_runtime_users_at_expert_granularity(patched, damage, grouped, hint, monkeypatch):
+    """Only a damage-default, tensor-granular file converted where the patched runtime is installed
+    gets the pointer to --granularity expert; a grouped file names its groups instead."""
+    from types import SimpleNamespace
+
+    from alphaq.commands.convert import _runtime_line
+    from alphaq.gguf.expert import PATCHED_RUNTIME, STOCK_RUNTIME
+    from alphaq.runtime import isolated
+
+    monkeypatch.setattr(isolated, "patched_loaded", lambda: patched)
+    r = SimpleNamespace(runtime=PATCHED_RUNTIME if grouped else STOCK_RUNTIME, n_grouped=grouped,
+                        damage_note="measured" if damage else None)
+    line = _runtime_line(r)
+    assert ("--granularity expert" in line) == hint
+    assert ("stored as type groups" in line) == bool(grouped)

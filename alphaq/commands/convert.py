@@ -187,6 +187,21 @@ def _with_pins(plan, args: argparse.Namespace):
                                token_embedding_type=args.token_embedding_type, tensor_types=tuple(entries))
 
 
+def _runtime_line(r) -> str:
+    """What runs the file; to a user of the damage default at tensor granularity whose environment
+    has the patched runtime, also that expert granularity measured better (bench/SELFCAL.md)."""
+    from alphaq.gguf.expert import STOCK_RUNTIME
+    from alphaq.runtime.isolated import patched_loaded
+
+    line = f"  runtime     {r.runtime}"
+    if r.n_grouped:
+        line += f" ({r.n_grouped} expert tensor(s) stored as type groups)"
+    elif r.runtime == STOCK_RUNTIME and r.damage_note and patched_loaded():
+        line += ("; this environment has the patched runtime, and on it --granularity expert gave lower KL "
+                 "than tensor granularity on the zoo (bench/SELFCAL.md)")
+    return line
+
+
 def summary(r) -> str:
     t, s = r.plan.totals, r.plan.settings
     over = "expert weights" if s["allocate_effective"] == "experts" else "allocated weights"
@@ -244,8 +259,7 @@ def summary(r) -> str:
         lines.append(f"  bf16        {r.kept_float} (the float model the stages read)")
     if r.tokenizer_fallback:
         lines.append(f"  tokenizer   fallback: {r.tokenizer_fallback}")
-    lines.append(f"  runtime     {r.runtime}" + (f" ({r.n_grouped} expert tensor(s) stored as type groups)"
-                                                    if r.n_grouped else ""))
+    lines.append(_runtime_line(r))
     if r.dry_run:
         lines.append("  plan        not written (--dry-run); the analysis stages' results are cached for the real run")
     else:
