@@ -280,14 +280,12 @@ _MAX_WARNINGS = 5  # in the summary; all of them are in the log
 
 def _forward_memory(float_bytes: int, loaded: bool, working_copy: str | None) -> str:
     """What the forward stages cost in memory (see alphaq.runtime.mapped)."""
-    from alphaq.pipeline.preflight import working_copy_bytes
+    from alphaq.pipeline.preflight import forward_model
     from alphaq.runtime import mapped
 
     if not loaded:
         return "the forward stages were reused: the float model was not loaded"
-    what, size = "the float model", float_bytes
-    if working_copy == "q8_0":
-        what, size = "a Q8_0 working copy of the float model", working_copy_bytes(float_bytes)
+    what, size = forward_model(float_bytes, working_copy)
     if mapped.available():
         return (f"the forward stages memory-map {what} (about {format_size(size)} of page cache the OS can drop; "
                 "smaller than RAM it runs at full speed, larger it pages from disk on every pass)")

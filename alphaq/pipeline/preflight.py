@@ -125,12 +125,11 @@ class Preflight:
         """RAM for the forward stages: the mapped model is page cache (alphaq.runtime.mapped); private
         memory is the one weight copied while it is measured plus llama.cpp's compute buffers."""
         q8 = self.working_copy == "q8_0"
-        mapped = working_copy_bytes(self.float_bytes) if q8 else self.float_bytes
+        what, mapped = forward_model(self.float_bytes, self.working_copy)
         private = (working_copy_bytes(self.largest_weight_bytes) if q8 else self.largest_weight_bytes)
         private += PRIVATE_OVERHEAD_BYTES
-        what = (f"a Q8_0 working copy of the float model (--working-copy; about {format_size(mapped)}, written "
-                "beside the output and deleted after the forward stages)" if q8
-                else f"the float model ({format_size(mapped)})")
+        what = (f"{what} (--working-copy; about {format_size(mapped)}, written beside the output and deleted "
+                "after the forward stages)" if q8 else f"{what} ({format_size(mapped)})")
         if self.ram_available is None:
             fits = ""
         elif self.ram_available >= mapped + private:
@@ -140,6 +139,13 @@ class Preflight:
                     "reads the missing part from disk again, much slower (bench/mapped-memory.json)")
         return (f"  memory    the forward stages memory-map {what}{fits}; private memory about "
                 f"{format_size(private)} (the largest weight, copied while it is measured, and compute buffers)")
+
+
+def forward_model(float_bytes: int, working_copy: str | None) -> tuple[str, int]:
+    """The model the forward stages run, in words, and its bytes: the float model or its Q8_0 copy."""
+    if working_copy == "q8_0":
+        return "a Q8_0 working copy of the float model", working_copy_bytes(float_bytes)
+    return "the float model", float_bytes
 
 
 def working_copy_bytes(float_bytes: int) -> int:
