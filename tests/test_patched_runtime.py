@@ -95,7 +95,9 @@ def test_masked_mul_mat_id_matches_numpy(qtype, ne11, n_tokens, backend, mmid_bi
     NaN). Unmasked slots must equal the unmasked run (same dot products, fewer of them):
     bit-identical on the CPU at 7 tokens; otherwise within 2e-3 of the largest output (measured: at
     40 tokens the CPU differs in the last bits for IQ1_M and Q6_K, up to 8e-5 relative on single
-    outputs; on an H200, IQ1_M's batched path, which rounds to fp16, by 1.1e-3 of the largest).
+    outputs, because it picks its tiled kernels per expert by the rows routed to it
+    (ggml-cpu/tiled, ggml_tiled_min_batch) and masking lowers that count; on an H200, IQ1_M's
+    batched path, which rounds to fp16, by 1.1e-3 of the largest).
     Token 1 has every slot masked: a token with several masked slots broke CUDA's batched path for
     broadcast input (ggml-patches/0002). 7 tokens take CUDA's vector kernel (mmvq), 40 its batched
     ones (mmq, or dequantisation and cuBLAS)."""
