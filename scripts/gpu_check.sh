@@ -120,6 +120,12 @@ run() {
     fi
     ls "$site/llama_cpp/lib"
     export ALPHAQ_PATCHED_SITE=$site PYTHONPATH=$site:/tmp/site
+    # the crash of 2026-12-04 (bench/GPU.md): loading a model with numpy imported first, then llama_cpp first
+    local load="l = llama_cpp.Llama('/tmp/order.gguf', n_gpu_layers=-1, verbose=False)"
+    step order-model 60 python3 -c "from pathlib import Path; from convert.hf_to_gguf import convert_hf
+convert_hf(Path('tests/fixtures/mixtral'), Path('/tmp/order.gguf'))"
+    step numpy-first 30 python3 -c "import numpy, llama_cpp; $load"
+    step llama-first 30 python3 -c "import llama_cpp, numpy; $load"
     step op-cuda 120 python3 -m pytest -q -p no:cacheprovider tests/test_patched_runtime.py -k masked_mul_mat_id -rs
     step logits-cuda 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_patched_runtime.py -k cuda_match
     wait $gpu_pid
