@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -431,3 +432,28 @@ def test_cuda_sources_of_the_series_compile():
     assert {r for r, _, _ in results} >= {"ggml/src/ggml-cuda/mmvq.cu", "ggml/src/ggml-cuda/mmid.cu"}
     failed = [f"{r}:\n{tail}" for r, ok, tail in results if not ok]
     assert not failed, "\n".join(failed)
+
+
+def test_isolated_child_imports_llama_cpp_before_numpy():
+    """A runtime child (python -m alphaq.runtime.isolated) imports llama_cpp before numpy: on an
+    H200 the CUDA build crashed at model load whenever numpy came first (bench/GPU.md)."""
+    code = """
+import builtins, runpy, sys
+order, real = [], builtins.__import__
+def record(name, *args, **kwargs):
+    top = name.split(".")[0]
+    if top in ("numpy", "llama_cpp") and top not in order:
+        order.append(top)
+    return real(name, *args, **kwargs)
+builtins.__import__ = record
+sys.argv = ["isolated", "no-such-command"]
+try:
+    runpy.run_module("alphaq.runtime.isolated", run_name="__main__")
+except KeyError:
+    pass
+print(",".join(order))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=runtime.child_env(None))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1].startswith("llama_cpp,"), proc.stdout
