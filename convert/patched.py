@@ -162,6 +162,11 @@ def patched_site() -> Path:
     return ensure_site()
 
 
+def has_cuda(site: Path) -> bool:
+    """Whether the llama_cpp in ``site`` (ensure_site, ALPHAQ_PATCHED_SITE) was built with CUDA."""
+    return any((site / "llama_cpp" / "lib").glob("libggml-cuda*"))
+
+
 def _cublas_include(cache_root: Path | None = None) -> Path:
     """cublas_v2.h: from the CUDA toolkit if it has it, else from the nvidia-cublas-cu12 wheel."""
     for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):

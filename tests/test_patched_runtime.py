@@ -302,7 +302,9 @@ def test_expert_files_on_cuda_match_the_cpu(arch, expert_files, float_ggufs, pat
     Needs a CUDA build of the patched runtime and a GPU (skipped elsewhere)."""
     import torch
 
-    if not any((patched_site / "llama_cpp" / "lib").glob("libggml-cuda*")):
+    from convert.patched import has_cuda
+
+    if not has_cuda(patched_site):
         pytest.skip("the patched build has no CUDA backend (python -m convert.patched --cuda)")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

@@ -318,8 +318,7 @@ def _assert_greedy_agrees(arch: str, model, path: Path, float_gguf: Path, site: 
         consistent = [t for t in range(gen.logits.shape[1])
                       if (p := vocab.detokenize([t], prev_tokens=ids + gen.tokens[:i])) and rest.startswith(p)]
         consistent = consistent if rest else [vocab.token_eos()]
-        logits = gen.logits[i].double().cpu()
-        margin = float(logits.max() - max(logits[t] for t in consistent)) if consistent else np.inf
+        margin = float(gen.logits[i].max() - max(gen.logits[i][t] for t in consistent)) if consistent else np.inf
         assert margin <= NEAR_TIE, (arch, prompt, i, margin, theirs, ours)
         parted = True
         break
@@ -389,7 +388,9 @@ def test_kernel_path_on_cuda_generates_what_patched_llama_cpp_does(arch, expert_
         pytest.skip("TRITON_INTERPRET=1: the kernels run on the CPU in this process")
     model = torch_run.load(expert_files[arch], FIXTURES / arch, device="cuda", use_kernels=True,
                            llama_cpp_routing=True)
-    gpu_layers = -1 if any((patched_site / "llama_cpp" / "lib").glob("libggml-cuda*")) else 0
+    from convert.patched import has_cuda
+
+    gpu_layers = -1 if has_cuda(patched_site) else 0
     _assert_greedy_agrees(arch, model, expert_files[arch], float_ggufs[arch], patched_site, gpu_layers)
 
 
