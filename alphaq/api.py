@@ -63,7 +63,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     ConvertConfig fields (imatrix, nthread, use_cache, split_max_size (bytes, or "2G" as
     llama-gguf-split), split_max_tensors, keep_bf16, dry_run, resume (False: convert an HF checkpoint
     afresh rather than reuse the BF16 intermediate an interrupted run kept), working_copy ("auto",
-    "float" or "q8_0": what the forward stages run), ...).
+    "float" or "q8_0": what the forward stages run), max_quantise_ns (ns per weight, "auto" (default:
+    alphaq.allocate.quantise_cap in the damage mode) or None for no cap), ...).
     ``plots="DIR"`` also writes the figures of ``alphaq convert --plots`` there (not with dry_run).
     Returns alphaq.pipeline.convert.ConvertResult."""
     from alphaq.pipeline.convert import ConvertConfig, run_convert
@@ -73,6 +74,11 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
         raise AlphaQError("like and another budget both set the budget; give one")
     _pins(options, tensor_type, tensor_type_file)
     options["kv_overrides"] = kv_overrides(override_kv) + kv_overrides(options.get("kv_overrides"))
+    cap = options.pop("max_quantise_ns", "auto")  # as --max-quantise-ns: ns per weight, "auto" or "none"/None
+    if cap != "auto":
+        options["auto_quantise_cap"] = False
+        if cap not in (None, "none"):
+            options["max_quantise_ns"] = cap
     plan = _plan_config(mode, budget, bpw, 1 if like is not None else target_size, options)
     fields = {f.name for f in dataclasses.fields(ConvertConfig)}
     unknown = sorted(set(options) - fields)

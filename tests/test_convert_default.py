@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from alphaq.cli import main as cli_main
-from alphaq.pipeline.convert import stock_size
+from alphaq.gguf.stock import stock_size
 from alphaq.gguf.io import read_tensors
 from alphaq.importance.imatrix_file import Imatrix, read_imatrix, write_imatrix
 from alphaq.gguf.qtypes import llama_quantizes

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from alphaq.cli import main as cli_main
-from alphaq.pipeline.convert import stock_size
+from alphaq.gguf.stock import stock_size
 from alphaq.gguf.io import file_header, quantised_header_bytes, read_field, read_tensors
 from alphaq.gguf.quantize import IMATRIX_MIXES, ones_imatrix, quantize_stock
 

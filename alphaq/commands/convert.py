@@ -49,7 +49,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                            "pass; paper: the published method (App. A.7 gamma)")
     mode.add_argument("--fast", dest="mode", action="store_const", const="fast", help="same as --mode fast")
     mode.add_argument("--paper", dest="mode", action="store_const", const="paper", help="same as --mode paper")
-    _plan_cmd.add_plan_arguments(p, budget_required=False)
+    _plan_cmd.add_plan_arguments(p, budget_required=False, cap_default="auto")
     p.add_argument("--like", metavar="MIX", help="budget = the size of llama.cpp's own MIX (e.g. Q4_K_M, IQ2_XXS) "
                    "for this model, from llama.cpp's dry run; instead of --budget/--bpw/--target-size")
     p.add_argument("--imatrix", type=Path, help="a llama.cpp importance matrix (GGUF or legacy .dat) to use "
@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
                             n_windows=None if args.damage_windows is None else min(args.damage_windows, args.self_samples)),
         split_max_size=split_size, split_max_tensors=args.split_max_tensors, keep_bf16=args.keep_bf16,
         dry_run=args.dry_run, plots=args.plots, working_copy=args.working_copy, kv_overrides=kv_overrides(args.override_kv), resume=not args.no_resume,
+        auto_quantise_cap=args.max_quantise_ns == "auto",
     )
     if args.imatrix is not None and cfg.plan.noise != "damage":
         raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
@@ -202,6 +203,14 @@ def _runtime_line(r) -> str:
     return line
 
 
+def _cap_note(r) -> str:
+    """The quantiser line's tail: the auto cap and what it cost, or the user's cap."""
+    if r.quantise_cap is not None:
+        return "; " + r.quantise_cap.describe(r.plan.totals.objective)
+    cap = r.plan.settings.get("max_quantise_ns")
+    return f"; capped at {cap:g} (--max-quantise-ns)" if cap else ""
+
+
 def summary(r) -> str:
     t, s = r.plan.totals, r.plan.settings
     over = "expert weights" if s["allocate_effective"] == "experts" else "allocated weights"
@@ -221,8 +230,7 @@ def summary(r) -> str:
         f"  whole file  {t.model_params:,} weights, {r.file_bytes * 8 / t.model_params:.3f} bpw",
         "  types       " + ", ".join(f"{n} x{c}" for n, c in r.tensor_counts.items()) + " (quantised tensors)",
         f"  quantiser   about {t.quantise_ns_per_weight:.0f} ns per weight for these types (one thread, "
-        "alphaq/gguf/quantise_speed.json)" + (f"; capped at {s['max_quantise_ns']:g} (--max-quantise-ns)"
-                                              if s.get("max_quantise_ns") else ""),
+        "alphaq/gguf/quantise_speed.json)" + _cap_note(r),
     ]
     if t.n_pinned:
         lines.append(f"  pinned      {t.n_pinned} tensor(s), {format_size(t.pinned_bytes)} "

@@ -51,8 +51,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = True) -> None:
-    """The allocation options (shared with `alphaq convert`); `config_from_args` reads them back."""
+def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = True,
+                       cap_default: str = "none") -> None:
+    """The allocation options (shared with `alphaq convert`); `config_from_args` reads them back.
+    cap_default: --max-quantise-ns when not given ("auto" only where the caller resolves it: convert)."""
     budget = p.add_mutually_exclusive_group(required=budget_required)
     budget.add_argument("--budget", type=float, help="average NOMINAL bits over the allocated weights (paper)")
     budget.add_argument("--bpw", type=float, help="average TRUE bits per weight over the allocated tensors")
@@ -72,13 +74,26 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = Tr
     p.add_argument("--mse-rows", type=int, default=128, help="measured noise: rows per matrix, 0 = all (default: %(default)s)")
     p.add_argument("--weight-by-params", action="store_true", help="scale each matrix's cost by its parameter count")
     p.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER, help="default: %(default)s")
-    p.add_argument("--max-quantise-ns", type=float, metavar="NS",
+    p.add_argument("--max-quantise-ns", type=quantise_cap_arg, metavar="NS|auto|none", default=cap_default,
                    help="cap llama.cpp's quantiser time: the file's types at most NS ns per weight on average "
-                        "(one thread, alphaq/gguf/quantise_speed.json; the IQ types take 200-1100, the k-quants "
-                        "20-190); default: no cap")
+                        "(one thread, alphaq/gguf/quantise_speed.json; the IQ types take 160-800, the k-quants "
+                        "14-170); auto: in the default (damage) mode the larger of 150 and what llama.cpp's own mix at "
+                        "this size takes with an importance matrix (alphaq/allocate/quantise_cap.py), no cap in "
+                        "--fast/--paper; none: no cap "
+                        "(default: %(default)s)")
     p.add_argument("--non-expert-type", default="Q4_K", help="attention / shared experts / dense FFN (default: %(default)s)")
     p.add_argument("--token-embd-type", default="Q4_K", help="default: %(default)s")
     p.add_argument("--output-type", default="Q6_K", help="default: %(default)s")
+
+
+def quantise_cap_arg(text: str) -> float | str:
+    """--max-quantise-ns: a number of ns per weight, "auto" or "none" (the number is checked by PlanConfig)."""
+    if text in ("auto", "none"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of ns per weight, auto or none") from None
 
 
 def _gamma(text: str) -> float | None:
@@ -115,7 +130,7 @@ def config_from_args(args: argparse.Namespace, mode: str = "fast") -> PlanConfig
         mse_rows=args.mse_rows or None,
         weight_by_params=args.weight_by_params,
         solver=args.solver,
-        max_quantise_ns=args.max_quantise_ns,
+        max_quantise_ns=None if args.max_quantise_ns in ("auto", "none") else args.max_quantise_ns,
         non_expert_type=args.non_expert_type,
         token_embd_type=args.token_embd_type,
         output_type=args.output_type,
@@ -157,6 +172,9 @@ def _tensors_from_stats(stats: list[MatrixStats]) -> list[TensorInfo]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.max_quantise_ns == "auto":
+        raise AlphaQError("--max-quantise-ns auto is the cap of `alphaq convert`'s default mode; "
+                          "`alphaq plan` takes a number or none")
     cfg = config_from_args(args)
     if cfg.noise == "damage":
         raise AlphaQError("the damage cost runs the model on its own text; use `alphaq convert` for it "

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,7 @@ from alphaq.spectral.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import InputError, InternalError
 from alphaq.gguf.expert import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf.io import (FLOAT_TYPES, check_finite, copy_with_metadata, first_shard, header_bytes, model_bytes,
-                            quantised_header_bytes, read_tensors)
+                            read_tensors)
 from alphaq.gguf.split import SplitSpec, split_gguf
 from alphaq.pipeline.preflight import SPLIT_PART_OVERHEAD, WORKING_COPY_CHOICES, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
@@ -43,9 +43,11 @@ from alphaq.allocate.feasibility import check_budget, matrix_tensors, quantised_
 from alphaq.files import check_plots_dir
 from alphaq.allocate.overrides import KVOverride, Pins
 from alphaq.allocate.plan import Plan, PlanConfig, TensorInfo, format_size, make_plan, plan_pins
-from alphaq.gguf.qtypes import llama_quantizes, padded, tensor_bytes
+from alphaq.allocate.quantise_cap import AutoCap, auto_capped_plan
+from alphaq.gguf.qtypes import llama_quantizes, padded
 from alphaq.pipeline.resume import Workspace, pause_for_test
-from alphaq.gguf.quantize import STOCK_MIXES, mix_ftype, quantize_gguf, stock_mix_types
+from alphaq.gguf.quantize import mix_ftype, quantize_gguf
+from alphaq.gguf.stock import stock_size, stock_sizes
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral.alpha import SpectralConfig
 from alphaq.model.weights import open_model
@@ -90,6 +92,9 @@ class ConvertConfig:
     # Q8_0 copy (half the bytes, as llama-imatrix users do); "auto" q8_0 only when the float model
     # does not fit in available RAM (alphaq.pipeline.preflight.choose_working_copy)
     working_copy: str = "auto"
+    # the default (damage) mode caps llama.cpp's quantiser time unless plan.max_quantise_ns is set
+    # (alphaq.allocate.quantise_cap); False: no cap unless plan.max_quantise_ns (--max-quantise-ns none)
+    auto_quantise_cap: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class ConvertResult:
     reused: tuple[str, ...] = ()  # stages whose results an earlier run left (intermediate, caches)
     damage_note: str | None = None  # how the damage table was obtained (default mode)
     working_copy: str | None = None  # what the forward stages ran: "float" or "q8_0" (default mode)
+    quantise_cap: AutoCap | None = None  # the default mode's cap on the quantiser's time, when it applied
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -224,21 +230,6 @@ def metadata_bytes(meta: dict) -> int:
     return n
 
 
-def stock_size(float_gguf: Path, mix: str, alignment: int, header: int | None = None) -> int:
-    """Size of the file llama.cpp's quantiser writes for ``mix``: its dry run's types, padded
-    tensor bytes, and the header it writes (``header``: quantised_header_bytes, when known)."""
-    shapes = {t.name: t.shape for t in read_tensors(float_gguf)}
-    types = stock_mix_types(float_gguf, mix)
-    header = quantised_header_bytes(float_gguf) if header is None else header
-    return header + sum(padded(tensor_bytes(GGMLQuantizationType[t], shapes[n]), alignment) for n, t in types.items())
-
-
-def stock_sizes(float_gguf: Path, alignment: int, mixes=STOCK_MIXES) -> dict[str, int]:
-    """File size of each llama.cpp stock mix (stock_size)."""
-    header = quantised_header_bytes(float_gguf)
-    return {mix: stock_size(float_gguf, mix, alignment, header) for mix in mixes}
-
-
 def _noise_table(float_gguf: Path, stats, tensors, cfg: ConvertConfig):
     """Measured noise model: ggml quantise/dequantise MSE per item and candidate (data-free)."""
     if cfg.plan.noise != "measured":
@@ -264,6 +255,11 @@ def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, toke
     extra += SPLIT_PART_OVERHEAD * (max_parts(cfg, len(tensors), int(cfg.plan.budget)) - 1)
     return make_plan(stats, tensors, cfg.plan, noise_table=noise_table, damage=damage,
                      fixed_bytes=padded(base_header + extra + 4096, cfg.plan.alignment))
+
+
+def auto_cap_applies(cfg: ConvertConfig) -> bool:
+    """The default mode caps the quantiser's time by itself unless a cap is given or refused."""
+    return cfg.auto_quantise_cap and cfg.plan.noise == "damage" and cfg.plan.max_quantise_ns is None
 
 
 def needs_spectral(cfg: ConvertConfig) -> bool:
@@ -437,8 +433,14 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
         seconds.update(calib.seconds)
     t0 = time.perf_counter()
     noise = _noise_table(float_gguf, stats, tensors, cfg)
-    plan = _plan_with_header(stats, tensors, cfg, base_header, tokenizer_fallback, noise,
-                             damage=calib.damage.costs if calib else None)
+
+    def solve(plan_cfg: PlanConfig) -> Plan:
+        return _plan_with_header(stats, tensors, replace(cfg, plan=plan_cfg), base_header, tokenizer_fallback, noise,
+                                 damage=calib.damage.costs if calib else None)
+
+    plan, cap = auto_capped_plan(solve, cfg.plan, float_gguf) if auto_cap_applies(cfg) else (solve(cfg.plan), None)
+    if cap is not None:
+        plan.settings["auto_quantise_cap"] = asdict(cap)
     seconds["plan"] = time.perf_counter() - t0
     # (before quantising: an intermediate float model is deleted once the quantiser has read it)
     stock = stock_sizes(float_gguf, cfg.plan.alignment) if cfg.compare_stock else {}
@@ -446,7 +448,7 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
                  float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None,
                  reused=reused, damage_note=calib.damage.describe() if calib else None,
-                 working_copy=calib.working_copy if calib else None)
+                 working_copy=calib.working_copy if calib else None, quantise_cap=cap)
     if cfg.dry_run:
         return _planned_result(cfg, tensors, facts)
     pause_for_test("quantise")

@@ -35,6 +35,7 @@ from gguf import GGMLQuantizationType
 
 from alphaq.damage.run import WORKING_COPIES
 from alphaq.allocate.plan import format_size
+from alphaq.allocate.quantise_cap import FLOOR_NS
 from alphaq.gguf.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
 
 # Seconds per transformer block for each stage, measured by scripts/bench_scale.py on
@@ -183,8 +184,11 @@ def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> di
         damage *= len(cfg.plan.types)
     out["damage"] = damage
     out["quantise"] = rate["quantise"] * scale
-    if cfg.plan.max_quantise_ns is not None:  # the cap bounds the quantiser's time from above
-        capped = QUANTISE_WALL_PER_ESTIMATE * cfg.plan.max_quantise_ns * 1e-9 * n_blocks * weights_per_block
+    cap = cfg.plan.max_quantise_ns
+    if cap is None and cfg.auto_quantise_cap:  # the auto cap is at least FLOOR_NS; more below ~2.5 bpw, where
+        cap = FLOOR_NS  # llama.cpp's own mixes are IQ types (alphaq.allocate.quantise_cap): an underestimate there
+    if cap is not None:  # the cap bounds the quantiser's time from above
+        capped = QUANTISE_WALL_PER_ESTIMATE * cap * 1e-9 * n_blocks * weights_per_block
         out["quantise"] = min(out["quantise"], capped)
     return out
 
