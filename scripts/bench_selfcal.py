@@ -28,7 +28,9 @@ as --working-copy q8_0 does for models larger than RAM; the file is quantised fr
 cheap-ladder (the default's damage, candidates restricted to the k-quants and Q8_0, --types
 Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0: the types llama.cpp's quantiser writes fastest), capN (the default
 under --max-quantise-ns N: the full ladder, the quantiser's estimated time capped at N ns per
-weight), expert (the default at --granularity expert: each expert slice of a merged expert tensor is
+weight), uncapped (the default without its auto cap on the quantiser's time, --max-quantise-ns
+none: the default before that cap; every other damage variant carries the auto cap, as the
+product does, alphaq.allocate.quantise_cap), expert (the default at --granularity expert: each expert slice of a merged expert tensor is
 an item with its own type, its damage the tensor's measured damage shared out by the slices'
 weighted errors; the file has expert groups, so a run with this variant re-starts itself under the
 patched llama.cpp (ggml-patches/, convert/patched.py) and scores every file there, stock ones and the
@@ -61,6 +63,7 @@ from alphaq.damage import DamageConfig, Reference  # noqa: E402
 from alphaq.damage.measure import measure  # noqa: E402
 from alphaq.errors import AlphaQError  # noqa: E402
 from alphaq.allocate.plan import MODES, PlanConfig, make_plan  # noqa: E402
+from alphaq.allocate.quantise_cap import auto_capped_plan  # noqa: E402
 from alphaq.gguf.qtypes import llama_quantizes, resolve_types  # noqa: E402
 from alphaq.gguf.quantize import IMATRIX_MIXES, quantize_gguf  # noqa: E402
 
@@ -189,7 +192,8 @@ class Model:
                        "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4"),
                        "a1": ("self", "a1"), "a1w4": ("self", "a1w4"), "deep-default": ("self", "deep-default"),
                        "deep-a4w16": ("self", "deep-a4w16"), "deep-all": ("self", "deep-all"), "cheap-ladder": ("self", "estimate"),
-                       "q8copy": ("q8copy", "estimate"), "expert": ("self", "expert")}.get(variant, ("self", "estimate") if variant.startswith("cap")
+                       "q8copy": ("q8copy", "estimate"), "expert": ("self", "expert"),
+                       "uncapped": ("self", "estimate")}.get(variant, ("self", "estimate") if variant.startswith("cap")
                                                              else (None, None))
         try:
             if src is not None:
@@ -200,7 +204,12 @@ class Model:
                 stats = self.spectral() if "gamma" in changes or "allocate" in changes else []
                 grouped = cfg.granularity == "expert"  # expert groups: format keys in the header, the groups writer
                 header = baselines.expert_header_bytes(self.fm) if grouped else self.fm.header
-                plan = make_plan(stats, self.fm.tensors, cfg, fixed_bytes=header, damage=self.damage[(src, method)])
+                def solve(c: PlanConfig):
+                    return make_plan(stats, self.fm.tensors, c, fixed_bytes=header, damage=self.damage[(src, method)])
+
+                # the product's auto cap on the quantiser's time, except where a variant sets its own
+                own_cap = variant == "uncapped" or variant.startswith("cap")
+                plan = solve(cfg) if own_cap else auto_capped_plan(solve, cfg, self.bf16)[0]
                 if grouped:
                     baselines.write_expert_plan(self.fm, plan, out, imatrix=self.imatrix[src])
                 else:
