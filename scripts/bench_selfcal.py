@@ -18,7 +18,7 @@ Q6_K it writes, all from the same BF16 GGUF with llama.cpp's quantiser:
 ablations (--variants): alpha-g1, alpha-gpaper (the default's damage times (alpha_tilde/alpha)^gamma,
 gamma 1 and App. A.7's formula), experts-only (the default's damage, routed experts only, the rest on
 the fast mode's policy types), no-imatrix (damage measured and files quantised without any importance
-matrix), w4 (the damage measured on 4 of the 16 windows), a1 / a1w4 (depth anchors, alphaq.damage.anchors:
+matrix), w4 / w2 / w1 (the damage measured on 4 / 2 / 1 of the 16 windows), a1 / a1w4 (depth anchors, alphaq.damage.anchors:
 one block per tensor kind measured, the other block's damage interpolated from it; 16 / 4 windows), deep-default / deep-a4w16 /
 deep-all (for models deeper than 4 blocks, --models DIR: the product's default, 4 anchor blocks per kind on 4 windows; the same
 on 16 windows; every block measured on 16 windows), domain-bias (the stock mix with an
@@ -140,10 +140,11 @@ class Model:
                     self.damage[(src, method)] = measure(s, ref, self.names, types, DamageConfig(method=method),
                                                          imatrix=self.imatrix[src], tokens=im.counts).costs
                     self.seconds[f"damage_{src}_{method}"] = time.perf_counter() - t0
-            if "w4" in self.variants:  # the damage measured on 4 windows instead of 16 (4x cheaper)
-                self.damage[("self", "w4")] = measure(s, Reference(s, self_tokens[:4]), self.names, types,
-                                                      DamageConfig(n_windows=4), imatrix=self.imatrix["self"],
-                                                      tokens=self.counts_self).costs
+            for n in (4, 2, 1):  # the damage measured on n windows instead of 16 (16/n x cheaper)
+                if f"w{n}" in self.variants:
+                    self.damage[("self", f"w{n}")] = measure(s, Reference(s, self_tokens[:n]), self.names, types,
+                                                             DamageConfig(n_windows=n), imatrix=self.imatrix["self"],
+                                                             tokens=self.counts_self).costs
             for v, cfg, n in (("a1", DamageConfig(anchors=1), 16), ("a1w4", DamageConfig(anchors=1), 4)):
                 if v in self.variants:  # one anchor block per kind: the other block's damage interpolated
                     self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
@@ -190,6 +191,7 @@ class Model:
         src, method = {"default": ("self", "estimate"), "real-driven": ("real", "estimate"),
                        "direct": ("self", "direct"), "no-imatrix": ("none", "estimate"), "alpha-g1": ("self", "estimate"),
                        "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4"),
+                       "w2": ("self", "w2"), "w1": ("self", "w1"),
                        "a1": ("self", "a1"), "a1w4": ("self", "a1w4"), "deep-default": ("self", "deep-default"),
                        "deep-a4w16": ("self", "deep-a4w16"), "deep-all": ("self", "deep-all"), "cheap-ladder": ("self", "estimate"),
                        "q8copy": ("q8copy", "estimate"), "expert": ("self", "expert"),
