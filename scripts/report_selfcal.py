@@ -135,6 +135,19 @@ def per_mix(results: dict, a: str, b: str) -> list[str]:
     return lines
 
 
+def seed_table(results: dict) -> list[str]:
+    """bench/selfcal-seeds.json (scripts/bench_seeds.py): each seed's KL per model, mix and variant."""
+    lines = ["| model | mix | better stock file | variant | KL per seed | worst / best seed |", "|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        for mix, stock in res["stock"].items():
+            best = min(mean(c) for c in stock.values())
+            for v in ("default", "uncapped"):
+                kls = [mean(res["seeds"][s][mix][v]) for s in res["seeds"]]
+                lines.append(f"| {name} | {mix} | {best:.5f} | {v} | {' / '.join(f'{k:.5f}' for k in kls)} | "
+                             f"{max(kls) / min(kls):.2f} |")
+    return lines
+
+
 DEEP = ("stock", "stock+real", "stock+self", "deep-all", "deep-a4w16", "deep-default")
 
 
@@ -225,6 +238,10 @@ SIDE_STUDIES = (
      "estimated quantiser time of every file.",
      lambda res: [*comparisons(res, [("default", "uncapped")]), "", *summary(res, ("default", "uncapped")), "",
                   *per_mix(res, "default", "uncapped"), "", *quantise_cost(res)]),
+    ("selfcal-seeds.json", "The self-text seed (bench/{}; 3 sizes, seeds 0-3)",
+     "The same model and sizes with the self text drawn from seeds 0, 1, 2 and 3 (scripts/bench_seeds.py): "
+     "self text, importance matrix and damage table per seed, the default's plan (auto cap) and the uncapped "
+     "one, at the stock+real file's size, scored like the grid's cells.", seed_table),
     ("selfcal-granularity.json", "Tensor against expert granularity, patched runtime (bench/{}; 5 sizes per model)",
      "expert: the default at --granularity expert: every expert slice of a merged expert tensor is an item with "
      "its own type, its damage the tensor's measured damage (one KL measurement per tensor, as at tensor "
