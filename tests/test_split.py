@@ -372,7 +372,8 @@ def test_time_estimate_scales_the_benchmark_table():
         stage_seconds,
     )
 
-    cfg = ConvertConfig(model=Path("m"), output=Path("o.gguf"), plan=PlanConfig(**MODES["damage"]))
+    cfg = ConvertConfig(model=Path("m"), output=Path("o.gguf"), plan=PlanConfig(**MODES["damage"]),
+                        auto_quantise_cap=False)
     got = stage_seconds(cfg, "hf", 4, REFERENCE_WEIGHTS_PER_BLOCK)
     assert got["float model"] + got["self text"] + got["importance"] + got["quantise"] == pytest.approx(
         4 * sum(STAGE_SECONDS_PER_BLOCK[k] for k in ("float model", "self text", "importance", "quantise")))
@@ -398,6 +399,13 @@ def test_time_estimate_scales_the_benchmark_table():
     loose = stage_seconds(replace(cfg, plan=replace(cfg.plan, max_quantise_ns=5000.0)), "hf", 4,
                           REFERENCE_WEIGHTS_PER_BLOCK)
     assert loose["quantise"] == got["quantise"]
+    # the default's auto cap is at least FLOOR_NS: the estimate takes that floor (an underestimate
+    # below ~2.5 bpw, where the cap follows llama.cpp's own IQ mixes)
+    from alphaq.allocate.quantise_cap import FLOOR_NS
+
+    auto = stage_seconds(replace(cfg, auto_quantise_cap=True), "hf", 4, REFERENCE_WEIGHTS_PER_BLOCK)
+    assert auto["quantise"] == pytest.approx(QUANTISE_WALL_PER_ESTIMATE * FLOOR_NS * 1e-9 * 4 * REFERENCE_WEIGHTS_PER_BLOCK)
+    assert auto["quantise"] < got["quantise"]
 
 
 def test_preflight_states_the_forward_stages_memory(float_ggufs, tmp_path, monkeypatch):
