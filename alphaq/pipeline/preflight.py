@@ -39,26 +39,29 @@ from alphaq.allocate.quantise_cap import FLOOR_NS
 from alphaq.gguf.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
 
 # Seconds per transformer block for each stage, measured by scripts/bench_scale.py on
-# Qwen3-30B-A3B's block shapes (bench/scale-default.json and bench/scale.json: 4 blocks, random
-# weights, 2-core CPU, --like Q3_K_M --no-cache; the value at 4 blocks / 4, so fixed costs are
-# spread over the blocks). A model's estimate scales them by its quantisable weights per block over
-# REFERENCE_WEIGHTS_PER_BLOCK. Update the table when a stage changes speed.
+# Qwen3-30B-A3B's block shapes (4 blocks, random weights, 2-core CPU, --like Q3_K_M --no-cache; the
+# value at 4 blocks / 4, so fixed costs are spread over the blocks): the forward stages and the
+# converter from bench/scale-autocap.json (code of 6b580c9), the uncapped quantise stage and
+# --fast from bench/scale-default.json and bench/scale.json. A model's estimate scales them by its
+# quantisable weights per block over REFERENCE_WEIGHTS_PER_BLOCK. Update the table when a stage
+# changes speed.
 # experts 3 x 128 x 2048 x 768 + attention q, o 2 x 4096 x 2048 + k, v 2 x 512 x 2048
 REFERENCE_WEIGHTS_PER_BLOCK = 622_854_144
 STAGE_SECONDS_PER_BLOCK = {
-    "float model": 75.0 / 4,  # llama.cpp's converter to BF16 (HF input only)
-    "self text": 87.8 / 4,  # 16 sequences of 256 tokens sampled from the model
-    "importance": 50.2 / 4,  # the importance matrix on that text
-    "quantise": 576.4 / 4,  # llama.cpp's quantiser with the chosen (mostly IQ) types
+    "float model": 30.8 / 4,  # llama.cpp's converter to BF16 (HF input only)
+    "self text": 32.1 / 4,  # 16 sequences of 256 tokens sampled from the model
+    "importance": 27.1 / 4,  # the importance matrix on that text
+    "quantise": 576.4 / 4,  # llama.cpp's quantiser with the uncapped plan's (mostly IQ) types
     # --fast / --paper: the whole run minus the stock converter's time (146.1 - 39.0 s at 4 blocks)
     "spectral + quantise": (146.1 - 39.0) / 4,
 }
-# The damage stage from its parts in the same run (30 measurements on 16 windows of 256 tokens, every
-# block measured): per measurement the fake quantisation (299.2 s / 30) and a forward pass over
-# every block and token (1108.4 s / (30 x 4 blocks x 4096 tokens)), one reference pass (33.0 s /
-# (4 x 4096)), and each tensor's weighted errors (56.5 s / 30).
-DAMAGE_PARTS = {"fake_per_measurement": 299.2 / 30, "forward_per_measurement_block_token": 1108.4 / (30 * 4 * 4096),
-                "reference_per_block_token": 33.0 / (4 * 4096), "weighted_error_per_tensor": 56.5 / 30}
+# The damage stage from its parts in the same run (bench/scale-autocap.json, 4 blocks: 30
+# measurements on 16 windows of 256 tokens, every block measured): per measurement the fake
+# quantisation (195.0 s / 30) and a forward pass over every block and token (452.8 s / (30 x 4
+# blocks x 4096 tokens)), one reference pass (13.7 s / (4 x 4096)), and each tensor's weighted
+# errors (44.7 s / 30).
+DAMAGE_PARTS = {"fake_per_measurement": 195.0 / 30, "forward_per_measurement_block_token": 452.8 / (30 * 4 * 4096),
+                "reference_per_block_token": 13.7 / (4 * 4096), "weighted_error_per_tensor": 44.7 / 30}
 KINDS_PER_BLOCK, TENSORS_OUTSIDE_BLOCKS = 7, 2  # Qwen3-MoE: q, k, v, o, gate/up/down experts; embedding, output
 # The quantise stage under --max-quantise-ns: wall seconds per (weight x the plan's estimated ns per
 # weight x 1e-9), i.e. against the one-thread table estimate, on this 2-core machine. Qwen3-30B-A3B
@@ -118,7 +121,7 @@ class Preflight:
             lines.append(self._memory_line())
         stages = ", ".join(f"{k} {_duration(v)}" for k, v in self.stage_seconds.items())
         lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (2-core CPU, "
-                     f"bench/convert-real-shape.txt; cached stages are skipped): {stages}")
+                     f"bench/scale-autocap.json; cached stages are skipped): {stages}")
         return "\n".join(lines)
 
 
