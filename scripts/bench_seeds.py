@@ -55,7 +55,7 @@ def cell(m: bench_selfcal.Model, mix: str, seed: int, means, damage) -> dict:
         return make_plan([], m.fm.tensors, c, fixed_bytes=m.fm.header, damage=damage)
 
     out = {}
-    for variant, plan in (("default", auto_capped_plan(solve, cfg, m.bf16)[0]), ("uncapped", solve(cfg))):
+    for variant, plan in (("default", auto_capped_plan(solve, cfg, m.bf16, like=mix)[0]), ("uncapped", solve(cfg))):
         path = m.work / f"seed{seed}-{variant}@{mix}.gguf"
         quantize_gguf(m.bf16, path, plan.tensor_types(), imatrix=means)
         out[variant] = m.score(path)

@@ -211,7 +211,8 @@ class Model:
 
                 # the product's auto cap on the quantiser's time, except where a variant sets its own
                 own_cap = variant == "uncapped" or variant.startswith("cap")
-                plan = solve(cfg) if own_cap else auto_capped_plan(solve, cfg, self.bf16)[0]
+                # (the cell's size is llama.cpp's mix: the product's --like MIX)
+                plan = solve(cfg) if own_cap else auto_capped_plan(solve, cfg, self.bf16, like=mix)[0]
                 if grouped:
                     baselines.write_expert_plan(self.fm, plan, out, imatrix=self.imatrix[src])
                 else:

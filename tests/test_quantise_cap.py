@@ -24,6 +24,9 @@ def test_reference_mix_is_the_largest_that_fits_else_the_smallest():
     assert reference_mix(mixes, 250).name == "B"
     assert reference_mix(mixes, 300).name == "C"  # exactly the mix's size (--like)
     assert reference_mix(mixes, 99).name == "A"
+    # two mixes of one size (IQ3_S and Q3_K_S are both 3.44 bpw): the slower one, whatever the order
+    same = {"Q3_K_S": StockMix("Q3_K_S", 200, 45.0), "IQ3_S": StockMix("IQ3_S", 200, 350.0)}
+    assert reference_mix(same, 200).name == reference_mix(dict(reversed(same.items())), 250).name == "IQ3_S"
 
 
 def _solver(model, damage):
@@ -38,7 +41,7 @@ def test_auto_cap_is_llama_cpps_own_mix_or_the_floor_and_the_plan_meets_it(mix, 
     mixes = stock_mixes(model, 32, ALL_MIXES)
     cfg = PlanConfig(**MODES["damage"], budget_mode="size", budget=float(mixes[mix].file_bytes))
     free = solve(cfg)
-    plan, cap = auto_capped_plan(solve, cfg, model)
+    plan, cap = auto_capped_plan(solve, cfg, model, like=mix)
     assert cap.mix == mix and cap.mix_ns == mixes[mix].quantise_ns
     assert cap.cap_ns == max(FLOOR_NS, mixes[mix].quantise_ns)
     assert cap.uncapped_ns == free.totals.quantise_ns_per_weight and cap.uncapped_damage == free.totals.objective

@@ -9,8 +9,8 @@ ratio of 1.025 against the uncapped plan and still beat the better stock file in
 (bench/SELFCAL.md, "A cap on the quantiser's time"), while 100 ns lost two cells.
 
 The rule: cap = max(FLOOR_NS, what llama.cpp's quantiser takes for its own mix at this size with
-an importance matrix), the mix being the largest of llama.cpp's mixes whose file fits in the
-budget. Below 2.5 bpw llama.cpp's own mixes are IQ types too (IQ2_XXS: 340-380 ns on the zoo), and
+an importance matrix), the mix being the one the budget names (--like MIX), else the largest of
+llama.cpp's mixes whose file fits in the budget (of equal sizes the slower one). Below 2.5 bpw llama.cpp's own mixes are IQ types too (IQ2_XXS: 340-380 ns on the zoo), and
 there the uncapped plan costs no more than they do, so the IQ types stay where the cap would hurt
 most (IQ2_XXS size: 1.22-1.28x the KL under a flat 150). A plan already within the cap is kept as
 it is; `--max-quantise-ns none` gives the uncapped plan, a number a fixed cap.
@@ -57,22 +57,28 @@ class AutoCap:
 
 
 def reference_mix(mixes: dict, budget_bytes: float):
-    """The largest mix (alphaq.gguf.stock.StockMix by name) whose file fits in ``budget_bytes``;
-    the smallest one when none does."""
-    by_size = sorted(mixes.values(), key=lambda m: m.file_bytes)
-    fitting = [m for m in by_size if m.file_bytes <= budget_bytes]
-    return fitting[-1] if fitting else by_size[0]
+    """The largest mix (alphaq.gguf.stock.StockMix by name) whose file fits in ``budget_bytes``, of
+    mixes of that same size the one llama.cpp's quantiser takes longest for (IQ3_S and Q3_K_S
+    are both 3.44 bpw); the smallest mix when none fits."""
+    fitting = [m for m in mixes.values() if m.file_bytes <= budget_bytes]
+    if not fitting:
+        return min(mixes.values(), key=lambda m: m.file_bytes)
+    return max(fitting, key=lambda m: (m.file_bytes, m.quantise_ns))
 
 
-def auto_capped_plan(solve: Callable[[PlanConfig], Plan], cfg: PlanConfig,
-                     float_gguf: Path) -> tuple[Plan, AutoCap]:
-    """The plan ``solve(cfg)``, re-solved under the auto cap when its types are slower than the cap."""
+def auto_capped_plan(solve: Callable[[PlanConfig], Plan], cfg: PlanConfig, float_gguf: Path,
+                     like: str | None = None) -> tuple[Plan, AutoCap]:
+    """The plan ``solve(cfg)``, re-solved under the auto cap when its types are slower than the cap;
+    ``like``: the mix the budget was named by (--like), which is then the reference mix itself."""
     from alphaq.gguf.quantize import ALL_MIXES
     from alphaq.gguf.stock import stock_mixes
 
     plan = solve(cfg)
-    budget = cfg.budget if cfg.budget_mode == "size" else plan.totals.predicted_file_bytes
-    mix = reference_mix(stock_mixes(float_gguf, cfg.alignment, ALL_MIXES), budget)
+    if like is not None:
+        mix = stock_mixes(float_gguf, cfg.alignment, (like.upper(),))[like.upper()]
+    else:
+        budget = cfg.budget if cfg.budget_mode == "size" else plan.totals.predicted_file_bytes
+        mix = reference_mix(stock_mixes(float_gguf, cfg.alignment, ALL_MIXES), budget)
     cap = max(FLOOR_NS, mix.quantise_ns)
     uncapped = plan.totals.quantise_ns_per_weight
     note = AutoCap(cap, mix.name, mix.quantise_ns, uncapped, plan.totals.objective, bound=uncapped > cap)

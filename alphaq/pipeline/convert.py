@@ -438,7 +438,8 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
         return _plan_with_header(stats, tensors, replace(cfg, plan=plan_cfg), base_header, tokenizer_fallback, noise,
                                  damage=calib.damage.costs if calib else None)
 
-    plan, cap = auto_capped_plan(solve, cfg.plan, float_gguf) if auto_cap_applies(cfg) else (solve(cfg.plan), None)
+    plan, cap = (auto_capped_plan(solve, cfg.plan, float_gguf, like=cfg.like) if auto_cap_applies(cfg)
+                 else (solve(cfg.plan), None))
     if cap is not None:
         plan.settings["auto_quantise_cap"] = asdict(cap)
     seconds["plan"] = time.perf_counter() - t0
