@@ -282,14 +282,11 @@ def quantise_rate(path: Path, imatrix: bool) -> float:
     this file; the plan's totals.quantise_ns_per_weight is the same estimate)."""
     from gguf import GGUFReader
 
-    from alphaq.gguf.speed import quantise_ns
+    from alphaq.gguf.speed import mean_quantise_ns
 
-    total = weights = 0
-    for t in GGUFReader(path).tensors:
-        if llama_quantizes(t.name, tuple(int(d) for d in reversed(t.shape))):  # not the F32 norms it copies
-            total += quantise_ns(t.tensor_type, imatrix) * int(t.n_elements)
-            weights += int(t.n_elements)
-    return total / weights if weights else 0.0
+    quantised = [(int(t.n_elements), t.tensor_type) for t in GGUFReader(path).tensors
+                 if llama_quantizes(t.name, tuple(int(d) for d in reversed(t.shape)))]  # not the F32 norms it copies
+    return mean_quantise_ns(quantised, imatrix) if quantised else 0.0
 
 
 def mean_kl(c: dict) -> float:

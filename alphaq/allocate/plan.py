@@ -47,7 +47,7 @@ from alphaq.gguf.qtypes import (
 from alphaq.records import MatrixStats
 from alphaq.allocate.solver import SOLVERS, solve_mckp
 from alphaq.allocate.time_cap import solve_time_capped
-from alphaq.gguf.speed import quantise_ns
+from alphaq.gguf.speed import mean_quantise_ns, quantise_ns
 
 logger = logging.getLogger(__name__)
 
@@ -1037,9 +1037,8 @@ def _totals(items, fixed, tensors, cfg, header, estimated, objective, lower, pro
 
 def _quantise_ns_per_weight(items, fixed) -> float:
     """Mean quantiser ns per quantised weight of the file's types (alphaq.gguf.speed)."""
-    parts = [(it.params, it.type) for it in items] + [(math.prod(f.shape), f.type) for f in fixed if f.quantised]
-    weights = sum(n for n, _ in parts)
-    return sum(n * quantise_ns(t) for n, t in parts) / weights if weights else math.nan
+    return mean_quantise_ns([(it.params, it.type) for it in items]
+                            + [(math.prod(f.shape), f.type) for f in fixed if f.quantised])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ ratio of 1.025 against the uncapped plan and still beat the better stock file in
 
 The rule: cap = max(FLOOR_NS, what llama.cpp's quantiser takes for its own mix at this size with
 an importance matrix), the mix being the one the budget names (--like MIX), else the largest of
-llama.cpp's mixes whose file fits in the budget (of equal sizes the slower one). Below 2.5 bpw llama.cpp's own mixes are IQ types too (IQ2_XXS: 340-380 ns on the zoo), and
-there the uncapped plan costs no more than they do, so the IQ types stay where the cap would hurt
-most (IQ2_XXS size: 1.22-1.28x the KL under a flat 150). A plan already within the cap is kept as
+llama.cpp's mixes whose file fits in the budget (of equal sizes the slower one). Below 2.5 bpw
+llama.cpp's own mixes are IQ types too (IQ2_XXS: 340-380 ns on the zoo), and there the uncapped
+plan costs no more than they do, so the IQ types stay where the cap would hurt most (IQ2_XXS size: 1.22-1.28x the KL under a flat 150). A plan already within the cap is kept as
 it is; `--max-quantise-ns none` gives the uncapped plan, a number a fixed cap.
 """
 

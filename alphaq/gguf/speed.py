@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from gguf import GGMLQuantizationType
@@ -35,6 +37,13 @@ def quantise_ns(t: GGMLQuantizationType, imatrix: bool = True) -> float:
                           "run scripts/bench_qtype_speed.py")
     plain = row.get("without_imatrix_ns")
     return float(row["with_imatrix_ns"] if imatrix or plain is None else plain)
+
+
+def mean_quantise_ns(parts: Iterable[tuple[int, GGMLQuantizationType]], imatrix: bool = True) -> float:
+    """Mean ns per weight (quantise_ns) over ``parts``, (weights, written type) pairs; NaN for none."""
+    parts = list(parts)
+    weights = sum(n for n, _ in parts)
+    return sum(n * quantise_ns(t, imatrix) for n, t in parts) / weights if weights else math.nan
 
 
 def measured_types() -> list[str]:

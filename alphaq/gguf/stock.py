@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType
 from alphaq.gguf.io import quantised_header_bytes, read_tensors
 from alphaq.gguf.qtypes import llama_quantizes, padded, tensor_bytes
 from alphaq.gguf.quantize import STOCK_MIXES, stock_mix_types
-from alphaq.gguf.speed import quantise_ns
+from alphaq.gguf.speed import mean_quantise_ns
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,7 @@ def stock_mix(float_gguf: Path, mix: str, alignment: int, header: int | None = N
     types = {n: GGMLQuantizationType[t] for n, t in stock_mix_types(float_gguf, mix).items()}
     header = quantised_header_bytes(float_gguf) if header is None else header
     data = sum(padded(tensor_bytes(t, shapes[n]), alignment) for n, t in types.items())
-    quantised = [(math.prod(shapes[n]), t) for n, t in types.items() if llama_quantizes(n, shapes[n])]
-    weights = sum(w for w, _ in quantised)
-    ns = sum(w * quantise_ns(t) for w, t in quantised) / weights if weights else math.nan
+    ns = mean_quantise_ns((math.prod(shapes[n]), t) for n, t in types.items() if llama_quantizes(n, shapes[n]))
     return StockMix(mix, header + data, ns)
 
 

@@ -274,8 +274,6 @@ def like_budget(cfg: ConvertConfig, float_gguf: Path) -> tuple[ConvertConfig, tu
     output is no larger than llama.cpp's own file."""
     if cfg.like is None:
         return cfg, None
-    from dataclasses import replace
-
     size = stock_size(float_gguf, cfg.like.upper(), cfg.plan.alignment)
     return replace(cfg, plan=replace(cfg.plan, budget_mode="size", budget=float(size))), (cfg.like.upper(), size)
 
@@ -373,8 +371,6 @@ def run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None = Non
     """Convert ``cfg.model`` into ``cfg.output`` (module docstring). ``announce`` receives the
     pre-flight report (disk and time) before any heavy work; the CLI prints it. The result lists
     every warning of the run, including the spectral stage's fallback to numpy."""
-    from dataclasses import replace
-
     from alphaq.spectral import native
 
     handler = _WarningLog()
@@ -500,8 +496,6 @@ def _prepare(cfg: ConvertConfig):
         user_imatrix = read_imatrix(cfg.imatrix)  # a bad file fails before any work
     with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
         if model.source == "gguf":  # any part of a split GGUF: llama.cpp loads it from the first
-            from dataclasses import replace
-
             cfg = replace(cfg, model=first_shard(cfg.model))
         check_keep_bf16(cfg, model.source)
         has_experts = any(m.expert is not None for m in model.matrices())
