@@ -123,3 +123,18 @@ def test_plan_refuses_auto_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "alphaq plan" in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("given, auto, plan_cap", [
+    ({}, True, None), ({"max_quantise_ns": "auto"}, True, None), ({"max_quantise_ns": None}, False, None),
+    ({"max_quantise_ns": "none"}, False, None), ({"max_quantise_ns": 200.0}, False, 200.0),
+])
+def test_python_front_door_reads_the_cap_as_the_flag_does(given, auto, plan_cap, monkeypatch, tmp_path):
+    """alphaq.convert(max_quantise_ns=...) takes what --max-quantise-ns takes, into the same two settings."""
+    import alphaq
+    import alphaq.pipeline.convert as pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_convert", lambda cfg: seen.append(cfg) or cfg)
+    alphaq.convert(tmp_path / "m.gguf", tmp_path / "o.gguf", like="Q3_K_M", **given)
+    assert seen[0].auto_quantise_cap is auto and seen[0].plan.max_quantise_ns == plan_cap
