@@ -33,6 +33,9 @@ parts in the summary (per measurement: fake quantisation + a forward pass over e
 token; per tensor: weighted errors; one reference pass) with the default depth anchors: every
 block measured on 16 windows up to 4 blocks, then 4 blocks per tensor kind on 4 windows
 (alphaq.damage.anchors), so measurements stop growing with depth but each one still runs every block.
+The DeepSeek-V3-class default (project_v3_default) takes its per-weight stages from the arch the stock
+projection scales, and its forward-pass stages and damage stage from deepseek2-lite (same MLA block
+and tensor kinds) scaled by the weights one token reads; it assumes the model stays in RAM.
 """
 
 from __future__ import annotations
@@ -77,6 +80,19 @@ V3 = dict(name="DeepSeek-V3-class", blocks=58, vocab=129280, hidden=7168, params
           expert=3 * 2048 * 7168, block_weights=257 * 3 * 2048 * 7168 + 256 * 7168 + V3_MLA,
           dense_weights=3 * (3 * 18432 * 7168 + V3_MLA))
 EXPERT_WEIGHTS = {"qwen3moe": 3 * 768 * 2048, "deepseek2-lite": 3 * 1408 * 2048, "mixtral-8x7b": 3 * 14336 * 4096}
+# Weights one token reads in a MoE block (attention + router + top-k routed + shared experts): a
+# forward pass's arithmetic. deepseek2-lite as scripts/make_large_random_moe.py builds it (query
+# LoRA of rank 1536, as V3 has, at block counts other than 26/27).
+_V2L_MLA = 2048 * 1536 + 1536 * 16 * 192 + 2048 * 576 + 512 * 16 * 256 + 16 * 128 * 2048
+ACTIVE_WEIGHTS = {"deepseek2-lite": _V2L_MLA + 64 * 2048 + (6 + 2) * 3 * 1408 * 2048,
+                  "DeepSeek-V3-class": V3_MLA + 256 * 7168 + (8 + 1) * 3 * 2048 * 7168}
+# V3's 3 dense blocks read 3 x 18432 x 7168 + MLA a token, as many as a MoE block (by design), and
+# its output matrix vocab x hidden: forward-pass block equivalents of the whole model.
+V3_FORWARD_BLOCKS = 61 + V3["vocab"] * V3["hidden"] / ACTIVE_WEIGHTS["DeepSeek-V3-class"]
+# Tensors the damage stage sees in V3 beyond deepseek2-lite's per-block kinds: the 3 dense blocks'
+# 6 attention kinds (shared with the MoE blocks: anchored) and 3 FFN kinds (3 blocks <= 4 anchors:
+# all measured), + token_embd and output.
+V3_DENSE_FFN_TENSORS, V3_DENSE_ATTN_TENSORS, V3_OUTSIDE = 3 * 3, 3 * 6, 2
 
 # bench_convert's stock pipeline, each step timed; prints a summary-style "time" line for measure().
 _STOCK_TIMED = r"""
@@ -295,6 +311,54 @@ def project(fit: dict, mode: str, blocks: float, cores: int, scaled: bool) -> tu
     return _on_cores(fit, mode, blocks, cores, t2, text)
 
 
+PER_WEIGHT_STAGES = ("float model", "plan", "quantise")  # the default's stages that read every weight once
+FORWARD_STAGES = ("self_text", "importance")  # the default's forward-pass stages (arithmetic: active weights)
+
+
+def project_v3_default(fits: dict, cores: int) -> tuple[float, str]:
+    """The default mode on the V3-class model: its per-weight stages at the per-weight rates of the
+    arch the stock projection scales (nearest expert shape); its forward-pass stages and damage
+    stage from deepseek2-lite (the same MLA block and tensor kinds), scaled by the weights a token
+    reads; the damage stage's measurement count from V3's own tensors under the depth anchors."""
+    lite = fits.get("deepseek2-lite", {}).get("default", {})
+    model = lite.get("damage_model")
+    if not model:
+        return float("nan"), "not projected: needs the deepseek2-lite default run (same MLA block, same tensor kinds)"
+    from alphaq.damage import DamageConfig
+    from alphaq.selftext import SelfTextConfig
+
+    name, fit, by_weight, _ = full_targets(fits)[-1]
+    per_weight = sum(fit["default"]["stages"].get(k, (0.0, 0.0))[0] for k in PER_WEIGHT_STAGES) if "default" in fit \
+        else float("nan")
+    q_rate = fit["default"]["stages"].get("quantise", (0.0, 0.0))[0] if "default" in fit else float("nan")
+    act = ACTIVE_WEIGHTS[name] / ACTIVE_WEIGHTS["deepseek2-lite"]
+    fwd_blocks = V3_FORWARD_BLOCKS * act  # deepseek2-lite block-equivalents of arithmetic per token
+    forward_stages = sum(lite["stages"].get(k, (0.0, 0.0))[0] for k in FORWARD_STAGES) * fwd_blocks
+    cfg = DamageConfig()
+    kinds = model["kinds"]
+    measured = kinds * cfg.anchors + V3_DENSE_FFN_TENSORS + V3_OUTSIDE
+    tensors = kinds * V3["blocks"] + V3_DENSE_ATTN_TENSORS + V3_DENSE_FFN_TENSORS + V3_OUTSIDE
+    tokens = SelfTextConfig().n_ctx * cfg.windows_when(False)
+    per_token = model["forward_per_measurement_block_token"] * fwd_blocks * tokens
+    fake = model["fake_per_measurement"] * V3["block_weights"] / fits["deepseek2-lite"]["block_weights"]
+    ref = model["reference_per_block_token"] * fwd_blocks * tokens
+    damage = measured * (fake + per_token) + ref + tensors * model["weighted_error_per_tensor"]
+    fixed = lite["wall_linear_part"][1]
+    t2 = per_weight * by_weight + forward_stages + damage + fixed
+    text = (f"per-weight stages ({', '.join(PER_WEIGHT_STAGES)}) {per_weight:.2f} s/block x {by_weight:.1f} weight "
+            f"block-equivalents + forward stages ({', '.join(FORWARD_STAGES)}) of deepseek2-lite x {fwd_blocks:.0f} "
+            f"(61 layers + output = {V3_FORWARD_BLOCKS:.1f} blocks x {act:.2f}, the weights a token reads against "
+            f"deepseek2-lite's) = {_dur(forward_stages)} + damage: {measured:.0f} measurements x (fake quantisation "
+            f"{fake:.0f} s, deepseek2-lite's x block weights + forward {_dur(per_token)}) + reference {_dur(ref)} + "
+            f"{tensors:.0f} tensors x {model['weighted_error_per_tensor']:.1f} s weighted errors = {_dur(damage)} + "
+            f"{fixed:.0f} s fixed = {_dur(t2)}; assumes the BF16 model stays in RAM (every forward pass reads it all)")
+    if cores == 2 or math.isnan(t2):
+        return t2, text
+    q = q_rate * by_weight
+    t = t2 - q * (1 - 2 / cores)
+    return t, f"{_dur(t2)} - quantise {_dur(q)} x (1 - 2/{cores}) = {_dur(t)}"
+
+
 def _on_cores(fit: dict, mode: str, blocks: float, cores: int, t2: float, text: str) -> tuple[float, str]:
     """2-core seconds to ``cores``: only llama_model_quantize's stage assumed to scale."""
     if cores == 2 or math.isnan(t2):
@@ -311,6 +375,8 @@ def projection_table(fits: dict, modes: list[str]) -> list[dict]:
     print("# by 16/2 = 8x (ASSUMED linear scaling in cores, not measured); every other stage is kept as on 2 cores.")
     print("# the default mode's damage stage: measurements (at most 4 anchor blocks per tensor kind) x a forward pass over")
     print("# every block, + weighted errors per tensor, from the parts the summary reports (see project_damage).")
+    print("# DeepSeek-V3-class default: per-weight stages by weights, forward-pass stages and damage from deepseek2-lite")
+    print("# scaled by the weights a token reads (project_v3_default); the BF16 model assumed to stay in RAM.")
     print("| model (projection) | blocks counted as | mode | projected time, 2 cores | projected time, 16 cores | "
           "projected output | projected peak work-folder disk | BF16 weights (params x 2) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -319,8 +385,10 @@ def projection_table(fits: dict, modes: list[str]) -> list[dict]:
         scaled = name == V3["name"]
         params = next((f["params"] for f in [*FULL.values(), V3] if f["name"] == name))
         for mode in modes:
-            t2, a2 = project(fit, mode, blocks, 2, scaled)
-            t16, a16 = project(fit, mode, blocks, 16, scaled)
+            if scaled and mode == "default":
+                (t2, a2), (t16, a16) = project_v3_default(fits, 2), project_v3_default(fits, 16)
+            else:
+                (t2, a2), (t16, a16) = project(fit, mode, blocks, 2, scaled), project(fit, mode, blocks, 16, scaled)
             out = fit[mode]["out_bytes"][0] * blocks + fit[mode]["out_bytes"][1]
             disk = fit[mode]["peak_disk_bytes"][0] * blocks + fit[mode]["peak_disk_bytes"][1]
             print(f"| {name} | {how} | {mode} | {a2} | {a16} | {_gib(out)} | {_gib(disk)} | {_gib(params * 2)} |")

@@ -33,17 +33,19 @@ from alphaq.gguf.qtypes import resolve_types  # noqa: E402
 from alphaq.gguf.quantize import quantize_gguf  # noqa: E402
 
 
-def calibrate(m: bench_selfcal.Model, seed: int):
-    """(importance means, damage costs) of the self text drawn with ``seed``."""
+def calibrate(m: bench_selfcal.Model, seed: int, n_seq: int = 16, windows: int | None = None):
+    """(importance means, damage costs) of ``n_seq`` sequences of self text drawn with ``seed``, the
+    damage measured on the first ``windows`` of them (None: as many as the product takes)."""
     from alphaq.importance.collect import collect_imatrix
     from alphaq.runtime.forward import Session
     from alphaq.selftext import SelfTextConfig, cached_sample
 
-    tokens = cached_sample(m.bf16, SelfTextConfig(seed=seed))
+    tokens = cached_sample(m.bf16, SelfTextConfig(seed=seed, n_seq=n_seq))
+    cfg = DamageConfig(n_windows=windows)
     with Session(m.bf16, m.n_ctx) as s:
         im = collect_imatrix(s, tokens)
-        damage = measure(s, Reference(s, tokens[:16]), m.names, resolve_types(MODES["damage"]["types"]),
-                         DamageConfig(), imatrix=im.means(), tokens=im.counts).costs
+        damage = measure(s, Reference(s, tokens[: cfg.windows(m.names)]), m.names,
+                         resolve_types(MODES["damage"]["types"]), cfg, imatrix=im.means(), tokens=im.counts).costs
     return im.means(), damage
 
 
@@ -68,17 +70,20 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["deepseek2", "mixtral"])
     p.add_argument("--mixes", nargs="+", default=["IQ4_XS", "Q3_K_M", "Q6_K"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    p.add_argument("--n-seq", type=int, default=16, help="self-text sequences (the product's default: 16)")
+    p.add_argument("--windows", type=int, default=None,
+                   help="windows the damage is measured on (default: as the product picks them)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "selfcal-seeds.json")
     args = p.parse_args()
     results = {}
     for name in args.models:
         m = bench_selfcal.Model(name, ROOT / ".cache" / "bench-selfcal" / name, 256, 24, ())
-        res = results[name] = {"stock": {}, "seeds": {}}
+        res = results[name] = {"n_seq": args.n_seq, "windows": args.windows, "stock": {}, "seeds": {}}
         for mix in args.mixes:
             res["stock"][mix] = {v: m.score(f) for v in ("stock", "stock+real")
                                  if (f := m.work / f"stock-{mix}{'+real' if v == 'stock+real' else ''}.gguf").exists()}
         for seed in args.seeds:
-            means, damage = calibrate(m, seed)
+            means, damage = calibrate(m, seed, args.n_seq, args.windows)
             res["seeds"][str(seed)] = {mix: cell(m, mix, seed, means, damage) for mix in args.mixes}
             for mix, c in res["seeds"][str(seed)].items():
                 kl = {v: np.mean([np.mean(c[v][d]) for d in ("prose", "code")]) for v in c}
