@@ -137,14 +137,16 @@ def per_mix(results: dict, a: str, b: str) -> list[str]:
 
 def seed_table(results: dict) -> list[str]:
     """bench/selfcal-seeds.json (scripts/bench_seeds.py): each seed's KL per model, mix and variant."""
-    lines = ["| model | mix | better stock file | variant | KL per seed | worst / best seed |", "|---|---|---|---|---|---|"]
+    lines = ["| model | self text | mix | better stock file | variant | KL per seed | mean | worst / best seed |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
+        text = f"{res.get('n_seq', 16)} seq, {res.get('windows') or 'default'} windows"
         for mix, stock in res["stock"].items():
             best = min(mean(c) for c in stock.values())
             for v in ("default", "uncapped"):
                 kls = [mean(res["seeds"][s][mix][v]) for s in res["seeds"]]
-                lines.append(f"| {name} | {mix} | {best:.5f} | {v} | {' / '.join(f'{k:.5f}' for k in kls)} | "
-                             f"{max(kls) / min(kls):.2f} |")
+                lines.append(f"| {name} | {text} | {mix} | {best:.5f} | {v} | {' / '.join(f'{k:.5f}' for k in kls)} | "
+                             f"{np.mean(kls):.5f} | {max(kls) / min(kls):.2f} |")
     return lines
 
 
@@ -242,6 +244,11 @@ SIDE_STUDIES = (
      "The same model and sizes with the self text drawn from seeds 0, 1, 2 and 3 (scripts/bench_seeds.py): "
      "self text, importance matrix and damage table per seed, the default's plan (auto cap) and the uncapped "
      "one, at the stock+real file's size, scored like the grid's cells.", seed_table),
+    ("selfcal-seeds-n64.json", "More self text for the importance (bench/{}; 3 sizes, seeds 0-3)",
+     "As above on DeepSeek-V2, with 64 sequences of self text instead of 16 (4x the importance matrix's "
+     "tokens); the damage still measured on the first 16 windows, as the product does.", seed_table),
+    ("selfcal-seeds-n64w64.json", "More self text for importance and damage (bench/{}; 3 sizes, seeds 0-3)",
+     "As above with the damage measured on all 64 windows (4x the measurement's tokens).", seed_table),
     ("selfcal-granularity.json", "Tensor against expert granularity, patched runtime (bench/{}; 5 sizes per model)",
      "expert: the default at --granularity expert: every expert slice of a merged expert tensor is an item with "
      "its own type, its damage the tensor's measured damage (one KL measurement per tensor, as at tensor "
