@@ -109,6 +109,13 @@ if out_path:  # convert_alphaq.py's summary line "time  stage 1.0 s, stage 2.0 s
             for part in line.strip()[5:].split(","):  # "float model 5.7 s"
                 words = part.split()
                 stages[" ".join(words[:-2])] = float(words[-2])
+stage_private = {}
+if out_path:  # "private  peak memory of this process per stage: float model 0.61 GiB, damage 1.20 GiB, ..."
+    for line in open(out_path):
+        if line.strip().startswith("private ") and ":" in line:
+            for part in line.split(":", 1)[1].split(","):
+                words = part.split()
+                stage_private[" ".join(words[:-2])] = float(words[-2])
 damage = {}
 if out_path:  # the default mode's "damage  N tensor(s) measured ... on T tokens ...; weighted error 1.0 s, ..."
     import re
@@ -124,7 +131,8 @@ if out_path:  # the default mode's "damage  N tensor(s) measured ... on T tokens
 print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "peak_rss_kib": ru.ru_maxrss,
                   "peak_tree_rss_kib": peaks["tree_rss"], "peak_private_kib": peaks["private"],
                   "peak_tree_private_kib": peaks["tree_private"], "peak_file_kib": peaks["file"],
-                  "peak_tree_file_kib": peaks["tree_file"], "stages": stages, "damage": damage}))
+                  "peak_tree_file_kib": peaks["tree_file"], "stages": stages, "damage": damage,
+                  "stage_private_gib": stage_private}))
 """
 
 _STOCK = r"""

@@ -195,7 +195,10 @@ def summarise(runs: list[dict]) -> dict:
                for k in ("private", "tree_private", "file", "tree_file")},
             "out_bytes": statistics.median(r["out_bytes"] for r in runs),
             "peak_disk_bytes": max(r["peak_disk_bytes"] for r in runs),
-            "damage": {k: statistics.median(r["damage"][k] for r in runs) for k in runs[0].get("damage", {})}}
+            "damage": {k: statistics.median(r["damage"][k] for r in runs) for k in runs[0].get("damage", {})},
+            # alphaq's own process, per stage, from its summary (the stock pipeline has none)
+            "stage_private_gib": {k: max(r.get("stage_private_gib", {}).get(k, 0.0) for r in runs)
+                                  for k in runs[0].get("stage_private_gib", {})}}
 
 
 def linear(a: tuple[int, float], b: tuple[int, float]) -> tuple[float, float]:

@@ -26,6 +26,9 @@ def test_like_reaches_every_size_and_stays_within_it(mix, float_ggufs, tmp_path,
     text = capsys.readouterr().out
     assert f"{mix}'s size for this model" in text
     assert "no calibration data" in text
+    [private] = [ln for ln in text.splitlines() if ln.startswith("  private ")]
+    for stage in ("float model", "self_text", "importance", "damage", "plan", "quantise"):
+        assert f" {stage} " in private  # each stage's peak private memory, in GiB
     limit = stock_size(model, mix, 32)
     assert 0.9 * limit < out.stat().st_size <= limit
     import llama_cpp

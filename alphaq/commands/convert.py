@@ -254,6 +254,9 @@ def summary(r) -> str:
                      "--no-resume converts afresh, --no-cache recomputes the rest)")
     if r.seconds:
         lines.append("  time        " + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()))
+    if r.peak_private:  # what the OS cannot drop, per stage (RSS also counts the mapped model's pages)
+        lines.append("  private     peak memory of this process per stage: "
+                     + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in r.peak_private.items()))
     if r.imatrix_source is not None:
         import resource
 

@@ -24,6 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from alphaq.damage import DamageConfig, DamageTable, Reference
+from alphaq import memory
 from alphaq.errors import AlphaQError
 from alphaq.files import atomic_write_text, cache_root, fingerprint
 from alphaq.importance.imatrix_file import Imatrix
@@ -85,32 +86,35 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
     model_key = fingerprint(model) + ("" if working_copy == "float" else f"+{working_copy}")
     with ExitStack() as stack:
         working = _lazy(lambda: stack.enter_context(_working_model(model, working_copy, work_dir, n_threads, seconds)))
-        tokens = _self_text(working, text_cfg, model_key, use_cache, progress, reused)
+        with memory.stage("self_text"):
+            tokens = _self_text(working, text_cfg, model_key, use_cache, progress, reused)
         seconds["self_text"] = time.perf_counter() - t0 - seconds.get("working_copy", 0.0)
         # llama.cpp loads the model only for a stage that runs (not when both come from the cache)
         session = _lazy(lambda: stack.enter_context(Session(working(), text_cfg.n_ctx, n_threads=n_threads)))
         t0 = time.perf_counter()
-        imatrix = user_imatrix or _importance(session, tokens, text_cfg, model_key, use_cache, progress, reused)
+        with memory.stage("importance"):
+            imatrix = user_imatrix or _importance(session, tokens, text_cfg, model_key, use_cache, progress, reused)
         seconds["importance"] = time.perf_counter() - t0
         key = _damage_key(model_key, text_cfg, cfg, names, candidates, per_expert, _imatrix_key(imatrix))
         path = cache_root() / "damage" / f"{key}.json"
-        if use_cache and path.exists():
-            log.info("damage: reusing %s", path)
-            t0 = time.perf_counter()
-            table = DamageTable.from_json(json.loads(path.read_text()))
-            reused.append("damage")
-            seconds["damage"] = time.perf_counter() - t0  # (the table's own seconds are the measurement's)
-        else:
-            pause_for_test("damage")
-            t0 = time.perf_counter()
-            ref = Reference(session(), tokens[: cfg.windows(names)])
-            table = measure(session(), ref, names, candidates, cfg, imatrix=imatrix.means(),
-                            tokens=imatrix.counts, per_expert=per_expert, progress=progress)
-            table.seconds["reference"] = round(time.perf_counter() - t0 - sum(table.seconds.values()), 3)
-            if use_cache:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(path, json.dumps(table.to_json(), sort_keys=True) + "\n")
-            seconds["damage"] = sum(table.seconds.values())
+        with memory.stage("damage"):
+            if use_cache and path.exists():
+                log.info("damage: reusing %s", path)
+                t0 = time.perf_counter()
+                table = DamageTable.from_json(json.loads(path.read_text()))
+                reused.append("damage")
+                seconds["damage"] = time.perf_counter() - t0  # (the table's own seconds are the measurement's)
+            else:
+                pause_for_test("damage")
+                t0 = time.perf_counter()
+                ref = Reference(session(), tokens[: cfg.windows(names)])
+                table = measure(session(), ref, names, candidates, cfg, imatrix=imatrix.means(),
+                                tokens=imatrix.counts, per_expert=per_expert, progress=progress)
+                table.seconds["reference"] = round(time.perf_counter() - t0 - sum(table.seconds.values()), 3)
+                if use_cache:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(path, json.dumps(table.to_json(), sort_keys=True) + "\n")
+                seconds["damage"] = sum(table.seconds.values())
     return SelfCalibration(tokens, imatrix, table, seconds, "self" if user_imatrix is None else imatrix_source,
                            tuple(reused), working_copy)
 

@@ -37,6 +37,7 @@ from alphaq.gguf.expert import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, gro
 from alphaq.gguf.io import (FLOAT_TYPES, check_finite, copy_with_metadata, first_shard, header_bytes, model_bytes,
                             read_tensors)
 from alphaq.gguf.split import SplitSpec, split_gguf
+from alphaq import memory
 from alphaq.pipeline.preflight import SPLIT_PART_OVERHEAD, WORKING_COPY_CHOICES, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
 from alphaq.allocate.feasibility import check_budget, matrix_tensors, quantised_tensors
@@ -124,6 +125,7 @@ class ConvertResult:
     damage_note: str | None = None  # how the damage table was obtained (default mode)
     working_copy: str | None = None  # what the forward stages ran: "float" or "q8_0" (default mode)
     quantise_cap: AutoCap | None = None  # the default mode's cap on the quantiser's time, when it applied
+    peak_private: dict[str, int] = field(default_factory=dict)  # stage -> this process's peak private bytes
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:
@@ -378,7 +380,8 @@ def run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None = Non
     for lg in loggers:
         lg.addHandler(handler)
     try:
-        result = _run_convert(cfg, announce)
+        with memory.StageMemory() as monitor:
+            result = _run_convert(cfg, announce)
     finally:
         for lg in loggers:
             lg.removeHandler(handler)
@@ -386,7 +389,7 @@ def run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None = Non
     why = native.unavailable_reason() if needs_spectral(cfg) else None
     if why and why != "ALPHAQ_NATIVE=0" and not any("native kernels" in ln for ln in lines):
         lines.append(f"native kernels unavailable ({why}); the spectral stage used numpy (same results, slower)")
-    return replace(result, warnings=tuple(lines))
+    return replace(result, warnings=tuple(lines), peak_private=dict(monitor.peaks))
 
 
 def _run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None) -> ConvertResult:
@@ -417,8 +420,9 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     """Float model, forward stages, plan, then (unless a dry run) quantise and publish, in ``work``."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    float_gguf, tokenizer_fallback, stats = _float_model(cfg, source, work, wanted)
-    seconds["float model + spectral" if needs_spectral(cfg) else "float model"] = time.perf_counter() - t0
+    with memory.stage(float_stage := "float model + spectral" if needs_spectral(cfg) else "float model"):
+        float_gguf, tokenizer_fallback, stats = _float_model(cfg, source, work, wanted)
+    seconds[float_stage] = time.perf_counter() - t0
     tensors = tensor_infos(float_gguf)
     base_header = header_bytes(float_gguf)
     float_bytes = model_bytes(float_gguf)
@@ -434,8 +438,9 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
         return _plan_with_header(stats, tensors, replace(cfg, plan=plan_cfg), base_header, tokenizer_fallback, noise,
                                  damage=calib.damage.costs if calib else None)
 
-    plan, cap = (auto_capped_plan(solve, cfg.plan, float_gguf, like=cfg.like) if auto_cap_applies(cfg)
-                 else (solve(cfg.plan), None))
+    with memory.stage("plan"):
+        plan, cap = (auto_capped_plan(solve, cfg.plan, float_gguf, like=cfg.like) if auto_cap_applies(cfg)
+                     else (solve(cfg.plan), None))
     if cap is not None:
         plan.settings["auto_quantise_cap"] = asdict(cap)
     seconds["plan"] = time.perf_counter() - t0
@@ -450,9 +455,10 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
         return _planned_result(cfg, tensors, facts)
     pause_for_test("quantise")
     t0 = time.perf_counter()
-    written = _write(cfg, plan, float_gguf, tensors, work.dir, tokenizer_fallback, calib.imatrix if calib else None,
-                     done_with_float=lambda: _release_float(cfg, float_gguf, work))
-    parts = _split_output(cfg, work.dir)
+    with memory.stage("quantise"):
+        written = _write(cfg, plan, float_gguf, tensors, work.dir, tokenizer_fallback,
+                         calib.imatrix if calib else None, done_with_float=lambda: _release_float(cfg, float_gguf, work))
+        parts = _split_output(cfg, work.dir)
     seconds["quantise"] = time.perf_counter() - t0
     plots = _render_plots(cfg, plan, stats, seconds)
     published = []
