@@ -428,3 +428,40 @@ def test_preflight_states_the_forward_stages_memory(float_ggufs, tmp_path, monke
     assert "memory-map the float model" in roomy.format(None) and "holds it" in roomy.format(None)
     assert "does not hold it" in tight.format(None) and "reads the missing part from disk" in tight.format(None)
     assert "memory" not in fast.format(None)  # no forward pass in the fast mode
+
+
+def test_preflight_damage_estimate_follows_the_weights_a_token_reads():
+    """Mixtral-8x7B shapes at 2 blocks (bench/scale-autocap-others.json): the damage stage's forward
+    passes read 2 of 8 experts a token; scaled by the block's weights the estimate was under half
+    the measured stage, scaled by the weights a token reads it is within 15 % of it."""
+    import json
+
+    from alphaq.allocate.plan import MODES, PlanConfig
+    from alphaq.pipeline.convert import ConvertConfig
+    from alphaq.pipeline.preflight import stage_seconds
+
+    bench = json.loads((Path(__file__).parents[1] / "bench" / "scale-autocap-others.json").read_text())
+    [point] = [p for p in bench["points"] if p["arch"] == "mixtral-8x7b" and p["blocks"] == 2]
+    measured = point["median"]["default"]["stages"]["damage"]
+    cfg = ConvertConfig(model=Path("m"), output=Path("o.gguf"), plan=PlanConfig(**MODES["damage"]),
+                        auto_quantise_cap=False)
+    attention = 2 * 4096 * 4096 + 2 * 1024 * 4096
+    weights, read = attention + 8 * 3 * 14336 * 4096, attention + 2 * 3 * 14336 * 4096
+    assert stage_seconds(cfg, "hf", 2, weights)["damage"] < 0.6 * measured
+    assert stage_seconds(cfg, "hf", 2, weights, read)["damage"] == pytest.approx(measured, rel=0.15)
+
+
+def test_active_weights_per_block_reads_the_experts_used_from_config_and_gguf(float_ggufs):
+    from alphaq.model.weights import open_model
+    from alphaq.pipeline.preflight import active_weights_per_block
+
+    hf, gg = open_model(FIXTURES / "mixtral"), open_model(float_ggufs["mixtral"])
+    used = json.loads((FIXTURES / "mixtral" / "config.json").read_text())["num_experts_per_tok"]
+    assert hf.experts_used == gg.experts_used == used
+    blocks = [m for m in gg.matrices() if m.block is not None]
+    experts = sum(m.params for m in blocks if m.expert is not None)
+    n_experts = len({m.expert for m in blocks if m.expert is not None})
+    total = sum(m.params for m in blocks)
+    expected = (total - experts + experts * used // n_experts) // gg.n_blocks
+    assert active_weights_per_block(gg) == active_weights_per_block(hf) == expected
+    assert active_weights_per_block(replace(gg, experts_used=None)) == total // gg.n_blocks

@@ -129,6 +129,7 @@ class ModelWeights:
     _matrices: list[WeightMatrix] = field(repr=False)
     _close: Callable[[], None] = field(repr=False, default=lambda: None)
     n_elements: int = 0  # every stored tensor's elements (norms, routers, biases too)
+    experts_used: int | None = None  # routed experts per token (config / GGUF metadata); None: not said
 
     def matrices(self) -> list[WeightMatrix]:
         """Every analysable matrix / expert slice, in deterministic order (lazy loads)."""
@@ -302,8 +303,9 @@ def _open_hf(path: Path) -> ModelWeights:
     logger.debug(  # (DEBUG: a refused input then prints its one error line only)
         "%s: %s (%s), %d blocks, %d matrices", path, c.hf_arch, MODEL_ARCH_NAMES[c.model_arch], c.n_blocks, len(mats)
     )
+    used = c.text_cfg.get("num_experts_per_tok")
     return ModelWeights(path, "hf", MODEL_ARCH_NAMES[c.model_arch], c.model_arch, c.n_blocks, mats, files.close,
-                        n_elements)
+                        n_elements, used if isinstance(used, int) and used > 0 else None)
 
 
 def _read_hf_config(path: Path) -> _HFConfig:
@@ -537,4 +539,6 @@ def _open_gguf(path: Path) -> ModelWeights:
     _check_unique(mats, path)
     logger.debug("%s: GGUF %s, %d blocks, %d matrices", path, arch_name, n_blocks, len(mats))
     n_elements = sum(math.prod(int(d) for d in t.shape) for _, t in tensors)  # every part
-    return ModelWeights(path, "gguf", arch_name, model_arch, n_blocks, mats, n_elements=n_elements)
+    used = _field(reader, gguf.Keys.LLM.EXPERT_USED_COUNT.format(arch=arch_name))
+    return ModelWeights(path, "gguf", arch_name, model_arch, n_blocks, mats, n_elements=n_elements,
+                        experts_used=int(used) if used else None)

@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,13 @@ from alphaq.gguf.qtypes import effective_type, llama_quantizes, resolve_type, te
 # changes speed.
 # experts 3 x 128 x 2048 x 768 + attention q, o 2 x 4096 x 2048 + k, v 2 x 512 x 2048
 REFERENCE_WEIGHTS_PER_BLOCK = 622_854_144
+# what one token reads of that block (8 of the 128 experts + attention): the damage stage's forward
+# passes scale with it, not with the block's weights. Measured ms per block and token in the damage
+# stage: 0.92 on Qwen3-30B-A3B shapes (56.6M read a block), 6.65 on Mixtral-8x7B's (394M), 1.36 on
+# DeepSeek-V2-Lite's (84.7M): 16.1-16.9 ps per weight read (bench/scale-autocap.json,
+# bench/scale-autocap-others.json). Scaling by a block's weights instead put Mixtral-8x7B's damage
+# stage at 9.9 min for 2 blocks, measured 20.3.
+REFERENCE_ACTIVE_PER_BLOCK = 8 * 3 * 2048 * 768 + 2 * 4096 * 2048 + 2 * 512 * 2048
 STAGE_SECONDS_PER_BLOCK = {
     "float model": 30.8 / 4,  # llama.cpp's converter to BF16 (HF input only)
     "self text": 32.1 / 4,  # 16 sequences of 256 tokens sampled from the model
@@ -171,9 +179,14 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
 
-def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> dict[str, float]:
-    """The stage-rate table applied to this model and these settings (alphaq.pipeline.convert.ConvertConfig)."""
+def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int,
+                  active_per_block: int | None = None) -> dict[str, float]:
+    """The stage-rate table applied to this model and these settings (alphaq.pipeline.convert.ConvertConfig).
+    ``active_per_block``: the weights one token reads in a block (active_weights_per_block); None
+    takes the reference model's share of its weights."""
     scale = n_blocks * weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
+    weight_ratio = weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
+    read_ratio = weight_ratio if active_per_block is None else active_per_block / REFERENCE_ACTIVE_PER_BLOCK
     rate = STAGE_SECONDS_PER_BLOCK
     out = {"float model": rate["float model"] * scale} if source == "hf" else {}
     if cfg.plan.noise != "damage":
@@ -182,7 +195,7 @@ def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> di
     out["self text"] = rate["self text"] * scale
     if cfg.imatrix is None:
         out["importance"] = rate["importance"] * scale
-    damage = damage_seconds(cfg.damage, n_blocks, cfg.selftext.n_ctx) * weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
+    damage = damage_seconds(cfg.damage, n_blocks, cfg.selftext.n_ctx, weight_ratio, read_ratio)
     if cfg.damage.method == "direct":  # one measurement per candidate type instead of one per tensor
         damage *= len(cfg.plan.types)
     out["damage"] = damage
@@ -196,18 +209,32 @@ def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int) -> di
     return out
 
 
-def damage_seconds(damage_cfg, n_blocks: int, n_ctx: int) -> float:
-    """The damage stage at the reference model's weights per block and kinds of tensor: measured
-    tensors (every block, or the anchors) x (fake quantisation + a forward pass over n_blocks and the
-    windows' tokens), one reference pass, and every tensor's weighted errors."""
+def damage_seconds(damage_cfg, n_blocks: int, n_ctx: int, weight_ratio: float = 1.0, read_ratio: float = 1.0) -> float:
+    """The damage stage for the reference model's kinds of tensor: measured tensors (every block, or
+    the anchors) x (fake quantisation + a forward pass over n_blocks and the windows' tokens), one
+    reference pass, and every tensor's weighted errors. The forward passes scale by ``read_ratio``
+    (weights a token reads a block, against the reference's), the rest by ``weight_ratio``."""
     anchors = damage_cfg.anchors
     blocks_measured = n_blocks if anchors is None else min(anchors, n_blocks)
     tokens = damage_cfg.windows_when(blocks_measured == n_blocks) * n_ctx
     measured = KINDS_PER_BLOCK * blocks_measured + TENSORS_OUTSIDE_BLOCKS
     p = DAMAGE_PARTS
-    return (measured * (p["fake_per_measurement"] + p["forward_per_measurement_block_token"] * n_blocks * tokens)
-            + p["reference_per_block_token"] * n_blocks * tokens
-            + (KINDS_PER_BLOCK * n_blocks + TENSORS_OUTSIDE_BLOCKS) * p["weighted_error_per_tensor"])
+    forward = (measured * p["forward_per_measurement_block_token"] + p["reference_per_block_token"]) * n_blocks * tokens
+    per_weight = (measured * p["fake_per_measurement"]
+                  + (KINDS_PER_BLOCK * n_blocks + TENSORS_OUTSIDE_BLOCKS) * p["weighted_error_per_tensor"])
+    return forward * read_ratio + per_weight * weight_ratio
+
+
+def active_weights_per_block(model) -> int:
+    """The weights one token reads in a block of ``model`` (alphaq.model.weights.ModelWeights): every
+    matrix, the routed experts' slices at experts_used of their count; all of them when the model
+    does not say how many experts a token uses."""
+    blocks = [m for m in model.matrices() if m.block is not None]
+    slices = Counter(m.tensor for m in blocks if m.expert is not None)
+    used = model.experts_used
+    total = sum(m.params * (min(used, slices[m.tensor]) / slices[m.tensor] if used and m.expert is not None else 1)
+                for m in blocks)
+    return int(total) // max(1, model.n_blocks)
 
 
 def _largest_bytes(name: str, shape: tuple[int, ...], types: list[GGMLQuantizationType]) -> int:
@@ -316,7 +343,7 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
         needs[out_fs] = max(needs[out_fs], float_there + working_copy_bytes(float_bytes))
     blocks = [m for m in model.matrices() if m.block is not None]
     per_block = sum(m.params for m in blocks) // max(1, model.n_blocks)
-    seconds = stage_seconds(cfg, model.source, model.n_blocks, per_block)
+    seconds = stage_seconds(cfg, model.source, model.n_blocks, per_block, active_weights_per_block(model))
     if reused is not None:
         seconds.pop("float model", None)
     if working == "q8_0":  # written before the forward stages, after the float model
