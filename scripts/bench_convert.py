@@ -102,20 +102,15 @@ wall = time.perf_counter() - t
 if proc.returncode:
     sys.stderr.write(stderr[-3000:]); sys.exit(proc.returncode)
 ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-stages = {}
-if out_path:  # convert_alphaq.py's summary line "time  stage 1.0 s, stage 2.0 s, ..."
-    for line in open(out_path):
-        if line.strip().startswith("time ") and " about " not in line:  # not the pre-flight estimate
-            for part in line.strip()[5:].split(","):  # "float model 5.7 s"
-                words = part.split()
-                stages[" ".join(words[:-2])] = float(words[-2])
-stage_private = {}
-if out_path:  # "private  peak memory of this process per stage: float model 0.61 GiB, damage 1.20 GiB, ..."
-    for line in open(out_path):
-        if line.strip().startswith("private ") and ":" in line:
-            for part in line.split(":", 1)[1].split(","):
-                words = part.split()
-                stage_private[" ".join(words[:-2])] = float(words[-2])
+def per_stage(values):  # "float model 5.7 s, damage 1.2 s" -> {"float model": 5.7, "damage": 1.2} (any unit)
+    return {" ".join(w[:-2]): float(w[-2]) for w in (part.split() for part in values.split(","))}
+stages, stage_private = {}, {}
+for line in open(out_path) if out_path else ():
+    text = line.strip()
+    if text.startswith("time ") and " about " not in text:  # the summary's stage times, not the pre-flight estimate
+        stages = per_stage(text[5:])
+    elif text.startswith("private ") and ":" in text:  # "private  peak memory ... per stage: float model 0.61 GiB, ..."
+        stage_private = per_stage(text.split(":", 1)[1])
 damage = {}
 if out_path:  # the default mode's "damage  N tensor(s) measured ... on T tokens ...; weighted error 1.0 s, ..."
     import re

@@ -331,9 +331,9 @@ def project_v3_default(fits: dict, cores: int) -> tuple[float, str]:
     from alphaq.selftext import SelfTextConfig
 
     name, fit, by_weight, _ = full_targets(fits)[-1]
-    per_weight = sum(fit["default"]["stages"].get(k, (0.0, 0.0))[0] for k in PER_WEIGHT_STAGES) if "default" in fit \
-        else float("nan")
-    q_rate = fit["default"]["stages"].get("quantise", (0.0, 0.0))[0] if "default" in fit else float("nan")
+    rates = {k: r for k, (r, _) in fit["default"]["stages"].items()} if "default" in fit else {}
+    per_weight = sum(rates.get(k, 0.0) for k in PER_WEIGHT_STAGES) if rates else float("nan")
+    q_rate = rates.get("quantise", 0.0) if rates else float("nan")
     act = ACTIVE_WEIGHTS[name] / ACTIVE_WEIGHTS["deepseek2-lite"]
     fwd_blocks = V3_FORWARD_BLOCKS * act  # deepseek2-lite block-equivalents of arithmetic per token
     forward_stages = sum(lite["stages"].get(k, (0.0, 0.0))[0] for k in FORWARD_STAGES) * fwd_blocks

@@ -451,9 +451,9 @@ def test_preflight_damage_estimate_follows_the_weights_a_token_reads():
     assert stage_seconds(cfg, "hf", 2, weights, read)["damage"] == pytest.approx(measured, rel=0.15)
 
 
-def test_active_weights_per_block_reads_the_experts_used_from_config_and_gguf(float_ggufs):
+def test_block_weights_read_the_experts_used_from_config_and_gguf(float_ggufs):
     from alphaq.model.weights import open_model
-    from alphaq.pipeline.preflight import active_weights_per_block
+    from alphaq.pipeline.preflight import block_weights
 
     hf, gg = open_model(FIXTURES / "mixtral"), open_model(float_ggufs["mixtral"])
     used = json.loads((FIXTURES / "mixtral" / "config.json").read_text())["num_experts_per_tok"]
@@ -463,5 +463,5 @@ def test_active_weights_per_block_reads_the_experts_used_from_config_and_gguf(fl
     n_experts = len({m.expert for m in blocks if m.expert is not None})
     total = sum(m.params for m in blocks)
     expected = (total - experts + experts * used // n_experts) // gg.n_blocks
-    assert active_weights_per_block(gg) == active_weights_per_block(hf) == expected
-    assert active_weights_per_block(replace(gg, experts_used=None)) == total // gg.n_blocks
+    assert block_weights(gg) == block_weights(hf) == (total // gg.n_blocks, expected)
+    assert block_weights(replace(gg, experts_used=None)) == (total // gg.n_blocks, total // gg.n_blocks)

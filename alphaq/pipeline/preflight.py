@@ -182,10 +182,10 @@ def _duration(s: float) -> str:
 def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int,
                   active_per_block: int | None = None) -> dict[str, float]:
     """The stage-rate table applied to this model and these settings (alphaq.pipeline.convert.ConvertConfig).
-    ``active_per_block``: the weights one token reads in a block (active_weights_per_block); None
+    ``active_per_block``: the weights one token reads in a block (block_weights); None
     takes the reference model's share of its weights."""
-    scale = n_blocks * weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
     weight_ratio = weights_per_block / REFERENCE_WEIGHTS_PER_BLOCK
+    scale = n_blocks * weight_ratio
     read_ratio = weight_ratio if active_per_block is None else active_per_block / REFERENCE_ACTIVE_PER_BLOCK
     rate = STAGE_SECONDS_PER_BLOCK
     out = {"float model": rate["float model"] * scale} if source == "hf" else {}
@@ -225,16 +225,17 @@ def damage_seconds(damage_cfg, n_blocks: int, n_ctx: int, weight_ratio: float = 
     return forward * read_ratio + per_weight * weight_ratio
 
 
-def active_weights_per_block(model) -> int:
-    """The weights one token reads in a block of ``model`` (alphaq.model.weights.ModelWeights): every
-    matrix, the routed experts' slices at experts_used of their count; all of them when the model
-    does not say how many experts a token uses."""
+def block_weights(model) -> tuple[int, int]:
+    """(quantisable weights, weights one token reads) per block of ``model``
+    (alphaq.model.weights.ModelWeights). A token reads every matrix and the routed experts' slices
+    at experts_used of their count; all of them when the model does not say how many it uses."""
     blocks = [m for m in model.matrices() if m.block is not None]
     slices = Counter(m.tensor for m in blocks if m.expert is not None)
     used = model.experts_used
-    total = sum(m.params * (min(used, slices[m.tensor]) / slices[m.tensor] if used and m.expert is not None else 1)
-                for m in blocks)
-    return int(total) // max(1, model.n_blocks)
+    read = sum(m.params * (min(used, slices[m.tensor]) / slices[m.tensor] if used and m.expert is not None else 1)
+               for m in blocks)
+    n = max(1, model.n_blocks)
+    return sum(m.params for m in blocks) // n, int(read) // n
 
 
 def _largest_bytes(name: str, shape: tuple[int, ...], types: list[GGMLQuantizationType]) -> int:
@@ -341,9 +342,8 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
     if working == "q8_0":  # the copy sits beside the output while the float model is still there
         float_there = float_bytes if float_dir == out_fs and reused is None else 0
         needs[out_fs] = max(needs[out_fs], float_there + working_copy_bytes(float_bytes))
-    blocks = [m for m in model.matrices() if m.block is not None]
-    per_block = sum(m.params for m in blocks) // max(1, model.n_blocks)
-    seconds = stage_seconds(cfg, model.source, model.n_blocks, per_block, active_weights_per_block(model))
+    per_block, read_per_block = block_weights(model)
+    seconds = stage_seconds(cfg, model.source, model.n_blocks, per_block, read_per_block)
     if reused is not None:
         seconds.pop("float model", None)
     if working == "q8_0":  # written before the forward stages, after the float model
