@@ -118,3 +118,29 @@ def test_measured_mse_uses_the_sampled_rows_only():
     assert sub == pytest.approx(direct, rel=1e-12)
     full = costs.measured_mse(x, [T.Q3_K])[T.Q3_K]
     assert full == pytest.approx(sub, rel=0.5)  # an estimate of the same quantity
+
+
+def test_quantiser_slabs_write_the_same_bytes(float_ggufs, tmp_path, monkeypatch):
+    """llama.cpp's quantiser under our buffer bound (QUANTISER_BUFFER_BYTES) writes what it writes with
+    its own 8 GiB default: here one row per slab, each expert's rows with their own importance vector."""
+    import gguf
+
+    import alphaq.gguf.quantize as q
+    from alphaq.gguf.io import read_tensors
+
+    src = float_ggufs["mixtral"]
+    rng = np.random.default_rng(0)
+    types, imatrix = {}, {}
+    for t in read_tensors(src):
+        if len(t.shape) < 2 or "norm" in t.name or "gate_inp" in t.name:
+            continue
+        types[t.name] = T.IQ2_XS if "_exps" in t.name else T.Q4_K
+        n_mat = t.shape[0] if len(t.shape) == 3 else 1
+        imatrix[t.name] = rng.uniform(0.1, 4.0, n_mat * t.shape[-1]).astype(np.float32)
+    written = {}
+    for label, buffer in (("whole", 0), ("rows", 1)):
+        monkeypatch.setattr(q, "QUANTISER_BUFFER_BYTES", buffer)
+        q.quantize_gguf(src, tmp_path / f"{label}.gguf", types, imatrix=imatrix)
+        written[label] = {t.name: bytes(t.data) for t in gguf.GGUFReader(tmp_path / f"{label}.gguf").tensors}
+    assert any("_exps" in n for n in written["whole"])
+    assert written["rows"] == written["whole"]

@@ -430,6 +430,50 @@ def test_preflight_states_the_forward_stages_memory(float_ggufs, tmp_path, monke
     assert "memory" not in fast.format(None)  # no forward pass in the fast mode
 
 
+def test_preflight_time_follows_this_machines_speed(float_ggufs, tmp_path, monkeypatch):
+    """The benchmark's rates are divided by the probed speed: the converter by the one-thread ratio,
+    every other stage by the all-thread ratio."""
+    import alphaq.pipeline.preflight as pf
+    import alphaq.pipeline.speed_probe as sp
+    from alphaq.pipeline.convert import ConvertConfig
+    from alphaq.allocate.plan import MODES, PlanConfig
+    from alphaq.model.weights import open_model
+
+    cfg = ConvertConfig(model=float_ggufs[MODEL], output=tmp_path / "o.gguf", plan=PlanConfig(**MODES["damage"]))
+    with open_model(float_ggufs[MODEL]) as model:
+        monkeypatch.setattr(pf, "machine_speed", lambda: sp.MachineSpeed(2, 1.0, 1.0))
+        bench = pf.preflight(cfg, model)
+        monkeypatch.setattr(pf, "machine_speed", lambda: sp.MachineSpeed(16, 1.5, 6.0))
+        fast = pf.preflight(cfg, model)
+    assert set(fast.stage_seconds) == set(bench.stage_seconds) and "damage" in fast.stage_seconds
+    for stage, seconds in bench.stage_seconds.items():
+        assert fast.stage_seconds[stage] == pytest.approx(seconds / (1.5 if stage == "float model" else 6.0))
+    assert "1.50x on one thread, 6.00x on 16 threads" in fast.format(None)
+
+
+def test_probe_reference_is_ones_on_the_benchmark_figures(monkeypatch):
+    """The probe's reference figures give a speed of 1 to a machine that measures them (so the
+    benchmark's own estimate is unchanged), more to a faster one."""
+    import alphaq.pipeline.speed_probe as sp
+
+    sp.machine_speed.cache_clear()
+    monkeypatch.setattr(sp, "probe", lambda threads: (sp.REFERENCE_ONE_THREAD_NS, sp.REFERENCE_ALL_THREADS_NS))
+    assert sp.machine_speed().one_thread == 1.0 and sp.machine_speed().all_threads == 1.0
+    sp.machine_speed.cache_clear()
+    monkeypatch.setattr(sp, "probe", lambda threads: (sp.REFERENCE_ONE_THREAD_NS / 2, sp.REFERENCE_ALL_THREADS_NS / 8))
+    assert (sp.machine_speed().one_thread, sp.machine_speed().all_threads) == (2.0, 8.0)
+    sp.machine_speed.cache_clear()
+
+
+def test_probe_measures_ggml_quantiser_throughput():
+    """The probe runs the real quantiser: positive ns per weight, and the all-thread figure is a
+    per-weight wall time over every thread's work (not above one thread's by more than noise)."""
+    from alphaq.pipeline.speed_probe import probe
+
+    one, every = probe(2)
+    assert 0 < one < 1e5 and 0 < every < 3 * one
+
+
 def test_preflight_damage_estimate_follows_the_weights_a_token_reads():
     """Mixtral-8x7B shapes at 2 blocks (bench/scale-autocap-others.json): the damage stage's forward
     passes read 2 of 8 experts a token; scaled by the block's weights the estimate was under half

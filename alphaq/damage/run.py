@@ -134,13 +134,13 @@ def _working_model(model: Path, working_copy: str, work_dir: Path | None, n_thre
         return
     import tempfile
 
-    from alphaq.gguf.quantize import quantize_stock
+    from alphaq.gguf.quantize import QUANTISER_BUFFER_BYTES, quantize_stock
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".alphaq-q8_0-", dir=work_dir) as tmp:
         copy = Path(tmp) / "working-copy-q8_0.gguf"
         log.info("forward stages: writing a Q8_0 working copy of %s to %s", model.name, copy)
-        quantize_stock(model, copy, "Q8_0", nthread=n_threads or 0)
+        quantize_stock(model, copy, "Q8_0", nthread=n_threads or 0, max_buf_size=QUANTISER_BUFFER_BYTES)
         seconds["working_copy"] = time.perf_counter() - t0
         yield copy
 

@@ -96,6 +96,16 @@ def ftype_for(tensor_types: dict[str, GGMLQuantizationType], n_elements: dict[st
     return int(getattr(llama_cpp, _FTYPE_BY_TYPE.get(dominant, "LLAMA_FTYPE_MOSTLY_Q4_K_M")))
 
 
+# llama.cpp's quantiser converts a tensor's rows to float32 (and writes them) a slab at a time, at
+# most this many bytes of rows (source, float32 and output) at once. Its default, 8 GiB, takes every
+# tensor of a real model whole: a merged Mixtral-8x7B expert tensor (8 x 14336 x 4096) is 1.9 GB of
+# float32 plus its output. A slab of 512 MiB costs no time (the slabs are quantised one after another,
+# each on every thread) and the bytes written are the same (rows are quantised on their own, each
+# expert's rows with its own importance vector: tested). llama-quantize has no flag for it, so the
+# stock baselines keep llama.cpp's default.
+QUANTISER_BUFFER_BYTES = 512 << 20
+
+
 @dataclass
 class _Keepalive:
     """ctypes buffers that must outlive the llama_model_quantize call."""
@@ -104,12 +114,14 @@ class _Keepalive:
 
 
 def _build_params(ftype: int, nthread: int, overrides: dict[str, GGMLQuantizationType] | None,
-                  imatrix: dict[str, np.ndarray] | None, dry_run: bool = False, kv_overrides=()):
+                  imatrix: dict[str, np.ndarray] | None, dry_run: bool = False, kv_overrides=(),
+                  max_buf_size: int | None = None):
     llama_cpp = _llama()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = nthread
     params.dry_run = dry_run
+    params.max_buf_size = QUANTISER_BUFFER_BYTES if max_buf_size is None else max_buf_size  # 0: llama.cpp's default
     keep = _Keepalive([])
     if overrides:
         arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
@@ -230,13 +242,14 @@ def failure_reason(lines, rc: int) -> str:
 
 
 def quantize_stock(src: Path, dst: Path, mix: str, *, nthread: int = 0,
-                   imatrix: dict[str, np.ndarray] | None = None) -> None:
-    """llama.cpp's own mix (e.g. "Q3_K_M") with its heuristics, as ``llama-quantize`` would."""
+                   imatrix: dict[str, np.ndarray] | None = None, max_buf_size: int = 0) -> None:
+    """llama.cpp's own mix (e.g. "Q3_K_M") with its heuristics, as ``llama-quantize`` would
+    (``max_buf_size`` 0: with its default buffers too)."""
     llama_cpp = _llama()
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}", None)
     if ftype is None:
         raise AlphaQError(f"unknown llama.cpp mix {mix!r}; allowed: {', '.join(STOCK_MIXES)}")
-    params, keep = _build_params(int(ftype), nthread, None, imatrix)
+    params, keep = _build_params(int(ftype), nthread, None, imatrix, max_buf_size=max_buf_size)
     tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
     with _captured_log(tail.append):
         rc = llama_cpp.llama_model_quantize(_load_path(src), str(dst).encode(), ctypes.byref(params))

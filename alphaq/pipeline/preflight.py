@@ -38,6 +38,7 @@ from alphaq.damage.run import WORKING_COPIES
 from alphaq.allocate.plan import format_size
 from alphaq.allocate.quantise_cap import FLOOR_NS
 from alphaq.gguf.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
+from alphaq.pipeline.speed_probe import MachineSpeed, machine_speed
 
 # Seconds per transformer block for each stage, measured by scripts/bench_scale.py on
 # Qwen3-30B-A3B's block shapes (4 blocks, random weights, 2-core CPU, --like Q3_K_M --no-cache; the
@@ -105,6 +106,7 @@ class Preflight:
     largest_weight_bytes: int = 0  # the largest float weight: private while it is fake-quantised
     ram_available: int | None = None  # MemAvailable, where the OS says
     working_copy: str = "float"  # what the forward stages run: the float model, or a Q8_0 copy of it
+    speed: MachineSpeed | None = None  # this machine against the benchmark's (None: the benchmark's rates as they are)
 
     @property
     def seconds(self) -> float:
@@ -128,8 +130,9 @@ class Preflight:
         if self.forward:
             lines.append(self._memory_line())
         stages = ", ".join(f"{k} {_duration(v)}" for k, v in self.stage_seconds.items())
-        lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (2-core CPU, "
-                     f"bench/scale-autocap.json; cached stages are skipped): {stages}")
+        rates = (f"the benchmark's rates (bench/scale-autocap.json) scaled to {self.speed.describe()}"
+                 if self.speed else "the benchmark's rates (2-core CPU, bench/scale-autocap.json)")
+        lines.append(f"  time      about {_duration(self.seconds)} at {rates}; cached stages are skipped: {stages}")
         return "\n".join(lines)
 
 
@@ -350,9 +353,11 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
         copy = {"working copy": Q8_0_SECONDS_PER_WEIGHT * sum(m.params for m in model.matrices())}
         seconds = {k: v for k, v in seconds.items() if k == "float model"} | copy | {
             k: v for k, v in seconds.items() if k != "float model"}
+    speed = machine_speed()
+    seconds = {k: v / speed.factor(k) for k, v in seconds.items()}
     return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
                      {d: shutil.disk_usage(d).free for d in needs}, seconds, reused, forward=forward,
-                     largest_weight_bytes=largest, ram_available=ram, working_copy=working)
+                     largest_weight_bytes=largest, ram_available=ram, working_copy=working, speed=speed)
 
 
 def _largest_weight_bytes(model) -> int:
