@@ -45,7 +45,7 @@ class MachineSpeed:
 
     def describe(self) -> str:
         return (f"this machine's speed probed against the benchmark's 2-core CPU: {self.one_thread:.2f}x on one "
-                f"thread, {self.all_threads:.2f}x on {self.threads} threads")
+                f"thread, {self.all_threads:.2f}x on {self.threads} thread{'s' if self.threads > 1 else ''}")
 
 
 def _probe_matrix() -> tuple[np.ndarray, np.ndarray]:
