@@ -127,9 +127,9 @@ def test_swap_writes_the_rounded_values_and_restores_the_bytes(session):
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.1.ffn_down_exps.weight"])
 def test_threaded_swap_in_row_blocks_equals_one_quantisation_of_each_matrix(session, own_text, monkeypatch, name):
     # the swap quantises row blocks and experts on threads: the values must not depend on it
-    monkeypatch.setattr(Swap, "ROWS_PER_JOB", 7)
     means = collect_imatrix(session, own_text).means()[name]
     buf = session.weights[name]
+    monkeypatch.setattr(Swap, "WEIGHTS_PER_JOB", 7 * buf.shape[-1])  # 7 rows a job
     before = buf.view().copy()
     mats = before.reshape(-1, *buf.shape[-2:])
     imat = means.reshape(len(mats), buf.shape[-1])

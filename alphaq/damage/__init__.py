@@ -224,11 +224,13 @@ class Swap:
     The slices are quantised on a thread per core (ggml's quantiser releases the GIL); every row
     is quantised on its own, so the values do not depend on how the rows are shared out."""
 
-    # every weight in row blocks (8M weights = 32 MB of float32 for a 4096-wide row): a whole
-    # Mixtral-8x7B expert at once (14336 x 4096) held 2 GB per thread in float32 copies and the
-    # dequantiser's temporaries, 4 GiB over the mapped model on 2 threads; the real vocabulary's
+    # every weight in row blocks of at most this many weights (16 MB of float32; gguf-py's
+    # dequantiser makes temporaries several times that): a whole Mixtral-8x7B expert at once
+    # (14336 x 4096) held 2 GB per thread, 4 GiB over the mapped model on 2 threads; blocks of
+    # 2048 rows still took 3.12 GiB of private memory in the damage stage at 1 Mixtral-8x7B block,
+    # because a 14336-wide down projection made each block 29M weights; the real vocabulary's
     # embedding is 1.2 GB of float32
-    ROWS_PER_JOB = 2048
+    WEIGHTS_PER_JOB = 4 << 20
 
     def __init__(self, buf: WeightBuffer, t: GGMLQuantizationType, means: np.ndarray | None,
                  expert: int | None = None):
@@ -241,8 +243,8 @@ class Swap:
             slabs = [(view[e], None if self.means is None else self.means[e]) for e in experts]
         else:  # rows of elements, or a Q8_0 copy's bytes per row
             slabs = [(view.reshape(-1, view.shape[-1]), None if self.means is None else self.means[0])]
-        return [(rows[i:i + self.ROWS_PER_JOB], imat) for rows, imat in slabs
-                for i in range(0, rows.shape[0], self.ROWS_PER_JOB)]
+        step = max(1, self.WEIGHTS_PER_JOB // view.shape[-1])
+        return [(rows[i:i + step], imat) for rows, imat in slabs for i in range(0, rows.shape[0], step)]
 
     def _fake_quantise(self, job: tuple[np.ndarray, np.ndarray | None]) -> None:
         target, imat = job
