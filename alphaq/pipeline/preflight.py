@@ -100,13 +100,13 @@ class Preflight:
     output_bytes: int  # upper bound of the output, all parts
     needs: dict[Path, int]  # a directory per filesystem -> peak bytes needed there
     free: dict[Path, int]
+    speed: MachineSpeed  # this machine against the benchmark's: stage_seconds are already divided by it
     stage_seconds: dict[str, float] = field(default_factory=dict)
     reused: Path | None = None  # the intermediate an interrupted run kept, reused
     forward: bool = False  # the run has forward stages (the default mode), which map the float model
     largest_weight_bytes: int = 0  # the largest float weight: private while it is fake-quantised
     ram_available: int | None = None  # MemAvailable, where the OS says
     working_copy: str = "float"  # what the forward stages run: the float model, or a Q8_0 copy of it
-    speed: MachineSpeed | None = None  # this machine against the benchmark's (None: the benchmark's rates as they are)
 
     @property
     def seconds(self) -> float:
@@ -130,9 +130,8 @@ class Preflight:
         if self.forward:
             lines.append(self._memory_line())
         stages = ", ".join(f"{k} {_duration(v)}" for k, v in self.stage_seconds.items())
-        rates = (f"the benchmark's rates (bench/scale-autocap.json) scaled to {self.speed.describe()}"
-                 if self.speed else "the benchmark's rates (2-core CPU, bench/scale-autocap.json)")
-        lines.append(f"  time      about {_duration(self.seconds)} at {rates}; cached stages are skipped: {stages}")
+        lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (bench/scale-autocap.json) "
+                     f"scaled to {self.speed.describe()}; cached stages are skipped: {stages}")
         return "\n".join(lines)
 
 
@@ -356,8 +355,8 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
     speed = machine_speed()
     seconds = {k: v / speed.factor(k) for k, v in seconds.items()}
     return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
-                     {d: shutil.disk_usage(d).free for d in needs}, seconds, reused, forward=forward,
-                     largest_weight_bytes=largest, ram_available=ram, working_copy=working, speed=speed)
+                     {d: shutil.disk_usage(d).free for d in needs}, speed, seconds, reused, forward=forward,
+                     largest_weight_bytes=largest, ram_available=ram, working_copy=working)
 
 
 def _largest_weight_bytes(model) -> int:

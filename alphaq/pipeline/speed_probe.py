@@ -3,7 +3,7 @@
 The pre-flight's time estimate (alphaq.pipeline.preflight) scales per-block rates that
 scripts/bench_scale.py measured on this project's 2-core benchmark machine. On a 16-core desktop
 those rates overstate the time several-fold, on a laptop core they understate it. A probe of about
-a quarter of a second ties them to the machine a conversion runs on: ggml's quantiser (Q4_K with an
+0.4 s ties them to the machine a conversion runs on: ggml's quantiser (Q4_K with an
 importance vector) on one thread, and on as many threads as the stages use at once. That is
 compute-bound SIMD work of the kind llama.cpp's forward passes and quantiser do; it does not see
 memory bandwidth or disk speed, so the estimate stays an estimate ("about").
@@ -44,7 +44,7 @@ class MachineSpeed:
         return self.one_thread if stage in ONE_THREAD_STAGES else self.all_threads
 
     def describe(self) -> str:
-        return (f"this machine's speed probed against the benchmark's 2-core CPU: {self.one_thread:.2f}x on one "
+        return (f"this machine's speed probed against the benchmark's {REFERENCE_THREADS}-core CPU: {self.one_thread:.2f}x on one "
                 f"thread, {self.all_threads:.2f}x on {self.threads} thread{'s' if self.threads > 1 else ''}")
 
 
