@@ -377,8 +377,8 @@ def test_time_estimate_scales_the_benchmark_table():
     got = stage_seconds(cfg, "hf", 4, REFERENCE_WEIGHTS_PER_BLOCK)
     assert got["float model"] + got["self text"] + got["importance"] + got["quantise"] == pytest.approx(
         4 * sum(STAGE_SECONDS_PER_BLOCK[k] for k in ("float model", "self text", "importance", "quantise")))
-    # the benchmark's own run: 30 measurements on 16 windows of every block (bench/scale-autocap.json)
-    assert got["damage"] == pytest.approx(195.0 + 452.8 + 13.7 + 44.7)
+    # the benchmark's own run: 30 measurements on 16 windows of every block (bench/scale-head-qwen3.json)
+    assert got["damage"] == pytest.approx(168.0 + 410.1 + 13.9 + 40.3)
     # 8 blocks of half the weights: 4 anchor blocks per kind (30 measurements) on 4 windows, each a
     # forward pass over all 8 blocks; 58 tensors' weighted errors
     half = stage_seconds(cfg, "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)
@@ -475,7 +475,7 @@ def test_probe_measures_ggml_quantiser_throughput():
 
 
 def test_preflight_damage_estimate_follows_the_weights_a_token_reads():
-    """Mixtral-8x7B shapes at 2 blocks (bench/scale-autocap-others.json): the damage stage's forward
+    """Mixtral-8x7B shapes at 2 blocks (bench/scale-head-others.json): the damage stage's forward
     passes read 2 of 8 experts a token; scaled by the block's weights the estimate was under half
     the measured stage, scaled by the weights a token reads it is within 15 % of it."""
     import json
@@ -484,7 +484,7 @@ def test_preflight_damage_estimate_follows_the_weights_a_token_reads():
     from alphaq.pipeline.convert import ConvertConfig
     from alphaq.pipeline.preflight import stage_seconds
 
-    bench = json.loads((Path(__file__).parents[1] / "bench" / "scale-autocap-others.json").read_text())
+    bench = json.loads((Path(__file__).parents[1] / "bench" / "scale-head-others.json").read_text())
     [point] = [p for p in bench["points"] if p["arch"] == "mixtral-8x7b" and p["blocks"] == 2]
     measured = point["median"]["default"]["stages"]["damage"]
     cfg = ConvertConfig(model=Path("m"), output=Path("o.gguf"), plan=PlanConfig(**MODES["damage"]),

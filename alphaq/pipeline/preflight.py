@@ -42,35 +42,34 @@ from alphaq.pipeline.speed_probe import MachineSpeed, machine_speed
 
 # Seconds per transformer block for each stage, measured by scripts/bench_scale.py on
 # Qwen3-30B-A3B's block shapes (4 blocks, random weights, 2-core CPU, --like Q3_K_M --no-cache; the
-# value at 4 blocks / 4, so fixed costs are spread over the blocks): the forward stages and the
-# converter from bench/scale-autocap.json (code of 6b580c9), the uncapped quantise stage and
-# --fast from bench/scale-default.json and bench/scale.json. A model's estimate scales them by its
-# quantisable weights per block over REFERENCE_WEIGHTS_PER_BLOCK. Update the table when a stage
-# changes speed.
+# value at 4 blocks / 4, so fixed costs are spread over the blocks): bench/scale-head-qwen3.json
+# (code of f2fc327), except the uncapped quantise stage (bench/scale-default.json, older code; the
+# default caps it, QUANTISE_WALL_PER_ESTIMATE). A model's estimate scales them by its quantisable
+# weights per block over REFERENCE_WEIGHTS_PER_BLOCK. Update the table when a stage changes speed.
 # experts 3 x 128 x 2048 x 768 + attention q, o 2 x 4096 x 2048 + k, v 2 x 512 x 2048
 REFERENCE_WEIGHTS_PER_BLOCK = 622_854_144
 # what one token reads of that block (8 of the 128 experts + attention): the damage stage's forward
 # passes scale with it, not with the block's weights. Measured ms per block and token in the damage
-# stage: 0.92 on Qwen3-30B-A3B shapes (56.6M read a block), 6.65 on Mixtral-8x7B's (394M), 1.36 on
-# DeepSeek-V2-Lite's (84.7M): 16.1-16.9 ps per weight read (bench/scale-autocap.json,
-# bench/scale-autocap-others.json). Scaling by a block's weights instead put Mixtral-8x7B's damage
-# stage at 9.9 min for 2 blocks, measured 20.3.
+# stage (bench/scale-head.json): 0.83 on Qwen3-30B-A3B shapes (56.6M read a block), 6.37 on
+# Mixtral-8x7B's (394M), 1.38 on DeepSeek-V2-Lite's (84.7M): 14.7-16.3 ps per weight read. Scaling
+# by a block's weights instead put Mixtral-8x7B's damage stage at 9.9 min for 2 blocks, measured 20.3
+# (bench/scale-autocap-others.json).
 REFERENCE_ACTIVE_PER_BLOCK = 8 * 3 * 2048 * 768 + 2 * 4096 * 2048 + 2 * 512 * 2048
 STAGE_SECONDS_PER_BLOCK = {
-    "float model": 30.8 / 4,  # llama.cpp's converter to BF16 (HF input only)
-    "self text": 32.1 / 4,  # 16 sequences of 256 tokens sampled from the model
-    "importance": 27.1 / 4,  # the importance matrix on that text
+    "float model": 23.4 / 4,  # llama.cpp's converter to BF16 (HF input only)
+    "self text": 29.1 / 4,  # 16 sequences of 256 tokens sampled from the model
+    "importance": 24.7 / 4,  # the importance matrix on that text
     "quantise": 576.4 / 4,  # llama.cpp's quantiser with the uncapped plan's (mostly IQ) types
-    # --fast / --paper: the whole run minus the stock converter's time (146.1 - 39.0 s at 4 blocks)
-    "spectral + quantise": (146.1 - 39.0) / 4,
+    # --fast / --paper: the whole run minus the stock converter's time (102.0 - 28.2 s at 4 blocks)
+    "spectral + quantise": (102.0 - 28.2) / 4,
 }
-# The damage stage from its parts in the same run (bench/scale-autocap.json, 4 blocks: 30
+# The damage stage from its parts in the same run (bench/scale-head-qwen3.json, 4 blocks: 30
 # measurements on 16 windows of 256 tokens, every block measured): per measurement the fake
-# quantisation (195.0 s / 30) and a forward pass over every block and token (452.8 s / (30 x 4
-# blocks x 4096 tokens)), one reference pass (13.7 s / (4 x 4096)), and each tensor's weighted
-# errors (44.7 s / 30).
-DAMAGE_PARTS = {"fake_per_measurement": 195.0 / 30, "forward_per_measurement_block_token": 452.8 / (30 * 4 * 4096),
-                "reference_per_block_token": 13.7 / (4 * 4096), "weighted_error_per_tensor": 44.7 / 30}
+# quantisation (168.0 s / 30) and a forward pass over every block and token (410.1 s / (30 x 4
+# blocks x 4096 tokens)), one reference pass (13.9 s / (4 x 4096)), and each tensor's weighted
+# errors (40.3 s / 30).
+DAMAGE_PARTS = {"fake_per_measurement": 168.0 / 30, "forward_per_measurement_block_token": 410.1 / (30 * 4 * 4096),
+                "reference_per_block_token": 13.9 / (4 * 4096), "weighted_error_per_tensor": 40.3 / 30}
 KINDS_PER_BLOCK, TENSORS_OUTSIDE_BLOCKS = 7, 2  # Qwen3-MoE: q, k, v, o, gate/up/down experts; embedding, output
 # The quantise stage under --max-quantise-ns: wall seconds per (weight x the plan's estimated ns per
 # weight x 1e-9), i.e. against the one-thread table estimate, on this 2-core machine. Qwen3-30B-A3B
@@ -130,7 +129,7 @@ class Preflight:
         if self.forward:
             lines.append(self._memory_line())
         stages = ", ".join(f"{k} {_duration(v)}" for k, v in self.stage_seconds.items())
-        lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (bench/scale-autocap.json) "
+        lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (bench/scale-head-qwen3.json) "
                      f"scaled to {self.speed.describe()}; cached stages are skipped: {stages}")
         return "\n".join(lines)
 
