@@ -190,6 +190,14 @@ SIDE_STUDIES = (
      "no-imatrix: no importance matrix anywhere (damage and quantisation).",
      lambda res: comparisons(res, [(v, "default") for v in ("w4", "alpha-g1", "alpha-gpaper", "experts-only",
                                                             "no-imatrix")])),
+    ("selfcal-windows.json", "Fewer windows for the damage (bench/{}; 5 sizes per model)",
+     "How many windows of own text the damage measurement needs (each measurement's forward pass is "
+     "linear in them; the speed lever for deep models). w4 / w2 / w1: the damage measured on the first "
+     "4 / 2 / 1 of the 16 windows (256 tokens each), every tensor measured; against the default (16 "
+     "windows on these 2-block models; deeper models use 4 with the depth anchors) and against each "
+     "other, on the same cells, all with the auto cap.",
+     lambda res: comparisons(res, [("w4", "default"), ("w2", "default"), ("w1", "default"), ("w2", "w4"),
+                                   ("w1", "w4")])),
     ("selfcal-anchors.json", "Depth anchors (bench/{}; 5 sizes per model)",
      "The deep-model damage path (alphaq.damage.anchors) at its extreme on these 2-block models: one "
      "block per tensor kind measured, the other block's damage = the measured block's damage per "
