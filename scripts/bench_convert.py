@@ -135,7 +135,7 @@ import ctypes, sys, subprocess
 from pathlib import Path
 from convert.vendor import ensure_vendor
 model, work = Path(sys.argv[1]), Path(sys.argv[2])
-subprocess.run([sys.executable, "-m", "convert.run_upstream", str(ensure_vendor()), str(model),
+subprocess.run([sys.executable, "-m", "convert.run_upstream", "--as-upstream", str(ensure_vendor()), str(model),
                 "--outtype", "bf16", "--outfile", str(work / "stock-bf16.gguf")], check=True,
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 from alphaq.gguf.quantize import quantize_stock

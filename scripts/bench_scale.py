@@ -102,7 +102,7 @@ from convert.vendor import ensure_vendor
 from alphaq.gguf.quantize import quantize_stock
 model, work = Path(sys.argv[1]), Path(sys.argv[2])
 t0 = time.perf_counter()
-subprocess.run([sys.executable, "-m", "convert.run_upstream", str(ensure_vendor()), str(model),
+subprocess.run([sys.executable, "-m", "convert.run_upstream", "--as-upstream", str(ensure_vendor()), str(model),
                 "--outtype", "bf16", "--outfile", str(work / "stock-bf16.gguf")], check=True,
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 t1 = time.perf_counter()

@@ -458,3 +458,50 @@ def test_runtime_line_points_patched_runtime_users_at_expert_granularity(patched
     line = _runtime_line(r)
     assert ("--granularity expert" in line) == hint
     assert ("stored as type groups" in line) == bool(grouped)
+
+
+# convert.run_upstream with its chunked expert stacks counted (``CHUNKED n`` on stdout); "--as-upstream"
+# switches them off
+_RUN_CONVERTER = """
+import atexit, sys
+import convert.run_upstream as r
+numpy, n = r._ChunkedStack.numpy, []
+r._ChunkedStack.numpy = lambda self: n.append(1) or numpy(self)
+atexit.register(lambda: print("CHUNKED", len(n)))
+r.main(sys.argv[1:])
+"""
+
+
+def _run_converter(how: str, model: Path, out: Path) -> int:
+    from convert.vendor import ensure_vendor
+
+    flags = ["--as-upstream"] if how == "plain" else []
+    cmd = [sys.executable, "-c", _RUN_CONVERTER, *flags, str(ensure_vendor().absolute()), str(model), "--outtype",
+           "bf16", "--outfile", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return int(run.stdout.split("CHUNKED")[-1])
+
+
+def test_merged_experts_are_written_a_part_at_a_time_with_upstreams_bytes(tmp_path):
+    """Mixtral: byte-identical to llama.cpp's converter run as is (the fixture's tokenizer needs no
+    fallback), with every merged expert tensor written in chunks (3 per block)."""
+    from convert.vendor import ensure_vendor
+
+    ours, upstream = tmp_path / "ours.gguf", tmp_path / "upstream.gguf"
+    chunked = _run_converter("chunked", FIXTURES / "mixtral", ours)
+    subprocess.run([sys.executable, str(ensure_vendor() / "convert_hf_to_gguf.py"), str(FIXTURES / "mixtral"),
+                    "--outtype", "bf16", "--outfile", str(upstream)], check=True, capture_output=True, timeout=600)
+    blocks = json.loads((FIXTURES / "mixtral" / "config.json").read_text())["num_hidden_layers"]
+    assert chunked == 3 * blocks
+    assert ours.read_bytes() == upstream.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["qwen3moe", "deepseek2"])
+def test_chunked_expert_stacks_change_no_byte(name, tmp_path):
+    """Architectures whose fixture needs the tokenizer fallback (so upstream alone cannot convert
+    it): the same bytes with and without the chunked stacks."""
+    chunked = _run_converter("chunked", FIXTURES / name, tmp_path / "chunked.gguf")
+    assert _run_converter("plain", FIXTURES / name, tmp_path / "plain.gguf") == 0
+    assert chunked > 0
+    assert (tmp_path / "chunked.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
