@@ -1,4 +1,5 @@
-"""Run llama.cpp's own ``convert_hf_to_gguf.py`` with one documented fallback.
+"""Run llama.cpp's own ``convert_hf_to_gguf.py`` with two documented changes: a tokenizer
+fallback, and merged expert tensors written a part at a time.
 
 Executed as a subprocess by convert.hf_to_gguf (``python -m convert.run_upstream VENDOR_DIR ARGS...``)
 so the upstream script's logging setup and globals never leak into the caller.
