@@ -50,7 +50,7 @@ from alphaq.pipeline.speed_probe import MachineSpeed, machine_speed
 REFERENCE_WEIGHTS_PER_BLOCK = 622_854_144
 # what one token reads of that block (8 of the 128 experts + attention): the damage stage's forward
 # passes scale with it, not with the block's weights. Measured ms per block and token in the damage
-# stage (bench/scale-head.json): 0.83 on Qwen3-30B-A3B shapes (56.6M read a block), 6.37 on
+# stage (bench/scale-head.json): 0.83 on Qwen3-30B-A3B shapes (56.6M read a block), 6.43 on
 # Mixtral-8x7B's (394M), 1.38 on DeepSeek-V2-Lite's (84.7M): 14.7-16.3 ps per weight read. Scaling
 # by a block's weights instead put Mixtral-8x7B's damage stage at 9.9 min for 2 blocks, measured 20.3
 # (bench/scale-autocap-others.json).
