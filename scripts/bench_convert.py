@@ -130,16 +130,21 @@ print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "peak_rss_kib"
                   "stage_private_gib": stage_private}))
 """
 
+# The stock pipeline (llama.cpp's converter as it is, then llama-quantize's Q3_K_M), each step timed; it
+# prints a summary-style "time" line that measure() reads as stages. bench_scale runs it too.
 _STOCK = r"""
-import ctypes, sys, subprocess
+import sys, subprocess, time
 from pathlib import Path
 from convert.vendor import ensure_vendor
+from alphaq.gguf.quantize import quantize_stock
 model, work = Path(sys.argv[1]), Path(sys.argv[2])
+t0 = time.perf_counter()
 subprocess.run([sys.executable, "-m", "convert.run_upstream", "--as-upstream", str(ensure_vendor()), str(model),
                 "--outtype", "bf16", "--outfile", str(work / "stock-bf16.gguf")], check=True,
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-from alphaq.gguf.quantize import quantize_stock
+t1 = time.perf_counter()
 quantize_stock(work / "stock-bf16.gguf", work / "stock-q3km.gguf", "Q3_K_M")
+print(f"  time        convert {t1 - t0:.1f} s, quantize {time.perf_counter() - t1:.1f} s")
 """
 
 

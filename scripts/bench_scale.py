@@ -94,22 +94,6 @@ V3_FORWARD_BLOCKS = 61 + V3["vocab"] * V3["hidden"] / ACTIVE_WEIGHTS["DeepSeek-V
 # all measured), + token_embd and output.
 V3_DENSE_FFN_TENSORS, V3_DENSE_ATTN_TENSORS, V3_OUTSIDE = 3 * 3, 3 * 6, 2
 
-# bench_convert's stock pipeline, each step timed; prints a summary-style "time" line for measure().
-_STOCK_TIMED = r"""
-import sys, subprocess, time
-from pathlib import Path
-from convert.vendor import ensure_vendor
-from alphaq.gguf.quantize import quantize_stock
-model, work = Path(sys.argv[1]), Path(sys.argv[2])
-t0 = time.perf_counter()
-subprocess.run([sys.executable, "-m", "convert.run_upstream", "--as-upstream", str(ensure_vendor()), str(model),
-                "--outtype", "bf16", "--outfile", str(work / "stock-bf16.gguf")], check=True,
-               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-t1 = time.perf_counter()
-quantize_stock(work / "stock-bf16.gguf", work / "stock.gguf", "Q3_K_M")
-print(f"  time        convert {t1 - t0:.1f} s, quantize {time.perf_counter() - t1:.1f} s")
-"""
-
 MODE_ARGS = {"fast": ("--fast", "--like", "Q3_K_M"), "default": ("--like", "Q3_K_M")}
 
 
@@ -134,7 +118,7 @@ def run_mode(mode: str, model: Path, work: Path) -> dict:
             peak[0] = max(peak[0], folder_bytes(work))
 
     if mode == "stock":
-        cmd = [sys.executable, "-c", _STOCK_TIMED, str(model), str(work)]
+        cmd = [sys.executable, "-c", bench_convert._STOCK, str(model), str(work)]
     else:
         cmd = bench_convert.alphaq_cmd(ROOT, model, str(work), mode, MODE_ARGS[mode])
     sampler = threading.Thread(target=sample_disk, daemon=True)

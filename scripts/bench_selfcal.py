@@ -21,7 +21,9 @@ the fast mode's policy types), no-imatrix (damage measured and files quantised w
 matrix), w4 / w2 / w1 (the damage measured on 4 / 2 / 1 of the 16 windows), a1 / a1w4 (depth anchors, alphaq.damage.anchors:
 one block per tensor kind measured, the other block's damage interpolated from it; 16 / 4 windows), deep-default / deep-a4w16 /
 deep-all (for models deeper than 4 blocks, --models DIR: the product's default, 4 anchor blocks per kind on 4 windows; the same
-on 16 windows; every block measured on 16 windows), domain-bias (the stock mix with an
+on 16 windows; every block measured on 16 windows), deep-a4w2 / deep-a3w4 / deep-a3w2 (the cheaper depth settings:
+4 anchors on 2 windows, 3 anchors on 4 and on 2), mse256k / mse64k (the default with the weighted errors on at
+most 256K / 64K sampled weights per tensor instead of 1M), domain-bias (the stock mix with an
 importance matrix from prose only and from code only, next to the self and the mixed real one),
 q8copy (the default's self text, importance matrix and damage all from a Q8_0 working copy of the model,
 as --working-copy q8_0 does for models larger than RAM; the file is quantised from the BF16 model),
@@ -73,6 +75,13 @@ DOMAINS = ("prose", "code")
 # `--types` restricted to the k-quants and Q8_0: llama.cpp's quantiser writes them 2-25x faster per
 # weight than the IQ types (alphaq/gguf/quantise_speed.json), at a quality cost the cheap-ladder variant measures
 CHEAP_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+# the weighted errors (alphaq.damage.measure) on fewer sampled weights per tensor than the default's 1M
+SAMPLE_VARIANTS = {"mse256k": DamageConfig(max_sampled_weights=1 << 18), "mse64k": DamageConfig(max_sampled_weights=1 << 16)}
+# the depth settings compared on a model deeper than 4 blocks (windows as the product picks them
+# where a variant leaves them open): the product's, more windows, every block, and cheaper ones
+DEEP_VARIANTS = {"deep-default": DamageConfig(), "deep-a4w16": DamageConfig(n_windows=16),
+                 "deep-all": DamageConfig(anchors=None), "deep-a4w2": DamageConfig(n_windows=2),
+                 "deep-a3w4": DamageConfig(anchors=3, n_windows=4), "deep-a3w2": DamageConfig(anchors=3, n_windows=2)}
 log = logging.getLogger("bench_selfcal")
 
 
@@ -149,8 +158,11 @@ class Model:
                 if v in self.variants:  # one anchor block per kind: the other block's damage interpolated
                     self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
                                                        imatrix=self.imatrix["self"], tokens=self.counts_self).costs
-            for v, cfg in (("deep-default", DamageConfig()), ("deep-a4w16", DamageConfig(n_windows=16)),
-                           ("deep-all", DamageConfig(anchors=None))):
+            for v, cfg in SAMPLE_VARIANTS.items():
+                if v in self.variants:  # the weighted errors on a smaller sample of each tensor
+                    self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:16]), self.names, types, cfg,
+                                                       imatrix=self.imatrix["self"], tokens=self.counts_self).costs
+            for v, cfg in DEEP_VARIANTS.items():
                 if v in self.variants:  # the product's depth settings (windows as the product picks them)
                     n = cfg.windows(self.names)
                     self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
@@ -193,7 +205,8 @@ class Model:
                        "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4"),
                        "w2": ("self", "w2"), "w1": ("self", "w1"),
                        "a1": ("self", "a1"), "a1w4": ("self", "a1w4"), "deep-default": ("self", "deep-default"),
-                       "deep-a4w16": ("self", "deep-a4w16"), "deep-all": ("self", "deep-all"), "cheap-ladder": ("self", "estimate"),
+                       **{v: ("self", v) for v in (*DEEP_VARIANTS, *SAMPLE_VARIANTS)},
+                       "cheap-ladder": ("self", "estimate"),
                        "q8copy": ("q8copy", "estimate"), "expert": ("self", "expert"),
                        "uncapped": ("self", "estimate")}.get(variant, ("self", "estimate") if variant.startswith("cap")
                                                              else (None, None))

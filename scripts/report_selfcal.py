@@ -213,6 +213,15 @@ SIDE_STUDIES = (
      "stock file's size.",
      lambda res: [*comparisons(res, [("deep-default", "deep-all"), ("deep-a4w16", "deep-all"),
                                      ("deep-default", "deep-a4w16")]), "", *deep_table(res)]),
+    ("selfcal-deep-cheap.json", "Cheaper depth settings on the 8-block model (bench/{})",
+     "The same 8-block model (retrained here with the same command), the product's depth setting "
+     "(deep-default: 4 anchor blocks per kind, 4 windows) against cheaper ones: deep-a4w2 (4 anchors, 2 "
+     "windows: half the forward passes), deep-a3w4 (3 anchors, blocks 0, 4, 7: a quarter fewer "
+     "measurements), deep-a3w2 (both); and each against every block measured on 16 windows (deep-all). "
+     "Every file at most the stock file's size.",
+     lambda res: [*comparisons(res, [(v, "deep-default") for v in ("deep-a4w2", "deep-a3w4", "deep-a3w2")]
+                               + [(v, "deep-all") for v in ("deep-default", "deep-a4w2", "deep-a3w4", "deep-a3w2")]),
+                  "", *summary(res, ("deep-default", "deep-a4w2", "deep-a3w4", "deep-a3w2"))]),
     ("selfcal-q8copy.json", "Q8_0 working copy (bench/{}; 5 sizes per model)",
      "q8copy: the default's self text, importance matrix and damage all from a Q8_0 copy of the model "
      "(--working-copy q8_0, what auto picks when the float model does not fit in RAM), the file quantised "
