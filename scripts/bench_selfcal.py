@@ -160,7 +160,8 @@ class Model:
                                                        imatrix=self.imatrix["self"], tokens=self.counts_self).costs
             for v, cfg in SAMPLE_VARIANTS.items():
                 if v in self.variants:  # the weighted errors on a smaller sample of each tensor
-                    self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:16]), self.names, types, cfg,
+                    n = cfg.windows(self.names)
+                    self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
                                                        imatrix=self.imatrix["self"], tokens=self.counts_self).costs
             for v, cfg in DEEP_VARIANTS.items():
                 if v in self.variants:  # the product's depth settings (windows as the product picks them)
