@@ -224,7 +224,7 @@ def test_depth_anchors_pick_first_last_and_between():
     assert a.interpolate("blk.2.attn_q.weight", values) == pytest.approx(2.0)
     assert a.interpolate("blk.7.attn_q.weight", values) == pytest.approx(9.0)
     assert depth_anchors(names, None).measured == set(names)
-    assert DamageConfig().windows(names) == 4 and DamageConfig(anchors=10).windows(names) == 16
+    assert DamageConfig().windows(names) == 2 and DamageConfig(anchors=10).windows(names) == 16
 
 
 def test_anchored_damage_is_the_anchor_rate_times_own_weighted_error(own_text, session):

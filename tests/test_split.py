@@ -379,11 +379,11 @@ def test_time_estimate_scales_the_benchmark_table():
         4 * sum(STAGE_SECONDS_PER_BLOCK[k] for k in ("float model", "self text", "importance", "quantise")))
     # the benchmark's own run: 30 measurements on 16 windows of every block (bench/scale-head-qwen3.json)
     assert got["damage"] == pytest.approx(168.0 + 410.1 + 13.9 + 40.3)
-    # 8 blocks of half the weights: 4 anchor blocks per kind (30 measurements) on 4 windows, each a
+    # 8 blocks of half the weights: 4 anchor blocks per kind (30 measurements) on 2 windows, each a
     # forward pass over all 8 blocks; 58 tensors' weighted errors
     half = stage_seconds(cfg, "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)
-    expected = (30 * (P["fake_per_measurement"] + P["forward_per_measurement_block_token"] * 8 * 1024)
-                + P["reference_per_block_token"] * 8 * 1024 + 58 * P["weighted_error_per_tensor"]) / 2
+    expected = (30 * (P["fake_per_measurement"] + P["forward_per_measurement_block_token"] * 8 * 512)
+                + P["reference_per_block_token"] * 8 * 512 + 58 * P["weighted_error_per_tensor"]) / 2
     assert "float model" not in half and half["damage"] == pytest.approx(expected)
     # with every block measured it is quadratic: 58 measurements on 16 windows
     every = stage_seconds(replace(cfg, damage=DamageConfig(anchors=None)), "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from alphaq.commands import plan as _plan_cmd
 from alphaq.damage import METHODS as DAMAGE_METHODS
-from alphaq.damage import DamageConfig
+from alphaq.damage import ANCHORED_WINDOWS, FULL_WINDOWS, DamageConfig
 from alphaq.errors import AlphaQError
 from alphaq.pipeline.preflight import WORKING_COPY_CHOICES
 from alphaq.allocate.overrides import kv_overrides, parse_tensor_type, read_tensor_type_file
@@ -57,8 +57,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damage", choices=DAMAGE_METHODS, default=DamageConfig.method,
                    help="estimate: KL measured once per tensor, scaled per type (default); direct: per tensor and type")
     p.add_argument("--damage-windows", type=int, default=DamageConfig.n_windows,
-                   help="sequences of own text each damage measurement runs (default: 16 when every block is "
-                        "measured, 4 when depth anchors are used; fewer is proportionally faster and noisier)")
+                   help="sequences of own text each damage measurement runs (default: %d when every block is "
+                        "measured, %d when depth anchors are used; fewer is proportionally faster and noisier)"
+                        % (FULL_WINDOWS, ANCHORED_WINDOWS))
     p.add_argument("--damage-anchors", type=_anchors, default=DamageConfig.anchors, metavar="N|all",
                    help="blocks measured per tensor kind, the others interpolated over depth (default: "
                         "%(default)s; 'all' measures every block: quadratic in depth)")

@@ -47,10 +47,14 @@ METHODS = ("estimate", "direct")
 
 
 # Windows of own text per measurement when the configuration leaves it open: 16 where every block
-# is measured (small models: minutes), 4 where depth anchors stand in for most blocks (deep models,
-# where each measurement is a forward pass over the whole model). On the bench zoo 4 windows tie 16
-# (bench/SELFCAL.md, "w4 vs default": median KL ratio 1.000, 15 of 20 cells within 2 SE).
-FULL_WINDOWS, ANCHORED_WINDOWS = 16, 4
+# is measured (small models: minutes), 2 where depth anchors stand in for most blocks (deep models,
+# where each measurement is a forward pass over the whole model, so the stage is linear in them).
+# Measured (bench/SELFCAL.md): on the zoo, every tensor measured, 2 windows against 4 median KL
+# ratio 1.004 (14 of 20 cells within 2 SE) and 4 against 16 1.000; on the 8-block trained model
+# with 4 anchors per kind, 2 windows against 4 median 0.868 (lower in 6 of 7 sizes at 2 SE, the
+# 7th a tie). The window count is not what drives plan quality there; halving it halves the
+# forward passes of the default's most expensive stage at real depth.
+FULL_WINDOWS, ANCHORED_WINDOWS = 16, 2
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,14 @@ class DamageConfig:
     # experts per merged tensor for a tensor's error ratio (evenly spaced; all under expert
     # granularity, where each expert is an item); None = all
     max_experts: int | None = 16
-    # at most this many weights per tensor for its weighted errors (fewer rows per sampled expert;
-    # not under expert granularity): every candidate type is quantised on the sample, and at
-    # Qwen3-30B-A3B's 2048-wide experts 16 x 128 rows took 36 s of 2 cores per tensor (30 min at 48
-    # blocks). The bench zoo's tensors are all below it.
-    max_sampled_weights: int | None = 1 << 20
+    # at most this many weights per tensor for its weighted errors (fewer rows per sampled expert,
+    # never fewer than 16; not under expert granularity): every candidate type is quantised on the
+    # sample, and at Qwen3-30B-A3B's 2048-wide experts 16 x 128 rows took 36 s of 2 cores per tensor
+    # (30 min at 48 blocks). 2^19 leaves every bench-zoo tensor's sample as it was and gives real
+    # shapes' expert tensors 16 rows per sampled expert (Qwen3-30B-A3B, Mixtral-8x7B). Even 2^16 tied
+    # 2^20 on the zoo (18 of 20 files byte-identical) and on the 8-block model (6 ties, 1 worse at
+    # 2 SE, median 1.000; bench/SELFCAL.md).
+    max_sampled_weights: int | None = 1 << 19
     # blocks measured per tensor kind, the others interpolated over depth (alphaq.damage.anchors);
     # None = every block
     anchors: int | None = 4
@@ -82,13 +89,13 @@ class DamageConfig:
 
     def windows(self, names) -> int:
         """Windows per measurement for the weights ``names``: the configured number, else 16 when
-        every block is measured and 4 when anchors stand in for some."""
+        every block is measured and 2 when anchors stand in for some."""
         from alphaq.damage.anchors import depth_anchors
 
         return self.windows_when(len(depth_anchors(names, self.anchors).measured) == len(names))
 
     def windows_when(self, every_block_measured: bool) -> int:
-        """The configured windows, else 16 when every block is measured and 4 otherwise."""
+        """The configured windows, else 16 when every block is measured and 2 otherwise."""
         if self.n_windows is not None:
             return self.n_windows
         return FULL_WINDOWS if every_block_measured else ANCHORED_WINDOWS
