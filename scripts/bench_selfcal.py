@@ -22,8 +22,8 @@ matrix), w4 / w2 / w1 (the damage measured on 4 / 2 / 1 of the 16 windows), a1 /
 one block per tensor kind measured, the other block's damage interpolated from it; 16 / 4 windows), deep-default / deep-a4w16 /
 deep-all (for models deeper than 4 blocks, --models DIR: the product's default, 4 anchor blocks per kind on 4 windows; the same
 on 16 windows; every block measured on 16 windows), deep-a4w2 / deep-a3w4 / deep-a3w2 (the cheaper depth settings:
-4 anchors on 2 windows, 3 anchors on 4 and on 2), mse256k / mse64k (the default with the weighted errors on at
-most 256K / 64K sampled weights per tensor instead of 1M), domain-bias (the stock mix with an
+4 anchors on 2 windows, 3 anchors on 4 and on 2), mse64k (the default with the weighted errors on at most 64K
+sampled weights per tensor instead of the default's DamageConfig.max_sampled_weights), domain-bias (the stock mix with an
 importance matrix from prose only and from code only, next to the self and the mixed real one),
 q8copy (the default's self text, importance matrix and damage all from a Q8_0 working copy of the model,
 as --working-copy q8_0 does for models larger than RAM; the file is quantised from the BF16 model),
@@ -76,9 +76,11 @@ DOMAINS = ("prose", "code")
 # weight than the IQ types (alphaq/gguf/quantise_speed.json), at a quality cost the cheap-ladder variant measures
 CHEAP_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 # the weighted errors (alphaq.damage.measure) on fewer sampled weights per tensor than the default's 1M
-SAMPLE_VARIANTS = {"mse256k": DamageConfig(max_sampled_weights=1 << 18), "mse64k": DamageConfig(max_sampled_weights=1 << 16)}
+SAMPLE_VARIANTS = {"mse64k": DamageConfig(max_sampled_weights=1 << 16)}
 # the depth settings compared on a model deeper than 4 blocks (windows as the product picks them
-# where a variant leaves them open): the product's, more windows, every block, and cheaper ones
+# where a variant leaves them open): the product's, more windows, every block, and cheaper ones.
+# "deep-default" is the product's setting when the run is made: 4 anchors on 4 windows in
+# bench/selfcal-deep.json and bench/selfcal-deep-cheap.json, 4 anchors on 2 windows since f5fdb49
 DEEP_VARIANTS = {"deep-default": DamageConfig(), "deep-a4w16": DamageConfig(n_windows=16),
                  "deep-all": DamageConfig(anchors=None), "deep-a4w2": DamageConfig(n_windows=2),
                  "deep-a3w4": DamageConfig(anchors=3, n_windows=4), "deep-a3w2": DamageConfig(anchors=3, n_windows=2)}
@@ -158,13 +160,8 @@ class Model:
                 if v in self.variants:  # one anchor block per kind: the other block's damage interpolated
                     self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
                                                        imatrix=self.imatrix["self"], tokens=self.counts_self).costs
-            for v, cfg in SAMPLE_VARIANTS.items():
-                if v in self.variants:  # the weighted errors on a smaller sample of each tensor
-                    n = cfg.windows(self.names)
-                    self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
-                                                       imatrix=self.imatrix["self"], tokens=self.counts_self).costs
-            for v, cfg in DEEP_VARIANTS.items():
-                if v in self.variants:  # the product's depth settings (windows as the product picks them)
+            for v, cfg in {**DEEP_VARIANTS, **SAMPLE_VARIANTS}.items():
+                if v in self.variants:  # depth or sample settings (windows as the product picks them)
                     n = cfg.windows(self.names)
                     self.damage[("self", v)] = measure(s, Reference(s, self_tokens[:n]), self.names, types, cfg,
                                                        imatrix=self.imatrix["self"], tokens=self.counts_self).costs

@@ -194,7 +194,7 @@ SIDE_STUDIES = (
      "How many windows of own text the damage measurement needs (each measurement's forward pass is "
      "linear in them; the speed lever for deep models). w4 / w2 / w1: the damage measured on the first "
      "4 / 2 / 1 of the 16 windows (256 tokens each), every tensor measured; against the default (16 "
-     "windows on these 2-block models; deeper models use 4 with the depth anchors) and against each "
+     "windows on these 2-block models; deeper models used 4 with the depth anchors then, 2 since) and against each "
      "other, on the same cells, all with the auto cap.",
      lambda res: comparisons(res, [("w4", "default"), ("w2", "default"), ("w1", "default"), ("w2", "w4"),
                                    ("w1", "w4")])),
@@ -216,7 +216,7 @@ SIDE_STUDIES = (
     ("selfcal-sample.json", "Fewer sampled weights for the weighted errors (bench/{}; 5 sizes per model)",
      "mse64k: the default with each tensor's importance-weighted errors (the ratios that scale its one "
      "measured KL to every type, alphaq.damage.measure) computed on at most 64K sampled weights instead of "
-     "1M (on these models only the merged expert tensors are above 64K: 32 instead of 128 rows per "
+     "1M (the default then; 512K now, which leaves these models' samples as they were; on these models only the merged expert tensors are above 64K: 32 instead of 128 rows per "
      "sampled expert). Against the default on the same cells; 18 of the 20 files came out byte-identical "
      "to the default's (cmp), all but Mixtral's at Q2_K's and Q3_K_M's sizes.",
      lambda res: comparisons(res, [("mse64k", "default")])),
@@ -225,7 +225,7 @@ SIDE_STUDIES = (
      "(deep-default: 4 anchor blocks per kind, 4 windows) against cheaper ones: deep-a4w2 (4 anchors, 2 "
      "windows: half the forward passes), deep-a3w4 (3 anchors, blocks 0, 4, 7: a quarter fewer "
      "measurements), deep-a3w2 (both), mse64k (the product's setting with the weighted errors on at most 64K "
-     "sampled weights per tensor instead of 1M); and each against every block measured on 16 windows (deep-all). "
+     "sampled weights per tensor instead of 1M, the default then); and each against every block measured on 16 windows (deep-all). "
      "Every file at most the stock file's size.",
      lambda res: [*comparisons(res, [(v, "deep-default") for v in ("deep-a4w2", "deep-a3w4", "deep-a3w2", "mse64k")]
                                + [(v, "deep-all") for v in ("deep-default", "deep-a4w2", "deep-a3w4", "deep-a3w2")]),
