@@ -278,3 +278,27 @@ def test_per_expert_costs_add_up_to_the_tensor(own_text, session):
     assert len(split.costs) == session.weights[name].shape[0]
     for t in ("Q2_K", "Q4_K"):
         assert sum(c[t] for c in split.costs.values()) == pytest.approx(whole.costs[(name, None)][t], rel=1e-9)
+
+
+def test_default_error_sample_leaves_every_fixture_tensor_as_measured_in_the_grid(float_ggufs):
+    """The zoo grid (bench/selfcal-autocap.json) was measured with weighted errors on at most 2^20
+    sampled weights per tensor; the default's smaller cap must give every fixture tensor the same
+    rows, or the README's headline no longer describes the default."""
+    from types import SimpleNamespace
+
+    from gguf import GGUFReader
+
+    from alphaq.damage.measure import sample_size, sampled_experts
+
+    grid = DamageConfig(max_sampled_weights=1 << 20)
+    assert DamageConfig().max_sampled_weights < grid.max_sampled_weights  # else this test says nothing
+    seen = 0
+    for path in float_ggufs.values():
+        for t in GGUFReader(path).tensors:
+            if len(t.shape) < 2:
+                continue
+            buf = SimpleNamespace(shape=tuple(int(n) for n in reversed(t.shape.tolist())))  # numpy order
+            experts = sampled_experts(buf.shape[0], DamageConfig().max_experts) if len(buf.shape) == 3 else None
+            assert sample_size(buf, experts, DamageConfig()) == sample_size(buf, experts, grid), t.name
+            seen += 1
+    assert seen > 50
