@@ -143,7 +143,7 @@ subprocess.run([sys.executable, "-m", "convert.run_upstream", "--as-upstream", s
                 "--outtype", "bf16", "--outfile", str(work / "stock-bf16.gguf")], check=True,
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 t1 = time.perf_counter()
-quantize_stock(work / "stock-bf16.gguf", work / "stock-q3km.gguf", "Q3_K_M")
+quantize_stock(work / "stock-bf16.gguf", work / "stock.gguf", "Q3_K_M")
 print(f"  time        convert {t1 - t0:.1f} s, quantize {time.perf_counter() - t1:.1f} s")
 """
 

@@ -134,7 +134,7 @@ def run_mode(mode: str, model: Path, work: Path) -> dict:
             os.environ.pop("TMPDIR")
         else:
             os.environ["TMPDIR"] = old_tmp
-    row["out_bytes"] = (work / ("stock-q3km.gguf" if mode == "stock" else f"{mode}.gguf")).stat().st_size
+    row["out_bytes"] = (work / f"{mode}.gguf").stat().st_size
     row["peak_disk_bytes"] = max(peak[0], folder_bytes(work))
     shutil.rmtree(work)
     return row
