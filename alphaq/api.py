@@ -62,7 +62,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     list). Other keyword options are PlanConfig fields (types, gamma, granularity, ...) or
     ConvertConfig fields (imatrix, nthread, use_cache, split_max_size (bytes, or "2G" as
     llama-gguf-split), split_max_tensors, keep_bf16, dry_run, resume (False: convert an HF checkpoint
-    afresh rather than reuse the BF16 intermediate an interrupted run kept), working_copy ("auto",
+    afresh rather than reuse the BF16 intermediate an interrupted run kept), alpha_experts (as
+    --alpha-experts: a count, "all" or "auto"), working_copy ("auto",
     "float" or "q8_0": what the forward stages run), max_quantise_ns (ns per weight, "auto" (default:
     alphaq.allocate.quantise_cap in the damage mode) or None for no cap), ...).
     ``plots="DIR"`` also writes the figures of ``alphaq convert --plots`` there (not with dry_run).
@@ -79,7 +80,13 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
         options["auto_quantise_cap"] = False
         if cap not in (None, "none"):
             options["max_quantise_ns"] = cap
+    experts = options.pop("alpha_experts", "auto")  # as --alpha-experts: a count, "all" or "auto"
     plan = _plan_config(mode, budget, bpw, 1 if like is not None else target_size, options)
+    if "spectral" not in options:
+        from alphaq.allocate.plan import alpha_experts
+        from alphaq.spectral.alpha import SpectralConfig
+
+        options["spectral"] = SpectralConfig(max_experts=alpha_experts(experts, plan))
     fields = {f.name for f in dataclasses.fields(ConvertConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -101,13 +108,14 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
          target_size: int | str | None = None, mode: str = "fast", progress: bool = False,
          tensor_type=None, tensor_type_file=None, **options):
     """The allocation for a float GGUF without writing anything (modes "fast" and "paper": no
-    forward pass); takes convert's pins (output_tensor_type, tensor_type, ...). Returns
-    alphaq.allocate.plan.Plan."""
+    forward pass); takes convert's pins (output_tensor_type, tensor_type, ...) and alpha_experts.
+    Returns alphaq.allocate.plan.Plan."""
     from alphaq.allocate.plan import gguf_model_infos, make_plan
 
     if mode == "damage":
         raise AlphaQError("the damage mode runs the model; use alphaq.convert (plan takes mode 'fast' or 'paper')")
     _pins(options, tensor_type, tensor_type_file)
+    experts = options.pop("alpha_experts", "auto")  # as --alpha-experts: a count, "all" or "auto"
     cfg = _plan_config(mode, budget, bpw, target_size, options)
     if options:
         raise AlphaQError(f"unknown option(s) {', '.join(sorted(options))}; see alphaq.allocate.plan.PlanConfig")
@@ -118,7 +126,10 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
 
     check_budget(path, cfg)  # before the analysis
     tensors, header = gguf_model_infos(path, cfg.alignment)  # any part of a split GGUF: all of it
-    stats = analyze(path, progress=progress)
+    from alphaq.allocate.plan import alpha_experts
+    from alphaq.spectral.alpha import SpectralConfig
+
+    stats = analyze(path, progress=progress, cfg=SpectralConfig(max_experts=alpha_experts(experts, cfg)))
     return make_plan(stats, tensors, cfg, fixed_bytes=header)
 
 

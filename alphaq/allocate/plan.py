@@ -44,6 +44,7 @@ from alphaq.gguf.qtypes import (
     resolve_types,
     tensor_bytes,
 )
+from alphaq.model.weights import sampled_experts
 from alphaq.records import MatrixStats
 from alphaq.allocate.solver import SOLVERS, solve_mckp
 from alphaq.allocate.time_cap import solve_time_capped
@@ -72,6 +73,34 @@ MODES: dict[str, dict] = {
     "fast": dict(noise="paper", allocate="experts", types=DEFAULT_CANDIDATES, gamma=1.0),
     "paper": dict(noise="paper", allocate="experts", types=DEFAULT_CANDIDATES, gamma=None),
 }
+
+# --fast analyses the spectra of this many evenly spaced experts of each merged expert tensor and
+# scales the tensor's cost up to all of them (a tensor has one type at tensor granularity, so its
+# cost is a sum over experts that a sample estimates). At Qwen3-30B-A3B's 128 experts the spectral
+# stage was most of the time --fast adds to the stock pipeline (bench/SELFCAL.md, "Sampled experts
+# in --fast"). The paper mode and expert granularity read every expert.
+FAST_ALPHA_EXPERTS = 16
+
+
+def alpha_experts(given: int | str | None, cfg: "PlanConfig") -> int | None:
+    """--alpha-experts resolved for the plan ``cfg``: how many evenly spaced experts of each merged
+    tensor the spectral stage analyses (None: all). ``given``: a count, None ('all') or "auto"
+    (FAST_ALPHA_EXPERTS in the fast mode at tensor granularity, else all)."""
+    if given == "all":
+        given = None
+    if given == "auto":
+        fast = all(getattr(cfg, k) == v for k, v in MODES["fast"].items() if k != "types")
+        return FAST_ALPHA_EXPERTS if fast and cfg.granularity == "tensor" else None
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 2):
+        raise AlphaQError(f"alpha_experts {given!r} is not a number of experts >= 2, 'all' or 'auto'")
+    if given is not None and cfg.granularity == "expert":
+        raise AlphaQError(f"--alpha-experts {given} samples experts; --granularity expert needs every expert's alpha "
+                          "(--alpha-experts all)")
+    if given is not None and cfg.noise == "damage" and cfg.gamma == 0:
+        raise AlphaQError(f"--alpha-experts {given} has no effect: the default (damage) mode reads no alpha unless "
+                          "--gamma is set")
+    return given
+
 
 # KV metadata allowance when the caller gives no header size: typical tokenizer metadata
 # (tokens, scores/types, BPE merges) of a 32k-150k vocabulary is 1-6 MB.
@@ -453,6 +482,7 @@ class _Unit:
     stats: tuple[MatrixStats, ...]  # slices it covers (one for expert granularity / 2-D tensors)
     expert: int | None
     shape: tuple[int, ...]
+    scale: float = 1.0  # experts per analysed slice: the cost of a sampled tensor is its slices' x this
 
 
 def _block_of(name: str, stats: Sequence[MatrixStats]) -> int | None:
@@ -521,12 +551,24 @@ def _select(by_name, by_tensor, cfg: PlanConfig, pinned: Mapping[str, object]) -
         if any(s.expert is None for s in ss) and len(ss) > 1:
             raise AlphaQError(f"{n}: whole-tensor and per-expert statistics mixed")
         if ss[-1].expert is not None and len(ss) != t.shape[0]:
-            missing = sorted(set(range(t.shape[0])) - {s.expert for s in ss})
-            raise AlphaQError(f"{n}: statistics missing for experts {missing[:8]}{'...' if len(missing) > 8 else ''}")
+            _check_sample(n, [s.expert for s in ss], t.shape[0], cfg)
     skipped = [n for n in by_tensor if n not in quantised]
     if skipped:
         logger.debug("statistics for tensors llama.cpp does not quantise are ignored: %s", skipped)
     return chosen, [n for n in in_set if n in pinned], allocate
+
+
+def _check_sample(name: str, experts: list[int], n_experts: int, cfg: PlanConfig) -> None:
+    """Statistics for some of a merged tensor's experts stand for all of them only when they are
+    the spectral stage's evenly spaced sample (SpectralConfig.max_experts) and the tensor is one
+    item; anything else is missing statistics."""
+    if len(experts) >= 2 and experts == sampled_experts(n_experts, len(experts)):
+        if cfg.granularity == "expert":
+            raise AlphaQError(f"{name}: alpha of {len(experts)} of its {n_experts} experts (a sample); --granularity "
+                              "expert needs every expert's (--alpha-experts all)")
+        return
+    missing = sorted(set(range(n_experts)) - set(experts))
+    raise AlphaQError(f"{name}: statistics missing for experts {missing[:8]}{'...' if len(missing) > 8 else ''}")
 
 
 def _units(chosen, by_name, by_tensor, cfg: PlanConfig) -> list[_Unit]:
@@ -539,8 +581,9 @@ def _units(chosen, by_name, by_tensor, cfg: PlanConfig) -> list[_Unit]:
             by_expert = {s.expert: s for s in ss}
             units.extend(_Unit(t, (by_expert[e],) if e in by_expert else (), e, tuple(t.shape[1:]))
                          for e in range(t.shape[0]))
-        else:
-            units.append(_Unit(t, tuple(ss), None, tuple(t.shape)))
+        else:  # a sample of the experts stands for all of them (_check_sample)
+            sampled = bool(ss) and ss[0].expert is not None and len(ss) < t.shape[0]
+            units.append(_Unit(t, tuple(ss), None, tuple(t.shape), t.shape[0] / len(ss) if sampled else 1.0))
     return units
 
 
@@ -597,8 +640,17 @@ def make_plan(
     choice, objective, lower, proven = _solve(options, cfg, groups, _time_cap(options, setup.fixed, cfg))
     items = _items(setup.units, options, choice, weight, cfg)
     totals = _totals(items, setup.fixed, tensors, cfg, setup.header, fixed_bytes is None, objective, lower, proven)
-    return Plan(_settings(cfg, imp, setup.allocate, setup.pins), tuple(items), tuple(setup.fixed), totals,
-                tuple(t.name for t in tensors))
+    settings = {**_settings(cfg, imp, setup.allocate, setup.pins), "alpha_sample": _alpha_sample(setup.units)}
+    return Plan(settings, tuple(items), tuple(setup.fixed), totals, tuple(t.name for t in tensors))
+
+
+def _alpha_sample(units: Sequence[_Unit]) -> dict | None:
+    """The tensors whose cost comes from a sample of their experts' alpha (SpectralConfig.max_experts)."""
+    sampled = [u for u in units if u.scale != 1.0]
+    if not sampled:
+        return None
+    return {"tensors": len(sampled), "experts_analysed": sorted({len(u.stats) for u in sampled}),
+            "experts": sorted({int(u.tensor.shape[0]) for u in sampled})}
 
 
 def check_budget(stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo], cfg: PlanConfig, *,
@@ -715,7 +767,7 @@ def _cost_function(cfg: PlanConfig, weight, noise_table, damage):
             else:
                 noise = _lookup_noise(noise_table, s, wt)
             total += weight[(s.tensor, s.expert)] * noise * (s.params if cfg.weight_by_params else 1)
-        return total
+        return total * u.scale
 
     return eta
 

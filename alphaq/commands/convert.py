@@ -27,7 +27,7 @@ from alphaq.damage import ANCHORED_WINDOWS, FULL_WINDOWS, DamageConfig
 from alphaq.errors import AlphaQError
 from alphaq.pipeline.preflight import WORKING_COPY_CHOICES
 from alphaq.allocate.overrides import kv_overrides, parse_tensor_type, read_tensor_type_file
-from alphaq.allocate.plan import MODES, format_size
+from alphaq.allocate.plan import MODES, alpha_experts, format_size
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral.alpha import XMIN_WINDOWS, SpectralConfig
 
@@ -148,9 +148,11 @@ def run(args: argparse.Namespace) -> int:
         from alphaq.gguf.split import parse_split_size
 
         split_size = parse_split_size(args.split_max_size)
+    plan = _with_pins(_plan_cmd.config_from_args(args, args.mode), args)
     cfg = ConvertConfig(
-        model=args.model, output=output, plan=_with_pins(_plan_cmd.config_from_args(args, args.mode), args),
-        spectral=SpectralConfig(xmin_window=args.xmin_window), force=args.force, nthread=args.threads,
+        model=args.model, output=output, plan=plan,
+        spectral=SpectralConfig(xmin_window=args.xmin_window, max_experts=alpha_experts(args.alpha_experts, plan)),
+        force=args.force, nthread=args.threads,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, compare_stock=not args.no_stock_compare,
         progress=not args.no_progress, like=args.like, imatrix=args.imatrix,
         selftext=SelfTextConfig(n_seq=args.self_samples, n_ctx=args.self_ctx, seed=args.seed),
@@ -167,17 +169,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _anchors(text: str) -> int | None:
-    """--damage-anchors: a positive count or 'all'."""
-    if text == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of blocks or 'all'")
-    return n
+_anchors = _plan_cmd.count_or_all(1, "blocks")  # --damage-anchors
 
 
 def _with_pins(plan, args: argparse.Namespace):
@@ -187,6 +179,14 @@ def _with_pins(plan, args: argparse.Namespace):
         entries += [parse_tensor_type(value)] if kind == "entry" else read_tensor_type_file(value)
     return dataclasses.replace(plan, output_tensor_type=args.output_tensor_type,
                                token_embedding_type=args.token_embedding_type, tensor_types=tuple(entries))
+
+
+def _sample_note(sample: dict | None) -> str:
+    """The budget line's tail when alpha came from a sample of each expert tensor's experts."""
+    if not sample:
+        return ""
+    k, n = (" or ".join(str(x) for x in sample[key]) for key in ("experts_analysed", "experts"))
+    return f"; alpha of {k} of {n} experts per expert tensor (--alpha-experts all: every one)"
 
 
 def _runtime_line(r) -> str:
@@ -224,7 +224,8 @@ def summary(r) -> str:
          if r.dry_run else f"wrote {r.output}  ({format_size(r.file_bytes)}"
          + (f" in {len(r.parts)} parts, the first given to llama.cpp" if r.parts else "") + ")"),
         f"  budget      {budget}; gamma {s['gamma']:.4g} ({s['gamma_source']});"
-        f" granularity {s['granularity']}, scope {s['scope']}, cost {s['noise']}, allocate {s['allocate_effective']}",
+        f" granularity {s['granularity']}, scope {s['scope']}, cost {s['noise']}, allocate {s['allocate_effective']}"
+        + _sample_note(s.get("alpha_sample")),
         (f"  allocated   {t.allocated_params:,} weights: {t.nominal_bits:.3f} nominal bits, {t.true_bpw:.3f} true bpw"
          + (f"; {t.n_fallback_items} item(s) on llama.cpp's shape fallback" if t.n_fallback_items else ""))
         if t.n_items else "  allocated   nothing: every tensor the allocation would hold is pinned",

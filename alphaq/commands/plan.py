@@ -15,11 +15,13 @@ from alphaq.allocate.costs import NOISE_MODELS, measure_noise
 from alphaq.errors import AlphaQError
 from alphaq.allocate.plan import (
     ALLOCATE,
+    FAST_ALPHA_EXPERTS,
     MODES,
     GRANULARITIES,
     SCOPES,
     PlanConfig,
     TensorInfo,
+    alpha_experts,
     format_size,
     gguf_model_infos,
     make_plan,
@@ -81,9 +83,32 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = Tr
                         "this size takes with an importance matrix (alphaq/allocate/quantise_cap.py), no cap in "
                         "--fast/--paper; none: no cap "
                         "(default: %(default)s)")
+    p.add_argument("--alpha-experts", type=count_or_all(2, "experts", auto=True), default="auto", metavar="N|all|auto",
+                   help="analyse the spectra of N evenly spaced experts of each merged expert tensor and scale its "
+                        "cost up to all of them (default: auto: %d in the fast mode at tensor granularity, else all, "
+                        "as the paper does)" % FAST_ALPHA_EXPERTS)
     p.add_argument("--non-expert-type", default="Q4_K", help="attention / shared experts / dense FFN (default: %(default)s)")
     p.add_argument("--token-embd-type", default="Q4_K", help="default: %(default)s")
     p.add_argument("--output-type", default="Q6_K", help="default: %(default)s")
+
+
+def count_or_all(minimum: int, what: str, auto: bool = False):
+    """An argparse type: a count of at least ``minimum`` ``what``, 'all' (None), or with ``auto`` 'auto'."""
+    def parse(text: str) -> int | str | None:
+        if text == "all":
+            return None
+        if auto and text == "auto":
+            return text
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < minimum:
+            count = f"a positive number of {what}" if minimum == 1 else f"a number of {what} >= {minimum}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {count}{', all or auto' if auto else ' or all'}")
+        return n
+
+    return parse
 
 
 def quantise_cap_arg(text: str) -> float | str:
@@ -137,12 +162,14 @@ def config_from_args(args: argparse.Namespace, mode: str = "fast") -> PlanConfig
     )
 
 
-def _analyze(model: Path, cache_dir: Path | None, use_cache: bool = True) -> list[MatrixStats]:
-    """The spectral stage (alphaq.spectral.analyze), with its default configuration."""
+def _analyze(model: Path, cache_dir: Path | None, use_cache: bool = True,
+             max_experts: int | None = None) -> list[MatrixStats]:
+    """The spectral stage (alphaq.spectral.analyze), with its default estimator settings."""
     from alphaq.spectral import analyze
     from alphaq.spectral import alpha as spectral
 
-    return analyze.analyze_model(model, spectral.SpectralConfig(), cache_dir=cache_dir, use_cache=use_cache, progress=True)
+    return analyze.analyze_model(model, spectral.SpectralConfig(max_experts=max_experts), cache_dir=cache_dir,
+                                 use_cache=use_cache, progress=True)
 
 
 def _read_alphas(path: Path) -> list[MatrixStats]:
@@ -179,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.noise == "damage":
         raise AlphaQError("the damage cost runs the model on its own text; use `alphaq convert` for it "
                           "(`alphaq plan` takes --noise paper or measured)")
+    if args.alphas is not None and args.alpha_experts != "auto":
+        raise AlphaQError("--alpha-experts chooses what the spectral stage analyses; with --alphas the statistics "
+                          "come from the CSV")
     # refuse early, before the (long) analysis
     for path in (args.json_path, args.tensor_type_file):
         if path is not None and path.exists() and not args.force:
@@ -202,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
         tensors, gguf_header = gguf_model_infos(model, cfg.alignment)  # a split GGUF: every part
         header = gguf_header if header is None else header
 
-    stats = _read_alphas(args.alphas) if args.alphas is not None else _analyze(model, args.cache_dir, not args.no_cache)
+    stats = (_read_alphas(args.alphas) if args.alphas is not None
+             else _analyze(model, args.cache_dir, not args.no_cache, alpha_experts(args.alpha_experts, cfg)))
     if tensors is None:
         logger.warning("%s is not a GGUF: sizes cover the analysed matrices only", model)
         tensors = _tensors_from_stats(stats)

@@ -17,6 +17,7 @@ from alphaq.damage.anchors import depth_anchors
 from alphaq.errors import AlphaQError
 from alphaq.runtime.forward import Session, WeightBuffer
 from alphaq.gguf.qtypes import effective_type, resolve_type
+from alphaq.model.weights import sampled_experts
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,6 @@ def _threads() -> int:
     from alphaq.runtime.forward import _default_threads
 
     return _default_threads()
-
-
-def sampled_experts(n_mat: int, max_experts: int | None) -> list[int] | None:
-    """Evenly spaced experts for a tensor-level error ratio (None: all of them)."""
-    if max_experts is None or n_mat <= max_experts:
-        return None
-    return sorted(set(np.linspace(0, n_mat - 1, max_experts).round().astype(int).tolist()))
 
 
 def sample_size(buf: WeightBuffer, experts: Sequence[int] | None, cfg: DamageConfig) -> int | None:

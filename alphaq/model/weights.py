@@ -80,6 +80,15 @@ def llama_quantizes(name: str, n_dims: int) -> bool:
     return n_dims >= 2 and quantisable_name(name)
 
 
+def sampled_experts(n_experts: int, max_experts: int | None) -> list[int] | None:
+    """Evenly spaced experts of a merged expert tensor, first and last included (None: all of
+    them, also when there are no more than ``max_experts``). The spectral stage of ``--fast`` and
+    the damage stage's error ratios read a tensor through these."""
+    if max_experts is None or n_experts <= max_experts:
+        return None
+    return sorted(set(np.linspace(0, n_experts - 1, max_experts).round().astype(int).tolist()))
+
+
 def _kind(tensor: str) -> tuple[int | None, str]:
     m = _GGUF_BLOCK.match(tensor)
     if m:

@@ -101,6 +101,10 @@ class SpectralConfig:
     zero_rel_tol: float = 1e-12
     # fewer usable eigenvalues than this gives "no signal": a tail fit needs some points.
     min_eigs: int = 10
+    # analyse at most this many evenly spaced experts of each merged expert tensor (None: all, as
+    # the paper does). Which matrices are read, not how one is estimated: not a cache field. The
+    # plan scales a sampled tensor's cost up to all its experts (alphaq.allocate.plan).
+    max_experts: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -119,6 +123,8 @@ class SpectralConfig:
             raise AlphaQError(f"zero_rel_tol {self.zero_rel_tol} must be in [0, 1)")
         if self.min_eigs < 2:
             raise AlphaQError(f"min_eigs {self.min_eigs} must be >= 2")
+        if self.max_experts is not None and self.max_experts < 2:
+            raise AlphaQError(f"max_experts {self.max_experts} must be >= 2 (or None: every expert)")
 
     def cache_fields(self) -> dict:
         """The settings that change the result (device does not), for cache keys."""

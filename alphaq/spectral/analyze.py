@@ -32,7 +32,7 @@ from alphaq.errors import AlphaQError
 from alphaq.files import atomic_write_text
 from alphaq.records import MatrixStats
 from alphaq.spectral.alpha import SpectralConfig, SpectralResult, pinned_threads, analyze_matrix
-from alphaq.model.weights import WeightMatrix, open_model
+from alphaq.model.weights import WeightMatrix, open_model, sampled_experts
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def analyze_model(
 
     ``cache_dir`` defaults to `default_cache_dir()`; ``use_cache=False`` neither reads nor writes.
     ``select`` restricts the analysis to the matrices it accepts (the others are left out of the
-    result); ``known`` returns an already computed result for a matrix, or None to analyse it;
+    result), as ``cfg.max_experts`` does to a sample of each merged tensor's experts; ``known`` returns an already computed result for a matrix, or None to analyse it;
     ``throttle`` limits how many matrices are analysed at once; ``report=False`` leaves out the
     closing count of matrices without a signal (for a partial pass whose results a later call
     reuses).
@@ -206,13 +206,27 @@ def analyze_model(
         mats = model.matrices()
         if not mats:
             raise AlphaQError(f"{path}: no quantisable weight matrices found")
-        if select is not None:
-            mats = [m for m in mats if select(m)]
+        sampled = _in_sample(mats, cfg.max_experts)
+        mats = [m for m in mats if sampled(m) and (select is None or select(m))]
         out = _analyze_all(mats, cfg, cache, progress, known, throttle)
     n_bad = sum(not s.signal for s in out)
     if n_bad and report:
         logger.warning("%d of %d matrices have no spectral signal (alpha = NaN)", n_bad, len(out))
     return out
+
+
+def _in_sample(mats: list[WeightMatrix], max_experts: int | None) -> Callable[[WeightMatrix], bool]:
+    """Whether a matrix is in the analysis under ``max_experts``: every matrix that is not an
+    expert slice, and each merged tensor's evenly spaced experts (alphaq.model.weights.sampled_experts,
+    out of the expert count the model's slices of that tensor show)."""
+    if max_experts is None:
+        return lambda m: True
+    n_experts: dict[str, int] = {}
+    for m in mats:
+        if m.expert is not None:
+            n_experts[m.tensor] = max(n_experts.get(m.tensor, 0), m.expert + 1)
+    keep = {t: set(sampled_experts(n, max_experts) or range(n)) for t, n in n_experts.items()}
+    return lambda m: m.expert is None or m.expert in keep[m.tensor]
 
 
 def _analyze_all(mats: list[WeightMatrix], cfg: SpectralConfig, cache: SpectralCache | None, progress: bool,
