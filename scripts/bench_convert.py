@@ -191,7 +191,8 @@ def alphaq_cmd(root: Path, model: Path, work: str, tag: str, mode: tuple[str, ..
 DEFAULT_MODE = ("--like", "Q3_K_M")
 
 
-def bench(model: Path, repeats: int, baseline: Path | None) -> dict:
+def bench(model: Path, repeats: int, baseline: Path | None, default: bool = True) -> dict:
+    """``default=False``: stock and --fast only (the default's rows are then None)."""
     model = model.resolve()
     bf16_bytes = sum(p.stat().st_size for p in model.glob("model*.safetensors"))
     cfg = json.loads((model / "config.json").read_text())
@@ -201,31 +202,43 @@ def bench(model: Path, repeats: int, baseline: Path | None) -> dict:
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as work:
             rows["stock"].append(measure([sys.executable, "-c", _STOCK, str(model), work]))
-            rows["alphaq"].append(measure(alphaq_cmd(ROOT, model, work, "alphaq", DEFAULT_MODE)))
+            if default:
+                rows["alphaq"].append(measure(alphaq_cmd(ROOT, model, work, "alphaq", DEFAULT_MODE)))
             rows["fast"].append(measure(alphaq_cmd(ROOT, model, work, "fast")))
             if baseline:
                 rows["baseline"].append(measure(alphaq_cmd(baseline, model, work, "baseline"), cwd=baseline))
+    if not default:
+        del rows["alphaq"]
     med = {k: statistics.median(r["wall"] for r in v) for k, v in rows.items()}
     cpu = {k: statistics.median(r["cpu"] for r in v) for k, v in rows.items()}
-    peak = max(r["peak_rss_kib"] for r in rows["alphaq"]) * 1024
+
+    def peak(pipeline: str, key: str) -> int | None:
+        return max(r[key] for r in rows[pipeline]) * 1024 if pipeline in rows else None
+
     out = {
         "model": model.name, "blocks": cfg["num_hidden_layers"], "bf16_bytes": bf16_bytes,
         "walls": {k: [round(r["wall"], 2) for r in v] for k, v in rows.items()},
         "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
-        "stock_s": med["stock"], "alphaq_s": med["alphaq"], "ratio": med["alphaq"] / med["stock"],
+        "stock_s": med["stock"], "alphaq_s": med.get("alphaq"),
+        "ratio": med["alphaq"] / med["stock"] if default else None,
         "fast_s": med["fast"], "fast_ratio": med["fast"] / med["stock"],
         "stages": {k: [r.get("stages", {}) for r in v] for k, v in rows.items() if k != "stock"},
-        "alphaq_peak_rss": peak, "rss_over_bf16": peak / bf16_bytes,
-        "alphaq_peak_tree_rss": max(r["peak_tree_rss_kib"] for r in rows["alphaq"]) * 1024,
-        "stock_peak_rss": max(r["peak_rss_kib"] for r in rows["stock"]) * 1024,
-        "stock_peak_tree_rss": max(r["peak_tree_rss_kib"] for r in rows["stock"]) * 1024,
-        "alphaq_peak_private": max(r["peak_private_kib"] for r in rows["alphaq"]) * 1024,
-        "stock_peak_private": max(r["peak_private_kib"] for r in rows["stock"]) * 1024,
+        "alphaq_peak_rss": peak("alphaq", "peak_rss_kib"),
+        "rss_over_bf16": peak("alphaq", "peak_rss_kib") / bf16_bytes if default else None,
+        "alphaq_peak_tree_rss": peak("alphaq", "peak_tree_rss_kib"),
+        "stock_peak_rss": peak("stock", "peak_rss_kib"),
+        "stock_peak_tree_rss": peak("stock", "peak_tree_rss_kib"),
+        "alphaq_peak_private": peak("alphaq", "peak_private_kib"),
+        "stock_peak_private": peak("stock", "peak_private_kib"),
     }
     if baseline:
         out["baseline_s"] = med["baseline"]
         out["baseline_ratio"] = med["baseline"] / med["stock"]
     return out
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else spec.format(value * scale)
 
 
 def main() -> int:
@@ -236,6 +249,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each run wait up to S seconds for the CPUs to be idle (shared machine)")
+    p.add_argument("--no-default", action="store_true", help="time stock and --fast only (the default is slow)")
     args = p.parse_args()
     IDLE["wait_s"] = args.wait_idle
     models = args.models or sorted((ROOT / ".cache" / "zoo").glob("*-bench"))
@@ -257,14 +271,15 @@ def main() -> int:
     print(sep, flush=True)
     results = []
     for m in models:
-        r = bench(m, args.repeats, baseline)
+        r = bench(m, args.repeats, baseline, default=not args.no_default)
         results.append(r)
         line = (f"| {r['model']} | {r['blocks']} | {r['bf16_bytes'] / 2**20:.1f} MiB | {r['stock_s']:.1f} s | "
-                f"{r['alphaq_s']:.1f} s | {r['ratio']:.2f}x | {r['fast_s']:.1f} s | {r['fast_ratio']:.2f}x |")
+                f"{_fmt(r['alphaq_s'], '{:.1f} s')} | {_fmt(r['ratio'], '{:.2f}x')} | {r['fast_s']:.1f} s | "
+                f"{r['fast_ratio']:.2f}x |")
         if baseline:
             line += f" {r['baseline_s']:.1f} s | {r['baseline_ratio']:.2f}x |"
-        line += (f" {r['alphaq_peak_rss'] / 2**20:.0f} MiB | {r['rss_over_bf16']:.2f} | "
-                 f"{r['alphaq_peak_tree_rss'] / 2**20:.0f} MiB | {r['stock_peak_tree_rss'] / 2**20:.0f} MiB |")
+        line += (f" {_fmt(r['alphaq_peak_rss'], '{:.0f} MiB', 2**-20)} | {_fmt(r['rss_over_bf16'], '{:.2f}')} | "
+                 f"{_fmt(r['alphaq_peak_tree_rss'], '{:.0f} MiB', 2**-20)} | {r['stock_peak_tree_rss'] / 2**20:.0f} MiB |")
         print(line, flush=True)
         print(f"#   wall times (s): {json.dumps(r['walls'])}; median CPU time, user+sys of all processes (s): "
               f"{json.dumps(r['cpu_s'])}", flush=True)

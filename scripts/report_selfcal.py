@@ -230,6 +230,17 @@ SIDE_STUDIES = (
      lambda res: [*comparisons(res, [(v, "deep-default") for v in ("deep-a4w2", "deep-a3w4", "deep-a3w2", "mse64k")]
                                + [(v, "deep-all") for v in ("deep-default", "deep-a4w2", "deep-a3w4", "deep-a3w2")]),
                   "", *summary(res, ("deep-default", "deep-a4w2", "deep-a3w4", "deep-a3w2"))]),
+    ("selfcal-fast-sample.json", "Sampled experts in --fast (bench/{}; 6 sizes per model)",
+     "fast-eN: --fast with alpha from N evenly spaced experts of each merged tensor (--alpha-experts N), the "
+     "tensor's cost scaled up to all its experts, against --fast with every expert (what the product does on "
+     "these models: they have 8 or 16 experts, at most the default sample of 16). A sample of 4 of 8 or 16, "
+     "or 8 of 16, estimates a tensor's mean at least as noisily as 16 of Qwen3-30B-A3B's 128 (standard error "
+     "sqrt((1 - N/n) / N): 0.35 and 0.43 for 4, 0.25 for 8, 0.23 for 16 of 128). No file where --fast cannot "
+     "reach the size. scripts/bench_alpha_sample.py prices the same plans' costs (bench/alpha-sample.json).",
+     lambda res: comparisons(res, [("fast-e4", "fast"), ("fast-e8", "fast")])),
+    ("selfcal-fast-sample-deep.json", "Sampled experts in --fast on the 8-block model (bench/{}; 6 sizes)",
+     "The same on the 8-block trained model (8 experts per tensor, 24 expert tensors): 4 of 8 experts.",
+     lambda res: comparisons(res, [("fast-e4", "fast")])),
     ("selfcal-q8copy.json", "Q8_0 working copy (bench/{}; 5 sizes per model)",
      "q8copy: the default's self text, importance matrix and damage all from a Q8_0 copy of the model "
      "(--working-copy q8_0, what auto picks when the float model does not fit in RAM), the file quantised "

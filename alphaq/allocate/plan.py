@@ -82,6 +82,11 @@ MODES: dict[str, dict] = {
 FAST_ALPHA_EXPERTS = 16
 
 
+def is_fast(cfg: "PlanConfig") -> bool:
+    """Whether ``cfg`` allocates as the fast mode does (its candidate types may differ)."""
+    return all(getattr(cfg, k) == v for k, v in MODES["fast"].items() if k != "types")
+
+
 def alpha_experts(given: int | str | None, cfg: "PlanConfig") -> int | None:
     """--alpha-experts resolved for the plan ``cfg``: how many evenly spaced experts of each merged
     tensor the spectral stage analyses (None: all). ``given``: a count, None ('all') or "auto"
@@ -89,8 +94,7 @@ def alpha_experts(given: int | str | None, cfg: "PlanConfig") -> int | None:
     if given == "all":
         given = None
     if given == "auto":
-        fast = all(getattr(cfg, k) == v for k, v in MODES["fast"].items() if k != "types")
-        return FAST_ALPHA_EXPERTS if fast and cfg.granularity == "tensor" else None
+        return FAST_ALPHA_EXPERTS if is_fast(cfg) and cfg.granularity == "tensor" else None
     if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 2):
         raise AlphaQError(f"alpha_experts {given!r} is not a number of experts >= 2, 'all' or 'auto'")
     if given is not None and cfg.granularity == "expert":
@@ -786,7 +790,7 @@ def _options(units, cfg: PlanConfig, eta) -> _Options:
             cc[c.name] = eta(u, wt)
             b = tensor_bytes(wt, u.shape)
             opt.unit_bytes[i, j] = b
-            opt.times[i, j] = opt.params[i] * quantise_ns(wt)
+            opt.times[i, j] = opt.params[i] * quantise_ns(wt, with_imatrix(cfg))
             if wt in seen:
                 continue  # same written type as an earlier candidate: one option
             seen.add(wt)
@@ -888,7 +892,7 @@ def _time_cap(opt: _Options, fixed: Sequence[FixedTensor], cfg: PlanConfig) -> f
         return None
     quantised = [f for f in fixed if f.quantised]
     weights = int(opt.params.sum()) + sum(math.prod(f.shape) for f in quantised)
-    fixed_ns = sum(math.prod(f.shape) * quantise_ns(f.type) for f in quantised)
+    fixed_ns = sum(math.prod(f.shape) * quantise_ns(f.type, with_imatrix(cfg)) for f in quantised)
     if fixed_ns > cfg.max_quantise_ns * weights:
         raise BudgetError(f"--max-quantise-ns {cfg.max_quantise_ns:g}: the tensors outside the allocation alone take "
                           f"{fixed_ns / weights:.0f} ns per weight of the file")
@@ -1083,14 +1087,22 @@ def _totals(items, fixed, tensors, cfg, header, estimated, objective, lower, pro
         n_fallback_items=sum(1 for it in items if it.is_fallback),
         n_pinned=sum(1 for f in fixed if f.reason.startswith("pinned")),
         pinned_bytes=sum(padded(f.bytes, cfg.alignment) for f in fixed if f.reason.startswith("pinned")),
-        quantise_ns_per_weight=_quantise_ns_per_weight(items, fixed),
+        quantise_ns_per_weight=_quantise_ns_per_weight(items, fixed, with_imatrix(cfg)),
     )
 
 
-def _quantise_ns_per_weight(items, fixed) -> float:
+def with_imatrix(cfg: PlanConfig) -> bool:
+    """Whether the file's tensors are quantised with an importance matrix, which makes llama.cpp's
+    k-quants 2-3x slower to write (alphaq.gguf.speed): the damage mode always passes one; the
+    fast and paper modes pass none (all-ones only for the types llama.cpp refuses without one,
+    whose speed is measured only that way)."""
+    return cfg.noise == "damage"
+
+
+def _quantise_ns_per_weight(items, fixed, imatrix: bool) -> float:
     """Mean quantiser ns per quantised weight of the file's types (alphaq.gguf.speed)."""
     return mean_quantise_ns([(it.params, it.type) for it in items]
-                            + [(math.prod(f.shape), f.type) for f in fixed if f.quantised])
+                            + [(math.prod(f.shape), f.type) for f in fixed if f.quantised], imatrix)
 
 
 # ----------------------------------------------------------------------------------------------

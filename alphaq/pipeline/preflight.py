@@ -60,8 +60,10 @@ STAGE_SECONDS_PER_BLOCK = {
     "self text": 29.1 / 4,  # 16 sequences of 256 tokens sampled from the model
     "importance": 24.7 / 4,  # the importance matrix on that text
     "quantise": 576.4 / 4,  # llama.cpp's quantiser with the uncapped plan's (mostly IQ) types
-    # --fast / --paper: the whole run minus the stock converter's time (102.0 - 28.2 s at 4 blocks)
+    # --paper (every expert's alpha): the whole run minus the stock converter's time (102.0 - 28.2 s at 4 blocks)
     "spectral + quantise": (102.0 - 28.2) / 4,
+    # --fast (16 sampled experts, bench/scale-fast-sample-qwen3.json, 836d0ad): 70.9 - 32.6 s at 4 blocks
+    "spectral + quantise, sampled experts": (70.9 - 32.6) / 4,
 }
 # The damage stage from its parts in the same run (bench/scale-head-qwen3.json, 4 blocks: 30
 # measurements on 16 windows of 256 tokens, every block measured): per measurement the fake
@@ -191,7 +193,8 @@ def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int,
     rate = STAGE_SECONDS_PER_BLOCK
     out = {"float model": rate["float model"] * scale} if source == "hf" else {}
     if cfg.plan.noise != "damage":
-        out["spectral + quantise"] = rate["spectral + quantise"] * scale
+        sampled = cfg.spectral.max_experts is not None
+        out["spectral + quantise"] = rate["spectral + quantise" + (", sampled experts" if sampled else "")] * scale
         return out
     out["self text"] = rate["self text"] * scale
     if cfg.imatrix is None:
