@@ -234,16 +234,8 @@ class Model:
                     quantize_gguf(self.bf16, out, plan.tensor_types(), imatrix=self.imatrix.get(src))
             else:  # fast and paper: plans from alpha, no importance matrix
                 mode, experts = ("fast", FAST_SAMPLE_VARIANTS[variant]) if variant in FAST_SAMPLE_VARIANTS else (variant, None)
-                mode = "fast" if variant == "fast-capped" else mode
                 cfg = replace(PlanConfig(**MODES[mode]), budget_mode="size", budget=float(size))
-
-                def solve_fast(c: PlanConfig):
-                    return baselines.solve(self.fm, self.spectral(experts), c)
-
-                # "fast" is the fast mode without its auto cap (as measured before the cap existed);
-                # "fast-capped" the product's --fast --like MIX, with it
-                plan = auto_capped_plan(solve_fast, cfg, self.bf16, like=mix)[0] if variant == "fast-capped" \
-                    else solve_fast(cfg)
+                plan = baselines.solve(self.fm, self.spectral(experts), cfg)
                 baselines.write_plan(self.fm, plan, out)
         except AlphaQError as exc:
             log.info("%s %s@%s: %s", self.name, variant, mix, exc)

@@ -241,6 +241,13 @@ SIDE_STUDIES = (
     ("selfcal-fast-sample-deep.json", "Sampled experts in --fast on the 8-block model (bench/{}; 6 sizes)",
      "The same on the 8-block trained model (8 experts per tensor, 24 expert tensors): 4 of 8 experts.",
      lambda res: comparisons(res, [("fast-e4", "fast")])),
+    ("selfcal-fast-cap.json", "The fast mode's cap on the quantiser's time (bench/{}; 7 sizes per model)",
+     "fast-capped: --fast with an auto cap on llama.cpp's quantiser time, tried at commit 7940fde and dropped "
+     "(docs/ALLOCATION.md, \"The fast and paper modes are never capped by it\"): the file's types no slower per "
+     "weight than the mix of this size without an importance matrix (estimated from "
+     "alphaq/gguf/quantise_speed.json); fast: the same plans without the cap, as the product makes them. The "
+     "cell's size is the mix's (--like MIX). No file where --fast cannot reach the size.",
+     lambda res: comparisons(res, [("fast-capped", "fast")])),
     ("selfcal-q8copy.json", "Q8_0 working copy (bench/{}; 5 sizes per model)",
      "q8copy: the default's self text, importance matrix and damage all from a Q8_0 copy of the model "
      "(--working-copy q8_0, what auto picks when the float model does not fit in RAM), the file quantised "

@@ -81,9 +81,6 @@ def test_stock_mix_rate_is_the_mean_over_the_file_llama_cpp_writes(float_ggufs, 
             total += quantise_ns(t.tensor_type) * int(t.n_elements)
             weights += int(t.n_elements)
     assert stock_mixes(model, 32, ("Q4_K_M",))["Q4_K_M"].quantise_ns == pytest.approx(total / weights, rel=1e-12)
-    plain = sum(quantise_ns(t.tensor_type, imatrix=False) * int(t.n_elements) for t in GGUFReader(out).tensors
-                if llama_quantizes(t.name, tuple(int(d) for d in reversed(t.shape))))
-    assert stock_mixes(model, 32, ("Q4_K_M",))["Q4_K_M"].quantise_ns_plain == pytest.approx(plain / weights, rel=1e-12)
 
 
 def _convert(model, out, *args):
@@ -143,36 +140,16 @@ def test_python_front_door_reads_the_cap_as_the_flag_does(given, auto, plan_cap,
     assert seen[0].auto_quantise_cap is auto and seen[0].plan.max_quantise_ns == plan_cap
 
 
-def test_fast_mode_references_the_k_quant_mixes_llama_quantize_writes_without_an_importance_matrix():
-    from alphaq.allocate.quantise_cap import reference_mixes
-    from alphaq.gguf.quantize import IMATRIX_MIXES
 
-    plain = reference_mixes(imatrix=False)
-    assert "Q3_K_M" in plain and "Q8_0" in plain and "Q2_K" in plain
-    assert not any(m.startswith("IQ") or m in IMATRIX_MIXES for m in plain)
-    assert reference_mixes(imatrix=True) == ALL_MIXES
-
-
-def test_fast_mode_cap_is_the_stock_files_own_rate_and_its_plan_is_priced_without_an_importance_matrix(float_ggufs):
-    """On the qwen3moe fixture (128-wide down projections: llama.cpp writes IQ4_NL, ~250 ns, for the
-    fast mode's 1-3 bit candidates) the cap binds; the plan's rate is the plain per-type rate."""
+def test_fast_mode_prices_its_types_without_an_importance_matrix(float_ggufs):
+    """--fast passes llama.cpp's quantiser no importance matrix (all-ones only where llama.cpp
+    insists): its plan's quantiser estimate takes the per-type rates without one."""
     from alphaq.gguf.speed import mean_quantise_ns
     from alphaq.spectral.analyze import analyze_model
 
     model = float_ggufs["qwen3moe"]
     stats, tensors = analyze_model(model, use_cache=False, progress=False), tensor_infos(model)
-
-    def solve(cfg):
-        return make_plan(stats, tensors, cfg, fixed_bytes=0)
-
-    cfg = PlanConfig(**MODES["fast"], budget=3.0)
-    free = solve(cfg)
-    rate = mean_quantise_ns([(i.params, i.type) for i in free.items]
-                            + [(math.prod(f.shape), f.type) for f in free.fixed if f.quantised], imatrix=False)
-    assert free.totals.quantise_ns_per_weight == pytest.approx(rate, rel=1e-12)
-    plan, cap = auto_capped_plan(solve, cfg, model, like="Q2_K")
-    mix = stock_mixes(model, 32, ("Q2_K",))["Q2_K"]
-    assert not cap.imatrix and cap.floor_ns == 0 and cap.cap_ns == cap.mix_ns == mix.quantise_ns_plain
-    assert cap.bound and plan.totals.quantise_ns_per_weight <= cap.cap_ns < free.totals.quantise_ns_per_weight
-    assert "IQ4_NL" in {i.type.name for i in free.items} and "IQ4_NL" not in {i.type.name for i in plan.items}
-    assert "without an importance matrix" in cap.describe(plan.totals.objective)
+    plan = make_plan(stats, tensors, PlanConfig(**MODES["fast"], budget=3.0), fixed_bytes=0)
+    parts = [(i.params, i.type) for i in plan.items] + [(math.prod(f.shape), f.type) for f in plan.fixed if f.quantised]
+    assert plan.totals.quantise_ns_per_weight == pytest.approx(mean_quantise_ns(parts, imatrix=False), rel=1e-12)
+    assert plan.totals.quantise_ns_per_weight < mean_quantise_ns(parts, imatrix=True)  # Q4_K: 79 against 137 ns

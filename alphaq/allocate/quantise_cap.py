@@ -14,16 +14,6 @@ llama.cpp's mixes whose file fits in the budget (of equal sizes the slower one).
 llama.cpp's own mixes are IQ types too (IQ2_XXS: 340-380 ns on the zoo), and there the uncapped
 plan costs no more than they do, so the IQ types stay where the cap would hurt most (IQ2_XXS size: 1.22-1.28x the KL under a flat 150). A plan already within the cap is kept as
 it is; `--max-quantise-ns none` gives the uncapped plan, a number a fixed cap.
-
-The fast mode (`--fast`) has the same kind of cap with another reference: the largest k-quant mix
-that fits (reference_mixes), at its rate *without* an importance matrix, what llama-quantize spends
-on that stock file, and no floor, so that
-its files take llama.cpp's quantiser no longer than that file does (estimated from the per-type
-table). Its plans pass no importance matrix, so their types are priced without one too
-(alphaq.allocate.plan.with_imatrix). What it binds on: shapes whose experts are not a multiple of
-256 wide (DeepSeek-V2-Lite's and Qwen1.5-MoE's 1408), where llama.cpp writes IQ4_NL (about 250 ns
-a weight) for the fast mode's 1-3 bit candidates; uncapped, the quantise stage there took 3.7x the
-stock pipeline's (bench/scale-fast-sample-v2lite.json). The paper mode stays as published: no cap.
 """
 
 from __future__ import annotations
@@ -33,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from alphaq.allocate.plan import Plan, PlanConfig, with_imatrix
+from alphaq.allocate.plan import Plan, PlanConfig
 from alphaq.errors import BudgetError
 
 log = logging.getLogger(__name__)
@@ -45,22 +35,18 @@ FLOOR_NS = 150.0  # ns per weight, one thread: the measured cap (bench/selfcal-c
 class AutoCap:
     """What the auto cap decided, for the summary and the plan JSON."""
 
-    cap_ns: float  # the cap: max(floor_ns, mix_ns)
+    cap_ns: float  # the cap: max(FLOOR_NS, mix_ns)
     mix: str  # llama.cpp's mix at this size
-    mix_ns: float  # its quantiser time with an importance matrix (without one: imatrix False), ns per weight
+    mix_ns: float  # its quantiser time with an importance matrix, ns per weight
     uncapped_ns: float  # the uncapped plan's quantiser time
     uncapped_damage: float  # the uncapped plan's objective (predicted damage)
     bound: bool  # whether the cap changed the plan
     reason: str = ""  # why an uncapped plan was kept although it is over the cap
-    imatrix: bool = True  # whether the plan's file is quantised with an importance matrix (the default mode)
-    floor_ns: float = FLOOR_NS  # the least cap (0 in the fast mode)
 
     def describe(self, damage: float) -> str:
         """One line: the cap, where it comes from, and what it cost (``damage``: the final plan's objective)."""
-        line = (f"auto cap {self.cap_ns:.0f} ns (the larger of {self.floor_ns:.0f} and llama.cpp's {self.mix} with an "
-                f"importance matrix, {self.mix_ns:.0f})" if self.imatrix else
-                f"auto cap {self.cap_ns:.0f} ns (llama.cpp's {self.mix} without an importance matrix, as "
-                "llama-quantize writes it)")
+        line = (f"auto cap {self.cap_ns:.0f} ns (the larger of {FLOOR_NS:.0f} and llama.cpp's {self.mix} with an "
+                f"importance matrix, {self.mix_ns:.0f})")
         if self.reason:
             return line + f"; not applied: {self.reason}"
         if not self.bound:
@@ -80,33 +66,22 @@ def reference_mix(mixes: dict, budget_bytes: float):
     return max(fitting, key=lambda m: (m.file_bytes, m.quantise_ns))
 
 
-def reference_mixes(imatrix: bool) -> tuple[str, ...]:
-    """The mixes a budget not named by --like is compared with: every one of llama.cpp's with an
-    importance matrix; without one (the fast mode) the k-quant mixes llama-quantize writes then,
-    what its users quantise to without an importance matrix (the IQ mixes are made with one)."""
-    from alphaq.gguf.quantize import ALL_MIXES, IMATRIX_MIXES
-
-    return ALL_MIXES if imatrix else tuple(m for m in ALL_MIXES if m.startswith("Q") and m not in IMATRIX_MIXES)
-
-
 def auto_capped_plan(solve: Callable[[PlanConfig], Plan], cfg: PlanConfig, float_gguf: Path,
                      like: str | None = None) -> tuple[Plan, AutoCap]:
     """The plan ``solve(cfg)``, re-solved under the auto cap when its types are slower than the cap;
     ``like``: the mix the budget was named by (--like), which is then the reference mix itself."""
+    from alphaq.gguf.quantize import ALL_MIXES
     from alphaq.gguf.stock import stock_mixes
 
     plan = solve(cfg)
-    imatrix = with_imatrix(cfg)
     if like is not None:
         mix = stock_mixes(float_gguf, cfg.alignment, (like.upper(),))[like.upper()]
     else:
         budget = cfg.budget if cfg.budget_mode == "size" else plan.totals.predicted_file_bytes
-        mix = reference_mix(stock_mixes(float_gguf, cfg.alignment, reference_mixes(imatrix)), budget)
-    floor, mix_ns = (FLOOR_NS, mix.quantise_ns) if imatrix else (0.0, mix.quantise_ns_plain)
-    cap = max(floor, mix_ns)
+        mix = reference_mix(stock_mixes(float_gguf, cfg.alignment, ALL_MIXES), budget)
+    cap = max(FLOOR_NS, mix.quantise_ns)
     uncapped = plan.totals.quantise_ns_per_weight
-    note = AutoCap(cap, mix.name, mix_ns, uncapped, plan.totals.objective, bound=uncapped > cap, imatrix=imatrix,
-                   floor_ns=floor)
+    note = AutoCap(cap, mix.name, mix.quantise_ns, uncapped, plan.totals.objective, bound=uncapped > cap)
     if not note.bound:
         return plan, note
     try:

@@ -80,8 +80,8 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = Tr
                    help="cap llama.cpp's quantiser time: the file's types at most NS ns per weight on average "
                         "(one thread, alphaq/gguf/quantise_speed.json; the IQ types take 160-800, the k-quants "
                         "14-170); auto: in the default (damage) mode the larger of 150 and what llama.cpp's own mix at "
-                        "this size takes with an importance matrix, in --fast what it takes without one (as llama-quantize "
-                        "writes it), no cap in --paper (alphaq/allocate/quantise_cap.py); none: no cap "
+                        "this size takes with an importance matrix (alphaq/allocate/quantise_cap.py), no cap in "
+                        "--fast/--paper; none: no cap "
                         "(default: %(default)s)")
     p.add_argument("--alpha-experts", type=count_or_all(2, "experts", auto=True), default="auto", metavar="N|all|auto",
                    help="analyse the spectra of N evenly spaced experts of each merged expert tensor and scale its "

@@ -26,8 +26,6 @@ class StockMix:
     # llama.cpp's quantiser on the mix's types, mean ns per quantised weight, one thread, with an
     # importance matrix (what a llama.cpp user who passes --imatrix pays)
     quantise_ns: float
-    # the same without one: what llama-quantize pays for the stock file (NaN where not computed)
-    quantise_ns_plain: float = math.nan
 
 
 def stock_mix(float_gguf: Path, mix: str, alignment: int, header: int | None = None) -> StockMix:
@@ -37,8 +35,8 @@ def stock_mix(float_gguf: Path, mix: str, alignment: int, header: int | None = N
     types = {n: GGMLQuantizationType[t] for n, t in stock_mix_types(float_gguf, mix).items()}
     header = quantised_header_bytes(float_gguf) if header is None else header
     data = sum(padded(tensor_bytes(t, shapes[n]), alignment) for n, t in types.items())
-    parts = [(math.prod(shapes[n]), t) for n, t in types.items() if llama_quantizes(n, shapes[n])]
-    return StockMix(mix, header + data, mean_quantise_ns(parts), mean_quantise_ns(parts, imatrix=False))
+    ns = mean_quantise_ns((math.prod(shapes[n]), t) for n, t in types.items() if llama_quantizes(n, shapes[n]))
+    return StockMix(mix, header + data, ns)
 
 
 def stock_size(float_gguf: Path, mix: str, alignment: int, header: int | None = None) -> int:

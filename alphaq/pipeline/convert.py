@@ -43,7 +43,7 @@ from alphaq.damage import DamageConfig
 from alphaq.allocate.feasibility import check_budget, matrix_tensors, quantised_tensors
 from alphaq.files import check_plots_dir
 from alphaq.allocate.overrides import KVOverride, Pins
-from alphaq.allocate.plan import Plan, PlanConfig, TensorInfo, format_size, is_fast, make_plan, plan_pins
+from alphaq.allocate.plan import Plan, PlanConfig, TensorInfo, format_size, make_plan, plan_pins
 from alphaq.allocate.quantise_cap import AutoCap, auto_capped_plan
 from alphaq.gguf.qtypes import llama_quantizes, padded
 from alphaq.pipeline.resume import Workspace, pause_for_test
@@ -260,10 +260,8 @@ def _plan_with_header(stats, tensors, cfg: ConvertConfig, base_header: int, toke
 
 
 def auto_cap_applies(cfg: ConvertConfig) -> bool:
-    """The default and fast modes cap the quantiser's time by themselves unless a cap is given or
-    refused (alphaq.allocate.quantise_cap); the paper mode stays as published."""
-    return (cfg.auto_quantise_cap and (cfg.plan.noise == "damage" or is_fast(cfg.plan))
-            and cfg.plan.max_quantise_ns is None)
+    """The default mode caps the quantiser's time by itself unless a cap is given or refused."""
+    return cfg.auto_quantise_cap and cfg.plan.noise == "damage" and cfg.plan.max_quantise_ns is None
 
 
 def needs_spectral(cfg: ConvertConfig) -> bool:
