@@ -1,4 +1,4 @@
-"""--alpha-experts: the spectral stage on evenly spaced experts, a tensor's cost scaled up to all of them."""
+"""The fast mode's costs: --alpha-experts (the spectral stage on evenly spaced experts, a tensor's cost scaled up to all of them) and fallback twins."""
 
 from __future__ import annotations
 
@@ -111,3 +111,16 @@ def test_convert_refuses_an_alpha_sample_it_cannot_use(argv, needle, fixtures_di
     assert code not in (0, None)
     assert needle in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_of_two_fallbacks_the_cost_cannot_tell_apart_the_plan_takes_the_faster_to_write(qwen3_stats):
+    """The fixture's 128-wide down projections: IQ1_S falls back to IQ4_NL, Q2_K and Q3_K to Q4_0,
+    the same nominal bits and bytes, so the fast mode's costs are equal; llama.cpp writes Q4_0
+    about 100x faster (alphaq/gguf/quantise_speed.json), and it is the one a plan may pick."""
+    path, full, _ = qwen3_stats
+    tensors, header = gguf_model_infos(path, 32)
+    plan = make_plan(full, tensors, PlanConfig(**MODES["fast"], budget=3.0), fixed_bytes=header)
+    down = [i for i in plan.items if "ffn_down_exps" in i.tensor]
+    assert down and all(i.written["IQ1_S"] == "IQ4_NL" and i.written["Q3_K"] == "Q4_0" for i in down)
+    assert all(i.costs["IQ1_S"] == i.costs["Q3_K"] for i in down)  # twins to the fast mode's cost
+    assert "IQ4_NL" not in {i.type.name for i in plan.items} and "Q4_0" in {i.type.name for i in down}

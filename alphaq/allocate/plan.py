@@ -796,8 +796,24 @@ def _options(units, cfg: PlanConfig, eta) -> _Options:
             seen.add(wt)
             opt.costs[i, j] = cc[c.name]
             opt.sizes[i, j] = _budget_size(u, wt, b, cfg)
+        _drop_slower_twins(opt, i)
         opt.cand_costs.append(cc)
     return opt
+
+
+def _drop_slower_twins(opt: _Options, i: int) -> None:
+    """Of item ``i``'s options with the same cost and the same budget size keep the one llama.cpp's
+    quantiser writes fastest (the first of equal times): the others can never be a better choice.
+    Such twins are fallbacks that the cost cannot tell apart: in the fast and paper modes the
+    noise model sees only nominal bits, and on a 1408-wide tensor IQ1_S falls back to IQ4_NL while
+    Q2_K and Q3_K fall back to Q4_0, both 4 bits in 4.5 bpw; IQ4_NL takes about 250 ns a weight to
+    write, Q4_0 about 2 (quantise_speed.json). The damage mode measures the two apart."""
+    live = [j for j in range(opt.costs.shape[1]) if np.isfinite(opt.costs[i, j])]
+    for j in live:
+        twins = [k for k in live if opt.costs[i, k] == opt.costs[i, j] and opt.sizes[i, k] == opt.sizes[i, j]]
+        fastest = min(twins, key=lambda k: (opt.times[i, k], k))
+        if fastest != j:
+            opt.costs[i, j] = np.inf
 
 
 def _budget_size(u: _Unit, wt: GGMLQuantizationType, n_bytes: int, cfg: PlanConfig) -> int:
