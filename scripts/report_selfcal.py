@@ -248,6 +248,14 @@ SIDE_STUDIES = (
      "alphaq/gguf/quantise_speed.json); fast: the same plans without the cap, as the product makes them. The "
      "cell's size is the mix's (--like MIX). No file where --fast cannot reach the size.",
      lambda res: comparisons(res, [("fast-capped", "fast")])),
+    ("selfcal-fast-twins.json", "The fast mode's fallback twins (bench/{}; 7 sizes per model)",
+     "fast-now: --fast as the product makes it since 72b629e: of two options the fast mode's cost cannot tell "
+     "apart (same nominal bits, same bytes: on rows not a multiple of 256 wide IQ1_S falls back to IQ4_NL, Q2_K "
+     "and Q3_K to Q4_0) the plan takes the one llama.cpp writes faster (Q4_0, about 2 ns a weight, against "
+     "IQ4_NL's 250). fast: the files made before it (commits 836d0ad and 7940fde; cached, not re-made). On the "
+     "qwen2moe and qwen3moe fixtures the down projections (96 and 128 wide) fall back; Mixtral's and "
+     "DeepSeek-V2's do not.",
+     lambda res: comparisons(res, [("fast-now", "fast")])),
     ("selfcal-q8copy.json", "Q8_0 working copy (bench/{}; 5 sizes per model)",
      "q8copy: the default's self text, importance matrix and damage all from a Q8_0 copy of the model "
      "(--working-copy q8_0, what auto picks when the float model does not fit in RAM), the file quantised "

@@ -796,18 +796,22 @@ def _options(units, cfg: PlanConfig, eta) -> _Options:
             seen.add(wt)
             opt.costs[i, j] = cc[c.name]
             opt.sizes[i, j] = _budget_size(u, wt, b, cfg)
-        _drop_slower_twins(opt, i)
+        if is_fast(cfg):  # the speed mode; the paper mode keeps the candidates' order, as published before
+            _drop_slower_twins(opt, i)
         opt.cand_costs.append(cc)
     return opt
 
 
 def _drop_slower_twins(opt: _Options, i: int) -> None:
     """Of item ``i``'s options with the same cost and the same budget size keep the one llama.cpp's
-    quantiser writes fastest (the first of equal times): the others can never be a better choice.
-    Such twins are fallbacks that the cost cannot tell apart: in the fast and paper modes the
-    noise model sees only nominal bits, and on a 1408-wide tensor IQ1_S falls back to IQ4_NL while
-    Q2_K and Q3_K fall back to Q4_0, both 4 bits in 4.5 bpw; IQ4_NL takes about 250 ns a weight to
-    write, Q4_0 about 2 (quantise_speed.json). The damage mode measures the two apart."""
+    quantiser writes fastest (the first of equal times). Such twins are fallbacks that the cost
+    cannot tell apart: the fast mode's noise model sees only nominal bits, and on a 1408-wide
+    tensor IQ1_S falls back to IQ4_NL while Q2_K and Q3_K fall back to Q4_0, both 4 bits in 4.5
+    bpw; IQ4_NL takes about 250 ns a weight to write, Q4_0 about 2 (quantise_speed.json), which
+    made --fast's quantise stage 3.7x the stock one at DeepSeek-V2-Lite's shapes. IQ4_NL is the
+    better of the two in fact: on the zoo's fixtures whose experts fall back this cost up to 6 %
+    in KL (bench/SELFCAL.md, "The fast mode's fallback twins"). The damage mode measures the two
+    apart."""
     live = [j for j in range(opt.costs.shape[1]) if np.isfinite(opt.costs[i, j])]
     for j in live:
         twins = [k for k in live if opt.costs[i, k] == opt.costs[i, j] and opt.sizes[i, k] == opt.sizes[i, j]]
