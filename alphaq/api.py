@@ -82,6 +82,9 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
             options["max_quantise_ns"] = cap
     experts = options.pop("alpha_experts", "auto")  # as --alpha-experts: a count, "all" or "auto"
     plan = _plan_config(mode, budget, bpw, 1 if like is not None else target_size, options)
+    if "spectral" in options and experts != "auto":
+        raise AlphaQError("alpha_experts and spectral both choose the experts analysed; give one "
+                          "(spectral=SpectralConfig(max_experts=N))")
     if "spectral" not in options:
         from alphaq.allocate.plan import alpha_experts
         from alphaq.spectral.alpha import SpectralConfig
