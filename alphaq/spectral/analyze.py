@@ -193,9 +193,9 @@ def analyze_model(
     ``cache_dir`` defaults to `default_cache_dir()`; ``use_cache=False`` neither reads nor writes.
     ``select`` restricts the analysis to the matrices it accepts (the others are left out of the
     result), as ``cfg.max_experts`` does to a sample of each merged tensor's experts; ``known``
-    returns an already computed result for a matrix, or None to analyse it; ``throttle`` limits how many matrices are analysed at once; ``report=False`` leaves out the
-    closing count of matrices without a signal (for a partial pass whose results a later call
-    reuses).
+    returns an already computed result for a matrix, or None to analyse it; ``throttle`` limits
+    how many matrices are analysed at once; ``report=False`` leaves out the closing count of
+    matrices without a signal (for a partial pass whose results a later call reuses).
 
     Matrices are analysed in parallel, one single-threaded matrix per core (torch's intra-op
     thread count), with at most that many loaded at a time; results keep model order and are
