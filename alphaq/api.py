@@ -19,6 +19,12 @@ from pathlib import Path
 from alphaq.errors import AlphaQError, InputError
 
 
+def _spectral_sample(options: dict) -> tuple:
+    """(alpha_experts, farms_max_blocks) taken out of ``options``: as --alpha-experts and
+    --farms-max-blocks, a count, "all" or "auto" (the default)."""
+    return options.pop("alpha_experts", "auto"), options.pop("farms_max_blocks", "auto")
+
+
 def _plan_config(mode: str, budget, bpw, target_size, options: dict):
     from alphaq.allocate.plan import MODES, PlanConfig, parse_size
 
@@ -62,8 +68,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     list). Other keyword options are PlanConfig fields (types, gamma, granularity, ...) or
     ConvertConfig fields (imatrix, nthread, use_cache, split_max_size (bytes, or "2G" as
     llama-gguf-split), split_max_tensors, keep_bf16, dry_run, resume (False: convert an HF checkpoint
-    afresh rather than reuse the BF16 intermediate an interrupted run kept), alpha_experts (as
-    --alpha-experts: a count, "all" or "auto"), working_copy ("auto",
+    afresh rather than reuse the BF16 intermediate an interrupted run kept), alpha_experts and
+    farms_max_blocks (as --alpha-experts and --farms-max-blocks: a count, "all" or "auto"), working_copy ("auto",
     "float" or "q8_0": what the forward stages run), max_quantise_ns (ns per weight, "auto" (default:
     alphaq.allocate.quantise_cap in the damage mode) or None for no cap), ...).
     ``plots="DIR"`` also writes the figures of ``alphaq convert --plots`` there (not with dry_run).
@@ -80,16 +86,15 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
         options["auto_quantise_cap"] = False
         if cap not in (None, "none"):
             options["max_quantise_ns"] = cap
-    experts = options.pop("alpha_experts", "auto")  # as --alpha-experts: a count, "all" or "auto"
+    sample = _spectral_sample(options)
     plan = _plan_config(mode, budget, bpw, 1 if like is not None else target_size, options)
-    if "spectral" in options and experts != "auto":
-        raise AlphaQError("alpha_experts and spectral both choose the experts analysed; give one "
-                          "(spectral=SpectralConfig(max_experts=N))")
+    if "spectral" in options and sample != ("auto", "auto"):
+        raise AlphaQError("alpha_experts/farms_max_blocks and spectral both choose what is analysed; give one "
+                          "(spectral=SpectralConfig(max_experts=N, max_blocks=M))")
     if "spectral" not in options:
-        from alphaq.allocate.plan import alpha_experts
-        from alphaq.spectral.alpha import SpectralConfig
+        from alphaq.allocate.plan import spectral_config
 
-        options["spectral"] = SpectralConfig(max_experts=alpha_experts(experts, plan))
+        options["spectral"] = spectral_config(plan, *sample)
     fields = {f.name for f in dataclasses.fields(ConvertConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -111,14 +116,14 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
          target_size: int | str | None = None, mode: str = "fast", progress: bool = False,
          tensor_type=None, tensor_type_file=None, **options):
     """The allocation for a float GGUF without writing anything (modes "fast" and "paper": no
-    forward pass); takes convert's pins (output_tensor_type, tensor_type, ...) and alpha_experts.
+    forward pass); takes convert's pins (output_tensor_type, tensor_type, ...), alpha_experts and farms_max_blocks.
     Returns alphaq.allocate.plan.Plan."""
     from alphaq.allocate.plan import gguf_model_infos, make_plan
 
     if mode == "damage":
         raise AlphaQError("the damage mode runs the model; use alphaq.convert (plan takes mode 'fast' or 'paper')")
     _pins(options, tensor_type, tensor_type_file)
-    experts = options.pop("alpha_experts", "auto")  # as --alpha-experts: a count, "all" or "auto"
+    sample = _spectral_sample(options)
     cfg = _plan_config(mode, budget, bpw, target_size, options)
     if options:
         raise AlphaQError(f"unknown option(s) {', '.join(sorted(options))}; see alphaq.allocate.plan.PlanConfig")
@@ -129,11 +134,14 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
 
     check_budget(path, cfg)  # before the analysis
     tensors, header = gguf_model_infos(path, cfg.alignment)  # any part of a split GGUF: all of it
-    from alphaq.allocate.plan import alpha_experts
-    from alphaq.spectral.alpha import SpectralConfig
+    from alphaq.allocate.plan import spectral_config
+    from alphaq.spectral.alpha import farms_cap
 
-    stats = analyze(path, progress=progress, cfg=SpectralConfig(max_experts=alpha_experts(experts, cfg)))
-    return make_plan(stats, tensors, cfg, fixed_bytes=header)
+    spectral = spectral_config(cfg, *sample)
+    stats = analyze(path, progress=progress, cfg=spectral)
+    plan = make_plan(stats, tensors, cfg, fixed_bytes=header)
+    plan.settings["farms_cap"] = farms_cap(stats, spectral)
+    return plan
 
 
 def analyze(model: str | os.PathLike, *, progress: bool = False, **options):

@@ -94,7 +94,7 @@ def test_the_front_doors_sample_as_the_fast_mode_says(float_ggufs):
     p = alphaq.plan(float_ggufs["qwen3moe"], budget=3, alpha_experts=4)
     assert p.settings["alpha_sample"]["experts_analysed"] == [4]
     assert alphaq.plan(float_ggufs["qwen3moe"], budget=3).settings["alpha_sample"] is None  # 16 experts: all
-    with pytest.raises(AlphaQError, match="alpha_experts and spectral both"):
+    with pytest.raises(AlphaQError, match="alpha_experts/farms_max_blocks and spectral both"):
         alphaq.convert(float_ggufs["qwen3moe"], "o.gguf", mode="fast", alpha_experts=4, spectral=SpectralConfig())
 
 

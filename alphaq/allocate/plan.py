@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
@@ -49,6 +50,9 @@ from alphaq.records import MatrixStats
 from alphaq.allocate.solver import SOLVERS, solve_mckp
 from alphaq.allocate.time_cap import solve_time_capped
 from alphaq.gguf.speed import mean_quantise_ns, quantise_ns
+
+if TYPE_CHECKING:  # (imported where needed: it brings torch)
+    from alphaq.spectral.alpha import SpectralConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +85,13 @@ MODES: dict[str, dict] = {
 # in --fast"). The paper mode and expert granularity read every expert.
 FAST_ALPHA_EXPERTS = 16
 
+# --fast pools the eigenvalues of at most this many evenly spaced FARMS blocks per matrix: the
+# reference code's FARMS_MAX_BLOCKS (it draws them at random). A Mixtral-8x7B expert has 896
+# blocks of 256 x 256, so this is 3.5x less spectral work there; no zoo matrix has more than 256
+# (bench/farms-blocks.json measures what the cap moves on matrices that large). The paper mode,
+# the damage mode and `alphaq analyze` pool every block.
+FAST_FARMS_BLOCKS = 256
+
 
 def is_fast(cfg: "PlanConfig") -> bool:
     """Whether ``cfg`` allocates as the fast mode does (its candidate types may differ)."""
@@ -104,6 +115,32 @@ def alpha_experts(given: int | str | None, cfg: "PlanConfig") -> int | None:
         raise AlphaQError(f"--alpha-experts {given} has no effect: the default (damage) mode reads no alpha unless "
                           "--gamma is set")
     return given
+
+
+def farms_max_blocks(given: int | str | None, cfg: "PlanConfig") -> int | None:
+    """--farms-max-blocks resolved for the plan ``cfg``: how many evenly spaced FARMS blocks of a
+    matrix the spectral stage pools (None: all). ``given``: a count, None ('all') or "auto"
+    (FAST_FARMS_BLOCKS in the fast mode, else all)."""
+    if given == "all":
+        given = None
+    if given == "auto":
+        return FAST_FARMS_BLOCKS if is_fast(cfg) else None
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 1):
+        raise AlphaQError(f"farms_max_blocks {given!r} is not a number of blocks >= 1, 'all' or 'auto'")
+    if given is not None and cfg.noise == "damage" and cfg.gamma == 0:
+        raise AlphaQError(f"--farms-max-blocks {given} has no effect: the default (damage) mode reads no alpha "
+                          "unless --gamma is set")
+    return given
+
+
+def spectral_config(cfg: "PlanConfig", alpha_experts_given: int | str | None = "auto",
+                    farms_blocks_given: int | str | None = "auto", **fields) -> "SpectralConfig":
+    """The spectral stage's settings for the plan ``cfg``: --alpha-experts and --farms-max-blocks
+    resolved, other SpectralConfig ``fields`` as given."""
+    from alphaq.spectral.alpha import SpectralConfig
+
+    return SpectralConfig(max_experts=alpha_experts(alpha_experts_given, cfg),
+                          max_blocks=farms_max_blocks(farms_blocks_given, cfg), **fields)
 
 
 # KV metadata allowance when the caller gives no header size: typical tokenizer metadata

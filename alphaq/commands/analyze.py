@@ -7,6 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
+from alphaq.commands.plan import count_or_all
 from alphaq.errors import AlphaQError
 from alphaq.spectral.alpha import DEVICES, XMIN_WINDOWS, SpectralConfig
 
@@ -24,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the alpha cache")
     p.add_argument("--cache-dir", type=Path, help="alpha cache (default ~/.cache/alphaq/spectral)")
     p.add_argument("--block-size", type=int, default=SpectralConfig.block_size, help="FARMS block side")
+    p.add_argument("--farms-max-blocks", type=count_or_all(1, "blocks"), default=None, metavar="N|all",
+                   help="pool at most N evenly spaced FARMS blocks per matrix (the reference code draws 256 at "
+                        "random; default: all)")
     p.add_argument("--bins", type=int, default=SpectralConfig.bins, help="log10 histogram bins")
     p.add_argument(
         "--xmin-window",
@@ -48,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
         check_plots_dir(args.plots, args.force, ANALYZE_PLOT_NAMES)  # the rule of convert --plots
     cfg = SpectralConfig(
-        block_size=args.block_size, bins=args.bins, xmin_window=args.xmin_window, device=args.device
+        block_size=args.block_size, bins=args.bins, xmin_window=args.xmin_window, device=args.device,
+        max_blocks=args.farms_max_blocks,
     )
     stats = analyze_model(
         args.model,

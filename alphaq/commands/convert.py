@@ -27,7 +27,7 @@ from alphaq.damage import ANCHORED_WINDOWS, FULL_WINDOWS, DamageConfig
 from alphaq.errors import AlphaQError
 from alphaq.pipeline.preflight import WORKING_COPY_CHOICES
 from alphaq.allocate.overrides import kv_overrides, parse_tensor_type, read_tensor_type_file
-from alphaq.allocate.plan import MODES, alpha_experts, format_size
+from alphaq.allocate.plan import MODES, format_size, spectral_config
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral.alpha import XMIN_WINDOWS, SpectralConfig
 
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     plan = _with_pins(_plan_cmd.config_from_args(args, args.mode), args)
     cfg = ConvertConfig(
         model=args.model, output=output, plan=plan,
-        spectral=SpectralConfig(xmin_window=args.xmin_window, max_experts=alpha_experts(args.alpha_experts, plan)),
+        spectral=spectral_config(plan, args.alpha_experts, args.farms_max_blocks, xmin_window=args.xmin_window),
         force=args.force, nthread=args.threads,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, compare_stock=not args.no_stock_compare,
         progress=not args.no_progress, like=args.like, imatrix=args.imatrix,
@@ -187,6 +187,15 @@ def _sample_note(sample: dict | None) -> str:
         return ""
     k, n = (" or ".join(str(x) for x in sample[key]) for key in ("experts_analysed", "experts"))
     return f"; alpha of {k} of {n} experts per expert tensor (--alpha-experts all: every one)"
+
+
+def _farms_note(cap: dict | None) -> str:
+    """The budget line's tail when --farms-max-blocks pooled fewer FARMS blocks than a matrix has."""
+    if not cap:
+        return ""
+    blocks = " or ".join(str(b) for b in cap["blocks"])
+    return (f"; alpha from {cap['max_blocks']} of {blocks} FARMS blocks in {cap['matrices_capped']} of "
+            f"{cap['matrices']} matrices (--farms-max-blocks all: every block)")
 
 
 def _runtime_line(r) -> str:
@@ -225,7 +234,7 @@ def summary(r) -> str:
          + (f" in {len(r.parts)} parts, the first given to llama.cpp" if r.parts else "") + ")"),
         f"  budget      {budget}; gamma {s['gamma']:.4g} ({s['gamma_source']});"
         f" granularity {s['granularity']}, scope {s['scope']}, cost {s['noise']}, allocate {s['allocate_effective']}"
-        + _sample_note(s.get("alpha_sample")),
+        + _sample_note(s.get("alpha_sample")) + _farms_note(s.get("farms_cap")),
         (f"  allocated   {t.allocated_params:,} weights: {t.nominal_bits:.3f} nominal bits, {t.true_bpw:.3f} true bpw"
          + (f"; {t.n_fallback_items} item(s) on llama.cpp's shape fallback" if t.n_fallback_items else ""))
         if t.n_items else "  allocated   nothing: every tensor the allocation would hold is pinned",

@@ -10,18 +10,20 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alphaq.allocate.costs import NOISE_MODELS, measure_noise
 from alphaq.errors import AlphaQError
 from alphaq.allocate.plan import (
     ALLOCATE,
     FAST_ALPHA_EXPERTS,
+    FAST_FARMS_BLOCKS,
     MODES,
     GRANULARITIES,
     SCOPES,
     PlanConfig,
     TensorInfo,
-    alpha_experts,
+    spectral_config,
     format_size,
     gguf_model_infos,
     make_plan,
@@ -31,6 +33,9 @@ from alphaq.allocate.plan import (
 from alphaq.gguf.qtypes import DEFAULT_CANDIDATES, FULL_LADDER
 from alphaq.records import MatrixStats
 from alphaq.allocate.solver import DEFAULT_SOLVER, SOLVERS
+
+if TYPE_CHECKING:
+    from alphaq.spectral.alpha import SpectralConfig
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +92,11 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = Tr
                    help="analyse the spectra of N evenly spaced experts of each merged expert tensor and scale its "
                         "cost up to all of them (default: auto: %d in the fast mode at tensor granularity, else all, "
                         "as the paper does)" % FAST_ALPHA_EXPERTS)
+    p.add_argument("--farms-max-blocks", type=count_or_all(1, "blocks", auto=True), default="auto",
+                   metavar="N|all|auto",
+                   help="pool the eigenvalues of at most N evenly spaced 256x256 FARMS blocks per matrix, as the "
+                        "reference code's FARMS_MAX_BLOCKS does (default: auto: %d in the fast mode, else all)"
+                        % FAST_FARMS_BLOCKS)
     p.add_argument("--non-expert-type", default="Q4_K", help="attention / shared experts / dense FFN (default: %(default)s)")
     p.add_argument("--token-embd-type", default="Q4_K", help="default: %(default)s")
     p.add_argument("--output-type", default="Q6_K", help="default: %(default)s")
@@ -162,14 +172,11 @@ def config_from_args(args: argparse.Namespace, mode: str = "fast") -> PlanConfig
     )
 
 
-def _analyze(model: Path, cache_dir: Path | None, use_cache: bool = True,
-             max_experts: int | None = None) -> list[MatrixStats]:
-    """The spectral stage (alphaq.spectral.analyze), with its default estimator settings."""
+def _analyze(model: Path, cache_dir: Path | None, use_cache: bool, cfg: "SpectralConfig") -> list[MatrixStats]:
+    """The spectral stage (alphaq.spectral.analyze) under ``cfg``."""
     from alphaq.spectral import analyze
-    from alphaq.spectral import alpha as spectral
 
-    return analyze.analyze_model(model, spectral.SpectralConfig(max_experts=max_experts), cache_dir=cache_dir,
-                                 use_cache=use_cache, progress=True)
+    return analyze.analyze_model(model, cfg, cache_dir=cache_dir, use_cache=use_cache, progress=True)
 
 
 def _read_alphas(path: Path) -> list[MatrixStats]:
@@ -206,9 +213,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.noise == "damage":
         raise AlphaQError("the damage cost runs the model on its own text; use `alphaq convert` for it "
                           "(`alphaq plan` takes --noise paper or measured)")
-    if args.alphas is not None and args.alpha_experts != "auto":
-        raise AlphaQError("--alpha-experts chooses what the spectral stage analyses; with --alphas the statistics "
-                          "come from the CSV")
+    if args.alphas is not None and (args.alpha_experts != "auto" or args.farms_max_blocks != "auto"):
+        raise AlphaQError("--alpha-experts and --farms-max-blocks choose what the spectral stage analyses; with "
+                          "--alphas the statistics come from the CSV")
     # refuse early, before the (long) analysis
     for path in (args.json_path, args.tensor_type_file):
         if path is not None and path.exists() and not args.force:
@@ -232,8 +239,9 @@ def run(args: argparse.Namespace) -> int:
         tensors, gguf_header = gguf_model_infos(model, cfg.alignment)  # a split GGUF: every part
         header = gguf_header if header is None else header
 
+    spectral = spectral_config(cfg, args.alpha_experts, args.farms_max_blocks)
     stats = (_read_alphas(args.alphas) if args.alphas is not None
-             else _analyze(model, args.cache_dir, not args.no_cache, alpha_experts(args.alpha_experts, cfg)))
+             else _analyze(model, args.cache_dir, not args.no_cache, spectral))
     if tensors is None:
         logger.warning("%s is not a GGUF: sizes cover the analysed matrices only", model)
         tensors = _tensors_from_stats(stats)
@@ -243,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
         noise_table = _measure(model, measurement_requests(stats, tensors, cfg), cfg.mse_rows)
 
     plan = make_plan(stats, tensors, cfg, fixed_bytes=header, noise_table=noise_table)
+    if args.alphas is None:
+        from alphaq.spectral.alpha import farms_cap
+
+        plan.settings["farms_cap"] = farms_cap(stats, spectral)
     plan.write_json(args.json_path, force=args.force)
     if args.tensor_type_file is not None:
         plan.write_tensor_type_file(args.tensor_type_file, force=args.force)

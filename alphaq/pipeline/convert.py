@@ -50,7 +50,7 @@ from alphaq.pipeline.resume import Workspace, pause_for_test
 from alphaq.gguf.quantize import mix_ftype, quantize_gguf
 from alphaq.gguf.stock import stock_size, stock_sizes
 from alphaq.selftext import SelfTextConfig
-from alphaq.spectral.alpha import SpectralConfig
+from alphaq.spectral.alpha import SpectralConfig, farms_cap
 from alphaq.model.weights import open_model
 
 log = logging.getLogger(__name__)
@@ -443,6 +443,8 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
                      else (solve(cfg.plan), None))
     if cap is not None:
         plan.settings["auto_quantise_cap"] = asdict(cap)
+    if needs_spectral(cfg):
+        plan.settings["farms_cap"] = farms_cap(stats, cfg.spectral)
     seconds["plan"] = time.perf_counter() - t0
     # (before quantising: an intermediate float model is deleted once the quantiser has read it)
     stock = stock_sizes(float_gguf, cfg.plan.alignment) if cfg.compare_stock else {}

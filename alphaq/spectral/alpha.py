@@ -9,8 +9,10 @@ AlphaQ §3.2 / App. A.3. For a matrix W (numpy layout ``(rows, cols)``):
    ``_iter_farms_blocks_indices``), blocks start at ``0, b, 2b, ...`` while a whole block
    still fits, so a remainder strip (e.g. the last 128 rows of a 1408-row matrix) is
    *dropped*; when either side is shorter than ``block_size`` the whole matrix is one block
-   (``min(rows, cols)`` eigenvalues). Unlike the reference we never subsample blocks at
-   random (its ``FARMS_MAX_BLOCKS``): every block is used, so the result is deterministic.
+   (``min(rows, cols)`` eigenvalues). The reference pools at most ``FARMS_MAX_BLOCKS`` = 256
+   blocks, drawn at random without a seed; by default every block is used here, and
+   ``SpectralConfig.max_blocks`` (``--farms-max-blocks``, 256 in ``--fast``) keeps that many
+   *evenly spaced* blocks (`farms_blocks`), so the result stays deterministic.
 
 2. **Fix-finger ``xmin_peak`` tail selection and Hill fit** (`hill_alpha`). A ``bins``-bin
    histogram of log10(eigenvalues); ``peak`` = 10**(left edge of the fullest bin), in linear
@@ -105,6 +107,9 @@ class SpectralConfig:
     # the paper does). Which matrices are read, not how one is estimated: not a cache field. The
     # plan scales a sampled tensor's cost up to all its experts (alphaq.allocate.plan).
     max_experts: int | None = None
+    # pool the eigenvalues of at most this many evenly spaced FARMS blocks of a matrix (None: every
+    # block). The reference code's FARMS_MAX_BLOCKS is 256, drawn at random (`farms_blocks`).
+    max_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -125,6 +130,8 @@ class SpectralConfig:
             raise AlphaQError(f"min_eigs {self.min_eigs} must be >= 2")
         if self.max_experts is not None and self.max_experts < 2:
             raise AlphaQError(f"max_experts {self.max_experts} must be >= 2 (or None: every expert)")
+        if self.max_blocks is not None and self.max_blocks < 1:
+            raise AlphaQError(f"max_blocks {self.max_blocks} must be >= 1 (or None: every FARMS block)")
 
     def cache_fields(self) -> dict:
         """The settings that change the result (device does not), for cache keys."""
@@ -137,6 +144,8 @@ class SpectralConfig:
             "zero_rel_tol": self.zero_rel_tol,
             "min_eigs": self.min_eigs,
             "version": ESTIMATOR_VERSION,
+            # only when set, so that the caches of every-block results stay valid
+            **({} if self.max_blocks is None else {"max_blocks": self.max_blocks}),
         }
 
 
@@ -256,21 +265,46 @@ def farms_grid(rows: int, cols: int, block_size: int) -> tuple[int, int] | None:
     return rows // block_size, cols // block_size  # remainder strips dropped (reference)
 
 
+def farms_blocks(grid: tuple[int, int], max_blocks: int | None) -> np.ndarray:
+    """Row-major indices into the block ``grid`` of the FARMS blocks whose eigenvalues are pooled:
+    all of them, or ``max_blocks`` evenly spaced ones when there are more. The reference code
+    draws its 256 at random without a seed; evenly spaced blocks cover the whole matrix the same
+    way on every run (and in every numpy version, which a seeded generator does not promise)."""
+    n = grid[0] * grid[1]
+    if max_blocks is None or n <= max_blocks:
+        return np.arange(n)
+    return (np.arange(max_blocks) * n) // max_blocks  # strictly increasing: n > max_blocks
+
+
+def farms_cap(stats, cfg: SpectralConfig) -> dict | None:
+    """What ``cfg.max_blocks`` did to the analysed matrices ``stats`` (MatrixStats), for the plan's
+    record and the summary: None when no matrix had more blocks than the cap."""
+    if cfg.max_blocks is None:
+        return None
+    grids = [farms_grid(s.rows, s.cols, cfg.block_size) for s in stats]
+    blocks = [g[0] * g[1] for g in grids if g is not None and g[0] * g[1] > cfg.max_blocks]
+    if not blocks:
+        return None
+    return {"max_blocks": cfg.max_blocks, "matrices_capped": len(blocks), "matrices": len(stats),
+            "blocks": sorted(set(blocks))}
+
+
 def farms_eigenvalues(w: np.ndarray, cfg: SpectralConfig | None = None) -> np.ndarray:
     """Pooled FARMS eigenvalues of ``w`` (rows, cols), float64, sorted ascending, >= 0."""
     cfg = cfg or SpectralConfig()
     if w.ndim != 2:
         raise AlphaQError(f"expected a 2-D matrix, got shape {w.shape}")
     with pinned_threads() as n_workers:
-        if n_workers > 1 and _n_blocks(w.shape, cfg.block_size) > 1:
+        if n_workers > 1 and _n_blocks(w.shape, cfg) > 1:
             with ThreadPoolExecutor(n_workers) as pool:
                 return _farms(w, cfg, pool, n_workers)
         return _farms(w, cfg, None, 1)
 
 
-def _n_blocks(shape: tuple[int, int], b: int) -> int:
-    grid = farms_grid(*shape, b)
-    return 1 if grid is None else grid[0] * grid[1]
+def _n_blocks(shape: tuple[int, int], cfg: SpectralConfig) -> int:
+    """How many FARMS blocks of a matrix of ``shape`` are pooled."""
+    grid = farms_grid(*shape, cfg.block_size)
+    return 1 if grid is None else len(farms_blocks(grid, cfg.max_blocks))
 
 
 def _farms(w: np.ndarray, cfg: SpectralConfig, pool: ThreadPoolExecutor | None, n_workers: int) -> np.ndarray:
@@ -289,18 +323,21 @@ def _farms(w: np.ndarray, cfg: SpectralConfig, pool: ThreadPoolExecutor | None, 
             x = torch.from_numpy(np.ascontiguousarray(one)).to(torch.float64)  # CPU, as below
             eig = torch.linalg.svdvals(x).square()
         else:
-            eig = _blocked_eigs(w, grid, b, dev, cfg.zero_rel_tol, pool, n_workers)
+            chosen = farms_blocks(grid, cfg.max_blocks)
+            eig = _blocked_eigs(w, grid[1], chosen, b, dev, cfg.zero_rel_tol, pool, n_workers)
         eig = eig.clamp_min(0.0).sort().values
     return eig.cpu().numpy()
 
 
-def _block(w: np.ndarray, r: int, c: int, b: int) -> np.ndarray:
+def _block(w: np.ndarray, index: int, nc: int, b: int) -> np.ndarray:
+    """FARMS block ``index`` (row-major over a grid ``nc`` blocks wide) of ``w``."""
+    r, c = divmod(int(index), nc)
     return w[r * b : (r + 1) * b, c * b : (c + 1) * b]
 
 
-def _blocks_eigs(w: np.ndarray, first: int, last: int, nc: int, b: int, dev: torch.device):
-    """Gram eigenvalues of FARMS blocks first..last-1 (row-major over the block grid):
-    (n_blocks, b), ascending, on the CPU.
+def _blocks_eigs(w: np.ndarray, indices: np.ndarray, nc: int, b: int, dev: torch.device):
+    """Gram eigenvalues of the FARMS blocks ``indices`` (row-major over the block grid):
+    (len(indices), b), ascending, on the CPU.
 
     On the CPU, when numpy's OpenBLAS can be pinned to one thread (`_OpenBLAS`), the float64
     Gram products are numpy's: on this project's AMD CPU its 256x256 products are 2.5x faster
@@ -311,11 +348,11 @@ def _blocks_eigs(w: np.ndarray, first: int, last: int, nc: int, b: int, dev: tor
     core, while the CPU thread pool scales with the cores.
     """
     if dev.type == "cpu" and _OpenBLAS.lib() is not None:
-        x = np.empty((last - first, b, b), dtype=np.float64)
-        for k, i in enumerate(range(first, last)):
-            x[k] = _block(w, *divmod(i, nc), b)  # float32 -> float64 is exact
+        x = np.empty((len(indices), b, b), dtype=np.float64)
+        for k, i in enumerate(indices):
+            x[k] = _block(w, i, nc, b)  # float32 -> float64 is exact
         return torch.from_numpy(_gram_eigenvalues(np.matmul(x.transpose(0, 2, 1), x)))  # of B^T B
-    blocks = np.stack([_block(w, *divmod(i, nc), b) for i in range(first, last)])  # (n, b, b)
+    blocks = np.stack([_block(w, i, nc, b) for i in indices])  # (n, b, b)
     x = torch.from_numpy(blocks).to(dev, torch.float64)
     grams = (x.mT @ x).cpu()  # of B^T B
     if native.available():
@@ -336,27 +373,27 @@ def _gram_eigenvalues(grams: np.ndarray) -> np.ndarray:
 
 
 def _blocked_eigs(
-    w: np.ndarray, grid: tuple[int, int], b: int, dev: torch.device, zero_rel_tol: float,
+    w: np.ndarray, nc: int, chosen: np.ndarray, b: int, dev: torch.device, zero_rel_tol: float,
     pool: ThreadPoolExecutor | None, n_workers: int,
 ) -> torch.Tensor:
-    nr, nc = grid
-    n_blocks = nr * nc
+    """Pooled eigenvalues of the FARMS blocks ``chosen`` of a grid ``nc`` blocks wide."""
+    n_blocks = len(chosen)
     # at least one task per worker, at most 8 blocks per task: the blocks, their Gram matrices
     # and the eigensolver's copies then stay in cache (10 % faster per block than 32 here)
     per = max(1, min(8, -(-n_blocks // max(1, n_workers))))
-    tasks = [(i, min(n_blocks, i + per)) for i in range(0, n_blocks, per)]
+    tasks = [chosen[i : i + per] for i in range(0, n_blocks, per)]
     if pool is not None and len(tasks) > 1:
         # one single-threaded block batch per core: LAPACK's syevd on 256x256 matrices scales
         # poorly across intra-op threads (docs/SPECTRAL.md); torch and numpy release the GIL.
         # (CUDA kernels issued from several threads share the default stream: still correct.)
-        def batch(task):
+        def batch(indices):
             with pinned_threads():  # a pool thread pins itself too (MKL's count is per thread)
-                return _blocks_eigs(w, *task, nc, b, dev)
+                return _blocks_eigs(w, indices, nc, b, dev)
 
         parts = list(pool.map(batch, tasks))
     else:
-        parts = [_blocks_eigs(w, i, j, nc, b, dev) for i, j in tasks]
-    eig = torch.cat(parts)  # (nr*nc, b)
+        parts = [_blocks_eigs(w, indices, nc, b, dev) for indices in tasks]
+    eig = torch.cat(parts)  # (n_blocks, b)
 
     # A Gram eigenvalue is accurate to ~b*eps*lam_max absolute only. The global minimum sets
     # the histogram's left edge, so the block(s) that can hold it get an SVD (which is
@@ -370,12 +407,11 @@ def _blocked_eigs(
     gmin = float(above.min()) if above.numel() else floor
     near = (eig >= floor - err) & (eig <= gmin + 2 * err)
     redo = torch.nonzero(near.any(dim=1)).flatten().tolist()
-    for idx in redo:
-        r, c = divmod(idx, nc)
-        blk = torch.from_numpy(np.ascontiguousarray(_block(w, r, c, b))).to(torch.float64)
-        eig[idx] = torch.linalg.svdvals(blk).square().flip(0)
+    for row in redo:
+        blk = torch.from_numpy(np.ascontiguousarray(_block(w, chosen[row], nc, b))).to(torch.float64)
+        eig[row] = torch.linalg.svdvals(blk).square().flip(0)
     if len(redo) > 1:
-        logger.debug("recomputed %d of %d FARMS blocks with SVD", len(redo), nr * nc)
+        logger.debug("recomputed %d of %d FARMS blocks with SVD", len(redo), n_blocks)
     return eig.reshape(-1)
 
 
@@ -597,7 +633,7 @@ def analyze_matrix(
     if w.dtype != np.float32 and w.dtype != np.float64:
         w = w.astype(np.float32)
     with pinned_threads() as n_workers:
-        if n_workers > 1 and min(w.shape) >= 2 and _n_blocks(w.shape, cfg.block_size) > 1:
+        if n_workers > 1 and min(w.shape) >= 2 and _n_blocks(w.shape, cfg) > 1:
             # the finiteness check and the variance (one core, ~10 ms for 3M weights) run
             # beside the block eigenvalues; their verdicts still come first
             with ThreadPoolExecutor(n_workers) as pool:
