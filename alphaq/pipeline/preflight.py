@@ -193,7 +193,9 @@ def stage_seconds(cfg, source: str, n_blocks: int, weights_per_block: int,
     rate = STAGE_SECONDS_PER_BLOCK
     out = {"float model": rate["float model"] * scale} if source == "hf" else {}
     if cfg.plan.noise != "damage":
-        # (a model with no more experts per tensor than the sample is analysed whole: its estimate is low)
+        # (a model with no more experts per tensor than the sample is analysed whole; at Mixtral-8x7B's
+        # shapes, with --fast's 256-block FARMS cap, 17.0 ns a weight against this rate's 15.4:
+        # bench/scale-fast-farms-mixtral.json)
         sampled = cfg.spectral.max_experts is not None
         out["spectral + quantise"] = rate["spectral + quantise" + (", sampled experts" if sampled else "")] * scale
         return out
