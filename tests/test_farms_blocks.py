@@ -100,7 +100,7 @@ def test_the_summary_says_what_was_capped():
 
 def test_the_front_doors_record_the_cap(float_ggufs):
     p = alphaq.plan(float_ggufs["qwen3moe"], budget=3, farms_max_blocks=1)
-    # the fixture's embedding and output matrices have 2 x 2 blocks of 256 x 256, the rest fewer than one
+    # the fixture's embedding and output matrices (1024 x 256) have 4 blocks of 256 x 256, the rest fewer than one
     assert p.settings["farms_cap"] == {"max_blocks": 1, "matrices_capped": 2, "matrices": 106, "blocks": [4]}
     assert alphaq.plan(float_ggufs["qwen3moe"], budget=3).settings["farms_cap"] is None  # 256 in --fast: all
     with pytest.raises(AlphaQError, match="alpha_experts/farms_max_blocks and spectral both"):
@@ -121,3 +121,17 @@ def test_convert_refuses_a_block_cap_it_cannot_use(argv, needle, fixtures_dir, t
     assert code not in (0, None)
     assert needle in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_analyze_pools_the_capped_blocks(fixtures_dir, tmp_path):
+    """`alphaq analyze --farms-max-blocks 1`: the fixture's 1024 x 256 embedding and output (4 x 1 blocks)
+    pool one block's 256 eigenvalues; every other matrix is narrower than a block and unchanged."""
+    from alphaq.cli import main
+    from alphaq.spectral.analyze import read_csv
+
+    argv = ["analyze", str(fixtures_dir / "qwen3moe"), "--no-cache", "--no-progress"]
+    assert main([*argv, "--csv", str(tmp_path / "all.csv")]) == 0
+    assert main([*argv, "--csv", str(tmp_path / "one.csv"), "--farms-max-blocks", "1"]) == 0
+    every, one = read_csv(tmp_path / "all.csv"), read_csv(tmp_path / "one.csv")
+    changed = {a.tensor: (a.n_eigs, b.n_eigs) for a, b in zip(every, one) if a != b}
+    assert changed == {"token_embd.weight": (1024, 256), "output.weight": (1024, 256)}
