@@ -135,3 +135,15 @@ def test_analyze_pools_the_capped_blocks(fixtures_dir, tmp_path):
     every, one = read_csv(tmp_path / "all.csv"), read_csv(tmp_path / "one.csv")
     changed = {a.tensor: (a.n_eigs, b.n_eigs) for a, b in zip(every, one) if a != b}
     assert changed == {"token_embd.weight": (1024, 256), "output.weight": (1024, 256)}
+
+
+def test_plan_command_records_and_says_what_was_capped(float_ggufs, tmp_path, capsys):
+    import json
+
+    from alphaq.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["plan", str(float_ggufs["qwen3moe"]), "--budget", "3", "--json", str(out), "--no-cache",
+                 "--farms-max-blocks", "1"]) == 0
+    assert "alpha from 1 of 4 FARMS blocks in 2 of 106 matrices" in capsys.readouterr().out
+    assert json.loads(out.read_text())["settings"]["farms_cap"]["matrices_capped"] == 2

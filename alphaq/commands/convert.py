@@ -29,7 +29,7 @@ from alphaq.pipeline.preflight import WORKING_COPY_CHOICES
 from alphaq.allocate.overrides import kv_overrides, parse_tensor_type, read_tensor_type_file
 from alphaq.allocate.plan import MODES, format_size, spectral_config
 from alphaq.selftext import SelfTextConfig
-from alphaq.spectral.alpha import XMIN_WINDOWS, SpectralConfig
+from alphaq.spectral.alpha import XMIN_WINDOWS, SpectralConfig, describe_farms_cap
 
 
 def register(subparsers) -> None:
@@ -191,11 +191,7 @@ def _sample_note(sample: dict | None) -> str:
 
 def _farms_note(cap: dict | None) -> str:
     """The budget line's tail when --farms-max-blocks pooled fewer FARMS blocks than a matrix has."""
-    if not cap:
-        return ""
-    blocks = " or ".join(str(b) for b in cap["blocks"])
-    return (f"; alpha from {cap['max_blocks']} of {blocks} FARMS blocks in {cap['matrices_capped']} of "
-            f"{cap['matrices']} matrices (--farms-max-blocks all: every block)")
+    return "; " + describe_farms_cap(cap) if cap else ""
 
 
 def _runtime_line(r) -> str:

@@ -270,5 +270,9 @@ def run(args: argparse.Namespace) -> int:
         f"{' (header estimated)' if t.header_estimated else ''}, {t.file_bpw:.4f} bpw over the whole model; "
         f"objective {t.objective:.6g} (lower bound {t.lower_bound:.6g}{'' if t.proven_optimal else ', NOT proven optimal'})"
     )
+    if plan.settings.get("farms_cap"):
+        from alphaq.spectral.alpha import describe_farms_cap
+
+        print(describe_farms_cap(plan.settings["farms_cap"]))
     print(f"wrote {args.json_path}" + (f" and {args.tensor_type_file}" if args.tensor_type_file else ""))
     return 0

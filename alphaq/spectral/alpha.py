@@ -289,6 +289,13 @@ def farms_cap(stats, cfg: SpectralConfig) -> dict | None:
             "blocks": sorted(set(blocks))}
 
 
+def describe_farms_cap(cap: dict) -> str:
+    """`farms_cap`'s record in words, for the summaries."""
+    blocks = " or ".join(str(b) for b in cap["blocks"])
+    return (f"alpha from {cap['max_blocks']} of {blocks} FARMS blocks in {cap['matrices_capped']} of "
+            f"{cap['matrices']} matrices (--farms-max-blocks all: every block)")
+
+
 def farms_eigenvalues(w: np.ndarray, cfg: SpectralConfig | None = None) -> np.ndarray:
     """Pooled FARMS eigenvalues of ``w`` (rows, cols), float64, sorted ascending, >= 0."""
     cfg = cfg or SpectralConfig()
