@@ -7,7 +7,16 @@ import dataclasses
 import pytest
 
 import alphaq
-from alphaq.allocate.plan import FAST_ALPHA_EXPERTS, MODES, PlanConfig, alpha_experts, gguf_model_infos, make_plan
+from alphaq.allocate.plan import (
+    FAST_ALPHA_EXPERTS,
+    FAST_FARMS_BLOCKS,
+    MODES,
+    PlanConfig,
+    alpha_experts,
+    farms_max_blocks,
+    gguf_model_infos,
+    make_plan,
+)
 from alphaq.errors import AlphaQError
 from alphaq.model.weights import sampled_experts
 from alphaq.spectral.alpha import SpectralConfig
@@ -77,17 +86,23 @@ def test_only_the_evenly_spaced_sample_stands_for_a_tensor(qwen3_stats):
         make_plan(some, tensors, dataclasses.replace(cfg, granularity="expert"), fixed_bytes=header)
 
 
-def test_auto_samples_in_the_fast_mode_at_tensor_granularity_only():
+@pytest.mark.parametrize("resolve, auto, what, smallest, auto_expert_granularity", [
+    (alpha_experts, FAST_ALPHA_EXPERTS, "experts", 2, None),  # expert granularity needs every expert
+    (farms_max_blocks, FAST_FARMS_BLOCKS, "blocks", 1, FAST_FARMS_BLOCKS),  # (tests/test_farms_blocks.py)
+])
+def test_auto_samples_in_the_fast_mode_only(resolve, auto, what, smallest, auto_expert_granularity):
     fast, paper, damage = (PlanConfig(**MODES[m]) for m in ("fast", "paper", "damage"))
-    assert alpha_experts("auto", fast) == FAST_ALPHA_EXPERTS
-    assert alpha_experts("auto", paper) is None and alpha_experts("auto", damage) is None
-    assert alpha_experts("auto", dataclasses.replace(fast, granularity="expert")) is None
-    assert alpha_experts("all", fast) is None and alpha_experts(8, paper) == 8
-    assert alpha_experts(8, dataclasses.replace(damage, gamma=1.0)) == 8
+    assert resolve("auto", fast) == auto and auto in (16, 256)
+    assert resolve("auto", paper) is None and resolve("auto", damage) is None
+    assert resolve("auto", dataclasses.replace(fast, granularity="expert")) == auto_expert_granularity
+    assert resolve("all", fast) is None and resolve(8, paper) == 8
+    assert resolve(8, dataclasses.replace(damage, gamma=1.0)) == 8
     with pytest.raises(AlphaQError, match="has no effect"):
-        alpha_experts(8, damage)
-    with pytest.raises(AlphaQError, match="not a number of experts"):
-        alpha_experts(1, fast)
+        resolve(8, damage)
+    with pytest.raises(AlphaQError, match=f"not a number of {what} >= {smallest}"):
+        resolve(smallest - 1, fast)
+    with pytest.raises(AlphaQError, match=f"not a number of {what}"):
+        resolve("8", fast)  # (a string from the Python front door)
 
 
 def test_the_front_doors_sample_as_the_fast_mode_says(float_ggufs):
@@ -102,8 +117,10 @@ def test_the_front_doors_sample_as_the_fast_mode_says(float_ggufs):
     (["--fast", "--alpha-experts", "4", "--granularity", "expert"], "--granularity expert needs every expert's"),
     (["--alpha-experts", "4"], "has no effect"),
     (["--fast", "--alpha-experts", "1"], "'1' is not a number of experts >= 2, all or auto"),
+    (["--farms-max-blocks", "64"], "has no effect"),  # (tests/test_farms_blocks.py)
+    (["--fast", "--farms-max-blocks", "0"], "'0' is not a positive number of blocks, all or auto"),
 ])
-def test_convert_refuses_an_alpha_sample_it_cannot_use(argv, needle, fixtures_dir, tmp_path, capsys):
+def test_convert_refuses_a_spectral_sample_it_cannot_use(argv, needle, fixtures_dir, tmp_path, capsys):
     from alphaq.cli import main
 
     try:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import alphaq
-from alphaq.allocate.plan import FAST_FARMS_BLOCKS, MODES, PlanConfig, farms_max_blocks
 from alphaq.errors import AlphaQError
 from alphaq.records import MatrixStats
 from alphaq.spectral.alpha import SpectralConfig, analyze_matrix, farms_blocks, farms_cap, farms_eigenvalues
@@ -65,17 +64,7 @@ def test_the_cap_is_part_of_the_cache_key_only_when_set():
         SpectralConfig(max_blocks=0)
 
 
-def test_auto_caps_in_the_fast_mode_only():
-    fast, paper, damage = (PlanConfig(**MODES[m]) for m in ("fast", "paper", "damage"))
-    assert farms_max_blocks("auto", fast) == FAST_FARMS_BLOCKS == 256
-    assert farms_max_blocks("auto", dataclasses.replace(fast, granularity="expert")) == 256
-    assert farms_max_blocks("auto", paper) is None and farms_max_blocks("auto", damage) is None
-    assert farms_max_blocks("all", fast) is None and farms_max_blocks(64, paper) == 64
-    assert farms_max_blocks(64, dataclasses.replace(damage, gamma=1.0)) == 64
-    with pytest.raises(AlphaQError, match="has no effect"):
-        farms_max_blocks(64, damage)
-    with pytest.raises(AlphaQError, match="not a number of blocks"):
-        farms_max_blocks(0, fast)
+# (how --farms-max-blocks resolves in each mode: tests/test_alpha_sample.py, beside --alpha-experts)
 
 
 def _stats(rows: int, cols: int) -> MatrixStats:
@@ -107,20 +96,7 @@ def test_the_front_doors_record_the_cap(float_ggufs):
         alphaq.convert(float_ggufs["qwen3moe"], "o.gguf", mode="fast", farms_max_blocks=64, spectral=SpectralConfig())
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--farms-max-blocks", "64"], "has no effect"),
-    (["--fast", "--farms-max-blocks", "0"], "'0' is not a positive number of blocks, all or auto"),
-])
-def test_convert_refuses_a_block_cap_it_cannot_use(argv, needle, fixtures_dir, tmp_path, capsys):
-    from alphaq.cli import main
-
-    try:
-        code = main(["convert", str(fixtures_dir / "qwen3moe"), "-o", str(tmp_path / "o.gguf"), "--budget", "3", *argv])
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
-    assert code not in (0, None)
-    assert needle in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+# (convert's refusals of a cap it cannot use: tests/test_alpha_sample.py, with --alpha-experts')
 
 
 def test_analyze_pools_the_capped_blocks(fixtures_dir, tmp_path):

@@ -98,39 +98,41 @@ def is_fast(cfg: "PlanConfig") -> bool:
     return all(getattr(cfg, k) == v for k, v in MODES["fast"].items() if k != "types")
 
 
+def _spectral_count(given: int | str | None, cfg: "PlanConfig", *, option: str, what: str, minimum: int,
+                    auto: int | None) -> int | None:
+    """A spectral sampling option (``option``, as the Python front door spells it) resolved for the
+    plan ``cfg``: a count of at least ``minimum`` ``what``, None ('all': every one) or "auto" (``auto``).
+    A count is refused where no alpha is read (the damage mode without --gamma)."""
+    if given == "all":
+        given = None
+    if given == "auto":
+        return auto
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < minimum):
+        raise AlphaQError(f"{option} {given!r} is not a number of {what} >= {minimum}, 'all' or 'auto'")
+    if given is not None and cfg.noise == "damage" and cfg.gamma == 0:
+        raise AlphaQError(f"--{option.replace('_', '-')} {given} has no effect: the default (damage) mode reads no "
+                          "alpha unless --gamma is set")
+    return given
+
+
 def alpha_experts(given: int | str | None, cfg: "PlanConfig") -> int | None:
     """--alpha-experts resolved for the plan ``cfg``: how many evenly spaced experts of each merged
     tensor the spectral stage analyses (None: all). ``given``: a count, None ('all') or "auto"
     (FAST_ALPHA_EXPERTS in the fast mode at tensor granularity, else all)."""
-    if given == "all":
-        given = None
-    if given == "auto":
-        return FAST_ALPHA_EXPERTS if is_fast(cfg) and cfg.granularity == "tensor" else None
-    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 2):
-        raise AlphaQError(f"alpha_experts {given!r} is not a number of experts >= 2, 'all' or 'auto'")
-    if given is not None and cfg.granularity == "expert":
-        raise AlphaQError(f"--alpha-experts {given} samples experts; --granularity expert needs every expert's alpha "
+    n = _spectral_count(given, cfg, option="alpha_experts", what="experts", minimum=2,
+                        auto=FAST_ALPHA_EXPERTS if is_fast(cfg) and cfg.granularity == "tensor" else None)
+    if n is not None and cfg.granularity == "expert":  # (auto is None there)
+        raise AlphaQError(f"--alpha-experts {n} samples experts; --granularity expert needs every expert's alpha "
                           "(--alpha-experts all)")
-    if given is not None and cfg.noise == "damage" and cfg.gamma == 0:
-        raise AlphaQError(f"--alpha-experts {given} has no effect: the default (damage) mode reads no alpha unless "
-                          "--gamma is set")
-    return given
+    return n
 
 
 def farms_max_blocks(given: int | str | None, cfg: "PlanConfig") -> int | None:
     """--farms-max-blocks resolved for the plan ``cfg``: how many evenly spaced FARMS blocks of a
     matrix the spectral stage pools (None: all). ``given``: a count, None ('all') or "auto"
     (FAST_FARMS_BLOCKS in the fast mode, else all)."""
-    if given == "all":
-        given = None
-    if given == "auto":
-        return FAST_FARMS_BLOCKS if is_fast(cfg) else None
-    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 1):
-        raise AlphaQError(f"farms_max_blocks {given!r} is not a number of blocks >= 1, 'all' or 'auto'")
-    if given is not None and cfg.noise == "damage" and cfg.gamma == 0:
-        raise AlphaQError(f"--farms-max-blocks {given} has no effect: the default (damage) mode reads no alpha "
-                          "unless --gamma is set")
-    return given
+    return _spectral_count(given, cfg, option="farms_max_blocks", what="blocks", minimum=1,
+                           auto=FAST_FARMS_BLOCKS if is_fast(cfg) else None)
 
 
 def spectral_config(cfg: "PlanConfig", alpha_experts_given: int | str | None = "auto",
