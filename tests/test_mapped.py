@@ -87,3 +87,23 @@ def test_mapped_weights_cost_no_private_memory_except_while_written(float_ggufs)
         bufs = list(s.weights.values())
         lo, hi = min(b.address for b in bufs), max(b.address + b.n_bytes for b in bufs)
         assert _anonymous_bytes(lo, hi) >= sum(b.n_bytes for b in bufs)  # llama.cpp's malloc'd copy
+
+
+def test_a_model_llama_cpp_cannot_load_is_refused_with_its_reason(tmp_path):
+    """llama.cpp logs why a load failed and only returns NULL; the one-line error carries its reason."""
+    import gguf
+
+    from alphaq.errors import AlphaQError
+
+    path = tmp_path / "bare.gguf"
+    w = gguf.GGUFWriter(path, arch="llama")  # no hyperparameters, no vocabulary
+    w.add_tensor("token_embd.weight", np.ones((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(AlphaQError) as err:
+        Session(path, 16)
+    msg = str(err.value)
+    assert msg.startswith(f"llama.cpp cannot load {path}: ") and "\n" not in msg
+    assert "key not found" in msg and "gave no reason" not in msg

@@ -154,10 +154,10 @@ class Session:
         # LLAMA_LOAD_MODE_MMAP (1): compute from the file's pages; NONE (0): a malloc'd, writable copy
         mp.load_mode = 1 if self._mapper else 0
         mp.use_extra_bufts = False  # no repacked copies: the buffer we write is the one computed with
-        with _quiet(lc):
+        with _quiet(lc) as errors:
             self._model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:
-            raise AlphaQError(f"llama.cpp cannot load {path}")
+            raise AlphaQError(f"llama.cpp cannot load {path}" + _why(errors))
         cp = lc.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq
         cp.n_batch = cp.n_ubatch = max(n_ctx, n_seq)  # a whole window in one graph: one callback per weight
@@ -167,11 +167,11 @@ class Session:
         cp.n_threads = cp.n_threads_batch = threads
         cp.cb_eval = self._eval_cb
         cp.no_perf = True
-        with _quiet(lc):
+        with _quiet(lc) as errors:
             self._ctx = lc.llama_init_from_model(self._model, cp)
         if not self._ctx:
             lc.llama_model_free(self._model)
-            raise AlphaQError(f"llama.cpp cannot create a context for {path}")
+            raise AlphaQError(f"llama.cpp cannot create a context for {path}" + _why(errors))
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
         self.bos = int(lc.llama_vocab_bos(self._vocab))
@@ -290,8 +290,20 @@ def _default_threads() -> int:
 
 @contextlib.contextmanager
 def _quiet(lc):
-    """Silence llama.cpp's loader log for the duration (it prints every tensor)."""
+    """Silence llama.cpp's loader log for the duration (it prints every tensor); yields the lines
+    that report an error, which say why a load failed."""
     from alphaq.gguf.quantize import _captured_log
 
-    with _captured_log(lambda line: None):
-        yield
+    errors: list[str] = []
+    with _captured_log(lambda line: errors.append(line.strip()) if "error" in line.lower() else None):
+        yield errors
+
+
+def _why(errors: list[str]) -> str:
+    """llama.cpp's own reason for a failed load, as the tail of our one-line error: its first error
+    line without the function-name prefixes (e.g. "check_tensor_dims: tensor 'blk.0.attn_k_norm.weight'
+    has wrong shape; expected 256, got 128, 1, 1, 1")."""
+    if not errors:
+        return " (llama.cpp gave no reason)"
+    reason = errors[0].split("error loading model: ", 1)[-1]
+    return ": " + " ".join(reason.split())
