@@ -51,6 +51,7 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "Qwen3MoeForCausalLM": MODEL_ARCH.QWEN3MOE,
     "OlmoeForCausalLM": MODEL_ARCH.OLMOE,
     "DeepseekV2ForCausalLM": MODEL_ARCH.DEEPSEEK2,
+    "DeepseekV3ForCausalLM": MODEL_ARCH.DEEPSEEK2,  # llama.cpp converts V3 (and R1, Kimi K2) as DEEPSEEK2
     "LlamaForCausalLM": MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
