@@ -242,24 +242,27 @@ def test_bad_inputs(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# DeepSeek-V3 (also R1, Kimi K2): llama.cpp converts it as deepseek2; random weights in its HF layout
+# architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2),
+# which llama.cpp converts as deepseek2, and OLMoE
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def deepseek_v3(tmp_path_factory) -> Path:
-    """A 3-block DeepseekV3ForCausalLM (a dense first block, 8 routed experts + 1 shared, MLA with a
-    query LoRA, grouped top-k routing with its score-correction bias), random BF16 weights, the
-    DeepSeek-V2 fixture's tokenizer."""
-    from transformers import AutoModelForCausalLM, DeepseekV3Config
+def _random_checkpoint(kind: str, out: Path) -> Path:
+    """deepseek-v3: 3 blocks (a dense first one, 8 routed experts + 1 shared, MLA with a query LoRA,
+    grouped top-k routing with its score-correction bias); olmoe: 2 blocks of 8 experts with Q/K
+    norms (no grouped KV heads: llama.cpp's olmoe graph takes none, nor do real OLMoE checkpoints).
+    Random BF16 weights, the DeepSeek-V2 fixture's tokenizer."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config, OlmoeConfig
 
-    out = tmp_path_factory.mktemp("dsv3") / "hf"
     torch.manual_seed(0)
-    cfg = DeepseekV3Config(
-        vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
-        n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16,
-        v_head_dim=32, qk_nope_head_dim=32, max_position_embeddings=512)
+    common = dict(vocab_size=1024, hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
+                  max_position_embeddings=512)
+    cfg = (DeepseekV3Config(**common, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3,
+                            n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                            first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16,
+                            v_head_dim=32, qk_nope_head_dim=32)
+           if kind == "deepseek-v3" else
+           OlmoeConfig(**common, intermediate_size=128, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2))
     AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(out)
     for f in fixture("deepseek2").iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
@@ -267,29 +270,43 @@ def deepseek_v3(tmp_path_factory) -> Path:
     return out
 
 
-def test_deepseek_v3_reads_as_llama_cpp_converts_it(deepseek_v3, tmp_path):
+OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, blocks, some matrix kinds the file must hold)
+    "deepseek-v3": ("deepseek2", 3, {"ffn_gate_exps", "ffn_down_shexp", "attn_q_a", "attn_k_b", "ffn_up"}),
+    "olmoe": ("olmoe", 2, {"ffn_gate_exps", "ffn_down_exps", "attn_q", "attn_output"}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(OUTSIDE_THE_ZOO))
+def outside_the_zoo(request, tmp_path_factory) -> tuple[str, Path, Path]:
+    """(kind, HF checkpoint, the BF16 GGUF llama.cpp's converter makes of it)."""
     from convert.hf_to_gguf import convert_hf
 
-    gguf_path = convert_hf(deepseek_v3, tmp_path / "bf16.gguf").path
-    with open_model(deepseek_v3) as hf, open_model(gguf_path) as gg:
-        assert hf.arch == gg.arch == "deepseek2" and hf.n_blocks == gg.n_blocks == 3
+    work = tmp_path_factory.mktemp(request.param)
+    hf = _random_checkpoint(request.param, work / "hf")
+    return request.param, hf, convert_hf(hf, work / "bf16.gguf").path
+
+
+def test_other_architectures_read_as_llama_cpp_converts_them(outside_the_zoo):
+    kind, hf_dir, gguf_path = outside_the_zoo
+    arch, n_blocks, kinds = OUTSIDE_THE_ZOO[kind]
+    with open_model(hf_dir) as hf, open_model(gguf_path) as gg:
+        assert hf.arch == gg.arch == arch and hf.n_blocks == gg.n_blocks == n_blocks
         same_matrices(hf, gg)
-        kinds = {m.kind for m in gg.matrices()}
-        assert {"ffn_gate_exps", "ffn_down_shexp", "attn_q_a", "attn_k_b", "ffn_up"} <= kinds
-    a = analyze_model(deepseek_v3, use_cache=False, progress=False)
+        assert kinds <= {m.kind for m in gg.matrices()}
+    a = analyze_model(hf_dir, use_cache=False, progress=False)
     b = analyze_model(gguf_path, use_cache=False, progress=False)
     assert [(s.tensor, s.expert, s.alpha) for s in a] == [(s.tensor, s.expert, s.alpha) for s in b]
 
 
-def test_deepseek_v3_converts_and_runs_in_llama_cpp(deepseek_v3, tmp_path):
+def test_other_architectures_convert_and_run_in_llama_cpp(outside_the_zoo, tmp_path):
     import llama_cpp
 
     import alphaq
 
-    out = tmp_path / "v3.gguf"
-    r = alphaq.convert(deepseek_v3, out, mode="fast", budget=3)
+    kind, hf_dir, _ = outside_the_zoo
+    out = tmp_path / "out.gguf"
+    r = alphaq.convert(hf_dir, out, mode="fast", budget=3)
     assert r.tensor_counts and out.stat().st_size == r.file_bytes
     model = llama_cpp.Llama(str(out), n_ctx=64, verbose=False)
-    assert model.metadata["general.architecture"] == "deepseek2"
-    assert len(model.tokenize(b"def main():")) > 1
+    assert model.metadata["general.architecture"] == OUTSIDE_THE_ZOO[kind][0]
     assert model("def", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
