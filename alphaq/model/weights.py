@@ -52,6 +52,7 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "OlmoeForCausalLM": MODEL_ARCH.OLMOE,
     "DeepseekV2ForCausalLM": MODEL_ARCH.DEEPSEEK2,
     "DeepseekV3ForCausalLM": MODEL_ARCH.DEEPSEEK2,  # llama.cpp converts V3 (and R1, Kimi K2) as DEEPSEEK2
+    "Glm4MoeForCausalLM": MODEL_ARCH.GLM4_MOE,  # GLM-4.5 / 4.6
     "LlamaForCausalLM": MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
