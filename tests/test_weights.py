@@ -315,3 +315,55 @@ def test_other_architectures_convert_and_run_in_llama_cpp(outside_the_zoo, tmp_p
     model = llama_cpp.Llama(str(out), n_ctx=64, verbose=False)
     assert model.metadata["general.architecture"] == OUTSIDE_THE_ZOO[kind][0]
     assert model("def", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
+
+
+@pytest.fixture(scope="module")
+def glm_with_mtp(tmp_path_factory) -> Path:
+    """The random GLM-4.5 checkpoint with a NextN (multi-token prediction) layer appended, as real
+    GLM-4.5 checkpoints have: a decoder layer plus eh_proj, enorm, hnorm and shared_head.norm."""
+    from safetensors.torch import load_file
+
+    out = _random_checkpoint("glm-4.5", tmp_path_factory.mktemp("glm-mtp") / "hf")
+    config = json.loads((out / "config.json").read_text())
+    n, h = config["num_hidden_layers"], config["hidden_size"]
+    tensors = load_file(out / "model.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    for name, t in list(tensors.items()):
+        if name.startswith(f"model.layers.{n - 1}."):
+            tensors[name.replace(f".{n - 1}.", f".{n}.", 1)] = (t.float() + 0.01 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+    tensors[f"model.layers.{n}.eh_proj.weight"] = (0.05 * torch.randn(h, 2 * h, generator=gen)).bfloat16()
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"model.layers.{n}.{norm}.weight"] = torch.ones(h).bfloat16()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    return out
+
+
+def test_a_nextn_layer_is_left_out_of_the_conversion(glm_with_mtp, tmp_path):
+    """llama.cpp's GLM converter keeps NextN layers, which its main graph never reads; alphaq
+    converts with --no-mtp (said in a warning) and the file has no NextN block."""
+    import alphaq
+    from alphaq.model.weights import mtp_blocks, mtp_layers_left_out
+    from alphaq.pipeline.convert import tensor_infos
+    from convert.hf_to_gguf import convert_hf
+
+    assert mtp_layers_left_out(glm_with_mtp) == 1
+    kept = convert_hf(glm_with_mtp, tmp_path / "kept.gguf").path  # llama.cpp's own default keeps it
+    assert mtp_blocks(t.name for t in tensor_infos(kept)) == [3]
+    r = alphaq.convert(glm_with_mtp, tmp_path / "out.gguf", mode="fast", budget=3)
+    assert mtp_blocks(t.name for t in tensor_infos(r.output)) == []
+    assert not any(".3." in t.name for t in tensor_infos(r.output))
+    assert any("NextN (multi-token prediction) layer(s)" in w and "--no-mtp" in w for w in r.warnings)
+
+
+def test_the_damage_mode_refuses_a_float_gguf_with_a_nextn_layer(glm_with_mtp, tmp_path, capsys):
+    from alphaq.cli import main
+    from convert.hf_to_gguf import convert_hf
+
+    kept = convert_hf(glm_with_mtp, tmp_path / "kept.gguf").path
+    out = tmp_path / "out" / "o.gguf"
+    out.parent.mkdir()
+    assert main(["convert", str(kept), "-o", str(out), "--budget", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "NextN (multi-token prediction) layer(s) in block(s) 3" in err and "--fast" in err
+    assert list(out.parent.iterdir()) == []

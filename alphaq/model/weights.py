@@ -31,6 +31,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Callable
 
 import gguf
@@ -58,6 +59,25 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
 }
 SUPPORTED_GGUF_ARCHS: frozenset[MODEL_ARCH] = frozenset(SUPPORTED_ARCHITECTURES.values())
+
+# Architectures whose llama.cpp converter keeps the checkpoint's NextN (multi-token prediction)
+# layers unless told --no-mtp (DeepSeek-V3's always drops them). llama.cpp's main graph never reads
+# them (only an MTP draft context does), so the damage mode could not measure them; alphaq converts
+# without them, as llama.cpp's `--no-mtp` target file, whose `--mtp` run writes the draft apart.
+CONVERTER_KEEPS_MTP: frozenset[str] = frozenset({"Glm4MoeForCausalLM"})
+
+
+def mtp_layers_left_out(path: Path) -> int:
+    """How many NextN (MTP) layers of the HF checkpoint ``path`` the conversion leaves out by
+    passing llama.cpp's converter --no-mtp (0: nothing to leave out, or its converter drops them)."""
+    c = _read_hf_config(path)
+    n = c.text_cfg.get("num_nextn_predict_layers") or 0
+    return n if c.hf_arch in CONVERTER_KEEPS_MTP and isinstance(n, int) and n > 0 else 0
+
+
+def mtp_blocks(tensor_names: Iterable[str]) -> list[int]:
+    """The blocks of a GGUF that are NextN (MTP) layers: those holding a ``blk.N.nextn.*`` tensor."""
+    return sorted({int(m[1]) for n in tensor_names if (m := re.match(r"^blk\.(\d+)\.nextn\.", n))})
 
 # Converters that permute Q/K rows for RoPE: conversion/llama.py `LlamaModel` (undo_permute).
 QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA})

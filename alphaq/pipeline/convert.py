@@ -51,7 +51,7 @@ from alphaq.gguf.quantize import mix_ftype, quantize_gguf
 from alphaq.gguf.stock import stock_size, stock_sizes
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral.alpha import SpectralConfig, farms_cap
-from alphaq.model.weights import open_model
+from alphaq.model.weights import mtp_blocks, mtp_layers_left_out, open_model
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,18 @@ class StagedPlots:
                     d.rmdir()
 
 
+def check_no_mtp(path: Path) -> None:
+    """The damage mode measures every tensor through llama.cpp's main graph, which never reads a
+    NextN (multi-token prediction) layer: a float GGUF that holds one is refused before any work."""
+    blocks = mtp_blocks(t.name for t in read_tensors(path))
+    if blocks:
+        raise InputError(
+            f"{path} holds NextN (multi-token prediction) layer(s) in block(s) {', '.join(map(str, blocks))}, which "
+            "llama.cpp's main graph never reads, so the default (damage) mode cannot measure them; give alphaq the HF "
+            "checkpoint (it converts without them, as llama.cpp's converter --no-mtp does), convert with --no-mtp, "
+            "or use --fast / --paper")
+
+
 def check_float_gguf(path: Path) -> None:
     for t in read_tensors(path):
         if len(t.shape) >= 2 and t.type not in FLOAT_TYPES:
@@ -318,7 +330,7 @@ def _convert_and_analyze_hf(cfg: ConvertConfig, out: Path, wanted):
     from convert.hf_to_gguf import start_convert_hf
 
     log.info("converting %s to a BF16 GGUF with llama.cpp's converter", cfg.model)
-    running = start_convert_hf(cfg.model, out, outtype="bf16")
+    running = start_convert_hf(cfg.model, out, outtype="bf16", extra=_converter_args(cfg))
     try:
         pause_for_test("convert")
     except BaseException:
@@ -592,6 +604,8 @@ def early_budget_check(cfg: ConvertConfig, model) -> Pins:
     budget is known only from the float model: pins only."""
     if model.source == "gguf":
         check_float_gguf(cfg.model)
+        if cfg.plan.noise == "damage":
+            check_no_mtp(cfg.model)
     if cfg.like is None:
         return check_budget(cfg.model, cfg.plan, model)
     if model.source == "gguf":
@@ -629,12 +643,24 @@ def _read_float(cfg: ConvertConfig, path: Path, wanted, checked: bool = False) -
                          progress=cfg.progress, select=wanted)
 
 
+def _converter_args(cfg: ConvertConfig) -> tuple[str, ...]:
+    """llama.cpp converter options beyond the float type: --no-mtp where it would keep NextN layers
+    (alphaq.model.weights.CONVERTER_KEEPS_MTP), said as a warning, which the summary repeats."""
+    n = mtp_layers_left_out(cfg.model)
+    if not n:
+        return ()
+    log.warning("%s has %d NextN (multi-token prediction) layer(s), which llama.cpp's main graph never reads: "
+                "left out, as llama.cpp's converter --no-mtp does (its --mtp writes them as a separate draft GGUF)",
+                cfg.model, n)
+    return ("--no-mtp",)
+
+
 def _convert_hf(cfg: ConvertConfig, out: Path) -> tuple[Path, str | None]:
     """llama.cpp's converter alone (no alpha needed): (BF16 GGUF, tokenizer fallback)."""
     from convert.hf_to_gguf import start_convert_hf
 
     log.info("converting %s to a BF16 GGUF with llama.cpp's converter", cfg.model)
-    running = start_convert_hf(cfg.model, out, outtype="bf16")
+    running = start_convert_hf(cfg.model, out, outtype="bf16", extra=_converter_args(cfg))
     try:
         pause_for_test("convert")
         conv = running.wait()
