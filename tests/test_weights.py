@@ -367,3 +367,57 @@ def test_the_damage_mode_refuses_a_float_gguf_with_a_nextn_layer(glm_with_mtp, t
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "NextN (multi-token prediction) layer(s) in block(s) 3" in err and "--fast" in err
     assert list(out.parent.iterdir()) == []
+
+
+def _as_fp8(src: Path, out: Path, block: int = 128) -> Path:
+    """``src`` as DeepSeek publishes V3 and R1: every linear weight of the blocks (not norms, not the
+    router) in float8 e4m3 with a float32 scale per 128 x 128 block (``weight_scale_inv``, by which
+    the FP8 values are multiplied), and quantization_config fp8 in config.json."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, out)
+    tensors = {}
+    for name, w in load_file(out / "model.safetensors").items():
+        if w.ndim != 2 or "layers." not in name or "norm" in name or name.endswith("mlp.gate.weight"):
+            tensors[name] = w
+            continue
+        (r, c), (rb, cb) = w.shape, (-(-w.shape[0] // block), -(-w.shape[1] // block))
+        padded = torch.zeros(rb * block, cb * block)
+        padded[:r, :c] = w.float()
+        blocks = padded.reshape(rb, block, cb, block)
+        scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0
+        tensors[name] = (blocks / scale[:, None, :, None]).reshape(padded.shape)[:r, :c].to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = scale
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_an_fp8_checkpoint_converts_through_llama_cpps_dequantisation(tmp_path, capsys):
+    """DeepSeek-V3 as published (FP8 blocks): the shapes are read from the checkpoint, the values
+    from the BF16 GGUF llama.cpp's converter dequantises it to; `alphaq analyze` on the FP8
+    checkpoint itself is refused before any work."""
+    import llama_cpp
+
+    import alphaq
+    from alphaq.cli import main
+    from convert.hf_to_gguf import convert_hf
+
+    fp8 = _as_fp8(_random_checkpoint("deepseek-v3", tmp_path / "bf16-hf"), tmp_path / "fp8-hf")
+    gguf_path = convert_hf(fp8, tmp_path / "bf16.gguf").path
+    with open_model(fp8) as hf, open_model(gguf_path) as gg:
+        shapes = [(m.tensor, m.expert, m.rows, m.cols) for m in hf.matrices()]
+        assert shapes == [(m.tensor, m.expert, m.rows, m.cols) for m in gg.matrices()]
+        assert {m.dtype for m in hf.matrices()} == {"F8_E4M3", "BF16"}  # (embeddings and routers stay BF16)
+    r = alphaq.convert(fp8, tmp_path / "out.gguf", mode="fast", budget=3)
+    from_gguf = alphaq.plan(gguf_path, budget=3)
+    assert [(i.tensor, i.type) for i in r.plan.items] == [(i.tensor, i.type) for i in from_gguf.items]
+    assert llama_cpp.Llama(str(r.output), n_ctx=64, verbose=False)("def", max_tokens=2)["usage"]["completion_tokens"]
+    csv = tmp_path / "a.csv"
+    capsys.readouterr()  # (transformers' progress when the checkpoint was made)
+    assert main(["analyze", str(fp8), "--csv", str(csv), "--no-cache", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "matrices are FP8" in err and not csv.exists()

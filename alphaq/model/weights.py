@@ -85,6 +85,7 @@ QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA})
 # GGUF float types we can read as weights; anything else is already quantised.
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _HF_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+_HF_FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
 
 # Merged expert tensors are the gguf-py tensors named "..._exps".
 EXPERT_TENSORS: frozenset[MODEL_TENSOR] = frozenset(
@@ -267,6 +268,10 @@ class _HFFiles:
         """float32 copy of tensor ``name`` (or of ``[index]`` of it), rows ``rows`` of that."""
         start, meta, fd = self._header(shard)
         info = meta[name]
+        if info["dtype"] not in _ST_DTYPES:  # an FP8 weight (see _is_weight_matrix): its scales live apart
+            raise InputError(f"{shard}: tensor {name} is stored as {info['dtype']}; alphaq reads FP8 weights from the "
+                             "BF16 GGUF llama.cpp's converter makes of them (convert_alphaq.py converts first; for "
+                             "`alphaq analyze`, give it that GGUF)")
         dt = _ST_DTYPES[info["dtype"]]
         shape = list(info["shape"])
         offset = start + int(info["data_offsets"][0])
@@ -307,6 +312,7 @@ class _HFConfig:
     model_arch: MODEL_ARCH
     n_blocks: int
     text_cfg: dict  # config.json, or its text_config part (multimodal checkpoints)
+    fp8: bool = False  # block-scaled FP8 weights (quantization_config fp8), which llama.cpp's converter dequantises
 
 
 # one matrix of an HF tensor: (GGUF tensor name, expert or None, rows, cols, float32 loader)
@@ -323,7 +329,7 @@ def _open_hf(path: Path) -> ModelWeights:
         sl = files.get(shard).get_slice(name)
         shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
         n_elements += math.prod(shape)
-        if not _is_weight_matrix(path, name, shape, dtype, c.n_blocks):
+        if not _is_weight_matrix(path, name, shape, dtype, c):
             continue
         for tensor, expert, rows, cols, load in _hf_matrices(path, c, tmap, name, shape,
                                                              _slice_loader(files, shard, name)):
@@ -357,22 +363,29 @@ def _read_hf_config(path: Path) -> _HFConfig:
     n_blocks = text_cfg.get("num_hidden_layers") if isinstance(text_cfg, dict) else None
     if not isinstance(n_blocks, int) or n_blocks < 1:
         raise InputError(f"{cfg_path}: 'num_hidden_layers' is {n_blocks!r}; expected a positive integer")
-    return _HFConfig(hf_arch, SUPPORTED_ARCHITECTURES[hf_arch], n_blocks, text_cfg)
+    quant = config.get("quantization_config") or text_cfg.get("quantization_config")
+    fp8 = isinstance(quant, dict) and quant.get("quant_method") == "fp8"
+    return _HFConfig(hf_arch, SUPPORTED_ARCHITECTURES[hf_arch], n_blocks, text_cfg, fp8)
 
 
-def _is_weight_matrix(path: Path, name: str, shape: tuple[int, ...], dtype: str, n_blocks: int) -> bool:
+def _is_weight_matrix(path: Path, name: str, shape: tuple[int, ...], dtype: str, c: _HFConfig) -> bool:
     """Whether the HF tensor ``name`` is a weight matrix of the model's blocks (or outside them);
-    such a tensor in a dtype other than float is an InputError."""
+    such a tensor in a dtype other than float is an InputError, except the FP8 weights of a
+    block-scaled FP8 checkpoint (DeepSeek-V3's and R1's as published): llama.cpp's converter
+    dequantises them, they have the dequantised shape, and their values are read from its output."""
     if len(shape) < 2:
         return False
     layer = re.match(r"^model\.layers\.(\d+)\.", name)
-    if layer and int(layer[1]) >= n_blocks:
+    if layer and int(layer[1]) >= c.n_blocks:
         return False  # multi-token-prediction layers; the converter skips them too
     key = name.removesuffix(".weight")
     if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
         return False  # biases, scales, buffers
+    if dtype in _HF_FP8_DTYPES and c.fp8:
+        return True
     if dtype not in _HF_FLOAT_DTYPES:
-        raise InputError(f"{path}: tensor {name} has dtype {dtype}; expected BF16/F16/F32")
+        raise InputError(f"{path}: tensor {name} has dtype {dtype}; expected BF16/F16/F32 (or the FP8 of a "
+                         "checkpoint whose quantization_config says fp8)")
     return True
 
 

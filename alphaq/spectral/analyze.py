@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from alphaq.spectral import native
-from alphaq.errors import AlphaQError
+from alphaq.errors import AlphaQError, InputError
 from alphaq.files import atomic_write_text
 from alphaq.records import MatrixStats
 from alphaq.spectral.alpha import SpectralConfig, SpectralResult, pinned_threads, analyze_matrix
@@ -208,6 +208,11 @@ def analyze_model(
             raise AlphaQError(f"{path}: no quantisable weight matrices found")
         sampled = _in_sample(mats, cfg.max_experts)
         mats = [m for m in mats if sampled(m) and (select is None or select(m))]
+        fp8 = [m for m in mats if m.dtype.startswith("F8_")]
+        if fp8:  # before the first matrix: their values exist only after llama.cpp's converter dequantises them
+            raise InputError(f"{path}: {len(fp8)} matrices are FP8 ({fp8[0].label}, ...); alphaq reads FP8 weights from "
+                             "the BF16 GGUF llama.cpp's converter makes of them (convert_alphaq.py converts first; for "
+                             "`alphaq analyze`, give it that GGUF)")
         out = _analyze_all(mats, cfg, cache, progress, known, throttle)
     n_bad = sum(not s.signal for s in out)
     if n_bad and report:
