@@ -56,10 +56,16 @@ def test_a_cap_above_the_block_count_changes_nothing():
     assert analyze_matrix(w, cfg=dataclasses.replace(cfg, max_blocks=23)) != analyze_matrix(w, cfg=cfg)
 
 
-def test_the_cap_is_part_of_the_cache_key_only_when_set():
+def test_the_cap_is_part_of_the_cache_key_only_where_it_binds(tmp_path):
+    from alphaq.spectral.analyze import SpectralCache
+
     plain = SpectralConfig().cache_fields()
     assert "max_blocks" not in plain  # caches of every-block results stay valid
     assert SpectralConfig(max_blocks=256).cache_fields() == {**plain, "max_blocks": 256}
+    every, capped = SpectralCache(tmp_path, SpectralConfig()), SpectralCache(tmp_path, SpectralConfig(max_blocks=2))
+    small, large = np.ones((512, 256), np.float32), np.ones((768, 256), np.float32)  # 2 and 3 blocks of 256
+    assert capped.key(small) == every.key(small)  # the cap leaves it whole: the same result, the same entry
+    assert capped.key(large) != every.key(large)
     with pytest.raises(AlphaQError, match="max_blocks 0 must be >= 1"):
         SpectralConfig(max_blocks=0)
 

@@ -144,7 +144,8 @@ class SpectralConfig:
             "zero_rel_tol": self.zero_rel_tol,
             "min_eigs": self.min_eigs,
             "version": ESTIMATOR_VERSION,
-            # only when set, so that the caches of every-block results stay valid
+            # only when set (and SpectralCache drops it where it does not bind), so that the cached
+            # every-block results stay valid and serve a capped run's smaller matrices
             **({} if self.max_blocks is None else {"max_blocks": self.max_blocks}),
         }
 
@@ -276,13 +277,19 @@ def farms_blocks(grid: tuple[int, int], max_blocks: int | None) -> np.ndarray:
     return (np.arange(max_blocks) * n) // max_blocks  # strictly increasing: n > max_blocks
 
 
+def cap_binds(rows: int, cols: int, cfg: SpectralConfig) -> bool:
+    """Whether ``cfg.max_blocks`` leaves out some FARMS blocks of a rows x cols matrix."""
+    grid = farms_grid(rows, cols, cfg.block_size)
+    return cfg.max_blocks is not None and grid is not None and grid[0] * grid[1] > cfg.max_blocks
+
+
 def farms_cap(stats, cfg: SpectralConfig) -> dict | None:
     """What ``cfg.max_blocks`` did to the analysed matrices ``stats`` (MatrixStats), for the plan's
     record and the summary: None when no matrix had more blocks than the cap."""
     if cfg.max_blocks is None:
         return None
-    grids = [farms_grid(s.rows, s.cols, cfg.block_size) for s in stats]
-    blocks = [g[0] * g[1] for g in grids if g is not None and g[0] * g[1] > cfg.max_blocks]
+    grids = [farms_grid(s.rows, s.cols, cfg.block_size) for s in stats if cap_binds(s.rows, s.cols, cfg)]
+    blocks = [g[0] * g[1] for g in grids]
     if not blocks:
         return None
     return {"max_blocks": cfg.max_blocks, "matrices_capped": len(blocks), "matrices": len(stats),

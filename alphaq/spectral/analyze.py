@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from alphaq.spectral import native
 from alphaq.errors import AlphaQError, InputError
 from alphaq.files import atomic_write_text
 from alphaq.records import MatrixStats
-from alphaq.spectral.alpha import SpectralConfig, SpectralResult, pinned_threads, analyze_matrix
+from alphaq.spectral.alpha import SpectralConfig, SpectralResult, analyze_matrix, cap_binds, pinned_threads
 from alphaq.model.weights import WeightMatrix, open_model, sampled_experts
 
 logger = logging.getLogger(__name__)
@@ -50,12 +50,18 @@ class SpectralCache:
 
     def __init__(self, root: Path, cfg: SpectralConfig):
         self.root = Path(root)
-        fields_ = {**cfg.cache_fields(), "numerics": native.backend()}
-        self._settings = json.dumps(fields_, sort_keys=True).encode()
+        self._cfg = cfg
+        self._settings = self._blob(cfg)
+        # a matrix the FARMS block cap does not bind on has the every-block result: the same key
+        self._uncapped = self._blob(replace(cfg, max_blocks=None))
+
+    @staticmethod
+    def _blob(cfg: SpectralConfig) -> bytes:
+        return json.dumps({**cfg.cache_fields(), "numerics": native.backend()}, sort_keys=True).encode()
 
     def key(self, w: np.ndarray) -> str:
         h = hashlib.blake2b(digest_size=20)
-        h.update(self._settings)
+        h.update(self._settings if w.ndim == 2 and cap_binds(*w.shape, self._cfg) else self._uncapped)
         h.update(repr((w.dtype.str, w.shape)).encode())
         h.update(memoryview(np.ascontiguousarray(w)).cast("B"))
         return h.hexdigest()
