@@ -263,6 +263,13 @@ SIDE_STUDIES = (
      "Mixtral's and DeepSeek-V2's `--fast` files are unchanged by it (their rows in bench/selfcal.json stand); "
      "\"all four\" adds them.",
      lambda res: fast_today(res)),
+    ("selfcal-unseen.json", "Unseen architecture: DeepSeek-V3 (bench/{}; 19 sizes)",
+     "A DeepSeek-V3-style model (DeepseekV3ForCausalLM: MLA, a dense first block, 16 routed experts in 4 groups "
+     "with sigmoid scores and a correction bias, top-4, 1 shared expert; 5.4M parameters) trained here on the "
+     "zoo's corpus (`scripts/train_tiny_moe.py --zoo unseen`, 1000 steps on the CPU, not committed) after the "
+     "product's settings were fixed: no setting was tuned on this kind of model. Everything else as in the grid.",
+     lambda res: summary(res, ("default", "fast", "stock+self")) + [""]
+     + [line for name, r in res.items() for line in model_table(Path(name).name, r)]),
     ("selfcal-q8copy.json", "Q8_0 working copy (bench/{}; 5 sizes per model)",
      "q8copy: the default's self text, importance matrix and damage all from a Q8_0 copy of the model "
      "(--working-copy q8_0, what auto picks when the float model does not fit in RAM), the file quantised "

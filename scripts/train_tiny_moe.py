@@ -9,6 +9,7 @@ converter reads.
     python scripts/train_tiny_moe.py --zoo fixtures --out tests/fixtures      # committed, ~8 MB each
     python scripts/train_tiny_moe.py --zoo bench --out .cache/zoo             # >= 15M params, cached
     python scripts/train_tiny_moe.py --zoo bench --only mixtral --steps 2000 --device cuda
+    python scripts/train_tiny_moe.py --zoo unseen --out /tmp/unseen-zoo --tokenizer-dir DIR  # a DeepSeek-V3, CPU ~11 min
 
 Each model directory also gets
   * ``router_init.safetensors``: the router (expert gate) weights at initialisation, for the
@@ -182,7 +183,38 @@ BENCH = [
     ),
 ]
 
-ZOOS = {"fixtures": FIXTURES, "bench": BENCH}
+# Architectures the product supports but the fixtures and bench zoo do not hold: trained only to check
+# the default on a model whose kind no setting was ever tuned on (bench/SELFCAL.md, "Unseen architecture").
+UNSEEN = [
+    ModelSpec(
+        "deepseek3",
+        "DeepseekV3Config",
+        dict(
+            hidden_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,  # a dense first block, as DeepSeek-V3's first three
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_group=4,  # grouped top-k routing with sigmoid scores and a correction bias
+            topk_group=2,
+            n_shared_experts=1,
+            q_lora_rank=256,
+            kv_lora_rank=256,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            head_dim=32,
+        ),
+        steps=1000,
+        note="DeepSeek-V3: MLA, a dense first block, 16 routed experts (4 groups, top-2 groups) top-4 + 1 shared",
+    ),
+]
+
+ZOOS = {"fixtures": FIXTURES, "bench": BENCH, "unseen": UNSEEN}
 
 
 # --------------------------------------------------------------------------------------------
