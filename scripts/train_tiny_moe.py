@@ -212,6 +212,23 @@ UNSEEN = [
         steps=1000,
         note="DeepSeek-V3: MLA, a dense first block, 16 routed experts (4 groups, top-2 groups) top-4 + 1 shared",
     ),
+    ModelSpec(
+        "glm45",
+        "Glm4MoeConfig",
+        dict(
+            _ATTN,  # grouped KV heads, as GLM-4.5's 96 / 8
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_shared_experts=1,
+            partial_rotary_factor=0.5,
+        ),
+        steps=1000,
+        note="GLM-4.5: grouped KV heads, half-rotary, a dense first block, 16 routed experts top-4 (sigmoid) + 1 shared",
+    ),
 ]
 
 ZOOS = {"fixtures": FIXTURES, "bench": BENCH, "unseen": UNSEEN}
