@@ -65,6 +65,8 @@ class ModelSpec:
 
 
 _ATTN = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+# DeepSeek's multi-head latent attention (llama.cpp needs q_lora_rank unless the model has V2-Lite's 26/27 layers)
+_MLA = dict(q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, head_dim=32)
 
 FIXTURES = [
     ModelSpec(
@@ -121,12 +123,7 @@ FIXTURES = [
             num_experts_per_tok=2,
             n_shared_experts=1,
             first_k_dense_replace=0,
-            q_lora_rank=256,  # llama.cpp needs q_lora_rank unless the model has V2-Lite's 26/27 layers
-            kv_lora_rank=256,
-            qk_nope_head_dim=32,
-            qk_rope_head_dim=32,
-            v_head_dim=64,
-            head_dim=32,
+            **_MLA,
         ),
         steps=1000,
         note="DeepSeek-V2: MLA attention (q and kv LoRA rank 256), 8 routed experts top-2 + 1 shared expert",
@@ -184,7 +181,7 @@ BENCH = [
 ]
 
 # Architectures the product supports but the fixtures and bench zoo do not hold: trained only to check
-# the default on a model whose kind no setting was ever tuned on (bench/SELFCAL.md, "Unseen architecture").
+# the default on a model whose kind no setting was ever tuned on (bench/SELFCAL.md, "Unseen architectures").
 UNSEEN = [
     ModelSpec(
         "deepseek3",
@@ -202,12 +199,7 @@ UNSEEN = [
             n_group=4,  # grouped top-k routing with sigmoid scores and a correction bias
             topk_group=2,
             n_shared_experts=1,
-            q_lora_rank=256,
-            kv_lora_rank=256,
-            qk_nope_head_dim=32,
-            qk_rope_head_dim=32,
-            v_head_dim=64,
-            head_dim=32,
+            **_MLA,
         ),
         steps=1000,
         note="DeepSeek-V3: MLA, a dense first block, 16 routed experts (4 groups, top-2 groups) top-4 + 1 shared",
