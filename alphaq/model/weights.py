@@ -85,7 +85,10 @@ QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA})
 # GGUF float types we can read as weights; anything else is already quantised.
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _HF_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
-_HF_FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
+HF_FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})
+# why an FP8 matrix's values are not read from the checkpoint (the scales live in other tensors)
+FP8_VALUES_FROM_GGUF = ("alphaq reads FP8 weights from the BF16 GGUF llama.cpp's converter makes of them "
+                        "(convert_alphaq.py converts first; for `alphaq analyze`, give it that GGUF)")
 
 # Merged expert tensors are the gguf-py tensors named "..._exps".
 EXPERT_TENSORS: frozenset[MODEL_TENSOR] = frozenset(
@@ -269,9 +272,7 @@ class _HFFiles:
         start, meta, fd = self._header(shard)
         info = meta[name]
         if info["dtype"] not in _ST_DTYPES:  # an FP8 weight (see _is_weight_matrix): its scales live apart
-            raise InputError(f"{shard}: tensor {name} is stored as {info['dtype']}; alphaq reads FP8 weights from the "
-                             "BF16 GGUF llama.cpp's converter makes of them (convert_alphaq.py converts first; for "
-                             "`alphaq analyze`, give it that GGUF)")
+            raise InputError(f"{shard}: tensor {name} is stored as {info['dtype']}; {FP8_VALUES_FROM_GGUF}")
         dt = _ST_DTYPES[info["dtype"]]
         shape = list(info["shape"])
         offset = start + int(info["data_offsets"][0])
@@ -381,7 +382,7 @@ def _is_weight_matrix(path: Path, name: str, shape: tuple[int, ...], dtype: str,
     key = name.removesuffix(".weight")
     if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
         return False  # biases, scales, buffers
-    if dtype in _HF_FP8_DTYPES and c.fp8:
+    if dtype in HF_FP8_DTYPES and c.fp8:
         return True
     if dtype not in _HF_FLOAT_DTYPES:
         raise InputError(f"{path}: tensor {name} has dtype {dtype}; expected BF16/F16/F32 (or the FP8 of a "

@@ -193,10 +193,11 @@ class StagedPlots:
                     d.rmdir()
 
 
-def check_no_mtp(path: Path) -> None:
+def check_no_mtp(path: Path, tensors) -> None:
     """The damage mode measures every tensor through llama.cpp's main graph, which never reads a
-    NextN (multi-token prediction) layer: a float GGUF that holds one is refused before any work."""
-    blocks = mtp_blocks(t.name for t in read_tensors(path))
+    NextN (multi-token prediction) layer: a float GGUF that holds one (``tensors``, its records) is
+    refused before any work."""
+    blocks = mtp_blocks(t.name for t in tensors)
     if blocks:
         raise InputError(
             f"{path} holds NextN (multi-token prediction) layer(s) in block(s) {', '.join(map(str, blocks))}, which "
@@ -205,8 +206,8 @@ def check_no_mtp(path: Path) -> None:
             "or use --fast / --paper")
 
 
-def check_float_gguf(path: Path) -> None:
-    for t in read_tensors(path):
+def check_float_gguf(path: Path, tensors) -> None:
+    for t in tensors:
         if len(t.shape) >= 2 and t.type not in FLOAT_TYPES:
             raise InputError(
                 f"{path} is already quantised ({t.name} is {t.type.name}); "
@@ -603,9 +604,10 @@ def early_budget_check(cfg: ConvertConfig, model) -> Pins:
     (alphaq.allocate.feasibility.check_budget: the same one-line errors as the plan's). With --like the
     budget is known only from the float model: pins only."""
     if model.source == "gguf":
-        check_float_gguf(cfg.model)
+        records = read_tensors(cfg.model)  # (one header read for both checks)
+        check_float_gguf(cfg.model, records)
         if cfg.plan.noise == "damage":
-            check_no_mtp(cfg.model)
+            check_no_mtp(cfg.model, records)
     if cfg.like is None:
         return check_budget(cfg.model, cfg.plan, model)
     if model.source == "gguf":

@@ -32,7 +32,7 @@ from alphaq.errors import AlphaQError, InputError
 from alphaq.files import atomic_write_text
 from alphaq.records import MatrixStats
 from alphaq.spectral.alpha import SpectralConfig, SpectralResult, analyze_matrix, cap_binds, pinned_threads
-from alphaq.model.weights import WeightMatrix, open_model, sampled_experts
+from alphaq.model.weights import FP8_VALUES_FROM_GGUF, HF_FP8_DTYPES, WeightMatrix, open_model, sampled_experts
 
 logger = logging.getLogger(__name__)
 
@@ -214,11 +214,9 @@ def analyze_model(
             raise AlphaQError(f"{path}: no quantisable weight matrices found")
         sampled = _in_sample(mats, cfg.max_experts)
         mats = [m for m in mats if sampled(m) and (select is None or select(m))]
-        fp8 = [m for m in mats if m.dtype.startswith("F8_")]
+        fp8 = [m for m in mats if m.dtype in HF_FP8_DTYPES]
         if fp8:  # before the first matrix: their values exist only after llama.cpp's converter dequantises them
-            raise InputError(f"{path}: {len(fp8)} matrices are FP8 ({fp8[0].label}, ...); alphaq reads FP8 weights from "
-                             "the BF16 GGUF llama.cpp's converter makes of them (convert_alphaq.py converts first; for "
-                             "`alphaq analyze`, give it that GGUF)")
+            raise InputError(f"{path}: {len(fp8)} matrices are FP8 ({fp8[0].label}, ...); {FP8_VALUES_FROM_GGUF}")
         out = _analyze_all(mats, cfg, cache, progress, known, throttle)
     n_bad = sum(not s.signal for s in out)
     if n_bad and report:
