@@ -242,31 +242,57 @@ def test_bad_inputs(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2),
-# which llama.cpp converts as deepseek2, GLM-4.5 and OLMoE
+# architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2)
+# and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, OLMoE, MiniMax-M2, ERNIE-4.5,
+# dots.llm1 and AFMoE
 # --------------------------------------------------------------------------------------
 
 
+_COMMON = dict(vocab_size=1024, hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
+               max_position_embeddings=512)
+# DeepSeek-style: a dense first block, then 8 routed experts + 1 shared
+_DEEPSEEK_MOE = dict(intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3, n_shared_experts=1,
+                     n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1)
+_MLA = dict(q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32)
+
+
+def _configs() -> dict:
+    """kind -> its transformers config. Routers say sigmoid where the published configs do
+    (MiniMax-M2, dots.llm1: llama.cpp's converter writes the gating function from it, and its
+    graph aborts without one)."""
+    import transformers as T
+
+    return {
+        # MLA with a query LoRA, grouped top-k routing with its score-correction bias
+        "deepseek-v3": lambda: T.DeepseekV3Config(**_COMMON, **_DEEPSEEK_MOE, **_MLA, n_group=2, topk_group=1),
+        "glm-4.5": lambda: T.Glm4MoeConfig(**_COMMON, **_DEEPSEEK_MOE),
+        # GLM-4.7-Flash: GLM's MoE with DeepSeek's MLA; llama.cpp converts it as deepseek2
+        "glm-4.7-flash": lambda: T.Glm4MoeLiteConfig(**_COMMON, **_DEEPSEEK_MOE, **_MLA, n_group=1, topk_group=1),
+        # Q/K norms, no grouped KV heads: llama.cpp's olmoe graph takes none, nor do real OLMoE checkpoints
+        "olmoe": lambda: T.OlmoeConfig(**_COMMON, intermediate_size=128, num_hidden_layers=2, num_experts=8,
+                                       num_experts_per_tok=2),
+        "minimax-m2": lambda: T.MiniMaxM2Config(**_COMMON, intermediate_size=128, num_hidden_layers=2,
+                                                num_local_experts=8, num_experts_per_tok=2, head_dim=64,
+                                                rotary_dim=32, scoring_func="sigmoid", use_routing_bias=True),
+        # a dense first block, 8 experts + 1 shared, tied embeddings (no output tensor)
+        "ernie-4.5": lambda: T.Ernie4_5_MoeConfig(**_COMMON, intermediate_size=512, moe_intermediate_size=128,
+                                                  num_hidden_layers=3, moe_num_experts=8, moe_k=2,
+                                                  moe_layer_start_index=1, moe_num_shared_experts=1),
+        "dots1": lambda: T.Dots1Config(**_COMMON, **_DEEPSEEK_MOE, scoring_func="sigmoid"),
+        # gated attention (attn_gate), a dense first block, 8 experts + 1 shared
+        "afmoe": lambda: T.AfmoeConfig(**_COMMON, intermediate_size=512, moe_intermediate_size=128,
+                                       num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                                       num_dense_layers=1, num_shared_experts=1, head_dim=64),
+    }
+
+
 def _random_checkpoint(kind: str, out: Path) -> Path:
-    """deepseek-v3: 3 blocks (a dense first one, 8 routed experts + 1 shared, MLA with a query LoRA,
-    grouped top-k routing with its score-correction bias); glm-4.5: 3 blocks, a dense first one, 8
-    routed experts + 1 shared; olmoe: 2 blocks of 8 experts with Q/K norms (no grouped KV heads:
-    llama.cpp's olmoe graph takes none, nor do real OLMoE checkpoints). Random BF16 weights, the
+    """A random BF16 checkpoint of ``kind`` (`_configs`) as transformers saves it, with the
     DeepSeek-V2 fixture's tokenizer."""
-    from transformers import AutoModelForCausalLM, DeepseekV3Config, Glm4MoeConfig, OlmoeConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=1024, hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
-                  max_position_embeddings=512)
-    moe = dict(intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3, n_shared_experts=1,
-               n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1)
-    cfg = {"deepseek-v3": lambda: DeepseekV3Config(**common, **moe, n_group=2, topk_group=1, q_lora_rank=64,
-                                                   kv_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32,
-                                                   qk_nope_head_dim=32),
-           "glm-4.5": lambda: Glm4MoeConfig(**common, **moe),
-           "olmoe": lambda: OlmoeConfig(**common, intermediate_size=128, num_hidden_layers=2, num_experts=8,
-                                        num_experts_per_tok=2)}[kind]()
-    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(out)
+    AutoModelForCausalLM.from_config(_configs()[kind]()).to(torch.bfloat16).save_pretrained(out)
     for f in fixture("deepseek2").iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, out / f.name)
@@ -277,7 +303,12 @@ OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix 
     "deepseek-v3": ("deepseek2", 3, {"ffn_gate_exps", "ffn_down_shexp", "attn_q_a", "attn_k_b", "ffn_up"}),
     # (the GGUF counts GLM's multi-token-prediction layer, which transformers does not make: no weights)
     "glm-4.5": ("glm4moe", 4, {"ffn_up_exps", "ffn_gate_shexp", "attn_q", "ffn_down"}),
+    "glm-4.7-flash": ("deepseek2", 3, {"ffn_up_exps", "ffn_gate_shexp", "attn_q_a", "attn_k_b", "ffn_down"}),
     "olmoe": ("olmoe", 2, {"ffn_gate_exps", "ffn_down_exps", "attn_q", "attn_output"}),
+    "minimax-m2": ("minimax-m2", 2, {"ffn_gate_exps", "ffn_down_exps", "attn_q", "output"}),
+    "ernie-4.5": ("ernie4_5-moe", 3, {"ffn_up_exps", "ffn_down_shexp", "ffn_gate", "attn_v"}),
+    "dots1": ("dots1", 3, {"ffn_up_exps", "ffn_down_shexp", "ffn_gate", "attn_k", "output"}),
+    "afmoe": ("afmoe", 3, {"ffn_up_exps", "ffn_down_shexp", "attn_gate", "ffn_up"}),
 }
 
 
@@ -317,13 +348,14 @@ def test_other_architectures_convert_and_run_in_llama_cpp(outside_the_zoo, tmp_p
     assert model("def", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
 
 
-@pytest.fixture(scope="module")
-def glm_with_mtp(tmp_path_factory) -> Path:
-    """The random GLM-4.5 checkpoint with a NextN (multi-token prediction) layer appended, as real
-    GLM-4.5 checkpoints have: a decoder layer plus eh_proj, enorm, hnorm and shared_head.norm."""
+@pytest.fixture(scope="module", params=["glm-4.5", "glm-4.7-flash"])
+def glm_with_mtp(request, tmp_path_factory) -> Path:
+    """The random GLM checkpoint with a NextN (multi-token prediction) layer appended, as real
+    GLM-4.5 and GLM-4.7-Flash checkpoints have: a decoder layer plus eh_proj, enorm, hnorm and
+    shared_head.norm."""
     from safetensors.torch import load_file
 
-    out = _random_checkpoint("glm-4.5", tmp_path_factory.mktemp("glm-mtp") / "hf")
+    out = _random_checkpoint(request.param, tmp_path_factory.mktemp("glm-mtp") / "hf")
     config = json.loads((out / "config.json").read_text())
     n, h = config["num_hidden_layers"], config["hidden_size"]
     tensors = load_file(out / "model.safetensors")
@@ -367,6 +399,31 @@ def test_the_damage_mode_refuses_a_float_gguf_with_a_nextn_layer(glm_with_mtp, t
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "NextN (multi-token prediction) layer(s) in block(s) 3" in err and "--fast" in err
     assert list(out.parent.iterdir()) == []
+
+
+def test_ernies_multi_token_prediction_block_is_left_out_as_llama_cpp_does(tmp_path, caplog):
+    """ERNIE-4.5 checkpoints carry an MTP block (model.mtp_block.N.*, mtp_linear_proj, ...) that
+    llama.cpp's converter drops; the reader drops it too, without a warning per tensor."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from convert.hf_to_gguf import convert_hf
+
+    hf = _random_checkpoint("ernie-4.5", tmp_path / "hf")
+    tensors = load_file(hf / "model.safetensors")
+    h = json.loads((hf / "config.json").read_text())["hidden_size"]
+    for name, t in list(tensors.items()):
+        if name.startswith("model.layers.2."):
+            tensors[name.replace("model.layers.2.", "model.mtp_block.0.", 1)] = t.clone()
+    tensors["model.mtp_linear_proj.0.weight"] = torch.zeros(h, 2 * h).bfloat16()
+    for norm in ("mtp_emb_norm", "mtp_hidden_norm"):
+        tensors[f"model.{norm}.0.weight"] = torch.ones(h).bfloat16()
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    gguf_path = convert_hf(hf, tmp_path / "bf16.gguf").path
+    with caplog.at_level(logging.WARNING, logger="alphaq"), open_model(hf) as a, open_model(gguf_path) as b:
+        same_matrices(a, b)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def _as_fp8(src: Path, out: Path, block: int = 128) -> Path:

@@ -54,6 +54,11 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "DeepseekV2ForCausalLM": MODEL_ARCH.DEEPSEEK2,
     "DeepseekV3ForCausalLM": MODEL_ARCH.DEEPSEEK2,  # llama.cpp converts V3 (and R1, Kimi K2) as DEEPSEEK2
     "Glm4MoeForCausalLM": MODEL_ARCH.GLM4_MOE,  # GLM-4.5 / 4.6
+    "Glm4MoeLiteForCausalLM": MODEL_ARCH.DEEPSEEK2,  # GLM-4.7-Flash: llama.cpp converts it as deepseek2
+    "MiniMaxM2ForCausalLM": MODEL_ARCH.MINIMAXM2,  # MiniMax-M2 / M2.1
+    "Ernie4_5_MoeForCausalLM": MODEL_ARCH.ERNIE4_5_MOE,  # ERNIE-4.5-21B-A3B / 300B-A47B
+    "Dots1ForCausalLM": MODEL_ARCH.DOTS1,  # dots.llm1
+    "AfmoeForCausalLM": MODEL_ARCH.AFMOE,  # Arcee's Trinity
     "LlamaForCausalLM": MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
@@ -64,7 +69,7 @@ SUPPORTED_GGUF_ARCHS: frozenset[MODEL_ARCH] = frozenset(SUPPORTED_ARCHITECTURES.
 # layers unless told --no-mtp (DeepSeek-V3's always drops them). llama.cpp's main graph never reads
 # them (only an MTP draft context does), so the damage mode could not measure them; alphaq converts
 # without them, as llama.cpp's `--no-mtp` target file, whose `--mtp` run writes the draft apart.
-CONVERTER_KEEPS_MTP: frozenset[str] = frozenset({"Glm4MoeForCausalLM"})
+CONVERTER_KEEPS_MTP: frozenset[str] = frozenset({"Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM"})
 
 
 def mtp_layers_left_out(path: Path) -> int:
@@ -369,6 +374,11 @@ def _read_hf_config(path: Path) -> _HFConfig:
     return _HFConfig(hf_arch, SUPPORTED_ARCHITECTURES[hf_arch], n_blocks, text_cfg, fp8)
 
 
+# HF tensors llama.cpp's converter leaves out of the GGUF although their names look like weights:
+# ERNIE-4.5's multi-token-prediction block and its projections (conversion/ernie.py filter_tensors)
+_CONVERTER_DROPS = re.compile(r"^model\.mtp_(block|emb_norm|hidden_norm|linear_proj)\.\d+\.")
+
+
 def _is_weight_matrix(path: Path, name: str, shape: tuple[int, ...], dtype: str, c: _HFConfig) -> bool:
     """Whether the HF tensor ``name`` is a weight matrix of the model's blocks (or outside them);
     such a tensor in a dtype other than float is an InputError, except the FP8 weights of a
@@ -379,6 +389,8 @@ def _is_weight_matrix(path: Path, name: str, shape: tuple[int, ...], dtype: str,
     layer = re.match(r"^model\.layers\.(\d+)\.", name)
     if layer and int(layer[1]) >= c.n_blocks:
         return False  # multi-token-prediction layers; the converter skips them too
+    if _CONVERTER_DROPS.match(name):
+        return False
     key = name.removesuffix(".weight")
     if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
         return False  # biases, scales, buffers
