@@ -12,7 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from alphaq.spectral.analyze import analyze_model
 from alphaq.errors import AlphaQError
@@ -244,7 +244,7 @@ def test_bad_inputs(tmp_path):
 # --------------------------------------------------------------------------------------
 # architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2)
 # and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, OLMoE, MiniMax-M2, ERNIE-4.5,
-# dots.llm1 and AFMoE
+# dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE and Llama 4 (the last three multimodal)
 # --------------------------------------------------------------------------------------
 
 
@@ -283,43 +283,87 @@ def _configs() -> dict:
         "afmoe": lambda: T.AfmoeConfig(**_COMMON, intermediate_size=512, moe_intermediate_size=128,
                                        num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
                                        num_dense_layers=1, num_shared_experts=1, head_dim=64),
+        # gated DeltaNet in 3 layers of 4 (2 value heads per key head), gated attention in the 4th
+        "qwen3-next": lambda: T.Qwen3NextConfig(**_COMMON, **_QWEN_LINEAR),
+        # the same text model inside the multimodal class Qwen3.5 is published as
+        "qwen3.5-moe": lambda: T.Qwen3_5MoeConfig(text_config=dict(**_QWEN_LINEAR, **{**_COMMON, "vocab_size": 1040}),
+                                                  vision_config=_VISION_QWEN),
+        "qwen3-vl-moe": lambda: T.Qwen3VLMoeConfig(
+            text_config=dict(**_COMMON, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=2,
+                             num_experts=8, num_experts_per_tok=2, head_dim=64,
+                             rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[12, 10, 10],
+                                                  mrope_interleaved=True)),
+            vision_config={**_VISION_QWEN, "deepstack_visual_indexes": []}),
+        # Scout's pattern: every block MoE with a shared expert; 4 blocks, as llama.cpp's chunked
+        # attention wants a full-attention block in every 4
+        "llama-4": lambda: T.Llama4Config(
+            text_config=dict(**_COMMON, intermediate_size=64, intermediate_size_mlp=512, num_hidden_layers=4,
+                             num_local_experts=8, num_experts_per_tok=1, head_dim=64, interleave_moe_layer_step=1),
+            vision_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                               image_size=64, patch_size=16, vision_output_dim=128, projector_input_dim=128,
+                               projector_output_dim=128)),
     }
+
+
+_QWEN_LINEAR = dict(moe_intermediate_size=128, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, head_dim=64,
+                    shared_expert_intermediate_size=128)
+_VISION_QWEN = dict(depth=1, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=256)
+# multimodal checkpoints (their text model is what llama.cpp's converter writes to the GGUF)
+_MULTIMODAL = {"qwen3.5-moe", "qwen3-vl-moe", "llama-4"}
 
 
 def _random_checkpoint(kind: str, out: Path) -> Path:
     """A random BF16 checkpoint of ``kind`` (`_configs`) as transformers saves it, with the
     DeepSeek-V2 fixture's tokenizer."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(_configs()[kind]()).to(torch.bfloat16).save_pretrained(out)
+    auto = AutoModelForImageTextToText if kind in _MULTIMODAL else AutoModelForCausalLM
+    auto.from_config(_configs()[kind]()).to(torch.bfloat16).save_pretrained(out)
+    if kind == "qwen3-vl-moe":  # Qwen3-VL-MoE is published with input-major fused experts, as
+        # transformers 5 loads them (its conversion mapping transposes them) but does not save them
+        tensors = load_file(out / "model.safetensors")
+        for name in tensors:
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                tensors[name] = tensors[name].transpose(1, 2).contiguous()
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     for f in fixture("deepseek2").iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, out / f.name)
     return out
 
 
+def _convert_as_alphaq_does(hf: Path, out: Path) -> Path:
+    """llama.cpp's converter with --no-mtp where alphaq passes it (Qwen3-Next's converter stops
+    without it on a checkpoint that has no MTP weights)."""
+    from alphaq.model.weights import mtp_layers_left_out
+    from convert.hf_to_gguf import convert_hf
+
+    return convert_hf(hf, out, extra=("--no-mtp",) if mtp_layers_left_out(hf) is not None else ()).path
+
+
 OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix kinds the file must hold)
     "deepseek-v3": ("deepseek2", 3, {"ffn_gate_exps", "ffn_down_shexp", "attn_q_a", "attn_k_b", "ffn_up"}),
-    # (the GGUF counts GLM's multi-token-prediction layer, which transformers does not make: no weights)
-    "glm-4.5": ("glm4moe", 4, {"ffn_up_exps", "ffn_gate_shexp", "attn_q", "ffn_down"}),
+    "glm-4.5": ("glm4moe", 3, {"ffn_up_exps", "ffn_gate_shexp", "attn_q", "ffn_down"}),
     "glm-4.7-flash": ("deepseek2", 3, {"ffn_up_exps", "ffn_gate_shexp", "attn_q_a", "attn_k_b", "ffn_down"}),
     "olmoe": ("olmoe", 2, {"ffn_gate_exps", "ffn_down_exps", "attn_q", "attn_output"}),
     "minimax-m2": ("minimax-m2", 2, {"ffn_gate_exps", "ffn_down_exps", "attn_q", "output"}),
     "ernie-4.5": ("ernie4_5-moe", 3, {"ffn_up_exps", "ffn_down_shexp", "ffn_gate", "attn_v"}),
     "dots1": ("dots1", 3, {"ffn_up_exps", "ffn_down_shexp", "ffn_gate", "attn_k", "output"}),
     "afmoe": ("afmoe", 3, {"ffn_up_exps", "ffn_down_shexp", "attn_gate", "ffn_up"}),
+    "qwen3-next": ("qwen3next", 4, {"attn_qkv", "attn_gate", "ssm_out", "ssm_ba", "ffn_up_exps", "attn_q"}),
+    "qwen3.5-moe": ("qwen35moe", 4, {"attn_qkv", "attn_gate", "ssm_out", "ssm_alpha", "ffn_down_shexp", "attn_q"}),
+    "qwen3-vl-moe": ("qwen3vlmoe", 2, {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "attn_q", "output"}),
+    "llama-4": ("llama4", 4, {"ffn_gate_exps", "ffn_down_exps", "ffn_up_shexp", "attn_k", "output"}),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(OUTSIDE_THE_ZOO))
 def outside_the_zoo(request, tmp_path_factory) -> tuple[str, Path, Path]:
     """(kind, HF checkpoint, the BF16 GGUF llama.cpp's converter makes of it)."""
-    from convert.hf_to_gguf import convert_hf
-
     work = tmp_path_factory.mktemp(request.param)
     hf = _random_checkpoint(request.param, work / "hf")
-    return request.param, hf, convert_hf(hf, work / "bf16.gguf").path
+    return request.param, hf, _convert_as_alphaq_does(hf, work / "bf16.gguf")
 
 
 def test_other_architectures_read_as_llama_cpp_converts_them(outside_the_zoo):
@@ -348,56 +392,70 @@ def test_other_architectures_convert_and_run_in_llama_cpp(outside_the_zoo, tmp_p
     assert model("def", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
 
 
-@pytest.fixture(scope="module", params=["glm-4.5", "glm-4.7-flash"])
-def glm_with_mtp(request, tmp_path_factory) -> Path:
-    """The random GLM checkpoint with a NextN (multi-token prediction) layer appended, as real
-    GLM-4.5 and GLM-4.7-Flash checkpoints have: a decoder layer plus eh_proj, enorm, hnorm and
-    shared_head.norm."""
-    from safetensors.torch import load_file
-
-    out = _random_checkpoint(request.param, tmp_path_factory.mktemp("glm-mtp") / "hf")
+@pytest.fixture(scope="module", params=["glm-4.5", "glm-4.7-flash", "qwen3-next"])
+def with_mtp(request, tmp_path_factory) -> tuple[Path, int]:
+    """(a random checkpoint with a NextN (multi-token prediction) layer appended, as real GLM-4.5,
+    GLM-4.7-Flash and Qwen3-Next checkpoints have, the block llama.cpp's converter would make of
+    it): a copy of the last (full-attention) decoder layer plus the projection of embedding and
+    hidden state and its norms, in GLM's naming (model.layers.N.eh_proj, enorm, ...) or Qwen's
+    (mtp.layers.0.*, mtp.fc, mtp.pre_fc_norm_*), whose config does not count it."""
+    out = _random_checkpoint(request.param, tmp_path_factory.mktemp("mtp") / "hf")
     config = json.loads((out / "config.json").read_text())
     n, h = config["num_hidden_layers"], config["hidden_size"]
+    qwen = request.param.startswith("qwen")
+    layer, fc, norms = (("mtp.layers.0", "mtp.fc", ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")) if qwen
+                        else (f"model.layers.{n}", f"model.layers.{n}.eh_proj", ("enorm", "hnorm", "shared_head.norm")))
     tensors = load_file(out / "model.safetensors")
     gen = torch.Generator().manual_seed(1)
     for name, t in list(tensors.items()):
         if name.startswith(f"model.layers.{n - 1}."):
-            tensors[name.replace(f".{n - 1}.", f".{n}.", 1)] = (t.float() + 0.01 * torch.randn(t.shape, generator=gen)).to(t.dtype)
-    tensors[f"model.layers.{n}.eh_proj.weight"] = (0.05 * torch.randn(h, 2 * h, generator=gen)).bfloat16()
-    for norm in ("enorm", "hnorm", "shared_head.norm"):
-        tensors[f"model.layers.{n}.{norm}.weight"] = torch.ones(h).bfloat16()
+            copy = (t.float() + 0.01 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+            tensors[name.replace(f"model.layers.{n - 1}", layer, 1)] = copy
+    tensors[f"{fc}.weight"] = (0.05 * torch.randn(h, 2 * h, generator=gen)).bfloat16()
+    for norm in norms:
+        tensors[f"{'mtp' if qwen else layer}.{norm}.weight"] = torch.ones(h).bfloat16()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
-    return out
+    if not qwen:
+        (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    return out, n
 
 
-def test_a_nextn_layer_is_left_out_of_the_conversion(glm_with_mtp, tmp_path):
-    """llama.cpp's GLM converter keeps NextN layers, which its main graph never reads; alphaq
-    converts with --no-mtp (said in a warning) and the file has no NextN block."""
+def test_a_nextn_layer_is_left_out_of_the_conversion(with_mtp, tmp_path, caplog):
+    """llama.cpp's GLM and Qwen3-Next converters keep NextN layers, which its main graph never
+    reads; alphaq converts with --no-mtp (said in a warning), the file has no NextN block, and
+    the reader skips the layer without a warning per tensor."""
+    import logging
+
     import alphaq
     from alphaq.model.weights import mtp_blocks, mtp_layers_left_out
     from alphaq.pipeline.convert import tensor_infos
     from convert.hf_to_gguf import convert_hf
 
-    assert mtp_layers_left_out(glm_with_mtp) == 1
-    kept = convert_hf(glm_with_mtp, tmp_path / "kept.gguf").path  # llama.cpp's own default keeps it
-    assert mtp_blocks(t.name for t in tensor_infos(kept)) == [3]
-    r = alphaq.convert(glm_with_mtp, tmp_path / "out.gguf", mode="fast", budget=3)
+    hf, block = with_mtp
+    assert mtp_layers_left_out(hf) == 1
+    kept = convert_hf(hf, tmp_path / "kept.gguf").path  # llama.cpp's own default keeps it
+    assert mtp_blocks(t.name for t in tensor_infos(kept)) == [block]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alphaq.model"), open_model(hf) as model:
+        assert max(m.block for m in model.matrices() if m.block is not None) == block - 1
+    assert not caplog.records
+    r = alphaq.convert(hf, tmp_path / "out.gguf", mode="fast", budget=3)
     assert mtp_blocks(t.name for t in tensor_infos(r.output)) == []
-    assert not any(".3." in t.name for t in tensor_infos(r.output))
+    assert not any(f".{block}." in t.name for t in tensor_infos(r.output))
     assert any("NextN (multi-token prediction) layer(s)" in w and "--no-mtp" in w for w in r.warnings)
 
 
-def test_the_damage_mode_refuses_a_float_gguf_with_a_nextn_layer(glm_with_mtp, tmp_path, capsys):
+def test_the_damage_mode_refuses_a_float_gguf_with_a_nextn_layer(with_mtp, tmp_path, capsys):
     from alphaq.cli import main
     from convert.hf_to_gguf import convert_hf
 
-    kept = convert_hf(glm_with_mtp, tmp_path / "kept.gguf").path
+    hf, block = with_mtp
+    kept = convert_hf(hf, tmp_path / "kept.gguf").path
     out = tmp_path / "out" / "o.gguf"
     out.parent.mkdir()
     assert main(["convert", str(kept), "-o", str(out), "--budget", "4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "NextN (multi-token prediction) layer(s) in block(s) 3" in err and "--fast" in err
+    assert "\n" not in err and f"NextN (multi-token prediction) layer(s) in block(s) {block}" in err and "--fast" in err
     assert list(out.parent.iterdir()) == []
 
 
@@ -406,7 +464,6 @@ def test_ernies_multi_token_prediction_block_is_left_out_as_llama_cpp_does(tmp_p
     llama.cpp's converter drops; the reader drops it too, without a warning per tensor."""
     import logging
 
-    from safetensors.torch import load_file
 
     from convert.hf_to_gguf import convert_hf
 
@@ -430,7 +487,6 @@ def _as_fp8(src: Path, out: Path, block: int = 128) -> Path:
     """``src`` as DeepSeek publishes V3 and R1: every linear weight of the blocks (not norms, not the
     router) in float8 e4m3 with a float32 scale per 128 x 128 block (``weight_scale_inv``, by which
     the FP8 values are multiplied), and quantization_config fp8 in config.json."""
-    from safetensors.torch import load_file
 
     shutil.copytree(src, out)
     tensors = {}

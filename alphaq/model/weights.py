@@ -14,6 +14,8 @@ Both sources present the *same* matrices, as llama.cpp's converter would write t
   GGUF tensor (``blk.N.ffn_gate_exps.weight``); fused 3-D ``...experts.gate_up_proj`` is split
   in two halves along the rows as ``conversion/qwen.py`` does.
 - DeepSeek-V2 ``kv_b_proj`` becomes ``attn_k_b`` and ``attn_v_b`` (``conversion/deepseek.py``).
+- Qwen3-Next's and Qwen3.5's linear-attention projections are split and reordered as the
+  converter does (`alphaq.model.linear_attention`).
 - llama-style converters permute Q/K rows for RoPE (``LlamaModel.permute``); the GGUF reader
   undoes it, so HF and GGUF input give identical matrices, hence identical alpha.
 - A non-expert tensor with more than two dims (attn_k_b, attn_v_b) is analysed as the
@@ -42,6 +44,7 @@ from alphaq.errors import InputError
 from alphaq.files import read_json
 from alphaq.gguf.io import release_pages, shard_paths
 from alphaq.gguf.qtypes import ggml_n_dims, quantisable_name
+from alphaq.model.linear_attention import linear_attention_matrices
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,11 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "Ernie4_5_MoeForCausalLM": MODEL_ARCH.ERNIE4_5_MOE,  # ERNIE-4.5-21B-A3B / 300B-A47B
     "Dots1ForCausalLM": MODEL_ARCH.DOTS1,  # dots.llm1
     "AfmoeForCausalLM": MODEL_ARCH.AFMOE,  # Arcee's Trinity
+    "Qwen3NextForCausalLM": MODEL_ARCH.QWEN3NEXT,  # Qwen3-Next-80B-A3B: linear attention, 3 layers in 4
+    "Qwen3_5MoeForCausalLM": MODEL_ARCH.QWEN35MOE,  # Qwen3.5 MoE, text only
+    "Qwen3_5MoeForConditionalGeneration": MODEL_ARCH.QWEN35MOE,  # Qwen3.5 MoE as published (the text model)
+    "Qwen3VLMoeForConditionalGeneration": MODEL_ARCH.QWEN3VLMOE,  # Qwen3-VL-30B-A3B / 235B-A22B (the text model)
+    "Llama4ForConditionalGeneration": MODEL_ARCH.LLAMA4,  # Llama 4 Scout / Maverick (the text model)
     "LlamaForCausalLM": MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
@@ -66,23 +74,38 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
 SUPPORTED_GGUF_ARCHS: frozenset[MODEL_ARCH] = frozenset(SUPPORTED_ARCHITECTURES.values())
 
 # Architectures whose llama.cpp converter keeps the checkpoint's NextN (multi-token prediction)
-# layers unless told --no-mtp (DeepSeek-V3's always drops them). llama.cpp's main graph never reads
-# them (only an MTP draft context does), so the damage mode could not measure them; alphaq converts
-# without them, as llama.cpp's `--no-mtp` target file, whose `--mtp` run writes the draft apart.
-CONVERTER_KEEPS_MTP: frozenset[str] = frozenset({"Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM"})
+# layers unless told --no-mtp (DeepSeek-V3's and ERNIE-4.5's always drop them). llama.cpp's main
+# graph never reads them (only an MTP draft context does), so the damage mode could not measure
+# them; alphaq converts without them, as llama.cpp's `--no-mtp` target file, whose `--mtp` run
+# writes the draft apart. (Qwen3-Next's converter even stops on a checkpoint without them unless
+# told --no-mtp.)
+CONVERTER_KEEPS_MTP: frozenset[str] = frozenset({
+    "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration",
+})
+# Qwen3-Next's and Qwen3.5's MTP weights: mtp.layers.N.* and mtp.fc / mtp.norm / ... (conversion/qwen.py)
+_QWEN_MTP = re.compile(r"^(model\.)?mtp\.")
 
 
-def mtp_layers_left_out(path: Path) -> int:
+def mtp_layers_left_out(path: Path) -> int | None:
     """How many NextN (MTP) layers of the HF checkpoint ``path`` the conversion leaves out by
-    passing llama.cpp's converter --no-mtp (0: nothing to leave out, or its converter drops them)."""
+    passing llama.cpp's converter --no-mtp; None where its converter needs no --no-mtp (it
+    drops them itself, or the architecture has none)."""
     c = _read_hf_config(path)
-    n = c.text_cfg.get("num_nextn_predict_layers") or 0
-    return n if c.hf_arch in CONVERTER_KEEPS_MTP and isinstance(n, int) and n > 0 else 0
+    if c.hf_arch not in CONVERTER_KEEPS_MTP:
+        return None
+    n = c.text_cfg.get("num_nextn_predict_layers") or c.text_cfg.get("mtp_num_hidden_layers") or 0
+    if not n:  # Qwen3-Next's config does not say; its converter counts the checkpoint's layers too
+        n = len({m[1] for name in _hf_shards(path) if (m := re.match(r"^(?:model\.)?mtp\.layers\.(\d+)\.", name))})
+    return n if isinstance(n, int) and n > 0 else 0
 
 
 def mtp_blocks(tensor_names: Iterable[str]) -> list[int]:
     """The blocks of a GGUF that are NextN (MTP) layers: those holding a ``blk.N.nextn.*`` tensor."""
     return sorted({int(m[1]) for n in tensor_names if (m := re.match(r"^blk\.(\d+)\.nextn\.", n))})
+
+# Architectures whose checkpoints store fused experts input-major (n_expert, n_in, n_out)
+TRANSPOSED_FUSED_EXPERTS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.QWEN3VLMOE, MODEL_ARCH.LLAMA4})
 
 # Converters that permute Q/K rows for RoPE: conversion/llama.py `LlamaModel` (undo_permute).
 QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA})
@@ -331,14 +354,17 @@ def _open_hf(path: Path) -> ModelWeights:
     files = _HFFiles()
     mats: list[WeightMatrix] = []
     n_elements = 0
-    for name, shard in _hf_shards(path).items():
-        sl = files.get(shard).get_slice(name)
+    for stored, shard in _hf_shards(path).items():
+        name = text_model_name(stored)
+        if name is None:
+            continue
+        sl = files.get(shard).get_slice(stored)
         shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
         n_elements += math.prod(shape)
         if not _is_weight_matrix(path, name, shape, dtype, c):
             continue
         for tensor, expert, rows, cols, load in _hf_matrices(path, c, tmap, name, shape,
-                                                             _slice_loader(files, shard, name)):
+                                                             _slice_loader(files, shard, stored)):
             block, kind = _kind(tensor)
             mats.append(WeightMatrix(tensor, block, expert, kind, rows, cols, load, dtype))
     mats.sort(key=_order)
@@ -349,6 +375,25 @@ def _open_hf(path: Path) -> ModelWeights:
     used = c.text_cfg.get("num_experts_per_tok")
     return ModelWeights(path, "hf", MODEL_ARCH_NAMES[c.model_arch], c.model_arch, c.n_blocks, mats, files.close,
                         n_elements, used if isinstance(used, int) and used > 0 else None)
+
+
+# The vision, audio and projector tensors of a multimodal checkpoint, which llama.cpp's converter
+# leaves to the separate mmproj file (conversion/base.py TextModel.filter_tensors, verbatim)
+_MULTIMODAL_PREFIXES = ("mlp", "vit.", "vpm.", "siglip2.", "conformer.", "merger.", "resampler.", "sound_encoder.",
+                        "sound_projection.", "speech_embeddings.")
+_MULTIMODAL_PARTS = ("visual.", "vision.", "audio.", "talker.", "vision_", "audio_", "token2wav.", "code2wav.",
+                     "projector.", "pre_mm_projector_norm", "image_newline", "view_seperator", "patch_embed",
+                     "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector.")
+
+
+def text_model_name(name: str) -> str | None:
+    """The name llama.cpp's converter gives the HF tensor ``name`` in the text model's GGUF, before
+    its tensor map: None for a multimodal checkpoint's vision, audio and projector tensors, and
+    the language model's own without their ``language_model.`` part (conversion/base.py
+    ``ModelBase.filter_tensors``): ``model.language_model.layers.0...`` -> ``model.layers.0...``."""
+    if name.startswith(_MULTIMODAL_PREFIXES) or any(part in name for part in _MULTIMODAL_PARTS):
+        return None
+    return name.replace("language_model.", "")
 
 
 def _read_hf_config(path: Path) -> _HFConfig:
@@ -389,8 +434,8 @@ def _is_weight_matrix(path: Path, name: str, shape: tuple[int, ...], dtype: str,
     layer = re.match(r"^model\.layers\.(\d+)\.", name)
     if layer and int(layer[1]) >= c.n_blocks:
         return False  # multi-token-prediction layers; the converter skips them too
-    if _CONVERTER_DROPS.match(name):
-        return False
+    if _CONVERTER_DROPS.match(name) or (c.hf_arch in CONVERTER_KEEPS_MTP and _QWEN_MTP.match(name)):
+        return False  # (the MTP weights: alphaq converts with --no-mtp)
     key = name.removesuffix(".weight")
     if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
         return False  # biases, scales, buffers
@@ -424,6 +469,8 @@ def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ..
             return []
         tensor = gname + ".weight"
         return [(tensor, int(m["expert"]), shape[0], shape[1], slice_loader())] if llama_quantizes(tensor, 3) else []
+    if c.model_arch in TRANSPOSED_FUSED_EXPERTS and len(shape) == 3 and key.endswith(_FUSED_EXPERT_SUFFIXES):
+        return _transposed_experts(path, tmap, key, shape, slice_loader)
     if key.endswith("experts.gate_up_proj") and len(shape) == 3:
         return _fused_gate_up(path, tmap, key, shape, slice_loader)
     if c.model_arch == MODEL_ARCH.DEEPSEEK2 and key.endswith("kv_b_proj"):
@@ -431,6 +478,11 @@ def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ..
                 for tensor, rows, cols, loader in _deepseek2_kv_b(tmap, key, shape, c.text_cfg, slice_loader())
                 if llama_quantizes(tensor, 3)]
     gname = tmap.get_name(key)
+    rearranged = linear_attention_matrices(c.model_arch, key, shape, c.text_cfg, gname and gname + ".weight",
+                                           slice_loader())
+    if rearranged is not None:
+        return [(tensor, None, rows, cols, loader) for tensor, rows, cols, loader in rearranged
+                if llama_quantizes(tensor, 2)]
     if gname is None:
         logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
         return []
@@ -458,6 +510,30 @@ def _fused_gate_up(path: Path, tmap, key: str, shape: tuple[int, ...], slice_loa
             logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, proj)
             continue
         out += [(gname + ".weight", e, n_ff, shape[2], slice_loader(index=e, rows_sl=rows_sl)) for e in range(shape[0])]
+    return out
+
+
+def _transposed_experts(path: Path, tmap, key: str, shape: tuple[int, ...], slice_loader) -> list[_HFMatrix]:
+    """Fused experts stored input-major, as Qwen3-VL-MoE and Llama 4 publish them: gate_up_proj
+    (n_expert, n_embd, 2*n_ff), gate the first half of its columns, and down_proj (n_expert,
+    n_ff, n_embd); the converter transposes each expert (conversion/qwen3vl.py
+    Qwen3VLMoeTextModel, conversion/llama.py Llama4Model)."""
+    n_expert, n_in, n_out = shape
+    base, proj = key.rsplit(".", 1)
+    halves = {"gate_proj": slice(0, n_out // 2), "up_proj": slice(n_out // 2, n_out)} if proj == "gate_up_proj" \
+        else {proj: slice(0, n_out)}
+    out: list[_HFMatrix] = []
+    for name, cols in halves.items():
+        gname = tmap.get_name(f"{base}.{name}")
+        if gname is None:
+            logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, name)
+            continue
+        if not llama_quantizes(gname + ".weight", 3):
+            continue
+        for e in range(n_expert):
+            load = slice_loader(index=e)
+            out.append((gname + ".weight", e, cols.stop - cols.start, n_in,
+                        lambda f=load, c=cols: np.ascontiguousarray(f()[:, c].T)))
     return out
 
 

@@ -647,13 +647,15 @@ def _read_float(cfg: ConvertConfig, path: Path, wanted, checked: bool = False) -
 
 def _converter_args(cfg: ConvertConfig) -> tuple[str, ...]:
     """llama.cpp converter options beyond the float type: --no-mtp where it would keep NextN layers
-    (alphaq.model.weights.CONVERTER_KEEPS_MTP), said as a warning, which the summary repeats."""
+    (alphaq.model.weights.CONVERTER_KEEPS_MTP); layers left out are said in a warning, which the
+    summary repeats."""
     n = mtp_layers_left_out(cfg.model)
-    if not n:
+    if n is None:
         return ()
-    log.warning("%s has %d NextN (multi-token prediction) layer(s), which llama.cpp's main graph never reads: "
-                "left out, as llama.cpp's converter --no-mtp does (its --mtp writes them as a separate draft GGUF)",
-                cfg.model, n)
+    if n:
+        log.warning("%s has %d NextN (multi-token prediction) layer(s), which llama.cpp's main graph never reads: "
+                    "left out, as llama.cpp's converter --no-mtp does (its --mtp writes them as a separate draft GGUF)",
+                    cfg.model, n)
     return ("--no-mtp",)
 
 
