@@ -62,6 +62,7 @@ class ModelSpec:
     batch: int = 16
     lr: float = 3e-3
     note: str = ""
+    architecture: str | None = None  # config.json's architectures[0], when not the config class's name
 
 
 _ATTN = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -221,6 +222,29 @@ UNSEEN = [
         steps=1000,
         note="GLM-4.5: grouped KV heads, half-rotary, a dense first block, 16 routed experts top-4 (sigmoid) + 1 shared",
     ),
+    ModelSpec(
+        "qwen35moe",
+        "Qwen3_5MoeTextConfig",
+        dict(
+            _ATTN,  # the full-attention block's gated attention, grouped KV heads
+            num_hidden_layers=4,  # gated DeltaNet (linear attention) in blocks 0-2, full attention in block 3
+            full_attention_interval=4,
+            linear_num_key_heads=2,  # 2 value heads per key head, as Qwen3.5's 16 / 32: the converter reorders them
+            linear_num_value_heads=4,
+            linear_key_head_dim=64,
+            linear_value_head_dim=64,
+            linear_conv_kernel_dim=4,
+            moe_intermediate_size=128,
+            shared_expert_intermediate_size=256,
+            num_experts=16,
+            num_experts_per_tok=4,
+            # transformers 5 reads this tokenizer as Qwen3.5's, which adds one token past the 1,024
+            vocab_size=VOCAB_SIZE + 16,
+        ),
+        steps=1000,
+        architecture="Qwen3_5MoeForCausalLM",
+        note="Qwen3.5-MoE: gated DeltaNet in 3 blocks of 4, gated attention in the 4th, 16 experts top-4 + 1 shared",
+    ),
 ]
 
 ZOOS = {"fixtures": FIXTURES, "bench": BENCH, "unseen": UNSEEN}
@@ -318,17 +342,17 @@ def build_config(spec: ModelSpec):
     import transformers
 
     cls = getattr(transformers, spec.config_class)
-    cfg = cls(
-        vocab_size=VOCAB_SIZE,
-        bos_token_id=1,
-        eos_token_id=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        output_router_logits=True,  # include the load-balancing loss, as real MoE training does
-        router_aux_loss_coef=0.01,
+    cfg = cls(**{
+        "vocab_size": VOCAB_SIZE,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "output_router_logits": True,  # include the load-balancing loss, as real MoE training does
+        "router_aux_loss_coef": 0.01,
         **spec.config,
-    )
-    cfg.architectures = [spec.config_class.replace("Config", "ForCausalLM")]
+    })
+    cfg.architectures = [spec.architecture or spec.config_class.replace("Config", "ForCausalLM")]
     return cfg
 
 
