@@ -126,9 +126,10 @@ class Bench:
         (work / "results").mkdir(exist_ok=True)
         self.bf16 = work / "bf16.gguf"
         if not self.bf16.exists():
+            from alphaq.model.weights import converter_mtp_args
             from convert.hf_to_gguf import convert_hf
 
-            convert_hf(model_dir, self.bf16)
+            convert_hf(model_dir, self.bf16, extra=converter_mtp_args(model_dir))
         self.fm = baselines.FloatModel.open(self.bf16)
         from alphaq.spectral.analyze import analyze_model
 

@@ -94,6 +94,7 @@ log = logging.getLogger("bench_selfcal")
 class Model:
     def __init__(self, name: str, work: Path, n_ctx: int, windows: int, variants=()):
         from alphaq.evaluate.perplexity import load_llama, reference_run
+        from alphaq.model.weights import converter_mtp_args
         from convert.hf_to_gguf import convert_hf
 
         self.name, self.work, self.n_ctx, self.variants = name, work, n_ctx, tuple(variants)
@@ -102,7 +103,7 @@ class Model:
         work.mkdir(parents=True, exist_ok=True)
         self.bf16 = work / "bf16.gguf"
         if not self.bf16.exists():
-            convert_hf(self.hf, self.bf16)
+            convert_hf(self.hf, self.bf16, extra=converter_mtp_args(self.hf))
         self.fm = baselines.FloatModel.open(self.bf16)
         ref = load_llama(self.bf16, n_ctx)
         self.refs = {d: reference_run(ref, (ROOT / "tests/fixtures/heldout" / f"{d}.txt").read_text(errors="replace"),

@@ -244,7 +244,8 @@ def test_bad_inputs(tmp_path):
 # --------------------------------------------------------------------------------------
 # architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2)
 # and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, OLMoE, MiniMax-M2, ERNIE-4.5,
-# dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE and Llama 4 (the last three multimodal)
+# dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE and Llama 4 (the last three multimodal),
+# Granite 3.x MoE and Granite 4.0-H
 # --------------------------------------------------------------------------------------
 
 
@@ -302,6 +303,15 @@ def _configs() -> dict:
             vision_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
                                image_size=64, patch_size=16, vision_output_dim=128, projector_input_dim=128,
                                projector_output_dim=128)),
+        # Granite 3.x MoE with a shared expert: gate and up merged in input_linear, Q/K permuted
+        "granite-moe": lambda: T.GraniteMoeSharedConfig(**_COMMON, intermediate_size=128, num_hidden_layers=2,
+                                                        num_local_experts=8, num_experts_per_tok=2,
+                                                        shared_intermediate_size=192),
+        # Granite 4.0-H: Mamba-2 in 3 blocks of 4, attention in the 4th, MoE with a shared expert
+        "granite-4.0-h": lambda: T.GraniteMoeHybridConfig(
+            **_COMMON, intermediate_size=128, num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2,
+            shared_intermediate_size=192, layer_types=["mamba", "mamba", "mamba", "attention"], mamba_n_heads=8,
+            mamba_d_head=64, mamba_d_state=32, mamba_n_groups=1, mamba_expand=2),
     }
 
 
@@ -327,6 +337,12 @@ def _random_checkpoint(kind: str, out: Path) -> Path:
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 tensors[name] = tensors[name].transpose(1, 2).contiguous()
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if kind == "granite-4.0-h":  # the block kinds under the names IBM publishes (and llama.cpp's
+        # converter reads); transformers 5 saves them as linear_attention / full_attention
+        config = json.loads((out / "config.json").read_text())
+        layer_types = [{"linear_attention": "mamba", "full_attention": "attention"}.get(t, t)
+                       for t in config["layer_types"]]
+        (out / "config.json").write_text(json.dumps({**config, "layer_types": layer_types}))
     for f in fixture("deepseek2").iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, out / f.name)
@@ -336,10 +352,10 @@ def _random_checkpoint(kind: str, out: Path) -> Path:
 def _convert_as_alphaq_does(hf: Path, out: Path) -> Path:
     """llama.cpp's converter with --no-mtp where alphaq passes it (Qwen3-Next's converter stops
     without it on a checkpoint that has no MTP weights)."""
-    from alphaq.model.weights import mtp_layers_left_out
+    from alphaq.model.weights import converter_mtp_args
     from convert.hf_to_gguf import convert_hf
 
-    return convert_hf(hf, out, extra=("--no-mtp",) if mtp_layers_left_out(hf) is not None else ()).path
+    return convert_hf(hf, out, extra=converter_mtp_args(hf)).path
 
 
 OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix kinds the file must hold)
@@ -355,6 +371,8 @@ OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix 
     "qwen3.5-moe": ("qwen35moe", 4, {"attn_qkv", "attn_gate", "ssm_out", "ssm_alpha", "ffn_down_shexp", "attn_q"}),
     "qwen3-vl-moe": ("qwen3vlmoe", 2, {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "attn_q", "output"}),
     "llama-4": ("llama4", 4, {"ffn_gate_exps", "ffn_down_exps", "ffn_up_shexp", "attn_k", "output"}),
+    "granite-moe": ("granitemoe", 2, {"ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "attn_q", "attn_k"}),
+    "granite-4.0-h": ("granitehybrid", 4, {"ssm_in", "ssm_out", "ffn_up_exps", "ffn_up_shexp", "attn_q"}),
 }
 
 

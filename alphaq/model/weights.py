@@ -67,6 +67,9 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "Qwen3_5MoeForConditionalGeneration": MODEL_ARCH.QWEN35MOE,  # Qwen3.5 MoE as published (the text model)
     "Qwen3VLMoeForConditionalGeneration": MODEL_ARCH.QWEN3VLMOE,  # Qwen3-VL-30B-A3B / 235B-A22B (the text model)
     "Llama4ForConditionalGeneration": MODEL_ARCH.LLAMA4,  # Llama 4 Scout / Maverick (the text model)
+    "GraniteMoeForCausalLM": MODEL_ARCH.GRANITE_MOE,  # Granite 3.x MoE
+    "GraniteMoeSharedForCausalLM": MODEL_ARCH.GRANITE_MOE,
+    "GraniteMoeHybridForCausalLM": MODEL_ARCH.GRANITE_HYBRID,  # Granite 4.0-H: Mamba-2 and attention blocks, MoE
     "LlamaForCausalLM": MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
@@ -100,15 +103,24 @@ def mtp_layers_left_out(path: Path) -> int | None:
     return n if isinstance(n, int) and n > 0 else 0
 
 
+def converter_mtp_args(path: Path) -> tuple[str, ...]:
+    """The converter option that makes the file alphaq works from: ``--no-mtp`` where llama.cpp's
+    converter would keep NextN layers (whether or not this checkpoint has them), else none."""
+    return ("--no-mtp",) if mtp_layers_left_out(path) is not None else ()
+
+
 def mtp_blocks(tensor_names: Iterable[str]) -> list[int]:
     """The blocks of a GGUF that are NextN (MTP) layers: those holding a ``blk.N.nextn.*`` tensor."""
     return sorted({int(m[1]) for n in tensor_names if (m := re.match(r"^blk\.(\d+)\.nextn\.", n))})
+
+# Granite-MoE (3.x) and Granite 4 (hybrid Mamba-2): gate and up merged in one input_linear
+GRANITE_MOE_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.GRANITE_MOE, MODEL_ARCH.GRANITE_HYBRID})
 
 # Architectures whose checkpoints store fused experts input-major (n_expert, n_in, n_out)
 TRANSPOSED_FUSED_EXPERTS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.QWEN3VLMOE, MODEL_ARCH.LLAMA4})
 
 # Converters that permute Q/K rows for RoPE: conversion/llama.py `LlamaModel` (undo_permute).
-QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA})
+QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA, MODEL_ARCH.GRANITE_MOE, MODEL_ARCH.GRANITE_HYBRID})
 
 # GGUF float types we can read as weights; anything else is already quantised.
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -473,6 +485,8 @@ def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ..
         return _transposed_experts(path, tmap, key, shape, slice_loader)
     if key.endswith("experts.gate_up_proj") and len(shape) == 3:
         return _fused_gate_up(path, tmap, key, shape, slice_loader)
+    if c.model_arch in GRANITE_MOE_ARCHS and key.endswith((".block_sparse_moe.input_linear", ".shared_mlp.input_linear")):
+        return _granite_input_linear(key, shape, c, slice_loader)
     if c.model_arch == MODEL_ARCH.DEEPSEEK2 and key.endswith("kv_b_proj"):
         return [(tensor, None, rows, cols, loader)
                 for tensor, rows, cols, loader in _deepseek2_kv_b(tmap, key, shape, c.text_cfg, slice_loader())
@@ -510,6 +524,28 @@ def _fused_gate_up(path: Path, tmap, key: str, shape: tuple[int, ...], slice_loa
             logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, proj)
             continue
         out += [(gname + ".weight", e, n_ff, shape[2], slice_loader(index=e, rows_sl=rows_sl)) for e in range(shape[0])]
+    return out
+
+
+def _granite_input_linear(key: str, shape: tuple[int, ...], c: _HFConfig, slice_loader) -> list[_HFMatrix]:
+    """Granite-MoE's merged gate and up projections (JetMoE's parallel experts): routed experts
+    (n_expert, 2*n_ff, n_embd), the shared expert (2*n_ff, n_embd); gate the first half of the
+    rows (conversion/granite.py GraniteMoeModel.modify_tensors). Without routed experts the shared
+    one is the block's dense FFN."""
+    bid = int(key.split(".layers.", 1)[1].split(".", 1)[0])
+    if len(shape) == 3:
+        kinds, experts = (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP), range(shape[0])
+    else:
+        routed = bool(c.text_cfg.get("num_local_experts"))
+        kinds = (MODEL_TENSOR.FFN_GATE_SHEXP, MODEL_TENSOR.FFN_UP_SHEXP) if routed else \
+            (MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_UP)
+        experts = [None]
+    n_ff, n_embd = shape[-2] // 2, shape[-1]
+    out: list[_HFMatrix] = []
+    for kind, rows in zip(kinds, (slice(0, n_ff), slice(n_ff, 2 * n_ff))):
+        tensor = gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"
+        if llama_quantizes(tensor, 3 if len(shape) == 3 else 2):
+            out += [(tensor, e, n_ff, n_embd, slice_loader(index=e, rows_sl=rows)) for e in experts]
     return out
 
 
@@ -653,7 +689,9 @@ def _open_gguf(path: Path) -> ModelWeights:
         is_expert = len(ne) == 3 and tmap.get_type(t.name.removesuffix(".weight")) in EXPERT_TENSORS
         perm_heads = None
         if model_arch in QK_PERMUTED_ARCHS and kind in ("attn_q", "attn_k"):
-            perm_heads = int(n_head) if kind == "attn_q" else int(n_head_kv)
+            # (hybrid models give head counts per block, 0 in their recurrent blocks)
+            heads = n_head if kind == "attn_q" else n_head_kv
+            perm_heads = int(heads[block] if isinstance(heads, list) else heads)
         if is_expert:
             for e in range(ne[2]):
                 def load(t=t, e=e, qtype=qtype, reader=reader):

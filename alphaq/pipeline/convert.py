@@ -51,7 +51,7 @@ from alphaq.gguf.quantize import mix_ftype, quantize_gguf
 from alphaq.gguf.stock import stock_size, stock_sizes
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral.alpha import SpectralConfig, farms_cap
-from alphaq.model.weights import mtp_blocks, mtp_layers_left_out, open_model
+from alphaq.model.weights import converter_mtp_args, mtp_blocks, mtp_layers_left_out, open_model
 
 log = logging.getLogger(__name__)
 
@@ -649,14 +649,11 @@ def _converter_args(cfg: ConvertConfig) -> tuple[str, ...]:
     """llama.cpp converter options beyond the float type: --no-mtp where it would keep NextN layers
     (alphaq.model.weights.CONVERTER_KEEPS_MTP); layers left out are said in a warning, which the
     summary repeats."""
-    n = mtp_layers_left_out(cfg.model)
-    if n is None:
-        return ()
-    if n:
+    if n := mtp_layers_left_out(cfg.model):
         log.warning("%s has %d NextN (multi-token prediction) layer(s), which llama.cpp's main graph never reads: "
                     "left out, as llama.cpp's converter --no-mtp does (its --mtp writes them as a separate draft GGUF)",
                     cfg.model, n)
-    return ("--no-mtp",)
+    return converter_mtp_args(cfg.model)
 
 
 def _convert_hf(cfg: ConvertConfig, out: Path) -> tuple[Path, str | None]:
