@@ -552,3 +552,19 @@ def test_an_fp8_checkpoint_converts_through_llama_cpps_dequantisation(tmp_path, 
     assert main(["analyze", str(fp8), "--csv", str(csv), "--no-cache", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "matrices are FP8" in err and not csv.exists()
+
+
+@pytest.mark.parametrize("kind, recurrent", [("qwen3-next", True), ("granite-4.0-h", True), ("dots1", False)])
+def test_the_time_estimate_says_when_recurrent_blocks_make_it_rough(kind, recurrent, tmp_path):
+    """The pre-flight's forward rates come from attention models; for a model with gated-DeltaNet
+    or Mamba-2 blocks the default mode's estimate says so (the fast mode runs no forward pass)."""
+    from alphaq.allocate.plan import MODES, PlanConfig
+    from alphaq.pipeline.convert import ConvertConfig
+    from alphaq.pipeline.preflight import preflight
+
+    hf = _random_checkpoint(kind, tmp_path / "hf")
+    said = "recurrent blocks make its forward stages slower"
+    for mode, forward in (("damage", True), ("fast", False)):
+        cfg = ConvertConfig(model=hf, output=tmp_path / "o.gguf", plan=PlanConfig(**MODES[mode]))
+        with open_model(hf) as model:
+            assert (said in preflight(cfg, model).format(None)) == (recurrent and forward)

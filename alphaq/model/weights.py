@@ -113,6 +113,11 @@ def mtp_blocks(tensor_names: Iterable[str]) -> list[int]:
     """The blocks of a GGUF that are NextN (MTP) layers: those holding a ``blk.N.nextn.*`` tensor."""
     return sorted({int(m[1]) for n in tensor_names if (m := re.match(r"^blk\.(\d+)\.nextn\.", n))})
 
+# Architectures with recurrent blocks (gated DeltaNet, Mamba-2) beside attention: llama.cpp keeps a
+# recurrent state per sequence for them; the time estimate's rates are an attention model's
+RECURRENT_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.QWEN3NEXT, MODEL_ARCH.QWEN35MOE,
+                                                     MODEL_ARCH.GRANITE_HYBRID})
+
 # Granite-MoE (3.x) and Granite 4 (hybrid Mamba-2): gate and up merged in one input_linear
 GRANITE_MOE_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.GRANITE_MOE, MODEL_ARCH.GRANITE_HYBRID})
 

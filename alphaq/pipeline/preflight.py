@@ -38,6 +38,7 @@ from alphaq.damage.run import WORKING_COPIES
 from alphaq.allocate.plan import format_size
 from alphaq.allocate.quantise_cap import FLOOR_NS
 from alphaq.gguf.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
+from alphaq.model.weights import RECURRENT_ARCHS
 from alphaq.pipeline.speed_probe import MachineSpeed, machine_speed
 
 # Seconds per transformer block for each stage, measured by scripts/bench_scale.py on
@@ -108,6 +109,7 @@ class Preflight:
     largest_weight_bytes: int = 0  # the largest float weight: private while it is fake-quantised
     ram_available: int | None = None  # MemAvailable, where the OS says
     working_copy: str = "float"  # what the forward stages run: the float model, or a Q8_0 copy of it
+    recurrent: bool = False  # the model has recurrent blocks, whose forward rate no benchmark measured
 
     @property
     def seconds(self) -> float:
@@ -133,6 +135,9 @@ class Preflight:
         stages = ", ".join(f"{k} {_duration(v)}" for k, v in self.stage_seconds.items())
         lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (bench/scale-head-qwen3.json) "
                      f"scaled to {self.speed.describe()}; cached stages are skipped: {stages}")
+        if self.recurrent and self.forward:
+            lines.append("            (the rates are an attention model's; this model's recurrent blocks make its forward "
+                         "stages slower by an amount no benchmark here measured)")
         return "\n".join(lines)
 
 
@@ -361,7 +366,8 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
     seconds = {k: v / speed.factor(k) for k, v in seconds.items()}
     return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
                      {d: shutil.disk_usage(d).free for d in needs}, speed, seconds, reused, forward=forward,
-                     largest_weight_bytes=largest, ram_available=ram, working_copy=working)
+                     largest_weight_bytes=largest, ram_available=ram, working_copy=working,
+                     recurrent=model.model_arch in RECURRENT_ARCHS)
 
 
 def _largest_weight_bytes(model) -> int:
