@@ -16,8 +16,13 @@ Both sources present the *same* matrices, as llama.cpp's converter would write t
 - DeepSeek-V2 ``kv_b_proj`` becomes ``attn_k_b`` and ``attn_v_b`` (``conversion/deepseek.py``).
 - Qwen3-Next's and Qwen3.5's linear-attention projections are split and reordered as the
   converter does (`alphaq.model.linear_attention`).
-- llama-style converters permute Q/K rows for RoPE (``LlamaModel.permute``); the GGUF reader
-  undoes it, so HF and GGUF input give identical matrices, hence identical alpha.
+- Qwen3-VL-MoE's and Llama 4's input-major fused experts are transposed; Granite's merged
+  ``input_linear`` is split into gate and up.
+- A multimodal checkpoint is read as its text model (`text_model_name`): the converter's own
+  filter drops the vision, audio and projector tensors, which go to llama.cpp's mmproj file.
+- llama-style converters (Llama, Mixtral, Granite) permute Q/K rows for RoPE
+  (``LlamaModel.permute``); the GGUF reader undoes it, so HF and GGUF input give identical
+  matrices, hence identical alpha.
 - A non-expert tensor with more than two dims (attn_k_b, attn_v_b) is analysed as the
   matrix ggml quantises: ``(prod(outer dims), ne0)``.
 """
