@@ -557,13 +557,14 @@ def test_an_fp8_checkpoint_converts_through_llama_cpps_dequantisation(tmp_path, 
 @pytest.mark.parametrize("kind, recurrent", [("qwen3-next", True), ("granite-4.0-h", True), ("dots1", False)])
 def test_the_time_estimate_says_when_recurrent_blocks_make_it_rough(kind, recurrent, tmp_path):
     """The pre-flight's forward rates come from attention models; for a model with gated-DeltaNet
-    or Mamba-2 blocks the default mode's estimate says so (the fast mode runs no forward pass)."""
+    or Mamba-2 blocks the default mode's estimate says that what they change is unmeasured (the
+    fast mode runs no forward pass)."""
     from alphaq.allocate.plan import MODES, PlanConfig
     from alphaq.pipeline.convert import ConvertConfig
     from alphaq.pipeline.preflight import preflight
 
     hf = _random_checkpoint(kind, tmp_path / "hf")
-    said = "recurrent blocks make its forward stages slower"
+    said = "how this model's recurrent blocks change the forward stages' time"
     for mode, forward in (("damage", True), ("fast", False)):
         cfg = ConvertConfig(model=hf, output=tmp_path / "o.gguf", plan=PlanConfig(**MODES[mode]))
         with open_model(hf) as model:

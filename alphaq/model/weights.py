@@ -119,7 +119,9 @@ def mtp_blocks(tensor_names: Iterable[str]) -> list[int]:
     return sorted({int(m[1]) for n in tensor_names if (m := re.match(r"^blk\.(\d+)\.nextn\.", n))})
 
 # Architectures with recurrent blocks (gated DeltaNet, Mamba-2) beside attention: llama.cpp keeps a
-# recurrent state per sequence for them; the time estimate's rates are an attention model's
+# recurrent state per sequence for them; the time estimate's rates are an attention model's, and
+# what the recurrent blocks do to them is unmeasured (on tiny random models the estimate is as far
+# off for them as for attention models: fixed costs dominate there)
 RECURRENT_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.QWEN3NEXT, MODEL_ARCH.QWEN35MOE,
                                                      MODEL_ARCH.GRANITE_HYBRID})
 

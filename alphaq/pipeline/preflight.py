@@ -136,8 +136,8 @@ class Preflight:
         lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (bench/scale-head-qwen3.json) "
                      f"scaled to {self.speed.describe()}; cached stages are skipped: {stages}")
         if self.recurrent and self.forward:
-            lines.append("            (the rates are an attention model's; this model's recurrent blocks make its forward "
-                         "stages slower by an amount no benchmark here measured)")
+            lines.append("            (the rates are an attention model's; how this model's recurrent blocks change the "
+                         "forward stages' time no benchmark here has measured)")
         return "\n".join(lines)
 
 
