@@ -245,7 +245,7 @@ def test_bad_inputs(tmp_path):
 # architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2)
 # and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, OLMoE, MiniMax-M2, ERNIE-4.5,
 # dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE and Llama 4 (the last three multimodal),
-# Granite 3.x MoE and Granite 4.0-H, and the dense Llama, Qwen2 and Qwen3
+# Granite 3.x MoE, Granite 4.0-H and Phi-3.5-MoE, and the dense Llama, Qwen2 and Qwen3
 # --------------------------------------------------------------------------------------
 
 
@@ -312,6 +312,12 @@ def _configs() -> dict:
             **_COMMON, intermediate_size=128, num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2,
             shared_intermediate_size=192, layer_types=["mamba", "mamba", "mamba", "attention"], mamba_n_heads=8,
             mamba_d_head=64, mamba_d_state=32, mamba_n_groups=1, mamba_expand=2),
+        # Phi-3.5-MoE: biased attention and output head, LongRoPE (llama.cpp's graph wants all three)
+        "phi-3.5-moe": lambda: T.PhimoeConfig(
+            **{**_COMMON, "max_position_embeddings": 4096}, intermediate_size=128, num_hidden_layers=2,
+            num_local_experts=8, num_experts_per_tok=2, lm_head_bias=True, attention_bias=True,
+            rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 32, long_factor=[1.0] * 32,
+                                 short_mscale=1.0, long_mscale=1.0, original_max_position_embeddings=512)),
         # the dense architectures (llama: Q/K permuted by the converter)
         "llama": lambda: T.LlamaConfig(**_COMMON, intermediate_size=512, num_hidden_layers=2),
         "qwen2": lambda: T.Qwen2Config(**_COMMON, intermediate_size=512, num_hidden_layers=2),
@@ -347,6 +353,9 @@ def _random_checkpoint(kind: str, out: Path) -> Path:
         layer_types = [{"linear_attention": "mamba", "full_attention": "attention"}.get(t, t)
                        for t in config["layer_types"]]
         (out / "config.json").write_text(json.dumps({**config, "layer_types": layer_types}))
+    if kind == "phi-3.5-moe":  # the class name Phi-3.5-MoE's config.json gives (and llama.cpp registers)
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**config, "architectures": ["PhiMoEForCausalLM"]}))
     for f in fixture("deepseek2").iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, out / f.name)
@@ -377,6 +386,7 @@ OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix 
     "llama-4": ("llama4", 4, {"ffn_gate_exps", "ffn_down_exps", "ffn_up_shexp", "attn_k", "output"}),
     "granite-moe": ("granitemoe", 2, {"ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "attn_q", "attn_k"}),
     "granite-4.0-h": ("granitehybrid", 4, {"ssm_in", "ssm_out", "ffn_up_exps", "ffn_up_shexp", "attn_q"}),
+    "phi-3.5-moe": ("phimoe", 2, {"ffn_gate_exps", "ffn_down_exps", "attn_q", "attn_output", "output"}),
     "llama": ("llama", 2, {"attn_q", "attn_k", "ffn_gate", "ffn_down", "output"}),
     "qwen2": ("qwen2", 2, {"attn_q", "attn_v", "ffn_up", "ffn_down", "output"}),
     "qwen3": ("qwen3", 2, {"attn_q", "attn_output", "ffn_gate", "ffn_up", "output"}),

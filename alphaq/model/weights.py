@@ -72,6 +72,7 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "Qwen3_5MoeForConditionalGeneration": MODEL_ARCH.QWEN35MOE,  # Qwen3.5 MoE as published (the text model)
     "Qwen3VLMoeForConditionalGeneration": MODEL_ARCH.QWEN3VLMOE,  # Qwen3-VL-30B-A3B / 235B-A22B (the text model)
     "Llama4ForConditionalGeneration": MODEL_ARCH.LLAMA4,  # Llama 4 Scout / Maverick (the text model)
+    "PhiMoEForCausalLM": MODEL_ARCH.PHIMOE,  # Phi-3.5-MoE, as its config.json names it (transformers: Phimoe)
     "GraniteMoeForCausalLM": MODEL_ARCH.GRANITE_MOE,  # Granite 3.x MoE
     "GraniteMoeSharedForCausalLM": MODEL_ARCH.GRANITE_MOE,
     "GraniteMoeHybridForCausalLM": MODEL_ARCH.GRANITE_HYBRID,  # Granite 4.0-H: Mamba-2 and attention blocks, MoE
