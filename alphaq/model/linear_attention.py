@@ -57,7 +57,9 @@ def qkvz_split(n_k: int, per_k: int, hk: int, hv: int) -> tuple[np.ndarray, np.n
     return np.concatenate([q.ravel(), k.ravel(), v.ravel()]), z.ravel()
 
 
-def _block_name(kind: MODEL_TENSOR, key: str) -> str:
+def block_tensor_name(kind: MODEL_TENSOR, key: str) -> str:
+    """The GGUF name of tensor ``kind`` in the block of the HF weight ``key`` (``...layers.N...``),
+    for weights the converter renames itself rather than through gguf-py's tensor map."""
     bid = int(key.split(".layers.", 1)[1].split(".", 1)[0])
     return gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"
 
@@ -82,8 +84,8 @@ def linear_attention_matrices(arch: MODEL_ARCH, key: str, shape: tuple[int, ...]
         qkv, z = qkvz_split(*_heads(cfg))
         if len(qkv) + len(z) != rows:
             raise InputError(f"{key}: {rows} rows do not match the linear-attention heads in config.json")
-        return [(_block_name(MODEL_TENSOR.ATTN_QKV, key), len(qkv), cols, _rows(load, qkv)),
-                (_block_name(MODEL_TENSOR.ATTN_GATE, key), len(z), cols, _rows(load, z))]
+        return [(block_tensor_name(MODEL_TENSOR.ATTN_QKV, key), len(qkv), cols, _rows(load, qkv)),
+                (block_tensor_name(MODEL_TENSOR.ATTN_GATE, key), len(z), cols, _rows(load, z))]
     if arch != MODEL_ARCH.QWEN35MOE or gguf_name is None:
         return None
     n_k, per_k, hk, hv = _heads(cfg)

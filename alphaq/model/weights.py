@@ -49,7 +49,7 @@ from alphaq.errors import InputError
 from alphaq.files import read_json
 from alphaq.gguf.io import release_pages, shard_paths
 from alphaq.gguf.qtypes import ggml_n_dims, quantisable_name
-from alphaq.model.linear_attention import linear_attention_matrices
+from alphaq.model.linear_attention import block_tensor_name, linear_attention_matrices
 
 logger = logging.getLogger(__name__)
 
@@ -495,9 +495,9 @@ def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ..
         tensor = gname + ".weight"
         return [(tensor, int(m["expert"]), shape[0], shape[1], slice_loader())] if llama_quantizes(tensor, 3) else []
     if c.model_arch in TRANSPOSED_FUSED_EXPERTS and len(shape) == 3 and key.endswith(_FUSED_EXPERT_SUFFIXES):
-        return _transposed_experts(path, tmap, key, shape, slice_loader)
+        return _fused_experts(path, tmap, key, shape, slice_loader, input_major=True)
     if key.endswith("experts.gate_up_proj") and len(shape) == 3:
-        return _fused_gate_up(path, tmap, key, shape, slice_loader)
+        return _fused_experts(path, tmap, key, shape, slice_loader)
     if c.model_arch in GRANITE_MOE_ARCHS and key.endswith((".block_sparse_moe.input_linear", ".shared_mlp.input_linear")):
         return _granite_input_linear(key, shape, c, slice_loader)
     if c.model_arch == MODEL_ARCH.DEEPSEEK2 and key.endswith("kv_b_proj"):
@@ -523,20 +523,29 @@ def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ..
     return [(tensor, None, rows, shape[-1], lambda f=base_loader, r=rows: f().reshape(r, -1))]
 
 
-def _fused_gate_up(path: Path, tmap, key: str, shape: tuple[int, ...], slice_loader) -> list[_HFMatrix]:
-    """transformers-5 fused (n_expert, 2*n_ff, n_embd): gate = first half of the rows, up = second
-    half, as conversion/qwen.py Qwen2MoeModel.modify_tensors splits it."""
-    n_ff = shape[1] // 2
-    base = key.removesuffix(".gate_up_proj")
+def _fused_experts(path: Path, tmap, key: str, shape: tuple[int, ...], slice_loader,
+                   input_major: bool = False) -> list[_HFMatrix]:
+    """Fused 3-D experts. Output-major (n_expert, n_out, n_in), as transformers 5 stores
+    ``gate_up_proj``: gate the first half of the rows (conversion/qwen.py Qwen2MoeModel). Input-major
+    (n_expert, n_in, n_out), as Qwen3-VL-MoE and Llama 4 publish ``gate_up_proj`` and ``down_proj``:
+    gate the first half of the columns, each expert transposed (conversion/qwen3vl.py
+    Qwen3VLMoeTextModel, conversion/llama.py Llama4Model)."""
+    n_expert, n_in, n_out = (shape[0], shape[1], shape[2]) if input_major else (shape[0], shape[2], shape[1])
+    base, proj = key.rsplit(".", 1)
+    parts = {"gate_proj": slice(0, n_out // 2), "up_proj": slice(n_out // 2, n_out)} if proj == "gate_up_proj" \
+        else {proj: slice(0, n_out)}
     out: list[_HFMatrix] = []
-    for proj, rows_sl in (("gate_proj", slice(0, n_ff)), ("up_proj", slice(n_ff, 2 * n_ff))):
-        gname = tmap.get_name(f"{base}.{proj}")
-        if gname is not None and not llama_quantizes(gname + ".weight", 3):
-            continue
+    for name, part in parts.items():
+        gname = tmap.get_name(f"{base}.{name}")
         if gname is None:
-            logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, proj)
+            logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, name)
             continue
-        out += [(gname + ".weight", e, n_ff, shape[2], slice_loader(index=e, rows_sl=rows_sl)) for e in range(shape[0])]
+        if not llama_quantizes(gname + ".weight", 3):
+            continue
+        for e in range(n_expert):
+            load = (lambda f=slice_loader(index=e), p=part: np.ascontiguousarray(f()[:, p].T)) if input_major \
+                else slice_loader(index=e, rows_sl=part)
+            out.append((gname + ".weight", e, part.stop - part.start, n_in, load))
     return out
 
 
@@ -545,7 +554,6 @@ def _granite_input_linear(key: str, shape: tuple[int, ...], c: _HFConfig, slice_
     (n_expert, 2*n_ff, n_embd), the shared expert (2*n_ff, n_embd); gate the first half of the
     rows (conversion/granite.py GraniteMoeModel.modify_tensors). Without routed experts the shared
     one is the block's dense FFN."""
-    bid = int(key.split(".layers.", 1)[1].split(".", 1)[0])
     if len(shape) == 3:
         kinds, experts = (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP), range(shape[0])
     else:
@@ -556,33 +564,9 @@ def _granite_input_linear(key: str, shape: tuple[int, ...], c: _HFConfig, slice_
     n_ff, n_embd = shape[-2] // 2, shape[-1]
     out: list[_HFMatrix] = []
     for kind, rows in zip(kinds, (slice(0, n_ff), slice(n_ff, 2 * n_ff))):
-        tensor = gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"
+        tensor = block_tensor_name(kind, key)
         if llama_quantizes(tensor, 3 if len(shape) == 3 else 2):
             out += [(tensor, e, n_ff, n_embd, slice_loader(index=e, rows_sl=rows)) for e in experts]
-    return out
-
-
-def _transposed_experts(path: Path, tmap, key: str, shape: tuple[int, ...], slice_loader) -> list[_HFMatrix]:
-    """Fused experts stored input-major, as Qwen3-VL-MoE and Llama 4 publish them: gate_up_proj
-    (n_expert, n_embd, 2*n_ff), gate the first half of its columns, and down_proj (n_expert,
-    n_ff, n_embd); the converter transposes each expert (conversion/qwen3vl.py
-    Qwen3VLMoeTextModel, conversion/llama.py Llama4Model)."""
-    n_expert, n_in, n_out = shape
-    base, proj = key.rsplit(".", 1)
-    halves = {"gate_proj": slice(0, n_out // 2), "up_proj": slice(n_out // 2, n_out)} if proj == "gate_up_proj" \
-        else {proj: slice(0, n_out)}
-    out: list[_HFMatrix] = []
-    for name, cols in halves.items():
-        gname = tmap.get_name(f"{base}.{name}")
-        if gname is None:
-            logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, name)
-            continue
-        if not llama_quantizes(gname + ".weight", 3):
-            continue
-        for e in range(n_expert):
-            load = slice_loader(index=e)
-            out.append((gname + ".weight", e, cols.stop - cols.start, n_in,
-                        lambda f=load, c=cols: np.ascontiguousarray(f()[:, c].T)))
     return out
 
 
