@@ -25,6 +25,7 @@ def test_like_reaches_every_size_and_stays_within_it(mix, float_ggufs, tmp_path,
     assert _convert(model, out, "--like", mix) == 0
     text = capsys.readouterr().out
     assert f"{mix}'s size for this model" in text
+    assert f"nearest is llama.cpp {mix}:" in text  # every mix compared, not just Q2_K..Q4_K_M
     assert "no calibration data" in text
     [private] = [ln for ln in text.splitlines() if ln.startswith("  private ")]
     for stage in ("float model", "self_text", "importance", "damage", "plan", "quantise"):

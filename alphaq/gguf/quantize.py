@@ -246,10 +246,7 @@ def quantize_stock(src: Path, dst: Path, mix: str, *, nthread: int = 0,
     """llama.cpp's own mix (e.g. "Q3_K_M") with its heuristics, as ``llama-quantize`` would
     (``max_buf_size`` 0: with its default buffers too)."""
     llama_cpp = _llama()
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}", None)
-    if ftype is None:
-        raise AlphaQError(f"unknown llama.cpp mix {mix!r}; allowed: {', '.join(STOCK_MIXES)}")
-    params, keep = _build_params(int(ftype), nthread, None, imatrix, max_buf_size=max_buf_size)
+    params, keep = _build_params(mix_ftype(mix), nthread, None, imatrix, max_buf_size=max_buf_size)
     tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
     with _captured_log(tail.append):
         rc = llama_cpp.llama_model_quantize(_load_path(src), str(dst).encode(), ctypes.byref(params))

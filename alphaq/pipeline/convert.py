@@ -47,7 +47,7 @@ from alphaq.allocate.plan import Plan, PlanConfig, TensorInfo, format_size, make
 from alphaq.allocate.quantise_cap import AutoCap, auto_capped_plan
 from alphaq.gguf.qtypes import llama_quantizes, padded
 from alphaq.pipeline.resume import Workspace, pause_for_test
-from alphaq.gguf.quantize import mix_ftype, quantize_gguf
+from alphaq.gguf.quantize import ALL_MIXES, mix_ftype, quantize_gguf
 from alphaq.gguf.stock import stock_size, stock_sizes
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral.alpha import SpectralConfig, farms_cap
@@ -460,7 +460,8 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
         plan.settings["farms_cap"] = farms_cap(stats, cfg.spectral)
     seconds["plan"] = time.perf_counter() - t0
     # (before quantising: an intermediate float model is deleted once the quantiser has read it)
-    stock = stock_sizes(float_gguf, cfg.plan.alignment) if cfg.compare_stock else {}
+    # every mix llama-quantize offers, so the summary's nearest one is right at 1.6 bpw and at 8 too
+    stock = stock_sizes(float_gguf, cfg.plan.alignment, ALL_MIXES) if cfg.compare_stock else {}
     reused = (("bf16 intermediate",) if work.found else ()) + (calib.reused if calib else ())
     facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
                  float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None,
