@@ -58,7 +58,8 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
             bpw: float | None = None, target_size: int | str | None = None, like: str | None = None,
             mode: str = "damage", plots: str | os.PathLike | None = None, progress: bool = False,
             force: bool = False, tensor_type=None, tensor_type_file=None, override_kv=None, **options):
-    """Convert ``model`` (HF checkpoint directory or F32/F16/BF16 GGUF) into ``output``.
+    """Convert ``model`` (HF checkpoint directory or F32/F16/BF16 GGUF; a Q8_0 GGUF with
+    ``allow_requantize=True``, llama-quantize's --allow-requantize) into ``output``.
 
     Budget: one of ``budget`` (nominal bits), ``bpw``, ``target_size`` (bytes or "12GiB") or
     ``like`` (a llama.cpp mix name); default 3 nominal bits. ``mode``: "damage" (default),

@@ -27,6 +27,8 @@ sampled weights per tensor instead of the default's DamageConfig.max_sampled_wei
 importance matrix from prose only and from code only, next to the self and the mixed real one),
 q8copy (the default's self text, importance matrix and damage all from a Q8_0 working copy of the model,
 as --working-copy q8_0 does for models larger than RAM; the file is quantised from the BF16 model),
+requantize (the product, alphaq.convert at --like MIX, given only a Q8_0 GGUF of the model, llama.cpp's Q8_0
+mix, with --allow-requantize: every stage and the file's quantisation read the Q8_0 weights),
 cheap-ladder (the default's damage, candidates restricted to the k-quants and Q8_0, --types
 Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0: the types llama.cpp's quantiser writes fastest), capN (the default
 under --max-quantise-ns N: the full ladder, the quantiser's estimated time capped at N ns per
@@ -203,6 +205,8 @@ class Model:
         out = self.work / f"{variant}@{mix}.gguf"
         if out.exists():
             return out
+        if variant == "requantize":
+            return self._requantised(mix, size, out)
         src, method = {"default": ("self", "estimate"), "real-driven": ("real", "estimate"),
                        "direct": ("self", "direct"), "no-imatrix": ("none", "estimate"), "alpha-g1": ("self", "estimate"),
                        "alpha-gpaper": ("self", "estimate"), "experts-only": ("self", "estimate"), "w4": ("self", "w4"),
@@ -244,6 +248,23 @@ class Model:
         except AlphaQError as exc:
             log.info("%s %s@%s: %s", self.name, variant, mix, exc)
             return None
+        return out
+
+    def _requantised(self, mix: str, size: int, out: Path) -> Path | None:
+        """The product end to end (alphaq.convert, the default mode) on a Q8_0 GGUF of the model
+        (llama.cpp's Q8_0 mix of the BF16 one), as --allow-requantize takes it: every stage reads the
+        Q8_0 weights, the file is quantised from them."""
+        import alphaq
+
+        q8 = self.work / "q8_0.gguf"
+        if not q8.exists():
+            baselines.stock(self.fm, q8, "Q8_0")
+        try:
+            alphaq.convert(q8, out, like=mix, allow_requantize=True, progress=False)
+        except AlphaQError as exc:
+            log.info("%s requantize@%s: %s", self.name, mix, exc)
+            return None
+        assert out.stat().st_size <= size, (out, size)  # llama.cpp's mix from the Q8_0 is the BF16's size
         return out
 
     def spectral(self, max_experts: int | None = None):

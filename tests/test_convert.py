@@ -378,7 +378,7 @@ def test_quantised_gguf_input_is_refused(float_ggufs, tmp_path, capsys):
     quantize_stock(float_ggufs["mixtral"], q, "Q4_K_M")
     out = tmp_path / "out.gguf"
     code = cli_main(["convert", str(q), "--budget", "3", "-o", str(out), "--no-progress"])
-    assert code == 2 and "only F32/F16/BF16" in capsys.readouterr().err
+    assert code == 2 and "an F32/F16/BF16 GGUF, or a Q8_0 one with --allow-requantize" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -40,7 +40,8 @@ def register(subparsers) -> None:
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, metavar="MODEL", help="HF checkpoint directory or F32/F16/BF16 GGUF")
+    p.add_argument("model", type=Path, metavar="MODEL", help="HF checkpoint directory or F32/F16/BF16 GGUF "
+                   "(a Q8_0 one with --allow-requantize)")
     p.add_argument("-o", "--output", "--outfile", dest="output", type=Path,
                    help="output .gguf (default: ./<model>-alphaq-<budget>.gguf); plan JSON and tensor-type file go beside it")
     mode = p.add_mutually_exclusive_group()
@@ -93,6 +94,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write PNG figures of where the bits went into DIR (created): the type of every tensor "
                         "(and expert) block by block, bytes per type, and the damage (default mode) or alpha "
                         "(--fast/--paper) the allocation read")
+    p.add_argument("--allow-requantize", action="store_true",
+                   help="as llama-quantize: take a Q8_0 GGUF as MODEL (the output inherits Q8_0's rounding; the "
+                        "forward stages run on it; lower types are refused)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (figures included)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_llama_quantize_arguments(p)
@@ -160,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                             n_windows=None if args.damage_windows is None else min(args.damage_windows, args.self_samples)),
         split_max_size=split_size, split_max_tensors=args.split_max_tensors, keep_bf16=args.keep_bf16,
         dry_run=args.dry_run, plots=args.plots, working_copy=args.working_copy, kv_overrides=kv_overrides(args.override_kv), resume=not args.no_resume,
-        auto_quantise_cap=args.max_quantise_ns == "auto",
+        auto_quantise_cap=args.max_quantise_ns == "auto", allow_requantize=args.allow_requantize,
     )
     if args.imatrix is not None and cfg.plan.noise != "damage":
         raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
@@ -270,7 +274,8 @@ def summary(r) -> str:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # with importance and damage both reused from the cache, llama.cpp never loaded the model
         loaded = not {"importance", "damage"} <= set(r.reused)
-        lines.append(f"  memory      {_forward_memory(r.float_bytes, loaded, r.working_copy)}; peak RSS of this process {format_size(peak)}")
+        lines.append(f"  memory      {_forward_memory(r.float_bytes, loaded, r.working_copy, r.source_type)}; "
+                     f"peak RSS of this process {format_size(peak)}")
     if r.parts:
         lines.append("  parts       " + ", ".join(f"{p.name} ({format_size(p.stat().st_size)})" for p in r.parts))
     if r.kept_float:
@@ -296,14 +301,14 @@ def summary(r) -> str:
 _MAX_WARNINGS = 5  # in the summary; all of them are in the log
 
 
-def _forward_memory(float_bytes: int, loaded: bool, working_copy: str | None) -> str:
+def _forward_memory(float_bytes: int, loaded: bool, working_copy: str | None, source_type: str | None) -> str:
     """What the forward stages cost in memory (see alphaq.runtime.mapped)."""
     from alphaq.pipeline.preflight import forward_model
     from alphaq.runtime import mapped
 
     if not loaded:
         return "the forward stages were reused: the float model was not loaded"
-    what, size = forward_model(float_bytes, working_copy)
+    what, size = forward_model(float_bytes, working_copy, source_type)
     if mapped.available():
         return (f"the forward stages memory-map {what} (about {format_size(size)} of page cache the OS can drop; "
                 "smaller than RAM it runs at full speed, larger it pages from disk on every pass)")

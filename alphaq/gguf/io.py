@@ -20,6 +20,8 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from alphaq.gguf.qtypes import ggml_n_dims
 
+log = logging.getLogger(__name__)
+
 FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
 
 
@@ -36,6 +38,17 @@ def read_tensors(path: Path) -> list[TensorRecord]:
     """Every tensor's name, type, shape and size, from the header alone; of every part of a split
     GGUF (`shard_paths`), in part order."""
     return [r for shard in shard_paths(path) for r in _read_header(shard)[0]]
+
+
+def requantised_type(path: Path) -> str | None:
+    """The type of a GGUF model's quantised weights (a weight: 2-D or more, not F32/F16/BF16), or None
+    for a float model; logged as a warning, since everything measured on them includes their rounding."""
+    for r in read_tensors(path):
+        if len(r.shape) >= 2 and r.type not in FLOAT_TYPES:
+            log.warning("%s holds %s weights: they are read dequantised, so their rounding is part of everything "
+                        "measured on them (the HF checkpoint or a BF16 GGUF avoids it)", path, r.type.name)
+            return r.type.name
+    return None
 
 
 def check_gguf(path: Path) -> list[TensorRecord]:
@@ -316,7 +329,8 @@ def release_pages(reader: GGUFReader, view) -> None:
 
 
 def check_finite(path: Path) -> None:
-    """Every float tensor of a GGUF holds only finite values; the first that does not is named.
+    """Every float tensor of a GGUF (and every Q8_0 tensor's scales) holds only finite values; the
+    first that does not is named.
 
     The default path runs the model before anything else reads its weights, and a NaN weight
     would surface there as a NaN activation far from its cause."""
@@ -329,9 +343,11 @@ def check_finite(path: Path) -> None:
 def _check_finite_file(path: Path, error) -> None:
     reader = GGUFReader(path)
     for t in reader.tensors:
-        if t.tensor_type not in FLOAT_TYPES:
+        if t.tensor_type not in FLOAT_TYPES | {GGMLQuantizationType.Q8_0}:
             continue
         flat = np.asarray(t.data).reshape(-1)
+        if t.tensor_type == GGMLQuantizationType.Q8_0:  # blocks of an F16 scale and 32 int8: only the scale
+            flat = flat.view(np.uint8).reshape(-1, 34)[:, :2].copy().view(np.float16).reshape(-1)  # can be NaN
         n_bad = 0
         for s in range(0, flat.size, 1 << 24):  # chunks: no bool copy of a whole expert tensor
             part = flat[s:s + (1 << 24)]

@@ -121,6 +121,9 @@ def _build_params(ftype: int, nthread: int, overrides: dict[str, GGMLQuantizatio
     params.ftype = ftype
     params.nthread = nthread
     params.dry_run = dry_run
+    # a Q8_0 source is requantised only after alphaq's own gate (--allow-requantize,
+    # alphaq.pipeline.convert.check_source_gguf); the dry runs of a stock mix need it too
+    params.allow_requantize = True
     params.max_buf_size = QUANTISER_BUFFER_BYTES if max_buf_size is None else max_buf_size  # 0: llama.cpp's default
     keep = _Keepalive([])
     if overrides:

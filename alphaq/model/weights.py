@@ -137,6 +137,11 @@ QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA, MODEL_AR
 
 # GGUF float types we can read as weights; anything else is already quantised.
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+# The one quantised type read as weights (dequantised): llama.cpp's converter writes it
+# (--outtype q8_0) and it is what people keep of a model too large for them in BF16. Its rounding
+# is small beside any type alphaq writes; a lower type's would be part of every measurement.
+# `convert` takes it only with --allow-requantize, as llama-quantize does.
+REQUANTISABLE_TYPES = (GGMLQuantizationType.Q8_0,)
 _HF_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 HF_FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})
 # why an FP8 matrix's values are not read from the checkpoint (the scales live in other tensors)
@@ -234,8 +239,8 @@ class ModelWeights:
 
 
 def open_model(path: str | Path) -> ModelWeights:
-    """Open an HF checkpoint directory or a float (F32/F16/BF16) GGUF file (any part of a split
-    GGUF opens all of it)."""
+    """Open an HF checkpoint directory or a float (F32/F16/BF16) or Q8_0 GGUF file (any part of a
+    split GGUF opens all of it)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"model path {path} does not exist")
@@ -618,7 +623,10 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
 
 
 def gguf_to_f32(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """Float GGUF tensor data (as GGUFReader exposes it) -> float32, same numpy shape."""
+    """GGUF tensor data (as GGUFReader exposes it) -> float32, the tensor's numpy shape (a Q8_0
+    tensor's rows of bytes become rows of weights: gguf-py's dequantiser)."""
+    if qtype in REQUANTISABLE_TYPES:
+        return gguf.quants.dequantize(np.asarray(data), qtype)
     if qtype == GGMLQuantizationType.BF16:
         # the reader exposes BF16 as raw bytes (uint8, last axis 2x) or uint16
         u16 = data.view(np.uint16) if data.dtype == np.uint8 else data.astype(np.uint16, copy=False)
@@ -669,10 +677,12 @@ def _open_gguf(path: Path) -> ModelWeights:
     tmap = gguf.get_tensor_name_map(model_arch, n_blocks)
 
     for _, t in tensors:
-        if ggml_n_dims(tuple(reversed([int(d) for d in t.shape]))) >= 2 and t.tensor_type not in FLOAT_TYPES:
+        n_dims = ggml_n_dims(tuple(reversed([int(d) for d in t.shape])))
+        if n_dims >= 2 and t.tensor_type not in FLOAT_TYPES + REQUANTISABLE_TYPES:
             raise InputError(
-                f"{path}: tensor {t.name} is {t.tensor_type.name}; only F32/F16/BF16 GGUF "
-                "weights can be analysed (a quantised file measures the quantiser, not the model)"
+                f"{path}: tensor {t.name} is {t.tensor_type.name}; only F32/F16/BF16 or Q8_0 GGUF weights can be "
+                "read (a lower type's rounding would be measured as the model's; give the HF checkpoint or a "
+                "BF16/Q8_0 GGUF)"
             )
 
     mats: list[WeightMatrix] = []

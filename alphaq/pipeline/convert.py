@@ -34,8 +34,8 @@ from alphaq import __version__
 from alphaq.spectral.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import InputError, InternalError
 from alphaq.gguf.expert import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
-from alphaq.gguf.io import (FLOAT_TYPES, check_finite, copy_with_metadata, first_shard, header_bytes, model_bytes,
-                            read_tensors)
+from alphaq.gguf.io import (FLOAT_TYPES, check_finite, check_gguf, copy_with_metadata, first_shard, header_bytes,
+                            model_bytes, read_tensors, requantised_type)
 from alphaq.gguf.split import SplitSpec, split_gguf
 from alphaq import memory
 from alphaq.pipeline.preflight import SPLIT_PART_OVERHEAD, WORKING_COPY_CHOICES, Preflight, max_parts, preflight
@@ -51,7 +51,8 @@ from alphaq.gguf.quantize import ALL_MIXES, mix_ftype, quantize_gguf
 from alphaq.gguf.stock import stock_size, stock_sizes
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral.alpha import SpectralConfig, farms_cap
-from alphaq.model.weights import converter_mtp_args, mtp_blocks, mtp_layers_left_out, open_model
+from alphaq.model.weights import (REQUANTISABLE_TYPES, converter_mtp_args, mtp_blocks, mtp_layers_left_out,
+                                  open_model)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ _QUANT_KV_MARGIN = 256
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    model: Path  # HF checkpoint directory or F32/F16/BF16 GGUF
+    model: Path  # HF checkpoint directory or F32/F16/BF16 GGUF (Q8_0 with allow_requantize)
     output: Path  # the .gguf to write; plan JSON and tensor-type file go next to it
     plan: PlanConfig = field(default_factory=PlanConfig)
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
@@ -96,6 +97,9 @@ class ConvertConfig:
     # the default (damage) mode caps llama.cpp's quantiser time unless plan.max_quantise_ns is set
     # (alphaq.allocate.quantise_cap); False: no cap unless plan.max_quantise_ns (--max-quantise-ns none)
     auto_quantise_cap: bool = True
+    # llama-quantize's --allow-requantize: take a Q8_0 GGUF as the source (the only quantised type
+    # alphaq reads: alphaq.model.weights.REQUANTISABLE_TYPES)
+    allow_requantize: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class ConvertResult:
     reused: tuple[str, ...] = ()  # stages whose results an earlier run left (intermediate, caches)
     damage_note: str | None = None  # how the damage table was obtained (default mode)
     working_copy: str | None = None  # what the forward stages ran: "float" or "q8_0" (default mode)
+    source_type: str | None = None  # a quantised GGUF source's weight type (Q8_0, --allow-requantize)
     quantise_cap: AutoCap | None = None  # the default mode's cap on the quantiser's time, when it applied
     peak_private: dict[str, int] = field(default_factory=dict)  # stage -> this process's peak private bytes
 
@@ -206,12 +211,20 @@ def check_no_mtp(path: Path, tensors) -> None:
             "or use --fast / --paper")
 
 
-def check_float_gguf(path: Path, tensors) -> None:
+def check_source_gguf(path: Path, tensors, allow_requantize: bool) -> None:
+    """A GGUF source holds float weights, or Q8_0 ones with --allow-requantize: llama-quantize's
+    rule, which refuses to requantise unless told to."""
     for t in tensors:
-        if len(t.shape) >= 2 and t.type not in FLOAT_TYPES:
-            raise InputError(
-                f"{path} is already quantised ({t.name} is {t.type.name}); "
-                "alphaq needs an F32/F16/BF16 GGUF or an HF checkpoint")
+        if len(t.shape) < 2 or t.type in FLOAT_TYPES:
+            continue
+        if t.type not in REQUANTISABLE_TYPES:
+            raise InputError(f"{path} is already quantised ({t.name} is {t.type.name}); alphaq needs an HF "
+                             "checkpoint, an F32/F16/BF16 GGUF, or a Q8_0 one with --allow-requantize")
+        if not allow_requantize:
+            raise InputError(f"{path} is already quantised ({t.name} is {t.type.name}); requantising is off unless "
+                             "asked for, as in llama-quantize: add --allow-requantize (the output inherits "
+                             "Q8_0's rounding), or give the HF checkpoint or an F32/F16/BF16 GGUF")
+    requantised_type(path)  # the warning, once a run
 
 
 def tensor_infos(path: Path) -> list[TensorInfo]:
@@ -466,7 +479,7 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
                  float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None,
                  reused=reused, damage_note=calib.damage.describe() if calib else None,
-                 working_copy=calib.working_copy if calib else None, quantise_cap=cap)
+                 working_copy=calib.working_copy if calib else None, quantise_cap=cap, source_type=pre.source_type)
     if cfg.dry_run:
         return _planned_result(cfg, tensors, facts)
     pause_for_test("quantise")
@@ -516,6 +529,8 @@ def _prepare(cfg: ConvertConfig):
         from alphaq.importance.imatrix_file import read_imatrix
 
         user_imatrix = read_imatrix(cfg.imatrix)  # a bad file fails before any work
+    if Path(cfg.model).suffix.lower() == ".gguf":  # quantised weights: refused before the reader reads them
+        check_source_gguf(cfg.model, check_gguf(Path(cfg.model)), cfg.allow_requantize)
     with open_model(cfg.model) as model:  # validates path, config, architecture, dtypes, shards
         if model.source == "gguf":  # any part of a split GGUF: llama.cpp loads it from the first
             cfg = replace(cfg, model=first_shard(cfg.model))
@@ -604,11 +619,8 @@ def early_budget_check(cfg: ConvertConfig, model) -> Pins:
     """The pins and the budget against the model's shapes, before any expensive stage
     (alphaq.allocate.feasibility.check_budget: the same one-line errors as the plan's). With --like the
     budget is known only from the float model: pins only."""
-    if model.source == "gguf":
-        records = read_tensors(cfg.model)  # (one header read for both checks)
-        check_float_gguf(cfg.model, records)
-        if cfg.plan.noise == "damage":
-            check_no_mtp(cfg.model, records)
+    if model.source == "gguf" and cfg.plan.noise == "damage":
+        check_no_mtp(cfg.model, read_tensors(cfg.model))
     if cfg.like is None:
         return check_budget(cfg.model, cfg.plan, model)
     if model.source == "gguf":

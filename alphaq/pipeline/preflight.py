@@ -38,8 +38,10 @@ from alphaq.damage.run import WORKING_COPIES
 from alphaq.allocate.plan import format_size
 from alphaq.allocate.quantise_cap import FLOOR_NS
 from alphaq.gguf.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
-from alphaq.model.weights import RECURRENT_ARCHS
+from alphaq.model.weights import RECURRENT_ARCHS, REQUANTISABLE_TYPES
 from alphaq.pipeline.speed_probe import MachineSpeed, machine_speed
+
+REQUANTISABLE_NAMES = frozenset(t.name for t in REQUANTISABLE_TYPES)
 
 # Seconds per transformer block for each stage, measured by scripts/bench_scale.py on
 # Qwen3-30B-A3B's block shapes (4 blocks, random weights, 2-core CPU, --like Q3_K_M --no-cache; the
@@ -110,6 +112,7 @@ class Preflight:
     ram_available: int | None = None  # MemAvailable, where the OS says
     working_copy: str = "float"  # what the forward stages run: the float model, or a Q8_0 copy of it
     recurrent: bool = False  # the model has recurrent blocks, whose forward rate no benchmark measured
+    source_type: str | None = None  # a quantised GGUF source's weight type (Q8_0, --allow-requantize)
 
     @property
     def seconds(self) -> float:
@@ -125,7 +128,7 @@ class Preflight:
                  (f"  disk      BF16 intermediate {format_size(self.float_bytes)}, kept by an interrupted run "
                   f"and reused: {self.reused} ({kept})" if self.reused else
                   f"  disk      BF16 intermediate about {format_size(self.float_bytes)} ({kept})" if self.intermediate
-                  else f"  disk      float model {format_size(self.float_bytes)} (read in place)"),
+                  else f"  disk      {self.source_type or 'float'} model {format_size(self.float_bytes)} (read in place)"),
                  f"            output at most {format_size(self.output_bytes)}{parts}"]
         for d, n in self.needs.items():
             lines.append(f"            peak need in {d}: {format_size(n)} (temporary files included); "
@@ -145,7 +148,7 @@ class Preflight:
         """RAM for the forward stages: the mapped model is page cache (alphaq.runtime.mapped); private
         memory is the one weight copied while it is measured plus llama.cpp's compute buffers."""
         q8 = self.working_copy == "q8_0"
-        what, mapped = forward_model(self.float_bytes, self.working_copy)
+        what, mapped = forward_model(self.float_bytes, self.working_copy, self.source_type)
         private = (working_copy_bytes(self.largest_weight_bytes) if q8 else self.largest_weight_bytes)
         private += PRIVATE_OVERHEAD_BYTES
         what = (f"{what} (--working-copy; about {format_size(mapped)}, written beside the output and deleted "
@@ -161,11 +164,12 @@ class Preflight:
                 f"{format_size(private)} (the largest weight, copied while it is measured, and compute buffers)")
 
 
-def forward_model(float_bytes: int, working_copy: str | None) -> tuple[str, int]:
-    """The model the forward stages run, in words, and its bytes: the float model or its Q8_0 copy."""
+def forward_model(float_bytes: int, working_copy: str | None, source_type: str | None = None) -> tuple[str, int]:
+    """The model the forward stages run, in words, and its bytes: the float model or its Q8_0 copy
+    (``source_type``: a quantised source, which runs itself)."""
     if working_copy == "q8_0":
         return "a Q8_0 working copy of the float model", working_copy_bytes(float_bytes)
-    return "the float model", float_bytes
+    return f"the {source_type or 'float'} model", float_bytes
 
 
 def working_copy_bytes(float_bytes: int) -> int:
@@ -173,11 +177,15 @@ def working_copy_bytes(float_bytes: int) -> int:
     return int(float_bytes * Q8_0_BYTES_PER_FLOAT_BYTE)
 
 
-def choose_working_copy(choice: str, float_bytes: int, private_bytes: int, ram: int | None) -> str:
+def choose_working_copy(choice: str, float_bytes: int, private_bytes: int, ram: int | None,
+                        source_type: str | None = None) -> str:
     """--working-copy auto: the float model when it fits in available RAM with the stages' private
     memory (or when the OS does not say), else a Q8_0 copy: mapped, a model larger than RAM is read
     from disk again on every forward pass (measured: decode steps 13x slower under a limit of half
-    the model, bench/mapped-memory.json), and the copy holds half the bytes."""
+    the model, bench/mapped-memory.json), and the copy holds half the bytes. A Q8_0 source
+    (``source_type``) is its own copy, whatever was asked."""
+    if source_type is not None:
+        return "float"
     if choice != "auto":
         return choice
     return "q8_0" if ram is not None and float_bytes + private_bytes > ram else "float"
@@ -350,7 +358,10 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
     if reused is not None:  # already on disk
         needs[float_dir] = max(0, needs[float_dir] - float_bytes)
     forward, largest, ram = cfg.plan.noise == "damage", _largest_weight_bytes(model), ram_available()
-    working = choose_working_copy(cfg.working_copy, float_bytes, largest + PRIVATE_OVERHEAD_BYTES, ram) if forward else "float"
+    source_type = next((m.dtype for m in model.matrices() if m.dtype in REQUANTISABLE_NAMES), None) \
+        if model.source == "gguf" else None
+    working = (choose_working_copy(cfg.working_copy, float_bytes, largest + PRIVATE_OVERHEAD_BYTES, ram, source_type)
+               if forward else "float")
     if working == "q8_0":  # the copy sits beside the output while the float model is still there
         float_there = float_bytes if float_dir == out_fs and reused is None else 0
         needs[out_fs] = max(needs[out_fs], float_there + working_copy_bytes(float_bytes))
@@ -367,7 +378,7 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
     return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
                      {d: shutil.disk_usage(d).free for d in needs}, speed, seconds, reused, forward=forward,
                      largest_weight_bytes=largest, ram_available=ram, working_copy=working,
-                     recurrent=model.model_arch in RECURRENT_ARCHS)
+                     recurrent=model.model_arch in RECURRENT_ARCHS, source_type=source_type)
 
 
 def _largest_weight_bytes(model) -> int:
