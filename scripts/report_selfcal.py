@@ -286,6 +286,15 @@ SIDE_STUDIES = (
      "The same on the 8-block trained model of the depth-anchor study, against the product's own setting "
      "there (deep-default: 4 anchor blocks per kind, 4 windows; the copy's stages run the same settings).",
      lambda res: [*comparisons(res, [("q8copy", "deep-default")]), "", *summary(res, ("deep-default", "q8copy"))]),
+    ("selfcal-requantize.json", "Requantising from Q8_0 (bench/{}; 7 sizes per model)",
+     "requantize: the product end to end (`alphaq.convert(..., like=MIX, allow_requantize=True)`, i.e. "
+     "`--allow-requantize`) given only llama.cpp's Q8_0 of the model: its self text, importance matrix, damage "
+     "and the file's quantisation all read the Q8_0 weights. Against the default made from the BF16 model in "
+     "the same run, and both against the better stock file, which is made from the BF16 model: the "
+     "comparison a user with only the Q8_0 file cannot make, so it shows what the Q8_0 costs, not what a "
+     "requantising user would get from llama-quantize.",
+     lambda res: [*comparisons(res, [("requantize", "default")]), "", *summary(res, ("default", "requantize")),
+                  "", *per_mix(res, "requantize", "default")]),
     ("selfcal-cheap.json", "A cheap ladder (bench/{}; 5 sizes per model)",
      "cheap-ladder: the default's damage with the candidates restricted to the k-quants and Q8_0 (--types "
      "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0), the types llama.cpp's quantiser writes fastest. Quality against the "

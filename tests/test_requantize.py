@@ -109,3 +109,14 @@ def test_a_nan_scale_in_a_q8_0_tensor_is_found(q8_gguf, tmp_path):
         f.write(np.array([np.nan], dtype=np.float16).tobytes())
     with pytest.raises(InputError, match=f"tensor {t.name} has 1 NaN"):
         check_finite(bad)
+
+
+def test_analyze_and_plan_say_they_read_q8_0(q8_gguf, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    assert cli_main(["analyze", str(q8_gguf), "--csv", str(tmp_path / "a.csv"), "--no-progress"]) == 0
+    assert cli_main(["plan", str(q8_gguf), "--budget", "3", "--alphas", str(tmp_path / "a.csv"),
+                     "--json", str(tmp_path / "p.json")]) == 0
+    said = [r.getMessage() for r in caplog.records if "holds Q8_0 weights" in r.getMessage()]
+    assert len(said) == 2, said

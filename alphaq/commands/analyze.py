@@ -42,6 +42,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from alphaq.gguf.io import note_requantised
     from alphaq.spectral.analyze import analyze_model, write_csv
 
     if args.csv.exists() and not args.force:  # fail before the long part
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size, bins=args.bins, xmin_window=args.xmin_window, device=args.device,
         max_blocks=args.farms_max_blocks,
     )
+    note_requantised(args.model)  # a Q8_0 GGUF is analysed dequantised: said, not silent
     stats = analyze_model(
         args.model,
         cfg,

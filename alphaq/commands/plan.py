@@ -30,6 +30,7 @@ from alphaq.allocate.plan import (
     measurement_requests,
     parse_size,
 )
+from alphaq.gguf.io import note_requantised
 from alphaq.gguf.qtypes import DEFAULT_CANDIDATES, FULL_LADDER
 from alphaq.records import MatrixStats
 from alphaq.allocate.solver import DEFAULT_SOLVER, SOLVERS
@@ -226,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if not model.exists():
         raise AlphaQError(f"model {model} does not exist")
     is_gguf = model.is_file() and model.suffix.lower() == ".gguf"
+    note_requantised(model)  # a Q8_0 GGUF is analysed dequantised: said, not silent
     if cfg.budget_mode == "size" and not is_gguf:
         raise AlphaQError("--target-size needs a GGUF model (every tensor must be known); use --budget or --bpw")
     if cfg.budget_mode != "size" or args.fixed_bytes is None:  # (a given header size is checked when solving)

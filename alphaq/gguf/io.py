@@ -51,6 +51,17 @@ def requantised_type(path: Path) -> str | None:
     return None
 
 
+def note_requantised(model: Path) -> None:
+    """requantised_type's warning for a command's MODEL argument, when it is a readable GGUF file
+    (anything else is the model reader's to refuse, with its own message)."""
+    model = Path(model)
+    if model.is_file() and model.suffix.lower() == ".gguf":
+        try:
+            requantised_type(model)
+        except (ValueError, OSError, struct.error, UnicodeDecodeError, KeyError, IndexError):
+            pass
+
+
 def check_gguf(path: Path) -> list[TensorRecord]:
     """read_tensors, with an InputError naming the file when it is missing or not a readable GGUF."""
     from alphaq.errors import InputError
