@@ -132,6 +132,26 @@ def test_bad_default_path_options_are_one_line(argv, needle, float_ggufs, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_imatrix_that_does_not_fit_the_model_is_refused_before_any_work(float_ggufs, tmp_path, capsys,
+                                                                          monkeypatch):
+    import alphaq.pipeline.convert as convert_mod
+
+    monkeypatch.setattr(convert_mod, "_float_model", lambda *a, **k: pytest.fail("reached the float model stage"))
+    other = float_ggufs["qwen2moe"]  # its expert tensors have other shapes than mixtral's
+    shapes = {t.name: t.shape for t in read_tensors(other) if llama_quantizes(t.name, t.shape)}
+    sums = {n: np.ones((s[0] if len(s) == 3 else 1, s[-1]), np.float32) for n, s in shapes.items()}
+    theirs = tmp_path / "qwen.imatrix.gguf"
+    write_imatrix(theirs, Imatrix(sums, {n: np.ones(v.shape[0]) for n, v in sums.items()}, ["x"], 1, 1))
+    work = tmp_path / "work"
+    work.mkdir()
+    for imatrix, needle in ((theirs, "an importance matrix of another model?"),
+                            (other, "not a llama.cpp imatrix file")):  # a model file given as the imatrix
+        assert _convert(float_ggufs["mixtral"], work / "o.gguf", "--like", "Q3_K_M", "--imatrix", str(imatrix)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and str(imatrix) in err[0], err
+    assert list(work.iterdir()) == []
+
+
 def test_expert_granularity_allocates_each_expert_on_its_damage_share(float_ggufs, tmp_path):
     import json
 

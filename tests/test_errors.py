@@ -285,3 +285,12 @@ def test_the_real_cli_prints_exactly_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and "achievable range" in proc.stderr, proc.stderr
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, needle", [(["--max-windows", "0"], "--max-windows 0 must be at least 1"),
+                                          (["--n-ctx", "4"], "--n-ctx 4 must be at least 8")])
+def test_eval_refuses_bad_window_settings_in_one_line(args, needle, float_ggufs, capsys):
+    text = Path(__file__).parent / "fixtures" / "heldout" / "prose.txt"
+    code = cli_main(["eval", str(float_ggufs["mixtral"]), "--text", str(text), "--no-progress", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err

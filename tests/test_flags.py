@@ -279,6 +279,13 @@ BAD = {
     "kv negative int": (lambda tp: ["--override-kv", "a.b=int:-1"], "uint32"),
     "kv long str": (lambda tp: ["--override-kv", "a.b=str:" + "x" * 128], "127 bytes"),
     "kv alphaq key": (lambda tp: ["--override-kv", "alphaq.plan=str:{}"], "cannot be overridden"),
+    # the fast mode's policy types, which the default mode (every tensor allocated) would not use
+    "output type unused": (lambda tp: ["--output-type", "q8_0"], "pin it with --output-tensor-type"),
+    "embd type unused": (lambda tp: ["--token-embd-type", "q8_0"], "pin it with --token-embedding-type"),
+    "non-expert type unused": (lambda tp: ["--non-expert-type", "q8_0"], "pin it with --tensor-type"),
+    "non-expert under allocate all": (lambda tp: ["--fast", "--allocate", "all", "--non-expert-type", "q8_0"],
+                                      "--allocate all leaves none of them out"),
+    "negative seed": (lambda tp: ["--seed", "-1"], "--seed -1"),
 }
 
 
@@ -298,3 +305,25 @@ def test_bad_flags_are_one_line_before_any_work(case, tmp_path, capsys, monkeypa
     assert code == 2 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("alphaq convert: error: ") and needle in err[-1], err[-1]
     assert list(work.iterdir()) == []
+
+
+def test_policy_types_apply_where_the_allocation_leaves_tensors_out(model_gguf):
+    from alphaq.allocate.plan import MODES, policy_type
+
+    fast = PlanConfig(**MODES["fast"], output_type="q8_0")
+    assert policy_type(fast, "output_type").name == "Q8_0" and policy_type(fast, "token_embd_type").name == "Q4_K"
+    PlanConfig(allocate="all", output_type="q8_0", token_embd_type="q6_k")  # left out under "all": fine
+    with pytest.raises(AlphaQError, match="--output-tensor-type"):
+        PlanConfig(**MODES["damage"], output_type="q8_0")
+
+
+@pytest.mark.parametrize("name, out", [("m.gguf", "m.gguf"), ("o.imatrix.gguf", "o.gguf")])
+def test_the_input_model_is_never_an_output(name, out, model_gguf, tmp_path, capsys):
+    src = tmp_path / name  # the output itself, or a file written beside it (the importance matrix)
+    src.write_bytes(model_gguf.read_bytes())
+    before = src.read_bytes()
+    argv = ["convert", str(src), "--like", "Q4_K_M", "--no-progress", "--force", "-o", str(tmp_path / out)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is the input model" in err[0], err
+    assert src.read_bytes() == before

@@ -189,9 +189,12 @@ class PlanConfig:
     mse_rows: int | None = 128  # measured noise: rows sampled per matrix (evenly spaced); None = all
     weight_by_params: bool = False  # multiply eta by the matrix's parameter count (total noise energy)
     solver: str = "dp"  # "dp" (exact, fast), "highs" (scipy.optimize.milp), "cbc" (PuLP, as the paper)
-    non_expert_type: str = "Q4_K"  # attention, shared experts, dense FFN (paper: 4-bit)
-    token_embd_type: str = "Q4_K"  # token embeddings
-    output_type: str = "Q6_K"  # output head (llama.cpp's choice); also token_embd when tied
+    # the types of what the allocation leaves out (POLICY_DEFAULTS when None): attention, shared
+    # experts and dense FFN (paper: 4-bit); token embeddings; the output head (llama.cpp's choice,
+    # also token_embd when tied). Refused where the allocation leaves nothing of the kind out.
+    non_expert_type: str | None = None
+    token_embd_type: str | None = None
+    output_type: str | None = None
     alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT  # GGUF tensor-data alignment (bytes)
     # pins, llama-quantize's --output-tensor-type / --token-embedding-type / --tensor-type
     # (alphaq.allocate.overrides): fixed items whose bytes count against the budget; the knapsack
@@ -218,8 +221,7 @@ class PlanConfig:
         if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and self.budget > 0):
             raise BudgetError(f"budget {self.budget} must be a positive finite number")
         resolve_types(self.types)
-        for t in (self.non_expert_type, self.token_embd_type, self.output_type):
-            resolve_type(t)
+        check_policy_types(self)
         if self.gamma is not None and not math.isfinite(self.gamma):
             raise AlphaQError(f"gamma {self.gamma} must be finite")
         if self.mse_rows is not None and self.mse_rows < 1:
@@ -630,6 +632,33 @@ def _units(chosen, by_name, by_tensor, cfg: PlanConfig) -> list[_Unit]:
     return units
 
 
+# the policy types' defaults, and the flags that name them and that pin the same tensors
+POLICY_DEFAULTS = {"non_expert_type": "Q4_K", "token_embd_type": "Q4_K", "output_type": "Q6_K"}
+_POLICY_FLAGS = {"non_expert_type": ("--non-expert-type", "--tensor-type PATTERN=TYPE"),
+                 "token_embd_type": ("--token-embd-type", "--token-embedding-type"),
+                 "output_type": ("--output-type", "--output-tensor-type")}
+
+
+def policy_type(cfg: "PlanConfig", name: str) -> GGMLQuantizationType:
+    """The type ``cfg`` gives the tensors of policy ``name`` (a PlanConfig field) that it leaves out."""
+    return resolve_type(getattr(cfg, name) or POLICY_DEFAULTS[name])
+
+
+def check_policy_types(cfg: "PlanConfig") -> None:
+    """A policy type given where the allocation holds every tensor of its kind would be silently
+    unused: refused, naming the pin flag that does set that tensor's type."""
+    allocated = {"every": set(POLICY_DEFAULTS), "all": {"non_expert_type"}}.get(cfg.allocate, set())
+    for name, (flag, pin) in _POLICY_FLAGS.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        resolve_type(value)
+        if name in allocated:
+            raise AlphaQError(f"{flag} ({name}={value!r}) sets the type of tensors the allocation leaves out, and "
+                              f"--allocate {cfg.allocate} leaves none of them out (the default mode allocates every "
+                              f"tensor); pin it with {pin} instead")
+
+
 def measurement_requests(
     stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo], cfg: PlanConfig
 ) -> dict[tuple[str, int | None], tuple[GGMLQuantizationType, ...]]:
@@ -646,12 +675,12 @@ def measurement_requests(
 
 def _policy_type(name: str, cfg: PlanConfig, tied: bool) -> tuple[GGMLQuantizationType, str]:
     if name == OUTPUT:
-        return resolve_type(cfg.output_type), "policy: output"
+        return policy_type(cfg, "output_type"), "policy: output"
     if name == TOKEN_EMBD:
         if tied:  # llama.cpp gives tied embeddings the output tensor's treatment
-            return resolve_type(cfg.output_type), "policy: token_embd (tied to output)"
-        return resolve_type(cfg.token_embd_type), "policy: token_embd"
-    return resolve_type(cfg.non_expert_type), "policy: non-expert"
+            return policy_type(cfg, "output_type"), "policy: token_embd (tied to output)"
+        return policy_type(cfg, "token_embd_type"), "policy: token_embd"
+    return policy_type(cfg, "non_expert_type"), "policy: non-expert"
 
 
 def make_plan(
@@ -1031,9 +1060,9 @@ def _settings(cfg: PlanConfig, imp: Importance, allocate: str, pins: Pins) -> di
         "solver": cfg.solver,
         "max_quantise_ns": cfg.max_quantise_ns,
         "policy": {
-            "non_expert": resolve_type(cfg.non_expert_type).name,
-            "token_embd": resolve_type(cfg.token_embd_type).name,
-            "output": resolve_type(cfg.output_type).name,
+            "non_expert": policy_type(cfg, "non_expert_type").name,
+            "token_embd": policy_type(cfg, "token_embd_type").name,
+            "output": policy_type(cfg, "output_type").name,
         },
         "alignment": cfg.alignment,
         "pins": {

@@ -166,8 +166,6 @@ def run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run, plots=args.plots, working_copy=args.working_copy, kv_overrides=kv_overrides(args.override_kv), resume=not args.no_resume,
         auto_quantise_cap=args.max_quantise_ns == "auto", allow_requantize=args.allow_requantize,
     )
-    if args.imatrix is not None and cfg.plan.noise != "damage":
-        raise AlphaQError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
     result = run_convert(cfg, announce=lambda text: print(text, flush=True))
     print(summary(result))
     return 0

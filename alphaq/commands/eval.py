@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
             raise AlphaQError(f"text {t} does not exist")
     if args.n_ctx < 8:
         raise AlphaQError(f"--n-ctx {args.n_ctx} must be at least 8")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise AlphaQError(f"--max-windows {args.max_windows} must be at least 1")
     if args.json_path and args.json_path.exists() and not args.force:
         raise AlphaQError(f"{args.json_path} exists; pass --force to overwrite")
     if args.json_path and not args.json_path.parent.is_dir():

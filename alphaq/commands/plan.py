@@ -19,6 +19,7 @@ from alphaq.allocate.plan import (
     FAST_ALPHA_EXPERTS,
     FAST_FARMS_BLOCKS,
     MODES,
+    POLICY_DEFAULTS,
     GRANULARITIES,
     SCOPES,
     PlanConfig,
@@ -98,9 +99,12 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = Tr
                    help="pool the eigenvalues of at most N evenly spaced 256x256 FARMS blocks per matrix, as the "
                         "reference code's FARMS_MAX_BLOCKS does (default: auto: %d in the fast mode, else all)"
                         % FAST_FARMS_BLOCKS)
-    p.add_argument("--non-expert-type", default="Q4_K", help="attention / shared experts / dense FFN (default: %(default)s)")
-    p.add_argument("--token-embd-type", default="Q4_K", help="default: %(default)s")
-    p.add_argument("--output-type", default="Q6_K", help="default: %(default)s")
+    p.add_argument("--non-expert-type", help="attention / shared experts / dense FFN, where the allocation leaves "
+                   "them out: --allocate experts, the fast and paper modes (default: %s)" % POLICY_DEFAULTS["non_expert_type"])
+    p.add_argument("--token-embd-type", help="token embeddings, where the allocation leaves them out: --allocate "
+                   "experts or all (default: %s)" % POLICY_DEFAULTS["token_embd_type"])
+    p.add_argument("--output-type", help="output head, where the allocation leaves it out: --allocate experts or "
+                   "all (default: %s)" % POLICY_DEFAULTS["output_type"])
 
 
 def count_or_all(minimum: int, what: str, auto: bool = False):

@@ -113,7 +113,25 @@ def _read_gguf(path: Path) -> Imatrix:
             raise _fail(path, f"{name}: {sums.size} sums do not split into {counts.size} matrices")
         imatrix.sums[name] = sums.reshape(counts.size, -1)
         imatrix.counts[name] = counts.astype(np.float64)
+    if not imatrix.sums:  # e.g. a model GGUF given as the importance matrix
+        raise _fail(path, f"no importance entries (no NAME{SUMS_SUFFIX} / NAME{COUNTS_SUFFIX} tensor pairs): "
+                          "not a llama.cpp imatrix file")
     return imatrix
+
+
+def check_imatrix_fits(imatrix: Imatrix, path: Path, shapes: dict[str, tuple[int, int]]) -> None:
+    """A user's importance matrix against the model it will weigh (``shapes``: weight name ->
+    (matrices, columns), experts counted), before any work: llama.cpp's quantiser refuses a vector
+    of the wrong size, and a file of another model names none of these weights."""
+    known = [n for n in imatrix.sums if n in shapes]
+    if not known:
+        raise _fail(path, f"none of its {len(imatrix.sums)} importance entries names a weight of this model "
+                          f"(e.g. {next(iter(imatrix.sums))}): an importance matrix of another model?")
+    for name in known:
+        n_mat, cols = shapes[name]
+        if imatrix.sums[name].size != n_mat * cols:
+            raise _fail(path, f"{name} has {imatrix.sums[name].size} importance values, this model's needs "
+                              f"{n_mat} x {cols}: an importance matrix of another model?")
 
 
 def _pair_tensors(path: Path, reader: gguf.GGUFReader) -> dict[str, list]:

@@ -35,7 +35,7 @@ from alphaq.spectral.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import InputError, InternalError
 from alphaq.gguf.expert import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf.io import (FLOAT_TYPES, check_finite, check_gguf, copy_with_metadata, first_shard, header_bytes,
-                            model_bytes, read_tensors, requantised_type)
+                            model_bytes, read_tensors, requantised_type, shard_paths)
 from alphaq.gguf.split import SplitSpec, split_gguf
 from alphaq import memory
 from alphaq.pipeline.preflight import SPLIT_PART_OVERHEAD, WORKING_COPY_CHOICES, Preflight, max_parts, preflight
@@ -526,7 +526,7 @@ def _prepare(cfg: ConvertConfig):
         mix_ftype(cfg.like)  # an unknown mix name fails before any work
     user_imatrix = None
     if cfg.imatrix is not None:
-        from alphaq.importance.imatrix_file import read_imatrix
+        from alphaq.importance.imatrix_file import check_imatrix_fits, read_imatrix
 
         user_imatrix = read_imatrix(cfg.imatrix)  # a bad file fails before any work
     if Path(cfg.model).suffix.lower() == ".gguf":  # quantised weights: refused before the reader reads them
@@ -535,7 +535,10 @@ def _prepare(cfg: ConvertConfig):
         if model.source == "gguf":  # any part of a split GGUF: llama.cpp loads it from the first
             cfg = replace(cfg, model=first_shard(cfg.model))
         check_keep_bf16(cfg, model.source)
+        check_not_input(cfg, model.source)
         has_experts = any(m.expert is not None for m in model.matrices())
+        if user_imatrix is not None:
+            check_imatrix_fits(user_imatrix, cfg.imatrix, weight_shapes(model))
         if model.source == "hf":
             from convert.hf_to_gguf import check_tokenizer_files
 
@@ -557,9 +560,32 @@ def check_options(cfg: ConvertConfig) -> None:
                              "(split expert-granular files are not supported)")
     if cfg.dry_run and cfg.plots is not None:
         raise InputError("--plots writes figures and --dry-run writes nothing; give one")
+    if cfg.imatrix is not None and cfg.plan.noise != "damage":  # (it would be read and ignored)
+        raise InputError("--imatrix is used by the default (damage) mode only; --fast and --paper read no data")
     if cfg.working_copy not in WORKING_COPY_CHOICES:
         raise InputError(f"--working-copy {cfg.working_copy!r}: allowed {', '.join(WORKING_COPY_CHOICES)}")
     check_plots_dir(cfg.plots, cfg.force)
+
+
+def weight_shapes(model) -> dict[str, tuple[int, int]]:
+    """Weight name -> (matrices, columns) of an opened model: an importance vector's size."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for m in model.matrices():
+        n_mat = shapes[m.tensor][0] + 1 if m.tensor in shapes else 1
+        shapes[m.tensor] = (n_mat, m.cols)
+    return shapes
+
+
+def check_not_input(cfg: ConvertConfig, source: str) -> None:
+    """No file this run writes is the input model or a part of it: --force replaces outputs, never
+    the model they are made from."""
+    if source != "gguf":
+        return  # a checkpoint directory: no output (a .gguf file) can be it
+    inputs = {p.resolve() for p in shard_paths(cfg.model)}
+    for out in (cfg.output, *side_paths(cfg.output), imatrix_path(cfg.output)):
+        if out.resolve() in inputs:
+            raise InputError(f"{out} is the input model (or a part of it); write the output elsewhere "
+                             "(--force replaces outputs, never the input)")
 
 
 def check_keep_bf16(cfg: ConvertConfig, source: str) -> None:

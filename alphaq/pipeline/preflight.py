@@ -35,7 +35,7 @@ from pathlib import Path
 from gguf import GGMLQuantizationType
 
 from alphaq.damage.run import WORKING_COPIES
-from alphaq.allocate.plan import format_size
+from alphaq.allocate.plan import POLICY_DEFAULTS, format_size, policy_type
 from alphaq.allocate.quantise_cap import FLOOR_NS
 from alphaq.gguf.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
 from alphaq.model.weights import RECURRENT_ARCHS, REQUANTISABLE_TYPES
@@ -266,7 +266,8 @@ def plan_types(cfg) -> list[GGMLQuantizationType]:
     """Every type the plan may give a tensor: candidates, fixed types and pins."""
     p = cfg.plan
     pins = [p.output_tensor_type, p.token_embedding_type, *(t for _, t in p.tensor_types)]
-    return [resolve_type(t) for t in (*p.types, p.non_expert_type, p.token_embd_type, p.output_type, *pins) if t]
+    policy = [policy_type(p, name).name for name in POLICY_DEFAULTS]
+    return [resolve_type(t) for t in (*p.types, *policy, *pins) if t]
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,9 @@ class SelfTextConfig:
     def __post_init__(self) -> None:
         if self.n_seq < 1 or self.n_ctx < 2:
             raise AlphaQError(f"self text needs n_seq >= 1 and n_ctx >= 2, got {self.n_seq} x {self.n_ctx}")
+        if not isinstance(self.seed, numbers.Integral) or self.seed < 0:  # (llama.cpp's -1, a random seed, would break that)
+            raise AlphaQError(f"--seed {self.seed}: must be an integer >= 0 (the self text is seeded, so that two "
+                              "runs write byte-identical files)")
         if not (self.temperature > 0 and np.isfinite(self.temperature)):
             raise AlphaQError(f"sampling temperature {self.temperature} must be a positive number")
 
