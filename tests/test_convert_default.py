@@ -123,6 +123,10 @@ def test_fast_and_paper_modes_run_no_forward_pass(float_ggufs, tmp_path, monkeyp
     (["--like", "Q4_K_M", "--budget", "3"], "--budget and --like"),
     (["--imatrix", "/nonexistent/x.dat"], "x.dat"),
     (["--fast", "--imatrix", "/nonexistent/x.dat"], "--imatrix is used by the default"),
+    # --like's size is known before any work for a GGUF: pins or types that cannot meet it are refused then
+    (["--like", "IQ1_S", "--tensor-type", "exps=q8_0"], "alone take"),
+    (["--like", "Q3_K_M", "--types", "Q6_K,Q8_0"], "--like Q3_K_M: its size"),
+    (["--fast", "--like", "Q8_0"], "--like Q8_0: its size"),
 ])
 def test_bad_default_path_options_are_one_line(argv, needle, float_ggufs, tmp_path, capsys):
     out = tmp_path / "o.gguf"
@@ -130,6 +134,17 @@ def test_bad_default_path_options_are_one_line(argv, needle, float_ggufs, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert needle in err[-1] and "Traceback" not in "\n".join(err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_like_is_checked_before_the_forward_stages_of_an_hf_checkpoint(tmp_path, capsys, monkeypatch):
+    import alphaq.pipeline.convert as convert_mod
+    from tests.conftest import FIXTURES
+
+    monkeypatch.setattr(convert_mod, "_self_calibration", lambda *a, **k: pytest.fail("reached the forward stages"))
+    out = tmp_path / "o.gguf"
+    assert _convert(FIXTURES / "mixtral", out, "--like", "Q3_K_M", "--types", "Q6_K,Q8_0") == 2
+    assert "--like Q3_K_M: its size" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_an_imatrix_that_does_not_fit_the_model_is_refused_before_any_work(float_ggufs, tmp_path, capsys,

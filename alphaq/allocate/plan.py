@@ -950,7 +950,12 @@ def _budget_groups(setup: _Setup, opt: _Options, cfg: PlanConfig) -> list[tuple[
             raise BudgetError(_infeasible_message(cfg, g, lo, hi, g_params, setup.alloc_cap, total_params,
                                                   (p_params, p_size)))
         if cap >= hi and len(idx):
-            logger.info("budget is not binding%s: every item gets its lowest-noise type", "" if g is None else f" in block {g}")
+            where = "" if g is None else f" in block {g}"
+            if cfg.budget_mode == "size":  # the file will be smaller than asked: said, not silent
+                logger.warning("the size budget is not binding%s: every allocated tensor gets its lowest-noise "
+                               "candidate and the file stays below the target (larger types: --types)", where)
+            else:
+                logger.info("budget is not binding%s: every item gets its lowest-noise type", where)
         out.append((g, idx, cap))
     return out
 

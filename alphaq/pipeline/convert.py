@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from alphaq import __version__
 from alphaq.spectral.analyze import Cancelled, Throttle, analyze_model
-from alphaq.errors import InputError, InternalError
+from alphaq.errors import BudgetError, InputError, InternalError
 from alphaq.gguf.expert import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf.io import (FLOAT_TYPES, check_finite, check_gguf, copy_with_metadata, first_shard, header_bytes,
                             model_bytes, read_tensors, requantised_type, shard_paths)
@@ -306,6 +306,14 @@ def like_budget(cfg: ConvertConfig, float_gguf: Path) -> tuple[ConvertConfig, tu
     return replace(cfg, plan=replace(cfg.plan, budget_mode="size", budget=float(size))), (cfg.like.upper(), size)
 
 
+def _check_like_budget(float_gguf: Path, cfg: ConvertConfig, model=None) -> Pins:
+    """check_budget of --like's size (``cfg``: like_budget's), its error naming --like."""
+    try:
+        return check_budget(float_gguf, cfg.plan, model)
+    except BudgetError as exc:
+        raise BudgetError(str(exc).replace("--target-size", f"--like {cfg.like.upper()}: its size", 1)) from None
+
+
 def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig, user, working_copy: str, work_dir: Path):
     """The default path's forward stages (alphaq.damage.run) for every tensor llama.cpp quantises;
     ``user``: the user's importance matrix (read before any work), or None; ``working_copy``: the
@@ -392,7 +400,8 @@ class _WarningLog(logging.Handler):
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+        if (line := record.getMessage()) not in self.lines:  # e.g. one per solve of the auto cap's search
+            self.lines.append(line)
 
 
 def run_convert(cfg: ConvertConfig, announce: Callable[[str], None] | None = None) -> ConvertResult:
@@ -453,6 +462,8 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     base_header = header_bytes(float_gguf)
     float_bytes = model_bytes(float_gguf)
     cfg, like = like_budget(cfg, float_gguf)
+    if like is not None and source == "hf":  # the mix's size is known now: checked before the forward stages
+        _check_like_budget(float_gguf, cfg)
     calib = (_self_calibration(float_gguf, tensors, cfg, user_imatrix, pre.working_copy, work.dir)
              if cfg.plan.noise == "damage" else None)
     if calib is not None:
@@ -644,13 +655,13 @@ def _split_output(cfg: ConvertConfig, tmp_dir: Path) -> list[Path]:
 def early_budget_check(cfg: ConvertConfig, model) -> Pins:
     """The pins and the budget against the model's shapes, before any expensive stage
     (alphaq.allocate.feasibility.check_budget: the same one-line errors as the plan's). With --like the
-    budget is known only from the float model: pins only."""
+    budget of an HF checkpoint is known only from its float model (checked then, _stages): pins only."""
     if model.source == "gguf" and cfg.plan.noise == "damage":
         check_no_mtp(cfg.model, read_tensors(cfg.model))
     if cfg.like is None:
         return check_budget(cfg.model, cfg.plan, model)
-    if model.source == "gguf":
-        return plan_pins(tensor_infos(cfg.model), cfg.plan)
+    if model.source == "gguf":  # llama.cpp's dry run of the mix: milliseconds
+        return _check_like_budget(cfg.model, like_budget(cfg, cfg.model)[0], model)
     return plan_pins(quantised_tensors(matrix_tensors(model.matrices())), cfg.plan)
 
 
