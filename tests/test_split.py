@@ -509,3 +509,15 @@ def test_block_weights_read_the_experts_used_from_config_and_gguf(float_ggufs):
     expected = (total - experts + experts * used // n_experts) // gg.n_blocks
     assert block_weights(gg) == block_weights(hf) == (total // gg.n_blocks, expected)
     assert block_weights(replace(gg, experts_used=None)) == (total // gg.n_blocks, total // gg.n_blocks)
+
+
+@pytest.mark.parametrize("budget", [dict(budget=3), dict(like="Q4_K_M")])
+def test_dry_run_predicts_the_written_size(budget, float_ggufs, tmp_path):
+    """The prediction holds alphaq's own keys (the plan is ~16 KB of them here): at most a few KB
+    above the file (the allowance for the quantiser's keys), never below it."""
+    import alphaq
+
+    kw = dict(mode="fast", progress=False, **budget)
+    dry = alphaq.convert(float_ggufs[MODEL], tmp_path / "o.gguf", dry_run=True, **kw)
+    real = alphaq.convert(float_ggufs[MODEL], tmp_path / "o.gguf", **kw)
+    assert real.file_bytes <= dry.file_bytes <= real.file_bytes + 8192, (dry.file_bytes, real.file_bytes)

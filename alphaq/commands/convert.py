@@ -225,11 +225,13 @@ def summary(r) -> str:
     mode = {"bits": f"nominal bits over {over}", "bpw": "true bits per allocated weight",
             "size": "bytes, whole file"}[s["budget_mode"]]
     budget = (f"{r.like[0]}'s size for this model, {format_size(r.like[1])}" if r.like
+              else f"{format_size(s['budget'])}, whole file" if s["budget_mode"] == "size"
               else f"{s['budget']:g} {mode}")
     lines = [
         (f"dry run: nothing written; {r.output} would be about {format_size(r.file_bytes)} (the plan's prediction)"
          if r.dry_run else f"wrote {r.output}  ({format_size(r.file_bytes)}"
-         + (f" in {len(r.parts)} parts, the first given to llama.cpp" if r.parts else "") + ")"),
+         + (f" in {len(r.parts)} part{'s' if len(r.parts) > 1 else ''}, the first given to llama.cpp"
+            if r.parts else "") + ")"),
         f"  budget      {budget}; gamma {s['gamma']:.4g} ({s['gamma_source']});"
         f" granularity {s['granularity']}, scope {s['scope']}, cost {s['noise']}, allocate {s['allocate_effective']}"
         + _sample_note(s.get("alpha_sample")) + _farms_note(s.get("farms_cap")),

@@ -800,9 +800,12 @@ def _planned_result(cfg: ConvertConfig, tensors, facts: dict) -> ConvertResult:
     counts = Counter(t.name for t in plan.tensor_types(mixed="skip").values())
     counts.update(t.name for lay in layouts.values() for t in lay.types)
     plan_json, tt_file = side_paths(cfg.output)
+    predicted = plan.totals.predicted_file_bytes
+    if cfg.plan.budget_mode != "size":  # the alphaq keys (the plan itself), which a size budget already holds
+        predicted += metadata_bytes(alphaq_metadata(plan, cfg, facts["tokenizer_fallback"]))
     return ConvertResult(output=cfg.output, plan_json=plan_json,
                          tensor_type_file=tt_file if cfg.plan.granularity == "tensor" else None,
-                         file_bytes=plan.totals.predicted_file_bytes, tensor_counts=dict(sorted(counts.items())),
+                         file_bytes=predicted, tensor_counts=dict(sorted(counts.items())),
                          imatrix_file=None, dry_run=True, n_grouped=len(layouts),
                          runtime=PATCHED_RUNTIME if layouts else STOCK_RUNTIME, **facts)
 
