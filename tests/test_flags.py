@@ -279,6 +279,7 @@ BAD = {
     "kv negative int": (lambda tp: ["--override-kv", "a.b=int:-1"], "uint32"),
     "kv long str": (lambda tp: ["--override-kv", "a.b=str:" + "x" * 128], "127 bytes"),
     "kv alphaq key": (lambda tp: ["--override-kv", "alphaq.plan=str:{}"], "cannot be overridden"),
+    "kv split key": (lambda tp: ["--override-kv", "split.count=int:3"], "is a split key"),
     # the fast mode's policy types, which the default mode (every tensor allocated) would not use
     "output type unused": (lambda tp: ["--output-type", "q8_0"], "pin it with --output-tensor-type"),
     "embd type unused": (lambda tp: ["--token-embd-type", "q8_0"], "pin it with --token-embedding-type"),

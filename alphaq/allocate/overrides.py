@@ -196,6 +196,9 @@ def parse_kv_override(text: str) -> KVOverride:
         raise InputError(f"--override-kv {text!r}: {'no key' if sep else 'no =' }; {_KV_FORM}")
     if len(key.encode()) > 127:
         raise InputError(f"--override-kv {text[:40]!r}...: the key is longer than llama.cpp's 127 bytes")
+    if key.startswith("split."):  # llama-gguf-split's keys: written per part (--split-max-*), read by the loader
+        raise InputError(f"--override-kv {text!r}: {key} is a split key, written by the split itself "
+                         "(--split-max-size / --split-max-tensors); it cannot be overridden")
     if key.startswith("alphaq.") or key in _RESERVED_KEYS:
         raise InputError(f"--override-kv {text!r}: alphaq writes {key} itself (its plan, or the layout it plans); "
                           "it cannot be overridden")

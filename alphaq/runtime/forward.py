@@ -183,9 +183,10 @@ class Session:
     def close(self) -> None:
         lc = self._lc
         if getattr(self, "_ctx", None):
-            lc.llama_batch_free(self._batch)
-            lc.llama_free(self._ctx)
-            lc.llama_model_free(self._model)
+            with _quiet(lc):  # (llama.cpp logs its compute buffers as the context goes)
+                lc.llama_batch_free(self._batch)
+                lc.llama_free(self._ctx)
+                lc.llama_model_free(self._model)
             self._ctx = self._model = None
         if getattr(self, "_mapper", None):
             self._mapper.close()
