@@ -286,7 +286,7 @@ SIDE_STUDIES = (
      "The same on the 8-block trained model of the depth-anchor study, against the product's own setting "
      "there (deep-default: 4 anchor blocks per kind, 4 windows; the copy's stages run the same settings).",
      lambda res: [*comparisons(res, [("q8copy", "deep-default")]), "", *summary(res, ("deep-default", "q8copy"))]),
-    ("selfcal-requantize.json", "Requantising from Q8_0 (bench/{}; 7 sizes per model)",
+    ("selfcal-requantize.json", "Requantising from Q8_0 (bench/{}; 19 sizes per model)",
      "requantize: the product end to end (`alphaq.convert(..., like=MIX, allow_requantize=True)`, i.e. "
      "`--allow-requantize`) given only llama.cpp's Q8_0 of the model: its self text, importance matrix, damage "
      "and the file's quantisation all read the Q8_0 weights. Against the default made from the BF16 model in "
