@@ -567,7 +567,7 @@ def test_plan_command(tmp_path, monkeypatch, capsys):
     _write_tiny_gguf(src, tensors)
     monkeypatch.setattr(plan_cmd, "_analyze", lambda model, cache_dir, use_cache=True, max_experts=None: stats)
     out, tt = tmp_path / "plan.json", tmp_path / "tt.txt"
-    argv = ["plan", str(src), "--budget", "3.3", "--json", str(out), "--tensor-type-file", str(tt)]
+    argv = ["plan", str(src), "--budget", "3.3", "--json", str(out), "--tensor-types-out", str(tt)]
     assert cli.main(argv) == 0
     d = json.loads(out.read_text())
     assert d["settings"]["budget"] == 3.3 and d["totals"]["header_estimated"] is False
@@ -579,7 +579,13 @@ def test_plan_command(tmp_path, monkeypatch, capsys):
     assert cli.main(["plan", str(src), "--budget", "0.5", "--json", str(tmp_path / "x.json")]) == 2
     assert "achievable range" in capsys.readouterr().err
     assert cli.main(["plan", str(src), "--budget", "3", "--granularity", "expert", "--json", str(tmp_path / "e.json"),
-                     "--tensor-type-file", str(tmp_path / "e.txt")]) == 2
+                     "--tensor-types-out", str(tmp_path / "e.txt")]) == 2
+    capsys.readouterr()
+    pins = tmp_path / "pins.txt"  # llama-quantize's --tensor-type-file is an input: never written over
+    pins.write_text("attn_v=q8_0\n")
+    assert cli.main(["plan", str(src), "--budget", "3", "--json", str(tmp_path / "p.json"), "--tensor-type-file",
+                     str(pins), "--force"]) == 2
+    assert "--tensor-types-out" in capsys.readouterr().err and pins.read_text() == "attn_v=q8_0\n"
     assert cli.main(["plan", str(src), "--target-size", "1.5MiB", "--json", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["totals"]["predicted_file_bytes"] <= 1.5 * 2**20
     capsys.readouterr()

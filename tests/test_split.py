@@ -100,7 +100,7 @@ def test_analyze_plan_and_eval_read_a_split_model(split_bf16, float_ggufs, tmp_p
     for name, model in (("whole", whole), ("split", part)):
         assert _run(capsys, "analyze", model, "--csv", tmp_path / f"{name}.csv", "--no-progress")[0] == 0
         assert _run(capsys, "plan", model, "--budget", "3", "--json", tmp_path / f"{name}.json",
-                    "--tensor-type-file", tmp_path / f"{name}.tt")[0] == 0
+                    "--tensor-types-out", tmp_path / f"{name}.tt")[0] == 0
     assert (tmp_path / "whole.csv").read_text() == (tmp_path / "split.csv").read_text()
     assert (tmp_path / "whole.tt").read_text() == (tmp_path / "split.tt").read_text()
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("whole", "split"))

@@ -1,4 +1,4 @@
-"""`alphaq plan MODEL --budget 3 --json plan.json [--tensor-type-file tt.txt]`.
+"""`alphaq plan MODEL --budget 3 --json plan.json [--tensor-types-out tt.txt]`.
 
 Analyses MODEL (alphaq.spectral.analyze), solves the allocation (alphaq.allocate.plan) and writes the plan JSON and,
 for tensor granularity, a llama-quantize --tensor-type-file. MODEL is best the F16/BF16/F32 GGUF
@@ -55,7 +55,11 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", type=Path, help="spectral statistics cache")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the spectral cache")
     p.add_argument("--json", dest="json_path", type=Path, required=True, help="plan JSON to write")
-    p.add_argument("--tensor-type-file", type=Path, help="also write llama-quantize --tensor-type-file lines")
+    p.add_argument("--tensor-types-out", dest="tensor_type_file", type=Path, metavar="FILE",
+                   help="also write the plan's types as lines for llama-quantize --tensor-type-file (or alphaq "
+                        "convert's)")
+    # llama-quantize's --tensor-type-file reads pins; here it would have written over that file
+    p.add_argument("--tensor-type-file", dest="pins_file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.set_defaults(func=run)
 
@@ -222,11 +226,14 @@ def run(args: argparse.Namespace) -> int:
         raise AlphaQError("--alpha-experts and --farms-max-blocks choose what the spectral stage analyses; with "
                           "--alphas the statistics come from the CSV")
     # refuse early, before the (long) analysis
+    if args.pins_file is not None:
+        raise AlphaQError("--tensor-type-file reads pins in llama-quantize and in alphaq convert; alphaq plan takes "
+                          "no pins and writes its types with --tensor-types-out FILE")
     for path in (args.json_path, args.tensor_type_file):
         if path is not None and path.exists() and not args.force:
             raise AlphaQError(f"{path} exists; pass --force to overwrite")
     if args.tensor_type_file is not None and cfg.granularity != "tensor":
-        raise AlphaQError("--tensor-type-file needs --granularity tensor (stock llama.cpp: one type per tensor)")
+        raise AlphaQError("--tensor-types-out needs --granularity tensor (stock llama.cpp: one type per tensor)")
     model = Path(args.model)
     if not model.exists():
         raise AlphaQError(f"model {model} does not exist")
