@@ -335,6 +335,6 @@ def generate(model, prompt_ids: Sequence[int], n_tokens: int, sampling: Sampling
         tokens.append(_pick(step, sampling, rng))
         if tokens[-1] in stop_ids or i == n_tokens - 1:
             break
-        out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), past_key_values=out.past_key_values,
-                    use_cache=True)
+        # (transformers 5.24, pinned: the KV cache is `cache`; `past_key_values` is a deprecated alias)
+        out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), cache=out.cache, use_cache=True)
     return Generation(list(prompt_ids), tokens, torch.stack(logits))
