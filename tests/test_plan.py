@@ -245,6 +245,24 @@ def test_target_size_extremes_and_infeasible():
     assert f"({smallest} B)" in str(e.value)
 
 
+def test_a_size_the_plan_cannot_fill_is_a_warning(caplog):
+    """Every item at its lowest-noise type leaves the file below the target: said at WARNING (the
+    convert summary repeats it), since the user asked for a larger file; a bits budget at the top
+    of its exact range is only an INFO."""
+    import logging
+
+    tensors, stats = moe_model()
+    largest = make_plan(stats, tensors, PlanConfig(budget=4.0), fixed_bytes=5000).totals.predicted_file_bytes
+    caplog.set_level(logging.INFO)
+    plan = make_plan(stats, tensors, PlanConfig(budget_mode="size", budget=largest * 1.5), fixed_bytes=5000)
+    assert plan.totals.predicted_file_bytes == largest
+    [w] = [r for r in caplog.records if "not binding" in r.getMessage()]
+    assert w.levelno == logging.WARNING and "stays below the target" in w.getMessage()
+    caplog.clear()
+    make_plan(stats, tensors, PlanConfig(budget=4.0), fixed_bytes=5000)
+    assert {r.levelno for r in caplog.records if "not binding" in r.getMessage()} == {logging.INFO}
+
+
 def test_predicted_size_adds_up():
     tensors, stats = moe_model()
     plan = make_plan(stats, tensors, PlanConfig(budget=2.5), fixed_bytes=1234)
