@@ -295,6 +295,10 @@ SIDE_STUDIES = (
      "requantising user would get from llama-quantize.",
      lambda res: [*comparisons(res, [("requantize", "default")]), "", *summary(res, ("default", "requantize")),
                   "", *per_mix(res, "requantize", "default")]),
+    ("selfcal-requantize-unseen.json", "Requantising from Q8_0 on the unseen Qwen3.5-MoE-style model (bench/{}; 19 sizes)",
+     "The same on the model of \"Unseen architectures\" that is still on disk (the other two were deleted "
+     "before this study), nothing changed after the zoo's run.",
+     lambda res: [*comparisons(res, [("requantize", "default")]), "", *summary(res, ("default", "requantize"))]),
     ("selfcal-cheap.json", "A cheap ladder (bench/{}; 5 sizes per model)",
      "cheap-ladder: the default's damage with the candidates restricted to the k-quants and Q8_0 (--types "
      "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0), the types llama.cpp's quantiser writes fastest. Quality against the "
