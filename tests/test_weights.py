@@ -207,14 +207,21 @@ def test_gguf_float_types_and_expert_slices(qtype, tmp_path):
             np.testing.assert_array_equal(mats[1 + e].load(), want_exps[e])
 
 
-def test_quantised_gguf_is_refused(tmp_path):
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0])
+def test_a_quantised_gguf_is_read_only_at_q8_0(qtype, tmp_path):
+    """Q8_0 is read dequantised (alphaq.model.weights.REQUANTISABLE_TYPES); a lower type is refused."""
     rng = np.random.default_rng(2)
     path = write_gguf(tmp_path / "q.gguf", {
         "blk.0.attn_q.weight": (rng.standard_normal((64, 64)).astype(np.float32), QT.F32),
-        "blk.0.ffn_down_exps.weight": (rng.standard_normal((2, 64, 96)).astype(np.float32), QT.Q8_0),
+        "blk.0.ffn_down_exps.weight": (rng.standard_normal((2, 64, 96)).astype(np.float32), qtype),
     })
-    with pytest.raises(AlphaQError, match=r"blk\.0\.ffn_down_exps\.weight is Q8_0"):
-        open_model(path)
+    if qtype != QT.Q8_0:
+        with pytest.raises(AlphaQError, match=r"blk\.0\.ffn_down_exps\.weight is Q4_0; only F32/F16/BF16 or Q8_0"):
+            open_model(path)
+        return
+    with open_model(path) as m:
+        expert = next(x for x in m.matrices() if x.expert == 1)
+        assert expert.dtype == "Q8_0" and expert.load().shape == (64, 96)
 
 
 def test_unsupported_gguf_architecture(tmp_path):
