@@ -505,3 +505,16 @@ def test_chunked_expert_stacks_change_no_byte(name, tmp_path):
     assert _run_converter("plain", FIXTURES / name, tmp_path / "plain.gguf") == 0
     assert chunked > 0
     assert (tmp_path / "chunked.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
+
+
+def test_plan_of_a_checkpoint_predicts_about_the_file_convert_writes(tmp_path):
+    """`alphaq plan` on an HF checkpoint estimates the metadata from its tokenizer files
+    (feasibility.tokenizer_kv_bytes); the flat 4 MiB it used before made this file look 3x larger."""
+    import json
+
+    model = FIXTURES / "mixtral"
+    assert cli_main(["plan", str(model), "--budget", "3", "--json", str(tmp_path / "p.json")]) == 0
+    predicted = json.loads((tmp_path / "p.json").read_text())["totals"]["predicted_file_bytes"]
+    out = tmp_path / "o.gguf"
+    assert cli_main(["convert", str(model), "--fast", "--budget", "3", "-o", str(out), "--no-progress"]) == 0
+    assert abs(predicted / out.stat().st_size - 1) < 0.05, (predicted, out.stat().st_size)

@@ -39,6 +39,19 @@ PLAN_KEYS_FIXED = 64 * 1024
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
 
 
+def tokenizer_kv_bytes(model: Path) -> int:
+    """About the metadata bytes of the GGUF llama.cpp's converter makes of the HF checkpoint
+    ``model``: the tokenizer dominates it (a token list, scores, types, merges), stored about as
+    compactly as its largest vocabulary file holds it (tokenizer.json, or tokenizer.model, or
+    vocab.json + merges.txt), plus tokenizer_config.json (the chat template) and 16 KiB of other
+    keys. Instead of a flat DEFAULT_KV_METADATA_BYTES, which a small vocabulary is far below."""
+    def size(*names: str) -> int:
+        return sum((model / n).stat().st_size for n in names if (model / n).is_file())
+
+    vocab = max(size("tokenizer.json"), size("tokenizer.model"), size("vocab.json", "merges.txt"))
+    return vocab + size("tokenizer_config.json") + 16 * 1024
+
+
 def matrix_tensors(mats: list[WeightMatrix]) -> list[TensorInfo]:
     """One TensorInfo per quantisable tensor, in model order: (n_expert, rows, cols) for a merged
     expert tensor, (rows, cols) otherwise (what ggml quantises)."""

@@ -691,6 +691,7 @@ def make_plan(
     fixed_bytes: int | None = None,
     noise_table: Mapping[tuple[str, int | None], Mapping[GGMLQuantizationType, float]] | None = None,
     damage: Mapping[tuple[str, int | None], Mapping[str, float]] | None = None,
+    kv_bytes: int = DEFAULT_KV_METADATA_BYTES,
 ) -> Plan:
     """Solve the allocation.
 
@@ -698,14 +699,15 @@ def make_plan(
       cfg.noise == "damage" and gamma 0, which needs no spectral stage.
     tensors: every tensor of the model (TensorInfo), in model order.
     fixed_bytes: bytes of the output file that are not tensor data (GGUF header, KV metadata,
-      tensor-info table, padding before the data section). None: estimated (estimate_header_bytes).
+      tensor-info table, padding before the data section). None: estimated (estimate_header_bytes,
+      with ``kv_bytes`` of metadata: e.g. feasibility.tokenizer_kv_bytes of an HF checkpoint).
       The bytes of non-allocated tensors are computed here from `tensors`, not passed in.
     noise_table: for cfg.noise == "measured": MSE per (tensor, expert) per written type, as
       returned by alphaq.allocate.costs.measure_noise for measurement_requests(...).
     damage: for cfg.noise == "damage": KL damage per (tensor, expert or None) per written type
       name, as alphaq.damage measures it (alphaq.damage.DamageTable.costs).
     """
-    setup = _setup(stats, tensors, cfg, fixed_bytes)
+    setup = _setup(stats, tensors, cfg, fixed_bytes, kv_bytes)
     imp, weight = _importance(setup.chosen, setup.by_tensor, cfg)
     options = _options(setup.units, cfg, _cost_function(cfg, weight, noise_table, damage))
     groups = _budget_groups(setup, options, cfg)
@@ -765,7 +767,8 @@ class _Setup:
     pinned_bytes: int  # padded bytes of every pinned tensor
 
 
-def _setup(stats, tensors, cfg: PlanConfig, fixed_bytes: int | None) -> _Setup:
+def _setup(stats, tensors, cfg: PlanConfig, fixed_bytes: int | None,
+           kv_bytes: int = DEFAULT_KV_METADATA_BYTES) -> _Setup:
     by_name, by_tensor = _index(stats, tensors)
     pins = plan_pins(tensors, cfg)
     chosen, pinned_in_set, allocate = _select(by_name, by_tensor, cfg, pins.types)
@@ -775,7 +778,8 @@ def _setup(stats, tensors, cfg: PlanConfig, fixed_bytes: int | None) -> _Setup:
     order = {t.name: i for i, t in enumerate(tensors)}
     units.sort(key=lambda u: (order[u.tensor.name], -1 if u.expert is None else u.expert))
     fixed = _fixed_tensors(tensors, set(chosen), by_name, by_tensor, cfg, pins.types)
-    header = estimate_header_bytes(tensors, alignment=cfg.alignment) if fixed_bytes is None else int(fixed_bytes)
+    header = (estimate_header_bytes(tensors, kv_bytes, cfg.alignment) if fixed_bytes is None
+              else int(fixed_bytes))
     if header < 0:
         raise AlphaQError(f"fixed_bytes {fixed_bytes} must be >= 0")
     reserve = _expert_layout_reserve(units, len(cfg.candidates), cfg.alignment)

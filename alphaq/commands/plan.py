@@ -16,6 +16,7 @@ from alphaq.allocate.costs import NOISE_MODELS, measure_noise
 from alphaq.errors import AlphaQError
 from alphaq.allocate.plan import (
     ALLOCATE,
+    DEFAULT_KV_METADATA_BYTES,
     FAST_ALPHA_EXPERTS,
     FAST_FARMS_BLOCKS,
     MODES,
@@ -263,7 +264,12 @@ def run(args: argparse.Namespace) -> int:
     if cfg.noise == "measured":
         noise_table = _measure(model, measurement_requests(stats, tensors, cfg), cfg.mse_rows)
 
-    plan = make_plan(stats, tensors, cfg, fixed_bytes=header, noise_table=noise_table)
+    kv = DEFAULT_KV_METADATA_BYTES
+    if not is_gguf and header is None and model.is_dir():  # the tokenizer files tell the metadata's size
+        from alphaq.allocate.feasibility import tokenizer_kv_bytes
+
+        kv = tokenizer_kv_bytes(model)
+    plan = make_plan(stats, tensors, cfg, fixed_bytes=header, noise_table=noise_table, kv_bytes=kv)
     if args.alphas is None:
         from alphaq.spectral.alpha import farms_cap
 
