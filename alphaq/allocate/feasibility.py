@@ -72,12 +72,14 @@ def quantised_tensors(tensors: list[TensorInfo]) -> list[TensorInfo]:
     return [TensorInfo(t.name, t.shape, "BF16") for t in tensors if llama_quantizes(t.name, t.shape)]
 
 
-def check_budget(model: Path, cfg: PlanConfig, opened: ModelWeights | None = None) -> Pins:
+def check_budget(model: Path, cfg: PlanConfig, opened: ModelWeights | None = None,
+                 size_flag: str = "--target-size") -> Pins:
     """The budget check before any expensive stage (alphaq.allocate.plan.check_budget, with what the
     shapes tell): BudgetError unless ``cfg.budget`` is within what ``cfg``'s candidates can reach
     on ``model`` (HF checkpoint directory or float GGUF) and what the pins leave; reads headers
     only. ``opened``: ``model`` as the caller already opened it (only its list of matrices and
-    their shapes is read). Returns the pins (alphaq.allocate.overrides.Pins)."""
+    their shapes is read); ``size_flag``: what set a size budget, for the message. Returns the pins
+    (alphaq.allocate.overrides.Pins)."""
     if opened is None:
         with open_model(model) as opened:
             pass
@@ -88,7 +90,8 @@ def check_budget(model: Path, cfg: PlanConfig, opened: ModelWeights | None = Non
     names = {t.name for t in quantised}
     stats = [MatrixStats(m.tensor, m.block, m.expert, m.kind, m.rows, m.cols, m.params, float("nan"), float("nan"),
                          0, 0, signal=False) for m in mats if m.tensor in names]
-    return plan_check_budget(stats, quantised, cfg, fixed_bytes=known_header, reachable=rng, source=model.name)
+    return plan_check_budget(stats, quantised, cfg, fixed_bytes=known_header, reachable=rng, source=model.name,
+                             size_flag=size_flag)
 
 
 def _shapes(model: Path, source: str, mats: list[WeightMatrix], cfg: PlanConfig):

@@ -728,18 +728,19 @@ def _alpha_sample(units: Sequence[_Unit]) -> dict | None:
 
 
 def check_budget(stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo], cfg: PlanConfig, *,
-                 fixed_bytes: int = 0, reachable: BudgetRange | None = None, source: str = "") -> Pins:
+                 fixed_bytes: int = 0, reachable: BudgetRange | None = None, source: str = "",
+                 size_flag: str = "--target-size") -> Pins:
     """The one budget check before a run's expensive stages (alphaq.allocate.feasibility.check_budget
     derives its inputs from shapes): make_plan's own refusals without costs or solving (pins
     alone over the budget, or no choice of types under it), and, when no tensor is pinned, the
     ``reachable`` range (budget_range; refuses a budget above it too, which make_plan accepts as
     not binding; pins move both ends of it, so with pins only make_plan's checks apply).
     ``tensors`` may be the quantised tensors only and ``fixed_bytes`` 0: a size budget is then
-    checked against a lower bound of the file. ``source`` names the model in the range's message.
-    Returns the pins."""
+    checked against a lower bound of the file. ``source`` names the model in the range's message,
+    ``size_flag`` what set a size budget. Returns the pins."""
     setup = _setup(stats, tensors, cfg, fixed_bytes)
     if reachable is not None and not setup.pins.types:
-        check_budget_range(cfg, reachable, source=source)
+        check_budget_range(cfg, reachable, source=source, size_flag=size_flag)
     _budget_groups(setup, _options(setup.units, cfg, lambda u, wt: 0.0), cfg)
     return setup.pins
 
@@ -1256,7 +1257,7 @@ def budget_range(tensors: Sequence[TensorInfo], cfg: PlanConfig, expert_tensors:
     return BudgetRange(base + lo[None], base + hi[None] + extra_high, approximate=extra_high > 0)
 
 
-def check_budget_range(cfg: PlanConfig, rng: BudgetRange, *, source: str = "") -> None:
+def check_budget_range(cfg: PlanConfig, rng: BudgetRange, *, source: str = "", size_flag: str = "--target-size") -> None:
     """BudgetError when ``cfg.budget`` lies outside ``rng``: the message gives the range. A size
     range that is approximate is a safe outer bound (the exact check runs when the plan is solved)."""
     if rng.low * (1 - 1e-12) <= cfg.budget <= rng.high * (1 + 1e-12):  # rounding of low / high only
@@ -1268,7 +1269,7 @@ def check_budget_range(cfg: PlanConfig, rng: BudgetRange, *, source: str = "") -
     if cfg.budget_mode == "size":
         about = "about " if rng.approximate else ""
         raise BudgetError(
-            f"--target-size {format_size(cfg.budget)} is {side} file these types ({types}) can give{where}; "
+            f"{size_flag} {format_size(cfg.budget)} is {side} file these types ({types}) can give{where}; "
             f"achievable range {about}{format_size(rng.low)} .. {format_size(rng.high)}")
     flag, unit = ("--budget", "nominal bits") if cfg.budget_mode == "bits" else ("--bpw", "bits per weight")
     raise BudgetError(

@@ -40,26 +40,27 @@ def read_tensors(path: Path) -> list[TensorRecord]:
     return [r for shard in shard_paths(path) for r in _read_header(shard)[0]]
 
 
-def requantised_type(path: Path) -> str | None:
-    """The type of a GGUF model's quantised weights (a weight: 2-D or more, not F32/F16/BF16), or None
-    for a float model; logged as a warning, since everything measured on them includes their rounding."""
-    for r in read_tensors(path):
-        if len(r.shape) >= 2 and r.type not in FLOAT_TYPES:
-            log.warning("%s holds %s weights: they are read dequantised, so their rounding is part of everything "
-                        "measured on them (the HF checkpoint or a BF16 GGUF avoids it)", path, r.type.name)
-            return r.type.name
-    return None
+def quantised_weights(tensors: list[TensorRecord]) -> list[TensorRecord]:
+    """The weights (2-D or more) of ``tensors`` that are not F32/F16/BF16."""
+    return [r for r in tensors if len(r.shape) >= 2 and r.type not in FLOAT_TYPES]
+
+
+def warn_requantised(path: Path, qtype: str) -> None:
+    log.warning("%s holds %s weights: they are read dequantised, so their rounding is part of everything "
+                "measured on them (the HF checkpoint or a BF16 GGUF avoids it)", path, qtype)
 
 
 def note_requantised(model: Path) -> None:
-    """requantised_type's warning for a command's MODEL argument, when it is a readable GGUF file
-    (anything else is the model reader's to refuse, with its own message)."""
+    """warn_requantised for a command's MODEL argument, when it is a readable GGUF file with
+    quantised weights (anything else is the model reader's to refuse, with its own message)."""
     model = Path(model)
     if model.is_file() and model.suffix.lower() == ".gguf":
         try:
-            requantised_type(model)
+            quantised = quantised_weights(read_tensors(model))
         except (ValueError, OSError, struct.error, UnicodeDecodeError, KeyError, IndexError):
-            pass
+            return
+        if quantised:
+            warn_requantised(model, quantised[0].type.name)
 
 
 def check_gguf(path: Path) -> list[TensorRecord]:

@@ -32,10 +32,10 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from alphaq import __version__
 from alphaq.spectral.analyze import Cancelled, Throttle, analyze_model
-from alphaq.errors import BudgetError, InputError, InternalError
+from alphaq.errors import InputError, InternalError
 from alphaq.gguf.expert import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
-from alphaq.gguf.io import (FLOAT_TYPES, check_finite, check_gguf, copy_with_metadata, first_shard, header_bytes,
-                            model_bytes, read_tensors, requantised_type, shard_paths)
+from alphaq.gguf.io import (check_finite, check_gguf, copy_with_metadata, first_shard, header_bytes, model_bytes,
+                            quantised_weights, read_tensors, shard_paths, warn_requantised)
 from alphaq.gguf.split import SplitSpec, split_gguf
 from alphaq import memory
 from alphaq.pipeline.preflight import SPLIT_PART_OVERHEAD, WORKING_COPY_CHOICES, Preflight, max_parts, preflight
@@ -214,9 +214,8 @@ def check_no_mtp(path: Path, tensors) -> None:
 def check_source_gguf(path: Path, tensors, allow_requantize: bool) -> None:
     """A GGUF source holds float weights, or Q8_0 ones with --allow-requantize: llama-quantize's
     rule, which refuses to requantise unless told to."""
-    for t in tensors:
-        if len(t.shape) < 2 or t.type in FLOAT_TYPES:
-            continue
+    quantised = quantised_weights(tensors)
+    for t in quantised:
         if t.type not in REQUANTISABLE_TYPES:
             raise InputError(f"{path} is already quantised ({t.name} is {t.type.name}); alphaq needs an HF "
                              "checkpoint, an F32/F16/BF16 GGUF, or a Q8_0 one with --allow-requantize")
@@ -224,7 +223,8 @@ def check_source_gguf(path: Path, tensors, allow_requantize: bool) -> None:
             raise InputError(f"{path} is already quantised ({t.name} is {t.type.name}); requantising is off unless "
                              "asked for, as in llama-quantize: add --allow-requantize (the output inherits "
                              "Q8_0's rounding), or give the HF checkpoint or an F32/F16/BF16 GGUF")
-    requantised_type(path)  # the warning, once a run
+    if quantised:
+        warn_requantised(path, quantised[0].type.name)  # once a run
 
 
 def tensor_infos(path: Path) -> list[TensorInfo]:
@@ -308,10 +308,7 @@ def like_budget(cfg: ConvertConfig, float_gguf: Path) -> tuple[ConvertConfig, tu
 
 def _check_like_budget(float_gguf: Path, cfg: ConvertConfig, model=None) -> Pins:
     """check_budget of --like's size (``cfg``: like_budget's), its error naming --like."""
-    try:
-        return check_budget(float_gguf, cfg.plan, model)
-    except BudgetError as exc:
-        raise BudgetError(str(exc).replace("--target-size", f"--like {cfg.like.upper()}: its size", 1)) from None
+    return check_budget(float_gguf, cfg.plan, model, size_flag=f"--like {cfg.like.upper()}: its size")
 
 
 def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig, user, working_copy: str, work_dir: Path):
@@ -580,11 +577,8 @@ def check_options(cfg: ConvertConfig) -> None:
 
 def weight_shapes(model) -> dict[str, tuple[int, int]]:
     """Weight name -> (matrices, columns) of an opened model: an importance vector's size."""
-    shapes: dict[str, tuple[int, int]] = {}
-    for m in model.matrices():
-        n_mat = shapes[m.tensor][0] + 1 if m.tensor in shapes else 1
-        shapes[m.tensor] = (n_mat, m.cols)
-    return shapes
+    return {t.name: (t.shape[0] if len(t.shape) == 3 else 1, t.shape[-1])
+            for t in matrix_tensors(model.matrices())}
 
 
 def check_not_input(cfg: ConvertConfig, source: str) -> None:
