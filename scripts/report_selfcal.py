@@ -153,13 +153,13 @@ def seed_table(results: dict) -> list[str]:
 DEEP = ("stock", "stock+real", "stock+self", "deep-all", "deep-a4w16", "deep-default")
 
 
-def deep_table(results: dict) -> list[str]:
+def deep_table(results: dict, columns: tuple[str, ...] = DEEP) -> list[str]:
     """Per model and mix: the depth settings against every block measured and against stock."""
-    lines = ["| model | mix | " + " | ".join(DEEP) + " | default / all blocks (diff ± SE) | default / best stock | verdict |",
-             "|---|---|" + "---|" * (len(DEEP) + 3)]
+    lines = ["| model | mix | " + " | ".join(columns) + " | default / all blocks (diff ± SE) | default / best stock | verdict |",
+             "|---|---|" + "---|" * (len(columns) + 3)]
     for name, res in results.items():
         for mix, cell in sorted(res["cells"].items(), key=lambda kv: GRID.index(kv[0]) if kv[0] in GRID else 99):
-            vals = " | ".join("—" if not cell.get(c) else f"{mean(cell[c]):.5f}" for c in DEEP)
+            vals = " | ".join("—" if not cell.get(c) else f"{mean(cell[c]):.5f}" for c in columns)
             diff, se = paired(cell["deep-default"], cell["deep-all"])
             v, base, ratio, _, _ = verdict(cell, "deep-default")
             lines.append(f"| {Path(name).name} | {mix} | {vals} | {mean(cell['deep-default']) / mean(cell['deep-all']):.3f} "

@@ -247,7 +247,22 @@ UNSEEN = [
     ),
 ]
 
-ZOOS = {"fixtures": FIXTURES, "bench": BENCH, "unseen": UNSEEN}
+# Depth: the damage stage measures at most 4 blocks per tensor kind and interpolates the rest
+# (alphaq.damage.anchors); real MoE models have 24-94 blocks. The bench zoo's Mixtral at 24 blocks
+# checks that interpolation where 4 anchors stand for 24 (bench/SELFCAL.md, "Depth anchors at 24 blocks").
+DEEP = [
+    ModelSpec(
+        "mixtral-deep24",
+        "MixtralConfig",
+        dict(_BENCH_ATTN, num_hidden_layers=24, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2),
+        steps=500,  # 4 s a step on 2 cores: half the bench model's tokens, in about 35 min
+        batch=16,
+        lr=2e-3,
+        note="Mixtral-style, 24 blocks, 8 experts of width 256, top-2 (mixtral-bench three times as deep)",
+    ),
+]
+
+ZOOS = {"fixtures": FIXTURES, "bench": BENCH, "unseen": UNSEEN, "deep": DEEP}
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,8 +421,7 @@ def heldout_ppl(model, ids: np.ndarray, device: torch.device, seq_len: int = SEQ
 def train_one(spec: ModelSpec, out_root: Path, tok_dir: Path, steps: int, device: torch.device, seed: int,
               token_cache: Path | None = None) -> dict:
     import sentencepiece as spm
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
     train = {d: encode_split(sp, d, "train", cache_dir=token_cache) for d in corpus.DOMAINS}
@@ -417,9 +431,40 @@ def train_one(spec: ModelSpec, out_root: Path, tok_dir: Path, steps: int, device
     torch.manual_seed(seed)  # the model init is the one place transformers uses the global RNG
     model = AutoModelForCausalLM.from_config(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    out = out_root / spec.name
-    out.mkdir(parents=True, exist_ok=True)
     router_init = router_tensors(saved_state(model), n_experts_of(cfg))
+    t0 = time.time()
+    losses = train_steps(model, spec, cfg, train, steps, device, seed)
+    model = model.to(torch.bfloat16)
+    result = {
+        "name": spec.name,
+        "architecture": cfg.architectures[0],
+        "note": spec.note,
+        "params": n_params,
+        "seed": seed,
+        "steps": steps,
+        "batch": spec.batch,
+        "seq_len": SEQ_LEN,
+        "lr": spec.lr,
+        "device": device.type,
+        "train_seconds": round(time.time() - t0, 1),
+        "initial_loss": round(float(np.mean(losses[:10])), 4),
+        "final_loss": round(float(np.mean(losses[-50:])), 4),
+        "heldout": {d: {"tokens": int(len(test[d])),
+                        "ppl_bf16": round(heldout_ppl(model, test[d], device), 3),
+                        "ppl_unigram": round(unigram_ppl(train[d], test[d]), 3)} for d in corpus.DOMAINS},
+    }
+    save_model(model, out_root / spec.name, tok_dir, router_init, result)
+    log.info("%s: %d params, loss %.3f -> %.3f, held-out ppl %s", spec.name, n_params,
+             result["initial_loss"], result["final_loss"],
+             {d: result["heldout"][d]["ppl_bf16"] for d in corpus.DOMAINS})
+    return result
+
+
+def train_steps(model, spec: ModelSpec, cfg, train: dict[str, np.ndarray], steps: int, device: torch.device,
+                seed: int) -> list[float]:
+    """AdamW with linear warm-up and cosine decay; every batch half prose, half code, windows drawn
+    by a seeded generator. Returns the language-model loss of each step (router aux loss removed)."""
+    from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -430,9 +475,6 @@ def train_one(spec: ModelSpec, out_root: Path, tok_dir: Path, steps: int, device
     use_amp = device.type == "cuda"
     streams = [torch.from_numpy(train[d].astype(np.int64)) for d in corpus.DOMAINS]
     losses: list[float] = []
-    t0 = time.time()
-    from tqdm import tqdm
-
     bar = tqdm(range(steps), desc=f"train {spec.name}", unit="step", mininterval=2.0)
     for step in bar:
         rows = []
@@ -454,30 +496,15 @@ def train_one(spec: ModelSpec, out_root: Path, tok_dir: Path, steps: int, device
         losses.append(lm_loss)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    return losses
 
-    model = model.to(torch.bfloat16)
-    result = {
-        "name": spec.name,
-        "architecture": cfg.architectures[0],
-        "note": spec.note,
-        "params": n_params,
-        "seed": seed,
-        "steps": steps,
-        "batch": spec.batch,
-        "seq_len": SEQ_LEN,
-        "lr": spec.lr,
-        "device": device.type,
-        "train_seconds": round(time.time() - t0, 1),
-        "initial_loss": round(float(np.mean(losses[:10])), 4),
-        "final_loss": round(float(np.mean(losses[-50:])), 4),
-        "heldout": {},
-    }
-    for d in corpus.DOMAINS:
-        result["heldout"][d] = {
-            "tokens": int(len(test[d])),
-            "ppl_bf16": round(heldout_ppl(model, test[d], device), 3),
-            "ppl_unigram": round(unigram_ppl(train[d], test[d]), 3),
-        }
+
+def save_model(model, out: Path, tok_dir: Path, router_init: dict, result: dict) -> None:
+    """The HF checkpoint, its tokenizer files, the router at initialisation and the training log."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
     model.config.output_router_logits = False
     model.save_pretrained(out, safe_serialization=True)
     tok = AutoTokenizer.from_pretrained(tok_dir)  # converts tokenizer.model (needs protobuf)
@@ -485,10 +512,6 @@ def train_one(spec: ModelSpec, out_root: Path, tok_dir: Path, steps: int, device
     (out / "tokenizer.model").write_bytes((tok_dir / "tokenizer.model").read_bytes())
     save_file(router_init, str(out / "router_init.safetensors"))
     (out / "train_log.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.info("%s: %d params, loss %.3f -> %.3f, held-out ppl %s", spec.name, n_params,
-             result["initial_loss"], result["final_loss"],
-             {d: result["heldout"][d]["ppl_bf16"] for d in corpus.DOMAINS})
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
