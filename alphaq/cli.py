@@ -23,7 +23,9 @@ DEBUG_HELP = "show the full traceback of an error (internal errors print one lin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alphaq", description=__doc__.splitlines()[0])
+    # no abbreviations: a prefix of one flag would change meaning when a flag is added (and `--tensor-type`
+    # must not be read as a prefix of `--tensor-types-out`)
+    parser = argparse.ArgumentParser(prog="alphaq", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"alphaq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():  # also after the command (`alphaq convert ... --debug`);
         # SUPPRESS: a sub-command's default must not overwrite a --debug given before it
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        command.allow_abbrev = False
     return parser
 
 

@@ -8,15 +8,69 @@ from pathlib import Path
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8, newlines untranslated) to a temp file beside ``path``, then rename."""
+    """Write ``text`` (UTF-8, newlines untranslated) to a temp file beside ``path``, then rename.
+    The file gets the mode a plain ``open(path, "w")`` would give (mkstemp's own is 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def input_files(*paths: Path | None) -> set[Path]:
+    """Every file a command reads from ``paths`` (resolved): a file, all parts of a split GGUF, the
+    files directly inside a checkpoint directory. None and missing paths add nothing."""
+    from alphaq.gguf.io import shard_paths
+
+    found: set[Path] = set()
+    for p in paths:
+        if p is None or not Path(p).exists():
+            continue
+        p = Path(p)
+        if p.is_dir():
+            found.update(f.resolve() for f in p.iterdir() if f.is_file())
+        elif p.suffix.lower() == ".gguf":
+            found.update(f.resolve() for f in shard_paths(p))
+        else:
+            found.add(p.resolve())
+    return found
+
+
+def check_output_files(outputs: dict[str, Path | None], force: bool, inputs: set[Path] = frozenset()) -> None:
+    """Before any work: each output file (``outputs``: the flag that names it -> path) is not a
+    directory, has an existing directory, is none of the command's ``inputs`` (even with --force:
+    it replaces outputs, never what they are made from), is not named by two flags, and does not
+    exist unless ``force``."""
+    from alphaq.errors import InputError
+
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise InputError(f"{flag} {path} is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise InputError(f"{flag} {path}: directory {path.parent} does not exist")
+        if path.resolve() in inputs:
+            raise InputError(f"{flag} {path} is an input of this command; write it elsewhere (--force replaces "
+                             "outputs, never an input)")
+        if path.resolve() in seen:
+            raise InputError(f"{flag} and {seen[path.resolve()]} both name {path}; give each its own file")
+        seen[path.resolve()] = flag
+        if path.exists() and not force:
+            raise InputError(f"{path} exists; pass --force to overwrite it")
 
 
 def read_json(path: Path) -> object:
@@ -98,6 +152,16 @@ def check_plots_dir(plots: Path | None, force: bool, names: tuple[str, ...] | No
     existing_ancestor = next(p for p in (plots, *plots.absolute().parents) if p.exists())
     if not existing_ancestor.is_dir():
         raise InputError(f"--plots {plots}: {existing_ancestor} is not a directory")
+    if not plots.exists():  # creatable? (a read-only or virtual file system says so only on mkdir)
+        try:
+            plots.mkdir(parents=True)
+        except OSError as exc:
+            raise InputError(f"--plots {plots}: cannot create it ({exc.strerror or exc})") from None
+        target, kept = plots.absolute(), existing_ancestor.absolute()
+        for made in (target, *target.parents):  # leave nothing behind: the figures come last
+            if made == kept:
+                break
+            made.rmdir()
     if plots.is_dir() and not force:
         existing = sorted(str(p) for pattern in names for p in plots.glob(pattern))
         if existing:

@@ -87,7 +87,7 @@ def importance_weights(stats: Sequence[MatrixStats], gamma: float | None = None)
     if np.abs(log_w).max() > _MAX_LOG_WEIGHT:
         log_scale = float(log_w.max())
         logger.warning(
-            "gamma %.4g makes importance weights span e^%.0f; all costs are divided by e^%.1f (optimum unchanged)",
+            "gamma %.4g makes importance weights span e^%.4g; all costs are divided by e^%.4g (optimum unchanged)",
             g,
             float(log_w.max() - log_w.min()),
             log_scale,

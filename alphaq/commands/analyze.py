@@ -7,7 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
-from alphaq.commands.plan import count_or_all
+from alphaq.commands.plan import count_or_all, int_at_least
 from alphaq.errors import AlphaQError
 from alphaq.spectral.alpha import DEVICES, XMIN_WINDOWS, SpectralConfig
 
@@ -24,11 +24,13 @@ def register(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing CSV and existing figures in --plots")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the alpha cache")
     p.add_argument("--cache-dir", type=Path, help="alpha cache (default ~/.cache/alphaq/spectral)")
-    p.add_argument("--block-size", type=int, default=SpectralConfig.block_size, help="FARMS block side")
+    p.add_argument("--block-size", type=int_at_least(2), default=SpectralConfig.block_size,
+                   help="FARMS block side (default: %(default)s)")
     p.add_argument("--farms-max-blocks", type=count_or_all(1, "blocks"), default=None, metavar="N|all",
                    help="pool at most N evenly spaced FARMS blocks per matrix (the reference code draws 256 at "
                         "random; default: all)")
-    p.add_argument("--bins", type=int, default=SpectralConfig.bins, help="log10 histogram bins")
+    p.add_argument("--bins", type=int_at_least(1), default=SpectralConfig.bins,
+                   help="log10 histogram bins (default: %(default)s)")
     p.add_argument(
         "--xmin-window",
         choices=XMIN_WINDOWS,
@@ -36,7 +38,8 @@ def register(subparsers) -> None:
         help="'reference' keeps the reference code's effective window; 'corrected' uses "
         "0.95*peak <= xmin <= 1.5*peak",
     )
-    p.add_argument("--device", choices=DEVICES, default=SpectralConfig.device)
+    p.add_argument("--device", choices=DEVICES, default=SpectralConfig.device,
+                   help="where the eigenvalues are computed (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -45,8 +48,13 @@ def run(args: argparse.Namespace) -> int:
     from alphaq.gguf.io import note_requantised
     from alphaq.spectral.analyze import analyze_model, write_csv
 
-    if args.csv.exists() and not args.force:  # fail before the long part
-        raise AlphaQError(f"{args.csv} exists; pass --force to overwrite it")
+    from alphaq.files import check_output_files, input_files
+
+    if not Path(args.model).exists():
+        raise AlphaQError(f"model {args.model} does not exist")
+    check_output_files({"--csv": args.csv}, args.force, input_files(Path(args.model)))  # before the long part
+    if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
+        raise AlphaQError(f"--cache-dir {args.cache_dir} is a file; give a directory")
     if args.plots:
         from alphaq.files import check_plots_dir
         from alphaq.plots import ANALYZE_PLOT_NAMES

@@ -17,20 +17,23 @@ import sys
 from pathlib import Path
 
 from alphaq.errors import AlphaQError
-from alphaq.files import atomic_write_text
+from alphaq.files import atomic_write_text, check_output_files, input_files
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="perplexity / KL / top-1 of a GGUF through llama.cpp",
                               description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path, metavar="MODEL.gguf")
-    p.add_argument("--text", type=Path, action="append", required=True, help="held-out text file (repeatable)")
-    p.add_argument("--ref", type=Path, help="reference GGUF (e.g. the BF16 model) for KL and top-1")
-    p.add_argument("--n-ctx", type=int, default=256, help="window length (default: %(default)s)")
-    p.add_argument("--max-windows", type=int, help="at most this many windows per text")
+    # llama-perplexity's spellings beside ours: -f/--file, -c/--ctx-size, --chunks, --kl-divergence-base
+    p.add_argument("--text", "-f", "--file", type=Path, action="append", required=True,
+                   help="held-out text file (repeatable)")
+    p.add_argument("--ref", "--kl-divergence-base", type=Path,
+                   help="reference GGUF of the same model (e.g. its BF16) for KL and top-1")
+    p.add_argument("--n-ctx", "-c", "--ctx-size", type=int, default=256, help="window length (default: %(default)s)")
+    p.add_argument("--max-windows", "--chunks", type=int, help="at most this many windows per text")
     p.add_argument("--json", dest="json_path", type=Path, help="write the report as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing JSON")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--patched", action="store_true",
                    help="run under the patched llama.cpp (needed for expert-granular files; built once, "
                         "~10 min, then cached)")
@@ -38,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alphaq.evaluate.perplexity import evaluate_text, load_llama
+    from alphaq.evaluate.perplexity import check_same_vocabulary, evaluate_text, load_llama, windows
     from alphaq.runtime.isolated import patched_loaded
 
     from alphaq.gguf.io import check_gguf
@@ -46,23 +49,27 @@ def run(args: argparse.Namespace) -> int:
     for path in [args.model, *([args.ref] if args.ref else [])]:
         check_gguf(path)  # a missing, truncated or foreign file: one line, before llama.cpp loads it
     for t in args.text:
+        if t.is_dir():
+            raise AlphaQError(f"--text {t} is a directory; give a text file")
         if not t.is_file():
-            raise AlphaQError(f"text {t} does not exist")
+            raise AlphaQError(f"--text {t} does not exist")
     if args.n_ctx < 8:
         raise AlphaQError(f"--n-ctx {args.n_ctx} must be at least 8")
     if args.max_windows is not None and args.max_windows < 1:
         raise AlphaQError(f"--max-windows {args.max_windows} must be at least 1")
-    if args.json_path and args.json_path.exists() and not args.force:
-        raise AlphaQError(f"{args.json_path} exists; pass --force to overwrite")
-    if args.json_path and not args.json_path.parent.is_dir():
-        raise AlphaQError(f"output directory {args.json_path.parent} does not exist")
+    check_output_files({"--json": args.json_path}, args.force, input_files(args.model, args.ref, *args.text))
     if args.patched and not patched_loaded():
         return _rerun_patched(args)
     llm = load_llama(args.model, args.n_ctx)
     ref = load_llama(args.ref, args.n_ctx) if args.ref else None
+    texts = [(t, t.read_text(errors="replace")) for t in args.text]
+    for t, text in texts:  # every text long enough, and the reference comparable, before any scoring
+        windows(ref or llm, text, args.n_ctx, args.max_windows, name=f"--text {t}")
+        if ref is not None:
+            check_same_vocabulary(llm, ref, str(args.model), str(args.ref), text)
     reports = []
-    for t in args.text:
-        r = evaluate_text(llm, t.read_text(errors="replace"), name=t.name, n_ctx=args.n_ctx,
+    for t, text in texts:
+        r = evaluate_text(llm, text, name=t.name, n_ctx=args.n_ctx,
                           max_windows=args.max_windows, ref=ref, progress=not args.no_progress)
         reports.append(r)
         line = f"{t.name}: ppl {r.ppl:.4f} over {r.n_scored} tokens"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from alphaq.allocate.costs import NOISE_MODELS, measure_noise
 from alphaq.errors import AlphaQError
+from alphaq.files import check_output_files, input_files
 from alphaq.allocate.plan import (
     ALLOCATE,
     DEFAULT_KV_METADATA_BYTES,
@@ -68,33 +69,38 @@ def register(subparsers) -> None:
 def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = True,
                        cap_default: str = "none") -> None:
     """The allocation options (shared with `alphaq convert`); `config_from_args` reads them back.
-    cap_default: --max-quantise-ns when not given ("auto" only where the caller resolves it: convert)."""
+    cap_default: --max-quantise-ns when not given ("auto" only where the caller resolves it: convert,
+    the one command that runs the damage mode; `alphaq plan` offers and describes the others only)."""
+    damage = cap_default == "auto"
+    modes_types = (f"damage {','.join(FULL_LADDER)}; " if damage else "") + f"fast/paper {','.join(DEFAULT_CANDIDATES)}"
     budget = p.add_mutually_exclusive_group(required=budget_required)
     budget.add_argument("--budget", type=float, help="average NOMINAL bits over the allocated weights (paper)")
     budget.add_argument("--bpw", type=float, help="average TRUE bits per weight over the allocated tensors")
     budget.add_argument("--target-size", help="whole output file, e.g. 12GiB (B, KB/KiB, MB/MiB, GB/GiB)")
     p.add_argument("--types", default=argparse.SUPPRESS,
-                   help="candidate types, comma-separated (default: the mode's: damage "
-                        f"{','.join(FULL_LADDER)}; fast/paper {','.join(DEFAULT_CANDIDATES)})")
+                   help=f"candidate types, comma-separated (default: the mode's: {modes_types})")
     p.add_argument("--gamma", type=_gamma, default=argparse.SUPPRESS,
                    help="importance exponent (alpha_tilde/alpha)^gamma, or 'paper' for the App. A.7 formula "
                         "(default: the mode's: damage 0, fast 1, paper the formula; see docs/DESIGN.md)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="tensor", help="default: %(default)s")
     p.add_argument("--scope", choices=SCOPES, default="global", help="default: %(default)s")
     p.add_argument("--allocate", choices=ALLOCATE, default=argparse.SUPPRESS,
-                   help="what the knapsack allocates (default: the mode's: damage every, fast/paper experts)")
-    p.add_argument("--noise", choices=NOISE_MODELS, default=argparse.SUPPRESS,
-                   help="cost model (default: the mode's: damage damage, fast/paper paper)")
+                   help="what the knapsack allocates (default: the mode's: "
+                        f"{'damage every, ' if damage else ''}fast/paper experts)")
+    p.add_argument("--noise", choices=NOISE_MODELS if damage else tuple(n for n in NOISE_MODELS if n != "damage"),
+                   default=argparse.SUPPRESS,
+                   help=f"cost model (default: the mode's: {'damage damage, ' if damage else ''}fast/paper paper)")
     p.add_argument("--mse-rows", type=int, default=128, help="measured noise: rows per matrix, 0 = all (default: %(default)s)")
     p.add_argument("--weight-by-params", action="store_true", help="scale each matrix's cost by its parameter count")
     p.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER, help="default: %(default)s")
-    p.add_argument("--max-quantise-ns", type=quantise_cap_arg, metavar="NS|auto|none", default=cap_default,
+    auto_help = ("auto: in the default (damage) mode the larger of 150 and what llama.cpp's own mix at this size "
+                 "takes with an importance matrix (alphaq/allocate/quantise_cap.py), no cap in --fast/--paper; "
+                 if damage else "")
+    p.add_argument("--max-quantise-ns", type=quantise_cap_arg, metavar="NS|auto|none" if damage else "NS|none",
+                   default=cap_default,
                    help="cap llama.cpp's quantiser time: the file's types at most NS ns per weight on average "
                         "(one thread, alphaq/gguf/quantise_speed.json; the IQ types take 160-800, the k-quants "
-                        "14-170); auto: in the default (damage) mode the larger of 150 and what llama.cpp's own mix at "
-                        "this size takes with an importance matrix (alphaq/allocate/quantise_cap.py), no cap in "
-                        "--fast/--paper; none: no cap "
-                        "(default: %(default)s)")
+                        f"14-170); {auto_help}none: no cap (default: %(default)s)")
     p.add_argument("--alpha-experts", type=count_or_all(2, "experts", auto=True), default="auto", metavar="N|all|auto",
                    help="analyse the spectra of N evenly spaced experts of each merged expert tensor and scale its "
                         "cost up to all of them (default: auto: %d in the fast mode at tensor granularity, else all, "
@@ -131,14 +137,32 @@ def count_or_all(minimum: int, what: str, auto: bool = False):
     return parse
 
 
+def int_at_least(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{n} must be at least {minimum}")
+        return n
+
+    return parse
+
+
 def quantise_cap_arg(text: str) -> float | str:
     """--max-quantise-ns: a number of ns per weight, "auto" or "none" (the number is checked by PlanConfig)."""
     if text in ("auto", "none"):
         return text
     try:
-        return float(text)
+        ns = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of ns per weight, auto or none") from None
+    if not ns > 0 or ns == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a cap must be a positive number of ns per weight (none: no cap)")
+    return ns
 
 
 def _gamma(text: str) -> float | None:
@@ -161,6 +185,8 @@ def config_from_args(args: argparse.Namespace, mode: str = "fast") -> PlanConfig
         mode, value = "size", parse_size(args.target_size)
     else:
         raise AlphaQError("give one of --budget, --bpw or --target-size")
+    if mode != "size" and not 0 < value < float("inf"):
+        raise AlphaQError(f"--{'budget' if mode == 'bits' else 'bpw'} {value:g} must be a positive number of bits")
     if args.mse_rows < 0:
         raise AlphaQError(f"--mse-rows {args.mse_rows} must be >= 0 (0 = all rows)")
     return PlanConfig(
@@ -230,14 +256,17 @@ def run(args: argparse.Namespace) -> int:
     if args.pins_file is not None:
         raise AlphaQError("--tensor-type-file reads pins in llama-quantize and in alphaq convert; alphaq plan takes "
                           "no pins and writes its types with --tensor-types-out FILE")
-    for path in (args.json_path, args.tensor_type_file):
-        if path is not None and path.exists() and not args.force:
-            raise AlphaQError(f"{path} exists; pass --force to overwrite")
-    if args.tensor_type_file is not None and cfg.granularity != "tensor":
-        raise AlphaQError("--tensor-types-out needs --granularity tensor (stock llama.cpp: one type per tensor)")
     model = Path(args.model)
     if not model.exists():
         raise AlphaQError(f"model {model} does not exist")
+    if args.alphas is not None and not args.alphas.is_file():
+        raise AlphaQError(f"--alphas {args.alphas} is not a file (`alphaq analyze --csv` writes one)")
+    if args.fixed_bytes is not None and args.fixed_bytes < 0:
+        raise AlphaQError(f"--fixed-bytes {args.fixed_bytes} must be >= 0")
+    check_output_files({"--json": args.json_path, "--tensor-types-out": args.tensor_type_file}, args.force,
+                       input_files(model, args.alphas))
+    if args.tensor_type_file is not None and cfg.granularity != "tensor":
+        raise AlphaQError("--tensor-types-out needs --granularity tensor (stock llama.cpp: one type per tensor)")
     is_gguf = model.is_file() and model.suffix.lower() == ".gguf"
     note_requantised(model)  # a Q8_0 GGUF is analysed dequantised: said, not silent
     if cfg.budget_mode == "size" and not is_gguf:

@@ -23,13 +23,17 @@ def register(subparsers) -> None:
     p.add_argument("--hf", type=Path, metavar="HF_DIR",
                    help="the Hugging Face checkpoint MODEL.gguf was converted from (only its config.json and "
                         "tokenizer are read)")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("-n", "--n-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
+    # llama-cli's spellings beside ours: -p, --n-predict, --temp, -s
+    p.add_argument("--prompt", "-p", required=True, help="text to continue")
+    p.add_argument("-n", "--n-tokens", "--n-predict", type=int, default=32,
+                   help="tokens to generate, within the model's context (default: %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: %(default)s)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: %(default)s)")
+    p.add_argument("--temperature", "--temp", type=float, default=0.8,
+                   help="sampling temperature (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--seed", "-s", type=int, default=0, help="sampling seed, 0 to 2^63 - 1 (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while generating")
     p.add_argument("--llama-cpp-routing", action="store_true",
                    help="renormalise the top-k router weights as llama.cpp does where the HF config differs")
     p.set_defaults(func=run)
@@ -41,13 +45,17 @@ def run(args: argparse.Namespace) -> int:
     sampling = torch_run.Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     if args.n_tokens < 1:
         raise AlphaQError(f"-n {args.n_tokens} must be at least 1")
+    n_ctx = torch_run.hf_context_length(args.hf)
+    if n_ctx is not None and args.n_tokens >= n_ctx:  # before the load (the prompt's share is checked after)
+        raise AlphaQError(f"-n {args.n_tokens} is not below the model's context of {n_ctx} tokens "
+                          "(max_position_embeddings)")
     t0 = time.perf_counter()
     model = torch_run.load(args.model, args.hf, device=args.device, llama_cpp_routing=args.llama_cpp_routing)
     tokenizer = torch_run.load_tokenizer(args.hf)
     prompt_ids = tokenizer(args.prompt)["input_ids"]
     t1 = time.perf_counter()
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out = torch_run.generate(model, prompt_ids, args.n_tokens, sampling, stop_ids=stop)
+    out = torch_run.generate(model, prompt_ids, args.n_tokens, sampling, stop_ids=stop, progress=not args.no_progress)
     t2 = time.perf_counter()
     print(tokenizer.decode(out.prompt_ids + out.tokens, skip_special_tokens=True))
     path = "Triton kernels on GGUF blocks" if args.device == "cuda" else "dequantised weights"

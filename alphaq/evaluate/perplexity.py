@@ -7,6 +7,7 @@ and only its second half is scored, so every scored token sees at least n_ctx/2 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from alphaq.errors import AlphaQError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,13 @@ def window_logprobs(llm, tokens: list[int]) -> np.ndarray:
     return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
 
 
-def windows(llm, text: str, n_ctx: int, max_windows: int | None) -> list[list[int]]:
+def windows(llm, text: str, n_ctx: int, max_windows: int | None, name: str = "text") -> list[list[int]]:
     tokens = llm.tokenize(text.encode(), add_bos=False)
     n_windows = len(tokens) // n_ctx
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows < 1:
-        raise AlphaQError(f"text has {len(tokens)} tokens, fewer than one window of n_ctx={n_ctx}")
+        raise AlphaQError(f"{name} has {len(tokens)} tokens, fewer than one window of n_ctx={n_ctx}")
     bos = llm.token_bos()
     out = []
     for w in range(n_windows):
@@ -96,6 +99,20 @@ class TextReport:
     top1: float | None = None  # fraction of scored positions where both argmax tokens agree
 
 
+def check_same_vocabulary(llm, ref, model: str, ref_name: str, text: str) -> None:
+    """KL and top-1 compare distributions token by token: the reference must share the model's
+    vocabulary (its size, and the same tokens for ``text``). Another model of the same vocabulary is
+    allowed (a KL between two models), a different architecture is said."""
+    if llm.n_vocab() != ref.n_vocab() or llm.tokenize(text.encode(), add_bos=False) != ref.tokenize(
+            text.encode(), add_bos=False):
+        raise AlphaQError(f"--ref {ref_name} has another vocabulary than {model} ({ref.n_vocab()} against "
+                          f"{llm.n_vocab()} tokens, or another tokenisation): KL needs the reference of this model")
+    arch, ref_arch = (m.metadata.get("general.architecture") for m in (llm, ref))
+    if arch != ref_arch:
+        log.warning("--ref %s is a %s model, %s a %s one: the KL compares two different models", ref_name, ref_arch,
+                    model, arch)
+
+
 def evaluate_text(llm, text: str, *, name: str, n_ctx: int, max_windows: int | None = None,
                   ref=None, progress: bool = False) -> TextReport:
     """Perplexity of ``llm`` on ``text``; with ``ref`` also KL divergence and top-1 agreement
@@ -103,7 +120,7 @@ def evaluate_text(llm, text: str, *, name: str, n_ctx: int, max_windows: int | N
     from tqdm import tqdm
 
     first = n_ctx // 2
-    chunks = windows(ref or llm, text, n_ctx, max_windows)
+    chunks = windows(ref or llm, text, n_ctx, max_windows, name)
     nll = ref_nll = kl = 0.0
     agree = count = 0
     for chunk in tqdm(chunks, desc=f"eval {name}", unit="window", disable=not progress, dynamic_ncols=True):

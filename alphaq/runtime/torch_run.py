@@ -93,7 +93,8 @@ def norm_topk_switches(model) -> list[torch.nn.Module]:
 def gguf_arch(path: Path) -> tuple[MODEL_ARCH, gguf.GGUFReader]:
     """The GGUF's architecture (must be in SUPPORTED_ARCHS) and its reader."""
     if not Path(path).is_file():
-        raise AlphaQError(f"model {path} does not exist")
+        raise AlphaQError(f"model {path} does not exist" if not Path(path).exists() else
+                          f"model {path} is a directory; give the GGUF file")
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as exc:
@@ -293,6 +294,8 @@ class Sampling:
     seed: int = 0  # of a local torch.Generator, so a run is reproducible
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**63:  # (torch.Generator's seed is a 64-bit integer)
+            raise AlphaQError(f"seed {self.seed} must be between 0 and 2^63 - 1")
         if not self.greedy and not self.temperature > 0:
             raise AlphaQError(f"temperature {self.temperature} must be > 0 (or use greedy decoding)")
         if self.top_k < 0:
@@ -316,20 +319,46 @@ def _pick(logits: torch.Tensor, sampling: Sampling, rng: torch.Generator) -> int
     return int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=rng))
 
 
+def hf_context_length(hf_dir: Path | None) -> int | None:
+    """max_position_embeddings of a checkpoint's config.json (its text model's, for multimodal ones),
+    read without loading anything; None when it is not there."""
+    import json
+
+    try:
+        config = json.loads((Path(hf_dir) / "config.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return None
+    n = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def context_length(model) -> int | None:
+    """The positions the model was trained for (its HF config's max_position_embeddings), if known."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[int], n_tokens: int, sampling: Sampling = Sampling(),
-             stop_ids: Sequence[int] = ()) -> Generation:
+             stop_ids: Sequence[int] = (), progress: bool = False) -> Generation:
     """Up to ``n_tokens`` tokens after ``prompt_ids``: one prefill, then one decode step per token
-    with the KV cache (the GEMM, then the GEMV paths of the kernels)."""
+    with the KV cache (the GEMM, then the GEMV paths of the kernels). Prompt and tokens together stay
+    within the model's trained context (llama.cpp's -n beyond it would need a context shift)."""
+    from tqdm import tqdm
+
     if n_tokens < 1:
         raise AlphaQError(f"number of tokens {n_tokens} must be at least 1")
     if not prompt_ids:
         raise AlphaQError("the prompt has no tokens")
+    n_ctx = context_length(model)
+    if n_ctx is not None and len(prompt_ids) + n_tokens > n_ctx:
+        raise AlphaQError(f"-n {n_tokens} after a prompt of {len(prompt_ids)} tokens exceeds the model's context of "
+                          f"{n_ctx} tokens (max_position_embeddings); at most {max(0, n_ctx - len(prompt_ids))}")
     device = model.device
     rng = torch.Generator().manual_seed(sampling.seed)
     out = model(input_ids=torch.tensor([list(prompt_ids)], device=device), use_cache=True, logits_to_keep=1)
     tokens, logits = [], []
-    for i in range(n_tokens):
+    for i in tqdm(range(n_tokens), desc="generate", unit="tok", disable=not progress, dynamic_ncols=True):
         step = out.logits[0, -1].float().cpu()
         logits.append(step)
         tokens.append(_pick(step, sampling, rng))

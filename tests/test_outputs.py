@@ -1,0 +1,230 @@
+"""What every command writes, checked before any work: an output is never one of the command's
+inputs (not even with --force), never a directory, never named twice, in an existing directory;
+files get the mode the umask gives; and mistakes in the other subcommands' input (eval, run, plan,
+analyze) are one line naming the flag, before the expensive part.
+
+Found by sweeping the subcommands as a new user (the sessions' notes, note 24)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from alphaq.cli import main as cli_main
+from conftest import FIXTURES
+
+HELDOUT = Path(__file__).parent / "fixtures" / "heldout"
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    """Run the CLI; assert exit 2 and exactly one line on stderr; return it."""
+    code = cli_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, (code, err)
+    return err[0]
+
+
+@pytest.fixture
+def model_copy(float_ggufs, tmp_path) -> Path:
+    """A private copy of the mixtral fixture's BF16 GGUF (a test may try to overwrite it)."""
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(float_ggufs["mixtral"], path)
+    return path
+
+
+@pytest.fixture
+def no_analysis(monkeypatch):
+    """The spectral stage fails the test if it starts."""
+    import alphaq.spectral.analyze
+
+    def started(*a, **k):
+        raise AssertionError("the spectral stage started before the input was refused")
+
+    monkeypatch.setattr(alphaq.spectral.analyze, "analyze_weight", started)
+
+
+@pytest.mark.parametrize("command", ["analyze", "plan"])
+def test_force_never_overwrites_the_model(command, model_copy, no_analysis, capsys):
+    before = model_copy.read_bytes()
+    flag = {"analyze": "--csv", "plan": "--json"}[command]
+    argv = [command, str(model_copy), flag, str(model_copy), "--force"] + (["--budget", "3"] if command == "plan" else [])
+    line = one_line_error(argv, capsys)
+    assert f"{flag} {model_copy} is an input of this command" in line, line
+    assert model_copy.read_bytes() == before
+
+
+def test_eval_never_overwrites_its_text(model_copy, tmp_path, capsys):
+    text = tmp_path / "prose.txt"
+    shutil.copyfile(HELDOUT / "prose.txt", text)
+    before = text.read_bytes()
+    line = one_line_error(["eval", str(model_copy), "--text", str(text), "--json", str(text), "--force",
+                           "--no-progress"], capsys)
+    assert "is an input of this command" in line and text.read_bytes() == before
+
+
+def test_plan_refuses_one_file_for_two_outputs_before_analysing(model_copy, tmp_path, no_analysis, capsys):
+    out = tmp_path / "same.txt"
+    line = one_line_error(["plan", str(model_copy), "--budget", "3", "--json", str(out), "--tensor-types-out",
+                           str(out)], capsys)
+    assert "--tensor-types-out and --json both name" in line and not out.exists()
+
+
+@pytest.mark.parametrize("command, flag", [("analyze", "--csv"), ("plan", "--json"), ("eval", "--json")])
+def test_an_output_that_is_a_directory_is_refused_up_front(command, flag, model_copy, tmp_path, no_analysis, capsys):
+    argv = {"analyze": ["analyze", str(model_copy)], "plan": ["plan", str(model_copy), "--budget", "3"],
+            "eval": ["eval", str(model_copy), "--text", str(HELDOUT / "prose.txt"), "--no-progress"]}[command]
+    line = one_line_error(argv + [flag, str(tmp_path), "--force"], capsys)
+    assert f"{flag} {tmp_path} is a directory" in line, line
+
+
+def test_analyze_refuses_a_missing_csv_directory_before_the_spectral_stage(model_copy, tmp_path, no_analysis, capsys):
+    line = one_line_error(["analyze", str(model_copy), "--csv", str(tmp_path / "nodir" / "a.csv")], capsys)
+    assert "does not exist" in line and "nodir" in line
+
+
+def test_plots_directory_that_cannot_be_created_is_refused_and_nothing_is_left(model_copy, tmp_path, no_analysis,
+                                                                                capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    csv = tmp_path / "a.csv"
+    line = one_line_error(["analyze", str(model_copy), "--csv", str(csv), "--plots", str(blocker / "figs")], capsys)
+    assert "--plots" in line and not csv.exists()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user the permission bits do not stop (root)")
+        line = one_line_error(["analyze", str(model_copy), "--csv", str(csv), "--plots", str(ro / "a" / "b")], capsys)
+        assert "cannot create it" in line and not csv.exists()
+    finally:
+        ro.chmod(0o700)
+
+
+def test_a_creatable_plots_directory_is_not_left_behind_by_the_check(tmp_path):
+    from alphaq.files import check_plots_dir
+
+    check_plots_dir(tmp_path / "a" / "b", force=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from alphaq.files import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "x.json", "{}\n")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "y.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "y.json").stat().st_mode) == 0o600
+
+
+def test_plan_refuses_alphas_that_are_not_a_file(model_copy, tmp_path, no_analysis, capsys):
+    line = one_line_error(["plan", str(model_copy), "--budget", "3", "--json", str(tmp_path / "p.json"),
+                           "--alphas", str(tmp_path)], capsys)
+    assert f"--alphas {tmp_path} is not a file" in line
+
+
+@pytest.mark.parametrize("argv, needle", [(["--bpw", "0"], "--bpw 0 must be a positive number"),
+                                          (["--budget", "-1"], "--budget -1 must be a positive number"),
+                                          (["--budget", "3", "--fixed-bytes", "-5"], "--fixed-bytes -5 must be >= 0")])
+def test_plan_names_the_flag_of_a_bad_number(argv, needle, model_copy, tmp_path, no_analysis, capsys):
+    line = one_line_error(["plan", str(model_copy), "--json", str(tmp_path / "p.json"), *argv], capsys)
+    assert needle in line, line
+
+
+def test_no_flag_abbreviations(model_copy, tmp_path, capsys):
+    # `--tensor-type` (llama-quantize's pin flag, which plan does not take) was an ambiguous prefix
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["plan", str(model_copy), "--budget", "3", "--json", str(tmp_path / "p.json"),
+                  "--tensor-type", "attn_v=q8_0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --tensor-type" in err and "ambiguous" not in err
+
+
+def test_verbose_is_taken_after_the_command_too():
+    from alphaq.cli import build_parser
+
+    assert build_parser().parse_args(["eval", "m.gguf", "--text", "t", "-v"]).verbose
+    assert build_parser().parse_args(["-v", "eval", "m.gguf", "--text", "t"]).verbose
+    assert not build_parser().parse_args(["eval", "m.gguf", "--text", "t"]).verbose
+
+
+def test_eval_takes_llama_perplexitys_spellings():
+    from alphaq.cli import build_parser
+
+    a = build_parser().parse_args(["eval", "m.gguf", "-f", "a.txt", "--file", "b.txt", "-c", "128", "--chunks", "3",
+                                   "--kl-divergence-base", "ref.gguf"])
+    assert (a.text, a.n_ctx, a.max_windows, a.ref) == ([Path("a.txt"), Path("b.txt")], 128, 3, Path("ref.gguf"))
+
+
+def test_eval_checks_every_text_before_scoring_any(model_copy, tmp_path, capsys, monkeypatch):
+    import alphaq.evaluate.perplexity as perplexity
+
+    def scored(*a, **k):
+        raise AssertionError("a text was scored before every text was checked")
+
+    monkeypatch.setattr(perplexity, "evaluate_text", scored)
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    line = one_line_error(["eval", str(model_copy), "--text", str(HELDOUT / "prose.txt"), "--text", str(short),
+                           "--no-progress"], capsys)
+    assert f"--text {short} has" in line and "fewer than one window" in line
+    line = one_line_error(["eval", str(model_copy), "--text", str(tmp_path), "--no-progress"], capsys)
+    assert f"--text {tmp_path} is a directory" in line
+
+
+def test_eval_refuses_a_reference_with_another_vocabulary(model_copy, tmp_path, capsys, monkeypatch):
+    import alphaq.evaluate.perplexity as perplexity
+
+    real_load = perplexity.load_llama
+
+    class OtherVocabulary:
+        """The reference as llama.cpp loads it, with one token more in its vocabulary."""
+
+        def __init__(self, llm):
+            self.llm = llm
+
+        def n_vocab(self):
+            return self.llm.n_vocab() + 1
+
+        def __getattr__(self, name):
+            return getattr(self.llm, name)
+
+    ref = tmp_path / "ref.gguf"
+    shutil.copyfile(model_copy, ref)
+    monkeypatch.setattr(perplexity, "load_llama",
+                        lambda path, *a, **k: (OtherVocabulary if Path(path) == ref else lambda x: x)(
+                            real_load(path, *a, **k)))
+    line = one_line_error(["eval", str(model_copy), "--text", str(HELDOUT / "prose.txt"), "--ref", str(ref),
+                           "--max-windows", "1", "--no-progress"], capsys)
+    assert f"--ref {ref} has another vocabulary" in line, line
+
+
+def test_run_refuses_a_seed_out_of_range_and_a_length_beyond_the_context(capsys, monkeypatch):
+    import alphaq.runtime.torch_run as torch_run
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the input was refused")
+
+    monkeypatch.setattr(torch_run, "load", loaded)
+    hf = FIXTURES / "qwen3moe"
+    line = one_line_error(["run", "m.gguf", "--hf", str(hf), "-p", "x", "-s", str(2**64)], capsys)
+    assert "seed" in line and "2^63" in line
+    n_ctx = torch_run.hf_context_length(hf)
+    assert n_ctx and n_ctx > 1
+    line = one_line_error(["run", "m.gguf", "--hf", str(hf), "-p", "x", "--n-predict", str(n_ctx)], capsys)
+    assert f"-n {n_ctx} is not below the model's context of {n_ctx}" in line
+
+
+def test_run_names_a_directory_given_as_the_model(tmp_path, capsys):
+    line = one_line_error(["run", str(tmp_path), "--hf", str(FIXTURES / "qwen3moe"), "-p", "x"], capsys)
+    assert "is a directory" in line
