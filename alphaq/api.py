@@ -19,6 +19,47 @@ from pathlib import Path
 from alphaq.errors import AlphaQError, InputError
 
 
+def _allowed_types(hint) -> tuple[type, ...] | None:
+    """The Python types a config field's annotation admits, or None where it is not checked here
+    (tuples of pairs, nested generics): their own checks apply."""
+    import types
+    import typing
+
+    if hint is None:
+        return None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_allowed_types(a) for a in typing.get_args(hint)]
+        return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)
+    if typing.get_origin(hint) is tuple:
+        return (tuple, list)
+    simple = {int: (int,), float: (int, float), bool: (bool,), str: (str,), Path: (str, os.PathLike),
+              type(None): (type(None),)}
+    if hint in simple:
+        return simple[hint]
+    return (hint,) if dataclasses.is_dataclass(hint) else None
+
+
+def _check_types(cls, values: dict) -> None:
+    """Keyword options against ``cls``'s field types: a wrong type is an AlphaQError naming the
+    keyword, not a TypeError from deep inside a stage (True is no number here, as in the CLI)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        allowed = _allowed_types(hints.get(name))
+        if allowed is None:
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = sorted({"path" if t is os.PathLike else "None" if t is type(None) else t.__name__ for t in allowed})
+            raise AlphaQError(f"{name}={value!r}: expected {' or '.join(names)}")
+
+
+def _model_path(model) -> Path:
+    if not isinstance(model, (str, os.PathLike)):
+        raise InputError(f"model={model!r}: expected a path (str or os.PathLike)")
+    return Path(model)
+
+
 def _spectral_sample(options: dict) -> tuple:
     """(alpha_experts, farms_max_blocks) taken out of ``options``: as --alpha-experts and
     --farms-max-blocks, a count, "all" or "auto" (the default)."""
@@ -38,9 +79,15 @@ def _plan_config(mode: str, budget, bpw, target_size, options: dict):
     plan_opts = {k: options.pop(k) for k in list(options) if k in fields}
     if "types" in plan_opts and isinstance(plan_opts["types"], str):
         plan_opts["types"] = tuple(t for t in plan_opts["types"].split(",") if t.strip())
+    if isinstance(plan_opts.get("gamma"), str) and plan_opts["gamma"].strip().lower() == "paper":
+        plan_opts["gamma"] = None  # as --gamma paper: the App. A.7 formula
+    _check_types(PlanConfig, plan_opts)
     budget_mode = {"budget": "bits", "bpw": "bpw", "target_size": "size"}[name]
     if budget_mode == "size" and isinstance(value, str):
         value = parse_size(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AlphaQError(f"{name}={value!r}: expected a number" + (" of bytes or a size such as '12GiB'"
+                                                                   if budget_mode == "size" else " of bits"))
     return PlanConfig(**{**MODES[mode], "budget_mode": budget_mode, "budget": float(value), **plan_opts})
 
 
@@ -101,14 +148,16 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     if unknown:
         raise AlphaQError(f"unknown option(s) {', '.join(unknown)}; see alphaq.allocate.plan.PlanConfig and "
                           "alphaq.pipeline.convert.ConvertConfig")
-    for key in ("imatrix", "keep_bf16"):
-        if options.get(key) is not None:
-            options[key] = Path(options[key])
     if isinstance(options.get("split_max_size"), str):  # llama-gguf-split's syntax, e.g. "2G"
         from alphaq.gguf.split import parse_split_size
 
         options["split_max_size"] = parse_split_size(options["split_max_size"])
-    cfg = ConvertConfig(model=Path(model), output=Path(output), plan=plan, progress=progress, force=force,
+    _check_types(ConvertConfig, {**options, "force": force, "progress": progress, "like": like, "plots": plots,
+                                 "output": output})
+    for key in ("imatrix", "keep_bf16"):
+        if options.get(key) is not None:
+            options[key] = Path(options[key])
+    cfg = ConvertConfig(model=_model_path(model), output=Path(output), plan=plan, progress=progress, force=force,
                         like=like, plots=None if plots is None else Path(plots), **options)
     return run_convert(cfg)
 
@@ -123,12 +172,18 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
 
     if mode == "damage":
         raise AlphaQError("the damage mode runs the model; use alphaq.convert (plan takes mode 'fast' or 'paper')")
+    cap = options.get("max_quantise_ns")
+    if cap == "auto":
+        raise AlphaQError("max_quantise_ns='auto' is the cap of alphaq.convert's damage mode; plan takes ns per "
+                          "weight or None")
+    if cap == "none":
+        options["max_quantise_ns"] = None
     _pins(options, tensor_type, tensor_type_file)
     sample = _spectral_sample(options)
     cfg = _plan_config(mode, budget, bpw, target_size, options)
     if options:
         raise AlphaQError(f"unknown option(s) {', '.join(sorted(options))}; see alphaq.allocate.plan.PlanConfig")
-    path = Path(model)
+    path = _model_path(model)
     if not (path.is_file() and path.suffix == ".gguf"):
         raise InputError(f"{path} is not a .gguf file; plan reads a F32/F16/BF16 GGUF")
     from alphaq.allocate.feasibility import check_budget
@@ -147,6 +202,9 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
 
 def analyze(model: str | os.PathLike, *, progress: bool = False, **options):
     """PL_Alpha_Hill and the other spectral statistics of every weight matrix (alphaq.spectral.analyze)."""
+    from alphaq.spectral.alpha import SpectralConfig
     from alphaq.spectral.analyze import analyze_model
 
-    return analyze_model(Path(model), progress=progress, **options)
+    if "cfg" in options and not isinstance(options["cfg"], SpectralConfig):
+        raise AlphaQError(f"cfg={options['cfg']!r}: expected an alphaq.spectral.alpha.SpectralConfig")
+    return analyze_model(_model_path(model), progress=progress, **options)

@@ -228,3 +228,49 @@ def test_run_refuses_a_seed_out_of_range_and_a_length_beyond_the_context(capsys,
 def test_run_names_a_directory_given_as_the_model(tmp_path, capsys):
     line = one_line_error(["run", str(tmp_path), "--hf", str(FIXTURES / "qwen3moe"), "-p", "x"], capsys)
     assert "is a directory" in line
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda m, o: __import__("alphaq").plan(m, budget="three"), "budget='three': expected a number"),
+    (lambda m, o: __import__("alphaq").plan(m, budget=[3]), "budget=[3]: expected a number"),
+    (lambda m, o: __import__("alphaq").plan(m, budget=True), "budget=True: expected a number"),
+    (lambda m, o: __import__("alphaq").plan(m, types=5), "types=5: expected"),
+    (lambda m, o: __import__("alphaq").plan(m, max_quantise_ns="auto"), "max_quantise_ns='auto' is the cap"),
+    (lambda m, o: __import__("alphaq").analyze(None), "model=None: expected a path"),
+    (lambda m, o: __import__("alphaq").analyze(m, cfg={"block_size": 3}), "expected an alphaq.spectral.alpha.SpectralConfig"),
+    (lambda m, o: __import__("alphaq").convert(m, o, like="Q4_K_M", nthread="2", dry_run=True), "nthread='2': expected int"),
+    (lambda m, o: __import__("alphaq").convert(m, o, like="Q4_K_M", max_quantise_ns="100", dry_run=True),
+     "max_quantise_ns='100': expected"),
+    (lambda m, o: __import__("alphaq").convert(m, o, like="Q4_K_M", force="yes", dry_run=True), "force='yes': expected bool"),
+])
+def test_the_python_front_door_names_a_wrong_type(call, needle, model_copy, tmp_path, no_analysis):
+    import alphaq
+
+    with pytest.raises(alphaq.AlphaQError) as exc:
+        call(model_copy, tmp_path / "o.gguf")
+    assert needle in str(exc.value), exc.value
+
+
+def test_the_python_front_door_takes_the_clis_words(model_copy, monkeypatch):
+    """gamma="paper" and max_quantise_ns="none", as --gamma paper and --max-quantise-ns none."""
+    import alphaq
+    import alphaq.api
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    seen = {}
+    monkeypatch.setattr(alphaq.api, "analyze", stop)
+    real = alphaq.api._plan_config
+
+    def spy(*a, **k):
+        seen["cfg"] = real(*a, **k)
+        return seen["cfg"]
+
+    monkeypatch.setattr(alphaq.api, "_plan_config", spy)
+    with pytest.raises(Stop):  # stopped where the analysis would start
+        alphaq.plan(model_copy, budget=3, gamma="paper", max_quantise_ns="none")
+    assert seen["cfg"].gamma is None and seen["cfg"].max_quantise_ns is None
