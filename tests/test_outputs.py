@@ -274,3 +274,11 @@ def test_the_python_front_door_takes_the_clis_words(model_copy, monkeypatch):
     with pytest.raises(Stop):  # stopped where the analysis would start
         alphaq.plan(model_copy, budget=3, gamma="paper", max_quantise_ns="none")
     assert seen["cfg"].gamma is None and seen["cfg"].max_quantise_ns is None
+
+
+def test_plan_takes_no_progress(model_copy, tmp_path, capsys):
+    argv = ["plan", str(model_copy), "--budget", "3", "--json", str(tmp_path / "p.json"), "--no-cache"]
+    assert cli_main(argv + ["--no-progress"]) == 0
+    assert "%|" not in capsys.readouterr().err
+    assert cli_main(argv + ["--force"]) == 0
+    assert "%|" in capsys.readouterr().err  # (the bar, when it is wanted)

@@ -120,3 +120,15 @@ def test_analyze_and_plan_say_they_read_q8_0(q8_gguf, tmp_path, caplog):
                      "--json", str(tmp_path / "p.json")]) == 0
     said = [r.getMessage() for r in caplog.records if "holds Q8_0 weights" in r.getMessage()]
     assert len(said) == 2, said
+
+
+def test_analyze_refuses_a_lower_type_without_first_saying_it_reads_it(float_ggufs, tmp_path, caplog, capsys):
+    import logging
+
+    q = tmp_path / "q.gguf"
+    quantize_stock(float_ggufs[MODEL], q, "Q6_K")
+    caplog.set_level(logging.WARNING)
+    assert cli_main(["analyze", str(q), "--csv", str(tmp_path / "a.csv"), "--no-progress"]) == 2
+    assert not [r for r in caplog.records if "read dequantised" in r.getMessage()]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a lower type's rounding would be measured" in err[0], err

@@ -63,6 +63,7 @@ def register(subparsers) -> None:
     # llama-quantize's --tensor-type-file reads pins; here it would have written over that file
     p.add_argument("--tensor-type-file", dest="pins_file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -208,11 +209,12 @@ def config_from_args(args: argparse.Namespace, mode: str = "fast") -> PlanConfig
     )
 
 
-def _analyze(model: Path, cache_dir: Path | None, use_cache: bool, cfg: "SpectralConfig") -> list[MatrixStats]:
+def _analyze(model: Path, cache_dir: Path | None, use_cache: bool, cfg: "SpectralConfig",
+             progress: bool) -> list[MatrixStats]:
     """The spectral stage (alphaq.spectral.analyze) under ``cfg``."""
     from alphaq.spectral import analyze
 
-    return analyze.analyze_model(model, cfg, cache_dir=cache_dir, use_cache=use_cache, progress=True)
+    return analyze.analyze_model(model, cfg, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
 
 
 def _read_alphas(path: Path) -> list[MatrixStats]:
@@ -221,11 +223,11 @@ def _read_alphas(path: Path) -> list[MatrixStats]:
     return analyze.read_csv(path)
 
 
-def _measure(model: Path, requests, max_rows):
+def _measure(model: Path, requests, max_rows, progress: bool):
     from alphaq.model.weights import open_model
 
     with open_model(model) as weights:  # the matrices load lazily from the open files
-        return measure_noise(weights.matrices(), requests, max_rows=max_rows, progress=True)
+        return measure_noise(weights.matrices(), requests, max_rows=max_rows, progress=progress)
 
 
 def _tensors_from_stats(stats: list[MatrixStats]) -> list[TensorInfo]:
@@ -284,14 +286,14 @@ def run(args: argparse.Namespace) -> int:
 
     spectral = spectral_config(cfg, args.alpha_experts, args.farms_max_blocks)
     stats = (_read_alphas(args.alphas) if args.alphas is not None
-             else _analyze(model, args.cache_dir, not args.no_cache, spectral))
+             else _analyze(model, args.cache_dir, not args.no_cache, spectral, not args.no_progress))
     if tensors is None:
         logger.warning("%s is not a GGUF: sizes cover the analysed matrices only", model)
         tensors = _tensors_from_stats(stats)
 
     noise_table = None
     if cfg.noise == "measured":
-        noise_table = _measure(model, measurement_requests(stats, tensors, cfg), cfg.mse_rows)
+        noise_table = _measure(model, measurement_requests(stats, tensors, cfg), cfg.mse_rows, not args.no_progress)
 
     kv = DEFAULT_KV_METADATA_BYTES
     if not is_gguf and header is None and model.is_dir():  # the tokenizer files tell the metadata's size

@@ -59,7 +59,9 @@ def note_requantised(model: Path) -> None:
             quantised = quantised_weights(read_tensors(model))
         except (ValueError, OSError, struct.error, UnicodeDecodeError, KeyError, IndexError):
             return
-        if quantised:
+        from alphaq.model.weights import REQUANTISABLE_TYPES
+
+        if quantised and all(r.type in REQUANTISABLE_TYPES for r in quantised):  # (others: refused right after)
             warn_requantised(model, quantised[0].type.name)
 
 
