@@ -282,3 +282,11 @@ def test_plan_takes_no_progress(model_copy, tmp_path, capsys):
     assert "%|" not in capsys.readouterr().err
     assert cli_main(argv + ["--force"]) == 0
     assert "%|" in capsys.readouterr().err  # (the bar, when it is wanted)
+
+
+@pytest.mark.parametrize("size, fixed", [("2MiB", "5000000"), ("1TB", "0")])
+def test_plan_checks_a_size_with_stated_fixed_bytes_before_analysing(size, fixed, model_copy, tmp_path, no_analysis,
+                                                                     capsys):
+    line = one_line_error(["plan", str(model_copy), "--target-size", size, "--fixed-bytes", fixed, "--json",
+                           str(tmp_path / "p.json")], capsys)
+    assert "achievable range" in line, line

@@ -73,18 +73,21 @@ def quantised_tensors(tensors: list[TensorInfo]) -> list[TensorInfo]:
 
 
 def check_budget(model: Path, cfg: PlanConfig, opened: ModelWeights | None = None,
-                 size_flag: str = "--target-size") -> Pins:
+                 size_flag: str = "--target-size", fixed_bytes: int | None = None) -> Pins:
     """The budget check before any expensive stage (alphaq.allocate.plan.check_budget, with what the
     shapes tell): BudgetError unless ``cfg.budget`` is within what ``cfg``'s candidates can reach
     on ``model`` (HF checkpoint directory or float GGUF) and what the pins leave; reads headers
     only. ``opened``: ``model`` as the caller already opened it (only its list of matrices and
-    their shapes is read); ``size_flag``: what set a size budget, for the message. Returns the pins
-    (alphaq.allocate.overrides.Pins)."""
+    their shapes is read); ``size_flag``: what set a size budget, for the message; ``fixed_bytes``:
+    the output's non-tensor bytes when the caller states them (`alphaq plan --fixed-bytes`). Returns
+    the pins (alphaq.allocate.overrides.Pins)."""
     if opened is None:
         with open_model(model) as opened:
             pass
     mats = opened.matrices()
     tensors, header, quantised, known_header = _shapes(model, opened.source, mats, cfg)
+    if fixed_bytes is not None:
+        header = known_header = fixed_bytes
     rng = budget_range(tensors, cfg, {m.tensor for m in mats if m.expert is not None}, header=header,
                        extra_high=_unknown_bytes(model, opened, tensors, len(mats)))
     names = {t.name for t in quantised}

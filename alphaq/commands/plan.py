@@ -273,10 +273,9 @@ def run(args: argparse.Namespace) -> int:
     note_requantised(model)  # a Q8_0 GGUF is analysed dequantised: said, not silent
     if cfg.budget_mode == "size" and not is_gguf:
         raise AlphaQError("--target-size needs a GGUF model (every tensor must be known); use --budget or --bpw")
-    if cfg.budget_mode != "size" or args.fixed_bytes is None:  # (a given header size is checked when solving)
-        from alphaq.allocate.feasibility import check_budget
+    from alphaq.allocate.feasibility import check_budget
 
-        check_budget(model, cfg)  # before the analysis
+    check_budget(model, cfg, fixed_bytes=args.fixed_bytes)  # before the analysis
 
     tensors: list[TensorInfo] | None = None
     header = args.fixed_bytes
