@@ -290,3 +290,11 @@ def test_plan_checks_a_size_with_stated_fixed_bytes_before_analysing(size, fixed
     line = one_line_error(["plan", str(model_copy), "--target-size", size, "--fixed-bytes", fixed, "--json",
                            str(tmp_path / "p.json")], capsys)
     assert "achievable range" in line, line
+
+
+def test_analyze_refuses_a_cache_dir_that_is_a_file(model_copy, tmp_path, no_analysis, capsys):
+    blocker = tmp_path / "cache"
+    blocker.write_text("x")
+    line = one_line_error(["analyze", str(model_copy), "--csv", str(tmp_path / "a.csv"), "--cache-dir", str(blocker)],
+                          capsys)
+    assert f"--cache-dir {blocker} is a file" in line
