@@ -165,11 +165,10 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
 def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | None = None,
          target_size: int | str | None = None, mode: str = "fast", progress: bool = False,
          tensor_type=None, tensor_type_file=None, **options):
-    """The allocation for a float GGUF without writing anything (modes "fast" and "paper": no
-    forward pass); takes convert's pins (output_tensor_type, tensor_type, ...), alpha_experts and farms_max_blocks.
-    Returns alphaq.allocate.plan.Plan."""
-    from alphaq.allocate.plan import gguf_model_infos, make_plan
-
+    """The allocation for a model without writing anything (modes "fast" and "paper": no forward
+    pass), as `alphaq plan`: a float GGUF (any part of a split one), or an HF checkpoint (sizes of
+    the analysed matrices, header estimated); takes convert's pins (output_tensor_type,
+    tensor_type, ...), alpha_experts and farms_max_blocks. Returns alphaq.allocate.plan.Plan."""
     if mode == "damage":
         raise AlphaQError("the damage mode runs the model; use alphaq.convert (plan takes mode 'fast' or 'paper')")
     cap = options.get("max_quantise_ns")
@@ -184,20 +183,12 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
     if options:
         raise AlphaQError(f"unknown option(s) {', '.join(sorted(options))}; see alphaq.allocate.plan.PlanConfig")
     path = _model_path(model)
-    if not (path.is_file() and path.suffix == ".gguf"):
-        raise InputError(f"{path} is not a .gguf file; plan reads a F32/F16/BF16 GGUF")
-    from alphaq.allocate.feasibility import check_budget
-
-    check_budget(path, cfg)  # before the analysis
-    tensors, header = gguf_model_infos(path, cfg.alignment)  # any part of a split GGUF: all of it
+    if not path.exists():
+        raise InputError(f"model {path} does not exist")
     from alphaq.allocate.plan import spectral_config
-    from alphaq.spectral.alpha import farms_cap
+    from alphaq.commands.plan import plan_model
 
-    spectral = spectral_config(cfg, *sample)
-    stats = analyze(path, progress=progress, cfg=spectral)
-    plan = make_plan(stats, tensors, cfg, fixed_bytes=header)
-    plan.settings["farms_cap"] = farms_cap(stats, spectral)
-    return plan
+    return plan_model(path, cfg, spectral_config(cfg, *sample), progress=progress)
 
 
 def analyze(model: str | os.PathLike, *, progress: bool = False, **options):

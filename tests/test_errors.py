@@ -228,8 +228,8 @@ def test_python_front_door_raises_the_kinds(tmp_path, work):
         alphaq.convert(d, work / "o.gguf")
     with pytest.raises(alphaq.BudgetError, match="achievable range"):
         alphaq.convert(FIXTURES / MODEL, work / "o.gguf", budget=0.2)
-    with pytest.raises(alphaq.InputError, match="not a .gguf file"):
-        alphaq.plan(FIXTURES / MODEL, budget=3)
+    with pytest.raises(alphaq.InputError, match="does not exist"):
+        alphaq.plan(tmp_path / "missing.gguf", budget=3)
     assert issubclass(alphaq.BudgetError, alphaq.AlphaQError) and issubclass(alphaq.InputError, alphaq.AlphaQError)
     assert list(work.iterdir()) == []
 

@@ -255,6 +255,7 @@ def test_the_python_front_door_takes_the_clis_words(model_copy, monkeypatch):
     """gamma="paper" and max_quantise_ns="none", as --gamma paper and --max-quantise-ns none."""
     import alphaq
     import alphaq.api
+    import alphaq.commands.plan
 
     class Stop(Exception):
         pass
@@ -263,7 +264,7 @@ def test_the_python_front_door_takes_the_clis_words(model_copy, monkeypatch):
         raise Stop
 
     seen = {}
-    monkeypatch.setattr(alphaq.api, "analyze", stop)
+    monkeypatch.setattr(alphaq.commands.plan, "_analyze", stop)
     real = alphaq.api._plan_config
 
     def spy(*a, **k):
@@ -298,3 +299,15 @@ def test_analyze_refuses_a_cache_dir_that_is_a_file(model_copy, tmp_path, no_ana
     line = one_line_error(["analyze", str(model_copy), "--csv", str(tmp_path / "a.csv"), "--cache-dir", str(blocker)],
                           capsys)
     assert f"--cache-dir {blocker} is a file" in line
+
+
+def test_python_plan_is_the_clis_plan_also_for_a_checkpoint(tmp_path):
+    """alphaq.plan reads what `alphaq plan` reads (it refused an HF checkpoint) and plans the same."""
+    import json
+
+    import alphaq
+
+    hf = FIXTURES / "qwen3moe"
+    out = tmp_path / "p.json"
+    assert cli_main(["plan", str(hf), "--budget", "3", "--json", str(out), "--no-progress"]) == 0
+    assert alphaq.plan(hf, budget=3).to_dict() == json.loads(out.read_text())

@@ -583,7 +583,7 @@ def test_plan_command(tmp_path, monkeypatch, capsys):
     tensors = [TensorInfo(t.name, t.shape, "F32") for t in tensors]
     src = tmp_path / "tiny-f32.gguf"
     _write_tiny_gguf(src, tensors)
-    monkeypatch.setattr(plan_cmd, "_analyze", lambda model, cache_dir, use_cache=True, max_experts=None: stats)
+    monkeypatch.setattr(plan_cmd, "_analyze", lambda model, cache_dir, use_cache, cfg, progress: stats)
     out, tt = tmp_path / "plan.json", tmp_path / "tt.txt"
     argv = ["plan", str(src), "--budget", "3.3", "--json", str(out), "--tensor-types-out", str(tt)]
     assert cli.main(argv) == 0

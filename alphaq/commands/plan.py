@@ -24,6 +24,7 @@ from alphaq.allocate.plan import (
     POLICY_DEFAULTS,
     GRANULARITIES,
     SCOPES,
+    Plan,
     PlanConfig,
     TensorInfo,
     spectral_config,
@@ -243,6 +244,45 @@ def _tensors_from_stats(stats: list[MatrixStats]) -> list[TensorInfo]:
     return [TensorInfo(n, ((n_expert[n],) if n in n_expert else ()) + shp, "F16") for n, shp in shapes.items()]
 
 
+def plan_model(model: Path, cfg: PlanConfig, spectral: "SpectralConfig", *, alphas: Path | None = None,
+               fixed_bytes: int | None = None, cache_dir: Path | None = None, use_cache: bool = True,
+               progress: bool = True) -> Plan:
+    """The fast/paper plan of ``model`` (a float GGUF, any part of a split one, or anything `alphaq
+    analyze` reads: then sizes cover the analysed matrices and the header is estimated): the budget
+    checked from shapes first, then the spectral stage (or ``alphas``, `alphaq analyze --csv`'s
+    statistics), then the solver. ``fixed_bytes``: the output's non-tensor bytes, if known."""
+    from alphaq.allocate.feasibility import check_budget
+
+    is_gguf = model.is_file() and model.suffix.lower() == ".gguf"
+    note_requantised(model)  # a Q8_0 GGUF is analysed dequantised: said, not silent
+    if cfg.budget_mode == "size" and not is_gguf:
+        raise AlphaQError("--target-size needs a GGUF model (every tensor must be known); use --budget or --bpw")
+    check_budget(model, cfg, fixed_bytes=fixed_bytes)  # before the analysis
+    tensors: list[TensorInfo] | None = None
+    header = fixed_bytes
+    if is_gguf:
+        tensors, gguf_header = gguf_model_infos(model, cfg.alignment)  # a split GGUF: every part
+        header = gguf_header if header is None else header
+    stats = _read_alphas(alphas) if alphas is not None else _analyze(model, cache_dir, use_cache, spectral, progress)
+    if tensors is None:
+        logger.warning("%s is not a GGUF: sizes cover the analysed matrices only", model)
+        tensors = _tensors_from_stats(stats)
+    noise_table = None
+    if cfg.noise == "measured":
+        noise_table = _measure(model, measurement_requests(stats, tensors, cfg), cfg.mse_rows, progress)
+    kv = DEFAULT_KV_METADATA_BYTES
+    if not is_gguf and header is None and model.is_dir():  # the tokenizer files tell the metadata's size
+        from alphaq.allocate.feasibility import tokenizer_kv_bytes
+
+        kv = tokenizer_kv_bytes(model)
+    plan = make_plan(stats, tensors, cfg, fixed_bytes=header, noise_table=noise_table, kv_bytes=kv)
+    if alphas is None:
+        from alphaq.spectral.alpha import farms_cap
+
+        plan.settings["farms_cap"] = farms_cap(stats, spectral)
+    return plan
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_quantise_ns == "auto":
         raise AlphaQError("--max-quantise-ns auto is the cap of `alphaq convert`'s default mode; "
@@ -269,41 +309,9 @@ def run(args: argparse.Namespace) -> int:
                        input_files(model, args.alphas))
     if args.tensor_type_file is not None and cfg.granularity != "tensor":
         raise AlphaQError("--tensor-types-out needs --granularity tensor (stock llama.cpp: one type per tensor)")
-    is_gguf = model.is_file() and model.suffix.lower() == ".gguf"
-    note_requantised(model)  # a Q8_0 GGUF is analysed dequantised: said, not silent
-    if cfg.budget_mode == "size" and not is_gguf:
-        raise AlphaQError("--target-size needs a GGUF model (every tensor must be known); use --budget or --bpw")
-    from alphaq.allocate.feasibility import check_budget
-
-    check_budget(model, cfg, fixed_bytes=args.fixed_bytes)  # before the analysis
-
-    tensors: list[TensorInfo] | None = None
-    header = args.fixed_bytes
-    if is_gguf:
-        tensors, gguf_header = gguf_model_infos(model, cfg.alignment)  # a split GGUF: every part
-        header = gguf_header if header is None else header
-
-    spectral = spectral_config(cfg, args.alpha_experts, args.farms_max_blocks)
-    stats = (_read_alphas(args.alphas) if args.alphas is not None
-             else _analyze(model, args.cache_dir, not args.no_cache, spectral, not args.no_progress))
-    if tensors is None:
-        logger.warning("%s is not a GGUF: sizes cover the analysed matrices only", model)
-        tensors = _tensors_from_stats(stats)
-
-    noise_table = None
-    if cfg.noise == "measured":
-        noise_table = _measure(model, measurement_requests(stats, tensors, cfg), cfg.mse_rows, not args.no_progress)
-
-    kv = DEFAULT_KV_METADATA_BYTES
-    if not is_gguf and header is None and model.is_dir():  # the tokenizer files tell the metadata's size
-        from alphaq.allocate.feasibility import tokenizer_kv_bytes
-
-        kv = tokenizer_kv_bytes(model)
-    plan = make_plan(stats, tensors, cfg, fixed_bytes=header, noise_table=noise_table, kv_bytes=kv)
-    if args.alphas is None:
-        from alphaq.spectral.alpha import farms_cap
-
-        plan.settings["farms_cap"] = farms_cap(stats, spectral)
+    plan = plan_model(model, cfg, spectral_config(cfg, args.alpha_experts, args.farms_max_blocks),
+                      alphas=args.alphas, fixed_bytes=args.fixed_bytes, cache_dir=args.cache_dir,
+                      use_cache=not args.no_cache, progress=not args.no_progress)
     plan.write_json(args.json_path, force=args.force)
     if args.tensor_type_file is not None:
         plan.write_tensor_type_file(args.tensor_type_file, force=args.force)
