@@ -220,7 +220,10 @@ def damage_model(lo: dict, hi: dict, mode: str) -> dict | None:
     # the deeper run already interpolates some blocks: every kind is at its anchor count, so any
     # deeper model measures as many tensors as it did (otherwise: kinds x min(anchors, blocks) + outside)
     capped = b["measured"] if b.get("interpolated") else None
+    # (the anchor count that run used: the summary line does not say it; every run so far was made
+    # under the default of then, 4)
     return {"kinds": kinds, "outside": tensors(b) - kinds * hi["blocks"], "measured_capped": capped,
+            "capped_anchors": b.get("anchors", 4),
             "fake_per_measurement": b["fake_quantise"] / b["measured"],
             "forward_per_measurement_block_token": b["forward"] / (b["measured"] * hi["blocks"] * b["tokens"]),
             "reference_per_block_token": b["reference"] / (hi["blocks"] * b["tokens"]),
@@ -233,7 +236,8 @@ def project_damage(m: dict, blocks: float) -> tuple[float, str]:
     from alphaq.selftext import SelfTextConfig
 
     cfg = DamageConfig()
-    measured = m.get("measured_capped") or m["kinds"] * min(cfg.anchors, blocks) + m["outside"]
+    capped = m.get("measured_capped") if m.get("capped_anchors", 4) == cfg.anchors else None
+    measured = capped or m["kinds"] * min(cfg.anchors, blocks) + m["outside"]
     tensors = m["kinds"] * blocks + m["outside"]
     tokens = SelfTextConfig().n_ctx * cfg.windows_when(blocks <= cfg.anchors)
     fwd = measured * m["forward_per_measurement_block_token"] * blocks * tokens
@@ -360,7 +364,7 @@ def projection_table(fits: dict, modes: list[str]) -> list[dict]:
     print("# assumptions: time, output and work-folder disk are linear in MoE blocks; the real vocabulary's embedding and")
     print("# output matrices cost the per-weight rate of a block; on 16 cores only llama_model_quantize gets faster,")
     print("# by 16/2 = 8x (ASSUMED linear scaling in cores, not measured); every other stage is kept as on 2 cores.")
-    print("# the default mode's damage stage: measurements (at most 4 anchor blocks per tensor kind) x a forward pass over")
+    print("# the default mode's damage stage: measurements (at most DamageConfig.anchors blocks per tensor kind) x a forward pass over")
     print("# every block, + weighted errors per tensor, from the parts the summary reports (see project_damage).")
     print("# DeepSeek-V3-class default: per-weight stages by weights, forward-pass stages and damage from deepseek2-lite")
     print("# scaled by the weights a token reads (project_v3_default); the BF16 model assumed to stay in RAM.")

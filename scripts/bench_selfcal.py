@@ -20,7 +20,7 @@ gamma 1 and App. A.7's formula), experts-only (the default's damage, routed expe
 the fast mode's policy types), no-imatrix (damage measured and files quantised without any importance
 matrix), w4 / w2 / w1 (the damage measured on 4 / 2 / 1 of the 16 windows), a1 / a1w4 (depth anchors, alphaq.damage.anchors:
 one block per tensor kind measured, the other block's damage interpolated from it; 16 / 4 windows), deep-default / deep-a4w16 /
-deep-all (for models deeper than 4 blocks, --models DIR: the product's default, 4 anchor blocks per kind on 4 windows; the same
+deep-all (for models deeper than 4 blocks, --models DIR: the product's default when run (4 anchor blocks per kind on 4 windows, later 2; 8 anchors now); the same
 on 16 windows; every block measured on 16 windows), deep-a4w2 / deep-a3w4 / deep-a3w2 (the cheaper depth settings:
 4 anchors on 2 windows, 3 anchors on 4 and on 2; deep-a8w2: twice the anchors, for models much deeper than 8 blocks), mse64k (the default with the weighted errors on at most 64K
 sampled weights per tensor instead of the default's DamageConfig.max_sampled_weights), domain-bias (the stock mix with an
@@ -83,8 +83,9 @@ SAMPLE_VARIANTS = {"mse64k": DamageConfig(max_sampled_weights=1 << 16)}
 # where a variant leaves them open): the product's, more windows, every block, and cheaper ones.
 # "deep-default" is the product's setting when the run is made: 4 anchors on 4 windows in
 # bench/selfcal-deep.json and bench/selfcal-deep-cheap.json, 4 anchors on 2 windows since f5fdb49
-DEEP_VARIANTS = {"deep-default": DamageConfig(), "deep-a4w16": DamageConfig(n_windows=16),
-                 "deep-all": DamageConfig(anchors=None), "deep-a4w2": DamageConfig(n_windows=2),
+# (bench/selfcal-deep24.json), 8 anchors on 2 windows since that run (its deep-a8w2)
+DEEP_VARIANTS = {"deep-default": DamageConfig(), "deep-a4w16": DamageConfig(anchors=4, n_windows=16),
+                 "deep-all": DamageConfig(anchors=None), "deep-a4w2": DamageConfig(anchors=4, n_windows=2),
                  "deep-a3w4": DamageConfig(anchors=3, n_windows=4), "deep-a3w2": DamageConfig(anchors=3, n_windows=2),
                  "deep-a8w2": DamageConfig(anchors=8, n_windows=2)}
 # --fast with alpha from this many evenly spaced experts per merged tensor (--alpha-experts N): on

@@ -227,6 +227,21 @@ def test_depth_anchors_pick_first_last_and_between():
     assert DamageConfig().windows(names) == 2 and DamageConfig(anchors=10).windows(names) == 16
 
 
+def test_default_anchors_measure_up_to_8_blocks_in_full_and_8_per_kind_beyond():
+    """The default measured on a 24-block model (bench/selfcal-deep24.json): 8 anchors per kind."""
+    from alphaq.damage.anchors import depth_anchors
+
+    def blocks(n):
+        return [f"blk.{b}.{k}" for b in range(n) for k in ("attn_q.weight", "ffn_up_exps.weight")] + ["output.weight"]
+
+    eight, deep = blocks(8), blocks(24)
+    assert depth_anchors(eight, DamageConfig().anchors).measured == set(eight)
+    assert DamageConfig().windows(eight) == 16
+    measured = depth_anchors(deep, DamageConfig().anchors).measured
+    assert len(measured) == 2 * 8 + 1 and {"blk.0.attn_q.weight", "blk.23.attn_q.weight"} <= measured
+    assert DamageConfig().windows(deep) == 2
+
+
 def test_anchored_damage_is_the_anchor_rate_times_own_weighted_error(own_text, session):
     im = collect_imatrix(session, own_text)
     ref = Reference(session, own_text[:2])
