@@ -311,3 +311,21 @@ def test_python_plan_is_the_clis_plan_also_for_a_checkpoint(tmp_path):
     out = tmp_path / "p.json"
     assert cli_main(["plan", str(hf), "--budget", "3", "--json", str(out), "--no-progress"]) == 0
     assert alphaq.plan(hf, budget=3).to_dict() == json.loads(out.read_text())
+
+
+def test_eval_takes_threads_and_warns_beyond_the_trained_context(model_copy, tmp_path, capsys, caplog, monkeypatch):
+    import logging
+
+    import alphaq.evaluate.perplexity as perplexity
+
+    seen = []
+    real = perplexity.load_llama
+    monkeypatch.setattr(perplexity, "load_llama", lambda *a, **k: seen.append(k.get("n_threads")) or real(*a, **k))
+    monkeypatch.setattr(perplexity, "trained_context", lambda llm: 64)  # the fixture was trained on 2048
+    caplog.set_level(logging.WARNING)
+    assert cli_main(["eval", str(model_copy), "-f", str(HELDOUT / "prose.txt"), "-c", "128", "--chunks", "1",
+                     "-t", "1", "--no-progress"]) == 0
+    assert seen == [1]
+    assert any("--n-ctx 128 is beyond the 64 tokens" in r.getMessage() for r in caplog.records)
+    line = one_line_error(["eval", str(model_copy), "-f", str(HELDOUT / "prose.txt"), "-t", "0"], capsys)
+    assert "--threads 0 must be at least 1" in line

@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 from alphaq.errors import AlphaQError
 from alphaq.files import atomic_write_text, check_output_files, input_files
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -31,6 +34,7 @@ def register(subparsers) -> None:
                    help="reference GGUF of the same model (e.g. its BF16) for KL and top-1")
     p.add_argument("--n-ctx", "-c", "--ctx-size", type=int, default=256, help="window length (default: %(default)s)")
     p.add_argument("--max-windows", "--chunks", type=int, help="at most this many windows per text")
+    p.add_argument("-t", "--threads", type=int, help="CPU threads (default: llama.cpp's)")
     p.add_argument("--json", dest="json_path", type=Path, help="write the report as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -41,7 +45,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alphaq.evaluate.perplexity import check_same_vocabulary, evaluate_text, load_llama, windows
+    from alphaq.evaluate.perplexity import check_same_vocabulary, evaluate_text, load_llama, trained_context, windows
     from alphaq.runtime.isolated import patched_loaded
 
     from alphaq.gguf.io import check_gguf
@@ -57,11 +61,17 @@ def run(args: argparse.Namespace) -> int:
         raise AlphaQError(f"--n-ctx {args.n_ctx} must be at least 8")
     if args.max_windows is not None and args.max_windows < 1:
         raise AlphaQError(f"--max-windows {args.max_windows} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise AlphaQError(f"--threads {args.threads} must be at least 1")
     check_output_files({"--json": args.json_path}, args.force, input_files(args.model, args.ref, *args.text))
     if args.patched and not patched_loaded():
         return _rerun_patched(args)
-    llm = load_llama(args.model, args.n_ctx)
-    ref = load_llama(args.ref, args.n_ctx) if args.ref else None
+    llm = load_llama(args.model, args.n_ctx, n_threads=args.threads)
+    ref = load_llama(args.ref, args.n_ctx, n_threads=args.threads) if args.ref else None
+    trained = trained_context(llm)
+    if trained and args.n_ctx > trained:
+        log.warning("--n-ctx %d is beyond the %d tokens %s was trained on: its perplexity there says little",
+                    args.n_ctx, trained, args.model)
     texts = [(t, t.read_text(errors="replace")) for t in args.text]
     for t, text in texts:  # every text long enough, and the reference comparable, before any scoring
         windows(ref or llm, text, args.n_ctx, args.max_windows, name=f"--text {t}")
@@ -91,7 +101,8 @@ def _rerun_patched(args: argparse.Namespace) -> int:
     argv = ["eval", str(args.model), "--n-ctx", str(args.n_ctx)]
     for t in args.text:
         argv += ["--text", str(t)]
-    for flag, value in (("--ref", args.ref), ("--max-windows", args.max_windows), ("--json", args.json_path)):
+    for flag, value in (("--ref", args.ref), ("--max-windows", args.max_windows), ("--json", args.json_path),
+                        ("--threads", args.threads)):
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--force"] * args.force + ["--no-progress"] * args.no_progress

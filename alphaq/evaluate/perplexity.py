@@ -47,6 +47,13 @@ def load_llama(path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: in
                            seed=0, verbose=False, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
 
 
+def trained_context(llm) -> int:
+    """The context length the loaded model was trained on (its GGUF's context_length)."""
+    import llama_cpp
+
+    return int(llama_cpp.llama_model_n_ctx_train(llm.model))
+
+
 def window_logprobs(llm, tokens: list[int]) -> np.ndarray:
     """log-softmax of the logits at every position of one window, shape (len(tokens), n_vocab)."""
     llm.reset()
