@@ -379,17 +379,19 @@ def test_time_estimate_scales_the_benchmark_table():
         4 * sum(STAGE_SECONDS_PER_BLOCK[k] for k in ("float model", "self text", "importance", "quantise")))
     # the benchmark's own run: 30 measurements on 16 windows of every block (bench/scale-head-qwen3.json)
     assert got["damage"] == pytest.approx(168.0 + 410.1 + 13.9 + 40.3)
-    # 8 blocks of half the weights: 4 anchor blocks per kind (30 measurements) on 2 windows, each a
-    # forward pass over all 8 blocks; 58 tensors' weighted errors
-    half = stage_seconds(cfg, "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)
-    expected = (30 * (P["fake_per_measurement"] + P["forward_per_measurement_block_token"] * 8 * 512)
-                + P["reference_per_block_token"] * 8 * 512 + 58 * P["weighted_error_per_tensor"]) / 2
+    # 12 blocks of half the weights: 8 anchor blocks per kind (the default; 58 measurements) on 2
+    # windows, each a forward pass over all 12 blocks; 86 tensors' weighted errors
+    half = stage_seconds(cfg, "gguf", 12, REFERENCE_WEIGHTS_PER_BLOCK // 2)
+    expected = (58 * (P["fake_per_measurement"] + P["forward_per_measurement_block_token"] * 12 * 512)
+                + P["reference_per_block_token"] * 12 * 512 + 86 * P["weighted_error_per_tensor"]) / 2
     assert "float model" not in half and half["damage"] == pytest.approx(expected)
-    # with every block measured it is quadratic: 58 measurements on 16 windows
+    # with every block measured it is quadratic: 58 measurements on 16 windows at 8 blocks, which
+    # the default's 8 anchors measure in full too
     every = stage_seconds(replace(cfg, damage=DamageConfig(anchors=None)), "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)
     expected = (58 * (P["fake_per_measurement"] + P["forward_per_measurement_block_token"] * 8 * 4096)
                 + P["reference_per_block_token"] * 8 * 4096 + 58 * P["weighted_error_per_tensor"]) / 2
     assert every["damage"] == pytest.approx(expected)
+    assert stage_seconds(cfg, "gguf", 8, REFERENCE_WEIGHTS_PER_BLOCK // 2)["damage"] == pytest.approx(expected)
     # a quantiser time cap bounds the quantise stage: the measured wall time per estimated ns-weight
     # (bench/quantise-cap.json) times the cap; a loose cap leaves the benchmark's rate
     capped = stage_seconds(replace(cfg, plan=replace(cfg.plan, max_quantise_ns=100.0)), "hf", 4,

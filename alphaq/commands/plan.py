@@ -159,12 +159,9 @@ def quantise_cap_arg(text: str) -> float | str:
     if text in ("auto", "none"):
         return text
     try:
-        ns = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of ns per weight, auto or none") from None
-    if not ns > 0 or ns == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: a cap must be a positive number of ns per weight (none: no cap)")
-    return ns
 
 
 def _gamma(text: str) -> float | None:
@@ -189,6 +186,9 @@ def config_from_args(args: argparse.Namespace, mode: str = "fast") -> PlanConfig
         raise AlphaQError("give one of --budget, --bpw or --target-size")
     if mode != "size" and not 0 < value < float("inf"):
         raise AlphaQError(f"--{'budget' if mode == 'bits' else 'bpw'} {value:g} must be a positive number of bits")
+    cap = args.max_quantise_ns
+    if cap not in ("auto", "none") and not 0 < cap < float("inf"):
+        raise AlphaQError(f"--max-quantise-ns {cap:g} must be a positive number of ns per weight (none: no cap)")
     if args.mse_rows < 0:
         raise AlphaQError(f"--mse-rows {args.mse_rows} must be >= 0 (0 = all rows)")
     return PlanConfig(
