@@ -35,13 +35,13 @@ from alphaq.spectral.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import InputError, InternalError
 from alphaq.gguf.expert import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf.io import (check_finite, check_gguf, copy_with_metadata, first_shard, header_bytes, model_bytes,
-                            quantised_weights, read_tensors, shard_paths, warn_requantised)
+                            quantised_weights, read_tensors, warn_requantised)
 from alphaq.gguf.split import SplitSpec, split_gguf
 from alphaq import memory
 from alphaq.pipeline.preflight import SPLIT_PART_OVERHEAD, WORKING_COPY_CHOICES, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
 from alphaq.allocate.feasibility import check_budget, matrix_tensors, quantised_tensors
-from alphaq.files import check_plots_dir
+from alphaq.files import check_plots_dir, input_files
 from alphaq.allocate.overrides import KVOverride, Pins
 from alphaq.allocate.plan import Plan, PlanConfig, TensorInfo, format_size, make_plan, plan_pins
 from alphaq.allocate.quantise_cap import AutoCap, auto_capped_plan
@@ -586,7 +586,7 @@ def check_not_input(cfg: ConvertConfig, source: str) -> None:
     the model they are made from."""
     if source != "gguf":
         return  # a checkpoint directory: no output (a .gguf file) can be it
-    inputs = {p.resolve() for p in shard_paths(cfg.model)}
+    inputs = input_files(cfg.model)
     for out in (cfg.output, *side_paths(cfg.output), imatrix_path(cfg.output)):
         if out.resolve() in inputs:
             raise InputError(f"{out} is the input model (or a part of it); write the output elsewhere "
