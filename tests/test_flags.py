@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as T
 import alphaq
 from alphaq.cli import build_parser
 from alphaq.cli import main as cli_main
-from alphaq.commands.convert import _with_pins
+from alphaq.commands.plan import with_pins
 from alphaq.pipeline.convert import ConvertConfig, run_convert
 from alphaq.errors import AlphaQError
 from alphaq.gguf.io import read_tensors
@@ -124,7 +124,7 @@ def test_command_line_and_file_are_read_as_llama_quantize_reads_them(model_gguf,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     args = build_parser().parse_args(["convert", str(model_gguf), *flags])
-    expected = _expected_types(model_gguf, _with_pins(PlanConfig(), args), T.Q8_0)
+    expected = _expected_types(model_gguf, with_pins(PlanConfig(), args), T.Q8_0)
     llama = _dry_run_types((res.stdout + res.stderr).splitlines())
     assert {n: llama[n] for n in expected} == expected
     assert expected["blk.1.ffn_up_exps.weight"] == T.Q5_K and expected["blk.1.attn_v.weight"] == T.Q5_0

@@ -599,11 +599,21 @@ def test_plan_command(tmp_path, monkeypatch, capsys):
     assert cli.main(["plan", str(src), "--budget", "3", "--granularity", "expert", "--json", str(tmp_path / "e.json"),
                      "--tensor-types-out", str(tmp_path / "e.txt")]) == 2
     capsys.readouterr()
-    pins = tmp_path / "pins.txt"  # llama-quantize's --tensor-type-file is an input: never written over
+    # llama-quantize's pins, as in convert: --tensor-type-file is read (an input: never written over)
+    pins = tmp_path / "pins.txt"
     pins.write_text("attn_v=q8_0\n")
     assert cli.main(["plan", str(src), "--budget", "3", "--json", str(tmp_path / "p.json"), "--tensor-type-file",
-                     str(pins), "--force"]) == 2
-    assert "--tensor-types-out" in capsys.readouterr().err and pins.read_text() == "attn_v=q8_0\n"
+                     str(pins), "--tensor-types-out", str(pins), "--force"]) == 2
+    assert "is an input" in capsys.readouterr().err and pins.read_text() == "attn_v=q8_0\n"
+    assert cli.main(["plan", str(src), "--budget", "4.5", "--json", str(tmp_path / "p.json"), "--tensor-type-file",
+                     str(pins), "--output-tensor-type", "q6_k", "--tensor-type", "ffn_down=q5_k"]) == 0
+    d = json.loads((tmp_path / "p.json").read_text())
+    pinned = {f["tensor"]: f["fallback_from"] or f["type"] for f in d["fixed"] if f["reason"].startswith("pinned")}
+    assert pinned == {"blk.0.attn_v.weight": "Q8_0", "blk.1.attn_v.weight": "Q8_0", "blk.0.ffn_down_exps.weight": "Q5_K",
+                      "blk.1.ffn_down_exps.weight": "Q5_K", "output.weight": "Q6_K"} and d["totals"]["n_pinned"] == 5
+    assert cli.main(["plan", str(src), "--budget", "3", "--json", str(tmp_path / "p2.json"),
+                     "--tensor-type", "attn_v=q9_9"]) == 2
+    assert "q9_9" in capsys.readouterr().err and not (tmp_path / "p2.json").exists()
     assert cli.main(["plan", str(src), "--target-size", "1.5MiB", "--json", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["totals"]["predicted_file_bytes"] <= 1.5 * 2**20
     capsys.readouterr()

@@ -17,7 +17,6 @@ against the budget (docs/ALLOCATION.md, "Pins").
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from alphaq.damage import METHODS as DAMAGE_METHODS
 from alphaq.damage import ANCHORED_WINDOWS, FULL_WINDOWS, DamageConfig
 from alphaq.errors import AlphaQError
 from alphaq.pipeline.preflight import WORKING_COPY_CHOICES
-from alphaq.allocate.overrides import kv_overrides, parse_tensor_type, read_tensor_type_file
+from alphaq.allocate.overrides import kv_overrides
 from alphaq.allocate.plan import MODES, format_size, spectral_config
 from alphaq.selftext import SelfTextConfig
 from alphaq.spectral.alpha import XMIN_WINDOWS, SpectralConfig, describe_farms_cap
@@ -103,19 +102,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_llama_quantize_arguments(p: argparse.ArgumentParser) -> None:
-    """llama-quantize's override flags, same spelling and meaning (alphaq.allocate.overrides). A pinned
-    tensor keeps its type; its bytes count against the budget and the knapsack allocates the rest."""
-    g = p.add_argument_group("llama-quantize's overrides", "same spelling and meaning as llama-quantize's; "
-                             "a pinned tensor's bytes count against the budget (docs/ALLOCATION.md)")
-    g.add_argument("--output-tensor-type", metavar="TYPE", help="pin output.weight to TYPE")
-    g.add_argument("--token-embedding-type", metavar="TYPE", help="pin token_embd.weight to TYPE")
-    # one list for both, in command-line order: the first matching entry wins (llama-quantize)
-    g.add_argument("--tensor-type", metavar="PATTERN=TYPE", dest="tensor_type_entries", action="append",
-                   type=lambda s: ("entry", s), default=[],
-                   help="pin every tensor whose name the regex PATTERN matches (unanchored) to TYPE; repeatable")
-    g.add_argument("--tensor-type-file", metavar="FILE", dest="tensor_type_entries", action="append",
-                   type=lambda s: ("file", s),
-                   help="PATTERN=TYPE entries separated by whitespace, e.g. the .tensor-types.txt of a plan")
+    """llama-quantize's override flags, same spelling and meaning: the pins (shared with `alphaq plan`)
+    and --override-kv."""
+    g = _plan_cmd.add_pin_arguments(p)
     g.add_argument("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=[],
                    help="write metadata KEY into the output (TYPE int, float, bool or str); repeatable")
 
@@ -152,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         from alphaq.gguf.split import parse_split_size
 
         split_size = parse_split_size(args.split_max_size)
-    plan = _with_pins(_plan_cmd.config_from_args(args, args.mode), args)
+    plan = _plan_cmd.with_pins(_plan_cmd.config_from_args(args, args.mode), args)
     cfg = ConvertConfig(
         model=args.model, output=output, plan=plan,
         spectral=spectral_config(plan, args.alpha_experts, args.farms_max_blocks, xmin_window=args.xmin_window),
@@ -172,15 +161,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 _anchors = _plan_cmd.count_or_all(1, "blocks")  # --damage-anchors
-
-
-def _with_pins(plan, args: argparse.Namespace):
-    """The plan's configuration with the pins of the command line, in its order."""
-    entries = []
-    for kind, value in args.tensor_type_entries:
-        entries += [parse_tensor_type(value)] if kind == "entry" else read_tensor_type_file(value)
-    return dataclasses.replace(plan, output_tensor_type=args.output_tensor_type,
-                               token_embedding_type=args.token_embedding_type, tensor_types=tuple(entries))
 
 
 def _sample_note(sample: dict | None) -> str:

@@ -3,16 +3,20 @@
 Analyses MODEL (alphaq.spectral.analyze), solves the allocation (alphaq.allocate.plan) and writes the plan JSON and,
 for tensor granularity, a llama-quantize --tensor-type-file. MODEL is best the F16/BF16/F32 GGUF
 that llama-quantize will read: then every tensor and the output header size are known exactly.
+llama-quantize's pins (--output-tensor-type, --token-embedding-type, --tensor-type,
+--tensor-type-file) fix tensors' types as in `alphaq convert`; their bytes count against the budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alphaq.allocate.costs import NOISE_MODELS, measure_noise
+from alphaq.allocate.overrides import parse_tensor_type, read_tensor_type_file
 from alphaq.errors import AlphaQError
 from alphaq.files import check_output_files, input_files
 from alphaq.allocate.plan import (
@@ -61,11 +65,42 @@ def register(subparsers) -> None:
     p.add_argument("--tensor-types-out", dest="tensor_type_file", type=Path, metavar="FILE",
                    help="also write the plan's types as lines for llama-quantize --tensor-type-file (or alphaq "
                         "convert's)")
-    # llama-quantize's --tensor-type-file reads pins; here it would have written over that file
-    p.add_argument("--tensor-type-file", dest="pins_file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_pin_arguments(p)
     p.set_defaults(func=run)
+
+
+def add_pin_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """llama-quantize's pins, same spelling and meaning (alphaq.allocate.overrides); `with_pins` reads
+    them back. A pinned tensor keeps its type; its bytes count against the budget and the knapsack
+    allocates the rest. Returns the group, for a caller's further llama-quantize flags."""
+    g = p.add_argument_group("llama-quantize's overrides", "same spelling and meaning as llama-quantize's; "
+                             "a pinned tensor's bytes count against the budget (docs/ALLOCATION.md)")
+    g.add_argument("--output-tensor-type", metavar="TYPE", help="pin output.weight to TYPE")
+    g.add_argument("--token-embedding-type", metavar="TYPE", help="pin token_embd.weight to TYPE")
+    # one list for both, in command-line order: the first matching entry wins (llama-quantize)
+    g.add_argument("--tensor-type", metavar="PATTERN=TYPE", dest="tensor_type_entries", action="append",
+                   type=lambda s: ("entry", s), default=[],
+                   help="pin every tensor whose name the regex PATTERN matches (unanchored) to TYPE; repeatable")
+    g.add_argument("--tensor-type-file", metavar="FILE", dest="tensor_type_entries", action="append",
+                   type=lambda s: ("file", s),
+                   help="PATTERN=TYPE entries separated by whitespace, e.g. the .tensor-types.txt of a plan")
+    return g
+
+
+def with_pins(cfg: PlanConfig, args: argparse.Namespace) -> PlanConfig:
+    """``cfg`` with the pins of the command line, in its order."""
+    entries = []
+    for kind, value in args.tensor_type_entries:
+        entries += [parse_tensor_type(value)] if kind == "entry" else read_tensor_type_file(value)
+    return dataclasses.replace(cfg, output_tensor_type=args.output_tensor_type,
+                               token_embedding_type=args.token_embedding_type, tensor_types=tuple(entries))
+
+
+def pin_files(args: argparse.Namespace) -> list[Path]:
+    """The --tensor-type-file inputs (never to be written over by an output)."""
+    return [Path(value) for kind, value in args.tensor_type_entries if kind == "file"]
 
 
 def add_plan_arguments(p: argparse.ArgumentParser, *, budget_required: bool = True,
@@ -294,10 +329,7 @@ def run(args: argparse.Namespace) -> int:
     if args.alphas is not None and (args.alpha_experts != "auto" or args.farms_max_blocks != "auto"):
         raise AlphaQError("--alpha-experts and --farms-max-blocks choose what the spectral stage analyses; with "
                           "--alphas the statistics come from the CSV")
-    # refuse early, before the (long) analysis
-    if args.pins_file is not None:
-        raise AlphaQError("--tensor-type-file reads pins in llama-quantize and in alphaq convert; alphaq plan takes "
-                          "no pins and writes its types with --tensor-types-out FILE")
+    cfg = with_pins(cfg, args)  # before the (long) analysis: a bad pin is one line now
     model = Path(args.model)
     if not model.exists():
         raise AlphaQError(f"model {model} does not exist")
@@ -306,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fixed_bytes is not None and args.fixed_bytes < 0:
         raise AlphaQError(f"--fixed-bytes {args.fixed_bytes} must be >= 0")
     check_output_files({"--json": args.json_path, "--tensor-types-out": args.tensor_type_file}, args.force,
-                       input_files(model, args.alphas))
+                       input_files(model, args.alphas, *pin_files(args)))
     if args.tensor_type_file is not None and cfg.granularity != "tensor":
         raise AlphaQError("--tensor-types-out needs --granularity tensor (stock llama.cpp: one type per tensor)")
     plan = plan_model(model, cfg, spectral_config(cfg, args.alpha_experts, args.farms_max_blocks),
