@@ -5,7 +5,7 @@
     print(result.file_bytes, result.plan.totals.file_bpw)
 
 Library calls show no progress bars unless ``progress=True``, and raise ``alphaq.AlphaQError``
-(one line naming the value and what is allowed) for every mistake in their input: its kinds
+(one line naming the value, by its keyword, and what is allowed) for every mistake in their input: its kinds
 ``alphaq.InputError`` (model, file or path), ``alphaq.BudgetError`` (a budget the candidate types
 cannot meet, refused before any work) and ``alphaq.QuantizeError`` (llama.cpp's quantiser failed).
 """
@@ -13,10 +13,45 @@ cannot meet, refused before any work) and ``alphaq.QuantizeError`` (llama.cpp's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
 from pathlib import Path
 
 from alphaq.errors import AlphaQError, InputError
+
+
+# The library shares its checks with the CLI, whose messages name command-line flags. A Python
+# caller passed keywords, so `_python_errors` re-spells every flag a message names: a flag whose
+# keyword has the same name loses its dashes (--target-size -> target_size); these differ.
+_KEYWORD_OF_FLAG = {
+    "force": "force=True", "dry-run": "dry_run=True", "allow-requantize": "allow_requantize=True",
+    "no-resume": "resume=False", "no-cache": "use_cache=False", "no-stock-compare": "compare_stock=False",
+    "fast": "mode='fast'", "paper": "mode='paper'", "threads": "nthread",
+    "self-samples": "selftext=SelfTextConfig(n_seq=...)", "self-ctx": "selftext=SelfTextConfig(n_ctx=...)",
+    "seed": "selftext=SelfTextConfig(seed=...)", "damage-windows": "damage=DamageConfig(n_windows=...)",
+    "damage-anchors": "damage=DamageConfig(anchors=...)", "damage": "damage=DamageConfig(method=...)",
+    "xmin-window": "spectral=SpectralConfig(xmin_window=...)", "override-kv": "override_kv",
+}
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+
+
+def python_spelling(message: str) -> str:
+    """``message`` with each command-line flag it names spelled as the front door's keyword."""
+    return _FLAG.sub(lambda m: _KEYWORD_OF_FLAG.get(m.group(1), m.group(1).replace("-", "_")), message)
+
+
+def _python_errors(fn):
+    """``fn`` raising its AlphaQErrors (same type and traceback) with keywords for flags."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AlphaQError as exc:
+            exc.args = tuple(python_spelling(a) if isinstance(a, str) else a for a in exc.args)
+            raise
+
+    return call
 
 
 def _allowed_types(hint) -> tuple[type, ...] | None:
@@ -101,6 +136,7 @@ def _pins(options: dict, tensor_type, tensor_type_file) -> None:
         options["tensor_types"] = entries + tuple(options.get("tensor_types", ()))
 
 
+@_python_errors
 def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: float | None = None,
             bpw: float | None = None, target_size: int | str | None = None, like: str | None = None,
             mode: str = "damage", plots: str | os.PathLike | None = None, progress: bool = False,
@@ -162,6 +198,7 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     return run_convert(cfg)
 
 
+@_python_errors
 def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | None = None,
          target_size: int | str | None = None, mode: str = "fast", progress: bool = False,
          tensor_type=None, tensor_type_file=None, **options):
@@ -191,6 +228,7 @@ def plan(model: str | os.PathLike, *, budget: float | None = None, bpw: float | 
     return plan_model(path, cfg, spectral_config(cfg, *sample), progress=progress)
 
 
+@_python_errors
 def analyze(model: str | os.PathLike, *, progress: bool = False, **options):
     """PL_Alpha_Hill and the other spectral statistics of every weight matrix (alphaq.spectral.analyze)."""
     from alphaq.spectral.alpha import SpectralConfig

@@ -37,3 +37,32 @@ def test_mistakes_raise_alphaq_errors(call, needle, float_ggufs, tmp_path):
         call(float_ggufs["mixtral"], tmp_path / "o.gguf")
     assert needle in str(exc.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda m, o: alphaq.plan(m, budget=0.5), "budget 0.5 is below the smallest achievable"),
+    (lambda m, o: alphaq.plan(m, bpw=0.1), "bpw 0.1 is below"),
+    (lambda m, o: alphaq.plan(m, budget=3, tensor_type="attn_v"), "tensor_type 'attn_v' has no '='"),
+    (lambda m, o: alphaq.plan(m, budget=3, output_tensor_type="q9"), "output_tensor_type: unknown quant type 'q9'"),
+    (lambda m, o: alphaq.convert(m, o, budget=3, split_max_size="3Q"), "split_max_size '3Q'"),
+    (lambda m, o: alphaq.convert(m, o, budget=3, keep_bf16=o.with_name("b.gguf"), dry_run=True),
+     "keep_bf16 writes a file and dry_run=True writes none"),
+    (lambda m, o: alphaq.convert(m, m, budget=3, force=True), "(force=True replaces outputs, never the input)"),
+])
+def test_errors_name_the_keywords_not_the_command_line_flags(call, needle, float_ggufs, tmp_path):
+    """The checks are the CLI's; from Python the message names the keyword the caller passed."""
+    with pytest.raises(alphaq.AlphaQError) as exc:
+        call(float_ggufs["mixtral"], tmp_path / "o.gguf")
+    assert needle in str(exc.value) and "--" not in str(exc.value), exc.value
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_spelling_of_flags():
+    from alphaq.api import python_spelling
+
+    assert python_spelling("--target-size 1KiB needs a GGUF; use --budget or --bpw") == \
+        "target_size 1KiB needs a GGUF; use budget or bpw"
+    assert python_spelling("exists; pass --force (and --no-resume)") == "exists; pass force=True (and resume=False)"
+    assert python_spelling("--threads -1 must be >= 0; --damage-windows 3") == \
+        "nthread -1 must be >= 0; damage=DamageConfig(n_windows=...) 3"
+    assert python_spelling("a-b--c and x --") == "a-b--c and x --"  # no flag: unchanged

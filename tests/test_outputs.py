@@ -141,13 +141,13 @@ def test_plan_names_the_flag_of_a_bad_number(argv, needle, model_copy, tmp_path,
 
 
 def test_no_flag_abbreviations(model_copy, tmp_path, capsys):
-    # `--tensor-type` (llama-quantize's pin flag, which plan does not take) was an ambiguous prefix
+    # `--tensor-type` was an ambiguous prefix when plan took no pins; a prefix is never a flag
     with pytest.raises(SystemExit) as exc:
         cli_main(["plan", str(model_copy), "--budget", "3", "--json", str(tmp_path / "p.json"),
-                  "--tensor-type", "attn_v=q8_0"])
+                  "--tensor-types", "tt.txt"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "unrecognized arguments: --tensor-type" in err and "ambiguous" not in err
+    assert "unrecognized arguments: --tensor-types" in err and "ambiguous" not in err
 
 
 def test_verbose_is_taken_after_the_command_too():

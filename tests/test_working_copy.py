@@ -128,6 +128,6 @@ def test_convert_reports_the_working_copy_and_refuses_a_bad_value(float_ggufs, t
     assert rc == 0 and out.exists()
     assert "Q8_0 working copy" in text  # pre-flight and summary
     assert not any(p.name.startswith(".alphaq-q8_0") for p in tmp_path.rglob("*"))
-    with pytest.raises(InputError, match="--working-copy 'fast': allowed auto, float, q8_0"):
+    with pytest.raises(InputError, match="working_copy 'fast': allowed auto, float, q8_0"):
         alphaq.convert(float_ggufs["qwen3moe"], tmp_path / "p.gguf", like="Q4_K_M", working_copy="fast")
     assert not (tmp_path / "p.gguf").exists()
