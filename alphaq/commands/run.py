@@ -20,9 +20,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="generate text from a GGUF in torch (expert-granular files too)",
                               description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path, metavar="MODEL.gguf")
+    # required, but checked in run(): its error names the checkpoint the GGUF says it came from
     p.add_argument("--hf", type=Path, metavar="HF_DIR",
-                   help="the Hugging Face checkpoint MODEL.gguf was converted from (only its config.json and "
-                        "tokenizer are read)")
+                   help="required: the Hugging Face checkpoint MODEL.gguf was converted from (only its config.json "
+                        "and tokenizer are read)")
     # llama-cli's spellings beside ours: -p, --n-predict, --temp, -s
     p.add_argument("--prompt", "-p", required=True, help="text to continue")
     p.add_argument("-n", "--n-tokens", "--n-predict", type=int, default=32,
