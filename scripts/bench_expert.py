@@ -140,7 +140,7 @@ def split_overhead(name: str, bf16: Path, tensor_file: Path, site: Path, groups:
     return row
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mixtral-bench", "qwen2moe-bench", "qwen3moe-bench"])
     ap.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0])
@@ -156,70 +156,59 @@ def main() -> int:
     ap.add_argument("--speed-only", action="store_true", help="reuse cached files and quality; re-measure speed")
     ap.add_argument("--split-overhead", type=int, metavar="G", default=0,
                     help="instead: time each model's tensor file against itself split into G same-type groups")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    from convert.patched import ensure_site
 
-    site = ensure_site()
-    if args.split_overhead:
-        rows = []
-        for name in args.models:
-            bf16 = bf16_of(name, args.zoo, args.work)
-            for budget in args.budgets:
-                f = args.work / name / "granularity" / f"tensor-b{budget:g}.gguf"
-                rows.append(split_overhead(name, bf16, f, site, args.split_overhead, args))
-                print(json.dumps(rows[-1]), flush=True)
-        args.out.write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "processes": args.processes, "n_gen": args.n_gen,
-                                        "rows": rows}, indent=1) + "\n")
-        print("\n| model | file | split tensors × groups | decode tok/s unsplit / split | decode split/unsplit (range over processes) "
-              "| prefill split/unsplit | masked sum: decode / prefill |")
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['model']} | {r['file']} | {r['split_tensors']} × {r['groups']} "
-                  f"| {r['unsplit_decode_tps']:.0f} / {r['split_decode_tps']:.0f} | {fmt_ratio(r, 'split/unsplit_decode')} "
-                  f"| {fmt_ratio(r, 'split/unsplit_prefill')} "
-                  f"| {fmt_ratio(r, 'masked:split/unsplit_decode')} / {fmt_ratio(r, 'masked:split/unsplit_prefill')} |")
-        return 0
+def run_split_overhead(args, site) -> int:
+    """--split-overhead G: each model's tensor file against itself split into G groups."""
     rows = []
     for name in args.models:
         bf16 = bf16_of(name, args.zoo, args.work)
-        out = args.work / name / "granularity"
-        out.mkdir(parents=True, exist_ok=True)
-        texts = {d: ROOT / "tests" / "fixtures" / "heldout" / f"{d}.txt" for d in DOMAINS}
-        toks = {d: tokens_of(bf16, t, args.n_ctx, args.windows) for d, t in texts.items()}
-        ref = {d: runtime.logprobs(None, bf16, t, args.n_ctx, args.windows, out / f"ref-{d}.npy")
-               for d, t in texts.items()} if not args.speed_only else {}
         for budget in args.budgets:
-            files = {"tensor": out / f"tensor-b{budget:g}.gguf", "expert": out / f"expert-b{budget:g}.gguf"}
-            cached = out / f"quality-size-b{budget:g}-w{args.windows}.json"  # files + quality: resumable
-            if cached.exists() and all(f.exists() for f in files.values()):
-                row = json.loads(cached.read_text())
-            else:
-                # the size anchor: AlphaQ at nominal budget B; then both granularities are solved
-                # for that same file size (same budget mode, so only the granularity differs)
-                anchor = out / f"anchor-b{budget:g}.gguf"
-                run_convert(ConvertConfig(model=bf16, output=anchor, plan=PlanConfig(budget=budget),
-                                          force=True, compare_stock=False, progress=False))
-                size = anchor.stat().st_size
-                for g, path in files.items():
-                    run_convert(ConvertConfig(model=bf16, output=path,
-                                              plan=PlanConfig(budget=size, budget_mode="size", granularity=g),
-                                              force=True, compare_stock=False, progress=False))
-                row = {"model": name, "budget": budget, "grouped_tensors": len(read_layouts(files["expert"]))}
-                for g, path in files.items():
-                    row[f"{g}_bytes"] = path.stat().st_size
-                    for d, t in texts.items():
-                        lp = runtime.logprobs(site, path, t, args.n_ctx, args.windows, out / f"{g}-{d}.npy")
-                        row.update({f"{g}_{d}_{k}": v for k, v in scores(lp, ref[d], toks[d]).items()})
-                cached.write_text(json.dumps(row))
-            # speed: the pair in one process, paired rounds; then the masked sum; then the stock runtime
-            row.update(fused_and_masked(site, {"tensor": files["tensor"], "expert": files["expert"]}, args))
-            row.update({f"stock:{k}": v for k, v in paired_speed(None, {"tensor": files["tensor"]}, args).items()})
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    args.out.write_text(json.dumps({"n_ctx": args.n_ctx, "windows": args.windows, "rounds": args.rounds, "processes": args.processes, "n_gen": args.n_gen,
-                                    "threads": args.threads, "rows": rows}, indent=1) + "\n")
+            f = args.work / name / "granularity" / f"tensor-b{budget:g}.gguf"
+            rows.append(split_overhead(name, bf16, f, site, args.split_overhead, args))
+            print(json.dumps(rows[-1]), flush=True)
+    args.out.write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "processes": args.processes, "n_gen": args.n_gen,
+                                    "rows": rows}, indent=1) + "\n")
+    print("\n| model | file | split tensors × groups | decode tok/s unsplit / split | decode split/unsplit (range over processes) "
+          "| prefill split/unsplit | masked sum: decode / prefill |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['file']} | {r['split_tensors']} × {r['groups']} "
+              f"| {r['unsplit_decode_tps']:.0f} / {r['split_decode_tps']:.0f} | {fmt_ratio(r, 'split/unsplit_decode')} "
+              f"| {fmt_ratio(r, 'split/unsplit_prefill')} "
+              f"| {fmt_ratio(r, 'masked:split/unsplit_decode')} / {fmt_ratio(r, 'masked:split/unsplit_prefill')} |")
+    return 0
 
+
+def quality_row(name: str, budget: float, bf16: Path, files: dict, texts: dict, toks: dict, ref: dict, site,
+                args) -> dict:
+    """Both granularities' files at one size and their quality, from the cache when it has them."""
+    out = files["tensor"].parent
+    cached = out / f"quality-size-b{budget:g}-w{args.windows}.json"  # files + quality: resumable
+    if cached.exists() and all(f.exists() for f in files.values()):
+        return json.loads(cached.read_text())
+    # the size anchor: AlphaQ at nominal budget B; then both granularities are solved
+    # for that same file size (same budget mode, so only the granularity differs)
+    anchor = out / f"anchor-b{budget:g}.gguf"
+    run_convert(ConvertConfig(model=bf16, output=anchor, plan=PlanConfig(budget=budget),
+                              force=True, compare_stock=False, progress=False))
+    size = anchor.stat().st_size
+    for g, path in files.items():
+        run_convert(ConvertConfig(model=bf16, output=path,
+                                  plan=PlanConfig(budget=size, budget_mode="size", granularity=g),
+                                  force=True, compare_stock=False, progress=False))
+    row = {"model": name, "budget": budget, "grouped_tensors": len(read_layouts(files["expert"]))}
+    for g, path in files.items():
+        row[f"{g}_bytes"] = path.stat().st_size
+        for d, t in texts.items():
+            lp = runtime.logprobs(site, path, t, args.n_ctx, args.windows, out / f"{g}-{d}.npy")
+            row.update({f"{g}_{d}_{k}": v for k, v in scores(lp, ref[d], toks[d]).items()})
+    cached.write_text(json.dumps(row))
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
     print("\n| model | budget | bytes tensor / expert | grouped | KL prose tensor → expert | KL code tensor → expert "
           "| decode tok/s tensor / expert | decode expert/tensor (range over processes) | prefill expert/tensor "
           "| masked sum: decode / prefill | stock runtime: tensor decode tok/s |")
@@ -231,6 +220,35 @@ def main() -> int:
               f"| {fmt_ratio(r, 'expert/tensor_prefill')} "
               f"| {fmt_ratio(r, 'masked:expert/tensor_decode')} / {fmt_ratio(r, 'masked:expert/tensor_prefill')} "
               f"| {r['stock:tensor_decode_tps']:.0f} |")
+
+
+def main() -> int:
+    args = parse_args()
+    from convert.patched import ensure_site
+
+    site = ensure_site()
+    if args.split_overhead:
+        return run_split_overhead(args, site)
+    rows = []
+    for name in args.models:
+        bf16 = bf16_of(name, args.zoo, args.work)
+        out = args.work / name / "granularity"
+        out.mkdir(parents=True, exist_ok=True)
+        texts = {d: ROOT / "tests" / "fixtures" / "heldout" / f"{d}.txt" for d in DOMAINS}
+        toks = {d: tokens_of(bf16, t, args.n_ctx, args.windows) for d, t in texts.items()}
+        ref = {d: runtime.logprobs(None, bf16, t, args.n_ctx, args.windows, out / f"ref-{d}.npy")
+               for d, t in texts.items()} if not args.speed_only else {}
+        for budget in args.budgets:
+            files = {"tensor": out / f"tensor-b{budget:g}.gguf", "expert": out / f"expert-b{budget:g}.gguf"}
+            row = quality_row(name, budget, bf16, files, texts, toks, ref, site, args)
+            # speed: the pair in one process, paired rounds; then the masked sum; then the stock runtime
+            row.update(fused_and_masked(site, {"tensor": files["tensor"], "expert": files["expert"]}, args))
+            row.update({f"stock:{k}": v for k, v in paired_speed(None, {"tensor": files["tensor"]}, args).items()})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.out.write_text(json.dumps({"n_ctx": args.n_ctx, "windows": args.windows, "rounds": args.rounds, "processes": args.processes, "n_gen": args.n_gen,
+                                    "threads": args.threads, "rows": rows}, indent=1) + "\n")
+    print_table(rows)
     return 0
 
 
