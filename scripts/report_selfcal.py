@@ -153,18 +153,22 @@ def seed_table(results: dict) -> list[str]:
 DEEP = ("stock", "stock+real", "stock+self", "deep-all", "deep-a4w16", "deep-default")
 
 
-def deep_table(results: dict, columns: tuple[str, ...] = DEEP) -> list[str]:
-    """Per model and mix: the depth settings against every block measured and against stock."""
-    lines = ["| model | mix | " + " | ".join(columns) + " | default / all blocks (diff ± SE) | default / best stock | verdict |",
-             "|---|---|" + "---|" * (len(columns) + 3)]
+def deep_table(results: dict, columns: tuple[str, ...] = DEEP, subject: str = "deep-default") -> list[str]:
+    """Per model and mix: the depth settings against every block measured and against stock;
+    ``subject``: the setting the last three columns are about."""
+    lines = ["| model | mix | " + " | ".join(columns) + f" | {subject} / all blocks (diff ± SE) | {subject} / best stock "
+             "| verdict |", "|---|---|" + "---|" * (len(columns) + 3)]
     for name, res in results.items():
         for mix, cell in sorted(res["cells"].items(), key=lambda kv: GRID.index(kv[0]) if kv[0] in GRID else 99):
             vals = " | ".join("—" if not cell.get(c) else f"{mean(cell[c]):.5f}" for c in columns)
-            diff, se = paired(cell["deep-default"], cell["deep-all"])
-            v, base, ratio, _, _ = verdict(cell, "deep-default")
-            lines.append(f"| {Path(name).name} | {mix} | {vals} | {mean(cell['deep-default']) / mean(cell['deep-all']):.3f} "
+            diff, se = paired(cell[subject], cell["deep-all"])
+            v, base, ratio, _, _ = verdict(cell, subject)
+            lines.append(f"| {Path(name).name} | {mix} | {vals} | {mean(cell[subject]) / mean(cell['deep-all']):.3f} "
                          f"({diff:+.5f} ± {se:.5f}) | {ratio:.2f} (vs {base}) | {v} |")
     return lines
+
+
+SPACING = ("deep-a4w2", "deep-a5w2", "deep-a6w2", "deep-a8w2", "deep-a12w2")
 
 
 def quantise_cost(results: dict) -> list[str]:
@@ -226,6 +230,16 @@ SIDE_STUDIES = (
                   *summary(res, ("deep-default", "deep-a4w16", "deep-a8w2", "deep-all")), "",
                   *deep_table(res, ("stock", "stock+real", "stock+self", "deep-all", "deep-a4w16", "deep-a8w2",
                                     "deep-default"))]),
+    ("selfcal-deep24-spacing.json", "Anchor spacing on the 24-block model (bench/{})",
+     "How far apart the anchors may stand, for models deeper than 24 blocks (8 anchors stand 6.7 blocks apart "
+     "in Qwen3-30B-A3B's 48, 8.7 in DeepSeek-V3's 61): the same 24-block model with 4, 5, 6, 8 and 12 anchor "
+     "blocks per tensor kind (7.7, 5.8, 4.6, 3.3 and 2.1 blocks apart), each on 2 windows as the product "
+     "measures at depth, against every block measured on 16 windows (deep-all), all made and scored in one "
+     "run. deep-a4w2 is the earlier deep-default (its 7 files came out byte-identical to that run's); "
+     "deep-a8w2 is the product's default.",
+     lambda res: [*comparisons(res, [(v, "deep-all") for v in SPACING] + [("deep-a12w2", "deep-a8w2")]), "",
+                  *summary(res, (*SPACING, "deep-all")), "",
+                  *deep_table(res, ("stock", "stock+real", "deep-all", *SPACING), subject="deep-a8w2")]),
     ("selfcal-sample.json", "Fewer sampled weights for the weighted errors (bench/{}; 5 sizes per model)",
      "mse64k: the default with each tensor's importance-weighted errors (the ratios that scale its one "
      "measured KL to every type, alphaq.damage.measure) computed on at most 64K sampled weights instead of "
