@@ -23,7 +23,7 @@ one block per tensor kind measured, the other block's damage interpolated from i
 deep-all (for models deeper than 4 blocks, --models DIR: the product's default when run (4 anchor blocks per kind on 4 windows, later 2; 8 anchors now); the same
 on 16 windows; every block measured on 16 windows), deep-a4w2 / deep-a3w4 / deep-a3w2 (the cheaper depth settings:
 4 anchors on 2 windows, 3 anchors on 4 and on 2; deep-a8w2: twice the anchors, for models much deeper than 8 blocks;
-deep-a5w2 / deep-a6w2 / deep-a12w2: 5, 6 and 12 anchors on 2 windows, the spacing study), mse64k (the default with the weighted errors on at most 64K
+deep-a5w2 / deep-a6w2 / deep-a12w2 / deep-a16w2: 5, 6, 12 and 16 anchors on 2 windows, the spacing studies), mse64k (the default with the weighted errors on at most 64K
 sampled weights per tensor instead of the default's DamageConfig.max_sampled_weights), domain-bias (the stock mix with an
 importance matrix from prose only and from code only, next to the self and the mixed real one),
 q8copy (the default's self text, importance matrix and damage all from a Q8_0 working copy of the model,
@@ -92,7 +92,9 @@ DEEP_VARIANTS = {"deep-default": DamageConfig(), "deep-a4w16": DamageConfig(anch
                  # anchor spacing on the 24-block model: 24/5, 24/6 and 24/12 blocks apart (8 anchors at
                  # Qwen3-30B-A3B's 48 blocks stand 6.7 apart, between deep-a4w2's 8 and deep-a5w2's 6)
                  "deep-a5w2": DamageConfig(anchors=5, n_windows=2), "deep-a6w2": DamageConfig(anchors=6, n_windows=2),
-                 "deep-a12w2": DamageConfig(anchors=12, n_windows=2)}
+                 "deep-a12w2": DamageConfig(anchors=12, n_windows=2),
+                 # at 48 blocks: 16 anchors stand 3.2 blocks apart, as 8 do at 24
+                 "deep-a16w2": DamageConfig(anchors=16, n_windows=2)}
 # --fast with alpha from this many evenly spaced experts per merged tensor (--alpha-experts N): on
 # the fixtures' 8 and 16 experts the sample is at least as noisy an estimate of a tensor's mean
 # as the product's 16 of Qwen3-30B-A3B's 128 (finite-population standard error sqrt((1 - k/n) / k))
