@@ -169,6 +169,13 @@ def deep_table(results: dict, columns: tuple[str, ...] = DEEP, subject: str = "d
 
 
 SPACING = ("deep-a4w2", "deep-a5w2", "deep-a6w2", "deep-a8w2", "deep-a12w2")
+DEEP48 = ("deep-a4w2", "deep-a8w2", "deep-a16w2")
+DEEP48_MIXES = ("IQ1_S", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M")  # its distinct cells (bench/SELFCAL.md says why)
+
+
+def only_mixes(results: dict, mixes: tuple[str, ...]) -> dict:
+    """``results`` with each model's cells restricted to ``mixes``."""
+    return {name: {**res, "cells": {m: c for m, c in res["cells"].items() if m in mixes}} for name, res in results.items()}
 
 
 def quantise_cost(results: dict) -> list[str]:
@@ -240,6 +247,24 @@ SIDE_STUDIES = (
      lambda res: [*comparisons(res, [(v, "deep-all") for v in SPACING] + [("deep-a12w2", "deep-a8w2")]), "",
                   *summary(res, (*SPACING, "deep-all")), "",
                   *deep_table(res, ("stock", "stock+real", "deep-all", *SPACING), subject="deep-a8w2")]),
+    ("selfcal-deep48.json", "Depth anchors on a 48-block model (bench/{})",
+     "Qwen3-30B-A3B's depth, where the default's 8 anchors stand 6.7 blocks apart: a Mixtral-style model of "
+     "48 blocks trained here (scripts/train_tiny_moe.py --zoo deep --only mixtral-deep48, 500 steps of 16 x "
+     "256 tokens on the CPU, 26 min; 22.3M parameters; held-out perplexity 111 on prose and 96 on code, "
+     "against a unigram model's 324 and 297: trained, less than the 24-block model). To train in the "
+     "session it is half as wide (hidden size and expert width 128), and that has a price: llama.cpp's "
+     "k-quants and IQ types need rows a multiple of 256 wide, so on every tensor of this model they fall "
+     "back to IQ4_NL, Q4_0, Q5_0, Q5_1 or Q8_0, and the study measures the anchors' interpolation over 48 "
+     "blocks on that ladder of five types, not the full one. It also merges cells: the IQ1_S and IQ2_XXS "
+     "sizes are the same files (both mixes fall back alike), and at Q6_K's size every file is all Q8_0; "
+     "those two cells are left out below (their scores are in the JSON). deep-a4w2 / deep-a8w2 / "
+     "deep-a16w2: 4, 8 (the default) and 16 anchors (15.7, 6.7 and 3.1 blocks apart) on 2 windows; "
+     "deep-all: every block measured on 16 windows. All made and scored in one run.",
+     lambda res: [*comparisons(only_mixes(res, DEEP48_MIXES), [(v, "deep-all") for v in DEEP48]
+                               + [("deep-a16w2", "deep-a8w2")]), "",
+                  *summary(only_mixes(res, DEEP48_MIXES), (*DEEP48, "deep-all")), "",
+                  *deep_table(only_mixes(res, DEEP48_MIXES), ("stock", "stock+real", "deep-all", *DEEP48),
+                              subject="deep-a8w2")]),
     ("selfcal-sample.json", "Fewer sampled weights for the weighted errors (bench/{}; 5 sizes per model)",
      "mse64k: the default with each tensor's importance-weighted errors (the ratios that scale its one "
      "measured KL to every type, alphaq.damage.measure) computed on at most 64K sampled weights instead of "
