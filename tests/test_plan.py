@@ -611,6 +611,13 @@ def test_plan_command(tmp_path, monkeypatch, capsys):
     pinned = {f["tensor"]: f["fallback_from"] or f["type"] for f in d["fixed"] if f["reason"].startswith("pinned")}
     assert pinned == {"blk.0.attn_v.weight": "Q8_0", "blk.1.attn_v.weight": "Q8_0", "blk.0.ffn_down_exps.weight": "Q5_K",
                       "blk.1.ffn_down_exps.weight": "Q5_K", "output.weight": "Q6_K"} and d["totals"]["n_pinned"] == 5
+    out_text = capsys.readouterr().out
+    assert "pinned 5 tensor(s)" in out_text and "WARNING" not in out_text
+    # a pin that takes no tensor is said, not silent (llama-quantize ignores it)
+    assert cli.main(["plan", str(src), "--budget", "4.5", "--json", str(tmp_path / "p.json"), "--force",
+                     "--tensor-type", "attn_v=q8_0", "--tensor-type", "no_such_tensor=q8_0"]) == 0
+    out_text = capsys.readouterr().out
+    assert "pinned 2 tensor(s)" in out_text and "WARNING --tensor-type no_such_tensor=q8_0" in out_text
     assert cli.main(["plan", str(src), "--budget", "3", "--json", str(tmp_path / "p2.json"),
                      "--tensor-type", "attn_v=q9_9"]) == 2
     assert "q9_9" in capsys.readouterr().err and not (tmp_path / "p2.json").exists()

@@ -223,10 +223,8 @@ def summary(r) -> str:
         f"  quantiser   about {t.quantise_ns_per_weight:.0f} ns per weight for these types (one thread, "
         "alphaq/gguf/quantise_speed.json)" + _cap_note(r),
     ]
-    if t.n_pinned:
-        lines.append(f"  pinned      {t.n_pinned} tensor(s), {format_size(t.pinned_bytes)} "
-                     "(--output-tensor-type/--token-embedding-type/--tensor-type; counted in the budget)")
-    unused_pins = s.get("pins", {}).get("unused", ())
+    pinned, unused_pins = _plan_cmd.pin_report(r.plan)
+    lines += [f"  pinned      {pinned}"] if pinned else []
     lines += [f"  WARNING     {w}" for w in unused_pins]  # beside the pins (not again under warnings)
     if r.stock_sizes:
         mix, size = min(r.stock_sizes.items(), key=lambda kv: abs(kv[1] - r.file_bytes))

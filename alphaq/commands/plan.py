@@ -98,6 +98,15 @@ def with_pins(cfg: PlanConfig, args: argparse.Namespace) -> PlanConfig:
                                token_embedding_type=args.token_embedding_type, tensor_types=tuple(entries))
 
 
+def pin_report(plan: Plan) -> tuple[str | None, tuple[str, ...]]:
+    """What the pins did, for a summary: the pinned tensors' line (None without pins) and one
+    warning per flag or entry that pinned nothing (llama-quantize ignores those silently)."""
+    t = plan.totals
+    line = (f"{t.n_pinned} tensor(s), {format_size(t.pinned_bytes)} (--output-tensor-type/--token-embedding-type/"
+            "--tensor-type; counted in the budget)") if t.n_pinned else None
+    return line, tuple(plan.settings.get("pins", {}).get("unused", ()))
+
+
 def pin_files(args: argparse.Namespace) -> list[Path]:
     """The --tensor-type-file inputs (never to be written over by an output)."""
     return [Path(value) for kind, value in args.tensor_type_entries if kind == "file"]
@@ -359,6 +368,11 @@ def run(args: argparse.Namespace) -> int:
         f"{' (header estimated)' if t.header_estimated else ''}, {t.file_bpw:.4f} bpw over the whole model; "
         f"objective {t.objective:.6g} (lower bound {t.lower_bound:.6g}{'' if t.proven_optimal else ', NOT proven optimal'})"
     )
+    pinned, unused = pin_report(plan)
+    if pinned:
+        print(f"pinned {pinned}")
+    for w in unused:
+        print(f"WARNING {w}")
     if plan.settings.get("farms_cap"):
         from alphaq.spectral.alpha import describe_farms_cap
 
