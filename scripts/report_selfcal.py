@@ -178,6 +178,14 @@ def only_mixes(results: dict, mixes: tuple[str, ...]) -> dict:
     return {name: {**res, "cells": {m: c for m, c in res["cells"].items() if m in mixes}} for name, res in results.items()}
 
 
+def deep48_study(results: dict) -> list[str]:
+    """bench/selfcal-deep48.json on its distinct cells: the anchor counts against every block."""
+    res = only_mixes(results, DEEP48_MIXES)
+    return [*comparisons(res, [(v, "deep-all") for v in DEEP48] + [("deep-a16w2", "deep-a8w2")]), "",
+            *summary(res, (*DEEP48, "deep-all")), "",
+            *deep_table(res, ("stock", "stock+real", "deep-all", *DEEP48), subject="deep-a8w2")]
+
+
 def quantise_cost(results: dict) -> list[str]:
     """Estimated quantiser ns per weight of each variant's files (bench_selfcal.quantise_rate)."""
     lines = ["| variant | estimated quantise ns/weight, median | range | files |", "|---|---|---|---|"]
@@ -260,11 +268,7 @@ SIDE_STUDIES = (
      "those two cells are left out below (their scores are in the JSON). deep-a4w2 / deep-a8w2 / "
      "deep-a16w2: 4, 8 (the default) and 16 anchors (15.7, 6.7 and 3.1 blocks apart) on 2 windows; "
      "deep-all: every block measured on 16 windows. All made and scored in one run.",
-     lambda res: [*comparisons(only_mixes(res, DEEP48_MIXES), [(v, "deep-all") for v in DEEP48]
-                               + [("deep-a16w2", "deep-a8w2")]), "",
-                  *summary(only_mixes(res, DEEP48_MIXES), (*DEEP48, "deep-all")), "",
-                  *deep_table(only_mixes(res, DEEP48_MIXES), ("stock", "stock+real", "deep-all", *DEEP48),
-                              subject="deep-a8w2")]),
+     deep48_study),
     ("selfcal-sample.json", "Fewer sampled weights for the weighted errors (bench/{}; 5 sizes per model)",
      "mse64k: the default with each tensor's importance-weighted errors (the ratios that scale its one "
      "measured KL to every type, alphaq.damage.measure) computed on at most 64K sampled weights instead of "

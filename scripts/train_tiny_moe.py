@@ -247,9 +247,10 @@ UNSEEN = [
     ),
 ]
 
-# Depth: the damage stage measures at most 4 blocks per tensor kind and interpolates the rest
-# (alphaq.damage.anchors); real MoE models have 24-94 blocks. The bench zoo's Mixtral at 24 blocks
-# checks that interpolation where 4 anchors stand for 24 (bench/SELFCAL.md, "Depth anchors at 24 blocks").
+# Depth: the damage stage measures at most DamageConfig.anchors blocks per tensor kind (8; 4 until
+# the 24-block study) and interpolates the rest (alphaq.damage.anchors); real MoE models have 24-94
+# blocks. The bench zoo's Mixtral at 24 and at 48 blocks checks that interpolation (bench/SELFCAL.md,
+# "Depth anchors on a 24-block model", "Anchor spacing", "Depth anchors on a 48-block model").
 DEEP = [
     ModelSpec(
         "mixtral-deep24",
@@ -261,7 +262,9 @@ DEEP = [
         note="Mixtral-style, 24 blocks, 8 experts of width 256, top-2 (mixtral-bench three times as deep)",
     ),
     # Qwen3-30B-A3B's depth, where the default's 8 anchors stand 6.7 blocks apart; half the width
-    # (a quarter of the work per block) so that it trains on 2 cores in about 20 min
+    # (a quarter of the work per block) so that it trains on 2 cores in about 26 min. At 128 wide
+    # llama.cpp falls back from every k-quant and IQ type to IQ4_NL/Q4_0/Q5_0/Q5_1/Q8_0, so it
+    # checks the interpolation on that ladder only
     ModelSpec(
         "mixtral-deep48",
         "MixtralConfig",
