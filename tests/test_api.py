@@ -47,7 +47,7 @@ def test_mistakes_raise_alphaq_errors(call, needle, float_ggufs, tmp_path):
     (lambda m, o: alphaq.convert(m, o, budget=3, split_max_size="3Q"), "split_max_size '3Q'"),
     (lambda m, o: alphaq.convert(m, o, budget=3, keep_bf16=o.with_name("b.gguf"), dry_run=True),
      "keep_bf16 writes a file and dry_run=True writes none"),
-    (lambda m, o: alphaq.convert(m, m, budget=3, force=True), "(force=True replaces outputs, never the input)"),
+    (lambda m, o: alphaq.convert(m, m, budget=3, force=True), "(force=True replaces outputs, never an input)"),
 ])
 def test_errors_name_the_keywords_not_the_command_line_flags(call, needle, float_ggufs, tmp_path):
     """The checks are the CLI's; from Python the message names the keyword the caller passed."""

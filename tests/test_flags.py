@@ -328,3 +328,44 @@ def test_the_input_model_is_never_an_output(name, out, model_gguf, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is the input model" in err[0], err
     assert src.read_bytes() == before
+
+
+def _user_imatrix(model: Path, path: Path) -> None:
+    """A llama.cpp importance file that fits ``model`` (every quantised weight, ones)."""
+    from alphaq.importance.imatrix_file import Imatrix, write_imatrix
+
+    sums = {t.name: np.ones((t.shape[0] if len(t.shape) == 3 else 1, t.shape[-1]), dtype=np.float32)
+            for t in read_tensors(model) if llama_quantizes(t.name, t.shape) and t.name != "token_embd.weight"}
+    write_imatrix(path, Imatrix(sums, {n: np.ones(v.shape[0]) for n, v in sums.items()}, ["user text"], 1, 1))
+
+
+@pytest.mark.parametrize("kind", ["imatrix", "tensor-type-file", "keep-bf16"])
+def test_no_output_is_a_file_the_run_reads(kind, model_gguf, tmp_path, capsys, monkeypatch):
+    """The user's --imatrix or --tensor-type-file where convert writes a side file (OUT.imatrix.gguf,
+    OUT.tensor-types.txt), or --keep-bf16 naming the --imatrix: refused before any work, even with
+    --force, the file untouched; the same through the Python front door."""
+    import alphaq.pipeline.convert as convert_mod
+
+    monkeypatch.setattr(convert_mod, "_float_model", lambda *a, **k: pytest.fail("work started"))
+    out = tmp_path / "o.gguf"
+    read = {"imatrix": out.with_name("o.imatrix.gguf"), "tensor-type-file": out.with_name("o.tensor-types.txt"),
+            "keep-bf16": tmp_path / "user.imatrix.gguf"}[kind]
+    if kind == "tensor-type-file":
+        read.write_text("attn_v=q8_0\n")
+    else:
+        _user_imatrix(model_gguf, read)
+    before = read.read_bytes()
+    flags = {"imatrix": ["--imatrix", str(read)], "tensor-type-file": ["--tensor-type-file", str(read)],
+             "keep-bf16": ["--imatrix", str(read), "--keep-bf16", str(read)]}[kind]
+    src = FIXTURES / MODEL if kind == "keep-bf16" else model_gguf  # --keep-bf16 needs an HF checkpoint
+    assert cli_main(["convert", str(src), "-o", str(out), "--like", "Q4_K_M", "--no-progress", "--force",
+                     *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    what = {"imatrix": "the --imatrix input", "tensor-type-file": "a --tensor-type-file input",
+            "keep-bf16": "the --imatrix input"}[kind]
+    assert len(err) == 1 and f"{read} is {what}" in err[0] and "Traceback" not in err[0], err
+    assert read.read_bytes() == before and not out.exists()
+    if kind == "tensor-type-file":
+        with pytest.raises(AlphaQError, match="is a tensor_type_file input.*force=True"):
+            alphaq.convert(model_gguf, out, like="Q4_K_M", force=True, tensor_type_file=read)
+        assert read.read_bytes() == before

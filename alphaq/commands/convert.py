@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         split_max_size=split_size, split_max_tensors=args.split_max_tensors, keep_bf16=args.keep_bf16,
         dry_run=args.dry_run, plots=args.plots, working_copy=args.working_copy, kv_overrides=kv_overrides(args.override_kv), resume=not args.no_resume,
         auto_quantise_cap=args.max_quantise_ns == "auto", allow_requantize=args.allow_requantize,
+        pin_files=tuple(_plan_cmd.pin_files(args)),
     )
     result = run_convert(cfg, announce=lambda text: print(text, flush=True))
     print(summary(result))

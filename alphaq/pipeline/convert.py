@@ -100,6 +100,8 @@ class ConvertConfig:
     # llama-quantize's --allow-requantize: take a Q8_0 GGUF as the source (the only quantised type
     # alphaq reads: alphaq.model.weights.REQUANTISABLE_TYPES)
     allow_requantize: bool = False
+    # the --tensor-type-file inputs the plan's pins were read from: never written over by an output
+    pin_files: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -582,15 +584,16 @@ def weight_shapes(model) -> dict[str, tuple[int, int]]:
 
 
 def check_not_input(cfg: ConvertConfig, source: str) -> None:
-    """No file this run writes is the input model or a part of it: --force replaces outputs, never
-    the model they are made from."""
-    if source != "gguf":
-        return  # a checkpoint directory: no output (a .gguf file) can be it
-    inputs = input_files(cfg.model)
-    for out in (cfg.output, *side_paths(cfg.output), imatrix_path(cfg.output)):
-        if out.resolve() in inputs:
-            raise InputError(f"{out} is the input model (or a part of it); write the output elsewhere "
-                             "(--force replaces outputs, never the input)")
+    """No file this run writes is one it reads: the input model (or a part of it), the user's
+    --imatrix or a --tensor-type-file. --force replaces outputs, never what they are made from."""
+    inputs = {p: "the input model (or a part of it)" for p in (input_files(cfg.model) if source == "gguf" else ())}
+    # (a checkpoint directory: no output, a .gguf file or a side file of one, is among its files)
+    inputs |= {p: "the --imatrix input" for p in input_files(cfg.imatrix)}
+    inputs |= {p: "a --tensor-type-file input" for p in input_files(*cfg.pin_files)}
+    for out in (cfg.output, *side_paths(cfg.output), imatrix_path(cfg.output), cfg.keep_bf16):
+        if out is not None and out.resolve() in inputs:
+            raise InputError(f"{out} is {inputs[out.resolve()]}; write the output elsewhere "
+                             "(--force replaces outputs, never an input)")
 
 
 def check_keep_bf16(cfg: ConvertConfig, source: str) -> None:
