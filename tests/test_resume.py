@@ -1,7 +1,7 @@
 """Interrupted conversions resume (issue 17, point 3; alphaq/pipeline/resume.py).
 
 `alphaq convert` on an HF fixture is stopped by SIGINT or SIGKILL inside each stage (the HF->BF16
-conversion, the self text, the importance matrix, the damage measurements, quantising) and then run
+conversion, the self text, the importance matrix, the damage measurements, before the first tensor and after it, quantising) and then run
 again with the same command. The re-run must succeed with outputs byte-identical to an uninterrupted
 run's, the killed run must have left no output file (only the documented resumable directory), and
 the stages that had finished must be reused (the summary's "reused" line).
@@ -9,8 +9,8 @@ the stages that had finished must be reused (the summary's "reused" line).
 Synchronisation is by the test hook `alphaq.pipeline.resume.pause_for_test` (ALPHAQ_TEST_PAUSE_AT=STAGE:DIR):
 the run writes STAGE into the named pipe DIR/ready when it reaches STAGE and then blocks on DIR/go,
 so the signal always lands in that stage, whatever the machine's speed. Each run has its own cache
-directory (XDG_CACHE_HOME), so no test sees another's cached stages. Two cases run by default; the
-other eight are marked slow (each case costs about one small conversion).
+directory (XDG_CACHE_HOME), so no test sees another's cached stages. Three cases run by default; the
+other nine are marked slow (each case costs about one small conversion).
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ SETTINGS = ("--self-samples", "2", "--self-ctx", "16", "--damage-windows", "1", 
             "--budget", "5", "--no-stock-compare", "--no-progress", "--threads", "1")
 OUTPUTS = ("o.gguf", "o.imatrix.gguf", "o.plan.json", "o.tensor-types.txt")
 PARTIAL = ".o.gguf.alphaq-partial"  # alphaq.pipeline.resume.partial_dir of o.gguf
-STAGES = ("convert", "self text", "importance", "damage", "quantise")
+STAGES = ("convert", "self text", "importance", "damage", "damage tensor", "quantise")
 # what a re-run reuses after a stop in each stage: every stage that had finished
 REUSED = {"convert": [], "self text": ["bf16 intermediate"], "importance": ["bf16 intermediate", "self text"],
           "damage": ["bf16 intermediate", "self text", "importance"],
+          # stopped after the damage stage recorded its first tensor: the re-run measures the rest
+          "damage tensor": ["bf16 intermediate", "self text", "importance"],
           "quantise": ["bf16 intermediate", "self text", "importance", "damage"]}
 SAFETY_TIMEOUT = 900  # seconds; only so that a hung run fails instead of blocking CI (not a synchronisation)
 
@@ -124,7 +126,8 @@ def reference(tmp_path_factory) -> dict[str, bytes]:
 
 
 SLOW = pytest.mark.slow
-DEFAULT_CASES = {("self text", signal.SIGINT), ("quantise", signal.SIGKILL)}  # the others are slow
+DEFAULT_CASES = {("self text", signal.SIGINT), ("damage tensor", signal.SIGKILL),
+                 ("quantise", signal.SIGKILL)}  # the others are slow
 CASES = [pytest.param(stage, sig, id=f"{sig.name}-{stage.replace(' ', '-')}",
                       marks=() if (stage, sig) in DEFAULT_CASES else SLOW)
          for stage in STAGES for sig in (signal.SIGINT, signal.SIGKILL)]
@@ -153,6 +156,8 @@ def test_a_stopped_run_resumes_with_the_same_command(stage, sig, reference, tmp_
     proc = convert(out, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert reused(proc.stdout) == REUSED[stage]
+    resumed = "tensors' results resumed from a stopped run" in proc.stdout
+    assert resumed == (stage == "damage tensor"), proc.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(OUTPUTS)  # the directory is gone
     for name in OUTPUTS:
         assert (out.parent / name).read_bytes() == reference[name], name

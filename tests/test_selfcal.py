@@ -317,3 +317,36 @@ def test_default_error_sample_leaves_every_fixture_tensor_as_measured_in_the_gri
             assert sample_size(buf, experts, DamageConfig()) == sample_size(buf, experts, grid), t.name
             seen += 1
     assert seen > 50
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_a_stopped_damage_stage_resumes_from_its_journal(per_expert, own_text, session, tmp_path, monkeypatch):
+    """Every tensor's results go to the journal as they are made; a re-run takes the recorded ones
+    (a line cut short by a kill is measured again) and its table is the uninterrupted one, float for
+    float; a journal of other settings is ignored."""
+    import alphaq.damage.measure as measure_mod
+    from alphaq.damage.journal import Journal
+
+    im = collect_imatrix(session, own_text)
+    ref = Reference(session, own_text[:2])
+    names = ["blk.0.attn_v.weight", "blk.0.ffn_gate_exps.weight", "blk.1.attn_v.weight", "blk.1.ffn_gate_exps.weight"]
+    types = resolve_types(["IQ2_XXS", "Q3_K", "Q4_K", "Q6_K"])
+    kw = dict(imatrix=im.means(), tokens=im.counts, per_expert=per_expert)
+    cfg = DamageConfig(anchors=1)  # blk.1 interpolated: resumed records of both kinds
+    path = tmp_path / "k.partial.jsonl"
+    whole = measure(session, ref, names, types, cfg, journal=Journal(path, "k"), **kw)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 + len(names) and whole.resumed == 0
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])  # 2 records + a torn one
+    made = []
+    real = measure_mod._measure_tensor
+    monkeypatch.setattr(measure_mod, "_measure_tensor", lambda s, r, buf, *a: made.append(buf.name) or real(s, r, buf, *a))
+    resumed = measure(session, ref, names, types, cfg, journal=Journal(path, "k"), **kw)
+    assert made == names[2:] and resumed.resumed == 2
+    for field in ("costs", "measured", "interpolated", "weighted_error", "passes"):
+        assert getattr(resumed, field) == getattr(whole, field), field
+    assert "2 of the 4 tensors' results resumed from a stopped run" in resumed.describe()
+    assert sorted(Journal(path, "k").done) == sorted(names)  # the torn line did not swallow a new record
+    made.clear()
+    other = measure(session, ref, names, types, cfg, journal=Journal(path, "another key"), **kw)
+    assert made == names and other.costs == whole.costs

@@ -118,6 +118,7 @@ class DamageTable:
     seconds: dict[str, float] = field(default_factory=dict)
     n_tokens: int = 0
     passes: int = 0  # measurements run (each a forward pass over every window)
+    resumed: int = 0  # tensors whose results a stopped run had recorded (alphaq.damage.journal); not cached
 
     def describe(self) -> str:
         """One line for the convert summary: what was measured, what was interpolated, the seconds."""
@@ -132,6 +133,9 @@ class DamageTable:
             line += "; " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in parts)
         if self.passes:
             line += f" ({self.passes} measurements)"
+        if self.resumed:
+            n_tensors = len(self.measured) + len(self.interpolated)
+            line += f"; {self.resumed} of the {n_tensors} tensors' results resumed from a stopped run"
         return line
 
     def to_json(self) -> dict:

@@ -14,10 +14,12 @@ from gguf import GGMLQuantizationType
 from alphaq.allocate.costs import sample_rows
 from alphaq.damage import DamageConfig, DamageTable, Reference, Swap, matrices, quant_dequant, to_float32
 from alphaq.damage.anchors import depth_anchors
+from alphaq.damage.journal import Journal, TensorRecord
 from alphaq.errors import AlphaQError
 from alphaq.runtime.forward import Session, WeightBuffer
 from alphaq.gguf.qtypes import effective_type, resolve_type
 from alphaq.model.weights import sampled_experts
+from alphaq.pipeline.resume import pause_for_test
 
 log = logging.getLogger(__name__)
 
@@ -105,56 +107,80 @@ def _tensor_damage(session: Session, ref: Reference, buf: WeightBuffer, written,
 def measure(session: Session, ref: Reference, names: Sequence[str], candidates: Sequence[GGMLQuantizationType],
             cfg: DamageConfig, *, imatrix: Mapping[str, np.ndarray] | None = None,
             tokens: Mapping[str, np.ndarray] | None = None, per_expert: bool = False,
-            progress: bool = False) -> DamageTable:
+            progress: bool = False, journal: Journal | None = None) -> DamageTable:
     """The damage table for the tensors ``names`` (GGUF weight names) over ``candidates``.
 
     imatrix: flat mean squared activations per weight (the quantiser's importance vectors);
     tokens: tokens per matrix (per expert for merged expert tensors); per_expert: one item per
     expert slice of a merged expert tensor (expert granularity). Under ``cfg.anchors`` only the
     anchor blocks' tensors are run through the model; the others get their kind's damage per unit
-    of weighted error, interpolated over depth (see `depth_anchors`)."""
+    of weighted error, interpolated over depth (see `depth_anchors`). journal: each tensor's
+    results are taken from it when there, else recorded in it (a stopped run resumes)."""
     from tqdm import tqdm
 
     missing = [n for n in names if n not in session.weights]
     if missing:
         raise AlphaQError(f"llama.cpp never reads {missing[0]} when it runs {session.path.name}; cannot measure it")
-    reference = resolve_type(cfg.reference_type)
     anchors = depth_anchors(names, cfg.anchors)
     table = DamageTable(costs={}, method=cfg.method, n_tokens=ref.n_tokens)
-    t_err = t_kl = 0.0
-    fwd0, passes0 = ref.seconds, ref.passes  # a Reference may serve several tables
+    spent = {"weighted_error": 0.0, "fake_quantise": 0.0, "forward": 0.0}
     per_error: dict[str, dict[str, float]] = {}  # measured tensor -> type -> damage / weighted error
     later = []  # tensors whose damage comes from their kind's anchors, once every anchor is measured
     for name in tqdm(names, desc="damage", unit="tensor", disable=not progress, dynamic_ncols=True):
         buf = session.weights[name]
-        cols = buf.shape[-1]
-        written = list(dict.fromkeys(effective_type(c, cols) for c in candidates))
-        ref_t = effective_type(reference, cols)
-        types = written if ref_t in written else [*written, ref_t]
-        means = split_means(None if imatrix is None else imatrix.get(name), buf)
-        t0 = time.perf_counter()
+        written = list(dict.fromkeys(effective_type(c, buf.shape[-1]) for c in candidates))
         split = per_expert and len(buf.shape) == 3 and "_exps" in name
-        experts = None if split else sampled_experts(matrices(buf), cfg.max_experts)
-        errors = weighted_errors(buf, types, means, None if tokens is None else tokens.get(name),
-                                 cfg.mse_rows if split else sample_size(buf, experts, cfg), experts)
-        t1 = time.perf_counter()
-        t_err += t1 - t0
-        if name not in anchors.measured:
-            later.append((name, errors, written, split))
+        rec = journal.get(name) if journal is not None else None
+        if rec is not None and (rec.damage is not None) != (name in anchors.measured):
+            rec = None  # (recorded under other anchors: the key should have told; measured again)
+        if rec is None:
+            rec = _measure_tensor(session, ref, buf, written, split, name in anchors.measured, cfg,
+                                  imatrix, tokens)
+            if journal is not None:
+                journal.add(rec)
+                if len(table.measured) + len(later) == table.resumed:  # the run's first new record
+                    pause_for_test("damage tensor")
+        else:
+            table.resumed += 1
+        for k, v in rec.seconds.items():
+            spent[k] += v
+        table.passes += rec.passes
+        if rec.damage is None:
+            later.append((name, rec.errors, written, split))
             continue
-        damage = _tensor_damage(session, ref, buf, written, ref_t, means, errors, cfg)
-        t_kl += time.perf_counter() - t1
-        table.measured[name] = dict(damage) if cfg.method == "direct" else {ref_t.name: _measured_ref(damage, errors, ref_t)}
-        per_error[name] = {t: d / e if (e := _total(errors, t)) > 0 else 0.0 for t, d in damage.items()}
-        _fill(table, name, damage, errors, written, split)
+        ref_t = effective_type(resolve_type(cfg.reference_type), buf.shape[-1])
+        table.measured[name] = (dict(rec.damage) if cfg.method == "direct"
+                                else {ref_t.name: _measured_ref(rec.damage, rec.errors, ref_t)})
+        per_error[name] = {t: d / e if (e := _total(rec.errors, t)) > 0 else 0.0 for t, d in rec.damage.items()}
+        _fill(table, name, rec.damage, rec.errors, written, split)
     for name, errors, written, split in later:
         damage = anchors.damage(name, per_error, {t.name: _total(errors, t.name) for t in written})
         table.interpolated[name] = anchors.of(name)
         _fill(table, name, damage, errors, written, split)
-    table.seconds = {"weighted_error": round(t_err, 3), "fake_quantise": round(t_kl - (ref.seconds - fwd0), 3),
-                     "forward": round(ref.seconds - fwd0, 3)}
-    table.passes = ref.passes - passes0
+    table.seconds = {k: round(v, 3) for k, v in spent.items()}
     return table
+
+
+def _measure_tensor(session: Session, ref: Reference, buf: WeightBuffer, written, split: bool, measured: bool,
+                    cfg: DamageConfig, imatrix, tokens) -> TensorRecord:
+    """One tensor's weighted errors at every written type (and the reference type), and, when it
+    is ``measured`` (an anchor), its damage: the KL through the model."""
+    name = buf.name
+    ref_t = effective_type(resolve_type(cfg.reference_type), buf.shape[-1])
+    types = written if ref_t in written else [*written, ref_t]
+    means = split_means(None if imatrix is None else imatrix.get(name), buf)
+    t0 = time.perf_counter()
+    experts = None if split else sampled_experts(matrices(buf), cfg.max_experts)
+    errors = weighted_errors(buf, types, means, None if tokens is None else tokens.get(name),
+                             cfg.mse_rows if split else sample_size(buf, experts, cfg), experts)
+    seconds = {"weighted_error": time.perf_counter() - t0}
+    if not measured:
+        return TensorRecord(name, errors, None, seconds)
+    t1, fwd0, passes0 = time.perf_counter(), ref.seconds, ref.passes
+    damage = _tensor_damage(session, ref, buf, written, ref_t, means, errors, cfg)
+    seconds["forward"] = ref.seconds - fwd0
+    seconds["fake_quantise"] = time.perf_counter() - t1 - seconds["forward"]
+    return TensorRecord(name, errors, damage, seconds, ref.passes - passes0)
 
 
 def _total(errors: Mapping, type_name: str) -> float:

@@ -24,6 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from alphaq.damage import DamageConfig, DamageTable, Reference
+from alphaq.damage.journal import Journal
 from alphaq import memory
 from alphaq.errors import AlphaQError
 from alphaq.files import atomic_write_text, cache_root, fingerprint
@@ -108,13 +109,17 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
                 pause_for_test("damage")
                 t0 = time.perf_counter()
                 ref = Reference(session(), tokens[: cfg.windows(names)])
+                t_ref = time.perf_counter() - t0
+                journal = Journal(path.with_name(f"{key}.partial.jsonl"), key) if use_cache else None
                 table = measure(session(), ref, names, candidates, cfg, imatrix=imatrix.means(),
-                                tokens=imatrix.counts, per_expert=per_expert, progress=progress)
-                table.seconds["reference"] = round(time.perf_counter() - t0 - sum(table.seconds.values()), 3)
+                                tokens=imatrix.counts, per_expert=per_expert, progress=progress, journal=journal)
+                table.seconds["reference"] = round(t_ref, 3)
                 if use_cache:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(path, json.dumps(table.to_json(), sort_keys=True) + "\n")
-                seconds["damage"] = sum(table.seconds.values())
+                    journal.discard()
+                # this run's own work (a resumed table's seconds include the stopped run's part)
+                seconds["damage"] = time.perf_counter() - t0
     return SelfCalibration(tokens, imatrix, table, seconds, "self" if user_imatrix is None else imatrix_source,
                            tuple(reused), working_copy)
 
