@@ -252,7 +252,7 @@ def test_bad_inputs(tmp_path):
 # architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2)
 # and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, OLMoE, MiniMax-M2, ERNIE-4.5,
 # dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE and Llama 4 (the last three multimodal),
-# Granite 3.x MoE, Granite 4.0-H and Phi-3.5-MoE, and the dense Llama, Qwen2 and Qwen3
+# Granite 3.x MoE, Granite 4.0-H, Phi-3.5-MoE and LFM2-MoE, and the dense Llama, Qwen2 and Qwen3
 # --------------------------------------------------------------------------------------
 
 
@@ -325,6 +325,11 @@ def _configs() -> dict:
             num_local_experts=8, num_experts_per_tok=2, lm_head_bias=True, attention_bias=True,
             rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 32, long_factor=[1.0] * 32,
                                  short_mscale=1.0, long_mscale=1.0, original_max_position_embeddings=512)),
+        # LFM2-MoE (LFM2-8B-A1B): gated short-convolution blocks and attention blocks, dense first
+        # block, then experts with a score-correction bias
+        "lfm2-moe": lambda: T.Lfm2MoeConfig(
+            **_COMMON, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4, num_dense_layers=1,
+            num_experts=8, num_experts_per_tok=2, layer_types=["conv", "full_attention", "conv", "full_attention"]),
         # the dense architectures (llama: Q/K permuted by the converter)
         "llama": lambda: T.LlamaConfig(**_COMMON, intermediate_size=512, num_hidden_layers=2),
         "qwen2": lambda: T.Qwen2Config(**_COMMON, intermediate_size=512, num_hidden_layers=2),
@@ -394,6 +399,7 @@ OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix 
     "granite-moe": ("granitemoe", 2, {"ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "attn_q", "attn_k"}),
     "granite-4.0-h": ("granitehybrid", 4, {"ssm_in", "ssm_out", "ffn_up_exps", "ffn_up_shexp", "attn_q"}),
     "phi-3.5-moe": ("phimoe", 2, {"ffn_gate_exps", "ffn_down_exps", "attn_q", "attn_output", "output"}),
+    "lfm2-moe": ("lfm2moe", 4, {"shortconv.in_proj", "shortconv.out_proj", "attn_q", "ffn_up_exps", "ffn_down"}),
     "llama": ("llama", 2, {"attn_q", "attn_k", "ffn_gate", "ffn_down", "output"}),
     "qwen2": ("qwen2", 2, {"attn_q", "attn_v", "ffn_up", "ffn_down", "output"}),
     "qwen3": ("qwen3", 2, {"attn_q", "attn_output", "ffn_gate", "ffn_up", "output"}),

@@ -76,6 +76,7 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "GraniteMoeForCausalLM": MODEL_ARCH.GRANITE_MOE,  # Granite 3.x MoE
     "GraniteMoeSharedForCausalLM": MODEL_ARCH.GRANITE_MOE,
     "GraniteMoeHybridForCausalLM": MODEL_ARCH.GRANITE_HYBRID,  # Granite 4.0-H: Mamba-2 and attention blocks, MoE
+    "Lfm2MoeForCausalLM": MODEL_ARCH.LFM2MOE,  # LFM2-8B-A1B: gated short convolutions and attention, MoE
     "LlamaForCausalLM": MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
@@ -493,7 +494,9 @@ def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ..
     key = name.removesuffix(".weight")
     m = _HF_EXPERT.match(key)
     if m:  # legacy per-expert 2-D tensor: one slice of the merged GGUF tensor
-        gname = tmap.get_name(f"{m['prefix']}.{m['rest']}")
+        merged = f"{m['prefix']}.{m['rest']}"
+        # (LFM2-MoE's converter names the merged tensor without the "model." prefix)
+        gname = tmap.get_name(merged) or tmap.get_name(merged.removeprefix("model."))
         if gname is None:
             logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
             return []
