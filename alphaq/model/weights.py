@@ -77,6 +77,8 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "GraniteMoeSharedForCausalLM": MODEL_ARCH.GRANITE_MOE,
     "GraniteMoeHybridForCausalLM": MODEL_ARCH.GRANITE_HYBRID,  # Granite 4.0-H: Mamba-2 and attention blocks, MoE
     "Lfm2MoeForCausalLM": MODEL_ARCH.LFM2MOE,  # LFM2-8B-A1B: gated short convolutions and attention, MoE
+    "JambaForCausalLM": MODEL_ARCH.JAMBA,
+    "ExaoneMoeForCausalLM": MODEL_ARCH.EXAONE_MOE,
     "LlamaForCausalLM": MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
