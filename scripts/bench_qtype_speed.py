@@ -50,12 +50,15 @@ def main() -> int:
     p.add_argument("--cols", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, default=TABLE)
+    p.add_argument("--only", nargs="+", metavar="TYPE",
+                   help="measure only these types (with Q3_K, the printed ratios' base) and merge them into "
+                        "the existing table, the other entries kept as measured")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     w = rng.standard_normal((args.rows, args.cols)).astype(np.float32)
     imatrix = (rng.random(args.cols) + 0.1).astype(np.float32)
     rows = {}
-    for name in TYPES:
+    for name in TYPES if not args.only else dict.fromkeys(["Q3_K", *args.only]):
         t = GGMLQuantizationType[name]
         rows[name] = {"with_imatrix_ns": seconds_per_weight(w, t, imatrix, args.repeats) * 1e9,
                       "without_imatrix_ns": None if needs_imatrix(t) else
@@ -66,8 +69,12 @@ def main() -> int:
     for name, r in rows.items():
         plain = "needs one" if r["without_imatrix_ns"] is None else f"{r['without_imatrix_ns']:.1f}"
         print(f"| {name} | {plain} | {r['with_imatrix_ns']:.1f} | {r['with_imatrix_ns'] / base:.1f} |")
-    args.json.write_text(json.dumps({"shape": [args.rows, args.cols], "threads": 1, "repeats": args.repeats,
-                                     "types": rows}, indent=1) + "\n")
+    table = {"shape": [args.rows, args.cols], "threads": 1, "repeats": args.repeats, "types": rows}
+    if args.only:  # (a type the gguf-py in use newly knows: the rest of the table is not re-measured)
+        table = json.loads(args.json.read_text())
+        table["types"] |= {name: rows[name] for name in args.only}
+        table.setdefault("added_later", {}).update({name: time.strftime("%Y-%m-%d") for name in args.only})
+    args.json.write_text(json.dumps(table, indent=1) + "\n")
     return 0
 
 

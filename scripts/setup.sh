@@ -6,7 +6,7 @@
 #     on disk, llama-cpp-python==0.3.36 builds from source once (~6 min) and pip's wheel cache
 #     makes every later install instant
 #   * the llama.cpp sources that llama-cpp-python vendors (converter, gguf-py) unpacked to
-#     ~/.cache/alphaq (see convert/vendor.py)
+#     ~/.cache/alphaq (see convert/vendor.py); that gguf-py is installed into .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,5 +44,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     echo "$want" > "$STAMP"
 fi
 
-.venv/bin/python -m convert.vendor >/dev/null
+vendor=$(.venv/bin/python -m convert.vendor)
+# alphaq names GGUF tensors and types with the gguf-py this llama.cpp ships, as its converter does.
+# PyPI's gguf 0.19.0 has the same version string but predates that copy (no Cohere2-MoE, no
+# DeepSeek-V3.2, no Q2_0), so the copy replaces it whenever they differ
+installed=$(.venv/bin/python -c 'import gguf.constants as c; print(c.__file__)')
+if ! cmp -s "$vendor/gguf-py/gguf/constants.py" "$installed"; then
+    echo "setup: installing the gguf-py of llama.cpp ($vendor/gguf-py)"
+    .venv/bin/python -m pip install --quiet --no-deps --force-reinstall "$vendor/gguf-py"
+fi
 echo "setup: ready (.venv)"

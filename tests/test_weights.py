@@ -252,8 +252,8 @@ def test_bad_inputs(tmp_path):
 # architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2)
 # and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, OLMoE, MiniMax-M2, ERNIE-4.5,
 # dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE and Llama 4 (the last three multimodal),
-# Granite 3.x MoE, Granite 4.0-H, Phi-3.5-MoE, LFM2-MoE, Jamba and EXAONE-MoE, and the dense Llama,
-# Qwen2 and Qwen3
+# Granite 3.x MoE, Granite 4.0-H, Phi-3.5-MoE, LFM2-MoE, Jamba, EXAONE-MoE and Cohere2-MoE, and the
+# dense Llama, Qwen2 and Qwen3
 # --------------------------------------------------------------------------------------
 
 
@@ -343,6 +343,11 @@ def _configs() -> dict:
             **_COMMON, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4, num_experts=8,
             num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1, sliding_window=64,
             layer_types=["sliding_attention"] * 3 + ["full_attention"], mlp_layer_types=["dense"] + ["sparse"] * 3),
+        # Cohere2-MoE: sliding-window attention in 3 of 4 blocks, a tied head with a logit scale
+        "cohere2-moe": lambda: T.Cohere2MoeConfig(
+            **_COMMON, intermediate_size=512, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
+            head_dim=64, sliding_window=64, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            mlp_layer_types=["sparse"] * 4),
         # the dense architectures (llama: Q/K permuted by the converter)
         "llama": lambda: T.LlamaConfig(**_COMMON, intermediate_size=512, num_hidden_layers=2),
         "qwen2": lambda: T.Qwen2Config(**_COMMON, intermediate_size=512, num_hidden_layers=2),
@@ -415,6 +420,7 @@ OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix 
     "lfm2-moe": ("lfm2moe", 4, {"shortconv.in_proj", "shortconv.out_proj", "attn_q", "ffn_up_exps", "ffn_down"}),
     "jamba": ("jamba", 4, {"ssm_in", "ssm_out", "ffn_up_exps", "attn_q"}),
     "exaone-moe": ("exaone-moe", 4, {"ffn_up_exps", "ffn_up_shexp", "attn_q", "ffn_down"}),
+    "cohere2-moe": ("cohere2moe", 4, {"ffn_up_exps", "attn_q", "attn_output"}),
     "llama": ("llama", 2, {"attn_q", "attn_k", "ffn_gate", "ffn_down", "output"}),
     "qwen2": ("qwen2", 2, {"attn_q", "attn_v", "ffn_up", "ffn_down", "output"}),
     "qwen3": ("qwen3", 2, {"attn_q", "attn_output", "ffn_gate", "ffn_up", "output"}),

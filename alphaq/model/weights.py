@@ -79,6 +79,7 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "Lfm2MoeForCausalLM": MODEL_ARCH.LFM2MOE,  # LFM2-8B-A1B: gated short convolutions and attention, MoE
     "JambaForCausalLM": MODEL_ARCH.JAMBA,
     "ExaoneMoeForCausalLM": MODEL_ARCH.EXAONE_MOE,
+    "Cohere2MoeForCausalLM": MODEL_ARCH.COHERE2MOE,
     "LlamaForCausalLM": MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
