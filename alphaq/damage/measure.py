@@ -126,7 +126,11 @@ def measure(session: Session, ref: Reference, names: Sequence[str], candidates: 
     spent = {"weighted_error": 0.0, "fake_quantise": 0.0, "forward": 0.0}
     per_error: dict[str, dict[str, float]] = {}  # measured tensor -> type -> damage / weighted error
     later = []  # tensors whose damage comes from their kind's anchors, once every anchor is measured
-    for name in tqdm(names, desc="damage", unit="tensor", disable=not progress, dynamic_ncols=True):
+    # a resumed run's bar starts at its recorded tensors, so that its rate and ETA are this run's
+    recorded = sum(journal.get(n) is not None for n in names) if journal is not None else 0
+    bar = tqdm(total=len(names), initial=recorded, desc="damage", unit="tensor", disable=not progress,
+               dynamic_ncols=True)
+    for name in names:
         buf = session.weights[name]
         written = list(dict.fromkeys(effective_type(c, buf.shape[-1]) for c in candidates))
         split = per_expert and len(buf.shape) == 3 and "_exps" in name
@@ -136,6 +140,7 @@ def measure(session: Session, ref: Reference, names: Sequence[str], candidates: 
         if rec is None:
             rec = _measure_tensor(session, ref, buf, written, split, name in anchors.measured, cfg,
                                   imatrix, tokens)
+            bar.update(1)
             if journal is not None:
                 journal.add(rec)
                 if len(table.measured) + len(later) == table.resumed:  # the run's first new record
@@ -153,6 +158,7 @@ def measure(session: Session, ref: Reference, names: Sequence[str], candidates: 
                                 else {ref_t.name: _measured_ref(rec.damage, rec.errors, ref_t)})
         per_error[name] = {t: d / e if (e := _total(rec.errors, t)) > 0 else 0.0 for t, d in rec.damage.items()}
         _fill(table, name, rec.damage, rec.errors, written, split)
+    bar.close()
     for name, errors, written, split in later:
         damage = anchors.damage(name, per_error, {t.name: _total(errors, t.name) for t in written})
         table.interpolated[name] = anchors.of(name)
