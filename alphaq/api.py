@@ -159,13 +159,12 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     ``plots="DIR"`` also writes the figures of ``alphaq convert --plots`` there (not with dry_run).
     Returns alphaq.pipeline.convert.ConvertResult."""
     from alphaq.pipeline.convert import ConvertConfig, run_convert
-    from alphaq.allocate.overrides import kv_overrides
+    from alphaq.allocate.overrides import kv_overrides, tensor_type_files
 
     if like is not None and any(v is not None for v in (budget, bpw, target_size)):
         raise AlphaQError("like and another budget both set the budget; give one")
     _pins(options, tensor_type, tensor_type_file)
-    files = [tensor_type_file] if isinstance(tensor_type_file, (str, os.PathLike)) else tensor_type_file or ()
-    options["pin_files"] = tuple(Path(f) for f in files) + tuple(options.get("pin_files", ()))
+    options["pin_files"] = tensor_type_files(tensor_type_file) + tuple(options.get("pin_files", ()))
     options["kv_overrides"] = kv_overrides(override_kv) + kv_overrides(options.get("kv_overrides"))
     cap = options.pop("max_quantise_ns", "auto")  # as --max-quantise-ns: ns per weight, "auto" or "none"/None
     if cap != "auto":

@@ -81,12 +81,17 @@ def tensor_type_entries(tensor_type: str | Iterable[str] | None = (),
     the CLI keeps the command line's order, as llama-quantize does)."""
     if isinstance(tensor_type, str):
         tensor_type = [tensor_type]
-    if isinstance(tensor_type_file, (str, Path)):
-        tensor_type_file = [tensor_type_file]
     entries = [parse_tensor_type(t) for t in tensor_type or ()]
-    for f in tensor_type_file or ():
+    for f in tensor_type_files(tensor_type_file):
         entries.extend(read_tensor_type_file(f))
     return tuple(entries)
+
+
+def tensor_type_files(tensor_type_file: str | Path | Iterable[str | Path] | None) -> tuple[Path, ...]:
+    """The Python API's tensor_type_file (one path or several, or None) as paths."""
+    if isinstance(tensor_type_file, (str, Path)):
+        tensor_type_file = [tensor_type_file]
+    return tuple(Path(f) for f in tensor_type_file or ())
 
 
 def compile_pattern(pattern: str, source: str = "--tensor-type") -> re.Pattern:
