@@ -147,9 +147,11 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     Budget: one of ``budget`` (nominal bits), ``bpw``, ``target_size`` (bytes or "12GiB") or
     ``like`` (a llama.cpp mix name); default 3 nominal bits. ``mode``: "damage" (default),
     "fast" or "paper" (alphaq.allocate.plan.MODES). llama-quantize's overrides, same syntax:
-    ``output_tensor_type="q8_0"``, ``token_embedding_type="q6_k"``, ``tensor_type="attn_v=q8_0"``
-    (or a list), ``tensor_type_file=path`` (or a list), ``override_kv="general.name=str:x"`` (or a
-    list). Other keyword options are PlanConfig fields (types, gamma, granularity, ...) or
+    ``output_tensor_type="q8_0"``, ``leave_output_tensor=True``, ``token_embedding_type="q6_k"``,
+    ``tensor_type="attn_v=q8_0"`` (or a list), ``tensor_type_file=path`` (or a list),
+    ``override_kv="general.name=str:x"`` (or a list), ``include_weights="ffn_down"`` or
+    ``exclude_weights=[...]`` (a name or a list), ``keep_split=True``, ``max_buffer_size=MiB``.
+    Other keyword options are PlanConfig fields (types, gamma, granularity, ...) or
     ConvertConfig fields (imatrix, nthread, use_cache, split_max_size (bytes, or "2G" as
     llama-gguf-split), split_max_tensors, keep_bf16, dry_run, resume (False: convert an HF checkpoint
     afresh rather than reuse the BF16 intermediate an interrupted run kept), alpha_experts and
@@ -166,6 +168,11 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     _pins(options, tensor_type, tensor_type_file)
     options["pin_files"] = tensor_type_files(tensor_type_file) + tuple(options.get("pin_files", ()))
     options["kv_overrides"] = kv_overrides(override_kv) + kv_overrides(options.get("kv_overrides"))
+    for key in ("include_weights", "exclude_weights"):  # one name or several, as the repeatable flags
+        if isinstance(options.get(key), str):
+            options[key] = (options[key],)
+        elif isinstance(options.get(key), list):
+            options[key] = tuple(options[key])
     cap = options.pop("max_quantise_ns", "auto")  # as --max-quantise-ns: ns per weight, "auto" or "none"/None
     if cap != "auto":
         options["auto_quantise_cap"] = False

@@ -1,6 +1,7 @@
-"""llama-quantize's flags in `alphaq convert`: --output-tensor-type, --token-embedding-type,
---tensor-type, --tensor-type-file (pins) and --override-kv, checked against llama.cpp's own
-quantiser (its dry run, and the llama-quantize binary) and against the files written (gguf-py)."""
+"""llama-quantize's flags in `alphaq convert`: --output-tensor-type, --leave-output-tensor,
+--token-embedding-type, --tensor-type, --tensor-type-file (pins), --override-kv,
+--include-weights / --exclude-weights and --keep-split, checked against llama.cpp's own quantiser
+(its dry run, and the llama-quantize binary) and against the files written (gguf-py)."""
 
 from __future__ import annotations
 
@@ -287,6 +288,16 @@ BAD = {
     "non-expert under allocate all": (lambda tp: ["--fast", "--allocate", "all", "--non-expert-type", "q8_0"],
                                       "--allocate all leaves none of them out"),
     "negative seed": (lambda tp: ["--seed", "-1"], "--seed -1"),
+    # llama-quantize flags without a meaning here, and the checks of the ones that have one
+    "pure": (lambda tp: ["--pure"], "no pure mode"),
+    "prune layers": (lambda tp: ["--prune-layers", "1"], "llama-quantize --prune-layers 1 MODEL.gguf PRUNED.gguf COPY"),
+    "keep-split of a checkpoint": (lambda tp: ["--keep-split"], "is an HF checkpoint"),
+    "keep-split and a new split": (lambda tp: ["--keep-split", "--split-max-tensors", "3"], "give one"),
+    "buffer of 0 MiB": (lambda tp: ["--max-buffer-size", "0"], "positive whole number of MiB"),
+    "include and exclude": (lambda tp: ["--include-weights", "a", "--exclude-weights", "b"], "used together"),
+    "exclude without importance": (lambda tp: ["--fast", "--exclude-weights", "attn"], "only the default (damage)"),
+    "include nothing": (lambda tp: ["--include-weights", ""], "give part of a tensor name"),
+    "leave and set the output": (lambda tp: ["--leave-output-tensor", "--output-tensor-type", "q8_0"], "give one"),
 }
 
 
@@ -369,3 +380,134 @@ def test_no_output_is_a_file_the_run_reads(kind, model_gguf, tmp_path, capsys, m
         with pytest.raises(AlphaQError, match="is a tensor_type_file input.*force=True"):
             alphaq.convert(model_gguf, out, like="Q4_K_M", force=True, tensor_type_file=read)
         assert read.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# --leave-output-tensor, --include-weights / --exclude-weights, --keep-split
+# ----------------------------------------------------------------------------------------------
+
+
+def test_leave_output_tensor_keeps_the_type_llama_quantize_keeps(model_gguf):
+    """llama_model_quantize's dry run with quantize_output_tensor = false (--leave-output-tensor)
+    leaves output.weight in its source type; alphaq pins it to that same type."""
+    import llama_cpp
+
+    from alphaq.gguf.quantize import _captured_log
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.dry_run = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 1, True
+    params.quantize_output_tensor = False
+    lines: list[str] = []
+    with _captured_log(lines.append):
+        assert llama_cpp.llama_model_quantize(str(model_gguf).encode(), b"/dev/null", ctypes.byref(params)) == 0
+    llama = {}
+    for line in lines:  # a tensor left as it is is logged "size = ..." without a type change
+        if "output.weight" in line and "type =" in line:
+            llama["output.weight"] = T[line.split("type =")[1].split(",")[0].strip().upper()]
+    pins = plan_pins(_infos(model_gguf), PlanConfig(leave_output_tensor=True))
+    assert llama["output.weight"] == T.BF16 == T[pins.types["output.weight"][0]]
+    assert pins.types["output.weight"][1] == "pinned: --leave-output-tensor" and len(pins.types) == 1
+    tied = [i for i in _infos(model_gguf) if i.name != "output.weight"]
+    assert plan_pins(tied, PlanConfig(leave_output_tensor=True)).unused == (
+        "--leave-output-tensor: the model has no output.weight (tied embeddings); nothing pinned",)
+
+
+@pytest.mark.slow  # builds llama-quantize once (minutes) when it is not there yet
+@pytest.mark.parametrize("flag, names", [("--exclude-weights", ["ffn_down", "attn_q"]),
+                                         ("--include-weights", ["blk.1.", "output"])])
+def test_weight_filters_keep_the_vectors_llama_quantize_keeps(flag, names, model_gguf, tmp_path):
+    """The llama-quantize binary with an importance file and the flag: the number of vectors it
+    keeps, and its file byte for byte against llama.cpp's quantiser given the vectors alphaq keeps."""
+    from convert.tools import llama_quantize
+
+    from alphaq.gguf.quantize import quantize_stock
+    from alphaq.importance.imatrix_file import read_imatrix, select_weights, write_imatrix
+
+    path = tmp_path / "u.imatrix.gguf"
+    _user_imatrix(model_gguf, path)
+    im = read_imatrix(path)
+    rng = np.random.default_rng(0)  # vectors that change the bytes, so a wrong selection shows
+    im.sums.update({n: rng.uniform(0.1, 10, v.shape).astype(np.float32) for n, v in im.sums.items()})
+    path.unlink()
+    write_imatrix(path, im)
+    by_tool = tmp_path / "tool.gguf"
+    args = [a for n in names for a in (flag, n)]
+    res = subprocess.run([str(llama_quantize()), "--imatrix", str(path), *args, str(model_gguf), str(by_tool), "Q4_K_M"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    include, exclude = (names, ()) if flag == "--include-weights" else ((), names)
+    kept, unused = select_weights(im.sums, include, exclude)
+    assert f"have {len(kept)} importance matrix entries" in res.stdout + res.stderr and not unused
+    assert 0 < len(kept) < len(im.sums)
+    by_us = tmp_path / "us.gguf"
+    quantize_stock(model_gguf, by_us, "Q4_K_M", imatrix=read_imatrix(path).only(kept).means())
+    theirs = {t.name: t for t in gguf.GGUFReader(by_tool).tensors}
+    for t in gguf.GGUFReader(by_us).tensors:
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data), err_msg=t.name)
+
+
+def test_excluded_weights_are_quantised_without_their_vectors(model_gguf, tmp_path, capsys):
+    """The default mode with --exclude-weights: the file is llama.cpp's quantiser with the saved
+    importance matrix less the excluded weights' vectors (which do change those tensors' bytes),
+    and the summary says so."""
+    from alphaq.gguf.quantize import quantize_gguf
+    from alphaq.importance.imatrix_file import read_imatrix
+
+    out = tmp_path / "x.gguf"
+    assert cli_main(["convert", str(model_gguf), "-o", str(out), "--like", "Q4_K_M", "--no-progress",
+                     "--exclude-weights", "ffn_down", "--exclude-weights", "no_such_weight"]) == 0
+    text = capsys.readouterr().out
+    im = read_imatrix(out.with_name("x.imatrix.gguf"))
+    kept = [n for n in im.sums if "ffn_down" not in n]
+    assert f"used for {len(kept)} of its {len(im.sums)} weights" in text
+    assert "--exclude-weights no_such_weight matches no weight" in text
+    types = _types(out)
+    quantised = {n: t for n, t in types.items() if n in {i.name for i in _infos(model_gguf)}
+                 and t not in (T.F32, T.BF16, T.F16)}
+    again, full = tmp_path / "again.gguf", tmp_path / "full.gguf"
+    quantize_gguf(model_gguf, again, quantised, imatrix=im.only(kept).means())
+    quantize_gguf(model_gguf, full, quantised, imatrix=im.means())
+    ours, filtered, unfiltered = ({t.name: np.asarray(t.data) for t in gguf.GGUFReader(p).tensors}
+                                  for p in (out, again, full))
+    for name in quantised:
+        np.testing.assert_array_equal(ours[name], filtered[name], err_msg=name)
+    down = [n for n in quantised if "ffn_down" in n]
+    assert down and any(not np.array_equal(filtered[n], unfiltered[n]) for n in down)
+
+
+@pytest.mark.slow  # builds llama-quantize and llama-gguf-split once (minutes) when they are not there yet
+def test_keep_split_writes_the_parts_llama_quantize_writes(model_gguf, tmp_path):
+    """A split input (llama-gguf-split --split-max-tensors 7): convert --keep-split puts every
+    tensor in the part llama-quantize --keep-split puts it (same part count and names, same order),
+    with the same types and bytes (--fast, the plan's tensor-type file given to llama-quantize),
+    and llama.cpp loads the parts."""
+    from convert.tools import llama_tool
+
+    from alphaq.gguf.split import part_names
+
+    src = tmp_path / "in"
+    res = subprocess.run([str(llama_tool("llama-gguf-split")), "--split", "--split-max-tensors", "7", str(model_gguf),
+                          str(src)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    first = sorted(tmp_path.glob("in-*.gguf"))[0]
+    n = len(list(tmp_path.glob("in-*.gguf")))
+    assert n >= 3
+    out = tmp_path / "o.gguf"
+    assert cli_main(["convert", str(first), "-o", str(out), "--fast", "--budget", "4", "--keep-split",
+                     "--no-progress"]) == 0
+    ours = tmp_path / f"o-00001-of-{n:05d}.gguf"
+    assert not out.exists() and ours.exists()
+    res = subprocess.run([str(llama_tool("llama-quantize")), "--keep-split", "--tensor-type-file",
+                          str(tmp_path / "o.tensor-types.txt"), str(first), str(tmp_path / "t.gguf"), "Q4_K_M"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs = tmp_path / f"t-00001-of-{n:05d}.gguf"
+    assert part_names(ours) == part_names(theirs) == part_names(first)
+    assert _types(ours) == _types(theirs)
+    data = [{t.name: np.asarray(t.data) for p in sorted(tmp_path.glob(f"{x}-*-of-{n:05d}.gguf"))
+             for t in gguf.GGUFReader(p).tensors} for x in ("o", "t")]
+    for name, d in data[1].items():
+        np.testing.assert_array_equal(data[0][name], d, err_msg=name)
+    from llama_cpp import Llama
+
+    Llama(str(ours), n_ctx=32, verbose=False).close()

@@ -7,6 +7,8 @@
   (src/llama-quant.cpp ``llama_tensor_get_type``).
 * ``--output-tensor-type`` / ``--token-embedding-type``: output.weight / token_embd.weight (and
   per_layer_token_embd.weight unless a pattern names it) take that type, before any pattern.
+* ``--leave-output-tensor`` (``quantize_output_tensor = false``): output.weight keeps the type it
+  has in the model quantised (BF16 from an HF checkpoint); here a pin to that type.
 * ``--override-kv KEY=TYPE:VALUE`` (common/common.cpp ``string_parse_kv_override``): written into
   the output's metadata by llama.cpp's quantiser itself.
 
@@ -126,10 +128,12 @@ class Pins:
 
 
 def resolve_pins(names_and_shapes: Iterable[tuple[str, Sequence[int]]], output_tensor_type: str | None,
-                 token_embedding_type: str | None, tensor_types: Sequence[tuple[str, str]]) -> Pins:
+                 token_embedding_type: str | None, tensor_types: Sequence[tuple[str, str]],
+                 output_flag: str = "--output-tensor-type") -> Pins:
     """The pinned type of every tensor llama.cpp quantises that a pin takes, in llama.cpp's order
-    (llama-quant.cpp llama_tensor_get_type): --token-embedding-type, --output-tensor-type, then
-    the first --tensor-type entry whose pattern std::regex_search finds in the name."""
+    (llama-quant.cpp llama_tensor_get_type): --token-embedding-type, --output-tensor-type (or
+    ``output_flag``, the flag that set output_tensor_type: --leave-output-tensor), then the first
+    --tensor-type entry whose pattern std::regex_search finds in the name."""
     compiled = [(compile_pattern(p), t) for p, t in tensor_types]
     won = [0] * len(compiled)
     matched = [0] * len(compiled)
@@ -143,20 +147,22 @@ def resolve_pins(names_and_shapes: Iterable[tuple[str, Sequence[int]]], output_t
                 name == PER_LAYER_TOKEN_EMBD and hits):
             types[name] = (token_embedding_type, "pinned: --token-embedding-type")
         elif output_tensor_type and name == OUTPUT:
-            types[name] = (output_tensor_type, "pinned: --output-tensor-type")
+            types[name] = (output_tensor_type, f"pinned: {output_flag}")
         elif hits:
             won[hits[0]] += 1
             pattern, t = tensor_types[hits[0]]
             types[name] = (t, f"pinned: --tensor-type {pattern}={t.lower()}")
-    return Pins(types, _unused(quantised, output_tensor_type, token_embedding_type, tensor_types, won, matched))
+    return Pins(types, _unused(quantised, output_tensor_type, token_embedding_type, tensor_types, won, matched,
+                               output_flag))
 
 
-def _unused(quantised, output_tensor_type, token_embedding_type, tensor_types, won, matched) -> tuple[str, ...]:
+def _unused(quantised, output_tensor_type, token_embedding_type, tensor_types, won, matched,
+            output_flag) -> tuple[str, ...]:
     """llama-quantize ignores these silently; alphaq names them in the summary."""
     unused = []
     if output_tensor_type and OUTPUT not in quantised:
-        unused.append(f"--output-tensor-type {output_tensor_type.lower()}: the model has no {OUTPUT} "
-                      "(tied embeddings); nothing pinned")
+        flag = output_flag + ("" if output_flag == "--leave-output-tensor" else f" {output_tensor_type.lower()}")
+        unused.append(f"{flag}: the model has no {OUTPUT} (tied embeddings); nothing pinned")
     if token_embedding_type and not ({TOKEN_EMBD, PER_LAYER_TOKEN_EMBD} & set(quantised)):
         unused.append(f"--token-embedding-type {token_embedding_type.lower()}: the model has no {TOKEN_EMBD}; "
                       "nothing pinned")

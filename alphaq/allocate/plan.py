@@ -203,6 +203,8 @@ class PlanConfig:
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
     tensor_types: tuple[tuple[str, str], ...] = ()
+    # llama-quantize's --leave-output-tensor: output.weight keeps its source type (a pin to it)
+    leave_output_tensor: bool = False
     # a cap on llama.cpp's quantiser time for the whole file, as the mean ns per quantised weight
     # of its types (one thread, alphaq.gguf.speed's table); None: no cap (alphaq.allocate.time_cap)
     max_quantise_ns: float | None = None
@@ -230,6 +232,9 @@ class PlanConfig:
             raise BudgetError(f"max_quantise_ns {self.max_quantise_ns} must be a positive number of ns per weight")
         if self.alignment < 1 or self.alignment & (self.alignment - 1):
             raise AlphaQError(f"alignment {self.alignment} must be a power of two")
+        if self.leave_output_tensor and self.output_tensor_type is not None:
+            raise AlphaQError("--leave-output-tensor keeps output.weight's type and --output-tensor-type sets it; "
+                              "give one")
         for name, flag in (("output_tensor_type", "--output-tensor-type"),
                            ("token_embedding_type", "--token-embedding-type")):
             if getattr(self, name) is not None:  # kept as the canonical type name
@@ -367,7 +372,7 @@ class PlanTotals:
     lower_bound: float  # LP bound (certificate): objective - lower_bound >= suboptimality
     proven_optimal: bool
     n_fallback_items: int  # items whose chosen type is a fallback
-    n_pinned: int = 0  # tensors pinned by --output-tensor-type/--token-embedding-type/--tensor-type
+    n_pinned: int = 0  # tensors pinned by --output-tensor-type/--leave-output-tensor/--token-embedding-type/--tensor-type
     pinned_bytes: int = 0  # their bytes, padded (part of fixed_tensor_bytes)
     # llama.cpp's quantiser time for the file's types, mean ns per quantised weight, one thread
     # (alphaq.gguf.speed's table: an estimate, not a timing)
@@ -747,8 +752,12 @@ def check_budget(stats: Sequence[MatrixStats], tensors: Sequence[TensorInfo], cf
 
 def plan_pins(tensors: Sequence[TensorInfo], cfg: PlanConfig) -> Pins:
     """The pinned type of each tensor a pin takes (alphaq.allocate.overrides.resolve_pins)."""
-    return resolve_pins(((t.name, t.shape) for t in tensors), cfg.output_tensor_type, cfg.token_embedding_type,
-                        cfg.tensor_types)
+    output_type, output_flag = cfg.output_tensor_type, "--output-tensor-type"
+    if cfg.leave_output_tensor:  # its source type (a model without output.weight: any type; only named unused)
+        output_type = next((t.dtype for t in tensors if t.name == OUTPUT), "BF16")
+        output_flag = "--leave-output-tensor"
+    return resolve_pins(((t.name, t.shape) for t in tensors), output_type, cfg.token_embedding_type,
+                        cfg.tensor_types, output_flag=output_flag)
 
 
 @dataclass
@@ -967,7 +976,7 @@ def _budget_groups(setup: _Setup, opt: _Options, cfg: PlanConfig) -> list[tuple[
 
 def _check_pins_alone(setup: _Setup, cfg: PlanConfig, free_params: int) -> None:
     """A one-line refusal when the pinned tensors alone take more than the budget."""
-    flags = "--output-tensor-type/--token-embedding-type/--tensor-type"
+    flags = "--output-tensor-type/--leave-output-tensor/--token-embedding-type/--tensor-type"
     if cfg.budget_mode == "size":
         if setup.pinned_bytes > math.floor(cfg.budget):
             raise BudgetError(f"the pinned tensors ({flags}) alone take {format_size(setup.pinned_bytes)}, more "
@@ -1077,6 +1086,7 @@ def _settings(cfg: PlanConfig, imp: Importance, allocate: str, pins: Pins) -> di
         "alignment": cfg.alignment,
         "pins": {
             "output_tensor_type": cfg.output_tensor_type,
+            "leave_output_tensor": cfg.leave_output_tensor,
             "token_embedding_type": cfg.token_embedding_type,
             "tensor_types": [list(e) for e in cfg.tensor_types],
             "unused": list(pins.unused),  # flags and entries that pin no tensor (warnings)

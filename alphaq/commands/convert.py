@@ -9,9 +9,11 @@ Modes (docs/ALLOCATION.md): the default measures each tensor's damage on text th
 itself (no calibration data) and saves the importance matrix beside the output; --fast and
 --paper run no forward pass at all.
 
-llama-quantize's --output-tensor-type, --token-embedding-type, --tensor-type, --tensor-type-file
-and --override-kv keep its spelling and meaning; pinned tensors are fixed items whose bytes count
-against the budget (docs/ALLOCATION.md, "Pins").
+llama-quantize's --output-tensor-type, --leave-output-tensor, --token-embedding-type, --tensor-type,
+--tensor-type-file, --override-kv, --include-weights, --exclude-weights, --keep-split,
+--max-buffer-size and --allow-requantize keep its spelling and meaning; pinned tensors are fixed
+items whose bytes count against the budget (docs/ALLOCATION.md, "Pins"). --pure and --prune-layers
+are refused with what to do instead.
 """
 
 from __future__ import annotations
@@ -107,6 +109,30 @@ def add_llama_quantize_arguments(p: argparse.ArgumentParser) -> None:
     g = _plan_cmd.add_pin_arguments(p)
     g.add_argument("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=[],
                    help="write metadata KEY into the output (TYPE int, float, bool or str); repeatable")
+    g.add_argument("--include-weights", metavar="NAME", action="append", default=[],
+                   help="use the importance matrix only for tensors whose name contains NAME (the quantiser and "
+                        "the damage costs); repeatable")
+    g.add_argument("--exclude-weights", metavar="NAME", action="append", default=[],
+                   help="do not use the importance matrix for tensors whose name contains NAME; repeatable")
+    g.add_argument("--keep-split", action="store_true",
+                   help="write the output in the parts of the split GGUF MODEL, each tensor in the part that holds "
+                        "it there (OUT-00001-of-0000N.gguf, ...)")
+    g.add_argument("--max-buffer-size", type=int, metavar="MiB",
+                   help="rows of one tensor llama.cpp's quantiser holds at once (default: 512)")
+    # refused with the reason, rather than argparse's "unrecognized arguments"
+    g.add_argument("--pure", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--prune-layers", metavar="L0,L1,...", help=argparse.SUPPRESS)
+
+
+def check_refused_llama_flags(args: argparse.Namespace) -> None:
+    """llama-quantize flags that have no meaning in alphaq: one line saying what to do instead."""
+    if args.pure:
+        raise AlphaQError("--pure quantises every tensor to one type; alphaq chooses a type per tensor, so it has "
+                          "no pure mode (llama-quantize --pure MODEL OUT TYPE writes one)")
+    if args.prune_layers is not None:
+        raise AlphaQError(f"--prune-layers {args.prune_layers}: alphaq does not prune blocks; prune first with "
+                          f"`llama-quantize --prune-layers {args.prune_layers} MODEL.gguf PRUNED.gguf COPY`, "
+                          "then convert PRUNED.gguf")
 
 
 def default_output(model: Path, args: argparse.Namespace) -> Path:
@@ -133,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         args.budget = 3.0
     elif args.like is not None:
         args.target_size = "1"  # placeholder: replaced by the mix's size once the float model exists
+    check_refused_llama_flags(args)
     if args.threads < 0:
         raise AlphaQError(f"--threads {args.threads} must be >= 0 (0 = all cores)")
     output = args.output or default_output(args.model, args)
@@ -154,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         split_max_size=split_size, split_max_tensors=args.split_max_tensors, keep_bf16=args.keep_bf16,
         dry_run=args.dry_run, plots=args.plots, working_copy=args.working_copy, kv_overrides=kv_overrides(args.override_kv), resume=not args.no_resume,
         auto_quantise_cap=args.max_quantise_ns == "auto", allow_requantize=args.allow_requantize,
-        pin_files=tuple(_plan_cmd.pin_files(args)),
+        pin_files=tuple(_plan_cmd.pin_files(args)), keep_split=args.keep_split, max_buffer_size=args.max_buffer_size,
+        include_weights=tuple(args.include_weights), exclude_weights=tuple(args.exclude_weights),
     )
     result = run_convert(cfg, announce=lambda text: print(text, flush=True))
     print(summary(result))
@@ -237,6 +265,9 @@ def summary(r) -> str:
         lines.append(f"  data read   {read}")
         if r.imatrix_file is not None:
             lines.append(f"  importance  {r.imatrix_file} (llama.cpp imatrix format)")
+        if r.imatrix_used is not None:
+            lines.append(f"  importance  used for {r.imatrix_used[0]} of its {r.imatrix_used[1]} weights "
+                         "(--include-weights/--exclude-weights); the others quantised without it")
     if r.damage_note:
         lines.append(f"  damage      {r.damage_note}")
     if r.reused:

@@ -3,7 +3,7 @@
 Analyses MODEL (alphaq.spectral.analyze), solves the allocation (alphaq.allocate.plan) and writes the plan JSON and,
 for tensor granularity, a llama-quantize --tensor-type-file. MODEL is best the F16/BF16/F32 GGUF
 that llama-quantize will read: then every tensor and the output header size are known exactly.
-llama-quantize's pins (--output-tensor-type, --token-embedding-type, --tensor-type,
+llama-quantize's pins (--output-tensor-type, --leave-output-tensor, --token-embedding-type, --tensor-type,
 --tensor-type-file) fix tensors' types as in `alphaq convert`; their bytes count against the budget.
 """
 
@@ -78,6 +78,8 @@ def add_pin_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("llama-quantize's overrides", "same spelling and meaning as llama-quantize's; "
                              "a pinned tensor's bytes count against the budget (docs/ALLOCATION.md)")
     g.add_argument("--output-tensor-type", metavar="TYPE", help="pin output.weight to TYPE")
+    g.add_argument("--leave-output-tensor", action="store_true",
+                   help="pin output.weight to the type it has in the model (BF16 from an HF checkpoint)")
     g.add_argument("--token-embedding-type", metavar="TYPE", help="pin token_embd.weight to TYPE")
     # one list for both, in command-line order: the first matching entry wins (llama-quantize)
     g.add_argument("--tensor-type", metavar="PATTERN=TYPE", dest="tensor_type_entries", action="append",
@@ -95,6 +97,7 @@ def with_pins(cfg: PlanConfig, args: argparse.Namespace) -> PlanConfig:
     for kind, value in args.tensor_type_entries:
         entries += [parse_tensor_type(value)] if kind == "entry" else read_tensor_type_file(value)
     return dataclasses.replace(cfg, output_tensor_type=args.output_tensor_type,
+                               leave_output_tensor=args.leave_output_tensor,
                                token_embedding_type=args.token_embedding_type, tensor_types=tuple(entries))
 
 
@@ -102,8 +105,8 @@ def pin_report(plan: Plan) -> tuple[str | None, tuple[str, ...]]:
     """What the pins did, for a summary: the pinned tensors' line (None without pins) and one
     warning per flag or entry that pinned nothing (llama-quantize ignores those silently)."""
     t = plan.totals
-    line = (f"{t.n_pinned} tensor(s), {format_size(t.pinned_bytes)} (--output-tensor-type/--token-embedding-type/"
-            "--tensor-type; counted in the budget)") if t.n_pinned else None
+    line = (f"{t.n_pinned} tensor(s), {format_size(t.pinned_bytes)} (--output-tensor-type/--leave-output-tensor/"
+            "--token-embedding-type/--tensor-type; counted in the budget)") if t.n_pinned else None
     return line, tuple(plan.settings.get("pins", {}).get("unused", ()))
 
 

@@ -46,6 +46,13 @@ class SelfCalibration:
     imatrix_source: str  # "self" or the user's file
     reused: tuple[str, ...] = ()  # stages read from the cache: "self text", "importance", "damage"
     working_copy: str = "float"  # the model the stages ran on: "float" or "q8_0" (WORKING_COPIES)
+    # the entries of imatrix that --include-weights / --exclude-weights keep: what the damage was
+    # costed with and the quantiser gets (None: all of imatrix)
+    used: Imatrix | None = None
+
+    @property
+    def quantiser_imatrix(self) -> Imatrix:
+        return self.imatrix if self.used is None else self.used
 
 
 def _damage_key(model_key: str, text_cfg: SelfTextConfig, cfg: DamageConfig, names: Sequence[str],
@@ -69,8 +76,12 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
                    text_cfg: SelfTextConfig = SelfTextConfig(), cfg: DamageConfig = DamageConfig(),
                    user_imatrix: Imatrix | None = None, imatrix_source: str = "self", per_expert: bool = False,
                    progress: bool = False, use_cache: bool = True, n_threads: int | None = None,
-                   working_copy: str = "float", work_dir: Path | None = None) -> SelfCalibration:
+                   working_copy: str = "float", work_dir: Path | None = None,
+                   weight_filter: tuple[Sequence[str], Sequence[str]] = ((), ())) -> SelfCalibration:
     """Run (or reuse) the three stages on the float GGUF ``model`` for the weights ``names``.
+
+    weight_filter: (--include-weights, --exclude-weights) strings; the damage is costed with the
+    importance vectors of the weights they keep only (alphaq.importance.imatrix_file.select_weights).
 
     working_copy: "float" runs them on ``model`` itself; "q8_0" on a Q8_0 copy that llama.cpp's
     quantiser writes into ``work_dir`` first (models larger than RAM, as llama-imatrix users do:
@@ -96,7 +107,8 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
         with memory.stage("importance"):
             imatrix = user_imatrix or _importance(session, tokens, text_cfg, model_key, use_cache, progress, reused)
         seconds["importance"] = time.perf_counter() - t0
-        key = _damage_key(model_key, text_cfg, cfg, names, candidates, per_expert, _imatrix_key(imatrix))
+        used = _filtered(imatrix, *weight_filter)
+        key = _damage_key(model_key, text_cfg, cfg, names, candidates, per_expert, _imatrix_key(used or imatrix))
         path = cache_root() / "damage" / f"{key}.json"
         with memory.stage("damage"):
             if use_cache and path.exists():
@@ -111,8 +123,9 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
                 ref = Reference(session(), tokens[: cfg.windows(names)])
                 t_ref = time.perf_counter() - t0
                 journal = Journal(path.with_name(f"{key}.partial.jsonl"), key) if use_cache else None
-                table = measure(session(), ref, names, candidates, cfg, imatrix=imatrix.means(),
-                                tokens=imatrix.counts, per_expert=per_expert, progress=progress, journal=journal)
+                costed = used or imatrix
+                table = measure(session(), ref, names, candidates, cfg, imatrix=costed.means(),
+                                tokens=costed.counts, per_expert=per_expert, progress=progress, journal=journal)
                 table.seconds["reference"] = round(t_ref, 3)
                 if use_cache:
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +134,22 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
                 # this run's own work (a resumed table's seconds include the stopped run's part)
                 seconds["damage"] = time.perf_counter() - t0
     return SelfCalibration(tokens, imatrix, table, seconds, "self" if user_imatrix is None else imatrix_source,
-                           tuple(reused), working_copy)
+                           tuple(reused), working_copy, used)
+
+
+def _filtered(imatrix: Imatrix, include: Sequence[str], exclude: Sequence[str]) -> Imatrix | None:
+    """The entries --include-weights / --exclude-weights keep (None when neither is given)."""
+    if not include and not exclude:
+        return None
+    from alphaq.importance.imatrix_file import select_weights
+
+    kept, unused = select_weights(imatrix.sums, include, exclude)
+    flag = "--include-weights" if include else "--exclude-weights"
+    for s in unused:
+        log.warning("%s %s matches no weight of the importance matrix; it %s nothing", flag, s,
+                    "includes" if include else "excludes")
+    log.info("importance: %d of %d weights keep their importance vector (%s)", len(kept), len(imatrix.sums), flag)
+    return imatrix.only(kept)
 
 
 # what the forward stages can run: the float model, or its Q8_0 copy (the alphaq convert flag

@@ -101,8 +101,9 @@ def ftype_for(tensor_types: dict[str, GGMLQuantizationType], n_elements: dict[st
 # tensor of a real model whole: a merged Mixtral-8x7B expert tensor (8 x 14336 x 4096) is 1.9 GB of
 # float32 plus its output. A slab of 512 MiB costs no time (the slabs are quantised one after another,
 # each on every thread) and the bytes written are the same (rows are quantised on their own, each
-# expert's rows with its own importance vector: tested). llama-quantize has no flag for it, so the
-# stock baselines keep llama.cpp's default.
+# expert's rows with its own importance vector: tested). llama-quantize's --max-buffer-size (MiB)
+# sets it there, and alphaq's (ConvertConfig.max_buffer_size) here; the stock baselines keep
+# llama.cpp's default.
 QUANTISER_BUFFER_BYTES = 512 << 20
 
 
@@ -196,13 +197,16 @@ def ones_imatrix(src: Path, names: list[str]) -> dict[str, np.ndarray]:
 def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantizationType], *,
                   nthread: int = 0, progress: bool = False,
                   file_type_from: dict[str, GGMLQuantizationType] | None = None,
-                  imatrix: dict[str, np.ndarray] | None = None, kv_overrides=()) -> None:
+                  imatrix: dict[str, np.ndarray] | None = None, kv_overrides=(),
+                  max_buf_size: int | None = None) -> None:
     """Quantise ``src`` into ``dst`` with exactly ``tensor_types`` (GGUF name -> written type).
 
     file_type_from: the types that decide general.file_type (default: tensor_types).
     imatrix: importance vectors (flat, per expert for merged tensors) handed to llama.cpp for
       every tensor that has one; a tensor of a type that requires one and has none gets all-ones.
-    kv_overrides: alphaq.allocate.overrides.KVOverride, written into ``dst`` by llama.cpp (--override-kv)."""
+    kv_overrides: alphaq.allocate.overrides.KVOverride, written into ``dst`` by llama.cpp (--override-kv).
+    max_buf_size: bytes of one tensor's rows the quantiser holds at once (--max-buffer-size); None:
+      QUANTISER_BUFFER_BYTES."""
     llama_cpp = _llama()
     n_elements = {t.name: t.n_elements for t in read_tensors(src)}
     unknown = sorted(set(tensor_types) - set(n_elements))
@@ -212,7 +216,7 @@ def quantize_gguf(src: Path, dst: Path, tensor_types: dict[str, GGMLQuantization
     needs = [n for n, t in tensor_types.items() if t in NEEDS_IMATRIX and n not in given]
     vectors = {**(ones_imatrix(src, needs) if needs else {}), **given}
     params, keep = _build_params(ftype_for(file_type_from or tensor_types, n_elements), nthread, tensor_types,
-                                 vectors or None, kv_overrides=kv_overrides)
+                                 vectors or None, kv_overrides=kv_overrides, max_buf_size=max_buf_size)
     from tqdm import tqdm
 
     tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)

@@ -14,6 +14,12 @@ Follows tools/gguf-split/gguf-split.cpp (split_strategy) of the llama.cpp that l
 * GGUF v3; a tensor info's dimension count is ggml_n_dims (trailing 1s dropped); data padded to
   the alignment with zeros.
 
+``split_gguf_like`` writes the parts of llama-quantize's ``--keep-split`` instead: as many parts as
+the split GGUF the output was made from, each tensor in the part that held it there, in that
+part's order (llama-quant.cpp sorts by part and offset). The keys and part names are the same as
+above (llama-quantize writes the split keys in the order no, count, tensors.count; the loader
+reads them by name).
+
 ``SIZE`` is gguf-split's syntax: a positive whole number followed by ``M`` (10^6 bytes) or ``G``
 (10^9 bytes), e.g. ``500M``, ``2G``.
 """
@@ -28,8 +34,8 @@ from pathlib import Path
 
 import gguf
 
-from alphaq.errors import InputError
-from alphaq.gguf.io import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT, file_header, split_path
+from alphaq.errors import InputError, InternalError
+from alphaq.gguf.io import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT, file_header, shard_paths, split_path
 
 def parse_split_size(text: str) -> int:
     """gguf-split's ``split_str_to_n_bytes``: N + 'M' (10^6 bytes) or 'G' (10^9 bytes), N > 0.
@@ -95,6 +101,7 @@ def _split_kvs(no: int, count: int, n_tensors: int) -> bytes:
 
 @dataclass(frozen=True)
 class _Tensor:
+    name: str
     info_head: bytes  # name, n_dims, ne, type (everything of the tensor info but the offset)
     data_offset: int  # in the source file
     n_bytes: int
@@ -121,18 +128,45 @@ def _source(mm, path: Path) -> tuple[list[tuple[str, bytes]], list[_Tensor], int
             kept -= 1
         head = (bytes(mm[off:off + 8 + n]) + struct.pack("<I", kept) + struct.pack(f"<{kept}Q", *ne[:kept])
                 + struct.pack("<I", qtype))
-        tensors.append(_Tensor(head, h.data_start + rel, rec.n_bytes))
+        tensors.append(_Tensor(rec.name, head, h.data_start + rel, rec.n_bytes))
         off += 24 + n + 8 * n_dims  # name, n_dims, ne, type, offset
     return kvs, tensors, h.alignment
 
 
 def split_gguf(src: Path, prefix: str | Path, spec: SplitSpec) -> list[Path]:
     """Write ``src`` as parts ``PREFIX-0000i-of-0000n.gguf``; returns their paths in order."""
+    return _split(src, prefix, lambda tensors: assign_parts([t.n_bytes for t in tensors], spec))
+
+
+def part_names(model: Path) -> list[list[str]]:
+    """The tensor names of each part of the GGUF ``model`` (any part of it), in file order."""
+    return [[r.name for r in file_header(p).records] for p in shard_paths(model)]
+
+
+def split_gguf_like(src: Path, prefix: str | Path, like: list[list[str]]) -> list[Path]:
+    """Write ``src`` in the parts ``like`` names (part_names of the model it was made from), as
+    llama-quantize --keep-split; every tensor of ``src`` must be in one of them."""
+    def layout(tensors: list[_Tensor]) -> list[list[int]]:
+        index = {t.name: i for i, t in enumerate(tensors)}
+        parts = [[index[n] for n in names if n in index] for names in like]
+        placed = {i for part in parts for i in part}
+        if len(placed) != len(tensors):
+            missing = next(t.name for i, t in enumerate(tensors) if i not in placed)
+            raise InternalError(f"--keep-split: {missing} is in no part of the input model")
+        # (a part left without tensors, all of them dropped on the way, is not written)
+        return [part for part in parts if part]
+
+    return _split(src, prefix, layout)
+
+
+def _split(src: Path, prefix: str | Path, layout) -> list[Path]:
+    """Write ``src`` as parts ``PREFIX-0000i-of-0000n.gguf`` holding the tensors ``layout(tensors)``
+    lists per part; returns their paths in order."""
     with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         kvs, tensors, alignment = _source(mm, src)
         if alignment != gguf.GGUF_DEFAULT_ALIGNMENT:  # gguf-split pads data to 32 bytes whatever the alignment
             raise InputError(f"{src} has general.alignment {alignment}; gguf-split handles only 32")
-        parts = assign_parts([t.n_bytes for t in tensors], spec)
+        parts = layout(tensors)
         paths = [split_path(prefix, i, len(parts)) for i in range(len(parts))]
         for no, (indices, path) in enumerate(zip(parts, paths)):
             _write_part(path, mm, kvs if no == 0 else [], [tensors[i] for i in indices],

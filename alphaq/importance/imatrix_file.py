@@ -24,9 +24,9 @@ import logging
 import os
 import secrets
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -67,6 +67,26 @@ class Imatrix:
             mean[seen] = sums[seen] / counts[seen, None]
             out[name] = mean.reshape(-1)
         return out
+
+
+    def only(self, names) -> Imatrix:
+        """The same matrix with the entries of ``names`` only."""
+        keep = [n for n in self.sums if n in set(names)]
+        return replace(self, sums={n: self.sums[n] for n in keep}, counts={n: self.counts[n] for n in keep})
+
+
+def select_weights(names, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """llama-quantize's --include-weights / --exclude-weights (quantize.cpp prepare_imatrix): of an
+    importance matrix's weight ``names``, those whose vectors are used: without every name that
+    contains an excluded string, or only those that contain an included one (substring match, as
+    std::string::find). Returns (kept names, the strings that match no name: llama-quantize says
+    nothing of those, alphaq warns)."""
+    names = list(names)
+    strings = list(include or exclude)
+    unused = [s for s in strings if not any(s in n for n in names)]
+    if include:
+        return [n for n in names if any(s in n for s in include)], unused
+    return [n for n in names if not any(s in n for s in exclude)], unused
 
 
 def _lround(x: np.ndarray) -> np.ndarray:

@@ -35,8 +35,8 @@ from alphaq.spectral.analyze import Cancelled, Throttle, analyze_model
 from alphaq.errors import InputError, InternalError
 from alphaq.gguf.expert import PATCHED_RUNTIME, STOCK_RUNTIME, ExpertGroups, group_layouts, group_name, write_expert_gguf
 from alphaq.gguf.io import (check_finite, check_gguf, copy_with_metadata, first_shard, header_bytes, model_bytes,
-                            quantised_weights, read_tensors, warn_requantised)
-from alphaq.gguf.split import SplitSpec, split_gguf
+                            quantised_weights, read_tensors, shard_paths, warn_requantised)
+from alphaq.gguf.split import SplitSpec, part_names, split_gguf, split_gguf_like
 from alphaq import memory
 from alphaq.pipeline.preflight import SPLIT_PART_OVERHEAD, WORKING_COPY_CHOICES, Preflight, max_parts, preflight
 from alphaq.damage import DamageConfig
@@ -102,6 +102,17 @@ class ConvertConfig:
     allow_requantize: bool = False
     # the --tensor-type-file inputs the plan's pins were read from: never written over by an output
     pin_files: tuple[Path, ...] = ()
+    # llama-quantize's --keep-split: the output in the parts of the split GGUF input, each tensor in
+    # the part that holds it there (alphaq.gguf.split.split_gguf_like)
+    keep_split: bool = False
+    # llama-quantize's --max-buffer-size, in MiB: rows of one tensor its quantiser holds at once;
+    # None: alphaq's slabs of 512 MiB (alphaq.gguf.quantize.QUANTISER_BUFFER_BYTES)
+    max_buffer_size: int | None = None
+    # llama-quantize's --include-weights / --exclude-weights: the tensors (by name substring) whose
+    # importance vectors are used; the others are quantised, and their damage costed, without one
+    # (alphaq.importance.imatrix_file.select_weights)
+    include_weights: tuple[str, ...] = ()
+    exclude_weights: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,9 @@ class ConvertResult:
     n_grouped: int = 0  # merged expert tensors stored as type groups (expert granularity)
     imatrix_file: Path | None = None  # the importance matrix used, saved in llama.cpp's format
     imatrix_source: str | None = None  # "self" (the model's own text) or the user's file
+    # (weights whose importance vector was used, weights in the matrix) under --include-weights /
+    # --exclude-weights; None: every vector was used
+    imatrix_used: tuple[int, int] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
     like: tuple[str, int] | None = None  # (mix, its size) when the budget was given by name
     float_bytes: int = 0  # size of the float GGUF the stages read (all its parts)
@@ -324,7 +338,8 @@ def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig, user, worki
     return self_calibrate(float_gguf, names, cfg.plan.candidates, text_cfg=cfg.selftext, cfg=cfg.damage,
                           user_imatrix=user, imatrix_source=str(cfg.imatrix), progress=cfg.progress,
                           per_expert=cfg.plan.granularity == "expert", use_cache=cfg.use_cache,
-                          n_threads=cfg.nthread or None, working_copy=working_copy, work_dir=work_dir)
+                          n_threads=cfg.nthread or None, working_copy=working_copy, work_dir=work_dir,
+                          weight_filter=(cfg.include_weights, cfg.exclude_weights))
 
 
 def analysed(cfg: ConvertConfig, has_experts: bool):
@@ -488,6 +503,7 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     reused = (("bf16 intermediate",) if work.found else ()) + (calib.reused if calib else ())
     facts = dict(plan=plan, tokenizer_fallback=tokenizer_fallback, stock_sizes=stock, seconds=seconds, like=like,
                  float_bytes=float_bytes, preflight=pre, imatrix_source=calib.imatrix_source if calib else None,
+                 imatrix_used=(len(calib.used.sums), len(calib.imatrix.sums)) if calib and calib.used else None,
                  reused=reused, damage_note=calib.damage.describe() if calib else None,
                  working_copy=calib.working_copy if calib else None, quantise_cap=cap, source_type=pre.source_type)
     if cfg.dry_run:
@@ -496,7 +512,8 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
     t0 = time.perf_counter()
     with memory.stage("quantise"):
         written = _write(cfg, plan, float_gguf, tensors, work.dir, tokenizer_fallback,
-                         calib.imatrix if calib else None, done_with_float=lambda: _release_float(cfg, float_gguf, work))
+                         calib.quantiser_imatrix if calib else None,
+                         done_with_float=lambda: _release_float(cfg, float_gguf, work))
         parts = _split_output(cfg, work.dir)
     seconds["quantise"] = time.perf_counter() - t0
     plots = _render_plots(cfg, plan, stats, seconds)
@@ -528,7 +545,7 @@ def _prepare(cfg: ConvertConfig):
     """Every check that needs no heavy work, and the pre-flight figures: (cfg with a GGUF input
     resolved to its first part, source, has experts, the user's imatrix, the pins, Preflight)."""
     damage_mode = cfg.plan.noise == "damage"
-    split = bool(cfg.split_max_size or cfg.split_max_tensors)
+    split = splits_output(cfg)
     # a dry run writes nothing, so existing outputs do not matter, but the output's directory does
     check_output(cfg.output, cfg.force or cfg.dry_run, cfg.plan.granularity, with_imatrix=damage_mode, split=split)
     check_options(cfg)
@@ -545,6 +562,9 @@ def _prepare(cfg: ConvertConfig):
         if model.source == "gguf":  # any part of a split GGUF: llama.cpp loads it from the first
             cfg = replace(cfg, model=first_shard(cfg.model))
         check_keep_bf16(cfg, model.source)
+        if cfg.keep_split and model.source != "gguf":
+            raise InputError(f"--keep-split keeps the parts of a split GGUF input; {cfg.model} is an HF checkpoint "
+                             "(--split-max-size or --split-max-tensors split the output)")
         check_not_input(cfg, model.source)
         has_experts = any(m.expert is not None for m in model.matrices())
         if user_imatrix is not None:
@@ -563,11 +583,17 @@ def check_options(cfg: ConvertConfig) -> None:
     """--split-max-*, --dry-run and --plots against each other (before the model is opened)."""
     if cfg.split_max_size is not None and cfg.split_max_tensors is not None:
         raise InputError("--split-max-size and --split-max-tensors both set the split; give one")
+    if cfg.keep_split and (cfg.split_max_size is not None or cfg.split_max_tensors is not None):
+        raise InputError("--keep-split keeps the input's parts and --split-max-size/--split-max-tensors make new "
+                         "ones; give one")
     if cfg.split_max_size is not None or cfg.split_max_tensors is not None:
         SplitSpec(cfg.split_max_size, cfg.split_max_tensors)  # validates the values
-        if cfg.plan.granularity == "expert":
-            raise InputError("--split-max-size/--split-max-tensors need --granularity tensor "
-                             "(split expert-granular files are not supported)")
+    if splits_output(cfg) and cfg.plan.granularity == "expert":
+        raise InputError("--split-max-size/--split-max-tensors/--keep-split need --granularity tensor "
+                         "(split expert-granular files are not supported)")
+    if cfg.max_buffer_size is not None and not (isinstance(cfg.max_buffer_size, int) and cfg.max_buffer_size > 0):
+        raise InputError(f"--max-buffer-size {cfg.max_buffer_size}: give a positive whole number of MiB")
+    check_weight_filters(cfg)
     if cfg.dry_run and cfg.plots is not None:
         raise InputError("--plots writes figures and --dry-run writes nothing; give one")
     if cfg.imatrix is not None and cfg.plan.noise != "damage":  # (it would be read and ignored)
@@ -575,6 +601,22 @@ def check_options(cfg: ConvertConfig) -> None:
     if cfg.working_copy not in WORKING_COPY_CHOICES:
         raise InputError(f"--working-copy {cfg.working_copy!r}: allowed {', '.join(WORKING_COPY_CHOICES)}")
     check_plots_dir(cfg.plots, cfg.force)
+
+
+def check_weight_filters(cfg: ConvertConfig) -> None:
+    """--include-weights / --exclude-weights: one of them, non-empty names, and a mode that has an
+    importance matrix to filter."""
+    if cfg.include_weights and cfg.exclude_weights:
+        raise InputError("--include-weights and --exclude-weights cannot be used together (as in llama-quantize)")
+    flag = "--include-weights" if cfg.include_weights else "--exclude-weights"
+    names = cfg.include_weights or cfg.exclude_weights
+    if not names:
+        return
+    if any(not n for n in names):
+        raise InputError(f"{flag} '': give part of a tensor name, e.g. ffn_down_exps")
+    if cfg.plan.noise != "damage":
+        raise InputError(f"{flag} chooses where the importance matrix is used, and only the default (damage) mode "
+                         "uses one; --fast and --paper read no data")
 
 
 def weight_shapes(model) -> dict[str, tuple[int, int]]:
@@ -614,7 +656,14 @@ def check_keep_bf16(cfg: ConvertConfig, source: str) -> None:
         raise InputError(f"--keep-bf16 {cfg.keep_bf16} is one of the outputs")
 
 
+def splits_output(cfg: ConvertConfig) -> bool:
+    """The output is written in parts (--split-max-size, --split-max-tensors or --keep-split)."""
+    return bool(cfg.split_max_size or cfg.split_max_tensors or cfg.keep_split)
+
+
 def _parts_note(cfg: ConvertConfig) -> str:
+    if cfg.keep_split:
+        return f", in the {len(shard_paths(cfg.model))} part(s) of the input (--keep-split)"
     if cfg.split_max_tensors:
         return f", in parts of at most {cfg.split_max_tensors} tensors"
     if cfg.split_max_size:
@@ -632,14 +681,16 @@ def _release_float(cfg: ConvertConfig, float_gguf: Path, work: Workspace) -> Non
 def _split_output(cfg: ConvertConfig, tmp_dir: Path) -> list[Path]:
     """tmp_dir/final.gguf in parts as llama-gguf-split writes them (alphaq.gguf.split), or as is."""
     final = tmp_dir / "final.gguf"
-    if not (cfg.split_max_size or cfg.split_max_tensors):
+    if not splits_output(cfg):
         if cfg.plan.budget_mode == "size" and final.stat().st_size > cfg.plan.budget:
             raise InternalError(f"the output ({final.stat().st_size} B) exceeds its size budget "
                                 f"({int(cfg.plan.budget)} B; the header bound is wrong)")
         return [final]
-    spec = SplitSpec(cfg.split_max_size, cfg.split_max_tensors)
     log.info("writing the output in parts (%s)", _parts_note(cfg).lstrip(", "))
-    parts = split_gguf(final, tmp_dir / "part", spec)
+    if cfg.keep_split:
+        parts = split_gguf_like(final, tmp_dir / "part", part_names(cfg.model))
+    else:
+        parts = split_gguf(final, tmp_dir / "part", SplitSpec(cfg.split_max_size, cfg.split_max_tensors))
     whole = [(t.name, t.type, t.n_bytes) for t in read_tensors(final)]
     if sorted(whole) != sorted((t.name, t.type, t.n_bytes) for t in read_tensors(parts[0])):
         raise InternalError("the output's parts do not hold exactly the tensors of the whole file")
@@ -733,7 +784,8 @@ def _write(cfg: ConvertConfig, plan: Plan, float_gguf: Path, tensors, tmp_dir: P
     log.info("quantising %d tensors with llama.cpp's quantiser", len(types))
     quantised = tmp_dir / "quantised.gguf"
     quantize_gguf(float_gguf, quantised, to_llama, nthread=cfg.nthread, progress=cfg.progress,
-                  file_type_from=types, imatrix=means, kv_overrides=cfg.kv_overrides)
+                  file_type_from=types, imatrix=means, kv_overrides=cfg.kv_overrides,
+                  max_buf_size=None if cfg.max_buffer_size is None else cfg.max_buffer_size << 20)
     final = tmp_dir / "final.gguf"
     meta = alphaq_metadata(plan, cfg, tokenizer_fallback)
     if layouts:

@@ -401,6 +401,10 @@ def ram_available() -> int | None:
 
 def max_parts(cfg, n_tensors: int, out_bytes: int) -> int:
     """At most this many parts when the output is split (1 when it is not)."""
+    if cfg.keep_split:  # the GGUF input's (an HF input is refused with --keep-split)
+        from alphaq.gguf.io import shard_paths
+
+        return len(shard_paths(cfg.model)) if Path(cfg.model).suffix.lower() == ".gguf" else 1
     if cfg.split_max_tensors:
         return max(1, -(-n_tensors // cfg.split_max_tensors))
     if cfg.split_max_size:
