@@ -48,7 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `convert` takes llama-quantize's positional order (MODEL [OUT] TYPE [NTHREADS]) wherever the
+    # options fall between them; anything else left over is an error, as parse_args makes it
+    stray = [a for a in extra if a.startswith("-")] or ([] if hasattr(args, "llama_positionals") else extra)
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.llama_positionals = [*args.llama_positionals, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -298,6 +298,12 @@ BAD = {
     "exclude without importance": (lambda tp: ["--fast", "--exclude-weights", "attn"], "only the default (damage)"),
     "include nothing": (lambda tp: ["--include-weights", ""], "give part of a tensor name"),
     "leave and set the output": (lambda tp: ["--leave-output-tensor", "--output-tensor-type", "q8_0"], "give one"),
+    # llama-quantize's positional order, MODEL [OUT] TYPE [NTHREADS]
+    "positional bad type": (lambda tp: ["Q9_K"], "'Q9_K' is not a llama.cpp mix"),
+    "positional out and -o": (lambda tp: ["x.gguf", "Q4_K_M"], "-o and the positional OUT x.gguf"),
+    "positional junk after type": (lambda tp: ["Q4_K_M", "x"], "only NTHREADS"),
+    "positional type and budget": (lambda tp: ["Q4_K_M", "--budget", "3"], "--budget and the positional TYPE Q4_K_M"),
+    "positional threads twice": (lambda tp: ["Q4_K_M", "2", "--threads", "1"], "--threads and the positional NTHREADS"),
 }
 
 
@@ -511,3 +517,26 @@ def test_keep_split_writes_the_parts_llama_quantize_writes(model_gguf, tmp_path)
     from llama_cpp import Llama
 
     Llama(str(ours), n_ctx=32, verbose=False).close()
+
+
+def test_llama_quantize_positional_order_means_its_flags(model_gguf, tmp_path, monkeypatch, capsys):
+    """``MODEL OUT TYPE NTHREADS`` (llama-quantize's order; TYPE by name in any case or by its
+    llama_ftype number) is ``-o OUT --like TYPE --threads NTHREADS``; ``MODEL TYPE`` is ``--like
+    TYPE`` with the default output; OUT without a TYPE after it is refused."""
+    import llama_cpp
+
+    import alphaq.pipeline.convert as convert_mod
+
+    seen = []
+    monkeypatch.setattr(convert_mod, "run_convert", lambda cfg, announce=None: seen.append(cfg) or 1 / 0)
+    out = str(tmp_path / "o.gguf")
+    number = str(int(llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M))
+    for argv in (["-o", out, "--like", "Q3_K_M", "--threads", "3"], [out, "q3_k_m", "3"], [out, number, "3"],
+                 ["--like", "Q3_K_M"], ["Q3_K_M"]):
+        cli_main(["convert", str(model_gguf), "--fast", "--no-progress", *argv])
+    assert seen[0] == seen[1] == seen[2] and seen[3] == seen[4]
+    assert (seen[0].like, seen[0].nthread, seen[0].output, seen[4].like) == ("Q3_K_M", 3, Path(out), "Q3_K_M")
+    assert seen[4].output.name == f"{model_gguf.stem}-alphaq-Q3_K_M.gguf"
+    capsys.readouterr()
+    assert cli_main(["convert", str(model_gguf), out]) == 2
+    assert "no TYPE after it" in capsys.readouterr().err and len(seen) == 5

@@ -43,6 +43,9 @@ def register(subparsers) -> None:
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, metavar="MODEL", help="HF checkpoint directory or F32/F16/BF16 GGUF "
                    "(a Q8_0 one with --allow-requantize)")
+    p.add_argument("llama_positionals", nargs="*", metavar="[OUT.gguf] TYPE [NTHREADS]",
+                   help="llama-quantize's order: OUT as -o, TYPE (a mix name or its number) as --like TYPE, "
+                        "NTHREADS as --threads")
     p.add_argument("-o", "--output", "--outfile", dest="output", type=Path,
                    help="output .gguf (default: ./<model>-alphaq-<budget>.gguf); plan JSON and tensor-type file go beside it")
     mode = p.add_mutually_exclusive_group()
@@ -148,9 +151,57 @@ def default_output(model: Path, args: argparse.Namespace) -> Path:
     return Path.cwd() / f"{stem}-alphaq-{tag}.gguf"
 
 
+def mix_name(text: str) -> str | None:
+    """llama-quantize's try_parse_ftype for the mixes alphaq sizes a budget by: a name (any case) or
+    its llama_ftype number -> the name; None for anything else."""
+    from alphaq.gguf.quantize import ALL_MIXES, mix_ftype
+
+    if text.upper() in ALL_MIXES:
+        return text.upper()
+    if text.isdigit():
+        return next((m for m in ALL_MIXES if mix_ftype(m) == int(text)), None)
+    return None
+
+
+def apply_llama_positionals(args: argparse.Namespace) -> None:
+    """``MODEL [OUT] TYPE [NTHREADS]`` as llama-quantize reads it (tools/quantize/quantize.cpp: the
+    argument after the input is TYPE when it parses as one, else OUT, then TYPE), into -o, --like
+    and --threads; each beside its own flag is refused."""
+    rest = list(args.llama_positionals)
+    if not rest:
+        return
+    form = "llama-quantize's order is MODEL [OUT.gguf] TYPE [NTHREADS]"
+    from alphaq.gguf.quantize import ALL_MIXES
+
+    out = None if mix_name(rest[0]) else rest.pop(0)
+    if not rest and not out.lower().endswith(".gguf"):  # (more likely a mistyped TYPE than an output)
+        raise AlphaQError(f"TYPE {out!r} is not a llama.cpp mix alphaq can size; allowed: {', '.join(ALL_MIXES)} "
+                          f"({form})")
+    if not rest:
+        raise AlphaQError(f"{out}: no TYPE after it ({form}, e.g. Q4_K_M)")
+
+    mix = mix_name(rest.pop(0))
+    if mix is None:
+        raise AlphaQError(f"TYPE {args.llama_positionals[1 if out else 0]!r} is not a llama.cpp mix alphaq can size; "
+                          f"allowed: {', '.join(ALL_MIXES)} ({form})")
+    if len(rest) > 1 or (rest and not (rest[0].isdigit() and int(rest[0]) > 0)):
+        raise AlphaQError(f"{' '.join(rest)!r} after TYPE: only NTHREADS, a whole number above 0, may follow ({form})")
+    budget = ("--like", args.like), ("--budget", args.budget), ("--bpw", args.bpw), ("--target-size", args.target_size)
+    for value, name, flags in ((out, "OUT", [("-o", args.output)]), (mix, "TYPE", budget),
+                               (rest, "NTHREADS", [("--threads", args.threads)])):
+        flag = next((f for f, given in flags if given), None)
+        if value and flag:
+            raise AlphaQError(f"{flag} and the positional {name} {value if isinstance(value, str) else value[0]} "
+                              f"both set {'the budget' if name == 'TYPE' else 'it'}; give one")
+    args.output = Path(out) if out else args.output
+    args.like = mix
+    args.threads = int(rest[0]) if rest else args.threads
+
+
 def run(args: argparse.Namespace) -> int:
     from alphaq.pipeline.convert import ConvertConfig, run_convert
 
+    apply_llama_positionals(args)
     given = [f for f, v in (("--budget", args.budget), ("--bpw", args.bpw), ("--target-size", args.target_size),
                             ("--like", args.like)) if v is not None]
     if len(given) > 1:
