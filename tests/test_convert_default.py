@@ -28,7 +28,7 @@ def test_like_reaches_every_size_and_stays_within_it(mix, float_ggufs, tmp_path,
     assert f"nearest is llama.cpp {mix}:" in text  # every mix compared, not just Q2_K..Q4_K_M
     assert "no calibration data" in text
     [private] = [ln for ln in text.splitlines() if ln.startswith("  private ")]
-    for stage in ("float model", "self_text", "importance", "damage", "plan", "quantise"):
+    for stage in ("float model", "self text", "importance", "damage", "plan", "quantise"):
         assert f" {stage} " in private  # each stage's peak private memory, in GiB
     limit = stock_size(model, mix, 32)
     assert 0.9 * limit < out.stat().st_size <= limit

@@ -310,33 +310,7 @@ def summary(r) -> str:
         mix, size = min(r.stock_sizes.items(), key=lambda kv: abs(kv[1] - r.file_bytes))
         lines.append(f"  stock mix   nearest is llama.cpp {mix}: {format_size(size)} "
                      f"({(r.file_bytes - size) / size:+.1%} for AlphaQ)")
-    if r.imatrix_source is not None:
-        read = ("the model's own text only (no calibration data)" if r.imatrix_source == "self"
-                else f"the model's own text; importance from {r.imatrix_source}")
-        lines.append(f"  data read   {read}")
-        if r.imatrix_file is not None:
-            lines.append(f"  importance  {r.imatrix_file} (llama.cpp imatrix format)")
-        if r.imatrix_used is not None:
-            lines.append(f"  importance  used for {r.imatrix_used[0]} of its {r.imatrix_used[1]} weights "
-                         "(--include-weights/--exclude-weights); the others quantised without it")
-    if r.damage_note:
-        lines.append(f"  damage      {r.damage_note}")
-    if r.reused:
-        lines.append("  reused      " + ", ".join(r.reused) + " (from an earlier run of this model; "
-                     "--no-resume converts afresh, --no-cache recomputes the rest)")
-    if r.seconds:
-        lines.append("  time        " + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()))
-    if r.peak_private:  # what the OS cannot drop, per stage (RSS also counts the mapped model's pages)
-        lines.append("  private     peak memory of this process per stage: "
-                     + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in r.peak_private.items()))
-    if r.imatrix_source is not None:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        # with importance and damage both reused from the cache, llama.cpp never loaded the model
-        loaded = not {"importance", "damage"} <= set(r.reused)
-        lines.append(f"  memory      {_forward_memory(r.float_bytes, loaded, r.working_copy, r.source_type)}; "
-                     f"peak RSS of this process {format_size(peak)}")
+    lines += _data_lines(r) + _cost_lines(r)
     if r.parts:
         lines.append("  parts       " + ", ".join(f"{p.name} ({format_size(p.stat().st_size)})" for p in r.parts))
     if r.kept_float:
@@ -360,6 +334,46 @@ def summary(r) -> str:
 
 
 _MAX_WARNINGS = 5  # in the summary; all of them are in the log
+
+
+def _data_lines(r) -> list[str]:
+    """The summary's lines on what the default mode read and measured (none for --fast/--paper)."""
+    lines = []
+    if r.imatrix_source is not None:
+        read = ("the model's own text only (no calibration data)" if r.imatrix_source == "self"
+                else f"the model's own text; importance from {r.imatrix_source}")
+        lines.append(f"  data read   {read}")
+        if r.imatrix_file is not None:
+            lines.append(f"  importance  {r.imatrix_file} (llama.cpp imatrix format)")
+        if r.imatrix_used is not None:
+            lines.append(f"  importance  used for {r.imatrix_used[0]} of its {r.imatrix_used[1]} weights "
+                         "(--include-weights/--exclude-weights); the others quantised without it")
+    if r.damage_note:
+        lines.append(f"  damage      {r.damage_note}")
+    if r.reused:
+        lines.append("  reused      " + ", ".join(r.reused) + " (from an earlier run of this model; "
+                     "--no-resume converts afresh, --no-cache recomputes the rest)")
+    return lines
+
+
+def _cost_lines(r) -> list[str]:
+    """The summary's time and memory lines (stage keys as the result and the benches spell them,
+    e.g. self_text, in the words of the pre-flight)."""
+    lines = []
+    if r.seconds:
+        lines.append("  time        " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in r.seconds.items()))
+    if r.peak_private:  # what the OS cannot drop, per stage (RSS also counts the mapped model's pages)
+        lines.append("  private     peak memory of this process per stage: "
+                     + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f} GiB" for k, v in r.peak_private.items()))
+    if r.imatrix_source is not None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # with importance and damage both reused from the cache, llama.cpp never loaded the model
+        loaded = not {"importance", "damage"} <= set(r.reused)
+        lines.append(f"  memory      {_forward_memory(r.float_bytes, loaded, r.working_copy, r.source_type)}; "
+                     f"peak RSS of this process {format_size(peak)}")
+    return lines
 
 
 def _forward_memory(float_bytes: int, loaded: bool, working_copy: str | None, source_type: str | None) -> str:
