@@ -246,14 +246,19 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"x")
     with pytest.raises(AlphaQError, match="neither an HF checkpoint directory nor a .gguf"):
         open_model(tmp_path / "w.safetensors")
+    # a dense Nemotron-H: llama.cpp's converter would write an unloadable nemotron_h_moe of it
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NemotronHForCausalLM"], "num_hidden_layers": 4,
+                                                      "hybrid_override_pattern": "M-*-"}))
+    with pytest.raises(AlphaQError, match="Nemotron-H without MoE blocks .* is not supported"):
+        open_model(tmp_path)
 
 
 # --------------------------------------------------------------------------------------
 # architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2)
 # and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, OLMoE, MiniMax-M2, ERNIE-4.5,
 # dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE and Llama 4 (the last three multimodal),
-# Granite 3.x MoE, Granite 4.0-H, Phi-3.5-MoE, LFM2-MoE, Jamba, EXAONE-MoE and Cohere2-MoE, and the
-# dense Llama, Qwen2 and Qwen3
+# Granite 3.x MoE, Granite 4.0-H, Phi-3.5-MoE, LFM2-MoE, Jamba, EXAONE-MoE, Cohere2-MoE and Nemotron 3
+# Nano, and the dense Llama, Qwen2 and Qwen3
 # --------------------------------------------------------------------------------------
 
 
@@ -348,6 +353,12 @@ def _configs() -> dict:
             **_COMMON, intermediate_size=512, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
             head_dim=64, sliding_window=64, layer_types=["sliding_attention"] * 3 + ["full_attention"],
             mlp_layer_types=["sparse"] * 4),
+        # Nemotron 3 Nano: Mamba-2, MoE and attention blocks (llama.cpp's nemotron_h_moe: routed
+        # experts of up and down projections only, a shared expert; Q/K permuted by the converter)
+        "nemotron-3-nano": lambda: T.NemotronHConfig(
+            **_COMMON, intermediate_size=256, layers_block_type=["mamba", "moe", "attention", "moe"],
+            n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=128, moe_shared_expert_intermediate_size=128,
+            num_experts_per_tok=2, mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=16, n_groups=2, head_dim=64),
         # the dense architectures (llama: Q/K permuted by the converter)
         "llama": lambda: T.LlamaConfig(**_COMMON, intermediate_size=512, num_hidden_layers=2),
         "qwen2": lambda: T.Qwen2Config(**_COMMON, intermediate_size=512, num_hidden_layers=2),
@@ -383,6 +394,14 @@ def _random_checkpoint(kind: str, out: Path) -> Path:
         layer_types = [{"linear_attention": "mamba", "full_attention": "attention"}.get(t, t)
                        for t in config["layer_types"]]
         (out / "config.json").write_text(json.dumps({**config, "layer_types": layer_types}))
+    if kind == "nemotron-3-nano":  # the block pattern as NVIDIA publishes it (a string and a count);
+        # transformers 5 saves it as layers_block_type and reads both
+        config = json.loads((out / "config.json").read_text())
+        kinds = config.pop("layers_block_type")
+        pattern = "".join({"linear_attention": "M", "mamba": "M", "moe": "E", "full_attention": "*", "attention": "*",
+                           "mlp": "-"}[k] for k in kinds)
+        (out / "config.json").write_text(json.dumps({**config, "hybrid_override_pattern": pattern,
+                                                     "num_hidden_layers": len(kinds)}))
     if kind == "phi-3.5-moe":  # the class name Phi-3.5-MoE's config.json gives (and llama.cpp registers)
         config = json.loads((out / "config.json").read_text())
         (out / "config.json").write_text(json.dumps({**config, "architectures": ["PhiMoEForCausalLM"]}))
@@ -421,6 +440,7 @@ OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix 
     "jamba": ("jamba", 4, {"ssm_in", "ssm_out", "ffn_up_exps", "attn_q"}),
     "exaone-moe": ("exaone-moe", 4, {"ffn_up_exps", "ffn_up_shexp", "attn_q", "ffn_down"}),
     "cohere2-moe": ("cohere2moe", 4, {"ffn_up_exps", "attn_q", "attn_output"}),
+    "nemotron-3-nano": ("nemotron_h_moe", 4, {"ssm_in", "ssm_out", "ffn_up_exps", "ffn_down_shexp", "attn_q"}),
     "llama": ("llama", 2, {"attn_q", "attn_k", "ffn_gate", "ffn_down", "output"}),
     "qwen2": ("qwen2", 2, {"attn_q", "attn_v", "ffn_up", "ffn_down", "output"}),
     "qwen3": ("qwen3", 2, {"attn_q", "attn_output", "ffn_gate", "ffn_up", "output"}),

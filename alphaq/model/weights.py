@@ -80,11 +80,24 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "JambaForCausalLM": MODEL_ARCH.JAMBA,
     "ExaoneMoeForCausalLM": MODEL_ARCH.EXAONE_MOE,
     "Cohere2MoeForCausalLM": MODEL_ARCH.COHERE2MOE,
+    # Nemotron 3 Nano: Mamba-2, attention and MoE blocks (the dense Nemotron-H: _check_variant)
+    "NemotronHForCausalLM": MODEL_ARCH.NEMOTRON_H_MOE,
     "LlamaForCausalLM": MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
 }
 SUPPORTED_GGUF_ARCHS: frozenset[MODEL_ARCH] = frozenset(SUPPORTED_ARCHITECTURES.values())
+
+
+def _check_variant(hf_arch: str, text_cfg: dict, cfg_path: Path) -> None:
+    """Refuse the variants of a supported class that llama.cpp's converter cannot convert here."""
+    blocks = text_cfg.get("layers_block_type") or text_cfg.get("hybrid_override_pattern") or ()
+    if hf_arch == "NemotronHForCausalLM" and not ("moe" in blocks or "E" in blocks):
+        # its converter reads the config through transformers, whose NemotronHConfig adds the MoE
+        # defaults (num_experts_per_tok), so it writes a dense one as nemotron_h_moe, which
+        # llama.cpp then cannot load (checked with transformers 5.24)
+        raise InputError(f"{cfg_path}: a Nemotron-H without MoE blocks (Nemotron-H, Nemotron Nano 2) is not "
+                         "supported: llama.cpp's converter writes it as nemotron_h_moe, which llama.cpp cannot load")
 
 # Architectures whose llama.cpp converter keeps the checkpoint's NextN (multi-token prediction)
 # layers unless told --no-mtp (DeepSeek-V3's and ERNIE-4.5's always drop them). llama.cpp's main
@@ -94,10 +107,11 @@ SUPPORTED_GGUF_ARCHS: frozenset[MODEL_ARCH] = frozenset(SUPPORTED_ARCHITECTURES.
 # told --no-mtp.)
 CONVERTER_KEEPS_MTP: frozenset[str] = frozenset({
     "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM",
-    "Qwen3_5MoeForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration", "NemotronHForCausalLM",
 })
-# Qwen3-Next's and Qwen3.5's MTP weights: mtp.layers.N.* and mtp.fc / mtp.norm / ... (conversion/qwen.py)
-_QWEN_MTP = re.compile(r"^(model\.)?mtp\.")
+# Qwen3-Next's, Qwen3.5's and Nemotron-H's MTP weights: mtp.layers.N.* and mtp.fc / mtp.norm / ...
+# (conversion/qwen.py, conversion/nemotron.py)
+_MTP_WEIGHTS = re.compile(r"^(model\.)?mtp\.")
 
 
 def mtp_layers_left_out(path: Path) -> int | None:
@@ -128,7 +142,8 @@ def mtp_blocks(tensor_names: Iterable[str]) -> list[int]:
 # what the recurrent blocks do to them is unmeasured (on tiny random models the estimate is as far
 # off for them as for attention models: fixed costs dominate there)
 RECURRENT_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.QWEN3NEXT, MODEL_ARCH.QWEN35MOE,
-                                                     MODEL_ARCH.GRANITE_HYBRID})
+                                                     MODEL_ARCH.GRANITE_HYBRID, MODEL_ARCH.JAMBA, MODEL_ARCH.LFM2MOE,
+                                                     MODEL_ARCH.NEMOTRON_H_MOE})
 
 # Granite-MoE (3.x) and Granite 4 (hybrid Mamba-2): gate and up merged in one input_linear
 GRANITE_MOE_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.GRANITE_MOE, MODEL_ARCH.GRANITE_HYBRID})
@@ -137,7 +152,8 @@ GRANITE_MOE_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.GRANITE_MOE, MO
 TRANSPOSED_FUSED_EXPERTS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.QWEN3VLMOE, MODEL_ARCH.LLAMA4})
 
 # Converters that permute Q/K rows for RoPE: conversion/llama.py `LlamaModel` (undo_permute).
-QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA, MODEL_ARCH.GRANITE_MOE, MODEL_ARCH.GRANITE_HYBRID})
+QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA, MODEL_ARCH.GRANITE_MOE, MODEL_ARCH.GRANITE_HYBRID,
+                                                  MODEL_ARCH.NEMOTRON_H_MOE})  # (a GraniteHybridModel)
 
 # GGUF float types we can read as weights; anything else is already quantised.
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -446,10 +462,13 @@ def _read_hf_config(path: Path) -> _HFConfig:
         raise InputError(f"unsupported architecture {hf_arch}; supported: {supported_list()}")
     text_cfg = config.get("text_config", config)
     n_blocks = text_cfg.get("num_hidden_layers") if isinstance(text_cfg, dict) else None
+    if hf_arch == "NemotronHForCausalLM" and isinstance(text_cfg.get("layers_block_type"), list):
+        n_blocks = len(text_cfg["layers_block_type"])  # what its converter counts (conversion/nemotron.py)
     if not isinstance(n_blocks, int) or n_blocks < 1:
         raise InputError(f"{cfg_path}: 'num_hidden_layers' is {n_blocks!r}; expected a positive integer")
     quant = config.get("quantization_config") or text_cfg.get("quantization_config")
     fp8 = isinstance(quant, dict) and quant.get("quant_method") == "fp8"
+    _check_variant(hf_arch, text_cfg, cfg_path)
     return _HFConfig(hf_arch, SUPPORTED_ARCHITECTURES[hf_arch], n_blocks, text_cfg, fp8)
 
 
@@ -468,7 +487,7 @@ def _is_weight_matrix(path: Path, name: str, shape: tuple[int, ...], dtype: str,
     layer = re.match(r"^model\.layers\.(\d+)\.", name)
     if layer and int(layer[1]) >= c.n_blocks:
         return False  # multi-token-prediction layers; the converter skips them too
-    if _CONVERTER_DROPS.match(name) or (c.hf_arch in CONVERTER_KEEPS_MTP and _QWEN_MTP.match(name)):
+    if _CONVERTER_DROPS.match(name) or (c.hf_arch in CONVERTER_KEEPS_MTP and _MTP_WEIGHTS.match(name)):
         return False  # (the MTP weights: alphaq converts with --no-mtp)
     key = name.removesuffix(".weight")
     if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
@@ -491,6 +510,9 @@ def _slice_loader(files: _HFFiles, shard: Path, name: str):
     return make
 
 
+_NEMOTRON_H_EXPERTS = re.compile(r"^backbone\.layers\.(\d+)\.mixer\.experts\.")
+
+
 def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ...], slice_loader) -> list[_HFMatrix]:
     """The matrices llama.cpp quantises that the HF weight ``name`` becomes (none when its GGUF
     tensor is not quantised or has no GGUF name, the latter logged)."""
@@ -498,8 +520,10 @@ def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ..
     m = _HF_EXPERT.match(key)
     if m:  # legacy per-expert 2-D tensor: one slice of the merged GGUF tensor
         merged = f"{m['prefix']}.{m['rest']}"
-        # (LFM2-MoE's converter names the merged tensor without the "model." prefix)
-        gname = tmap.get_name(merged) or tmap.get_name(merged.removeprefix("model."))
+        # (LFM2-MoE's converter names the merged tensor without the "model." prefix, Nemotron-H's
+        # as model.layers.N.mlp.experts.*: conversion/nemotron.py)
+        gname = (tmap.get_name(merged) or tmap.get_name(merged.removeprefix("model."))
+                 or tmap.get_name(_NEMOTRON_H_EXPERTS.sub(r"model.layers.\1.mlp.experts.", merged)))
         if gname is None:
             logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
             return []
