@@ -257,8 +257,8 @@ def test_bad_inputs(tmp_path):
 # architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2)
 # and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, OLMoE, MiniMax-M2, ERNIE-4.5,
 # dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE and Llama 4 (the last three multimodal),
-# Granite 3.x MoE, Granite 4.0-H, Phi-3.5-MoE, LFM2-MoE, Jamba, EXAONE-MoE, Cohere2-MoE and Nemotron 3
-# Nano, and the dense Llama, Qwen2 and Qwen3
+# Granite 3.x MoE, Granite 4.0-H, Phi-3.5-MoE, LFM2-MoE, Jamba, EXAONE-MoE, Cohere2-MoE, Nemotron 3
+# Nano, DBRX, Hunyuan-A13B and Kimi-Linear, and the dense Llama, Qwen2 and Qwen3
 # --------------------------------------------------------------------------------------
 
 
@@ -359,6 +359,23 @@ def _configs() -> dict:
             **_COMMON, intermediate_size=256, layers_block_type=["mamba", "moe", "attention", "moe"],
             n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=128, moe_shared_expert_intermediate_size=128,
             num_experts_per_tok=2, mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=16, n_groups=2, head_dim=64),
+        # DBRX: its own field names, fused QKV (clipped), experts fused in 2-D w1/v1/w2 tensors
+        "dbrx": lambda: T.DbrxConfig(
+            vocab_size=1024, d_model=256, n_heads=4, n_layers=2, max_seq_len=512,
+            attn_config=dict(kv_n_heads=4, clip_qkv=8, rope_theta=1e4),
+            ffn_config=dict(ffn_hidden_size=128, moe_num_experts=8, moe_top_k=2, ffn_act_fn={"name": "silu"})),
+        # Hunyuan-A13B: per-expert tensors, a shared expert as wide as the routed ones, Q/K norms,
+        # tied embeddings as published (the per-layer lists its converter wants: _random_checkpoint)
+        "hunyuan-moe": lambda: T.HunYuanMoEV1Config(**_COMMON, intermediate_size=128, num_hidden_layers=2, num_experts=8,
+                                                    moe_topk=2, head_dim=64, tie_word_embeddings=True),
+        # Kimi-Linear: KDA (linear attention) in 3 blocks of 4, MLA without a query LoRA (as published)
+        # in the 4th, a dense first block, then 8 experts + 1 shared behind a sigmoid router
+        # (config.json in Moonshot's published form: _random_checkpoint)
+        "kimi-linear": lambda: T.KimiLinearConfig(
+            **_COMMON, **{**_MLA, "q_lora_rank": None}, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+            intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4, num_experts=8,
+            num_experts_per_tok=2, n_shared_experts=1, linear_num_heads=4, linear_head_dim=64,
+            layer_types=["linear_attention"] * 3 + ["full_attention"], mlp_layer_types=["dense"] + ["sparse"] * 3),
         # the dense architectures (llama: Q/K permuted by the converter)
         "llama": lambda: T.LlamaConfig(**_COMMON, intermediate_size=512, num_hidden_layers=2),
         "qwen2": lambda: T.Qwen2Config(**_COMMON, intermediate_size=512, num_hidden_layers=2),
@@ -402,6 +419,35 @@ def _random_checkpoint(kind: str, out: Path) -> Path:
                            "mlp": "-"}[k] for k in kinds)
         (out / "config.json").write_text(json.dumps({**config, "hybrid_override_pattern": pattern,
                                                      "num_hidden_layers": len(kinds)}))
+    if kind == "hunyuan-moe":  # per-layer lists, as Tencent publishes them (llama.cpp's converter reads
+        # moe_intermediate_size, moe_topk and num_shared_expert as lists; transformers 5 saves none of them)
+        config = json.loads((out / "config.json").read_text())
+        n = config["num_hidden_layers"]
+        (out / "config.json").write_text(json.dumps({
+            **config, "moe_topk": [config["moe_topk"]] * n, "moe_intermediate_size": [config["intermediate_size"]] * n,
+            "num_shared_expert": [1] * n, "use_mixed_mlp_moe": True, "use_qk_norm": True, "use_cla": False}))
+        # and a copy of the tied head, which its converter skips (conversion/hunyuan.py modify_tensors):
+        # the reader must skip it too
+        tensors = load_file(out / "model.safetensors")
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if kind == "kimi-linear":  # config.json as Moonshot publishes it (and llama.cpp's converter reads
+        # it): the block kinds in linear_attn_config (1-based), first_k_dense_replace, the router's
+        # sigmoid; transformers 5 saves its own keys instead. The dense block's MLP as published
+        # (model.layers.0.mlp.*): transformers 5 saves it under block_sparse_moe.
+        config = json.loads((out / "config.json").read_text())
+        kinds, _ = config.pop("layer_types"), config.pop("mlp_layer_types")
+        config["linear_attn_config"] = {
+            "full_attn_layers": [i + 1 for i, k in enumerate(kinds) if k == "full_attention"],
+            "kda_layers": [i + 1 for i, k in enumerate(kinds) if k == "linear_attention"],
+            "num_heads": config.pop("linear_num_heads"), "head_dim": config.pop("linear_head_dim"),
+            "short_conv_kernel_size": config.pop("linear_conv_kernel_dim")}
+        (out / "config.json").write_text(json.dumps({**config, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+                                                     "moe_router_activation_func": "sigmoid",
+                                                     "num_nextn_predict_layers": 0}))
+        tensors = load_file(out / "model.safetensors")
+        tensors = {k.replace("model.layers.0.block_sparse_moe.", "model.layers.0.mlp.", 1): t for k, t in tensors.items()}
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     if kind == "phi-3.5-moe":  # the class name Phi-3.5-MoE's config.json gives (and llama.cpp registers)
         config = json.loads((out / "config.json").read_text())
         (out / "config.json").write_text(json.dumps({**config, "architectures": ["PhiMoEForCausalLM"]}))
@@ -441,6 +487,10 @@ OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix 
     "exaone-moe": ("exaone-moe", 4, {"ffn_up_exps", "ffn_up_shexp", "attn_q", "ffn_down"}),
     "cohere2-moe": ("cohere2moe", 4, {"ffn_up_exps", "attn_q", "attn_output"}),
     "nemotron-3-nano": ("nemotron_h_moe", 4, {"ssm_in", "ssm_out", "ffn_up_exps", "ffn_down_shexp", "attn_q"}),
+    "dbrx": ("dbrx", 2, {"attn_qkv", "attn_output", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "output"}),
+    "hunyuan-moe": ("hunyuan-moe", 2, {"attn_q", "attn_output", "ffn_gate_exps", "ffn_down_exps", "ffn_up_shexp"}),
+    "kimi-linear": ("kimi-linear", 4, {"attn_q", "attn_k", "ssm_f_a", "ssm_g_b", "ssm_beta", "attn_kv_a_mqa", "attn_k_b",
+                                       "attn_v_b", "ffn_gate_exps", "ffn_up_shexp", "ffn_down"}),
     "llama": ("llama", 2, {"attn_q", "attn_k", "ffn_gate", "ffn_down", "output"}),
     "qwen2": ("qwen2", 2, {"attn_q", "attn_v", "ffn_up", "ffn_down", "output"}),
     "qwen3": ("qwen3", 2, {"attn_q", "attn_output", "ffn_gate", "ffn_up", "output"}),

@@ -13,11 +13,14 @@ Both sources present the *same* matrices, as llama.cpp's converter would write t
 - HF per-expert tensors ``...experts.E.<proj>.weight`` are slices ``expert=E`` of the merged
   GGUF tensor (``blk.N.ffn_gate_exps.weight``); fused 3-D ``...experts.gate_up_proj`` is split
   in two halves along the rows as ``conversion/qwen.py`` does.
-- DeepSeek-V2 ``kv_b_proj`` becomes ``attn_k_b`` and ``attn_v_b`` (``conversion/deepseek.py``).
+- DeepSeek-V2 ``kv_b_proj`` becomes ``attn_k_b`` and ``attn_v_b`` (``conversion/deepseek.py``;
+  Kimi-Linear's MLA blocks alike, ``conversion/kimi_linear.py``).
 - Qwen3-Next's and Qwen3.5's linear-attention projections are split and reordered as the
   converter does (`alphaq.model.linear_attention`).
 - Qwen3-VL-MoE's and Llama 4's input-major fused experts are transposed; Granite's merged
   ``input_linear`` is split into gate and up.
+- DBRX's experts, fused in 2-D ``ffn.experts.mlp.w1/v1/w2`` of (n_expert * n_ff, n_embd), are
+  cut into one slice per expert, ``w2`` (down) transposed, as ``conversion/dbrx.py`` does.
 - A multimodal checkpoint is read as its text model (`text_model_name`): the converter's own
   filter drops the vision, audio and projector tensors, which go to llama.cpp's mmproj file.
 - llama-style converters (Llama, Mixtral, Granite) permute Q/K rows for RoPE
@@ -82,6 +85,10 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "Cohere2MoeForCausalLM": MODEL_ARCH.COHERE2MOE,
     # Nemotron 3 Nano: Mamba-2, attention and MoE blocks (the dense Nemotron-H: _check_variant)
     "NemotronHForCausalLM": MODEL_ARCH.NEMOTRON_H_MOE,
+    "DbrxForCausalLM": MODEL_ARCH.DBRX,  # DBRX: fused QKV, experts fused in 2-D w1/v1/w2 (_dbrx_experts)
+    "HunYuanMoEV1ForCausalLM": MODEL_ARCH.HUNYUAN_MOE,  # Hunyuan-A13B: per-expert tensors, a shared expert
+    # Kimi-Linear-48B-A3B: KDA (linear attention) blocks and MLA blocks, DeepSeek-style MoE
+    "KimiLinearForCausalLM": MODEL_ARCH.KIMI_LINEAR,
     "LlamaForCausalLM": MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": MODEL_ARCH.QWEN3,
@@ -137,13 +144,13 @@ def mtp_blocks(tensor_names: Iterable[str]) -> list[int]:
     """The blocks of a GGUF that are NextN (MTP) layers: those holding a ``blk.N.nextn.*`` tensor."""
     return sorted({int(m[1]) for n in tensor_names if (m := re.match(r"^blk\.(\d+)\.nextn\.", n))})
 
-# Architectures with recurrent blocks (gated DeltaNet, Mamba-2) beside attention: llama.cpp keeps a
-# recurrent state per sequence for them; the time estimate's rates are an attention model's, and
-# what the recurrent blocks do to them is unmeasured (on tiny random models the estimate is as far
-# off for them as for attention models: fixed costs dominate there)
+# Architectures with recurrent blocks (gated DeltaNet, Kimi's KDA, Mamba-2) beside attention:
+# llama.cpp keeps a recurrent state per sequence for them; the time estimate's rates are an
+# attention model's, and what the recurrent blocks do to them is unmeasured (on tiny random models
+# the estimate is as far off for them as for attention models: fixed costs dominate there)
 RECURRENT_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.QWEN3NEXT, MODEL_ARCH.QWEN35MOE,
                                                      MODEL_ARCH.GRANITE_HYBRID, MODEL_ARCH.JAMBA, MODEL_ARCH.LFM2MOE,
-                                                     MODEL_ARCH.NEMOTRON_H_MOE})
+                                                     MODEL_ARCH.NEMOTRON_H_MOE, MODEL_ARCH.KIMI_LINEAR})
 
 # Granite-MoE (3.x) and Granite 4 (hybrid Mamba-2): gate and up merged in one input_linear
 GRANITE_MOE_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.GRANITE_MOE, MODEL_ARCH.GRANITE_HYBRID})
@@ -154,6 +161,10 @@ TRANSPOSED_FUSED_EXPERTS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.QWEN3VLM
 # Converters that permute Q/K rows for RoPE: conversion/llama.py `LlamaModel` (undo_permute).
 QK_PERMUTED_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.LLAMA, MODEL_ARCH.GRANITE_MOE, MODEL_ARCH.GRANITE_HYBRID,
                                                   MODEL_ARCH.NEMOTRON_H_MOE})  # (a GraniteHybridModel)
+
+# Converters that split MLA's kv_b_proj into attn_k_b (transposed) and attn_v_b: conversion/deepseek.py
+# DeepseekV2Model and conversion/kimi_linear.py KimiLinearModel.modify_tensors, the same split
+MLA_KV_B_SPLIT_ARCHS: frozenset[MODEL_ARCH] = frozenset({MODEL_ARCH.DEEPSEEK2, MODEL_ARCH.KIMI_LINEAR})
 
 # GGUF float types we can read as weights; anything else is already quantised.
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -175,6 +186,8 @@ EXPERT_TENSORS: frozenset[MODEL_TENSOR] = frozenset(
 
 # transformers-5 fused expert parameters carry no ".weight" suffix
 _FUSED_EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj", "experts.gate_proj", "experts.up_proj")
+# nor do DBRX's, fused in 2-D (n_expert * n_ff, n_embd) tensors (conversion/dbrx.py)
+_DBRX_EXPERTS = re.compile(r"\.ffn\.experts\.mlp\.(w1|v1|w2)$")
 _HF_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<rest>[^.]+)$")
 _GGUF_BLOCK = re.compile(r"^blk\.(?P<bid>\d+)\.(?P<kind>.+)\.weight$")
 
@@ -422,9 +435,20 @@ def _open_hf(path: Path) -> ModelWeights:
     logger.debug(  # (DEBUG: a refused input then prints its one error line only)
         "%s: %s (%s), %d blocks, %d matrices", path, c.hf_arch, MODEL_ARCH_NAMES[c.model_arch], c.n_blocks, len(mats)
     )
-    used = c.text_cfg.get("num_experts_per_tok")
+    used = _experts_used(c.text_cfg)
     return ModelWeights(path, "hf", MODEL_ARCH_NAMES[c.model_arch], c.model_arch, c.n_blocks, mats, files.close,
                         n_elements, used if isinstance(used, int) and used > 0 else None)
+
+
+def _experts_used(cfg: dict):
+    """Routed experts per token as config.json says, under the keys llama.cpp's converter reads
+    (conversion/base.py find_hparam: num_experts_per_tok, Kimi-Linear's num_experts_per_token,
+    top_k_experts), DBRX's ffn_config.moe_top_k, HunYuan's moe_topk (a list, one per layer: its
+    converter writes the first, conversion/hunyuan.py)."""
+    used = next((v for k in ("num_experts_per_tok", "num_experts_per_token", "top_k_experts")
+                 if (v := cfg.get(k)) is not None), None)
+    used = used or (cfg.get("ffn_config") or {}).get("moe_top_k") or cfg.get("moe_topk")
+    return used[0] if isinstance(used, list) and used else used
 
 
 # The vision, audio and projector tensors of a multimodal checkpoint, which llama.cpp's converter
@@ -464,6 +488,8 @@ def _read_hf_config(path: Path) -> _HFConfig:
     n_blocks = text_cfg.get("num_hidden_layers") if isinstance(text_cfg, dict) else None
     if hf_arch == "NemotronHForCausalLM" and isinstance(text_cfg.get("layers_block_type"), list):
         n_blocks = len(text_cfg["layers_block_type"])  # what its converter counts (conversion/nemotron.py)
+    if n_blocks is None and isinstance(text_cfg, dict):
+        n_blocks = text_cfg.get("n_layers")  # DBRX's name for it (conversion/base.py find_hparam reads both)
     if not isinstance(n_blocks, int) or n_blocks < 1:
         raise InputError(f"{cfg_path}: 'num_hidden_layers' is {n_blocks!r}; expected a positive integer")
     quant = config.get("quantization_config") or text_cfg.get("quantization_config")
@@ -489,8 +515,10 @@ def _is_weight_matrix(path: Path, name: str, shape: tuple[int, ...], dtype: str,
         return False  # multi-token-prediction layers; the converter skips them too
     if _CONVERTER_DROPS.match(name) or (c.hf_arch in CONVERTER_KEEPS_MTP and _MTP_WEIGHTS.match(name)):
         return False  # (the MTP weights: alphaq converts with --no-mtp)
+    if name == "lm_head.weight" and c.model_arch == MODEL_ARCH.HUNYUAN_MOE and c.text_cfg.get("tie_word_embeddings"):
+        return False  # a tied checkpoint's copy: HunYuan's converter skips it (conversion/hunyuan.py modify_tensors)
     key = name.removesuffix(".weight")
-    if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES):
+    if not name.endswith(".weight") and not key.endswith(_FUSED_EXPERT_SUFFIXES) and not _DBRX_EXPERTS.search(name):
         return False  # biases, scales, buffers
     if dtype in HF_FP8_DTYPES and c.fp8:
         return True
@@ -533,9 +561,11 @@ def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ..
         return _fused_experts(path, tmap, key, shape, slice_loader, input_major=True)
     if key.endswith("experts.gate_up_proj") and len(shape) == 3:
         return _fused_experts(path, tmap, key, shape, slice_loader)
+    if c.model_arch == MODEL_ARCH.DBRX and _DBRX_EXPERTS.search(key):
+        return _dbrx_experts(path, tmap, key, shape, c.text_cfg, slice_loader)
     if c.model_arch in GRANITE_MOE_ARCHS and key.endswith((".block_sparse_moe.input_linear", ".shared_mlp.input_linear")):
         return _granite_input_linear(key, shape, c, slice_loader)
-    if c.model_arch == MODEL_ARCH.DEEPSEEK2 and key.endswith("kv_b_proj"):
+    if c.model_arch in MLA_KV_B_SPLIT_ARCHS and key.endswith("kv_b_proj"):
         return [(tensor, None, rows, cols, loader)
                 for tensor, rows, cols, loader in _deepseek2_kv_b(tmap, key, shape, c.text_cfg, slice_loader())
                 if llama_quantizes(tensor, 3)]
@@ -605,8 +635,35 @@ def _granite_input_linear(key: str, shape: tuple[int, ...], c: _HFConfig, slice_
     return out
 
 
+def _dbrx_experts(path: Path, tmap, key: str, shape: tuple[int, ...], cfg: dict, slice_loader) -> list[_HFMatrix]:
+    """DBRX's experts, each projection fused in one 2-D (n_expert * n_ff, n_embd) tensor without a
+    ".weight" suffix: conversion/dbrx.py DbrxModel.modify_tensors views it as (n_expert, n_ff, n_embd),
+    w1 (gate) and v1 (up) as they are, w2 (down) permuted (0, 2, 1): expert e is rows e*n_ff.. of
+    the tensor, transposed for w2."""
+    n_expert, n_ff = int(cfg["ffn_config"]["moe_num_experts"]), int(cfg["ffn_config"]["ffn_hidden_size"])
+    if shape != (n_expert * n_ff, shape[1]):
+        raise InputError(f"{path}: {key} has shape {shape}; expected ({n_expert} experts x {n_ff}, n_embd)")
+    gname = tmap.get_name(key)
+    if gname is None:
+        logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, key)
+        return []
+    tensor = gname + ".weight"
+    if not llama_quantizes(tensor, 3):
+        return []
+    down = key.endswith(".w2")
+    out: list[_HFMatrix] = []
+    for e in range(n_expert):
+        load = slice_loader(rows_sl=slice(e * n_ff, (e + 1) * n_ff))
+        if down:
+            out.append((tensor, e, shape[1], n_ff, lambda f=load: np.ascontiguousarray(f().T)))
+        else:
+            out.append((tensor, e, n_ff, shape[1], load))
+    return out
+
+
 def _deepseek2_kv_b(tmap, key: str, shape, cfg: dict, load_kv_b):
-    """conversion/deepseek.py DeepseekV2Model.modify_tensors: kv_b_proj -> k_b (transposed), v_b."""
+    """conversion/deepseek.py DeepseekV2Model.modify_tensors (and conversion/kimi_linear.py
+    KimiLinearModel.modify_tensors, the same code): kv_b_proj -> k_b (transposed), v_b."""
     n_head_kv = int(cfg["num_key_value_heads"])
     v_dim = int(cfg["v_head_dim"])
     nope = int(cfg["qk_nope_head_dim"])
