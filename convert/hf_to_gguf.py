@@ -42,10 +42,35 @@ def check_tokenizer_files(model_dir: Path) -> None:
     """InputError unless ``model_dir`` has the files of one tokenizer llama.cpp's converter reads."""
     if any(all((model_dir / f).is_file() for f in files) for files in TOKENIZER_CHOICES):
         return
+    if remote_tokenizer_module(model_dir) is not None:
+        return
     present = [f for files in TOKENIZER_CHOICES for f in files if (model_dir / f).is_file()]
     missing = [f for files in TOKENIZER_CHOICES for f in files if f not in present]
     raise InputError(f"{model_dir} has no tokenizer llama.cpp's converter can read: it needs tokenizer.model "
-                     f"(SentencePiece) or tokenizer.json, or vocab.json with merges.txt; missing: {', '.join(missing)}")
+                     f"(SentencePiece) or tokenizer.json, or vocab.json with merges.txt, or a tokenizer in the "
+                     f"checkpoint's own code (tokenizer_config.json's auto_map and its .py file); missing: "
+                     f"{', '.join(missing)}")
+
+
+def remote_tokenizer_module(model_dir: Path) -> Path | None:
+    """The .py file of a tokenizer the checkpoint ships as code, named by tokenizer_config.json's
+    ``auto_map.AutoTokenizer`` (e.g. Kimi K2's and Kimi-Linear's tokenization_kimi.py over
+    tiktoken.model, Hunyuan's tokenization_hy.py over hy.tiktoken), when it is in ``model_dir``.
+    llama.cpp's converter loads such a tokenizer with AutoTokenizer.from_pretrained(...,
+    trust_remote_code=True) (conversion/deepseek.py, kimi_linear.py, hunyuan.py); the tiktoken
+    package they import is one of alphaq's dependencies."""
+    import json
+
+    try:
+        auto = json.loads((model_dir / "tokenizer_config.json").read_text()).get("auto_map", {}).get("AutoTokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    for ref in auto if isinstance(auto, list) else [auto]:
+        if isinstance(ref, str) and "--" not in ref and "." in ref:  # ("repo--module.Class" is another repo's code)
+            module = model_dir / (ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
+            if module.is_file():
+                return module
+    return None
 
 
 def convert_hf(model_dir: Path, out_path: Path, *, outtype: str = "bf16", extra: tuple[str, ...] = ()) -> Conversion:

@@ -88,6 +88,37 @@ def test_missing_tokenizer_files_are_named_before_converting(tmp_path, work, cap
     assert "sentencepiece or tiktoken" not in line
 
 
+def test_a_tokenizer_shipped_as_code_is_accepted(tmp_path, work, capsys, monkeypatch):
+    """Kimi K2's, Kimi-Linear's and Hunyuan's layout: no tokenizer.json or tokenizer.model, a
+    tiktoken vocabulary and the tokenizer's own .py, named by tokenizer_config.json's auto_map (which
+    llama.cpp's converter loads with trust_remote_code): not refused up front; without its .py it is,
+    naming what is missing. The tiktoken package that code imports is installed."""
+    import importlib.util
+
+    import alphaq.pipeline.convert as convert_mod
+    from convert.hf_to_gguf import remote_tokenizer_module
+
+    config = json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}})
+    d = checkpoint(tmp_path, drop=("tokenizer.json", "tokenizer.model"), replace={"tokenizer_config.json": config})
+    (d / "tiktoken.model").write_text("IQ== 0\n")
+    assert remote_tokenizer_module(d) is None  # the code is not there
+    line = refused(["convert", str(d), "-o", str(work / "o.gguf")], capsys, work)
+    assert "tokenizer_config.json's auto_map and its .py file" in line
+    (d / "tokenization_kimi.py").write_text("# the tokenizer's code\n")
+    assert remote_tokenizer_module(d) == d / "tokenization_kimi.py"
+
+    class Reached(BaseException):  # (not an Exception: the CLI would report that as a bug)
+        pass
+
+    def converter(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(convert_mod, "_float_model", converter)
+    with pytest.raises(Reached):
+        cli_main(["convert", str(d), "-o", str(work / "o.gguf"), "--no-progress"])
+    assert importlib.util.find_spec("tiktoken") is not None
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--budget", "0.2"], "--budget 0.2 is below the smallest achievable with these types (14 from IQ1_S to Q8_0) "
                           "for ckpt; achievable range "),
