@@ -580,7 +580,8 @@ def _prepare(cfg: ConvertConfig):
 
 
 def check_options(cfg: ConvertConfig) -> None:
-    """--split-max-*, --dry-run and --plots against each other (before the model is opened)."""
+    """The flags against each other and their values: the split, --dry-run, --plots, --imatrix,
+    --max-buffer-size, --include/--exclude-weights (before the model is opened)."""
     if cfg.split_max_size is not None and cfg.split_max_tensors is not None:
         raise InputError("--split-max-size and --split-max-tensors both set the split; give one")
     if cfg.keep_split and (cfg.split_max_size is not None or cfg.split_max_tensors is not None):
