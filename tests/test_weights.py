@@ -256,9 +256,9 @@ def test_bad_inputs(tmp_path):
 # --------------------------------------------------------------------------------------
 # architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2)
 # and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, OLMoE, MiniMax-M2, ERNIE-4.5,
-# dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE and Llama 4 (the last three multimodal),
-# Granite 3.x MoE, Granite 4.0-H, Phi-3.5-MoE, LFM2-MoE, Jamba, EXAONE-MoE, Cohere2-MoE, Nemotron 3
-# Nano, DBRX, Hunyuan-A13B and Kimi-Linear, and the dense Llama, Qwen2 and Qwen3
+# dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE, Qwen3-Omni-MoE and Llama 4 (the last four
+# multimodal), Granite 3.x MoE, Granite 4.0-H, Phi-3.5-MoE, LFM2-MoE, Jamba, EXAONE-MoE, Cohere2-MoE,
+# Nemotron 3 Nano, DBRX, Hunyuan-A13B and Kimi-Linear, and the dense Llama, Qwen2 and Qwen3
 # --------------------------------------------------------------------------------------
 
 
@@ -308,6 +308,19 @@ def _configs() -> dict:
                              rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[12, 10, 10],
                                                   mrope_interleaved=True)),
             vision_config={**_VISION_QWEN, "deepstack_visual_indexes": []}),
+        # Qwen3-Omni: the thinker's text model is Qwen3-VL-MoE's (per-expert tensors under
+        # "thinker."), beside its audio and vision towers; no talker (enable_audio_output=False, as
+        # the Thinking checkpoint is published)
+        "qwen3-omni-moe": lambda: T.Qwen3OmniMoeConfig(
+            thinker_config=dict(
+                text_config=dict(**_COMMON, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=2,
+                                 num_experts=8, num_experts_per_tok=2, head_dim=64,
+                                 rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                      mrope_section=[12, 10, 10], mrope_interleaved=True)),
+                vision_config={**_VISION_QWEN, "deepstack_visual_indexes": []},
+                audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128,
+                                  d_model=64, output_dim=256, downsample_hidden_size=16, max_source_positions=64)),
+            enable_audio_output=False),
         # Scout's pattern: every block MoE with a shared expert; 4 blocks, as llama.cpp's chunked
         # attention wants a full-attention block in every 4
         "llama-4": lambda: T.Llama4Config(
@@ -397,7 +410,12 @@ def _random_checkpoint(kind: str, out: Path) -> Path:
 
     torch.manual_seed(0)
     auto = AutoModelForImageTextToText if kind in _MULTIMODAL else AutoModelForCausalLM
-    auto.from_config(_configs()[kind]()).to(torch.bfloat16).save_pretrained(out)
+    if kind == "qwen3-omni-moe":  # no Auto class maps Qwen3-Omni's config: its own class
+        from transformers import Qwen3OmniMoeForConditionalGeneration
+        model = Qwen3OmniMoeForConditionalGeneration(_configs()[kind]())
+    else:
+        model = auto.from_config(_configs()[kind]())
+    model.to(torch.bfloat16).save_pretrained(out)
     if kind == "qwen3-vl-moe":  # Qwen3-VL-MoE is published with input-major fused experts, as
         # transformers 5 loads them (its conversion mapping transposes them) but does not save them
         tensors = load_file(out / "model.safetensors")
@@ -478,6 +496,8 @@ OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix 
     "qwen3-next": ("qwen3next", 4, {"attn_qkv", "attn_gate", "ssm_out", "ssm_ba", "ffn_up_exps", "attn_q"}),
     "qwen3.5-moe": ("qwen35moe", 4, {"attn_qkv", "attn_gate", "ssm_out", "ssm_alpha", "ffn_down_shexp", "attn_q"}),
     "qwen3-vl-moe": ("qwen3vlmoe", 2, {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "attn_q", "output"}),
+    "qwen3-omni-moe": ("qwen3vlmoe", 2, {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "attn_q", "attn_output",
+                                        "output"}),
     "llama-4": ("llama4", 4, {"ffn_gate_exps", "ffn_down_exps", "ffn_up_shexp", "attn_k", "output"}),
     "granite-moe": ("granitemoe", 2, {"ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "attn_q", "attn_k"}),
     "granite-4.0-h": ("granitehybrid", 4, {"ssm_in", "ssm_out", "ffn_up_exps", "ffn_up_shexp", "attn_q"}),

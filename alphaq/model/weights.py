@@ -74,6 +74,9 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "Qwen3_5MoeForCausalLM": MODEL_ARCH.QWEN35MOE,  # Qwen3.5 MoE, text only
     "Qwen3_5MoeForConditionalGeneration": MODEL_ARCH.QWEN35MOE,  # Qwen3.5 MoE as published (the text model)
     "Qwen3VLMoeForConditionalGeneration": MODEL_ARCH.QWEN3VLMOE,  # Qwen3-VL-30B-A3B / 235B-A22B (the text model)
+    # Qwen3-Omni-30B-A3B: its thinker's text model, which llama.cpp converts as Qwen3-VL-MoE's
+    # (conversion/qwen3vl.py Qwen3OmniMoeTextModel); per-expert tensors under "thinker."
+    "Qwen3OmniMoeForConditionalGeneration": MODEL_ARCH.QWEN3VLMOE,
     "Llama4ForConditionalGeneration": MODEL_ARCH.LLAMA4,  # Llama 4 Scout / Maverick (the text model)
     "PhiMoEForCausalLM": MODEL_ARCH.PHIMOE,  # Phi-3.5-MoE, as its config.json names it (transformers: Phimoe)
     "GraniteMoeForCausalLM": MODEL_ARCH.GRANITE_MOE,  # Granite 3.x MoE
@@ -418,7 +421,7 @@ def _open_hf(path: Path) -> ModelWeights:
     mats: list[WeightMatrix] = []
     n_elements = 0
     for stored, shard in _hf_shards(path).items():
-        name = text_model_name(stored)
+        name = text_model_name(stored, c.hf_arch)
         if name is None:
             continue
         sl = files.get(shard).get_slice(stored)
@@ -460,11 +463,20 @@ _MULTIMODAL_PARTS = ("visual.", "vision.", "audio.", "talker.", "vision_", "audi
                      "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector.")
 
 
-def text_model_name(name: str) -> str | None:
+# Architectures whose converter drops "thinker." from every tensor name before the common filter
+# (conversion/qwen3vl.py Qwen3VLMoeTextModel.filter_tensors: name.replace("thinker.", "")), which
+# Qwen3-Omni's checkpoint needs: thinker.model.layers.0... -> model.layers.0...
+_THINKER_STRIPPED = frozenset({"Qwen3OmniMoeForConditionalGeneration"})
+
+
+def text_model_name(name: str, hf_arch: str = "") -> str | None:
     """The name llama.cpp's converter gives the HF tensor ``name`` in the text model's GGUF, before
     its tensor map: None for a multimodal checkpoint's vision, audio and projector tensors, and
     the language model's own without their ``language_model.`` part (conversion/base.py
-    ``ModelBase.filter_tensors``): ``model.language_model.layers.0...`` -> ``model.layers.0...``."""
+    ``ModelBase.filter_tensors``): ``model.language_model.layers.0...`` -> ``model.layers.0...``;
+    for Qwen3-Omni (``hf_arch``) also without ``thinker.`` (`_THINKER_STRIPPED`)."""
+    if hf_arch in _THINKER_STRIPPED:
+        name = name.replace("thinker.", "")
     if name.startswith(_MULTIMODAL_PREFIXES) or any(part in name for part in _MULTIMODAL_PARTS):
         return None
     return name.replace("language_model.", "")
@@ -485,6 +497,9 @@ def _read_hf_config(path: Path) -> _HFConfig:
     if hf_arch not in SUPPORTED_ARCHITECTURES:
         raise InputError(f"unsupported architecture {hf_arch}; supported: {supported_list()}")
     text_cfg = config.get("text_config", config)
+    if isinstance(config.get("thinker_config"), dict):  # Qwen3-Omni: the text model is the thinker's (as
+        # conversion/base.py load_hparams renames it: config["text_config"] = thinker_config["text_config"])
+        text_cfg = config["thinker_config"].get("text_config", text_cfg)
     n_blocks = text_cfg.get("num_hidden_layers") if isinstance(text_cfg, dict) else None
     if hf_arch == "NemotronHForCausalLM" and isinstance(text_cfg.get("layers_block_type"), list):
         n_blocks = len(text_cfg["layers_block_type"])  # what its converter counts (conversion/nemotron.py)
