@@ -251,14 +251,20 @@ def test_bad_inputs(tmp_path):
                                                       "hybrid_override_pattern": "M-*-"}))
     with pytest.raises(AlphaQError, match="Nemotron-H without MoE blocks .* is not supported"):
         open_model(tmp_path)
+    # a Solar Open with NextN layers: its converter keeps them and refuses --no-mtp
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["SolarOpenForCausalLM"], "num_hidden_layers": 4,
+                                                      "num_nextn_predict_layers": 1}))
+    with pytest.raises(AlphaQError, match="Solar Open checkpoint with NextN .* not supported"):
+        open_model(tmp_path)
 
 
 # --------------------------------------------------------------------------------------
 # architectures outside the zoo, random weights in their HF layout: DeepSeek-V3 (also R1, Kimi K2)
-# and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, OLMoE, MiniMax-M2, ERNIE-4.5,
-# dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE, Qwen3-Omni-MoE and Llama 4 (the last four
-# multimodal), Granite 3.x MoE, Granite 4.0-H, Phi-3.5-MoE, LFM2-MoE, Jamba, EXAONE-MoE, Cohere2-MoE,
-# Nemotron 3 Nano, DBRX, Hunyuan-A13B and Kimi-Linear, and the dense Llama, Qwen2 and Qwen3
+# and GLM-4.7-Flash, which llama.cpp converts as deepseek2, GLM-4.5, GLM-4.5V and Solar Open, which
+# it converts as glm4moe, OLMoE, MiniMax-M2, ERNIE-4.5, dots.llm1, AFMoE, Qwen3-Next, Qwen3.5-MoE,
+# Qwen3-VL-MoE, Qwen3-Omni-MoE, GLM-4.5V and Llama 4 (the last five multimodal), Granite 3.x MoE,
+# Granite 4.0-H, Phi-3.5-MoE, LFM2-MoE, Jamba, EXAONE-MoE, Cohere2-MoE, Nemotron 3 Nano, DBRX,
+# Hunyuan-A13B and Kimi-Linear, and the dense Llama, Qwen2 and Qwen3
 # --------------------------------------------------------------------------------------
 
 
@@ -280,6 +286,15 @@ def _configs() -> dict:
         # MLA with a query LoRA, grouped top-k routing with its score-correction bias
         "deepseek-v3": lambda: T.DeepseekV3Config(**_COMMON, **_DEEPSEEK_MOE, **_MLA, n_group=2, topk_group=1),
         "glm-4.5": lambda: T.Glm4MoeConfig(**_COMMON, **_DEEPSEEK_MOE),
+        # GLM-4.5V / 4.6V: GLM-4.5's text model (biased attention) inside the multimodal class
+        "glm-4.5v": lambda: T.Glm4vMoeConfig(text_config=dict(**_COMMON, **_DEEPSEEK_MOE),
+                                             vision_config=dict(depth=1, hidden_size=64, num_heads=2,
+                                                                intermediate_size=128, out_hidden_size=256)),
+        # Solar Open: GLM-4.5's MoE without a dense block, full rotary (as its modeling says)
+        "solar-open": lambda: T.SolarOpenConfig(
+            **_COMMON, moe_intermediate_size=128, num_hidden_layers=3, n_shared_experts=1, n_routed_experts=8,
+            num_experts_per_tok=2, head_dim=64,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=1.0)),
         # GLM-4.7-Flash: GLM's MoE with DeepSeek's MLA; llama.cpp converts it as deepseek2
         "glm-4.7-flash": lambda: T.Glm4MoeLiteConfig(**_COMMON, **_DEEPSEEK_MOE, **_MLA, n_group=1, topk_group=1),
         # Q/K norms, no grouped KV heads: llama.cpp's olmoe graph takes none, nor do real OLMoE checkpoints
@@ -400,7 +415,7 @@ _QWEN_LINEAR = dict(moe_intermediate_size=128, num_hidden_layers=4, num_experts=
                     shared_expert_intermediate_size=128)
 _VISION_QWEN = dict(depth=1, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=256)
 # multimodal checkpoints (their text model is what llama.cpp's converter writes to the GGUF)
-_MULTIMODAL = {"qwen3.5-moe", "qwen3-vl-moe", "llama-4"}
+_MULTIMODAL = {"qwen3.5-moe", "qwen3-vl-moe", "llama-4", "glm-4.5v"}
 
 
 def _random_checkpoint(kind: str, out: Path) -> Path:
@@ -487,6 +502,8 @@ def _convert_as_alphaq_does(hf: Path, out: Path) -> Path:
 OUTSIDE_THE_ZOO = {  # kind -> (GGUF architecture, its block count, some matrix kinds the file must hold)
     "deepseek-v3": ("deepseek2", 3, {"ffn_gate_exps", "ffn_down_shexp", "attn_q_a", "attn_k_b", "ffn_up"}),
     "glm-4.5": ("glm4moe", 3, {"ffn_up_exps", "ffn_gate_shexp", "attn_q", "ffn_down"}),
+    "glm-4.5v": ("glm4moe", 3, {"ffn_up_exps", "ffn_gate_shexp", "attn_q", "ffn_down", "output"}),
+    "solar-open": ("glm4moe", 3, {"ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "attn_q", "attn_output", "output"}),
     "glm-4.7-flash": ("deepseek2", 3, {"ffn_up_exps", "ffn_gate_shexp", "attn_q_a", "attn_k_b", "ffn_down"}),
     "olmoe": ("olmoe", 2, {"ffn_gate_exps", "ffn_down_exps", "attn_q", "attn_output"}),
     "minimax-m2": ("minimax-m2", 2, {"ffn_gate_exps", "ffn_down_exps", "attn_q", "output"}),

@@ -66,6 +66,11 @@ SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
     "DeepseekV3ForCausalLM": MODEL_ARCH.DEEPSEEK2,  # llama.cpp converts V3 (and R1, Kimi K2) as DEEPSEEK2
     "Glm4MoeForCausalLM": MODEL_ARCH.GLM4_MOE,  # GLM-4.5 / 4.6
     "Glm4MoeLiteForCausalLM": MODEL_ARCH.DEEPSEEK2,  # GLM-4.7-Flash: llama.cpp converts it as deepseek2
+    # GLM-4.5V / 4.6V: the text model, GLM-4.5's (conversion/glm.py Glm4MoeModel); the vision tower
+    # goes to llama.cpp's mmproj file
+    "Glm4vMoeForConditionalGeneration": MODEL_ARCH.GLM4_MOE,
+    # Solar Open (Solar-Open-100B): GLM-4.5's MoE, written as glm4moe (conversion/glm.py SolarOpenModel)
+    "SolarOpenForCausalLM": MODEL_ARCH.GLM4_MOE,
     "MiniMaxM2ForCausalLM": MODEL_ARCH.MINIMAXM2,  # MiniMax-M2 / M2.1
     "Ernie4_5_MoeForCausalLM": MODEL_ARCH.ERNIE4_5_MOE,  # ERNIE-4.5-21B-A3B / 300B-A47B
     "Dots1ForCausalLM": MODEL_ARCH.DOTS1,  # dots.llm1
@@ -102,6 +107,11 @@ SUPPORTED_GGUF_ARCHS: frozenset[MODEL_ARCH] = frozenset(SUPPORTED_ARCHITECTURES.
 def _check_variant(hf_arch: str, text_cfg: dict, cfg_path: Path) -> None:
     """Refuse the variants of a supported class that llama.cpp's converter cannot convert here."""
     blocks = text_cfg.get("layers_block_type") or text_cfg.get("hybrid_override_pattern") or ()
+    if hf_arch == "SolarOpenForCausalLM" and (text_cfg.get("num_nextn_predict_layers") or 0) > 0:
+        # its converter keeps NextN layers and refuses --no-mtp (SolarOpenModel.supports_mtp_export
+        # is False), so the file would hold a block llama.cpp's main graph never runs
+        raise InputError(f"{cfg_path}: a Solar Open checkpoint with NextN (multi-token prediction) layers is not "
+                         "supported: llama.cpp's converter keeps them and cannot leave them out (--no-mtp)")
     if hf_arch == "NemotronHForCausalLM" and not ("moe" in blocks or "E" in blocks):
         # its converter reads the config through transformers, whose NemotronHConfig adds the MoE
         # defaults (num_experts_per_tok), so it writes a dense one as nemotron_h_moe, which
@@ -117,7 +127,7 @@ def _check_variant(hf_arch: str, text_cfg: dict, cfg_path: Path) -> None:
 # told --no-mtp.)
 CONVERTER_KEEPS_MTP: frozenset[str] = frozenset({
     "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM",
-    "Qwen3_5MoeForConditionalGeneration", "NemotronHForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration", "NemotronHForCausalLM", "Glm4vMoeForConditionalGeneration",
 })
 # Qwen3-Next's, Qwen3.5's and Nemotron-H's MTP weights: mtp.layers.N.* and mtp.fc / mtp.norm / ...
 # (conversion/qwen.py, conversion/nemotron.py)
