@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import itertools
 import math
 import subprocess
@@ -467,6 +468,8 @@ def test_excluded_weights_are_quantised_without_their_vectors(model_gguf, tmp_pa
     kept = [n for n in im.sums if "ffn_down" not in n]
     assert f"used for {len(kept)} of its {len(im.sums)} weights" in text
     assert "--exclude-weights no_such_weight matches no weight" in text
+    recorded = json.loads(out.with_name("x.plan.json").read_text())["llama_quantize"]
+    assert recorded["exclude_weights"] == ["ffn_down", "no_such_weight"] and recorded["keep_split"] is False
     types = _types(out)
     quantised = {n: t for n, t in types.items() if n in {i.name for i in _infos(model_gguf)}
                  and t not in (T.F32, T.BF16, T.F16)}
@@ -509,6 +512,7 @@ def test_keep_split_writes_the_parts_llama_quantize_writes(model_gguf, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     theirs = tmp_path / f"t-00001-of-{n:05d}.gguf"
     assert part_names(ours) == part_names(theirs) == part_names(first)
+    assert json.loads((tmp_path / "o.plan.json").read_text())["llama_quantize"]["keep_split"] is True
     assert _types(ours) == _types(theirs)
     data = [{t.name: np.asarray(t.data) for p in sorted(tmp_path.glob(f"{x}-*-of-{n:05d}.gguf"))
              for t in gguf.GGUFReader(p).tensors} for x in ("o", "t")]

@@ -811,7 +811,7 @@ def _publish(cfg: ConvertConfig, plan: Plan, work: Workspace, calib, parts: list
     plan_json, tt_file = side_paths(cfg.output)
     tmp_dir = work.dir
     staged = [(tmp_dir / "plan.json", plan_json)]
-    staged[0][0].write_text(_plan_json(plan, targets, parts))
+    staged[0][0].write_text(_plan_json(plan, targets, parts, cfg))
     if cfg.plan.granularity == "tensor":
         (tmp_dir / "tensor-types.txt").write_text("\n".join(plan.tensor_type_lines()) + "\n")
         staged.append((tmp_dir / "tensor-types.txt", tt_file))
@@ -835,11 +835,15 @@ def _publish(cfg: ConvertConfig, plan: Plan, work: Workspace, calib, parts: list
     return targets
 
 
-def _plan_json(plan: Plan, targets: list[Path], parts: list[Path]) -> str:
-    """The plan JSON beside the output: the plan, and the file(s) written (all parts when split)."""
+def _plan_json(plan: Plan, targets: list[Path], parts: list[Path], cfg: ConvertConfig) -> str:
+    """The plan JSON beside the output: the plan, the file(s) written (all parts when split) and the
+    llama-quantize flags that shaped the file but not the plan's settings (here, not in the GGUF's
+    own copy of the plan, so that a size budget's header stays as planned)."""
     data = json.loads(plan.to_json())
     sizes = [p.stat().st_size for p in parts]
     data["output"] = {"files": [{"file": t.name, "bytes": n} for t, n in zip(targets, sizes)], "file_bytes": sum(sizes)}
+    data["llama_quantize"] = {"include_weights": list(cfg.include_weights), "exclude_weights": list(cfg.exclude_weights),
+                              "keep_split": cfg.keep_split, "max_buffer_size_mib": cfg.max_buffer_size}
     return json.dumps(data, sort_keys=True, indent=1, allow_nan=False) + "\n"
 
 
