@@ -209,9 +209,12 @@ def test_side_files_and_metadata(float_ggufs, cache_dir, tmp_path):
                 "alphaq.granularity", "alphaq.plan", "general.file_type"):
         assert reader.get_field(key) is not None, key
     side = json.loads(r.plan_json.read_text())
-    # the side file adds what was written (all parts of a split output) to the embedded plan
+    # the side file adds what was written (all parts of a split output) and the llama-quantize
+    # flags that shaped the file to the embedded plan
     assert side.pop("output") == {"files": [{"file": "m.gguf", "bytes": out.stat().st_size}],
                                   "file_bytes": out.stat().st_size}
+    assert side.pop("llama_quantize") == {"include_weights": [], "exclude_weights": [], "keep_split": False,
+                                          "max_buffer_size_mib": None}
     assert side == load_plan_from_gguf(out)
 
 
