@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     debug = getattr(args, "debug", False)
+    from convert.vendor import amx_warning
+
+    if (warning := amx_warning()) is not None:  # said before llama.cpp can crash without a word
+        logging.getLogger("alphaq").warning(warning)
     try:
         return int(args.func(args) or 0)
     except AlphaQError as exc:

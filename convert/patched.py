@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 from alphaq.errors import AlphaQError
-from convert.vendor import LLAMA_CPP_PYTHON_VERSION, default_cache_root, fetch_sdist
+from convert.vendor import LLAMA_CPP_PYTHON_VERSION, NO_AMX_FLAGS, default_cache_root, fetch_sdist, no_amx_env
 
 # Where the patch series is: inside the installed package (a wheel carries it as package data,
 # see setup.py), else at the top of the checkout this module runs from (source tree, editable).
@@ -61,7 +61,7 @@ def patch_files() -> list[Path]:
 
 def build_key(cmake_args: str = "") -> str:
     """Hash of everything the wheel depends on: sdist version, patch series, build flags."""
-    h = hashlib.sha256(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}\n{cmake_args}\n".encode())
+    h = hashlib.sha256(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}\n{cmake_args}\n{NO_AMX_FLAGS}\n".encode())
     for p in patch_files():
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:12]
@@ -123,7 +123,7 @@ def ensure_wheel(cuda: bool = False, cache_root: Path | None = None, build_isola
         apply_series(src)
         _set_version(src, key)
         staging = tmp_path / "wheel"
-        env = {**os.environ, "CMAKE_ARGS": flags}
+        env = {**no_amx_env(), "CMAKE_ARGS": flags}
         log.info("building the patched llama-cpp-python wheel (%s); this takes minutes", flags or "CPU")
         isolation = [] if build_isolation else ["--no-build-isolation"]
         proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, str(src),

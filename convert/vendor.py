@@ -25,6 +25,15 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # quantiser/runtime sources that ggml-patches/ applies to.
 _MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "src/", "ggml/", "include/", "LICENSE")
 _STAMP = ".alphaq-complete"
+# llama.cpp's AMX kernels (ggml-cpu/amx), which -march=native compiles in on Intel CPUs with AMX
+# (Sapphire Rapids and later), crash in ggml_backend_amx_mul_mat on the first forward pass over a
+# quantised model: seen 2026-12-06 on this project's 2-core Xeon with AMX, every quantised model of
+# tests/test_weights.py (ggml-org/llama.cpp#20824, closed as stale without a fix). Every llama.cpp
+# that alphaq builds for running models (llama-cpp-python in scripts/setup.sh, the patched wheel)
+# leaves them out with these flags; the AVX-512 kernels run instead. Explicit -mno-* flags win over
+# -march=native whatever their order (GCC and clang), so CFLAGS/CXXFLAGS carry them.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+AMX_SYMBOL = "ggml_backend_amx_mul_mat"  # in libggml-cpu only when the AMX kernels were compiled in
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +44,24 @@ def default_cache_root() -> Path:
 
 def vendor_dir(cache_root: Path | None = None) -> Path:
     return (cache_root or default_cache_root()) / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def no_amx_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) with NO_AMX_FLAGS added to CFLAGS and CXXFLAGS on x86-64
+    (other CPUs have no AMX, and their compilers no such flags)."""
+    import os
+    import platform
+
+    env = dict(os.environ if env is None else env)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        for var in ("CFLAGS", "CXXFLAGS"):
+            env[var] = f"{env.get(var, '')} {NO_AMX_FLAGS}".strip()
+    return env
+
+
+def has_amx_kernels(lib_dir: Path) -> bool:
+    """Whether the llama.cpp libraries in ``lib_dir`` hold the AMX kernels (NO_AMX_FLAGS)."""
+    return any(AMX_SYMBOL.encode() in p.read_bytes() for p in lib_dir.glob("libggml-cpu*.so*") if p.is_file())
 
 
 def fetch_sdist(cache_root: Path | None = None) -> Path:
@@ -78,6 +105,39 @@ def ensure_vendor(cache_root: Path | None = None) -> Path:
     return dest
 
 
+def installed_lib_dir() -> Path | None:
+    """The installed llama-cpp-python's library directory (found without loading it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]) / "lib"
+
+
+def amx_warning(cpuinfo: Path = Path("/proc/cpuinfo"), lib_dir: Path | None = None) -> str | None:
+    """One line when this CPU has AMX and the installed llama.cpp holds the AMX kernels (as a
+    plain `pip install` of llama-cpp-python builds it there), else None."""
+    try:
+        if " amx_int8" not in cpuinfo.read_text():
+            return None
+    except OSError:
+        return None
+    lib_dir = lib_dir or installed_lib_dir()
+    if lib_dir is None or not has_amx_kernels(lib_dir):
+        return None
+    return ("the installed llama-cpp-python holds llama.cpp's AMX kernels, which crash on this CPU when it runs a "
+            "quantised model (ggml-org/llama.cpp#20824); rebuild it without them (make setup does): "
+            f'CFLAGS="{NO_AMX_FLAGS}" CXXFLAGS="{NO_AMX_FLAGS}" pip install --force-reinstall --no-cache-dir '
+            f"--no-deps llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--installed-has-amx"]:  # exit status 0: it has them (scripts/setup.sh)
+        lib = installed_lib_dir()
+        sys.exit(0 if lib is not None and has_amx_kernels(lib) else 1)
+    if sys.argv[1:] == ["--no-amx-flags"]:
+        print(no_amx_env({}).get("CFLAGS", ""))
+        sys.exit(0)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(ensure_vendor())

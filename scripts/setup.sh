@@ -31,6 +31,13 @@ fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
+# llama.cpp's AMX kernels crash on Intel CPUs with AMX (convert/vendor.py, NO_AMX_FLAGS): the
+# llama-cpp-python built here leaves them out
+no_amx=$("$PY" -m convert.vendor --no-amx-flags)
+if [ -n "$no_amx" ]; then
+    export CFLAGS="${CFLAGS:-} $no_amx" CXXFLAGS="${CXXFLAGS:-} $no_amx"
+fi
+
 # Reinstall only when the dependency list changed.
 want=$(sha1sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
@@ -42,6 +49,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
         echo "setup: triton unavailable; kernel tests will skip" >&2
         .venv/bin/python -m pip install --quiet -e ".[test]"; }
     echo "$want" > "$STAMP"
+fi
+
+# a llama-cpp-python built before (or taken from pip's wheel cache) with the AMX kernels is rebuilt
+if .venv/bin/python -m convert.vendor --installed-has-amx; then
+    echo "setup: rebuilding llama-cpp-python without llama.cpp's AMX kernels, which crash on this CPU (~6 min)"
+    .venv/bin/python -m pip install --quiet --no-cache-dir --force-reinstall --no-deps \
+        "llama-cpp-python==$(.venv/bin/python -c 'from convert.vendor import LLAMA_CPP_PYTHON_VERSION as v; print(v)')"
 fi
 
 vendor=$(.venv/bin/python -m convert.vendor)

@@ -544,3 +544,45 @@ def test_llama_quantize_positional_order_means_its_flags(model_gguf, tmp_path, m
     capsys.readouterr()
     assert cli_main(["convert", str(model_gguf), out]) == 2
     assert "no TYPE after it" in capsys.readouterr().err and len(seen) == 5
+
+
+def test_max_buffer_size_reaches_llama_quantiser_and_changes_no_byte(model_gguf, tmp_path, monkeypatch):
+    """--max-buffer-size MiB is the quantiser's max_buf_size in bytes (llama-quantize's unit), and
+    a slab of 1 MiB (several per expert tensor here) writes the same tensors as alphaq's 512 MiB."""
+    from alphaq.gguf import quantize as quantize_mod
+
+    seen: list[int] = []
+    build = quantize_mod._build_params
+
+    def record(*a, **k):
+        params, keep = build(*a, **k)
+        seen.append(params.max_buf_size)
+        return params, keep
+
+    monkeypatch.setattr(quantize_mod, "_build_params", record)
+    outs = {}
+    for mib in (1, None):
+        outs[mib] = tmp_path / f"buf{mib}.gguf"
+        alphaq.convert(model_gguf, outs[mib], mode="fast", budget=3, compare_stock=False,
+                       cache_dir=tmp_path / "cache", max_buffer_size=mib)
+    assert seen == [1 << 20, quantize_mod.QUANTISER_BUFFER_BYTES]
+    small, default = ({t.name: np.asarray(t.data) for t in gguf.GGUFReader(p).tensors} for p in outs.values())
+    assert small.keys() == default.keys()
+    for name in small:
+        np.testing.assert_array_equal(small[name], default[name], err_msg=name)
+
+
+def test_plan_of_a_checkpoint_pins_the_type_convert_keeps(model_gguf):
+    """`alphaq plan` on an HF checkpoint knows its matrices from the analysis only; it takes them in
+    the type `alphaq convert` has llama.cpp's converter write (BF16), so --leave-output-tensor pins
+    the type the written file keeps."""
+    from alphaq.commands.plan import _tensors_from_stats
+    from alphaq.model.weights import open_model
+
+    with open_model(FIXTURES / MODEL) as weights:
+        tensors = _tensors_from_stats(weights.matrices())
+    written = {t.name: t for t in _infos(model_gguf)}
+    assert tensors and {t.name: (t.shape, t.dtype) for t in tensors} == {
+        t.name: (written[t.name].shape, written[t.name].dtype) for t in tensors}
+    pinned = plan_pins(tensors, PlanConfig(leave_output_tensor=True)).types["output.weight"][0]
+    assert pinned == written["output.weight"].dtype == "BF16"

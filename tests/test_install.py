@@ -104,3 +104,22 @@ def test_pip_install_outside_the_repo_converts_and_carries_the_patch_series(tmp_
     llm = llama_cpp.Llama(model_path=str(work / "x.gguf"), n_ctx=64, verbose=False)
     out = llm("Hello", max_tokens=2)
     assert out["choices"][0]["text"] is not None and llm.n_vocab() > 0
+
+
+def test_llama_cpp_is_built_without_its_amx_kernels(tmp_path):
+    """llama.cpp's AMX kernels crash on CPUs with AMX (convert/vendor.py NO_AMX_FLAGS): the
+    llama-cpp-python that make setup installs has none, and a library that has them is found, and
+    warned about on such a CPU only."""
+    from convert.vendor import AMX_SYMBOL, amx_warning, has_amx_kernels, installed_lib_dir
+
+    lib = installed_lib_dir()
+    assert lib is not None and any(lib.glob("libggml-cpu*.so*")) and not has_amx_kernels(lib)
+    built = tmp_path / "lib"
+    built.mkdir()
+    (built / "libggml-cpu.so.0").write_bytes(b"\0ELF..." + AMX_SYMBOL.encode() + b"\0")
+    assert has_amx_kernels(built)
+    amx_cpu, other_cpu = tmp_path / "amx", tmp_path / "other"
+    amx_cpu.write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    other_cpu.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert "pip install --force-reinstall" in amx_warning(amx_cpu, built)
+    assert amx_warning(other_cpu, built) is None and amx_warning(amx_cpu, lib) is None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,14 +116,28 @@ def stop_in(stage: str, sig: signal.Signals, out: Path, cache: Path, fifos: Path
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, bytes]:
-    """One uninterrupted run of the command: its outputs."""
+def reference_run(tmp_path_factory) -> Path:
+    """One uninterrupted run of the command: its directory (out/, cache/)."""
     d = tmp_path_factory.mktemp("reference")
     proc = convert(d / "out" / "o.gguf", d / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert reused(proc.stdout) == []  # a fresh cache: nothing to reuse
+    assert cached_in_preflight(proc.stdout) == []
     assert sorted(p.name for p in (d / "out").iterdir()) == sorted(OUTPUTS)
-    return {name: (d / "out" / name).read_bytes() for name in OUTPUTS}
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict[str, bytes]:
+    """The uninterrupted run's outputs."""
+    return {name: (reference_run / "out" / name).read_bytes() for name in OUTPUTS}
+
+
+def cached_in_preflight(stdout: str) -> list[str]:
+    """What the pre-flight says earlier runs cached (and leaves out of its time)."""
+    prefix = "            left out, as an earlier run cached it: "
+    line = next((ln for ln in stdout.splitlines() if ln.startswith(prefix)), None)
+    return [] if line is None else line.removeprefix(prefix).split(", ")
 
 
 SLOW = pytest.mark.slow
@@ -156,11 +171,32 @@ def test_a_stopped_run_resumes_with_the_same_command(stage, sig, reference, tmp_
     proc = convert(out, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert reused(proc.stdout) == REUSED[stage]
+    # the pre-flight knew it: the stages it said were cached are the ones reused (the kept
+    # intermediate gives it the model's fingerprint), and the stopped damage stage's one tensor
+    cached = cached_in_preflight(proc.stdout)
+    assert [c for c in cached if not c.startswith("damage of")] == REUSED[stage][1:], proc.stdout
+    partly = [c for c in cached if c.startswith("damage of")]
+    assert len(partly) == (stage == "damage tensor") and all(
+        re.fullmatch(r"damage of 1 of \d+ measured tensors \(a stopped run's\)", c) for c in partly), cached
     resumed = "tensors' results resumed from a stopped run" in proc.stdout
     assert resumed == (stage == "damage tensor"), proc.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(OUTPUTS)  # the directory is gone
     for name in OUTPUTS:
         assert (out.parent / name).read_bytes() == reference[name], name
+
+
+def test_the_preflight_of_a_converted_checkpoint_knows_its_cached_stages(reference_run, tmp_path):
+    """A second run of a checkpoint converted here before (no intermediate kept): the pre-flight
+    finds the forward stages in the cache through the note of the first conversion, and leaves
+    their time out; the run then reuses them."""
+    proc = convert(tmp_path / "again" / "o.gguf", reference_run / "cache", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cached_in_preflight(proc.stdout) == ["self text", "importance", "damage"], proc.stdout
+    time_line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("  time      about"))
+    assert all(f"{stage} 0 s" in time_line for stage in ("self text", "importance", "damage")), time_line
+    assert reused(proc.stdout) == ["self text", "importance", "damage"]
+    other = convert(tmp_path / "other" / "o.gguf", reference_run / "cache", "--dry-run", "--self-samples", "3")
+    assert other.returncode == 0 and cached_in_preflight(other.stdout) == [], other.stdout
 
 
 @SLOW

@@ -279,7 +279,9 @@ def _measure(model: Path, requests, max_rows, progress: bool):
 
 
 def _tensors_from_stats(stats: list[MatrixStats]) -> list[TensorInfo]:
-    """Fallback when MODEL is not a GGUF: the analysed matrices only (no norms, no router)."""
+    """Fallback when MODEL is not a GGUF: the analysed matrices only (no norms, no router), in BF16,
+    the type `alphaq convert` has llama.cpp's converter write them in (so a pin such as
+    --leave-output-tensor names the type convert would keep)."""
     shapes: dict[str, tuple[int, ...]] = {}
     n_expert: dict[str, int] = {}
     for s in stats:
@@ -288,7 +290,7 @@ def _tensors_from_stats(stats: list[MatrixStats]) -> list[TensorInfo]:
         else:
             n_expert[s.tensor] = max(n_expert.get(s.tensor, 0), s.expert + 1)
             shapes[s.tensor] = (s.rows, s.cols)
-    return [TensorInfo(n, ((n_expert[n],) if n in n_expert else ()) + shp, "F16") for n, shp in shapes.items()]
+    return [TensorInfo(n, ((n_expert[n],) if n in n_expert else ()) + shp, "BF16") for n, shp in shapes.items()]
 
 
 def plan_model(model: Path, cfg: PlanConfig, spectral: "SpectralConfig", *, alphas: Path | None = None,

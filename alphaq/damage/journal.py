@@ -55,20 +55,12 @@ class Journal:
         self._read()
 
     def _read(self) -> None:
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return
-        if not lines or _parse(lines[0]) != {"key": self.key, "v": VERSION}:
+        done = read_records(self.path, self.key)
+        if done is None:
             log.warning("damage: ignoring %s (written for other settings)", self.path)
             self.path.unlink(missing_ok=True)
             return
-        for line in lines[1:]:
-            try:
-                rec = TensorRecord.from_json(_parse(line))
-            except (KeyError, TypeError, ValueError):  # the last line of a killed run may be cut short
-                continue
-            self.done[rec.name] = rec
+        self.done = done
         if self.done:
             log.info("damage: resuming: %d tensor(s) from %s", len(self.done), self.path)
 
@@ -99,6 +91,25 @@ class Journal:
         """The whole table is cached: the records are no longer needed."""
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+def read_records(path: Path, key: str) -> dict[str, TensorRecord] | None:
+    """The records at ``path`` (none when there is no file); None when it was written under another
+    key. Reads only (the pre-flight counts them too)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    if not lines or _parse(lines[0]) != {"key": key, "v": VERSION}:
+        return None
+    done = {}
+    for line in lines[1:]:
+        try:
+            rec = TensorRecord.from_json(_parse(line))
+        except (KeyError, TypeError, ValueError):  # the last line of a killed run may be cut short
+            continue
+        done[rec.name] = rec
+    return done
 
 
 def _parse(line: str) -> dict | None:

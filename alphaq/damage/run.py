@@ -95,7 +95,7 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
     seconds: dict[str, float] = {}
     reused: list[str] = []
     t0 = time.perf_counter()
-    model_key = fingerprint(model) + ("" if working_copy == "float" else f"+{working_copy}")
+    model_key = working_key(fingerprint(model), working_copy)
     with ExitStack() as stack:
         working = _lazy(lambda: stack.enter_context(_working_model(model, working_copy, work_dir, n_threads, seconds)))
         with memory.stage("self_text"):
@@ -109,7 +109,7 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
         seconds["importance"] = time.perf_counter() - t0
         used = _filtered(imatrix, *weight_filter)
         key = _damage_key(model_key, text_cfg, cfg, names, candidates, per_expert, _imatrix_key(used or imatrix))
-        path = cache_root() / "damage" / f"{key}.json"
+        path = damage_cache_path(key)
         with memory.stage("damage"):
             if use_cache and path.exists():
                 log.info("damage: reusing %s", path)
@@ -122,7 +122,7 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
                 t0 = time.perf_counter()
                 ref = Reference(session(), tokens[: cfg.windows(names)])
                 t_ref = time.perf_counter() - t0
-                journal = Journal(path.with_name(f"{key}.partial.jsonl"), key) if use_cache else None
+                journal = Journal(journal_path(key), key) if use_cache else None
                 costed = used or imatrix
                 table = measure(session(), ref, names, candidates, cfg, imatrix=costed.means(),
                                 tokens=costed.counts, per_expert=per_expert, progress=progress, journal=journal)
@@ -137,19 +137,75 @@ def self_calibrate(model: Path, names: Sequence[str], candidates: Sequence[GGMLQ
                            tuple(reused), working_copy, used)
 
 
-def _filtered(imatrix: Imatrix, include: Sequence[str], exclude: Sequence[str]) -> Imatrix | None:
+def _filtered(imatrix: Imatrix, include: Sequence[str], exclude: Sequence[str], quiet: bool = False) -> Imatrix | None:
     """The entries --include-weights / --exclude-weights keep (None when neither is given)."""
     if not include and not exclude:
         return None
     from alphaq.importance.imatrix_file import select_weights
 
     kept, unused = select_weights(imatrix.sums, include, exclude)
+    if quiet:
+        return imatrix.only(kept)
     flag = "--include-weights" if include else "--exclude-weights"
     for s in unused:
         log.warning("%s %s matches no weight of the importance matrix; it %s nothing", flag, s,
                     "includes" if include else "excludes")
     log.info("importance: %d of %d weights keep their importance vector (%s)", len(kept), len(imatrix.sums), flag)
     return imatrix.only(kept)
+
+
+@dataclass(frozen=True)
+class CachedStages:
+    """What earlier runs of the same model and settings left in the cache for `self_calibrate`,
+    as the pre-flight sees it (cached_stages)."""
+
+    self_text: bool = False
+    importance: bool = False
+    damage: bool = False  # the whole table
+    measured: tuple[int, int] = (0, 0)  # a stopped run's journal: (tensors measured, of those to measure)
+
+    @property
+    def damage_left(self) -> float:
+        """The share of the damage stage still to run. Its forward passes, one per measured tensor,
+        are most of it (README, "Conversion"), so a journal counts by its measured tensors."""
+        if self.damage:
+            return 0.0
+        done, total = self.measured
+        return 1.0 - done / total if total else 1.0
+
+    def describe(self) -> str:
+        done = [stage for stage, hit in (("self text", self.self_text), ("importance", self.importance),
+                                         ("damage", self.damage)) if hit]
+        if self.measured[0]:
+            done.append(f"damage of {self.measured[0]} of {self.measured[1]} measured tensors (a stopped run's)")
+        return ", ".join(done)
+
+
+def cached_stages(float_key: str, names: Sequence[str], candidates: Sequence[GGMLQuantizationType], *,
+                  text_cfg: SelfTextConfig = SelfTextConfig(), cfg: DamageConfig = DamageConfig(),
+                  user_imatrix: Imatrix | None = None, per_expert: bool = False, working_copy: str = "float",
+                  weight_filter: tuple[Sequence[str], Sequence[str]] = ((), ())) -> CachedStages:
+    """What `self_calibrate` would take from the cache for the float model whose fingerprint is
+    ``float_key`` (the same arguments), read without running or changing anything."""
+    from alphaq.damage.anchors import depth_anchors
+    from alphaq.damage.journal import read_records
+
+    model_key = working_key(float_key, working_copy)
+    tokens = load_sample(sample_cache_path(model_key, text_cfg))
+    text = tokens is not None and tokens.shape == (text_cfg.n_seq, text_cfg.n_ctx)
+    path = importance_cache_path(model_key, text_cfg)
+    importance = user_imatrix is None and path.exists()
+    imatrix = user_imatrix if user_imatrix is not None else _load_imatrix(path) if importance else None
+    if imatrix is None:  # the damage is keyed by the importance matrix's content
+        return CachedStages(text, importance)
+    used = _filtered(imatrix, *weight_filter, quiet=True)
+    key = _damage_key(model_key, text_cfg, cfg, names, candidates, per_expert, _imatrix_key(used or imatrix))
+    if damage_cache_path(key).exists():
+        return CachedStages(text, importance, damage=True)
+    records = read_records(journal_path(key), key) or {}
+    measured = depth_anchors(names, cfg.anchors).measured
+    done = sum(1 for n in measured if n in records and records[n].damage is not None)
+    return CachedStages(text, importance, measured=(done, len(measured)))
 
 
 # what the forward stages can run: the float model, or its Q8_0 copy (the alphaq convert flag
@@ -209,9 +265,8 @@ def _importance(session: Callable[[], object], tokens: np.ndarray, text_cfg: Sel
     by the model's content and the text's settings (the text is a function of both)."""
     from alphaq.importance.collect import collect_imatrix
 
-    dataset = f"alphaq self text {text_cfg.n_seq}x{text_cfg.n_ctx} seed {text_cfg.seed}"
-    blob = json.dumps({"model": model_key, "text": asdict(text_cfg), "dataset": dataset, "v": 1}, sort_keys=True)
-    path = cache_root() / "importance" / f"{hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()}.npz"
+    dataset = _dataset_name(text_cfg)
+    path = importance_cache_path(model_key, text_cfg)
     if use_cache and path.exists():
         log.info("importance: reusing %s", path)
         reused.append("importance")
@@ -222,6 +277,32 @@ def _importance(session: Callable[[], object], tokens: np.ndarray, text_cfg: Sel
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_imatrix(path, imatrix)
     return imatrix
+
+
+def _dataset_name(text_cfg: SelfTextConfig) -> str:
+    return f"alphaq self text {text_cfg.n_seq}x{text_cfg.n_ctx} seed {text_cfg.seed}"
+
+
+def working_key(float_key: str, working_copy: str) -> str:
+    """The cache key of the model the forward stages run: the float model's fingerprint, marked
+    when they run its Q8_0 copy (whose stages are cached apart)."""
+    return float_key + ("" if working_copy == "float" else f"+{working_copy}")
+
+
+def importance_cache_path(model_key: str, text_cfg: SelfTextConfig) -> Path:
+    """Keyed by the model's content and the text's settings (the text is a function of both)."""
+    blob = json.dumps({"model": model_key, "text": asdict(text_cfg), "dataset": _dataset_name(text_cfg), "v": 1},
+                      sort_keys=True)
+    return cache_root() / "importance" / f"{hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()}.npz"
+
+
+def damage_cache_path(key: str) -> Path:
+    return cache_root() / "damage" / f"{key}.json"
+
+
+def journal_path(key: str) -> Path:
+    """The finished tensors of a damage stage still under way (alphaq.damage.journal)."""
+    return damage_cache_path(key).with_name(f"{key}.partial.jsonl")
 
 
 def _save_imatrix(path: Path, imatrix: Imatrix) -> None:

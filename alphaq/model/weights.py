@@ -41,7 +41,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Callable
 
 import gguf
@@ -566,6 +566,17 @@ def _slice_loader(files: _HFFiles, shard: Path, name: str):
 _NEMOTRON_H_EXPERTS = re.compile(r"^backbone\.layers\.(\d+)\.mixer\.experts\.")
 
 
+def _quantised_tensor(path: Path, tmap, keys: Sequence[str], n_dims: int) -> str | None:
+    """The GGUF tensor name of the first of the HF ``keys`` gguf-py maps, when llama.cpp quantises
+    it; None otherwise (a key with no GGUF name at all is logged, as the converter would fail on it)."""
+    gname = next((g for g in map(tmap.get_name, keys) if g is not None), None)
+    if gname is None:
+        logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, keys[0])
+        return None
+    tensor = gname + ".weight"
+    return tensor if llama_quantizes(tensor, n_dims) else None
+
+
 def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ...], slice_loader) -> list[_HFMatrix]:
     """The matrices llama.cpp quantises that the HF weight ``name`` becomes (none when its GGUF
     tensor is not quantised or has no GGUF name, the latter logged)."""
@@ -575,13 +586,9 @@ def _hf_matrices(path: Path, c: _HFConfig, tmap, name: str, shape: tuple[int, ..
         merged = f"{m['prefix']}.{m['rest']}"
         # (LFM2-MoE's converter names the merged tensor without the "model." prefix, Nemotron-H's
         # as model.layers.N.mlp.experts.*: conversion/nemotron.py)
-        gname = (tmap.get_name(merged) or tmap.get_name(merged.removeprefix("model."))
-                 or tmap.get_name(_NEMOTRON_H_EXPERTS.sub(r"model.layers.\1.mlp.experts.", merged)))
-        if gname is None:
-            logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, name)
-            return []
-        tensor = gname + ".weight"
-        return [(tensor, int(m["expert"]), shape[0], shape[1], slice_loader())] if llama_quantizes(tensor, 3) else []
+        tensor = _quantised_tensor(path, tmap, (merged, merged.removeprefix("model."),
+                                                _NEMOTRON_H_EXPERTS.sub(r"model.layers.\1.mlp.experts.", merged)), 3)
+        return [(tensor, int(m["expert"]), shape[0], shape[1], slice_loader())] if tensor else []
     if c.model_arch in TRANSPOSED_FUSED_EXPERTS and len(shape) == 3 and key.endswith(_FUSED_EXPERT_SUFFIXES):
         return _fused_experts(path, tmap, key, shape, slice_loader, input_major=True)
     if key.endswith("experts.gate_up_proj") and len(shape) == 3:
@@ -626,16 +633,13 @@ def _fused_experts(path: Path, tmap, key: str, shape: tuple[int, ...], slice_loa
         else {proj: slice(0, n_out)}
     out: list[_HFMatrix] = []
     for name, part in parts.items():
-        gname = tmap.get_name(f"{base}.{name}")
-        if gname is None:
-            logger.warning("%s: no GGUF name for %s.%s; skipped", path, base, name)
-            continue
-        if not llama_quantizes(gname + ".weight", 3):
+        tensor = _quantised_tensor(path, tmap, (f"{base}.{name}",), 3)
+        if tensor is None:
             continue
         for e in range(n_expert):
             load = (lambda f=slice_loader(index=e), p=part: np.ascontiguousarray(f()[:, p].T)) if input_major \
                 else slice_loader(index=e, rows_sl=part)
-            out.append((gname + ".weight", e, part.stop - part.start, n_in, load))
+            out.append((tensor, e, part.stop - part.start, n_in, load))
     return out
 
 
@@ -668,12 +672,8 @@ def _dbrx_experts(path: Path, tmap, key: str, shape: tuple[int, ...], cfg: dict,
     n_expert, n_ff = int(cfg["ffn_config"]["moe_num_experts"]), int(cfg["ffn_config"]["ffn_hidden_size"])
     if shape != (n_expert * n_ff, shape[1]):
         raise InputError(f"{path}: {key} has shape {shape}; expected ({n_expert} experts x {n_ff}, n_embd)")
-    gname = tmap.get_name(key)
-    if gname is None:
-        logger.warning("%s: no GGUF name for %s in gguf-py; skipped", path, key)
-        return []
-    tensor = gname + ".weight"
-    if not llama_quantizes(tensor, 3):
+    tensor = _quantised_tensor(path, tmap, (key,), 3)
+    if tensor is None:
         return []
     down = key.endswith(".w2")
     out: list[_HFMatrix] = []

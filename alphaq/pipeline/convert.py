@@ -38,15 +38,16 @@ from alphaq.gguf.io import (check_finite, check_gguf, copy_with_metadata, first_
                             quantised_weights, read_tensors, shard_paths, warn_requantised)
 from alphaq.gguf.split import SplitSpec, part_names, split_gguf, split_gguf_like
 from alphaq import memory
-from alphaq.pipeline.preflight import SPLIT_PART_OVERHEAD, WORKING_COPY_CHOICES, Preflight, max_parts, preflight
+from alphaq.pipeline.preflight import (SPLIT_PART_OVERHEAD, WORKING_COPY_CHOICES, Preflight, damage_names, max_parts,
+                                       preflight)
 from alphaq.damage import DamageConfig
 from alphaq.allocate.feasibility import check_budget, matrix_tensors, quantised_tensors
 from alphaq.files import check_plots_dir, input_files
 from alphaq.allocate.overrides import KVOverride, Pins
 from alphaq.allocate.plan import Plan, PlanConfig, TensorInfo, format_size, make_plan, plan_pins
 from alphaq.allocate.quantise_cap import AutoCap, auto_capped_plan
-from alphaq.gguf.qtypes import llama_quantizes, padded
-from alphaq.pipeline.resume import Workspace, pause_for_test
+from alphaq.gguf.qtypes import padded
+from alphaq.pipeline.resume import Workspace, note_float, pause_for_test
 from alphaq.gguf.quantize import ALL_MIXES, mix_ftype, quantize_gguf
 from alphaq.gguf.stock import stock_size, stock_sizes
 from alphaq.selftext import SelfTextConfig
@@ -333,9 +334,7 @@ def _self_calibration(float_gguf: Path, tensors, cfg: ConvertConfig, user, worki
     pre-flight's choice ("float" or "q8_0", made in ``work_dir``)."""
     from alphaq.damage.run import self_calibrate
 
-    pinned = plan_pins(tensors, cfg.plan).types  # fixed types: no damage to measure
-    names = [t.name for t in tensors if llama_quantizes(t.name, t.shape) and t.name not in pinned]
-    return self_calibrate(float_gguf, names, cfg.plan.candidates, text_cfg=cfg.selftext, cfg=cfg.damage,
+    return self_calibrate(float_gguf, damage_names(tensors, cfg.plan), cfg.plan.candidates, text_cfg=cfg.selftext, cfg=cfg.damage,
                           user_imatrix=user, imatrix_source=str(cfg.imatrix), progress=cfg.progress,
                           per_expert=cfg.plan.granularity == "expert", use_cache=cfg.use_cache,
                           n_threads=cfg.nthread or None, working_copy=working_copy, work_dir=work_dir,
@@ -473,6 +472,8 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
         float_gguf, tokenizer_fallback, stats = _float_model(cfg, source, work, wanted)
     seconds[float_stage] = time.perf_counter() - t0
     tensors = tensor_infos(float_gguf)
+    if source == "hf" and cfg.use_cache:  # so that a later run's pre-flight knows what is cached
+        note_float(cfg.model, converter_mtp_args(cfg.model), float_gguf, tensors)
     base_header = header_bytes(float_gguf)
     float_bytes = model_bytes(float_gguf)
     cfg, like = like_budget(cfg, float_gguf)
@@ -575,7 +576,7 @@ def _prepare(cfg: ConvertConfig):
             check_tokenizer_files(cfg.model)  # the converter's own error would name another cause
         pins = early_budget_check(cfg, model)  # from shapes alone: before converting or analysing
         kept = Workspace(cfg.output, cfg.keep_bf16).peek(cfg.model) if model.source == "hf" and cfg.resume else None
-        pre = preflight(cfg, model, reused=kept.path if kept else None)
+        pre = preflight(cfg, model, reused=kept.path if kept else None, user_imatrix=user_imatrix)
         return cfg, model.source, has_experts, user_imatrix, pins, pre
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
-from alphaq.damage.run import WORKING_COPIES
-from alphaq.allocate.plan import POLICY_DEFAULTS, format_size, policy_type
+from alphaq.damage.run import WORKING_COPIES, CachedStages
+from alphaq.allocate.plan import POLICY_DEFAULTS, TensorInfo, format_size, plan_pins, policy_type
 from alphaq.allocate.quantise_cap import FLOOR_NS
 from alphaq.gguf.qtypes import effective_type, llama_quantizes, resolve_type, tensor_bytes
 from alphaq.model.weights import RECURRENT_ARCHS, REQUANTISABLE_TYPES
@@ -113,6 +113,9 @@ class Preflight:
     working_copy: str = "float"  # what the forward stages run: the float model, or a Q8_0 copy of it
     recurrent: bool = False  # the model has recurrent blocks, whose forward rate no benchmark measured
     source_type: str | None = None  # a quantised GGUF source's weight type (Q8_0, --allow-requantize)
+    # what earlier runs cached for the forward stages (their time is left out); None: not known
+    # before converting (an HF checkpoint this machine has not converted), or --no-cache
+    cached: CachedStages | None = None
 
     @property
     def seconds(self) -> float:
@@ -137,7 +140,9 @@ class Preflight:
             lines.append(self._memory_line())
         stages = ", ".join(f"{k} {_duration(v)}" for k, v in self.stage_seconds.items())
         lines.append(f"  time      about {_duration(self.seconds)} at the benchmark's rates (bench/scale-head-qwen3.json) "
-                     f"scaled to {self.speed.describe()}; cached stages are skipped: {stages}")
+                     f"scaled to {self.speed.describe()}: {stages}")
+        if self.forward and self.cached is not None and self.cached.describe():
+            lines.append(f"            left out, as an earlier run cached it: {self.cached.describe()}")
         if self.recurrent and self.forward:
             lines.append("            (the rates are an attention model's; how this model's recurrent blocks change the "
                          "forward stages' time no benchmark here has measured)")
@@ -332,10 +337,61 @@ def _filesystem_dirs(dirs: list[Path]) -> dict[int, Path]:
     return out
 
 
-def preflight(cfg, model, reused: Path | None = None) -> Preflight:
+def damage_names(tensors: list[TensorInfo], plan_cfg) -> list[str]:
+    """The tensors whose damage the forward stages measure: every one llama.cpp quantises that no
+    pin fixes, in the float model's order."""
+    pinned = plan_pins(tensors, plan_cfg).types
+    return [t.name for t in tensors if llama_quantizes(t.name, t.shape) and t.name not in pinned]
+
+
+def _float_tensors(cfg, model, reused: Path | None) -> tuple[str, list[TensorInfo]] | None:
+    """(fingerprint, tensors) of the float model the forward stages will read, where known before
+    converting: a GGUF input, a kept intermediate, or a checkpoint converted here before."""
+    from alphaq.files import fingerprint
+    from alphaq.gguf.io import read_tensors
+
+    path = cfg.model if model.source == "gguf" else reused
+    if path is not None:
+        return fingerprint(path), [TensorInfo(t.name, t.shape, t.type.name) for t in read_tensors(path)]
+    from alphaq.model.weights import converter_mtp_args
+    from alphaq.pipeline.resume import noted_float
+
+    noted = noted_float(cfg.model, converter_mtp_args(cfg.model))
+    return None if noted is None else (noted[0], [TensorInfo(*t) for t in noted[1]])
+
+
+def cached_work(cfg, model, reused: Path | None, working: str, user_imatrix=None) -> CachedStages | None:
+    """What the forward stages of this run would take from the cache (None: cannot tell yet)."""
+    from alphaq.damage.run import cached_stages
+
+    known = _float_tensors(cfg, model, reused) if cfg.use_cache and cfg.plan.noise == "damage" else None
+    if known is None:
+        return None
+    key, tensors = known
+    return cached_stages(key, damage_names(tensors, cfg.plan), cfg.plan.candidates, text_cfg=cfg.selftext,
+                         cfg=cfg.damage, user_imatrix=user_imatrix, per_expert=cfg.plan.granularity == "expert",
+                         working_copy=working, weight_filter=(cfg.include_weights, cfg.exclude_weights))
+
+
+def _without_cached(seconds: dict[str, float], cached: CachedStages | None) -> dict[str, float]:
+    """The stage times less what the cache holds (a working copy is made only for a stage that runs)."""
+    if cached is None:
+        return seconds
+    out = dict(seconds)
+    for stage, hit in (("self text", cached.self_text), ("importance", cached.importance)):
+        if hit and stage in out:
+            out[stage] = 0.0
+    if "damage" in out:
+        out["damage"] *= cached.damage_left
+    if "working copy" in out and all(out.get(k, 0.0) == 0.0 for k in ("self text", "importance", "damage")):
+        out["working copy"] = 0.0
+    return out
+
+
+def preflight(cfg, model, reused: Path | None = None, user_imatrix=None) -> Preflight:
     """Disk and time for converting ``model`` (alphaq.model.weights.ModelWeights of cfg.model) with
     ``cfg`` (alphaq.pipeline.convert.ConvertConfig); ``reused``: the BF16 intermediate of an interrupted run,
-    which this one reuses."""
+    which this one reuses; ``user_imatrix``: --imatrix's matrix (it keys the cached damage)."""
     sizes = hf_sizes(model, cfg) if model.source == "hf" else gguf_sizes(model.path, cfg)
     float_bytes = reused.stat().st_size if reused else sizes.float_bytes
     out = sizes.output_bound + PLAN_KEY_BYTES_PER_ITEM * sizes.items + (1 << 16)
@@ -374,12 +430,14 @@ def preflight(cfg, model, reused: Path | None = None) -> Preflight:
         copy = {"working copy": Q8_0_SECONDS_PER_WEIGHT * sum(m.params for m in model.matrices())}
         seconds = {k: v for k, v in seconds.items() if k == "float model"} | copy | {
             k: v for k, v in seconds.items() if k != "float model"}
+    cached = cached_work(cfg, model, reused, working, user_imatrix) if forward else None
+    seconds = _without_cached(seconds, cached)
     speed = machine_speed()
     seconds = {k: v / speed.factor(k) for k, v in seconds.items()}
     return Preflight(model.n_blocks, per_block, float_bytes, intermediate, out, needs,
                      {d: shutil.disk_usage(d).free for d in needs}, speed, seconds, reused, forward=forward,
                      largest_weight_bytes=largest, ram_available=ram, working_copy=working,
-                     recurrent=model.model_arch in RECURRENT_ARCHS, source_type=source_type)
+                     recurrent=model.model_arch in RECURRENT_ARCHS, source_type=source_type, cached=cached)
 
 
 def _largest_weight_bytes(model) -> int:

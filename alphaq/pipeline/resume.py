@@ -129,6 +129,38 @@ def write_record(float_path: Path, record_path: Path, model_dir: Path, tokenizer
     atomic_write_text(record_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
+# The float model's fingerprint, which keys the forward stages' caches, is known only once llama.cpp's
+# converter has written it. So that the pre-flight of a later run of the same checkpoint can tell
+# what is cached before converting, each conversion notes the fingerprint and tensors its converter
+# wrote under ~/.cache/alphaq/float, keyed by the checkpoint (as a kept intermediate is) and the
+# converter's settings. The converter is deterministic, so the note holds while both do; it only
+# informs the estimate, never what a run reuses (that is keyed by the file itself).
+def _float_note_path(model_dir: Path, extra: tuple[str, ...]) -> Path:
+    from alphaq.files import cache_root
+
+    blob = json.dumps({**_expected(model_dir), "args": list(extra)}, sort_keys=True)
+    return cache_root() / "float" / f"{hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()}.json"
+
+
+def note_float(model_dir: Path, extra: tuple[str, ...], float_path: Path, tensors) -> None:
+    """After a conversion: the fingerprint of ``float_path`` and its tensors (TensorInfo)."""
+    from alphaq.files import fingerprint
+
+    note = {"fingerprint": fingerprint(float_path), "tensors": [[t.name, list(t.shape), t.dtype] for t in tensors]}
+    path = _float_note_path(model_dir, extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(note) + "\n")
+
+
+def noted_float(model_dir: Path, extra: tuple[str, ...]) -> tuple[str, list[tuple[str, tuple[int, ...], str]]] | None:
+    """(fingerprint, tensors as (name, shape, dtype)) of an earlier conversion, or None."""
+    try:
+        note = json.loads(_float_note_path(model_dir, extra).read_text())
+        return note["fingerprint"], [(n, tuple(shape), dtype) for n, shape, dtype in note["tensors"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def kept_note(float_path: Path) -> str:
     return (f"the BF16 intermediate is kept in {float_path}: re-running the same command reuses it "
             "(--no-resume deletes it)")
