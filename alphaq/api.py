@@ -162,6 +162,9 @@ def convert(model: str | os.PathLike, output: str | os.PathLike, *, budget: floa
     Returns alphaq.pipeline.convert.ConvertResult."""
     from alphaq.pipeline.convert import ConvertConfig, run_convert
     from alphaq.allocate.overrides import kv_overrides, tensor_type_files
+    from convert.vendor import warn_if_amx
+
+    warn_if_amx()
 
     if like is not None and any(v is not None for v in (budget, bpw, target_size)):
         raise AlphaQError("like and another budget both set the budget; give one")

@@ -61,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     debug = getattr(args, "debug", False)
-    from convert.vendor import amx_warning
+    from convert.vendor import warn_if_amx
 
-    if (warning := amx_warning()) is not None:  # said before llama.cpp can crash without a word
-        logging.getLogger("alphaq").warning(warning)
+    warn_if_amx()
     try:
         return int(args.func(args) or 0)
     except AlphaQError as exc:

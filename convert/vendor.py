@@ -10,6 +10,7 @@ fetches from PyPI, into a cache directory. Nothing from it is committed to this 
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import subprocess
@@ -62,6 +63,14 @@ def no_amx_env(env: dict[str, str] | None = None) -> dict[str, str]:
 def has_amx_kernels(lib_dir: Path) -> bool:
     """Whether the llama.cpp libraries in ``lib_dir`` hold the AMX kernels (NO_AMX_FLAGS)."""
     return any(AMX_SYMBOL.encode() in p.read_bytes() for p in lib_dir.glob("libggml-cpu*.so*") if p.is_file())
+
+
+@functools.cache
+def warn_if_amx() -> None:
+    """amx_warning's line as a WARNING, once a process (the CLI and the Python front door say it
+    before llama.cpp can crash without a word)."""
+    if (warning := amx_warning()) is not None:
+        logging.getLogger("alphaq").warning(warning)
 
 
 def fetch_sdist(cache_root: Path | None = None) -> Path:
