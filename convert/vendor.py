@@ -145,8 +145,5 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--installed-has-amx"]:  # exit status 0: it has them (scripts/setup.sh)
         lib = installed_lib_dir()
         sys.exit(0 if lib is not None and has_amx_kernels(lib) else 1)
-    if sys.argv[1:] == ["--no-amx-flags"]:
-        print(no_amx_env({}).get("CFLAGS", ""))
-        sys.exit(0)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(ensure_vendor())

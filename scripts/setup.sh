@@ -32,9 +32,9 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
 # llama.cpp's AMX kernels crash on Intel CPUs with AMX (convert/vendor.py, NO_AMX_FLAGS): the
-# llama-cpp-python built here leaves them out
-no_amx=$("$PY" -m convert.vendor --no-amx-flags)
-if [ -n "$no_amx" ]; then
+# llama-cpp-python built here leaves them out (the flags read from that file: no .venv to import it yet)
+no_amx=$(sed -n 's/^NO_AMX_FLAGS = "\(.*\)"$/\1/p' convert/vendor.py)
+if [ -n "$no_amx" ] && case "$(uname -m)" in x86_64|amd64) true;; *) false;; esac; then
     export CFLAGS="${CFLAGS:-} $no_amx" CXXFLAGS="${CXXFLAGS:-} $no_amx"
 fi
 
@@ -51,10 +51,12 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     echo "$want" > "$STAMP"
 fi
 
-# a llama-cpp-python built before (or taken from pip's wheel cache) with the AMX kernels is rebuilt
+# a llama-cpp-python built before (or taken from pip's wheel cache) with the AMX kernels is rebuilt,
+# and the cached wheel replaced, so that the next .venv takes the rebuilt one
 if .venv/bin/python -m convert.vendor --installed-has-amx; then
     echo "setup: rebuilding llama-cpp-python without llama.cpp's AMX kernels, which crash on this CPU (~6 min)"
-    .venv/bin/python -m pip install --quiet --no-cache-dir --force-reinstall --no-deps \
+    .venv/bin/python -m pip cache remove llama_cpp_python >/dev/null 2>&1 || true
+    .venv/bin/python -m pip install --quiet --force-reinstall --no-deps \
         "llama-cpp-python==$(.venv/bin/python -c 'from convert.vendor import LLAMA_CPP_PYTHON_VERSION as v; print(v)')"
 fi
 

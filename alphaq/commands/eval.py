@@ -45,7 +45,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alphaq.evaluate.perplexity import check_same_vocabulary, evaluate_text, load_llama, trained_context, windows
+    from alphaq.evaluate.perplexity import (check_same_vocabulary, evaluate_text, load_llama, split_windows,
+                                            trained_context)
     from alphaq.runtime.isolated import patched_loaded
 
     from alphaq.gguf.io import check_gguf
@@ -72,15 +73,18 @@ def run(args: argparse.Namespace) -> int:
     if trained and args.n_ctx > trained:
         log.warning("--n-ctx %d is beyond the %d tokens %s was trained on: its perplexity there says little",
                     args.n_ctx, trained, args.model)
-    texts = [(t, t.read_text(errors="replace")) for t in args.text]
-    for t, text in texts:  # every text long enough, and the reference comparable, before any scoring
-        windows(ref or llm, text, args.n_ctx, args.max_windows, name=f"--text {t}")
+    texts = []
+    for t in args.text:  # every text long enough, and the reference comparable, before any scoring
+        text, scorer = t.read_text(errors="replace"), ref or llm
+        tokens = scorer.tokenize(text.encode(), add_bos=False)  # once (a large text takes seconds)
+        chunks = split_windows(tokens, scorer.token_bos(), args.n_ctx, args.max_windows, name=f"--text {t}")
         if ref is not None:
-            check_same_vocabulary(llm, ref, str(args.model), str(args.ref), text)
+            check_same_vocabulary(llm, ref, str(args.model), str(args.ref), text, ref_tokens=tokens)
+        texts.append((t, text, chunks))
     reports = []
-    for t, text in texts:
-        r = evaluate_text(llm, text, name=t.name, n_ctx=args.n_ctx,
-                          max_windows=args.max_windows, ref=ref, progress=not args.no_progress)
+    for t, text, chunks in texts:
+        r = evaluate_text(llm, text, name=t.name, n_ctx=args.n_ctx, max_windows=args.max_windows, ref=ref,
+                          progress=not args.no_progress, chunks=chunks)
         reports.append(r)
         line = f"{t.name}: ppl {r.ppl:.4f} over {r.n_scored} tokens"
         if ref is not None:

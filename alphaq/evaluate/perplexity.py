@@ -64,13 +64,17 @@ def window_logprobs(llm, tokens: list[int]) -> np.ndarray:
 
 
 def windows(llm, text: str, n_ctx: int, max_windows: int | None, name: str = "text") -> list[list[int]]:
-    tokens = llm.tokenize(text.encode(), add_bos=False)
+    return split_windows(llm.tokenize(text.encode(), add_bos=False), llm.token_bos(), n_ctx, max_windows, name)
+
+
+def split_windows(tokens: list[int], bos: int, n_ctx: int, max_windows: int | None,
+                  name: str = "text") -> list[list[int]]:
+    """``tokens`` (a text's, without BOS) cut into windows of ``n_ctx``, each starting with BOS."""
     n_windows = len(tokens) // n_ctx
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows < 1:
         raise AlphaQError(f"{name} has {len(tokens)} tokens, fewer than one window of n_ctx={n_ctx}")
-    bos = llm.token_bos()
     out = []
     for w in range(n_windows):
         chunk = list(tokens[w * n_ctx:(w + 1) * n_ctx])
@@ -106,12 +110,14 @@ class TextReport:
     top1: float | None = None  # fraction of scored positions where both argmax tokens agree
 
 
-def check_same_vocabulary(llm, ref, model: str, ref_name: str, text: str) -> None:
+def check_same_vocabulary(llm, ref, model: str, ref_name: str, text: str, ref_tokens: list[int] | None = None) -> None:
     """KL and top-1 compare distributions token by token: the reference must share the model's
-    vocabulary (its size, and the same tokens for ``text``). Another model of the same vocabulary is
-    allowed (a KL between two models), a different architecture is said."""
-    if llm.n_vocab() != ref.n_vocab() or llm.tokenize(text.encode(), add_bos=False) != ref.tokenize(
-            text.encode(), add_bos=False):
+    vocabulary (its size, and the same tokens for ``text``; ``ref_tokens``: the reference's, when
+    already made). Another model of the same vocabulary is allowed (a KL between two models), a
+    different architecture is said."""
+    if ref_tokens is None:
+        ref_tokens = ref.tokenize(text.encode(), add_bos=False)
+    if llm.n_vocab() != ref.n_vocab() or llm.tokenize(text.encode(), add_bos=False) != ref_tokens:
         raise AlphaQError(f"--ref {ref_name} has another vocabulary than {model} ({ref.n_vocab()} against "
                           f"{llm.n_vocab()} tokens, or another tokenisation): KL needs the reference of this model")
     arch, ref_arch = (m.metadata.get("general.architecture") for m in (llm, ref))
@@ -121,13 +127,14 @@ def check_same_vocabulary(llm, ref, model: str, ref_name: str, text: str) -> Non
 
 
 def evaluate_text(llm, text: str, *, name: str, n_ctx: int, max_windows: int | None = None,
-                  ref=None, progress: bool = False) -> TextReport:
+                  ref=None, progress: bool = False, chunks: list[list[int]] | None = None) -> TextReport:
     """Perplexity of ``llm`` on ``text``; with ``ref`` also KL divergence and top-1 agreement
-    against the reference model's logits on the very same token windows."""
+    against the reference model's logits on the very same token windows (``chunks``: those
+    windows, when already made)."""
     from tqdm import tqdm
 
     first = n_ctx // 2
-    chunks = windows(ref or llm, text, n_ctx, max_windows, name)
+    chunks = chunks or windows(ref or llm, text, n_ctx, max_windows, name)
     nll = ref_nll = kl = 0.0
     agree = count = 0
     for chunk in tqdm(chunks, desc=f"eval {name}", unit="window", disable=not progress, dynamic_ncols=True):
