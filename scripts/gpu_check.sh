@@ -73,6 +73,10 @@ step() {
 
 build_cuda() {  # writes the site holding the CUDA llama_cpp to $OUT/site.txt
     export CMAKE_ARGS="$CUDA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+    # without llama.cpp's AMX kernels, which crash on CPUs with AMX (convert/vendor.py NO_AMX_FLAGS;
+    # convert.patched adds them itself, the CMake route below takes them from here)
+    local no_amx; no_amx=$(sed -n 's/^NO_AMX_FLAGS = "\(.*\)"$/\1/p' convert/vendor.py)
+    export CFLAGS="${CFLAGS:-} $no_amx" CXXFLAGS="${CXXFLAGS:-} $no_amx"
     if command -v git >/dev/null; then  # the user's route; convert.patched applies the series with git apply
         mkdir -p ~/.cache/alphaq/sdist && cp .gpu/sdist/*.tar.gz ~/.cache/alphaq/sdist/
         python3 -m convert.patched --cuda --no-build-isolation --site | tail -1 >"$OUT/site.txt"
