@@ -472,7 +472,8 @@ def _stages(cfg: ConvertConfig, source: str, work: Workspace, wanted, user_imatr
         float_gguf, tokenizer_fallback, stats = _float_model(cfg, source, work, wanted)
     seconds[float_stage] = time.perf_counter() - t0
     tensors = tensor_infos(float_gguf)
-    if source == "hf" and cfg.use_cache:  # so that a later run's pre-flight knows what is cached
+    # so that a later run's pre-flight knows what the forward stages cached (only the default mode has them)
+    if source == "hf" and cfg.use_cache and cfg.plan.noise == "damage":
         note_float(cfg.model, converter_mtp_args(cfg.model), float_gguf, tensors)
     base_header = header_bytes(float_gguf)
     float_bytes = model_bytes(float_gguf)
